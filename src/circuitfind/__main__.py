@@ -1,0 +1,5 @@
+import sys
+
+from circuitfind.cli import main
+
+sys.exit(main())

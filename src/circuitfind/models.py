@@ -1,0 +1,111 @@
+"""Loading models as TransformerLens 4 bridges with every per-head hook switched on.
+
+Shipped toy models live in ``circuitfind/zoo/<name>/`` as Hugging Face folders; any other name is
+handed to ``TransformerBridge.boot_transformers`` (a local HF-format folder or a hub name).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import warnings
+from pathlib import Path
+
+import torch
+
+from circuitfind.errors import ModelNotFoundError
+
+ZOO_DIR = Path(__file__).parent / "zoo"
+HUB_HOST = "huggingface.co"
+
+log = logging.getLogger(__name__)
+
+
+def default_device() -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def shipped_models() -> list[str]:
+    """Names of the toy models bundled with circuitfind."""
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Map a shipped model name to its folder; leave folders and hub names as they are."""
+    text = str(name_or_path)
+    shipped = ZOO_DIR / text
+    if (shipped / "config.json").is_file():
+        return str(shipped)
+    return text
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
+        return False
+    try:
+        with socket.create_connection((HUB_HOST, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _in_hf_cache(name: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # a malformed repo id is simply "not cached"
+        return False
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | None = None):
+    """Load a model as a ``TransformerBridge`` ready for patching.
+
+    Per-head hooks are on (``hook_q_input``/``hook_k_input``/``hook_v_input`` via
+    ``set_use_split_qkv_input`` and ``hook_result`` via ``set_use_attn_result``), the model is in
+    eval mode and on ``device`` (cuda when present by default).
+
+    Args:
+        name_or_path: a shipped toy model (see :func:`shipped_models`), a local HF-format folder, or
+            a Hugging Face hub name such as ``gpt2``.
+        device: ``"cpu"``, ``"cuda"``, ... ; ``None`` picks cuda when available.
+
+    Raises:
+        ModelNotFoundError: the name is unknown here and the hub cannot be reached.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers.utils import logging as hf_logging
+
+    path = resolve_model_path(name_or_path)
+    is_local = Path(path).is_dir()
+    if not is_local and not _in_hf_cache(path) and not _hub_reachable():
+        raise ModelNotFoundError(
+            f"model {str(name_or_path)!r} is not a shipped model ({', '.join(shipped_models())}), "
+            f"not a local HF-format folder, not in the Hugging Face cache, and the hub "
+            f"({HUB_HOST}) cannot be reached: this machine looks offline. Use a shipped model, "
+            f"a local folder, or download the model on a machine with network access."
+        )
+    if is_local and not (Path(path) / "config.json").is_file():
+        raise ModelNotFoundError(f"folder {path!r} has no config.json: not an HF-format model folder")
+    device = device or default_device()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+        hf_logging.disable_progress_bar()
+        try:
+            model = TransformerBridge.boot_transformers(path, device=device)
+        except OSError as err:
+            raise ModelNotFoundError(f"could not load model {str(name_or_path)!r}: {err}") from err
+    model.set_use_split_qkv_input(True)
+    model.set_use_attn_result(True)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's parameters."""
+    return next(model.parameters()).device

@@ -1,0 +1,304 @@
+"""Behaviour specifications (``tasks/*.json``) turned into prompts and tokenised batches.
+
+A task spec is data: templates, word lists and the names of its symmetric-token-replacement (STR)
+variants. :func:`generate_prompts` samples :class:`Prompt` objects from it (seeded), and
+:meth:`TaskBatch.build` tokenises them for one model: clean tokens, the answer ``r``, the
+counterfactual answer ``r'``, each STR variant's corrupted tokens and the position of every key
+token. Prompts of different lengths are right-padded; metrics read the logits at ``end_pos``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from circuitfind.errors import TaskError
+from circuitfind.models import model_device
+
+REPO_TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A behaviour specification loaded from ``tasks/<name>.json``."""
+
+    name: str
+    kind: str
+    data: Mapping[str, Any]
+
+    @property
+    def str_variants(self) -> list[str]:
+        return list(self.data.get("corruptions", {}).get("str_variants", {}))
+
+    @property
+    def default_str(self) -> str:
+        return self.data.get("corruptions", {}).get("str", self.str_variants[0])
+
+    @property
+    def key_tokens(self) -> list[str]:
+        return list(self.data.get("key_tokens", []))
+
+    @property
+    def default_model(self) -> str | None:
+        return self.data.get("default_model")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One clean prompt, its answers and its STR-corrupted versions.
+
+    ``key_chars`` maps a key token name (``IO``, ``S1``, ...) to the character offset where that
+    word starts in ``text``; it becomes a token position when the prompt is tokenised.
+    """
+
+    text: str
+    answer: str
+    counter_answer: str
+    corrupted: Mapping[str, str]
+    key_chars: Mapping[str, int]
+    template: int = 0
+
+
+def tasks_dir() -> Path:
+    """Where task specs are looked up: ``$CIRCUITFIND_TASKS_DIR`` or the repository's ``tasks/``."""
+    return Path(os.environ.get("CIRCUITFIND_TASKS_DIR", REPO_TASKS_DIR))
+
+
+def available_tasks() -> list[str]:
+    return sorted(p.stem for p in tasks_dir().glob("*.json"))
+
+
+def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
+    """Load a task spec by name (``ioi``) or by path to a JSON file."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = tasks_dir() / f"{name_or_path}.json"
+    if not path.is_file():
+        raise TaskError(
+            f"unknown task {str(name_or_path)!r}: no such file and not one of {available_tasks()} "
+            f"in {tasks_dir()}"
+        )
+    data = json.loads(path.read_text())
+    kind = data.get("kind")
+    if kind not in GENERATORS:
+        raise TaskError(f"task {path.name}: kind {kind!r} is not one of {sorted(GENERATORS)}")
+    return TaskSpec(name=data.get("name", path.stem), kind=kind, data=data)
+
+
+# --------------------------------------------------------------------------------------------
+# Prompt generators, one per task kind
+
+
+def _fill(template: str, values: Mapping[str, str]) -> tuple[str, dict[str, int]]:
+    """Replace ``[KEY]`` placeholders; return the text and each placeholder's character offset."""
+    out, offsets, last = [], {}, 0
+    for match in re.finditer(r"\[([A-Z]+)\]", template):
+        out.append(template[last : match.start()])
+        offsets[match.group(1)] = sum(len(s) for s in out)
+        out.append(values[match.group(1)])
+        last = match.end()
+    out.append(template[last:])
+    return "".join(out), offsets
+
+
+def _ioi_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
+    d = spec.data
+    names, templates = list(d["names"]), list(d["templates"])
+    prompts = []
+    for i in range(n):
+        t = rng.randrange(len(templates))
+        io, s, a, b, c = rng.sample(names, 5)
+        place, obj = rng.choice(d["places"]), rng.choice(d["objects"])
+        abba = i % 2 == 0
+        x, y = (io, s) if abba else (s, io)
+        base = {"PLACE": place, "OBJECT": obj}
+        text, off = _fill(templates[t], {**base, "X": x, "Y": y, "S": s})
+        corrupted = {
+            "s2_io": _fill(templates[t], {**base, "X": x, "Y": y, "S": io})[0],
+            "abc": _fill(templates[t], {**base, "X": a, "Y": b, "S": c})[0],
+            "s1_io": _fill(templates[t], {**base, "X": a, "Y": b, "S": s})[0],
+        }
+        keys = {"IO": off["X"] if abba else off["Y"], "S1": off["Y"] if abba else off["X"], "S2": off["S"]}
+        prompts.append(Prompt(text, io, s, corrupted, keys, t))
+    return prompts
+
+
+def _induction_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
+    d = spec.data
+    vocab = list(d["vocab"])
+    prompts = []
+    for _ in range(n):
+        length = rng.randint(d["min_length"], d["max_length"])
+        seq = rng.sample(vocab, length + 1)
+        spare, seq = seq[-1], seq[:-1]
+        k = rng.randint(1, length - 1)
+        words = seq + seq[:k]
+        swapped = list(words)
+        swapped[k] = spare
+        starts = [sum(len(w) + 1 for w in words[:i]) for i in range(len(words))]
+        keys = {"A": starts[k - 1], "B": starts[k], "A2": starts[-1]}
+        prompts.append(Prompt(" ".join(words), seq[k], spare, {"swap_next": " ".join(swapped)}, keys, length))
+    return prompts
+
+
+GENERATORS: dict[str, Callable[[TaskSpec, int, random.Random], list[Prompt]]] = {
+    "ioi": _ioi_prompts,
+    "induction": _induction_prompts,
+}
+
+
+def generate_prompts(spec: TaskSpec | str, n: int, seed: int = 0) -> list[Prompt]:
+    """Sample ``n`` prompts from a task spec, deterministically for a given seed."""
+    if isinstance(spec, str):
+        spec = load_task(spec)
+    if n < 1:
+        raise TaskError(f"need at least one prompt, got n={n}")
+    return GENERATORS[spec.kind](spec, n, random.Random(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation
+
+
+def _bos_ids(tokenizer, model) -> list[int]:
+    prepend = getattr(model.cfg, "default_prepend_bos", True)
+    return [tokenizer.bos_token_id] if prepend and tokenizer.bos_token_id is not None else []
+
+
+def encode(model, text: str) -> list[int]:
+    """Token ids of ``text`` as the model sees it (BOS prepended where the model expects one)."""
+    tok = model.tokenizer
+    return _bos_ids(tok, model) + tok(text, add_special_tokens=False)["input_ids"]
+
+
+def single_token_id(model, word: str) -> int:
+    """The id of ``word`` as a continuation (with its leading space); error if it is not one token."""
+    tok = model.tokenizer
+    ids = tok(" " + word.strip(), add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and ids[0] == tok.unk_token_id and word.strip() != tok.unk_token:
+        raise TaskError(f"answer {word!r} is not in this model's vocabulary (it maps to the unknown token)")
+    if len(ids) != 1:
+        pieces = model.tokenizer.convert_ids_to_tokens(ids)
+        raise TaskError(
+            f"answer {word!r} is {len(ids)} tokens {pieces} for this tokenizer; answers must be a "
+            f"single token. Choose single-token answers (e.g. other names) for this model."
+        )
+    return ids[0]
+
+
+def _key_positions(model, text: str, key_chars: Mapping[str, int], n_bos: int) -> dict[str, int]:
+    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    spans = enc["offset_mapping"]
+    positions = {}
+    for name, char in key_chars.items():
+        idx = next((i for i, (_, end) in enumerate(spans) if end > char), None)
+        if idx is None:
+            raise TaskError(f"key token {name!r} at character {char} not found in {text!r}")
+        positions[name] = n_bos + idx
+    return positions
+
+
+@dataclass
+class TaskBatch:
+    """A tokenised batch of prompts for one model.
+
+    Attributes:
+        clean_tokens: ``[batch, pos]`` right-padded clean prompts.
+        corrupted_tokens: STR variant name -> ``[batch, pos]`` corrupted prompts (same lengths).
+        answers: ``[batch]`` token id of the correct answer ``r``.
+        counter_answers: ``[batch]`` token id of the counterfactual answer ``r'``.
+        end_pos: ``[batch]`` index of the last real token (where the answer is predicted).
+        positions: key token name -> ``[batch]`` positions (``end`` is always present).
+        mask: ``[batch, pos]`` True on real (non-padding) tokens.
+    """
+
+    task: TaskSpec
+    prompts: list[Prompt]
+    clean_tokens: torch.Tensor
+    corrupted_tokens: dict[str, torch.Tensor]
+    answers: torch.Tensor
+    counter_answers: torch.Tensor
+    end_pos: torch.Tensor
+    positions: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.clean_tokens.shape[0]
+
+    @property
+    def n_pos(self) -> int:
+        return self.clean_tokens.shape[1]
+
+    def corrupted(self, variant: str | None = None) -> torch.Tensor:
+        variant = variant or self.task.default_str
+        if variant not in self.corrupted_tokens:
+            raise TaskError(f"task {self.task.name!r} has no STR variant {variant!r}; choose from {list(self.corrupted_tokens)}")
+        return self.corrupted_tokens[variant]
+
+    @classmethod
+    def build(cls, model, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0) -> "TaskBatch":
+        """Tokenise ``prompts`` (or sample that many) for ``model``, checking STR lengths and answers."""
+        if isinstance(task, str):
+            task = load_task(task)
+        if isinstance(prompts, int):
+            prompts = generate_prompts(task, prompts, seed)
+        prompts = list(prompts)
+        if not prompts:
+            raise TaskError("cannot build a batch from zero prompts")
+        tok = model.tokenizer
+        n_bos = len(_bos_ids(tok, model))
+        clean = [encode(model, p.text) for p in prompts]
+        variants = list(prompts[0].corrupted)
+        corrupted = {v: [encode(model, p.corrupted[v]) for p in prompts] for v in variants}
+        for v, rows in corrupted.items():
+            for i, (c, x) in enumerate(zip(clean, rows)):
+                if len(c) != len(x):
+                    raise TaskError(
+                        f"STR variant {v!r}, prompt {i}: clean and corrupted prompts have different "
+                        f"token lengths ({len(c)} vs {len(x)}): {prompts[i].text!r} vs "
+                        f"{prompts[i].corrupted[v]!r}. Symmetric token replacement needs equal lengths."
+                    )
+        answers = [single_token_id(model, p.answer) for p in prompts]
+        counters = [single_token_id(model, p.counter_answer) for p in prompts]
+        positions = [_key_positions(model, p.text, p.key_chars, n_bos) for p in prompts]
+        n_pos = max(len(c) for c in clean)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        device = model_device(model)
+
+        def pad_rows(rows: list[list[int]]) -> torch.Tensor:
+            return torch.tensor([r + [pad] * (n_pos - len(r)) for r in rows], dtype=torch.long, device=device)
+
+        lengths = torch.tensor([len(c) for c in clean], device=device)
+        key_pos = {k: torch.tensor([p[k] for p in positions], device=device) for k in positions[0]}
+        key_pos["end"] = lengths - 1
+        return cls(
+            task=task,
+            prompts=prompts,
+            clean_tokens=pad_rows(clean),
+            corrupted_tokens={v: pad_rows(rows) for v, rows in corrupted.items()},
+            answers=torch.tensor(answers, device=device),
+            counter_answers=torch.tensor(counters, device=device),
+            end_pos=lengths - 1,
+            positions=key_pos,
+            mask=torch.arange(n_pos, device=device)[None, :] < lengths[:, None],
+        )
+
+    def key_position_mask(self, names: Sequence[str] | None = None) -> torch.Tensor:
+        """``[batch, pos]`` bool mask of the named key tokens (all task key tokens by default)."""
+        names = list(names) if names is not None else self.task.key_tokens
+        out = torch.zeros_like(self.mask)
+        rows = torch.arange(self.size, device=self.mask.device)
+        for name in names:
+            if name not in self.positions:
+                raise TaskError(f"unknown key token {name!r}; task {self.task.name!r} has {list(self.positions)}")
+            out[rows, self.positions[name]] = True
+        return out
