@@ -36,3 +36,12 @@ def induction_batch(induction_model):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One embedded Prefect server for the whole session (it costs seconds to start)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness():
+        yield

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,8 @@ ZOO_DIR = Path(__file__).parent / "zoo"
 HUB_HOST = "huggingface.co"
 
 log = logging.getLogger(__name__)
+# transformers' model construction (meta-device init) is not thread-safe: load one model at a time.
+_LOAD_LOCK = threading.Lock()
 
 
 def default_device() -> str:
@@ -90,7 +93,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None):
     if is_local and not (Path(path) / "config.json").is_file():
         raise ModelNotFoundError(f"folder {path!r} has no config.json: not an HF-format model folder")
     device = device or default_device()
-    with warnings.catch_warnings():
+    with _LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)
         hf_logging.disable_progress_bar()

@@ -1,0 +1,78 @@
+import json
+import subprocess
+import sys
+
+import networkx as nx
+import pytest
+
+from circuitfind.cli import main
+from circuitfind.evaluation import evaluate
+
+
+def test_toy_ioi_does_the_task(ioi_model, ioi_batch):
+    report = evaluate(ioi_model, ioi_batch, corruptions=("str",))
+    assert report.accuracy >= 0.95
+    assert report.logit_diff > 3.0
+    assert report.corrupted["str"]["logit_diff"] < 0.0  # s2_io swaps the roles of the names
+
+
+def test_toy_induction_does_the_task(induction_model, induction_batch):
+    report = evaluate(induction_model, induction_batch, corruptions=("str",))
+    assert report.accuracy >= 0.95 and report.logit_diff > 3.0
+
+
+def test_evaluate_command_prints_accuracy_and_logit_diffs():
+    out = subprocess.run([sys.executable, "-m", "circuitfind", "evaluate", "--model", "toy-ioi", "-n", "50", "--json"],
+                         capture_output=True, text=True, check=True).stdout
+    report = json.loads(out)
+    assert report["accuracy"] >= 0.95
+    assert report["logit_diff"] > 3.0 > report["corrupted"]["str"]["logit_diff"]
+    assert set(report["corrupted"]) == {"str", "gn", "mean", "resample"}
+
+
+def test_cli_errors_are_one_line(capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["evaluate", "--model", "no-such-model-xyz"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("circuitfind: error: model 'no-such-model-xyz' is not a shipped model")
+    assert "Traceback" not in err
+    assert main(["patch", "--corruption", "blur"]) == 2
+    assert "unknown corruption 'blur'" in capsys.readouterr().err
+
+
+def test_patch_command_writes_json(tmp_path, capsys):
+    out = tmp_path / "heads.json"
+    assert main(["patch", "--what", "heads", "-n", "20", "--corruption", "gn", "--metric", "kl", "--direction", "noise", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["axes"] == ["layer", "head"] and len(data["values"]) == 3
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_head_sweep_flow_writes_graphs_and_report(prefect_harness, tmp_path):
+    from flows.sweep import head_sweep
+
+    report = head_sweep(prompts=20, corruptions=["str", "gn"], metrics=["logit_diff"], directions=["denoise", "noise"],
+                        run="t", outputs=str(tmp_path))
+    run = tmp_path / "t"
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert len(manifest["settings"]) == 4
+    for entry in manifest["settings"]:
+        graph = nx.read_graphml(entry["graphml"])
+        marked = sorted(n for n, d in graph.nodes(data=True) if d["in_circuit"] and d["kind"] == "head")
+        assert marked == sorted(entry["circuit"])
+        assert json.loads(open(entry["json"]).read())["circuit"] == entry["circuit"]
+    text = open(report).read()
+    assert "Jaccard" in text and "str__logit_diff__denoise" in text
+
+
+@pytest.mark.slow
+def test_toy_model_retraining_is_deterministic(tmp_path):
+    import hashlib
+
+    from circuitfind.models import resolve_model_path
+    from circuitfind.zoo.train import train
+
+    train("toy-induction", tmp_path / "toy-induction", log_every=0)
+    digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
+    shipped = f"{resolve_model_path('toy-induction')}/model.safetensors"
+    assert digest(tmp_path / "toy-induction" / "model.safetensors") == digest(shipped)
