@@ -28,7 +28,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 from prefect import flow, get_run_logger, task  # noqa: E402
 
 from circuitfind import compare, patching  # noqa: E402
-from circuitfind.graph import head_name, node_graph, write_graphml  # noqa: E402
+from circuitfind.graph import head_name, node_graph, write_graph  # noqa: E402
 from circuitfind.io import write_json, write_text  # noqa: E402
 from circuitfind.models import load_model  # noqa: E402
 from circuitfind.tasks import TaskBatch  # noqa: E402
@@ -67,7 +67,7 @@ def run_setting(model_name: str, task_name: str, n_prompts: int, seed: int, corr
     out = Path(out_dir) / "settings"
     graph = node_graph(model.cfg.n_layers, model.cfg.n_heads, result.normalised, set(found),
                        setting=name, model=model_name, task=task_name)
-    write_graphml(graph, out / f"{name}.graphml")
+    write_graph(graph, out / f"{name}.graphml")
     record = {"setting": name, "corruption": corruption, "metric": metric, "direction": direction,
               "clean": result.clean, "corrupt": result.corrupt, "normalised": result.normalised.tolist(),
               "effect": result.effect.tolist(), "circuit": found, "k": k}

@@ -1,20 +1,33 @@
-"""Circuits as networkx graphs.
+"""The model's computational graph, and circuits as networkx graphs.
 
-A node-level circuit is a ``networkx.DiGraph`` over the model's attention heads (``a{layer}.{head}``)
-and MLPs (``m{layer}``) plus ``input`` and ``logits``; nodes carry ``layer``, ``head``, ``kind``,
-``score`` and ``in_circuit``. Edges connect each component to every later one (the residual stream
-lets any earlier component write to any later one).
+Nodes are the input embedding (``input``), every attention head (``a{layer}.{head}``), every MLP
+(``m{layer}``) and the ``logits``. A sender writes to the residual stream; a receiver reads it:
+each head reads through three separate inputs ``a{l}.{h}<q>``, ``<k>``, ``<v>`` (or one, with
+``split_qkv=False``), each MLP and the logits through one. An edge joins a sender to every
+receiver downstream of it in the residual stream.
+
+:class:`ModelGraph` holds that structure as index tensors for the edge-patching engine (edges in a
+fixed order, ``edges[i] = (sender, receiver)``). :meth:`ModelGraph.to_networkx` gives the
+``networkx.DiGraph`` (ACDC's convention: q/k/v input nodes feed their head through structural
+edges), and :func:`write_graph` / :func:`read_graph` move it through GraphML, GEXF, node-link JSON
+and DOT without loss.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import networkx as nx
 import torch
 
-from circuitfind.io import write_bytes
+from circuitfind.io import write_bytes, write_text
+
+QKV = ("q", "k", "v")
+INPUT, LOGITS = "input", "logits"
 
 
 def head_name(layer: int, head: int) -> str:
@@ -25,32 +38,294 @@ def mlp_name(layer: int) -> str:
     return f"m{layer}"
 
 
-def node_graph(n_layers: int, n_heads: int, head_scores: torch.Tensor | None = None, circuit: set[str] | None = None, **graph_attrs) -> nx.DiGraph:
-    """The residual-stream DAG of heads and MLPs, annotated with scores and circuit membership."""
-    g = nx.DiGraph(**{k: str(v) for k, v in graph_attrs.items()})
-    circuit = set(circuit or ())
-    g.add_node("input", kind="input", layer=-1, head=-1, score=0.0, in_circuit=True)
-    order = ["input"]
-    for layer in range(n_layers):
-        heads = [head_name(layer, h) for h in range(n_heads)]
-        for h, name in enumerate(heads):
-            score = float(head_scores[layer, h]) if head_scores is not None else 0.0
-            g.add_node(name, kind="head", layer=layer, head=h, score=score, in_circuit=name in circuit)
-        g.add_node(mlp_name(layer), kind="mlp", layer=layer, head=-1, score=0.0, in_circuit=mlp_name(layer) in circuit)
-        order.append(heads)
-        order.append([mlp_name(layer)])
-    g.add_node("logits", kind="logits", layer=n_layers, head=-1, score=0.0, in_circuit=True)
-    order.append(["logits"])
-    flat = [["input"]] + order[1:]
-    for i, senders in enumerate(flat):
-        for later in flat[i + 1 :]:
-            for s in senders:
-                for r in later:
-                    g.add_edge(s, r, in_circuit=g.nodes[s]["in_circuit"] and g.nodes[r]["in_circuit"])
+def receiver_node(head: str, which: str) -> str:
+    """Name of a head's q/k/v input node, e.g. ``a1.2<q>``."""
+    return f"{head}<{which}>"
+
+
+@dataclass(frozen=True)
+class Receiver:
+    """One receiver input: a head's q/k/v (or merged) input, an MLP input or the logits."""
+
+    name: str  # e.g. "a1.2<q>", "a1.2" (merged qkv), "m1", "logits"
+    node: str  # the component it feeds: "a1.2", "m1", "logits"
+    layer: int
+    kind: str  # "q", "k", "v", "qkv", "mlp", "logits"
+    head: int = -1
+
+
+@dataclass
+class ModelGraph:
+    """Senders, receivers and edges of a transformer's residual-stream graph.
+
+    Args:
+        n_layers, n_heads: the model's shape.
+        split_qkv: separate q, k and v receivers per head (default), or one merged input.
+        n_pos: if given, one edge per position (edge masks gain a trailing ``pos`` axis).
+    """
+
+    n_layers: int
+    n_heads: int
+    split_qkv: bool = True
+    n_pos: int | None = None
+    senders: list[str] = field(init=False)
+    receivers: list[Receiver] = field(init=False)
+
+    def __post_init__(self):
+        L, H = self.n_layers, self.n_heads
+        self.senders = [INPUT]
+        self.receivers = []
+        for layer in range(L):
+            heads = [head_name(layer, h) for h in range(H)]
+            kinds = QKV if self.split_qkv else ("qkv",)
+            for kind in kinds:  # receivers grouped by input kind, heads in order, per layer
+                for h, name in enumerate(heads):
+                    rname = receiver_node(name, kind) if self.split_qkv else name
+                    self.receivers.append(Receiver(rname, name, layer, kind, h))
+            self.senders += heads
+            self.receivers.append(Receiver(mlp_name(layer), mlp_name(layer), layer, "mlp"))
+            self.senders.append(mlp_name(layer))
+        self.receivers.append(Receiver(LOGITS, LOGITS, L, "logits"))
+
+    @classmethod
+    def from_model(cls, model, split_qkv: bool = True, n_pos: int | None = None) -> "ModelGraph":
+        return cls(model.cfg.n_layers, model.cfg.n_heads, split_qkv, n_pos)
+
+    # -- structure as indices ---------------------------------------------------------------
+    def upstream(self, receiver: Receiver) -> int:
+        """Number of senders that write before ``receiver`` reads (senders are topologically ordered)."""
+        H = self.n_heads
+        if receiver.kind == "logits":
+            return len(self.senders)
+        if receiver.kind == "mlp":
+            return 1 + receiver.layer * (H + 1) + H
+        return 1 + receiver.layer * (H + 1)
+
+    @cached_property
+    def edge_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sender_idx, receiver_idx)`` of every edge, ordered by receiver then sender."""
+        s_idx, r_idx = [], []
+        for r, receiver in enumerate(self.receivers):
+            n = self.upstream(receiver)
+            s_idx += range(n)
+            r_idx += [r] * n
+        return torch.tensor(s_idx), torch.tensor(r_idx)
+
+    @property
+    def n_edges(self) -> int:
+        return len(self.edge_index[0])
+
+    @cached_property
+    def edges(self) -> list[tuple[str, str]]:
+        s_idx, r_idx = self.edge_index
+        return [(self.senders[s], self.receivers[r].name) for s, r in zip(s_idx.tolist(), r_idx.tolist())]
+
+    @cached_property
+    def edge_lookup(self) -> dict[tuple[str, str], int]:
+        return {e: i for i, e in enumerate(self.edges)}
+
+    def receiver_slices(self, layer: int, kind: str) -> list[int]:
+        """Receiver indices of one layer's q, k, v (or merged) inputs, in head order."""
+        return [i for i, r in enumerate(self.receivers) if r.layer == layer and r.kind == kind]
+
+    def dense(self, masks: torch.Tensor) -> torch.Tensor:
+        """Flat edge masks ``[C, n_edges(, pos)]`` -> dense ``[C, senders, receivers(, pos)]``.
+
+        Entries that are not edges are 1 (never read). Differentiable in ``masks``.
+        """
+        s_idx, r_idx = (i.to(masks.device) for i in self.edge_index)
+        C = masks.shape[0]
+        shape = (C, len(self.senders), len(self.receivers), *masks.shape[2:])
+        c_idx = torch.arange(C, device=masks.device)[:, None].expand(C, self.n_edges)
+        base = torch.ones(shape, dtype=masks.dtype, device=masks.device)
+        return base.index_put((c_idx, s_idx.expand(C, -1), r_idx.expand(C, -1)), masks)
+
+    def node_of_edge(self, i: int) -> tuple[str, str]:
+        s, r = self.edges[i]
+        return s, self.receivers[self.edge_index[1][i]].node
+
+    # -- networkx ---------------------------------------------------------------------------
+    def to_networkx(self, scores: torch.Tensor | None = None, in_circuit: torch.Tensor | None = None,
+                    **graph_attrs) -> nx.DiGraph:
+        """The graph as a ``networkx.DiGraph`` with ``layer``, ``head``, ``kind``, ``score``, ``in_circuit``.
+
+        With ``n_pos`` set, edge attributes ``score`` and ``in_circuit`` are summed / any-ed over
+        positions and per-position values are kept as ``score_pos`` (a JSON list).
+        """
+        g = nx.DiGraph()
+        g.graph.update({"n_layers": self.n_layers, "n_heads": self.n_heads, "split_qkv": self.split_qkv,
+                        "n_pos": -1 if self.n_pos is None else self.n_pos})
+        g.graph.update({k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in graph_attrs.items()})
+        keep = torch.ones(self.n_edges, dtype=torch.bool) if in_circuit is None else in_circuit.bool().cpu()
+        edge_scores = torch.zeros(self.n_edges) if scores is None else scores.detach().float().cpu()
+        per_pos = edge_scores.dim() == 2
+        flat_keep = keep.any(-1) if keep.dim() == 2 else keep
+        flat_score = edge_scores.sum(-1) if per_pos else edge_scores
+        g.add_node(INPUT, layer=-1, head=-1, kind="input", score=0.0, in_circuit=False)
+        for layer in range(self.n_layers):
+            for h in range(self.n_heads):
+                g.add_node(head_name(layer, h), layer=layer, head=h, kind="head", score=0.0, in_circuit=False)
+            g.add_node(mlp_name(layer), layer=layer, head=-1, kind="mlp", score=0.0, in_circuit=False)
+        g.add_node(LOGITS, layer=self.n_layers, head=-1, kind="logits", score=0.0, in_circuit=False)
+        for r in self.receivers:
+            if r.kind in QKV:
+                g.add_node(r.name, layer=r.layer, head=r.head, kind=f"input_{r.kind}", score=0.0, in_circuit=False)
+        for i, (s, r) in enumerate(self.edges):
+            attrs = {"score": float(flat_score[i]), "in_circuit": bool(flat_keep[i]), "structural": False}
+            if per_pos:
+                attrs["score_pos"] = json.dumps([float(x) for x in edge_scores[i]])
+            if keep.dim() == 2:
+                attrs["in_circuit_pos"] = json.dumps([bool(x) for x in keep[i]])
+            g.add_edge(s, r, **attrs)
+        for r in self.receivers:  # q/k/v input nodes feed their head
+            if r.kind in QKV:
+                used = any(d["in_circuit"] for _, _, d in g.in_edges(r.name, data=True))
+                g.add_edge(r.name, r.node, score=0.0, in_circuit=used, structural=True)
+        _mark_nodes(g)
+        return g
+
+
+def _mark_nodes(g: nx.DiGraph) -> None:
+    """A node is in the circuit if an in-circuit edge touches it."""
+    for u, v, d in g.edges(data=True):
+        if d["in_circuit"]:
+            g.nodes[u]["in_circuit"] = g.nodes[v]["in_circuit"] = True
+
+
+# -- node-level circuits ------------------------------------------------------------------
+
+
+def node_graph(n_layers: int, n_heads: int, head_scores: torch.Tensor | None = None, circuit: set[str] | None = None,
+               **graph_attrs) -> nx.DiGraph:
+    """A node-level circuit (heads found by node patching) as a graph over merged-input heads.
+
+    Head nodes carry their patching ``score``; an edge is in the circuit when both ends are, with
+    ``input`` and ``logits`` always in.
+    """
+    graph = ModelGraph(n_layers, n_heads, split_qkv=False)
+    circuit = set(circuit or ()) | {INPUT, LOGITS}
+    keep = torch.tensor([graph.node_of_edge(i)[0] in circuit and graph.node_of_edge(i)[1] in circuit
+                         for i in range(graph.n_edges)])
+    g = graph.to_networkx(in_circuit=keep, **graph_attrs)
+    if head_scores is not None:
+        for layer in range(n_layers):
+            for h in range(n_heads):
+                g.nodes[head_name(layer, h)]["score"] = float(head_scores[layer, h])
+    for n in g.nodes:
+        g.nodes[n]["in_circuit"] = n in circuit
     return g
 
 
-def write_graphml(graph: nx.DiGraph, path: str | os.PathLike) -> Path:
-    """Write GraphML atomically."""
-    data = "\n".join(nx.generate_graphml(graph)).encode("utf-8")
-    return write_bytes(path, data)
+# -- import / export ----------------------------------------------------------------------
+
+FORMATS = {".graphml": "graphml", ".gexf": "gexf", ".json": "json", ".dot": "dot", ".gv": "dot"}
+NODE_TYPES = {"layer": int, "head": int, "kind": str, "score": float, "in_circuit": bool}
+EDGE_TYPES = {"score": float, "in_circuit": bool, "structural": bool, "score_pos": str, "in_circuit_pos": str}
+GRAPH_TYPES = {"n_layers": int, "n_heads": int, "split_qkv": bool, "n_pos": int}
+
+
+def _format(path: Path, fmt: str | None) -> str:
+    fmt = fmt or FORMATS.get(path.suffix.lower())
+    if fmt not in set(FORMATS.values()):
+        raise ValueError(f"unknown graph format for {path.name!r}: use one of {sorted(set(FORMATS.values()))} "
+                         f"(suffixes {sorted(FORMATS)})")
+    return fmt
+
+
+def _parse(value: str, typ):
+    if typ is bool:
+        return value in ("True", "true", "1", True)
+    return typ(value)
+
+
+def write_graph(graph: nx.DiGraph, path: str | os.PathLike, fmt: str | None = None) -> Path:
+    """Write a circuit graph atomically as GraphML, GEXF, node-link JSON or DOT (by suffix)."""
+    path = Path(path)
+    fmt = _format(path, fmt)
+    if fmt == "graphml":
+        return write_bytes(path, "\n".join(nx.generate_graphml(graph)).encode())
+    if fmt == "gexf":  # GEXF keeps only a graph name: carry the graph attributes in it as JSON
+        copy = graph.copy()
+        copy.graph = {"name": json.dumps(dict(graph.graph))}
+        return write_bytes(path, "\n".join(nx.generate_gexf(copy)).encode())
+    if fmt == "json":
+        return write_text(path, json.dumps(nx.node_link_data(graph, edges="edges"), indent=1))
+    return write_text(path, _to_dot(graph))
+
+
+def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
+    """Read a graph written by :func:`write_graph`, with attribute types restored."""
+    path = Path(path)
+    fmt = _format(path, fmt)
+    if fmt == "graphml":
+        g = nx.read_graphml(path)
+    elif fmt == "gexf":
+        g = nx.read_gexf(path)
+        g.graph = json.loads(g.graph.get("name") or "{}")
+        for _, d in g.nodes(data=True):
+            d.pop("label", None)
+        for _, _, d in g.edges(data=True):
+            d.pop("id", None)
+    elif fmt == "json":
+        g = nx.node_link_graph(json.loads(path.read_text()), directed=True, edges="edges")
+    else:
+        g = _from_dot(path.read_text())
+    return _retype(nx.DiGraph(g))
+
+
+def _retype(g: nx.DiGraph) -> nx.DiGraph:
+    for reader_default in ("node_default", "edge_default"):
+        g.graph.pop(reader_default, None)
+    for _, d in g.nodes(data=True):
+        for k, typ in NODE_TYPES.items():
+            if k in d:
+                d[k] = _parse(d[k], typ)
+    for _, _, d in g.edges(data=True):
+        for k, typ in EDGE_TYPES.items():
+            if k in d:
+                d[k] = _parse(d[k], typ)
+    for k, typ in GRAPH_TYPES.items():
+        if k in g.graph:
+            g.graph[k] = _parse(g.graph[k], typ)
+    return g
+
+
+def _dot_value(v) -> str:
+    text = repr(v) if isinstance(v, float) else str(v)
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _to_dot(g: nx.DiGraph) -> str:
+    lines = ["digraph circuit {"]
+    lines += [f"  graph [{k}={_dot_value(v)}];" for k, v in g.graph.items()]
+    for n, d in g.nodes(data=True):
+        attrs = ", ".join(f"{k}={_dot_value(v)}" for k, v in d.items())
+        lines.append(f"  {_dot_value(n)} [{attrs}];")
+    for u, v, d in g.edges(data=True):
+        attrs = ", ".join(f"{k}={_dot_value(x)}" for k, x in d.items())
+        lines.append(f"  {_dot_value(u)} -> {_dot_value(v)} [{attrs}];")
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+def _from_dot(text: str) -> nx.DiGraph:
+    import pydot
+
+    (dot,) = pydot.graph_from_dot_data(text)
+
+    def clean(attrs: dict) -> dict:
+        return {k: v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if isinstance(v, str) and v.startswith('"') else v
+                for k, v in attrs.items()}
+
+    g = nx.DiGraph()
+    g.graph.update(clean(dot.get_attributes()))
+    for sub in dot.get_graph_defaults() or []:
+        g.graph.update(clean(sub))
+    for node in dot.get_nodes():
+        name = clean({"n": node.get_name()})["n"]
+        if name in ("graph", "node", "edge"):
+            continue
+        g.add_node(name, **clean(node.get_attributes()))
+    for edge in dot.get_edges():
+        u, v = (clean({"n": x})["n"] for x in (edge.get_source(), edge.get_destination()))
+        g.add_edge(u, v, **clean(edge.get_attributes()))
+    return g

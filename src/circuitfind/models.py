@@ -67,7 +67,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None):
     """Load a model as a ``TransformerBridge`` ready for patching.
 
     Per-head hooks are on (``hook_q_input``/``hook_k_input``/``hook_v_input`` via
-    ``set_use_split_qkv_input`` and ``hook_result`` via ``set_use_attn_result``), the model is in
+    ``set_use_split_qkv_input``, ``hook_result`` via ``set_use_attn_result``, ``hook_mlp_in`` via
+    ``set_use_hook_mlp_in``), the model is in
     eval mode and on ``device`` (cuda when present by default).
 
     Args:
@@ -103,6 +104,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None):
             raise ModelNotFoundError(f"could not load model {str(name_or_path)!r}: {err}") from err
     model.set_use_split_qkv_input(True)
     model.set_use_attn_result(True)
+    model.set_use_hook_mlp_in(True)  # MLP inputs as a separate copy, so edges into an MLP can be patched
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

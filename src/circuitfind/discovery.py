@@ -1,0 +1,267 @@
+"""Circuit discovery algorithms on the edge graph, each returning a :class:`Circuit`.
+
+* :func:`acdc`: ACDC (Conmy et al. 2023): visit receivers in reverse topological order and drop
+  each incoming edge whose removal moves the metric by less than ``tau``; candidates are evaluated
+  in speculative batches (see below), with the same result as one edge per forward pass.
+* :func:`eap`: edge attribution patching (Syed et al. 2023): the gradient of the metric with
+  respect to every edge mask at once (clean and corrupted forwards + one forward/backward).
+* :func:`eap_ig`: EAP with integrated gradients (Hanna et al. 2024): gradients averaged over
+  ``steps`` inputs interpolated between the corrupted and clean embeddings.
+* :func:`iterative_path_patching`: IOI-style path patching (Wang et al. 2022) from the logits
+  backwards through the q/k/v inputs of the heads found at each step.
+
+Scores are signed estimates of the metric change when an edge is patched; :func:`select_top_k` and
+:func:`select_threshold` rank them by magnitude. :func:`faithfulness` and
+:func:`faithfulness_curve` (with CPR / CMD areas as in the MIB benchmark) evaluate a circuit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from circuitfind import patching as P
+from circuitfind.circuit import Circuit
+from circuitfind.edges import EdgePatcher
+from circuitfind.errors import CircuitfindError
+from circuitfind.graph import LOGITS, ModelGraph, receiver_node
+from circuitfind.metrics import normalise
+
+
+class EmptyCircuitError(CircuitfindError, ValueError):
+    """An operation needs at least one edge in the circuit."""
+
+
+def _settings(patcher: EdgePatcher, algorithm: str, **extra) -> dict:
+    s = patcher.setup
+    return {"algorithm": algorithm, "corruption": s.plan.name, "metric": s.metric.name, "direction": patcher.direction,
+            "n_prompts": s.batch.size, "task": s.batch.task.name, "clean": s.clean_value, "corrupt": s.corrupt_value,
+            **extra}
+
+
+# -- gradient attributions ----------------------------------------------------------------
+
+
+def eap(patcher: EdgePatcher) -> torch.Tensor:
+    """EAP scores ``[n_edges]``: first-order estimate of the metric change when each edge is patched."""
+    masks = patcher.ones().requires_grad_(True)
+    patcher.value(masks).sum().backward()
+    return -masks.grad[0].detach()
+
+
+def eap_ig(patcher: EdgePatcher, steps: int = 5) -> torch.Tensor:
+    """EAP-IG scores ``[n_edges]``: ``(source - base)`` sender outputs times the receivers' gradients
+    averaged over ``steps`` token-embedding interpolations ``corrupt + k/steps (clean - corrupt)``."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    setup = patcher.setup
+    clean = setup.activations("clean", ["hook_embed"])["hook_embed"]
+    corrupt = setup.activations("corrupt", ["hook_embed"])["hook_embed"]
+    alphas = torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device) / steps
+    B = setup.size
+
+    def interpolate(act, hook):
+        n = act.shape[0] // B
+        a = alphas[start : start + n].view(n, 1, 1, 1)
+        return (corrupt + a * (clean - corrupt)).reshape(act.shape)
+
+    masks = patcher.ones(steps).requires_grad_(True)
+    chunk = max(1, setup.max_batch // B)
+    grads = torch.zeros_like(masks)
+    for start in range(0, steps, chunk):
+        part = masks[start : start + chunk]
+        values = patcher.run(part, fixed_diff=True, extra_hooks=[("hook_embed", interpolate)]).mean(-1)
+        (g,) = torch.autograd.grad(values.sum(), part)
+        grads[start : start + chunk] = g
+    return -grads.mean(0).detach()
+
+
+def select_top_k(graph: ModelGraph, scores: torch.Tensor, k: int, settings: dict | None = None) -> Circuit:
+    """The ``k`` edges with the largest ``|score|``."""
+    if not 0 < k <= scores.numel():
+        raise ValueError(f"k must be in 1..{scores.numel()}, got {k}")
+    keep = torch.zeros(scores.numel(), dtype=torch.bool)
+    keep[scores.abs().flatten().cpu().topk(k).indices] = True
+    return Circuit(graph, keep.reshape(scores.shape), scores, {**(settings or {}), "selection": f"top_{k}"})
+
+
+def select_threshold(graph: ModelGraph, scores: torch.Tensor, tau: float, settings: dict | None = None) -> Circuit:
+    """Edges with ``|score| >= tau``."""
+    return Circuit(graph, scores.abs() >= tau, scores, {**(settings or {}), "selection": f"abs_score>={tau}"})
+
+
+def eap_circuit(patcher: EdgePatcher, k: int, ig_steps: int | None = None) -> Circuit:
+    """Top-``k`` circuit by EAP (``ig_steps=None``) or EAP-IG scores."""
+    scores = eap(patcher) if ig_steps is None else eap_ig(patcher, ig_steps)
+    name = "eap" if ig_steps is None else "eap_ig"
+    return select_top_k(patcher.graph, scores, k, _settings(patcher, name, k=k, ig_steps=ig_steps))
+
+
+# -- ACDC ---------------------------------------------------------------------------------
+
+
+def acdc(patcher: EdgePatcher, tau: float, progress: bool | None = None) -> Circuit:
+    """ACDC: prune edges whose removal changes the objective by less than ``tau``.
+
+    The objective is the distance from the full model, ``d(S) = base - metric(S)`` (for the ``kl``
+    metric, ``KL(clean || circuit)``). Receivers are visited from the logits backwards, each one's
+    incoming edges from the latest sender to the earliest; an edge is removed when
+    ``d(S without e) - d(S) < tau``. A receiver whose component has no remaining outgoing edge is
+    cut off without evaluation (its input cannot change the output).
+
+    Batching: a forward pass evaluates the next ``m`` edges speculatively, candidate ``j`` removing
+    edges ``1..j`` (removal is the common outcome). Decisions are read in order; at the first edge
+    that is kept, the later candidates are stale and the next batch starts after it. The result is
+    the one-edge-at-a-time result.
+
+    Returns the circuit; ``scores`` holds each evaluated edge's objective change (0 if skipped).
+    """
+    graph = patcher.graph
+    if graph.n_pos is not None:
+        raise ValueError("acdc works on graphs without per-position edges")
+    setup = patcher.setup
+    E = graph.n_edges
+    device = setup.plan.clean.tokens.device
+    keep = torch.ones(E, dtype=torch.bool, device=device)
+    scores = torch.zeros(E)
+    s_idx, r_idx = graph.edge_index
+    sender_of = {name: i for i, name in enumerate(graph.senders)}
+    current = patcher.value(keep[None].float()).item()
+    chunk = max(1, setup.max_batch // setup.size)
+    n_forward = 1
+    show = setup.progress if progress is None else progress
+    for r in tqdm(reversed(range(len(graph.receivers))), total=len(graph.receivers), desc="ACDC", disable=not show, leave=False):
+        receiver = graph.receivers[r]
+        incoming = (r_idx == r).nonzero().flatten().flip(0).tolist()  # latest sender first
+        if receiver.node != LOGITS:
+            outgoing = (s_idx == sender_of[receiver.node]).to(device)
+            if not keep[outgoing].any():
+                keep[incoming] = False
+                continue
+        i = 0
+        while i < len(incoming):
+            batch = incoming[i : i + chunk]
+            masks = keep[None].repeat(len(batch), 1).float()
+            for j in range(len(batch)):
+                masks[j, batch[: j + 1]] = 0.0
+            values = patcher.value(masks)
+            n_forward += 1
+            consumed = len(batch)
+            for j, e in enumerate(batch):
+                change = current - values[j].item()  # d(S - e) - d(S)
+                scores[e] = change
+                if change < tau:
+                    keep[e] = False
+                    current = values[j].item()
+                else:
+                    consumed = j + 1
+                    break
+            i += consumed
+    settings = _settings(patcher, "acdc", tau=tau, forward_passes=n_forward)
+    return Circuit(graph, keep.cpu(), scores, settings)
+
+
+# -- iterative path patching --------------------------------------------------------------
+
+
+def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2.0, positions: str | None = "end",
+                            direction: P.Direction = "noise") -> Circuit:
+    """Path patching from the logits backwards (Wang et al. 2022), as an edge circuit.
+
+    Level 1 patches the path from every head to the logits and keeps the heads passing the
+    detection rule (:func:`circuitfind.patching.detect`, ``k`` SD). Each further level patches,
+    for each head found, the paths from every earlier head into its q, k and v inputs separately,
+    and keeps the senders passing the rule, up to ``depth`` levels.
+    """
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    graph = ModelGraph(setup.n_layers, setup.n_heads, split_qkv=True)
+    keep = torch.zeros(graph.n_edges, dtype=torch.bool)
+    scores = torch.zeros(graph.n_edges)
+    sign = "negative" if direction == "noise" else "positive"
+    lookup = graph.edge_lookup
+
+    def mark(result: P.PatchResult, receiver: str) -> list[tuple[int, int]]:
+        finite = torch.isfinite(result.values)
+        if finite.sum() < 2:
+            return []
+        hits = P.detect(result.effect, k=k, sign=sign)
+        for l, h in hits:
+            e = lookup[(f"a{l}.{h}", receiver)]
+            keep[e] = True
+            scores[e] = result.effect[l, h]
+        return hits
+
+    frontier = mark(P.path_patch(setup, P.LOGITS, positions, direction), LOGITS)
+    seen = set(frontier)
+    for _ in range(depth - 1):
+        nxt = []
+        for layer, head in frontier:
+            senders = [(l, h) for l in range(layer) for h in range(setup.n_heads)]
+            if len(senders) < 2:
+                continue
+            for kind in ("q", "k", "v"):
+                res = P.path_patch(setup, [P.Receiver(layer, head, kind)], positions, direction, senders=senders)
+                nxt += mark(res, receiver_node(f"a{layer}.{head}", kind))
+        frontier = [x for x in dict.fromkeys(nxt) if x not in seen]
+        seen.update(frontier)
+    settings = {"algorithm": "path_patching", "corruption": setup.plan.name, "metric": setup.metric.name,
+                "direction": direction, "depth": depth, "k": k, "positions": positions,
+                "n_prompts": setup.batch.size, "task": setup.batch.task.name}
+    return Circuit(graph, keep, scores, settings)
+
+
+# -- faithfulness -------------------------------------------------------------------------
+
+
+def faithfulness(patcher: EdgePatcher, circuit: Circuit) -> float:
+    """``(circuit - corrupt) / (clean - corrupt)``: every edge outside the circuit patched."""
+    if circuit.n_edges == 0:
+        raise EmptyCircuitError("the circuit has no edges: faithfulness of an empty circuit is not defined here")
+    value = patcher.value(circuit.masks(patcher.setup.plan.clean.tokens.device)).item()
+    return float(normalise(value, patcher.setup.clean_value, patcher.setup.corrupt_value))
+
+
+@dataclass
+class FaithfulnessCurve:
+    """Faithfulness of top-scoring circuits of growing size.
+
+    ``cpr``: area under the curve over the fraction of edges kept (higher is better);
+    ``cmd``: area under ``|1 - faithfulness|`` (lower is better), as in the MIB benchmark.
+    """
+
+    fractions: list[float]
+    sizes: list[int]
+    faithfulness: list[float]
+    cpr: float
+    cmd: float
+
+    def as_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+MIB_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+def faithfulness_curve(patcher: EdgePatcher, scores: torch.Tensor, fractions=MIB_FRACTIONS) -> FaithfulnessCurve:
+    """Faithfulness of the top-``|score|`` circuits at each fraction of edges, in one batched run."""
+    fractions = sorted(set(float(f) for f in fractions))
+    if not fractions or fractions[0] < 0 or fractions[-1] > 1:
+        raise ValueError("fractions must lie in [0, 1]")
+    flat = scores.abs().flatten().cpu()
+    order = flat.argsort(descending=True)
+    total = flat.numel()
+    sizes = [int(round(f * total)) for f in fractions]
+    masks = torch.zeros(len(sizes), total)
+    for i, n in enumerate(sizes):
+        masks[i, order[:n]] = 1.0
+    masks = masks.reshape(len(sizes), *scores.shape).to(patcher.setup.plan.clean.tokens.device)
+    values = patcher.value(masks).cpu()
+    faith = normalise(values, patcher.setup.clean_value, patcher.setup.corrupt_value).tolist()
+    x = torch.tensor(fractions)
+    f = torch.tensor(faith)
+    cpr = float(torch.trapezoid(f, x)) if len(x) > 1 else 0.0
+    cmd = float(torch.trapezoid((1 - f).abs(), x)) if len(x) > 1 else 0.0
+    return FaithfulnessCurve(fractions, sizes, faith, cpr, cmd)

@@ -1,0 +1,189 @@
+"""Edge patching: any set of patched edges evaluated in one forward pass.
+
+During the forward pass every sender's output is kept, as the difference ``source - current``
+between the activation patched in and the one this forward computed. Each receiver reads the
+residual stream through its own copy (``hook_q_input`` / ``hook_k_input`` / ``hook_v_input`` /
+``hook_mlp_in`` / the final ``hook_resid_post``), which is corrected by
+
+    input_r += einsum((1 - mask[:, senders, r]), source_out - current_out)
+
+over its upstream senders. ``mask = 1`` keeps an edge (the receiver sees the sender's value in this
+run); ``mask = 0`` patches it (the receiver sees the source run's value). With the default
+``noise`` direction the base run is the clean one and the source is the corrupted (or ablated) run,
+so all-ones masks reproduce the clean run and all-zeros masks the corrupted run.
+
+Masks are ``[candidates, n_edges]`` (``[candidates, n_edges, pos]`` for per-position graphs),
+bool or float; float masks are differentiable (EAP). Candidates are stacked on the batch axis and
+evaluated together, ``max_batch`` prompts per forward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from circuitfind.graph import ModelGraph
+from circuitfind.patching import Direction, PatchingSetup, _check_direction, _repeat_ctx, answer_logits, hook_name
+
+Hook = tuple[str, Callable]
+
+
+def _input_hook(layer: int, kind: str) -> str:
+    if kind in ("q", "k", "v"):
+        return hook_name(layer, f"{kind}_input")
+    return f"blocks.{layer}.hook_mlp_in"
+
+
+class EdgePatcher:
+    """Evaluates edge masks on one :class:`PatchingSetup` and :class:`ModelGraph`.
+
+    Args:
+        setup: model, batch, corruption and metric (see :func:`circuitfind.patching.prepare`).
+        graph: the edge graph (``ModelGraph.from_model(model)`` by default).
+        direction: ``noise`` (base = clean run, patched edges carry corrupted values) or
+            ``denoise`` (base = corrupted run, patched edges carry clean values).
+    """
+
+    def __init__(self, setup: PatchingSetup, graph: ModelGraph | None = None, direction: Direction = "noise"):
+        _check_direction(direction)
+        self.setup, self.direction = setup, direction
+        self.model = setup.model
+        self.graph = graph or ModelGraph.from_model(self.model)
+        if self.graph.n_pos is not None and self.graph.n_pos != setup.n_pos:
+            raise ValueError(f"graph has {self.graph.n_pos} positions but the batch has {setup.n_pos}")
+        if (self.graph.n_layers, self.graph.n_heads) != (setup.n_layers, setup.n_heads):
+            raise ValueError("graph shape does not match the model")
+        L = self.graph.n_layers
+        self._sender_hooks = [hook_name(0, "resid_pre")]
+        for layer in range(L):
+            self._sender_hooks += [hook_name(layer, "result"), hook_name(layer, "mlp_out")]
+        self.sources = setup.sources(direction, self._sender_hooks)
+        self._base_outputs: dict[str, torch.Tensor] | None = None
+        # receiver groups: (hook, receiver indices, upstream sender count, per-head?)
+        self._groups = []
+        for layer in range(L):
+            kinds = ("q", "k", "v") if self.graph.split_qkv else ("qkv",)
+            for kind in kinds:
+                idx = self.graph.receiver_slices(layer, kind)
+                up = self.graph.upstream(self.graph.receivers[idx[0]])
+                hooks = [_input_hook(layer, k) for k in (("q", "k", "v") if kind == "qkv" else (kind,))]
+                for h in hooks:
+                    self._groups.append((h, torch.tensor(idx), up, True))
+            idx = self.graph.receiver_slices(layer, "mlp")
+            self._groups.append((_input_hook(layer, "mlp"), torch.tensor(idx), self.graph.upstream(self.graph.receivers[idx[0]]), False))
+        self._groups.append((hook_name(L - 1, "resid_post"), torch.tensor([len(self.graph.receivers) - 1]), len(self.graph.senders), False))
+
+    @property
+    def n_edges(self) -> int:
+        return self.graph.n_edges
+
+    def base_outputs(self) -> dict[str, torch.Tensor]:
+        """Sender outputs of the unpatched base run (for fixed-difference gradients, EAP-IG)."""
+        if self._base_outputs is None:
+            which = "clean" if self.direction == "noise" else "corrupt"
+            self._base_outputs = self.setup.activations(which, self._sender_hooks)
+        return self._base_outputs
+
+    def _hooks(self, dense: torch.Tensor, n: int, fixed_diff: bool) -> list[Hook]:
+        """Forward hooks for ``n`` stacked candidates with dense keep-masks ``[n, S, R(, pos)]``.
+
+        Sender differences are laid out sender-major, ``[n, senders, batch, pos, d_model]``, so a
+        receiver's correction is one batched matmul over its upstream senders. Without autograd
+        they are written into one preallocated buffer; with autograd they are concatenated.
+        """
+        B = self.setup.size
+        base = self.base_outputs() if fixed_diff else None
+        per_pos = dense.dim() == 4
+        S = len(self.graph.senders)
+        state: dict = {"count": 0, "parts": [], "buffer": None, "cat": None}
+
+        def store(act, hook, name, grouped):
+            view = act.reshape(n, B, *act.shape[1:])
+            diff = self.sources[name] - (base[name] if fixed_diff else view)
+            if diff.dim() < view.dim():
+                diff = diff.unsqueeze(0).expand_as(view)
+            diff = diff.permute(0, 3, 1, 2, 4) if grouped else diff.unsqueeze(1)  # [n, g, B, pos, d]
+            k, g = state["count"], diff.shape[1]
+            if torch.is_grad_enabled():
+                state["parts"].append(diff)
+                state["cat"] = None
+            else:
+                if state["buffer"] is None:
+                    state["buffer"] = act.new_empty(n, S, *diff.shape[2:])
+                state["buffer"][:, k : k + g].copy_(diff)
+            state["count"] = k + g
+
+        def sent_diffs(up: int) -> torch.Tensor:
+            assert state["count"] == up, "sender and receiver hooks fired out of order"
+            if state["buffer"] is not None:
+                return state["buffer"][:, :up]
+            if state["cat"] is None:
+                state["cat"] = torch.cat(state["parts"], dim=1)
+            return state["cat"]
+
+        def correct(act, hook, idx, up, per_head):
+            patched = (1.0 - dense[:, :up, idx.to(dense.device)]).to(act.dtype)  # [n, up, R(, pos)]
+            diffs = sent_diffs(up)  # [n, up, B, pos, d]
+            if per_pos:
+                corr = torch.einsum("csrt,csbtd->cbtrd", patched, diffs)
+            else:
+                R = patched.shape[2]
+                corr = torch.bmm(patched.transpose(1, 2), diffs.reshape(n, up, -1)).reshape(n, R, *diffs.shape[2:])
+                corr = corr.permute(0, 2, 3, 1, 4)  # [n, B, pos, R, d]
+            if per_head:
+                return (act.reshape(n, B, *act.shape[1:]) + corr).reshape(act.shape)
+            return (act.reshape(n, B, *act.shape[1:]) + corr[:, :, :, 0]).reshape(act.shape)
+
+        hooks: list[Hook] = []
+        names = iter(self._sender_hooks)
+        first = next(names)
+        hooks.append((first, lambda a, hook, _n=first: store(a, hook, _n, False)))
+        for name in names:
+            grouped = name.endswith("hook_result")
+            hooks.append((name, lambda a, hook, _n=name, _g=grouped: store(a, hook, _n, _g)))
+        for hname, idx, up, per_head in self._groups:
+            hooks.append((hname, lambda a, hook, _i=idx, _u=up, _p=per_head: correct(a, hook, _i, _u, _p)))
+        return hooks
+
+    def run(self, masks: torch.Tensor, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None,
+            desc: str | None = None) -> torch.Tensor:
+        """Per-prompt metric ``[candidates, batch]`` with each candidate's edges patched where ``mask == 0``.
+
+        Args:
+            masks: ``[candidates, n_edges]`` (or ``[candidates, n_edges, pos]``), 1 = keep.
+            fixed_diff: use ``source - base run`` instead of ``source - current`` as the patched
+                difference (the sender outputs of the unpatched base run; EAP-IG needs this).
+            extra_hooks: hooks to add after the base run's own (e.g. input interpolation); they must
+                accept the stacked ``[candidates * batch, ...]`` activations.
+        """
+        if masks.dim() == 1:
+            masks = masks[None]
+        expected = (self.n_edges,) if self.graph.n_pos is None else (self.n_edges, self.graph.n_pos)
+        if tuple(masks.shape[1:]) != expected:
+            raise ValueError(f"edge masks must be [candidates, {', '.join(map(str, expected))}], got {tuple(masks.shape)}")
+        B = self.setup.size
+        base = self.setup.base_run(self.direction)
+        chunk = max(1, self.setup.max_batch // B)
+        out = []
+        starts = range(0, masks.shape[0], chunk)
+        for start in tqdm(starts, desc=desc or "edge patching", disable=not self.setup.progress or len(starts) < 2, leave=False):
+            part = masks[start : start + chunk]
+            n = part.shape[0]
+            dense = self.graph.dense(part.to(torch.float32) if part.dtype == torch.bool else part)
+            hooks = list(base.hooks) + list(extra_hooks or []) + self._hooks(dense, n, fixed_diff)
+            with torch.set_grad_enabled(part.requires_grad):
+                logits = self.model.run_with_hooks(base.tokens.repeat(n, 1), fwd_hooks=hooks)
+                answer = answer_logits(logits, self.setup.plan.end_pos.repeat(n))
+                out.append(self.setup.metric(answer, _repeat_ctx(self.setup.ctx, n)).reshape(n, B))
+        return torch.cat(out)
+
+    def value(self, masks: torch.Tensor, **kw) -> torch.Tensor:
+        """Mean metric over prompts, one value per candidate ``[candidates]``."""
+        return self.run(masks, **kw).mean(-1)
+
+    def ones(self, n: int = 1, dtype=torch.float32) -> torch.Tensor:
+        """Masks that keep every edge."""
+        shape = (n, self.n_edges) if self.graph.n_pos is None else (n, self.n_edges, self.graph.n_pos)
+        return torch.ones(shape, dtype=dtype, device=self.setup.plan.clean.tokens.device)

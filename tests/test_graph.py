@@ -1,0 +1,75 @@
+import networkx as nx
+import pytest
+import torch
+
+from circuitfind.circuit import Circuit
+from circuitfind.graph import ModelGraph, node_graph, read_graph, write_graph
+
+
+def test_edge_counts_and_order():
+    g = ModelGraph(3, 4)
+    # senders before layer l heads: 1 + 5l; q,k,v receivers 3*4 per layer; MLP l sees 5 + 5l; logits all 16
+    expected = sum(12 * (1 + 5 * l) + (5 + 5 * l) for l in range(3)) + 16
+    assert g.n_edges == expected == 262
+    assert g.edges[0] == ("input", "a0.0<q>")
+    assert g.edges[-1] == ("m2", "logits")
+    merged = ModelGraph(3, 4, split_qkv=False)
+    assert merged.n_edges == sum(4 * (1 + 5 * l) + (5 + 5 * l) for l in range(3)) + 16
+    assert ("a0.1", "a1.3") in merged.edge_lookup and ("a1.0", "a1.3") not in merged.edge_lookup
+
+
+def test_dense_masks_place_edges():
+    g = ModelGraph(2, 2)
+    masks = torch.rand(3, g.n_edges)
+    dense = g.dense(masks)
+    s, r = g.edge_index
+    assert torch.equal(dense[:, s, r], masks)
+    assert dense.sum() == masks.sum() + 3 * (dense[0].numel() - g.n_edges)
+
+
+def test_to_networkx_structure():
+    g = ModelGraph(2, 2)
+    keep = torch.zeros(g.n_edges, dtype=torch.bool)
+    keep[g.edge_lookup[("a0.1", "a1.0<k>")]] = True
+    nxg = g.to_networkx(torch.arange(g.n_edges, dtype=torch.float), keep)
+    assert nx.is_directed_acyclic_graph(nxg)
+    assert nxg.edges["a0.1", "a1.0<k>"]["in_circuit"]
+    assert nxg.edges["a1.0<k>", "a1.0"]["structural"] and nxg.edges["a1.0<k>", "a1.0"]["in_circuit"]
+    assert not nxg.edges["a1.0<q>", "a1.0"]["in_circuit"]
+    assert {n for n, d in nxg.nodes(data=True) if d["in_circuit"]} == {"a0.1", "a1.0<k>", "a1.0"}
+    assert nxg.nodes["a1.0"]["layer"] == 1 and nxg.nodes["m1"]["kind"] == "mlp"
+
+
+def _same(a: nx.DiGraph, b: nx.DiGraph):
+    assert dict(a.graph) == dict(b.graph)
+    assert dict(a.nodes(data=True)) == dict(b.nodes(data=True))
+    assert {(u, v): d for u, v, d in a.edges(data=True)} == {(u, v): d for u, v, d in b.edges(data=True)}
+
+
+@pytest.mark.parametrize("suffix", [".graphml", ".gexf", ".json", ".dot"])
+@pytest.mark.parametrize("kind", ["split", "merged", "per_pos"])
+def test_round_trip_is_lossless(tmp_path, suffix, kind):
+    graph = ModelGraph(2, 3, split_qkv=kind != "merged", n_pos=4 if kind == "per_pos" else None)
+    gen = torch.Generator().manual_seed(0)
+    shape = (graph.n_edges,) if graph.n_pos is None else (graph.n_edges, graph.n_pos)
+    scores = torch.randn(shape, generator=gen) / 7
+    circuit = Circuit(graph, scores.abs() > 0.1, scores, {"algorithm": "test", "tau": 0.1, "note": 'a "quoted" <text>'})
+    path = circuit.save(tmp_path / f"c{suffix}")
+    _same(circuit.to_networkx(), read_graph(path))
+    back = Circuit.load(path)
+    assert torch.equal(back.in_circuit, circuit.in_circuit)
+    assert torch.equal(back.scores, circuit.scores)
+    assert back.settings == circuit.settings
+    assert back.edges == circuit.edges
+
+
+def test_unknown_format(tmp_path):
+    with pytest.raises(ValueError, match="unknown graph format"):
+        write_graph(nx.DiGraph(), tmp_path / "x.txt")
+
+
+def test_node_graph_marks_heads():
+    g = node_graph(2, 2, torch.tensor([[0.1, 0.2], [0.3, 0.4]]), {"a1.1"})
+    assert g.nodes["a1.1"]["in_circuit"] and not g.nodes["a0.0"]["in_circuit"]
+    assert g.nodes["a1.0"]["score"] == pytest.approx(0.3)
+    assert g.edges["a1.1", "logits"]["in_circuit"] and not g.edges["a0.0", "logits"]["in_circuit"]
