@@ -102,7 +102,7 @@ def eap_circuit(patcher: EdgePatcher, k: int, ig_steps: int | None = None) -> Ci
 # -- ACDC ---------------------------------------------------------------------------------
 
 
-def acdc(patcher: EdgePatcher, tau: float, progress: bool | None = None) -> Circuit:
+def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, progress: bool | None = None) -> Circuit:
     """ACDC: prune edges whose removal changes the objective by less than ``tau``.
 
     The objective is the distance from the full model, ``d(S) = base - metric(S)`` (for the ``kl``
@@ -114,7 +114,9 @@ def acdc(patcher: EdgePatcher, tau: float, progress: bool | None = None) -> Circ
     Batching: a forward pass evaluates the next ``m`` edges speculatively, candidate ``j`` removing
     edges ``1..j`` (removal is the common outcome). Decisions are read in order; at the first edge
     that is kept, the later candidates are stale and the next batch starts after it. The result is
-    the one-edge-at-a-time result.
+    the one-edge-at-a-time result. ``m`` adapts: it doubles after a batch of removals and drops to 1
+    after a kept edge, so little work is thrown away. ``candidates`` caps it (default:
+    ``max_batch // prompts``; 1 evaluates one edge per forward pass).
 
     Returns the circuit; ``scores`` holds each evaluated edge's objective change (0 if skipped).
     """
@@ -129,8 +131,8 @@ def acdc(patcher: EdgePatcher, tau: float, progress: bool | None = None) -> Circ
     s_idx, r_idx = graph.edge_index
     sender_of = {name: i for i, name in enumerate(graph.senders)}
     current = patcher.value(keep[None].float()).item()
-    chunk = max(1, setup.max_batch // setup.size)
-    n_forward = 1
+    cap = candidates or max(1, setup.max_batch // setup.size)
+    chunk, n_forward, n_evaluated = 1, 1, 1
     show = setup.progress if progress is None else progress
     for r in tqdm(reversed(range(len(graph.receivers))), total=len(graph.receivers), desc="ACDC", disable=not show, leave=False):
         receiver = graph.receivers[r]
@@ -147,7 +149,7 @@ def acdc(patcher: EdgePatcher, tau: float, progress: bool | None = None) -> Circ
             for j in range(len(batch)):
                 masks[j, batch[: j + 1]] = 0.0
             values = patcher.value(masks)
-            n_forward += 1
+            n_forward, n_evaluated = n_forward + 1, n_evaluated + len(batch)
             consumed = len(batch)
             for j, e in enumerate(batch):
                 change = current - values[j].item()  # d(S - e) - d(S)
@@ -158,8 +160,9 @@ def acdc(patcher: EdgePatcher, tau: float, progress: bool | None = None) -> Circ
                 else:
                     consumed = j + 1
                     break
+            chunk = min(2 * chunk, cap) if consumed == len(batch) else 1
             i += consumed
-    settings = _settings(patcher, "acdc", tau=tau, forward_passes=n_forward)
+    settings = _settings(patcher, "acdc", tau=tau, forward_passes=n_forward, candidates_evaluated=n_evaluated)
     return Circuit(graph, keep.cpu(), scores, settings)
 
 

@@ -1,0 +1,111 @@
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from circuitfind import discovery as D
+from circuitfind import patching as P
+from circuitfind.circuit import Circuit
+from circuitfind.edges import EdgePatcher
+from circuitfind.graph import LOGITS
+
+
+@pytest.fixture(scope="module")
+def kl_patcher(ioi_model, ioi_batch):
+    return EdgePatcher(P.prepare(ioi_model, ioi_batch, "str", "kl", max_batch=512))
+
+
+@pytest.fixture(scope="module")
+def ld_patcher(ioi_model, ioi_batch):
+    return EdgePatcher(P.prepare(ioi_model, ioi_batch, "str", "logit_diff", max_batch=512))
+
+
+def acdc_reference(patcher, tau):
+    """ACDC with one edge per forward pass, written as plainly as possible."""
+    graph = patcher.graph
+    s_idx, r_idx = graph.edge_index
+    keep = torch.ones(graph.n_edges, dtype=torch.bool)
+    current = patcher.value(keep[None].float()).item()
+    for r in reversed(range(len(graph.receivers))):
+        receiver = graph.receivers[r]
+        incoming = [e for e in reversed(range(graph.n_edges)) if r_idx[e] == r]
+        if receiver.node != LOGITS and not keep[s_idx == graph.senders.index(receiver.node)].any():
+            keep[incoming] = False
+            continue
+        for e in incoming:
+            trial = keep.clone()
+            trial[e] = False
+            value = patcher.value(trial[None].float()).item()
+            if current - value < tau:
+                keep, current = trial, value
+    return keep
+
+
+@pytest.mark.parametrize("tau", [0.02, 0.3])
+def test_acdc_matches_the_one_edge_at_a_time_reference(kl_patcher, tau):
+    circuit = D.acdc(kl_patcher, tau)
+    assert torch.equal(circuit.in_circuit, acdc_reference(kl_patcher, tau))
+    assert circuit.settings["algorithm"] == "acdc" and circuit.settings["forward_passes"] < kl_patcher.n_edges
+
+
+def test_acdc_on_logit_difference_matches_reference(ld_patcher):
+    assert torch.equal(D.acdc(ld_patcher, 0.5).in_circuit, acdc_reference(ld_patcher, 0.5))
+
+
+def test_acdc_circuits_are_faithful_and_shrink_with_tau(kl_patcher):
+    small, large = D.acdc(kl_patcher, 0.01), D.acdc(kl_patcher, 1.0)
+    assert 0 < large.n_edges <= small.n_edges < kl_patcher.n_edges
+    assert D.faithfulness(kl_patcher, small) > 0.9
+    assert "a1.2" in small.heads  # the toy model's main name-mover head
+
+
+def test_eap_ig_with_one_step_is_eap(ld_patcher):
+    torch.testing.assert_close(D.eap_ig(ld_patcher, steps=1), D.eap(ld_patcher), atol=1e-5, rtol=1e-4)
+
+
+def test_attribution_scores_track_real_edge_effects(ld_patcher):
+    n = ld_patcher.n_edges
+    masks = ld_patcher.ones(n) - torch.eye(n)
+    actual = ld_patcher.value(masks) - ld_patcher.setup.clean_value  # every single-edge patch
+    for scores in (D.eap(ld_patcher), D.eap_ig(ld_patcher, steps=8)):
+        assert spearmanr(scores.numpy(), actual.numpy()).statistic > 0.6
+        top = scores.abs().topk(5).indices
+        assert actual[top].abs().mean() > 5 * actual.abs().mean()
+
+
+def test_eap_circuits_and_selection(ld_patcher):
+    circuit = D.eap_circuit(ld_patcher, k=20, ig_steps=4)
+    assert circuit.n_edges == 20 and circuit.settings["algorithm"] == "eap_ig"
+    scores = circuit.scores
+    thr = D.select_threshold(ld_patcher.graph, scores, scores.abs().topk(7).values[-1].item())
+    assert thr.n_edges == 7
+    with pytest.raises(ValueError):
+        D.select_top_k(ld_patcher.graph, scores, 0)
+
+
+def test_faithfulness_and_curve(ld_patcher):
+    graph = ld_patcher.graph
+    full = Circuit(graph, torch.ones(graph.n_edges, dtype=torch.bool))
+    assert D.faithfulness(ld_patcher, full) == pytest.approx(1.0)
+    with pytest.raises(D.EmptyCircuitError, match="no edges"):
+        D.faithfulness(ld_patcher, Circuit(graph, torch.zeros(graph.n_edges, dtype=torch.bool)))
+    curve = D.faithfulness_curve(ld_patcher, D.eap(ld_patcher))
+    assert curve.faithfulness[0] == pytest.approx(0.0, abs=1e-4) and curve.faithfulness[-1] == pytest.approx(1.0)
+    assert curve.sizes == sorted(curve.sizes) and curve.sizes[-1] == graph.n_edges
+    assert 0.5 < curve.cpr < 1.2 and 0 <= curve.cmd < 0.5
+    random_scores = torch.rand(graph.n_edges, generator=torch.Generator().manual_seed(0))
+    assert D.faithfulness_curve(ld_patcher, random_scores).cpr < curve.cpr
+
+
+def test_iterative_path_patching(ioi_model, ioi_batch):
+    setup = P.prepare(ioi_model, ioi_batch, "str", "logit_diff")
+    circuit = D.iterative_path_patching(setup, depth=2, k=1.0)
+    level1 = P.detect(P.path_patch(setup, P.LOGITS, "end", "noise").effect, k=1.0, sign="negative")
+    assert level1, "the rule should find the toy model's layer-1 name movers"
+    into_logits = {s for s, r in circuit.edges if r == "logits"}
+    assert into_logits == {f"a{l}.{h}" for l, h in level1}
+    found = {f"a{l}.{h}" for l, h in level1}
+    for sender, receiver in circuit.edges:
+        if receiver != "logits":
+            head, kind = receiver[:-3], receiver[-2]
+            assert head in found and kind in "qkv"
+            assert int(sender[1:].split(".")[0]) < int(head[1:].split(".")[0])
