@@ -1,13 +1,14 @@
-"""The main job: head-level discovery on the shipped default model under many patching settings.
+"""The main job: circuit discovery under every setting of a grid, then the circuit diff report.
 
-    python flows/sweep.py                      # toy-ioi, IOI, every corruption x metric x direction
-    python flows/sweep.py --prompts 40 --corruptions str gn --metrics logit_diff kl
+    python flows/sweep.py                                   # the default grid on the shipped toy-ioi model
+    python flows/sweep.py --algorithms eap_ig acdc --corruptions str gn --metrics kl --run my-run
+    python flows/sweep.py --dask                            # fan out on a local Dask cluster (prefect-dask)
 
-Each setting (corruption, metric, direction) is a Prefect task: it patches every attention head,
-marks the heads whose effect is >= 2 SD from the mean (the IOI paper's rule), and writes the result
-as JSON and as a GraphML circuit under ``outputs/<run>/settings/``. A final task compares the
-circuits (Jaccard and overlap matrices, how often each head is found) and writes
-``outputs/<run>/report.md`` and ``manifest.json``. Every file is written atomically.
+Each (model, task, algorithm, corruption, metric, direction) is one Prefect task that writes
+``outputs/<run>/circuits/<setting>.graphml`` / ``.json`` (and per-prompt scores for EAP/EAP-IG),
+cached by its inputs in ``outputs/.cache`` so a rerun or a crashed sweep resumes. The
+``circuitfind-compare`` flow then writes ``outputs/<run>/report.html`` and ``report.md`` (also a
+Prefect Markdown artifact) and ``manifest.json``.
 
 Prefect runs embedded (a temporary local server) unless ``PREFECT_API_URL`` points to a server.
 """
@@ -15,130 +16,127 @@ Prefect runs embedded (a temporary local server) unless ``PREFECT_API_URL`` poin
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-import threading
 import time
-from itertools import product
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.futures import as_completed  # noqa: E402
+from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
-from circuitfind import compare, patching  # noqa: E402
-from circuitfind.graph import head_name, node_graph, write_graph  # noqa: E402
-from circuitfind.io import write_json, write_text  # noqa: E402
-from circuitfind.models import load_model  # noqa: E402
-from circuitfind.tasks import TaskBatch  # noqa: E402
+import circuitfind  # noqa: E402
+from circuitfind.io import write_json  # noqa: E402
+from circuitfind.report import write_report  # noqa: E402
+from circuitfind.sweep import Setting, SweepConfig, load_records, run_setting  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CORRUPTIONS = ("str", "gn", "mean", "resample")
-DEFAULT_METRICS = ("logit_diff", "prob", "kl")
-DEFAULT_DIRECTIONS = ("denoise", "noise")
-
-# Hooks live on the model object, so each worker thread patches its own copy.
-_local = threading.local()
+DEFAULT_OUTPUTS = str(REPO / "outputs")
 
 
-def _model(name: str):
-    cache = _local.__dict__.setdefault("models", {})
-    if name not in cache:
-        cache[name] = load_model(name)
-    return cache[name]
+@task(name="discover", task_run_name="{setting.name}", persist_result=False)
+def discover_setting(setting: Setting, config: SweepConfig, run_dir: str, cache_dir: str) -> dict:
+    """One setting's circuit; files are written by the task, only paths travel through Prefect."""
+    return run_setting(setting, config, run_dir, cache_dir)
 
 
-def setting_name(corruption: str, metric: str, direction: str) -> str:
-    return f"{corruption.replace(':', '-')}__{metric}__{direction}"
+@task(name="diff-report", persist_result=False)
+def report_task(run_dir: str, reference: str | None, title: str) -> dict:
+    records = load_records(run_dir)
+    ref = None
+    if reference is not None:
+        matches = [r for r in records if r["setting"] == reference]
+        if not matches:
+            raise ValueError(f"reference setting {reference!r} is not in {run_dir}")
+        ref = matches[0]
+    paths = write_report(records, run_dir, title, reference=ref)
+    create_markdown_artifact(paths.pop("markdown_text"), key="circuit-diff-report", description=title)
+    return paths
 
 
-@task(name="patch-heads", persist_result=False)
-def run_setting(model_name: str, task_name: str, n_prompts: int, seed: int, corruption: str, metric: str,
-                direction: str, out_dir: str, k: float = 2.0) -> dict:
-    """Head patching under one setting; writes ``<setting>.json`` and ``<setting>.graphml``."""
-    model = _model(model_name)
-    batch = TaskBatch.build(model, task_name, n_prompts, seed=seed)
-    setup = patching.prepare(model, batch, corruption, metric)
-    result = patching.patch_heads(setup, direction)
-    sign = "positive" if direction == "denoise" else "negative"
-    found = [head_name(l, h) for l, h in patching.detect(result.effect, k=k, sign=sign)]
-    name = setting_name(corruption, metric, direction)
-    out = Path(out_dir) / "settings"
-    graph = node_graph(model.cfg.n_layers, model.cfg.n_heads, result.normalised, set(found),
-                       setting=name, model=model_name, task=task_name)
-    write_graph(graph, out / f"{name}.graphml")
-    record = {"setting": name, "corruption": corruption, "metric": metric, "direction": direction,
-              "clean": result.clean, "corrupt": result.corrupt, "normalised": result.normalised.tolist(),
-              "effect": result.effect.tolist(), "circuit": found, "k": k}
-    write_json(out / f"{name}.json", record)
-    return {"setting": name, "circuit": found, "json": str(out / f"{name}.json"), "graphml": str(out / f"{name}.graphml")}
+@flow(name="circuitfind-compare", log_prints=True)
+def compare_run(run_dir: str, reference: str | None = None, title: str | None = None) -> dict:
+    """Compare every circuit in a run folder and write the diff report."""
+    title = title or f"Circuit diff report: {Path(run_dir).name}"
+    return report_task(run_dir, reference, title)
 
 
-def _matrix_table(names: list[str], values: dict[tuple[str, str], float]) -> str:
-    short = [f"s{i}" for i in range(len(names))]
-    lines = ["| | " + " | ".join(short) + " |", "|---" * (len(names) + 1) + "|"]
-    for i, a in enumerate(names):
-        lines.append(f"| **{short[i]}** | " + " | ".join(f"{values[(a, b)]:.2f}" for b in names) + " |")
-    legend = "\n".join(f"- `{s}` = {n}" for s, n in zip(short, names))
-    return "\n".join(lines) + "\n\n" + legend
-
-
-@task(name="compare-circuits", persist_result=False)
-def write_report(results: list[dict], out_dir: str, meta: dict) -> str:
-    """Overlap matrices and per-head stability across settings, as Markdown."""
-    circuits = {r["setting"]: r["circuit"] for r in results}
-    names = sorted(circuits)
-    jac = compare.pairwise(circuits, compare.jaccard)
-    stab = compare.stability(circuits)
-    lines = [f"# Circuit diff report: {meta['model']} on {meta['task']}", "",
-             f"{len(names)} settings, {meta['prompts']} prompts, heads >= {meta['k']} SD from the mean effect.", "",
-             "## Heads found per setting", "", "| setting | heads |", "|---|---|"]
-    lines += [f"| {n} | {', '.join(circuits[n]) or '(none)'} |" for n in names]
-    lines += ["", "## How often each head is found", "", "| head | fraction of settings |", "|---|---|"]
-    lines += [f"| {c} | {f:.2f} |" for c, f in sorted(stab.items(), key=lambda kv: -kv[1])]
-    robust = [c for c, f in stab.items() if f == 1.0]
-    lines += ["", f"Found under every setting: {', '.join(robust) or 'none'}.", "",
-              "## Jaccard overlap of circuits", "", _matrix_table(names, jac), ""]
-    path = Path(out_dir) / "report.md"
-    write_text(path, "\n".join(lines))
-    write_json(Path(out_dir) / "manifest.json", {**meta, "settings": results, "report": str(path)})
-    return str(path)
-
-
-@flow(name="circuitfind-head-sweep", log_prints=True)
-def head_sweep(model: str = "toy-ioi", task_name: str = "ioi", prompts: int = 60, seed: int = 0,
-               corruptions: list[str] = list(DEFAULT_CORRUPTIONS), metrics: list[str] = list(DEFAULT_METRICS),
-               directions: list[str] = list(DEFAULT_DIRECTIONS), run: str | None = None,
-               outputs: str = str(REPO / "outputs"), k: float = 2.0) -> str:
-    """Fan head patching out over every (corruption, metric, direction) and compare the circuits."""
+@flow(name="circuitfind-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
+def sweep(config: SweepConfig = SweepConfig(), run: str | None = None, outputs: str = DEFAULT_OUTPUTS,
+          reference: str | None = None) -> dict:
+    """Discover circuits over the grid of ``config`` and compare them."""
     log = get_run_logger()
     run = run or time.strftime("%Y%m%d-%H%M%S")
-    out_dir = str(Path(outputs) / run)
-    grid = list(product(corruptions, metrics, directions))
-    log.info("%d settings -> %s", len(grid), out_dir)
-    futures = [run_setting.submit(model, task_name, prompts, seed, c, m, d, out_dir, k) for c, m, d in grid]
-    results = [f.result() for f in futures]
-    meta = {"model": model, "task": task_name, "prompts": prompts, "seed": seed, "k": k, "run": run}
-    report = write_report(results, out_dir, meta)
-    print(f"report: {report}")
-    return report
+    run_dir, cache_dir = Path(outputs) / run, Path(outputs) / ".cache"
+    settings = config.settings()
+    log.info("%d settings -> %s", len(settings), run_dir)
+    futures = discover_setting.map(settings, unmapped(config), unmapped(str(run_dir)), unmapped(str(cache_dir)))
+    results, failures = [], []
+    by_future = {f.task_run_id: s for f, s in zip(futures, settings)}
+    for done, future in enumerate(as_completed(futures), 1):
+        setting = by_future[future.task_run_id]
+        outcome = future.result(raise_on_failure=False)
+        if isinstance(outcome, BaseException):
+            failures.append({"setting": setting.name, "error": f"{type(outcome).__name__}: {outcome}"})
+            log.warning("[%d/%d] %s failed: %s", done, len(settings), setting.name, outcome)
+        else:
+            results.append(outcome)
+            log.info("[%d/%d] %s: %d edges, faithfulness %.3f%s", done, len(settings), setting.name,
+                     outcome["n_edges"], outcome["faithfulness"], " (cached)" if outcome["from_cache"] else "")
+    if not results:
+        raise RuntimeError(f"every setting failed; first error: {failures[0]['error'] if failures else 'none'}")
+    report = compare_run(str(run_dir), reference)
+    manifest = {"run": run, "version": circuitfind.__version__, "config": config.model_dump(), "settings": sorted(results, key=lambda r: r["setting"]),
+                "failures": failures, "report": report}
+    write_json(run_dir / "manifest.json", manifest)
+    print(f"report: {report['html']}")
+    return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
+def dask_runner(workers: int = 2):
+    """A local Dask cluster (threads) as the task runner: needs the ``dask`` extra (prefect-dask)."""
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:  # pragma: no cover - depends on the installed extras
+        raise SystemExit("--dask needs prefect-dask: pip install 'circuitfind[dask]'") from err
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": False})
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = SweepConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy-ioi")
-    p.add_argument("--task", default="ioi")
-    p.add_argument("--prompts", type=int, default=60)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--corruptions", nargs="+", default=list(DEFAULT_CORRUPTIONS))
-    p.add_argument("--metrics", nargs="+", default=list(DEFAULT_METRICS))
-    p.add_argument("--directions", nargs="+", default=list(DEFAULT_DIRECTIONS))
-    p.add_argument("--run", default=None, help="run name (default: a timestamp)")
-    p.add_argument("--outputs", default=str(REPO / "outputs"))
-    args = p.parse_args(argv)
-    head_sweep(args.model, args.task, args.prompts, args.seed, args.corruptions, args.metrics,
-               args.directions, args.run, args.outputs)
+    for name in ("models", "tasks", "algorithms", "corruptions", "metrics", "directions"):
+        p.add_argument(f"--{name}", nargs="+", default=getattr(defaults, name))
+    for name in ("prompts", "seed", "top_k", "ig_steps", "path_depth", "max_batch"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=int, default=getattr(defaults, name))
+    for name in ("acdc_tau", "path_k", "node_k"):
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=float, default=getattr(defaults, name))
+    p.add_argument("--device", default=None)
+    p.add_argument("--run", default=None, help="run name (default: a timestamp); reuse one to resume")
+    p.add_argument("--outputs", default=DEFAULT_OUTPUTS)
+    p.add_argument("--reference", default=None, help="setting name whose circuit is the reference")
+    p.add_argument("--dask", action="store_true", help="run tasks on a local Dask cluster (prefect-dask)")
+    p.add_argument("--workers", type=int, default=2)
+    return p.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> SweepConfig:
+    return SweepConfig(**{k: v for k, v in vars(args).items() if k in SweepConfig.model_fields})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    config = config_from_args(args)
+    flow_fn = sweep.with_options(task_runner=dask_runner(args.workers)) if args.dask else sweep.with_options(
+        task_runner=ThreadPoolTaskRunner(max_workers=args.workers))
+    manifest = flow_fn(config, args.run, args.outputs, args.reference)
+    print(json.dumps({"report": manifest["report"]["html"], "settings": len(manifest["settings"]), "failures": len(manifest["failures"])}))
+    return 0
 
 
 if __name__ == "__main__":

@@ -109,3 +109,11 @@ def test_iterative_path_patching(ioi_model, ioi_batch):
             head, kind = receiver[:-3], receiver[-2]
             assert head in found and kind in "qkv"
             assert int(sender[1:].split(".")[0]) < int(head[1:].split(".")[0])
+
+
+def test_per_prompt_attributions_average_to_the_batch_scores(ld_patcher):
+    per_prompt = D.eap(ld_patcher, per_prompt=True)
+    assert per_prompt.shape == (ld_patcher.n_edges, ld_patcher.setup.size)
+    torch.testing.assert_close(per_prompt.mean(-1), D.eap(ld_patcher), atol=1e-5, rtol=1e-4)
+    ig = D.eap_ig(ld_patcher, steps=3, per_prompt=True)
+    torch.testing.assert_close(ig.mean(-1), D.eap_ig(ld_patcher, steps=3), atol=1e-5, rtol=1e-4)

@@ -4,6 +4,11 @@
     circuitfind tasks                        # task specs in tasks/
     circuitfind evaluate --model toy-ioi     # accuracy and clean/corrupted logit difference
     circuitfind patch --what heads --corruption gn --metric kl --direction noise
+    circuitfind discover --algorithm acdc --tau 0.02 --out circuit.graphml
+    circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep flow (flows/sweep.py)
+    circuitfind compare a.graphml b.graphml [--reference truth.graphml]
+    circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
+    circuitfind report outputs/<run>                         # rewrite a run's diff report
     circuitfind train toy-ioi                # rebuild a shipped toy model
 """
 
@@ -92,6 +97,90 @@ def torch_print(t) -> None:
     print(t)
 
 
+def cmd_discover(args) -> None:
+    from circuitfind import discovery, patching
+    from circuitfind.edges import EdgePatcher
+
+    model, batch = _load(args)
+    setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True)
+    circuit, _ = discovery.discover(setup, args.algorithm, args.direction, acdc_tau=args.tau, top_k=args.top_k,
+                                    ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k, node_k=args.k)
+    print(circuit.summary())
+    if circuit.n_edges:
+        direction = "noise" if args.algorithm == "acdc" else args.direction
+        print(f"faithfulness {discovery.faithfulness(EdgePatcher(setup, circuit.graph, direction), circuit):.3f}")
+    if args.out:
+        print(f"wrote {circuit.save(args.out)}")
+
+
+def _repo_flows():
+    """Import the repository's ``flows`` package (the Prefect flows live beside ``src/``)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "flows" / "sweep.py").is_file():
+        raise FileNotFoundError(f"flows/sweep.py not found next to {root / 'src'}: run from a circuitfind checkout (pip install -e .)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import flows.sweep
+
+    return flows.sweep
+
+
+def cmd_sweep(args) -> None:
+    sys.exit(_repo_flows().main(args.flow_args))
+
+
+def cmd_compare(args) -> None:
+    from circuitfind import compare
+    from circuitfind.circuit import Circuit
+
+    circuits = {path: Circuit.load(path) for path in args.circuits}
+    if len(circuits) < 2 and not args.reference:
+        raise ValueError("compare needs at least two circuits, or one and --reference")
+    names = list(circuits)
+    edges = {n: set(c.edges) for n, c in circuits.items()}
+    nodes = {n: c.nodes - {"input", "logits"} for n, c in circuits.items()}
+    print(f"{'circuit A':<40} {'circuit B':<40} {'edge J':>7} {'node J':>7} {'overlap':>7} {'spearman':>8}")
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            rho = float("nan")
+            sa, sb = circuits[a].scores, circuits[b].scores
+            if sa is not None and sb is not None and sa.shape == sb.shape:
+                rho = compare.rank_correlation(sa, sb)["spearman"]
+            print(f"{a[-40:]:<40} {b[-40:]:<40} {compare.jaccard(edges[a], edges[b]):>7.3f} "
+                  f"{compare.jaccard(nodes[a], nodes[b]):>7.3f} {compare.overlap_coefficient(edges[a], edges[b]):>7.3f} {rho:>8.3f}")
+    if args.reference:
+        ref = Circuit.load(args.reference)
+        print(f"\nagainst reference {args.reference}:")
+        for n, c in circuits.items():
+            prf = compare.precision_recall_f1(c.edges, ref.edges)
+            auc = float("nan")
+            if c.scores is not None and c.scores.shape == ref.in_circuit.shape and 0 < ref.n_edges < ref.in_circuit.numel():
+                auc = compare.roc_auc(c.scores, ref.in_circuit).auc
+            print(f"  {n}: precision {prf['precision']:.3f} recall {prf['recall']:.3f} F1 {prf['f1']:.3f} ROC AUC {auc:.3f}")
+
+
+def cmd_export(args) -> None:
+    from circuitfind.circuit import Circuit
+
+    print(f"wrote {Circuit.load(args.source).save(args.target, args.format)}")
+
+
+def cmd_report(args) -> None:
+    from circuitfind.report import write_report
+    from circuitfind.sweep import load_records
+
+    records = load_records(args.run_dir)
+    ref = None
+    if args.reference:
+        ref = next((r for r in records if r["setting"] == args.reference), None)
+        if ref is None:
+            raise ValueError(f"reference setting {args.reference!r} is not in {args.run_dir}")
+    paths = write_report(records, args.run_dir, args.title or f"Circuit diff report: {args.run_dir}", reference=ref)
+    print(f"wrote {paths['html']} and {paths['markdown']}")
+
+
 def cmd_train(args) -> None:
     from circuitfind.zoo import train
 
@@ -118,6 +207,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=float, default=2.0, help="detection threshold in SDs (default 2)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     p.set_defaults(fn=cmd_patch)
+    p = sub.add_parser("discover", help="discover one circuit (ACDC, EAP, EAP-IG, path patching, node patching)")
+    _common(p)
+    p.add_argument("--algorithm", default="acdc", choices=("acdc", "eap", "eap_ig", "path_patching", "node"))
+    p.add_argument("--corruption", default="str")
+    p.add_argument("--metric", default="kl")
+    p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
+    p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
+    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG")
+    p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--depth", type=int, default=2, help="path patching depth")
+    p.add_argument("-k", type=float, default=2.0, help="detection rule SDs (path patching, node)")
+    p.add_argument("--out", default=None, help="write the circuit (.graphml, .gexf, .json, .dot)")
+    p.set_defaults(fn=cmd_discover)
+    p = sub.add_parser("sweep", help="run the Prefect sweep flow (all options: circuitfind sweep -- --help)")
+    p.add_argument("flow_args", nargs=argparse.REMAINDER, help="options of flows/sweep.py")
+    p.set_defaults(fn=cmd_sweep)
+    p = sub.add_parser("compare", help="overlap statistics between circuit files")
+    p.add_argument("circuits", nargs="+")
+    p.add_argument("--reference", default=None, help="a circuit file taken as the truth")
+    p.set_defaults(fn=cmd_compare)
+    p = sub.add_parser("export", help="convert a circuit file between GraphML, GEXF, node-link JSON and DOT")
+    p.add_argument("source")
+    p.add_argument("target")
+    p.add_argument("--format", default=None, choices=("graphml", "gexf", "json", "dot"))
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("report", help="write the diff report of a sweep run folder")
+    p.add_argument("run_dir")
+    p.add_argument("--reference", default=None, help="setting name taken as the reference circuit")
+    p.add_argument("--title", default=None)
+    p.set_defaults(fn=cmd_report)
     p = sub.add_parser("train", help="retrain a shipped toy model deterministically")
     p.add_argument("model", help="toy-ioi, toy-induction or all")
     p.add_argument("--out", default=None, help="parent folder (default: the package's zoo/)")

@@ -1,9 +1,22 @@
-"""Overlap statistics between circuits found under different settings."""
+"""Comparing circuits found under different settings.
+
+Set statistics work on any collection of hashable components (edge tuples, node names):
+:func:`jaccard`, :func:`overlap_coefficient`, :func:`precision_recall_f1`. Score statistics work on
+per-edge score vectors: :func:`rank_correlation` (Spearman, Kendall), :func:`roc_auc` against a
+reference circuit. :func:`pairwise` builds a matrix across settings, :func:`consensus` the circuit
+of components found in at least a given fraction of settings, and :func:`bootstrap_ci` confidence
+intervals over prompts for per-prompt scores.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import combinations
-from typing import Callable, Hashable, Iterable, Mapping
+from typing import Callable, Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy import stats
 
 Component = Hashable
 
@@ -15,20 +28,71 @@ def jaccard(a: Iterable[Component], b: Iterable[Component]) -> float:
 
 
 def overlap_coefficient(a: Iterable[Component], b: Iterable[Component]) -> float:
-    """|A & B| / min(|A|, |B|) (1.0 when either set is empty and both are, else 0.0)."""
+    """|A & B| / min(|A|, |B|) (1.0 if both are empty, 0.0 if only one is)."""
     a, b = set(a), set(b)
     if not a or not b:
         return 1.0 if a == b else 0.0
     return len(a & b) / min(len(a), len(b))
 
 
-def pairwise(circuits: Mapping[str, Iterable[Component]], stat: Callable = jaccard) -> dict[tuple[str, str], float]:
-    """``stat`` for every ordered pair of named circuits (diagonal included)."""
-    sets = {k: set(v) for k, v in circuits.items()}
-    out = {(k, k): stat(v, v) for k, v in sets.items()}
-    for a, b in combinations(sets, 2):
-        out[(a, b)] = out[(b, a)] = stat(sets[a], sets[b])
+def precision_recall_f1(found: Iterable[Component], reference: Iterable[Component]) -> dict[str, float]:
+    """Precision, recall and F1 of ``found`` against a ``reference`` circuit."""
+    found, reference = set(found), set(reference)
+    tp = len(found & reference)
+    precision = tp / len(found) if found else 0.0
+    recall = tp / len(reference) if reference else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"precision": precision, "recall": recall, "f1": f1}
+
+
+def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, absolute: bool = True) -> dict[str, float]:
+    """Spearman and Kendall rank correlation of two score vectors (of ``|score|`` by default)."""
+    x, y = (np.abs(_np(v)) if absolute else _np(v) for v in (a, b))
+    if x.shape != y.shape:
+        raise ValueError(f"score vectors differ in shape: {x.shape} vs {y.shape}")
+    if np.ptp(x) == 0 or np.ptp(y) == 0:
+        return {"spearman": float("nan"), "kendall": float("nan")}
+    return {"spearman": float(stats.spearmanr(x, y).statistic), "kendall": float(stats.kendalltau(x, y).statistic)}
+
+
+@dataclass
+class ROC:
+    """ROC curve of scores against reference membership, thresholding ``|score|``."""
+
+    fpr: list[float]
+    tpr: list[float]
+    thresholds: list[float]
+    auc: float
+
+
+def roc_auc(scores: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> ROC:
+    """ROC over all thresholds of ``|score|`` for predicting ``reference`` (bool per edge)."""
+    s, truth = np.abs(_np(scores)).ravel(), _np(reference).astype(bool).ravel()
+    n_pos, n_neg = truth.sum(), (~truth).sum()
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("ROC needs both reference and non-reference components")
+    order = np.argsort(-s, kind="stable")
+    s, truth = s[order], truth[order]
+    distinct = np.r_[np.nonzero(np.diff(s))[0], len(s) - 1]
+    tp = np.cumsum(truth)[distinct]
+    fp = np.cumsum(~truth)[distinct]
+    tpr = np.r_[0.0, tp / n_pos]
+    fpr = np.r_[0.0, fp / n_neg]
+    thresholds = np.r_[np.inf, s[distinct]]
+    return ROC(fpr.tolist(), tpr.tolist(), thresholds.tolist(), float(np.trapezoid(tpr, fpr)))
+
+
+def pairwise(items: Mapping[str, object], stat: Callable[[object, object], float] = jaccard) -> dict[tuple[str, str], float]:
+    """``stat`` for every ordered pair of named items (diagonal included)."""
+    out = {(k, k): stat(v, v) for k, v in items.items()}
+    for a, b in combinations(items, 2):
+        out[(a, b)] = out[(b, a)] = stat(items[a], items[b])
     return out
+
+
+def matrix(values: Mapping[tuple[str, str], float], names: Sequence[str]) -> np.ndarray:
+    """A pairwise dict as a square array in ``names`` order."""
+    return np.array([[values[(a, b)] for b in names] for a in names])
 
 
 def stability(circuits: Mapping[str, Iterable[Component]]) -> dict[Component, float]:
@@ -38,3 +102,42 @@ def stability(circuits: Mapping[str, Iterable[Component]]) -> dict[Component, fl
         return {}
     found = set().union(*sets)
     return {c: sum(c in s for s in sets) / len(sets) for c in sorted(found, key=str)}
+
+
+def consensus(circuits: Mapping[str, Iterable[Component]], min_fraction: float = 1.0) -> set[Component]:
+    """Components found in at least ``min_fraction`` of the settings (1.0: in every one)."""
+    return {c for c, f in stability(circuits).items() if f >= min_fraction - 1e-12}
+
+
+@dataclass
+class BootstrapCI:
+    """Mean and percentile confidence interval per component."""
+
+    mean: torch.Tensor
+    low: torch.Tensor
+    high: torch.Tensor
+    level: float
+
+    def excludes_zero(self) -> torch.Tensor:
+        """Components whose interval lies entirely on one side of zero."""
+        return (self.low > 0) | (self.high < 0)
+
+
+def bootstrap_ci(per_prompt: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> BootstrapCI:
+    """Percentile bootstrap over prompts (the last axis) of the mean score of each component."""
+    if per_prompt.shape[-1] < 2:
+        raise ValueError("bootstrap needs at least two prompts")
+    x = per_prompt.detach().float().cpu()
+    B = x.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, B, (n_boot, B), generator=gen)
+    flat = x.reshape(-1, B)
+    means = torch.stack([flat[:, i].mean(-1) for i in idx])  # [n_boot, components]
+    alpha = (1 - level) / 2
+    q = torch.quantile(means, torch.tensor([alpha, 1 - alpha]), dim=0)
+    shape = x.shape[:-1]
+    return BootstrapCI(x.mean(-1), q[0].reshape(shape), q[1].reshape(shape), level)
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)

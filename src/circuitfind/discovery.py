@@ -44,16 +44,23 @@ def _settings(patcher: EdgePatcher, algorithm: str, **extra) -> dict:
 # -- gradient attributions ----------------------------------------------------------------
 
 
-def eap(patcher: EdgePatcher) -> torch.Tensor:
-    """EAP scores ``[n_edges]``: first-order estimate of the metric change when each edge is patched."""
-    masks = patcher.ones().requires_grad_(True)
-    patcher.value(masks).sum().backward()
+def eap(patcher: EdgePatcher, per_prompt: bool = False) -> torch.Tensor:
+    """EAP scores ``[n_edges]``: first-order estimate of the metric change when each edge is patched.
+
+    With ``per_prompt``, ``[n_edges, batch]`` scores, one column per prompt (their mean is the
+    default result), for bootstrap intervals.
+    """
+    masks = patcher.ones(per_prompt=per_prompt).requires_grad_(True)
+    values = patcher.run(masks, per_prompt=per_prompt)
+    (values.sum() if per_prompt else values.mean()).backward()
     return -masks.grad[0].detach()
 
 
-def eap_ig(patcher: EdgePatcher, steps: int = 5) -> torch.Tensor:
+def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> torch.Tensor:
     """EAP-IG scores ``[n_edges]``: ``(source - base)`` sender outputs times the receivers' gradients
-    averaged over ``steps`` token-embedding interpolations ``corrupt + k/steps (clean - corrupt)``."""
+    averaged over ``steps`` token-embedding interpolations ``corrupt + k/steps (clean - corrupt)``.
+
+    With ``per_prompt``, ``[n_edges, batch]`` scores (their mean over prompts is the default)."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     setup = patcher.setup
@@ -67,13 +74,13 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5) -> torch.Tensor:
         a = alphas[start : start + n].view(n, 1, 1, 1)
         return (corrupt + a * (clean - corrupt)).reshape(act.shape)
 
-    masks = patcher.ones(steps).requires_grad_(True)
+    masks = patcher.ones(steps, per_prompt=per_prompt).requires_grad_(True)
     chunk = max(1, setup.max_batch // B)
     grads = torch.zeros_like(masks)
     for start in range(0, steps, chunk):
         part = masks[start : start + chunk]
-        values = patcher.run(part, fixed_diff=True, extra_hooks=[("hook_embed", interpolate)]).mean(-1)
-        (g,) = torch.autograd.grad(values.sum(), part)
+        values = patcher.run(part, fixed_diff=True, extra_hooks=[("hook_embed", interpolate)], per_prompt=per_prompt)
+        (g,) = torch.autograd.grad(values.sum() if per_prompt else values.mean(-1).sum(), part)
         grads[start : start + chunk] = g
     return -grads.mean(0).detach()
 
@@ -219,11 +226,21 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
 # -- faithfulness -------------------------------------------------------------------------
 
 
+def circuit_masks(patcher: EdgePatcher, in_circuit: torch.Tensor) -> torch.Tensor:
+    """Edge masks that run a circuit: its edges carry clean values, every other edge corrupted ones.
+
+    For ``noise`` patchers (base = clean run) that keeps the circuit's edges; for ``denoise``
+    patchers (base = corrupted run) it patches them.
+    """
+    keep = in_circuit.float() if patcher.direction == "noise" else 1.0 - in_circuit.float()
+    return keep.to(patcher.setup.plan.clean.tokens.device)
+
+
 def faithfulness(patcher: EdgePatcher, circuit: Circuit) -> float:
-    """``(circuit - corrupt) / (clean - corrupt)``: every edge outside the circuit patched."""
+    """``(circuit - corrupt) / (clean - corrupt)``: the circuit's edges clean, every other edge corrupted."""
     if circuit.n_edges == 0:
         raise EmptyCircuitError("the circuit has no edges: faithfulness of an empty circuit is not defined here")
-    value = patcher.value(circuit.masks(patcher.setup.plan.clean.tokens.device)).item()
+    value = patcher.value(circuit_masks(patcher, circuit.in_circuit)[None]).item()
     return float(normalise(value, patcher.setup.clean_value, patcher.setup.corrupt_value))
 
 
@@ -260,11 +277,65 @@ def faithfulness_curve(patcher: EdgePatcher, scores: torch.Tensor, fractions=MIB
     masks = torch.zeros(len(sizes), total)
     for i, n in enumerate(sizes):
         masks[i, order[:n]] = 1.0
-    masks = masks.reshape(len(sizes), *scores.shape).to(patcher.setup.plan.clean.tokens.device)
-    values = patcher.value(masks).cpu()
+    values = patcher.value(circuit_masks(patcher, masks.reshape(len(sizes), *scores.shape))).cpu()
     faith = normalise(values, patcher.setup.clean_value, patcher.setup.corrupt_value).tolist()
     x = torch.tensor(fractions)
     f = torch.tensor(faith)
     cpr = float(torch.trapezoid(f, x)) if len(x) > 1 else 0.0
     cmd = float(torch.trapezoid((1 - f).abs(), x)) if len(x) > 1 else 0.0
     return FaithfulnessCurve(fractions, sizes, faith, cpr, cmd)
+
+
+# -- node-level circuits and one entry point ----------------------------------------------
+
+
+def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: float = 2.0) -> Circuit:
+    """Heads found by node patching (each head's output, all positions; ``k``-SD rule) as a circuit:
+    every edge between found heads, the input and the logits. Edge scores are the receiving head's
+    (or, into the logits, the sending head's) patching effect."""
+    heads = P.patch_heads(setup, direction)
+    sign = "negative" if direction == "noise" else "positive"
+    found = {f"a{l}.{h}" for l, h in P.detect(heads.effect, k=k, sign=sign)}
+    graph = ModelGraph(setup.n_layers, setup.n_heads)
+    nodes = found | {"input", LOGITS}
+    keep = torch.zeros(graph.n_edges, dtype=torch.bool)
+    scores = torch.zeros(graph.n_edges)
+    effect = {f"a{l}.{h}": float(heads.effect[l, h]) for l in range(setup.n_layers) for h in range(setup.n_heads)}
+    for i in range(graph.n_edges):
+        s, r = graph.node_of_edge(i)
+        if s in nodes and r in nodes and found:
+            keep[i] = True
+            scores[i] = effect.get(r, effect.get(s, 0.0))
+    settings = {"algorithm": "node", "corruption": setup.plan.name, "metric": setup.metric.name, "direction": direction,
+                "k": k, "heads": sorted(found), "n_prompts": setup.batch.size, "task": setup.batch.task.name}
+    return Circuit(graph, keep, scores, settings)
+
+
+ALGORITHMS = ("acdc", "eap", "eap_ig", "path_patching", "node")
+
+
+def discover(setup: P.PatchingSetup, algorithm: str, direction: P.Direction = "noise", *, acdc_tau: float = 0.02,
+             top_k: int = 20, ig_steps: int = 5, path_depth: int = 2, path_k: float = 1.0, node_k: float = 2.0,
+             per_prompt: bool = False) -> tuple[Circuit, torch.Tensor | None]:
+    """Run one discovery algorithm; returns the circuit and, for EAP/EAP-IG with ``per_prompt``,
+    the per-prompt edge scores ``[n_edges, batch]``."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
+    if algorithm == "path_patching":
+        return iterative_path_patching(setup, path_depth, path_k, "end", direction), None
+    if algorithm == "node":
+        return node_circuit(setup, direction, node_k), None
+    if algorithm == "acdc":
+        if direction != "noise":
+            raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
+        return acdc(EdgePatcher(setup, direction="noise"), acdc_tau), None
+    patcher = EdgePatcher(setup, direction=direction)
+    steps = ig_steps if algorithm == "eap_ig" else None
+    if per_prompt:
+        per = eap(patcher, per_prompt=True) if steps is None else eap_ig(patcher, steps, per_prompt=True)
+        scores = per.mean(-1)
+    else:
+        per, scores = None, eap(patcher) if steps is None else eap_ig(patcher, steps)
+    k = min(top_k, patcher.n_edges)
+    circuit = select_top_k(patcher.graph, scores, k, _settings(patcher, algorithm, k=k, ig_steps=steps))
+    return circuit, per

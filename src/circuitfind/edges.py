@@ -86,7 +86,7 @@ class EdgePatcher:
             self._base_outputs = self.setup.activations(which, self._sender_hooks)
         return self._base_outputs
 
-    def _hooks(self, dense: torch.Tensor, n: int, fixed_diff: bool) -> list[Hook]:
+    def _hooks(self, dense: torch.Tensor, n: int, fixed_diff: bool, per_prompt: bool = False) -> list[Hook]:
         """Forward hooks for ``n`` stacked candidates with dense keep-masks ``[n, S, R(, pos)]``.
 
         Sender differences are laid out sender-major, ``[n, senders, batch, pos, d_model]``, so a
@@ -95,7 +95,7 @@ class EdgePatcher:
         """
         B = self.setup.size
         base = self.base_outputs() if fixed_diff else None
-        per_pos = dense.dim() == 4
+        per_pos = dense.dim() == 4 and not per_prompt
         S = len(self.graph.senders)
         state: dict = {"count": 0, "parts": [], "buffer": None, "cat": None}
 
@@ -126,7 +126,9 @@ class EdgePatcher:
         def correct(act, hook, idx, up, per_head):
             patched = (1.0 - dense[:, :up, idx.to(dense.device)]).to(act.dtype)  # [n, up, R(, pos)]
             diffs = sent_diffs(up)  # [n, up, B, pos, d]
-            if per_pos:
+            if per_prompt:
+                corr = torch.einsum("csrb,csbtd->cbtrd", patched, diffs)
+            elif per_pos:
                 corr = torch.einsum("csrt,csbtd->cbtrd", patched, diffs)
             else:
                 R = patched.shape[2]
@@ -148,7 +150,7 @@ class EdgePatcher:
         return hooks
 
     def run(self, masks: torch.Tensor, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None,
-            desc: str | None = None) -> torch.Tensor:
+            per_prompt: bool = False, desc: str | None = None) -> torch.Tensor:
         """Per-prompt metric ``[candidates, batch]`` with each candidate's edges patched where ``mask == 0``.
 
         Args:
@@ -157,10 +159,15 @@ class EdgePatcher:
                 difference (the sender outputs of the unpatched base run; EAP-IG needs this).
             extra_hooks: hooks to add after the base run's own (e.g. input interpolation); they must
                 accept the stacked ``[candidates * batch, ...]`` activations.
+            per_prompt: masks are ``[candidates, n_edges, batch]``, one mask per prompt (the
+                gradient of the summed metric then gives per-prompt attributions).
         """
         if masks.dim() == 1:
             masks = masks[None]
+        if per_prompt and self.graph.n_pos is not None:
+            raise ValueError("per-prompt masks need a graph without per-position edges")
         expected = (self.n_edges,) if self.graph.n_pos is None else (self.n_edges, self.graph.n_pos)
+        expected = (self.n_edges, self.setup.size) if per_prompt else expected
         if tuple(masks.shape[1:]) != expected:
             raise ValueError(f"edge masks must be [candidates, {', '.join(map(str, expected))}], got {tuple(masks.shape)}")
         B = self.setup.size
@@ -172,7 +179,7 @@ class EdgePatcher:
             part = masks[start : start + chunk]
             n = part.shape[0]
             dense = self.graph.dense(part.to(torch.float32) if part.dtype == torch.bool else part)
-            hooks = list(base.hooks) + list(extra_hooks or []) + self._hooks(dense, n, fixed_diff)
+            hooks = list(base.hooks) + list(extra_hooks or []) + self._hooks(dense, n, fixed_diff, per_prompt)
             with torch.set_grad_enabled(part.requires_grad):
                 logits = self.model.run_with_hooks(base.tokens.repeat(n, 1), fwd_hooks=hooks)
                 answer = answer_logits(logits, self.setup.plan.end_pos.repeat(n))
@@ -183,7 +190,8 @@ class EdgePatcher:
         """Mean metric over prompts, one value per candidate ``[candidates]``."""
         return self.run(masks, **kw).mean(-1)
 
-    def ones(self, n: int = 1, dtype=torch.float32) -> torch.Tensor:
+    def ones(self, n: int = 1, dtype=torch.float32, per_prompt: bool = False) -> torch.Tensor:
         """Masks that keep every edge."""
         shape = (n, self.n_edges) if self.graph.n_pos is None else (n, self.n_edges, self.graph.n_pos)
+        shape = (n, self.n_edges, self.setup.size) if per_prompt else shape
         return torch.ones(shape, dtype=dtype, device=self.setup.plan.clean.tokens.device)
