@@ -2,7 +2,6 @@ import json
 import subprocess
 import sys
 
-import networkx as nx
 import pytest
 
 from circuitfind.cli import main
@@ -48,23 +47,6 @@ def test_patch_command_writes_json(tmp_path, capsys):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_head_sweep_flow_writes_graphs_and_report(prefect_harness, tmp_path):
-    from flows.sweep import head_sweep
-
-    report = head_sweep(prompts=20, corruptions=["str", "gn"], metrics=["logit_diff"], directions=["denoise", "noise"],
-                        run="t", outputs=str(tmp_path))
-    run = tmp_path / "t"
-    manifest = json.loads((run / "manifest.json").read_text())
-    assert len(manifest["settings"]) == 4
-    for entry in manifest["settings"]:
-        graph = nx.read_graphml(entry["graphml"])
-        marked = sorted(n for n, d in graph.nodes(data=True) if d["in_circuit"] and d["kind"] == "head")
-        assert marked == sorted(entry["circuit"])
-        assert json.loads(open(entry["json"]).read())["circuit"] == entry["circuit"]
-    text = open(report).read()
-    assert "Jaccard" in text and "str__logit_diff__denoise" in text
-
-
 @pytest.mark.slow
 def test_toy_model_retraining_is_deterministic(tmp_path):
     import hashlib
@@ -76,3 +58,21 @@ def test_toy_model_retraining_is_deterministic(tmp_path):
     digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
     shipped = f"{resolve_model_path('toy-induction')}/model.safetensors"
     assert digest(tmp_path / "toy-induction" / "model.safetensors") == digest(shipped)
+
+
+def test_discover_compare_export_commands(tmp_path, capsys):
+    from circuitfind.circuit import Circuit
+
+    acdc, eap = tmp_path / "acdc.graphml", tmp_path / "eap.json"
+    assert main(["discover", "-n", "12", "--algorithm", "acdc", "--tau", "0.05", "--out", str(acdc)]) == 0
+    assert main(["discover", "-n", "12", "--algorithm", "eap", "--metric", "logit_diff", "--top-k", "15", "--out", str(eap)]) == 0
+    out = capsys.readouterr().out
+    assert "faithfulness" in out and "eap: 15 of 262 edges" in out
+    assert main(["compare", str(acdc), str(eap), "--reference", str(acdc)]) == 0
+    out = capsys.readouterr().out
+    assert "edge J" in out and "precision 1.000 recall 1.000" in out
+    dot = tmp_path / "eap.dot"
+    assert main(["export", str(eap), str(dot)]) == 0
+    assert Circuit.load(dot).edges == Circuit.load(eap).edges
+    assert main(["discover", "--algorithm", "acdc", "--direction", "denoise", "-n", "8"]) == 2
+    assert "use direction='noise'" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""Prefect flows: the sweep (caching, resume, report), Dask scale-out, the scheduled deployment."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from circuitfind.circuit import Circuit
+from circuitfind.sweep import SweepConfig
+from flows.sweep import compare_run, sweep
+
+SMALL = dict(algorithms=["eap_ig", "acdc", "node"], corruptions=["str", "gn"], metrics=["kl"], directions=["noise"],
+             prompts=12, max_batch=256)
+
+
+@pytest.fixture(scope="module")
+def first_run(prefect_harness, tmp_path_factory):
+    outputs = tmp_path_factory.mktemp("outputs")
+    manifest = sweep(SweepConfig(**SMALL), run="r1", outputs=str(outputs))
+    return outputs, manifest
+
+
+def test_sweep_writes_circuits_report_and_manifest(first_run):
+    outputs, manifest = first_run
+    run = outputs / "r1"
+    assert len(manifest["settings"]) == 6 and not manifest["failures"]
+    assert json.loads((run / "manifest.json").read_text())["settings"] == manifest["settings"]
+    for entry in manifest["settings"]:
+        record = json.loads(Path(entry["json"]).read_text())
+        circuit = Circuit.load(entry["graphml"])
+        assert [list(e) for e in circuit.edges] == record["edges"]
+        assert circuit.settings["algorithm"] == record["algorithm"]
+        if record["algorithm"] == "eap_ig":
+            assert Path(record["per_prompt"]).is_file() and record["curve"]["cpr"] > 0
+    html = (run / "report.html").read_text()
+    assert html.count("<svg") >= 6 + 2 and "edge Jaccard" in html and "Bootstrap" in html
+    md = (run / "report.md").read_text()
+    assert "| acdc/str/kl/noise |" in md and "Components in every setting" in md
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_rerun_resumes_from_the_cache(first_run):
+    outputs, manifest = first_run
+    again = sweep(SweepConfig(**SMALL), run="r2", outputs=str(outputs))
+    assert all(s["from_cache"] for s in again["settings"])
+    for a, b in zip(manifest["settings"], again["settings"]):
+        assert Path(a["graphml"]).read_bytes() == Path(b["graphml"]).read_bytes()
+    # a larger grid only computes what is new
+    bigger = sweep(SweepConfig(**{**SMALL, "corruptions": ["str", "gn", "resample"]}), run="r3", outputs=str(outputs))
+    cached = {s["setting"].split("__")[3] for s in bigger["settings"] if s["from_cache"]}
+    fresh = {s["setting"].split("__")[3] for s in bigger["settings"] if not s["from_cache"]}
+    assert cached == {"str", "gn"} and fresh == {"resample"}
+
+
+def test_compare_flow_with_reference(first_run):
+    outputs, manifest = first_run
+    reference = next(s["setting"] for s in manifest["settings"] if "acdc" in s["setting"] and "__str__" in s["setting"])
+    paths = compare_run(str(outputs / "r1"), reference=reference)
+    md = Path(paths["markdown"]).read_text()
+    assert f"Against the reference `{reference}`" in md
+    assert "| acdc/str/kl/noise | 1.000 | 1.000 | 1.000 |" in md
+
+
+def test_failed_settings_are_reported_not_fatal(prefect_harness, tmp_path):
+    # the induction task has no 'str:abc' variant: those settings fail with a clear message
+    config = SweepConfig(models=["toy-induction"], tasks=["induction"], algorithms=["node"], corruptions=["str", "str:abc"],
+                         metrics=["logit_diff"], directions=["noise"], prompts=12)
+    manifest = sweep(config, run="f", outputs=str(tmp_path))
+    assert len(manifest["settings"]) == 1
+    (failure,) = manifest["failures"]
+    assert "no STR variant 'abc'" in failure["error"]
+
+
+def test_dask_task_runner(prefect_harness, tmp_path):
+    pytest.importorskip("prefect_dask")
+    from flows.sweep import dask_runner
+
+    config = SweepConfig(algorithms=["eap"], corruptions=["str", "gn"], metrics=["logit_diff"], directions=["noise"], prompts=8)
+    manifest = sweep.with_options(task_runner=dask_runner(2))(config, run="d", outputs=str(tmp_path))
+    assert len(manifest["settings"]) == 2 and not manifest["failures"]
+
+
+def test_scheduled_deployment():
+    from flows.deploy import build_deployment
+
+    deployment = build_deployment(cron="15 2 * * 1")
+    (schedule,) = deployment.schedules
+    assert schedule.schedule.cron == "15 2 * * 1"
+    assert deployment.parameters["config"]["models"] == ["toy-ioi"]
+
+
+def test_prefect_yaml_points_at_the_sweep_flow():
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).resolve().parents[1]
+    spec = yaml.safe_load((root / "prefect.yaml").read_text())
+    (dep,) = spec["deployments"]
+    assert dep["schedules"][0]["cron"] == "0 3 * * *"
+    flow = load_flow_from_entrypoint(str(root / dep["entrypoint"].split(":")[0]) + ":" + dep["entrypoint"].split(":")[1])
+    assert flow.name == "circuitfind-sweep"
