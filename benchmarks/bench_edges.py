@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import time
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -25,24 +25,9 @@ from circuitfind.edges import EdgePatcher  # noqa: E402
 from circuitfind.models import load_model  # noqa: E402
 from circuitfind.tasks import TaskBatch  # noqa: E402
 
-
-def timed(fn, repeats=3):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
-def peak_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import best_of as timed  # noqa: E402
+from _timing import peak_memory_mb as peak_mb  # noqa: E402
 
 
 def main() -> None:

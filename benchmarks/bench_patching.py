@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
-import time
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,24 +23,8 @@ from circuitfind import patching as P  # noqa: E402
 from circuitfind.models import load_model  # noqa: E402
 from circuitfind.tasks import TaskBatch, load_task  # noqa: E402
 
-
-def best_of(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-def peak_memory_mb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import best_of, peak_memory_mb  # noqa: E402
 
 
 def main() -> None:
@@ -64,7 +48,7 @@ def main() -> None:
         return (ans.gather(1, batch.answers[:, None]) - ans.gather(1, batch.counter_answers[:, None])).mean()
 
     with torch.no_grad():
-        forward = best_of(lambda: model(corrupt), args.repeats)
+        forward, _ = best_of(lambda: model(corrupt), args.repeats)
     rows = [("plain forward pass", forward, 1)]
     ops = [
         ("heads, all pos (circuitfind)", lambda: P.patch_heads(setup), L * H),
@@ -79,7 +63,7 @@ def main() -> None:
 
     _tqdm.tqdm.__init__.__kwdefaults__ = {**(_tqdm.tqdm.__init__.__kwdefaults__ or {}), "disable": True}
     for name, fn, n in ops:
-        rows.append((name, best_of(fn, args.repeats), n))
+        rows.append((name, best_of(fn, args.repeats)[0], n))
 
     device = next(model.parameters()).device
     print(f"\nmodel {args.model} ({L} layers x {H} heads), {batch.size} prompts x {T} positions, device {device}, "

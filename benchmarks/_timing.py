@@ -1,0 +1,29 @@
+"""Timing and memory helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+
+
+def best_of(fn, repeats: int = 3):
+    """Best wall time of ``repeats`` calls (synchronising CUDA), and the last call's result."""
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def peak_memory_mb() -> float:
+    """CUDA peak allocation on a GPU, the process's max RSS on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
