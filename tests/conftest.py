@@ -45,3 +45,28 @@ def prefect_harness():
 
     with prefect_test_harness():
         yield
+
+
+@pytest.fixture(scope="session")
+def gqa_model(tmp_path_factory):
+    """A small random Llama (grouped-query attention: 4 query heads, 2 key/value heads, RMSNorm,
+    rotary positions, gated MLP) with the IOI word-level vocabulary, built offline."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from circuitfind.tasks import load_task
+    from circuitfind.zoo.train import build_tokenizer, task_words
+
+    folder = tmp_path_factory.mktemp("tiny-llama-gqa")
+    tokenizer = build_tokenizer(task_words(load_task("ioi")))
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger weights than the default init, so patches have visible effects
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return load_model(folder, device="cpu")

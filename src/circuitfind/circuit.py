@@ -54,7 +54,8 @@ class Circuit:
         keep = self.in_circuit.any(-1) if self.in_circuit.dim() == 2 else self.in_circuit
         out = set()
         for i in keep.nonzero().flatten().tolist():
-            out.update(self.graph.node_of_edge(i))
+            sender, feeds = self.graph.edge_nodes(i)
+            out.update((sender, *feeds))
         return out
 
     @property
@@ -79,7 +80,7 @@ class Circuit:
         """Rebuild a circuit from :meth:`to_networkx` output (e.g. read back from a file)."""
         n_pos = g.graph.get("n_pos", -1)
         graph = ModelGraph(int(g.graph["n_layers"]), int(g.graph["n_heads"]), bool(g.graph["split_qkv"]),
-                           None if n_pos in (-1, None) else int(n_pos))
+                           None if n_pos in (-1, None) else int(n_pos), g.graph.get("n_kv_heads"))
         if graph.n_pos is not None:
             scores = torch.tensor([json.loads(g.edges[e].get("score_pos", "[]")) or [0.0] * graph.n_pos for e in graph.edges])
             keep = torch.tensor([json.loads(g.edges[e]["in_circuit_pos"]) for e in graph.edges])

@@ -26,7 +26,7 @@ from circuitfind import patching as P
 from circuitfind.circuit import Circuit
 from circuitfind.edges import EdgePatcher
 from circuitfind.errors import CircuitfindError
-from circuitfind.graph import LOGITS, ModelGraph, receiver_node
+from circuitfind.graph import LOGITS, ModelGraph
 from circuitfind.metrics import normalise
 
 
@@ -145,8 +145,10 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, progre
         receiver = graph.receivers[r]
         incoming = (r_idx == r).nonzero().flatten().flip(0).tolist()  # latest sender first
         if receiver.node != LOGITS:
-            outgoing = (s_idx == sender_of[receiver.node]).to(device)
-            if not keep[outgoing].any():
+            fed = torch.zeros(E, dtype=torch.bool)
+            for node in receiver.feeds:
+                fed |= s_idx == sender_of[node]
+            if not keep[fed.to(device)].any():
                 keep[incoming] = False
                 continue
         i = 0
@@ -187,10 +189,11 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
-    graph = ModelGraph(setup.n_layers, setup.n_heads, split_qkv=True)
+    graph = ModelGraph.from_model(setup.model)
     keep = torch.zeros(graph.n_edges, dtype=torch.bool)
     scores = torch.zeros(graph.n_edges)
     sign = "negative" if direction == "noise" else "positive"
+    group = setup.n_heads // graph.n_kv_heads
     lookup = graph.edge_lookup
 
     def mark(result: P.PatchResult, receiver: str) -> list[tuple[int, int]]:
@@ -213,8 +216,9 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
             if len(senders) < 2:
                 continue
             for kind in ("q", "k", "v"):
-                res = P.path_patch(setup, [P.Receiver(layer, head, kind)], positions, direction, senders=senders)
-                nxt += mark(res, receiver_node(f"a{layer}.{head}", kind))
+                index = head if kind == "q" else head // group  # k/v inputs are per key/value head
+                res = P.path_patch(setup, [P.Receiver(layer, index, kind)], positions, direction, senders=senders)
+                nxt += mark(res, graph.receiver_name(layer, head, kind))
         frontier = [x for x in dict.fromkeys(nxt) if x not in seen]
         seen.update(frontier)
     settings = {"algorithm": "path_patching", "corruption": setup.plan.name, "metric": setup.metric.name,
@@ -296,14 +300,15 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
     heads = P.patch_heads(setup, direction)
     sign = "negative" if direction == "noise" else "positive"
     found = {f"a{l}.{h}" for l, h in P.detect(heads.effect, k=k, sign=sign)}
-    graph = ModelGraph(setup.n_layers, setup.n_heads)
+    graph = ModelGraph.from_model(setup.model)
     nodes = found | {"input", LOGITS}
     keep = torch.zeros(graph.n_edges, dtype=torch.bool)
     scores = torch.zeros(graph.n_edges)
     effect = {f"a{l}.{h}": float(heads.effect[l, h]) for l in range(setup.n_layers) for h in range(setup.n_heads)}
     for i in range(graph.n_edges):
-        s, r = graph.node_of_edge(i)
-        if s in nodes and r in nodes and found:
+        s, feeds = graph.edge_nodes(i)
+        r = next((f for f in feeds if f in nodes), None)
+        if s in nodes and r is not None and found:
             keep[i] = True
             scores[i] = effect.get(r, effect.get(s, 0.0))
     settings = {"algorithm": "node", "corruption": setup.plan.name, "metric": setup.metric.name, "direction": direction,

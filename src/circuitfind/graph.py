@@ -43,15 +43,25 @@ def receiver_node(head: str, which: str) -> str:
     return f"{head}<{which}>"
 
 
+def kv_group_name(layer: int, group: int) -> str:
+    """A grouped-query attention key/value group, e.g. ``a1.g0`` (its heads share k and v)."""
+    return f"a{layer}.g{group}"
+
+
 @dataclass(frozen=True)
 class Receiver:
-    """One receiver input: a head's q/k/v (or merged) input, an MLP input or the logits."""
+    """One receiver input: a head's q/k/v (or merged) input, an MLP input or the logits.
 
-    name: str  # e.g. "a1.2<q>", "a1.2" (merged qkv), "m1", "logits"
-    node: str  # the component it feeds: "a1.2", "m1", "logits"
+    With grouped-query attention a k or v input is shared by a group of heads: ``head`` is then the
+    key/value head index and ``feeds`` lists every head of the group.
+    """
+
+    name: str  # e.g. "a1.2<q>", "a1.2" (merged qkv), "a1.g0<k>" (GQA), "m1", "logits"
+    node: str  # the component it feeds (the group's first head for a GQA k/v input)
     layer: int
     kind: str  # "q", "k", "v", "qkv", "mlp", "logits"
     head: int = -1
+    feeds: tuple[str, ...] = ()
 
 
 @dataclass
@@ -62,34 +72,57 @@ class ModelGraph:
         n_layers, n_heads: the model's shape.
         split_qkv: separate q, k and v receivers per head (default), or one merged input.
         n_pos: if given, one edge per position (edge masks gain a trailing ``pos`` axis).
+        n_kv_heads: key/value heads of grouped-query attention (default: ``n_heads``); k and v
+            receivers are then one per key/value head.
     """
 
     n_layers: int
     n_heads: int
     split_qkv: bool = True
     n_pos: int | None = None
+    n_kv_heads: int | None = None
     senders: list[str] = field(init=False)
     receivers: list[Receiver] = field(init=False)
 
     def __post_init__(self):
         L, H = self.n_layers, self.n_heads
+        kv = self.n_kv_heads = self.n_kv_heads or H
+        if H % kv:
+            raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({kv})")
+        if kv != H and not self.split_qkv:
+            raise ValueError("merged q/k/v receivers need one k/v input per head; use split_qkv=True "
+                             "for grouped-query attention")
         self.senders = [INPUT]
         self.receivers = []
         for layer in range(L):
             heads = [head_name(layer, h) for h in range(H)]
             kinds = QKV if self.split_qkv else ("qkv",)
             for kind in kinds:  # receivers grouped by input kind, heads in order, per layer
+                if kind in ("k", "v") and kv != H:
+                    size = H // kv
+                    for g in range(kv):
+                        group = tuple(heads[g * size : (g + 1) * size])
+                        name = receiver_node(kv_group_name(layer, g), kind)
+                        self.receivers.append(Receiver(name, group[0], layer, kind, g, group))
+                    continue
                 for h, name in enumerate(heads):
                     rname = receiver_node(name, kind) if self.split_qkv else name
-                    self.receivers.append(Receiver(rname, name, layer, kind, h))
+                    self.receivers.append(Receiver(rname, name, layer, kind, h, (name,)))
             self.senders += heads
-            self.receivers.append(Receiver(mlp_name(layer), mlp_name(layer), layer, "mlp"))
+            self.receivers.append(Receiver(mlp_name(layer), mlp_name(layer), layer, "mlp", -1, (mlp_name(layer),)))
             self.senders.append(mlp_name(layer))
-        self.receivers.append(Receiver(LOGITS, LOGITS, L, "logits"))
+        self.receivers.append(Receiver(LOGITS, LOGITS, L, "logits", -1, (LOGITS,)))
 
     @classmethod
     def from_model(cls, model, split_qkv: bool = True, n_pos: int | None = None) -> "ModelGraph":
-        return cls(model.cfg.n_layers, model.cfg.n_heads, split_qkv, n_pos)
+        kv = getattr(model.cfg, "n_key_value_heads", None)
+        return cls(model.cfg.n_layers, model.cfg.n_heads, split_qkv, n_pos, kv)
+
+    def receiver_name(self, layer: int, head: int, kind: str) -> str:
+        """The receiver reading query head ``head``'s ``kind`` input (its key/value group for GQA k/v)."""
+        if kind in ("k", "v") and self.n_kv_heads != self.n_heads:
+            return receiver_node(kv_group_name(layer, head // (self.n_heads // self.n_kv_heads)), kind)
+        return receiver_node(head_name(layer, head), kind) if self.split_qkv else head_name(layer, head)
 
     # -- structure as indices ---------------------------------------------------------------
     def upstream(self, receiver: Receiver) -> int:
@@ -140,9 +173,9 @@ class ModelGraph:
         base = torch.ones(shape, dtype=masks.dtype, device=masks.device)
         return base.index_put((c_idx, s_idx.expand(C, -1), r_idx.expand(C, -1)), masks)
 
-    def node_of_edge(self, i: int) -> tuple[str, str]:
-        s, r = self.edges[i]
-        return s, self.receivers[self.edge_index[1][i]].node
+    def edge_nodes(self, i: int) -> tuple[str, tuple[str, ...]]:
+        """Edge ``i``'s sender and the components its receiver feeds."""
+        return self.edges[i][0], self.receivers[self.edge_index[1][i]].feeds
 
     # -- networkx ---------------------------------------------------------------------------
     def to_networkx(self, scores: torch.Tensor | None = None, in_circuit: torch.Tensor | None = None,
@@ -154,7 +187,7 @@ class ModelGraph:
         """
         g = nx.DiGraph()
         g.graph.update({"n_layers": self.n_layers, "n_heads": self.n_heads, "split_qkv": self.split_qkv,
-                        "n_pos": -1 if self.n_pos is None else self.n_pos})
+                        "n_pos": -1 if self.n_pos is None else self.n_pos, "n_kv_heads": self.n_kv_heads})
         g.graph.update({k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in graph_attrs.items()})
         keep = torch.ones(self.n_edges, dtype=torch.bool) if in_circuit is None else in_circuit.bool().cpu()
         edge_scores = torch.zeros(self.n_edges) if scores is None else scores.detach().float().cpu()
@@ -177,10 +210,11 @@ class ModelGraph:
             if keep.dim() == 2:
                 attrs["in_circuit_pos"] = json.dumps([bool(x) for x in keep[i]])
             g.add_edge(s, r, **attrs)
-        for r in self.receivers:  # q/k/v input nodes feed their head
+        for r in self.receivers:  # q/k/v input nodes feed their head (every head of a GQA group)
             if r.kind in QKV:
                 used = any(d["in_circuit"] for _, _, d in g.in_edges(r.name, data=True))
-                g.add_edge(r.name, r.node, score=0.0, in_circuit=used, structural=True)
+                for head in r.feeds:
+                    g.add_edge(r.name, head, score=0.0, in_circuit=used, structural=True)
         _mark_nodes(g)
         return g
 
@@ -204,8 +238,8 @@ def node_graph(n_layers: int, n_heads: int, head_scores: torch.Tensor | None = N
     """
     graph = ModelGraph(n_layers, n_heads, split_qkv=False)
     circuit = set(circuit or ()) | {INPUT, LOGITS}
-    keep = torch.tensor([graph.node_of_edge(i)[0] in circuit and graph.node_of_edge(i)[1] in circuit
-                         for i in range(graph.n_edges)])
+    keep = torch.tensor([s in circuit and any(f in circuit for f in feeds)
+                         for s, feeds in map(graph.edge_nodes, range(graph.n_edges))])
     g = graph.to_networkx(in_circuit=keep, **graph_attrs)
     if head_scores is not None:
         for layer in range(n_layers):
@@ -221,7 +255,7 @@ def node_graph(n_layers: int, n_heads: int, head_scores: torch.Tensor | None = N
 FORMATS = {".graphml": "graphml", ".gexf": "gexf", ".json": "json", ".dot": "dot", ".gv": "dot"}
 NODE_TYPES = {"layer": int, "head": int, "kind": str, "score": float, "in_circuit": bool}
 EDGE_TYPES = {"score": float, "in_circuit": bool, "structural": bool, "score_pos": str, "in_circuit_pos": str}
-GRAPH_TYPES = {"n_layers": int, "n_heads": int, "split_qkv": bool, "n_pos": int}
+GRAPH_TYPES = {"n_layers": int, "n_heads": int, "split_qkv": bool, "n_pos": int, "n_kv_heads": int}
 
 
 def _format(path: Path, fmt: str | None) -> str:

@@ -367,7 +367,10 @@ def window_sum_baseline(single_layer: PatchResult, window: int) -> PatchResult:
 
 @dataclass(frozen=True)
 class Receiver:
-    """A path-patching receiver: one head's ``q``, ``k`` or ``v`` input."""
+    """A path-patching receiver: one head's ``q``, ``k`` or ``v`` input.
+
+    For grouped-query attention, ``head`` of a ``k`` or ``v`` receiver is the key/value head index.
+    """
 
     layer: int
     head: int
@@ -404,9 +407,11 @@ def path_patch(
         receivers = list(receivers)
         if not receivers:
             raise ValueError("path_patch needs at least one receiver (or 'logits')")
+        kv = getattr(setup.model.cfg, "n_key_value_heads", None) or H
         for r in receivers:
-            if r.input not in ("q", "k", "v") or not (0 <= r.layer < L and 0 <= r.head < H):
-                raise ValueError(f"invalid receiver {r}")
+            n = H if r.input == "q" else kv  # k/v inputs are per key/value head (grouped-query attention)
+            if r.input not in ("q", "k", "v") or not (0 <= r.layer < L and 0 <= r.head < n):
+                raise ValueError(f"invalid receiver {r}: layer must be < {L}, head < {n} for {r.input} inputs")
     z_names = [hook_name(l, "z") for l in range(L)]
     base_z = setup.activations("clean" if direction == "noise" else "corrupt", z_names)
     src_z = setup.sources(direction, z_names)
@@ -415,8 +420,8 @@ def path_patch(
     else:
         recv_hooks = {}
         for r in receivers:
-            recv_hooks.setdefault(hook_name(r.layer, f"{r.input}_input"), torch.zeros(H, dtype=torch.bool))
-            recv_hooks[hook_name(r.layer, f"{r.input}_input")][r.head] = True
+            name = hook_name(r.layer, f"{r.input}_input")
+            recv_hooks.setdefault(name, torch.zeros(H if r.input == "q" else kv, dtype=torch.bool))[r.head] = True
     pos = setup.position_mask(positions)  # [batch, pos]
     base = setup.base_run(direction)
     chunk = max(1, setup.max_batch // B)
