@@ -54,6 +54,7 @@ def cmd_models(args) -> None:
         return
     for name in shipped_models():
         print(f"{name:<16} shipped")
+    print(f"{'known-induction':<16} built on first use: hand-set induction circuit with distractor heads (circuitfind.zoo.known)")
     for name, spec in fetch.FETCHABLE.items():
         state = f"fetched ({fetch.model_dir(name)})" if fetch.is_fetched(name) else f"not fetched: circuitfind models fetch {name}"
         print(f"{name:<16} {state}; {spec.description}")

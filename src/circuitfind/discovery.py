@@ -179,13 +179,15 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, progre
 
 
 def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2.0, positions: str | None = "end",
-                            direction: P.Direction = "noise") -> Circuit:
+                            direction: P.Direction = "noise", kv_positions: str | None = None) -> Circuit:
     """Path patching from the logits backwards (Wang et al. 2022), as an edge circuit.
 
     Level 1 patches the path from every head to the logits and keeps the heads passing the
     detection rule (:func:`circuitfind.patching.detect`, ``k`` SD). Each further level patches,
     for each head found, the paths from every earlier head into its q, k and v inputs separately,
-    and keeps the senders passing the rule, up to ``depth`` levels.
+    and keeps the senders passing the rule, up to ``depth`` levels. Query inputs (and the logits) are
+    patched at ``positions`` (the answer position by default); key and value inputs, which are read
+    at source positions, at ``kv_positions`` (every position by default).
     """
     if depth < 1:
         raise ValueError(f"depth must be >= 1, got {depth}")
@@ -217,12 +219,13 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
                 continue
             for kind in ("q", "k", "v"):
                 index = head if kind == "q" else head // group  # k/v inputs are per key/value head
-                res = P.path_patch(setup, [P.Receiver(layer, index, kind)], positions, direction, senders=senders)
+                where = positions if kind == "q" else kv_positions
+                res = P.path_patch(setup, [P.Receiver(layer, index, kind)], where, direction, senders=senders)
                 nxt += mark(res, graph.receiver_name(layer, head, kind))
         frontier = [x for x in dict.fromkeys(nxt) if x not in seen]
         seen.update(frontier)
     settings = {"algorithm": "path_patching", "corruption": setup.plan.name, "metric": setup.metric.name,
-                "direction": direction, "depth": depth, "k": k, "positions": positions,
+                "direction": direction, "depth": depth, "k": k, "positions": positions, "kv_positions": kv_positions,
                 "n_prompts": setup.batch.size, "task": setup.batch.task.name}
     return Circuit(graph, keep, scores, settings)
 

@@ -30,6 +30,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _build_known_induction(folder):
+    from circuitfind.zoo.known import build_induction_model
+
+    return build_induction_model(folder)
+
+
+# Models whose weights are set by code (circuit known by construction), built into the cache on first use.
+BUILT = {"known-induction": _build_known_induction}
+
+
 def shipped_models() -> list[str]:
     """Names of the toy models bundled with circuitfind."""
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
@@ -43,6 +53,11 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     shipped = ZOO_DIR / text
     if (shipped / "config.json").is_file():
         return str(shipped)
+    if text in BUILT:  # known-answer models are built by code on first use
+        folder = fetch.model_dir(text)
+        if not (folder / "config.json").is_file():
+            BUILT[text](folder)
+        return str(folder)
     if text in fetch.FETCHABLE:
         if not fetch.is_fetched(text):
             raise ModelNotFoundError(f"model {text!r} is not in the cache ({fetch.model_dir(text)}): "

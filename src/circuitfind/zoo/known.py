@@ -1,0 +1,109 @@
+"""Known-answer models: transformers whose circuit is known by construction (hand-set weights).
+
+:func:`build_induction_model` writes a 2-layer GPT-2 (HF format, the induction task's tokenizer)
+whose residual stream is split into one-hot subspaces:
+
+    TOK (token)  POS (position)  PREV (previous token)  OUT (answer)  JUNK_1..JUNK_6 (distractors)
+
+* ``a0.0`` is a previous-token head: it attends from position i to i-1 (q and k read POS) and
+  copies that token (v reads TOK) into PREV.
+* ``a1.0`` is an induction head: its query (current token, TOK) matches keys whose PREV holds the
+  same token, and it copies the token found there (v reads TOK) into OUT, which the unembedding reads.
+* Distractors: ``a0.1``-``a0.3`` attend to their own position and copy the token into
+  JUNK_1..3; ``a1.1``-``a1.3`` copy JUNK_1..3 onwards into JUNK_4..6. They compute
+  token-dependent values along their own chain of edges, but nothing reads it. MLPs are zero.
+
+Every subspace holds exactly one one-hot vector per position, so the LayerNorm scales are the same
+whatever is patched, and an edge outside the circuit has no effect at all.
+
+:data:`INDUCTION_TRUTH` lists the edges that carry token information to the answer. The previous-token
+head's q/k edges carry positions only, which are identical in clean and corrupted runs, so no
+patching experiment can see them; they are in :data:`INDUCTION_STRUCTURAL` but not in the truth.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from circuitfind.tasks import load_task
+from circuitfind.zoo.train import build_tokenizer, task_words
+
+INDUCTION_TRUTH = [
+    ("input", "a0.0<v>"),
+    ("a0.0", "a1.0<k>"),
+    ("input", "a1.0<q>"),
+    ("input", "a1.0<v>"),
+    ("a1.0", "logits"),
+]
+INDUCTION_STRUCTURAL = INDUCTION_TRUTH + [("input", "a0.0<q>"), ("input", "a0.0<k>")]
+DISTRACTOR_HEADS = ["a0.1", "a0.2", "a0.3", "a1.1", "a1.2", "a1.3"]
+
+
+def build_induction_model(folder: str | Path, sharpness: float = 2.0, unembed_scale: float = 4.0) -> Path:
+    """Write the hand-set induction model to ``folder`` (an HF GPT-2 folder) and return it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer(task_words(load_task("induction")))
+    V, P, H, n_distract = len(tokenizer), 24, 4, 3
+    n_subspace_dims = 3 * V + P + 2 * n_distract * V  # TOK, PREV, OUT, POS, JUNK blocks
+    d_head = max(V, P + 1, -(-n_subspace_dims // H))
+    d_model = H * d_head
+    TOK, POS = 0, V
+    PREV, OUT = POS + P, POS + P + V
+    JUNK = [OUT + V + i * V for i in range(2 * n_distract)]
+    if JUNK[-1] + V > d_model:
+        raise ValueError("subspaces do not fit: increase d_head")
+    config = GPT2Config(vocab_size=V, n_positions=P, n_embd=d_model, n_layer=2, n_head=H, n_inner=4,
+                        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        t = model.transformer
+        for tok in range(V):
+            t.wte.weight[tok, TOK + tok] = 1.0
+        for pos in range(P):
+            t.wpe.weight[pos, POS + pos] = 1.0
+        for ln in [t.ln_f] + [b.ln_1 for b in t.h] + [b.ln_2 for b in t.h]:
+            ln.weight.fill_(1.0)
+
+        # LayerNorm multiplies the residual by ~sqrt(d_model / number of one-hot blocks); head outputs
+        # divide that back out so that every block holds a one-hot of norm ~1.
+        ln_scale = [(d_model / 2) ** 0.5, (d_model / (3 + n_distract)) ** 0.5]
+
+        def head(layer, h, q_from, k_from, v_from, out_to, q_shift=0):
+            """Set one head: q/k read one-hot blocks (k offset by q_shift), v copies a V-block to out_to."""
+            W = t.h[layer].attn.c_attn.weight  # [d_model, 3 * d_model], x @ W
+            O = t.h[layer].attn.c_proj.weight  # [d_model, d_model]
+            q0, k0, v0 = h * d_head, d_model + h * d_head, 2 * d_model + h * d_head
+            (qb, qn), (kb, kn) = q_from, k_from
+            for i in range(qn):
+                W[qb + i, q0 + i] = sharpness
+            for i in range(kn):
+                if 0 <= i + q_shift < d_head:
+                    W[kb + i, k0 + i + q_shift] = 1.0
+            for i in range(V):
+                W[v_from + i, v0 + i] = 1.0
+                O[h * d_head + i, out_to + i] = 1.0 / ln_scale[layer]
+
+        # layer 0: previous-token head (query i matches key j where j + 1 = i), distractors attend to themselves
+        head(0, 0, (POS, P), (POS, P), TOK, PREV, q_shift=1)
+        for h in range(1, n_distract + 1):
+            head(0, h, (POS, P), (POS, P), TOK, JUNK[h - 1])
+        # layer 1: induction head (current token vs previous token of the key), distractor chain
+        head(1, 0, (TOK, V), (PREV, V), TOK, OUT)
+        for h in range(1, n_distract + 1):
+            head(1, h, (POS, P), (POS, P), JUNK[h - 1], JUNK[n_distract + h - 1])
+        for tok in range(1, V):  # never predict BOS
+            model.lm_head.weight[tok, OUT + tok] = unembed_scale
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "known_circuit.json").write_text(json.dumps(
+        {"task": "induction", "truth": INDUCTION_TRUTH, "structural": INDUCTION_STRUCTURAL, "distractors": DISTRACTOR_HEADS}, indent=2) + "\n")
+    return folder
