@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from circuitfind.circuit import Circuit
@@ -99,3 +100,19 @@ def test_prefect_yaml_points_at_the_sweep_flow():
     assert dep["schedules"][0]["cron"] == "0 3 * * *"
     flow = load_flow_from_entrypoint(str(root / dep["entrypoint"].split(":")[0]) + ":" + dep["entrypoint"].split(":")[1])
     assert flow.name == "circuitfind-sweep"
+
+
+def test_settings_study_flow(prefect_harness, tmp_path):
+    from flows.study import settings_study
+
+    out = settings_study(ioi_models=["toy-ioi"], factual_models=[], ioi_prompts=16, run="s", outputs=str(tmp_path))
+    (heads,) = out["heads"]
+    assert set(heads["settings"]) == {f"{c}/{m}" for c in ("str:s2_io", "gn") for m in ("prob", "logit_diff", "kl")} | {"str:s1_io/logit_diff"}
+    for row in heads["settings"].values():
+        low, high, eff = map(torch.tensor, (row["ci_low"], row["ci_high"], row["normalised"]))
+        assert (low <= eff + 1e-6).all() and (eff <= high + 1e-6).all()
+    assert len(heads["jaccard"]) == 7 and set(heads["s2_vs_s1io"]) == {"str:s2_io", "str:s1_io"}
+    html = Path(out["html"]).read_text()
+    assert "Jaccard overlap of the heads found" in html and "[" in html
+    assert json.loads((tmp_path / "s" / "study.json").read_text())["heads"][0]["model"] == "toy-ioi"
+

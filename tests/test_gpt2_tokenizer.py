@@ -34,17 +34,34 @@ def test_known_gpt2_ids():
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
-@built
-def test_gpt2_family_tasks_are_exact(tmp_path):
-    """A GPT-2 architecture folder without a tokenizer, run with the rebuilt one: IOI names are single
-    GPT-2 tokens, STR pairs have equal lengths, a multi-token answer is refused."""
+@pytest.fixture(scope="module")
+def random_gpt2(tmp_path_factory):
+    """A small random GPT-2 folder without tokenizer files, loaded with the rebuilt tokenizer."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from circuitfind.models import load_model
 
+    folder = tmp_path_factory.mktemp("gpt2-random")
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=64)).save_pretrained(tmp_path)
-    model = load_model(tmp_path, device="cpu", tokenizer="gpt2")
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64)).save_pretrained(folder)
+    return load_model(folder, device="cpu", tokenizer="gpt2")
+
+
+@built
+def test_factual_mlp_localisation_runs_on_a_gpt2_family_model(random_gpt2):
+    from circuitfind.study import mlp_localisation
+
+    out = mlp_localisation(random_gpt2, "random-gpt2", prompts=6, windows=(1, 3))
+    assert set(out["curves"]) == {"window 1", "window 3", "sum of 3 single layers"}
+    assert all(len(c) == 3 for c in out["curves"].values())
+    assert set(out["agreement"]) == {3}
+
+
+@built
+def test_gpt2_family_tasks_are_exact(random_gpt2):
+    """A GPT-2 architecture folder without a tokenizer, run with the rebuilt one: IOI names are single
+    GPT-2 tokens, STR pairs have equal lengths, a multi-token answer is refused."""
+    model = random_gpt2
     for name in load_task("ioi").data["names"]:
         single_token_id(model, name)
     batch = TaskBatch.build(model, "ioi", 20, seed=0)
