@@ -1,4 +1,4 @@
-"""Timing and memory helpers shared by the benchmark scripts."""
+"""Timing, memory and option helpers shared by the benchmark scripts."""
 
 from __future__ import annotations
 
@@ -27,3 +27,15 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def base_parser(doc: str, prompts: int):
+    """The options every benchmark takes: model, task, number of prompts, max stacked batch."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="toy-ioi")
+    p.add_argument("--task", default="ioi")
+    p.add_argument("--prompts", type=int, default=prompts)
+    p.add_argument("--max-batch", type=int, default=1024)
+    return p

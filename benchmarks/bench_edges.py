@@ -10,7 +10,6 @@ peak memory (CUDA peak allocation on a GPU, max RSS on CPU).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -26,17 +25,14 @@ from circuitfind.models import load_model  # noqa: E402
 from circuitfind.tasks import TaskBatch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _timing import base_parser  # noqa: E402
 from _timing import best_of as timed  # noqa: E402
 from _timing import peak_memory_mb as peak_mb  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy-ioi")
-    p.add_argument("--task", default="ioi")
-    p.add_argument("--prompts", type=int, default=32)
+    p = base_parser(__doc__, prompts=32)
     p.add_argument("--tau", type=float, default=0.02)
-    p.add_argument("--max-batch", type=int, default=1024)
     args = p.parse_args()
 
     model = load_model(args.model)

@@ -9,7 +9,6 @@ time per candidate in units of one plain forward pass over the same batch, and p
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -24,16 +23,12 @@ from circuitfind.models import load_model  # noqa: E402
 from circuitfind.tasks import TaskBatch, load_task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import best_of, peak_memory_mb  # noqa: E402
+from _timing import base_parser, best_of, peak_memory_mb  # noqa: E402
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="toy-ioi")
-    p.add_argument("--task", default="ioi")
-    p.add_argument("--prompts", type=int, default=64)
+    p = base_parser(__doc__, prompts=64)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--max-batch", type=int, default=1024)
     args = p.parse_args()
 
     model = load_model(args.model)

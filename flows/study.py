@@ -39,9 +39,13 @@ def mlps_task(model_name: str, prompts: int, seed: int) -> dict:
 
 
 @flow(name="circuitfind-study", log_prints=True)
-def settings_study(ioi_models: list[str] = ["toy-ioi"], factual_models: list[str] = [], ioi_prompts: int = 40,
+def settings_study(ioi_models: list[str] | None = None, factual_models: list[str] | None = None, ioi_prompts: int = 40,
                    factual_prompts: int = 12, seed: int = 0, run: str | None = None, outputs: str = str(REPO / "outputs")) -> dict:
-    """IOI head detection and factual-recall MLP localisation under many settings, and where they disagree."""
+    """IOI head detection and factual-recall MLP localisation under many settings, and where they disagree.
+
+    ``ioi_models`` defaults to ``["toy-ioi"]``; ``factual_models`` to none (the toy models know no facts)."""
+    ioi_models = ["toy-ioi"] if ioi_models is None else ioi_models
+    factual_models = factual_models or []
     run_dir = Path(outputs) / (run or time.strftime("study-%Y%m%d-%H%M%S"))
     heads = [heads_task(m, ioi_prompts, seed) for m in ioi_models]
     mlps = [mlps_task(m, factual_prompts, seed) for m in factual_models]

@@ -67,10 +67,11 @@ def compare_run(run_dir: str, reference: str | None = None, title: str | None = 
 
 
 @flow(name="circuitfind-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
-def sweep(config: SweepConfig = SweepConfig(), run: str | None = None, outputs: str = DEFAULT_OUTPUTS,
+def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: str = DEFAULT_OUTPUTS,
           reference: str | None = None) -> dict:
-    """Discover circuits over the grid of ``config`` and compare them."""
+    """Discover circuits over the grid of ``config`` (default: :class:`SweepConfig`'s) and compare them."""
     log = get_run_logger()
+    config = config or SweepConfig()
     run = run or time.strftime("%Y%m%d-%H%M%S")
     run_dir, cache_dir = Path(outputs) / run, Path(outputs) / ".cache"
     settings = config.settings()

@@ -398,7 +398,7 @@ def path_patch(
     Returns ``[layer, head]`` over senders (senders outside ``senders`` are NaN).
     """
     _check_direction(direction)
-    L, H, T, B = setup.n_layers, setup.n_heads, setup.n_pos, setup.size
+    L, H, B = setup.n_layers, setup.n_heads, setup.size
     all_heads = [(l, h) for l in range(L) for h in range(H)]
     senders = list(senders) if senders is not None else all_heads
     if not senders:
