@@ -54,11 +54,14 @@ def main() -> None:
             print(f"{f'{n} candidate(s) x {batch.size} prompts':<36} {plain * 1e3:>9.1f} {masked * 1e3:>10.1f} {masked / plain:>7.2f}")
 
     print(f"\n{'discovery':<36} {'seconds':>9} {'forwards':>10} {'edges':>7}")
-    one, ref = timed(lambda: D.acdc(patcher, args.tau, candidates=1), 1)
+    one, ref = timed(lambda: D.acdc(patcher, args.tau, candidates=1, reuse_prefix=False), 1)
+    spec, res_spec = timed(lambda: D.acdc(patcher, args.tau, reuse_prefix=False), 1)
     fast, res = timed(lambda: D.acdc(patcher, args.tau), 1)
-    assert torch.equal(ref.in_circuit, res.in_circuit), "batched ACDC must find the reference circuit"
+    for other in (res_spec, res):
+        assert torch.equal(ref.in_circuit, other.in_circuit), "batched ACDC must find the reference circuit"
     print(f"{'ACDC, one edge per forward':<36} {one:>9.2f} {ref.settings['forward_passes']:>10d} {ref.n_edges:>7d}")
-    print(f"{'ACDC, speculative batches':<36} {fast:>9.2f} {res.settings['forward_passes']:>10d} {res.n_edges:>7d}")
+    print(f"{'ACDC, speculative batches':<36} {spec:>9.2f} {res_spec.settings['forward_passes']:>10d} {res_spec.n_edges:>7d}")
+    print(f"{'ACDC, batches + prefix reuse':<36} {fast:>9.2f} {res.settings['forward_passes']:>10d} {res.n_edges:>7d}")
     ld = EdgePatcher(P.prepare(model, batch, "str", "logit_diff", max_batch=args.max_batch))
     t_eap, _ = timed(lambda: D.eap(ld))
     t_ig, _ = timed(lambda: D.eap_ig(ld, 5))

@@ -150,3 +150,18 @@ def test_mask_shape_is_checked(setups):
     patcher = EdgePatcher(setups["str"])
     with pytest.raises(ValueError, match="edge masks must be"):
         patcher.value(torch.ones(1, 5))
+
+
+@pytest.mark.parametrize("corruption", ["str", "gn", "mean"])
+def test_starting_at_a_layer_reuses_the_prefix_exactly(setups, corruption):
+    patcher = EdgePatcher(setups[corruption])
+    graph = patcher.graph
+    layer_of = torch.tensor([graph.receivers[r].layer for r in graph.edge_index[1].tolist()])
+    gen = torch.Generator().manual_seed(0)
+    for start in (1, 2):
+        masks = (torch.rand(patcher.n_edges, generator=gen) > 0.3).float().repeat(4, 1)
+        late = layer_of >= start  # candidates differ only in edges into layers >= start
+        masks[:, late] = (torch.rand(4, int(late.sum()), generator=gen) > 0.5).float()
+        torch.testing.assert_close(patcher.run(masks, start_layer=start), patcher.run(masks), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="start_layer"):
+        patcher.run(patcher.ones().requires_grad_(True), start_layer=1)

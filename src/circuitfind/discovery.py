@@ -109,7 +109,8 @@ def eap_circuit(patcher: EdgePatcher, k: int, ig_steps: int | None = None) -> Ci
 # -- ACDC ---------------------------------------------------------------------------------
 
 
-def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, progress: bool | None = None) -> Circuit:
+def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_prefix: bool = True,
+         progress: bool | None = None) -> Circuit:
     """ACDC: prune edges whose removal changes the objective by less than ``tau``.
 
     The objective is the distance from the full model, ``d(S) = base - metric(S)`` (for the ``kl``
@@ -123,7 +124,9 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, progre
     that is kept, the later candidates are stale and the next batch starts after it. The result is
     the one-edge-at-a-time result. ``m`` adapts: it doubles after a batch of removals and drops to 1
     after a kept edge, so little work is thrown away. ``candidates`` caps it (default:
-    ``max_batch // prompts``; 1 evaluates one edge per forward pass).
+    ``max_batch // prompts``; 1 evaluates one edge per forward pass). With ``reuse_prefix`` the
+    layers below the receiver run once per receiver (nothing below it changes while its edges are
+    decided); candidates recompute only the layers from the receiver's up.
 
     Returns the circuit; ``scores`` holds each evaluated edge's objective change (0 if skipped).
     """
@@ -151,13 +154,15 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, progre
             if not keep[fed.to(device)].any():
                 keep[incoming] = False
                 continue
+        start = min(receiver.layer, graph.n_layers - 1) if reuse_prefix else 0
+        prefix = patcher.prefix(keep[None].float(), start) if start else None
         i = 0
         while i < len(incoming):
             batch = incoming[i : i + chunk]
             masks = keep[None].repeat(len(batch), 1).float()
             for j in range(len(batch)):
                 masks[j, batch[: j + 1]] = 0.0
-            values = patcher.value(masks)
+            values = patcher.value(masks, start_layer=start, prefix=prefix)
             n_forward, n_evaluated = n_forward + 1, n_evaluated + len(batch)
             consumed = len(batch)
             for j, e in enumerate(batch):

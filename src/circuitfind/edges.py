@@ -86,18 +86,25 @@ class EdgePatcher:
             self._base_outputs = self.setup.activations(which, self._sender_hooks)
         return self._base_outputs
 
-    def _hooks(self, dense: torch.Tensor, n: int, fixed_diff: bool, per_prompt: bool = False) -> list[Hook]:
+    def _hooks(self, dense: torch.Tensor, n: int, fixed_diff: bool, per_prompt: bool = False,
+               prefix: torch.Tensor | None = None) -> tuple[list[Hook], dict]:
         """Forward hooks for ``n`` stacked candidates with dense keep-masks ``[n, S, R(, pos)]``.
 
         Sender differences are laid out sender-major, ``[n, senders, batch, pos, d_model]``, so a
         receiver's correction is one batched matmul over its upstream senders. Without autograd
         they are written into one preallocated buffer; with autograd they are concatenated.
+        ``prefix`` holds the differences of the senders below a start layer (shared by all
+        candidates). Returns the hooks and their state (``state["buffer"]`` after the forward).
         """
         B = self.setup.size
         base = self.base_outputs() if fixed_diff else None
         per_pos = dense.dim() == 4 and not per_prompt
         S = len(self.graph.senders)
         state: dict = {"count": 0, "parts": [], "buffer": None, "cat": None}
+        if prefix is not None:
+            state["buffer"] = prefix.new_empty(n, S, *prefix.shape[2:])
+            state["buffer"][:, : prefix.shape[1]] = prefix
+            state["count"] = prefix.shape[1]
 
         def store(act, hook, name, grouped):
             view = act.reshape(n, B, *act.shape[1:])
@@ -106,7 +113,7 @@ class EdgePatcher:
                 diff = diff.unsqueeze(0).expand_as(view)
             diff = diff.permute(0, 3, 1, 2, 4) if grouped else diff.unsqueeze(1)  # [n, g, B, pos, d]
             k, g = state["count"], diff.shape[1]
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled() and prefix is None:
                 state["parts"].append(diff)
                 state["cat"] = None
             else:
@@ -147,10 +154,22 @@ class EdgePatcher:
             hooks.append((name, lambda a, hook, _n=name, _g=grouped: store(a, hook, _n, _g)))
         for hname, idx, up, per_head in self._groups:
             hooks.append((hname, lambda a, hook, _i=idx, _u=up, _p=per_head: correct(a, hook, _i, _u, _p)))
-        return hooks
+        return hooks, state
+
+    def prefix(self, masks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream entering ``layer`` and the sender differences below it, for one mask set
+        (``[1, n_edges]``); pass it to :meth:`run` to skip the layers below ``layer``."""
+        base = self.setup.base_run(self.direction)
+        dense = self.graph.dense(masks.float())
+        hooks, state = self._hooks(dense, 1, fixed_diff=False)
+        with torch.no_grad():  # runs only the blocks below `layer`
+            resid = self.model.run_with_hooks(base.tokens, fwd_hooks=list(base.hooks) + hooks, stop_at_layer=layer)
+        up = 1 + layer * (self.graph.n_heads + 1)  # the input, then each layer's heads and MLP
+        return resid.detach(), state["buffer"][:, :up].clone()
 
     def run(self, masks: torch.Tensor, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None,
-            per_prompt: bool = False, desc: str | None = None) -> torch.Tensor:
+            per_prompt: bool = False, start_layer: int = 0, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
+            desc: str | None = None) -> torch.Tensor:
         """Per-prompt metric ``[candidates, batch]`` with each candidate's edges patched where ``mask == 0``.
 
         Args:
@@ -161,6 +180,10 @@ class EdgePatcher:
                 accept the stacked ``[candidates * batch, ...]`` activations.
             per_prompt: masks are ``[candidates, n_edges, batch]``, one mask per prompt (the
                 gradient of the summed metric then gives per-prompt attributions).
+            start_layer: the candidates agree on every edge into receivers below this layer, so
+                the layers below it run once (for the first candidate) and each candidate only
+                recomputes the rest (``TransformerBridge`` ``start_at_layer``). Not with gradients.
+            prefix: :meth:`prefix` of the shared lower edges at ``start_layer``, if already computed.
         """
         if masks.dim() == 1:
             masks = masks[None]
@@ -170,18 +193,27 @@ class EdgePatcher:
         expected = (self.n_edges, self.setup.size) if per_prompt else expected
         if tuple(masks.shape[1:]) != expected:
             raise ValueError(f"edge masks must be [candidates, {', '.join(map(str, expected))}], got {tuple(masks.shape)}")
+        if start_layer and (masks.requires_grad or per_prompt or fixed_diff or extra_hooks or self.graph.n_pos is not None):
+            raise ValueError("start_layer works for plain (no-gradient, position-free) edge masks only")
         B = self.setup.size
         base = self.setup.base_run(self.direction)
         chunk = max(1, self.setup.max_batch // B)
+        if start_layer and prefix is None:
+            prefix = self.prefix(masks[:1], start_layer)
+        prefix = prefix if start_layer else None
         out = []
         starts = range(0, masks.shape[0], chunk)
         for start in tqdm(starts, desc=desc or "edge patching", disable=not self.setup.progress or len(starts) < 2, leave=False):
             part = masks[start : start + chunk]
             n = part.shape[0]
             dense = self.graph.dense(part.to(torch.float32) if part.dtype == torch.bool else part)
-            hooks = list(base.hooks) + list(extra_hooks or []) + self._hooks(dense, n, fixed_diff, per_prompt)
+            hooks, _ = self._hooks(dense, n, fixed_diff, per_prompt, None if prefix is None else prefix[1])
             with torch.set_grad_enabled(part.requires_grad):
-                logits = self.model.run_with_hooks(base.tokens.repeat(n, 1), fwd_hooks=hooks)
+                if prefix is None:
+                    hooks = list(base.hooks) + list(extra_hooks or []) + hooks
+                    logits = self.model.run_with_hooks(base.tokens.repeat(n, 1), fwd_hooks=hooks)
+                else:  # embedding-stage and lower-layer hooks are skipped by the bridge
+                    logits = self.model.run_with_hooks(prefix[0].repeat(n, 1, 1), start_at_layer=start_layer, fwd_hooks=hooks)
                 answer = answer_logits(logits, self.setup.plan.end_pos.repeat(n))
                 out.append(self.setup.metric(answer, _repeat_ctx(self.setup.ctx, n)).reshape(n, B))
         return torch.cat(out)
