@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from circuitfind import compare, figures
+from circuitfind.graph import ModelGraph
 from circuitfind.io import write_text
 
 
@@ -72,9 +73,7 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
                        "nodes": compare.precision_recall_f1(nodes[r["setting"]], ref_nodes)}
                 if r["setting"] in scored:
                     if truth is None:
-                        from circuitfind.graph import ModelGraph
-
-                        graph = ModelGraph(r["n_layers"], r["n_heads"])
+                        graph = ModelGraph(r["n_layers"], r["n_heads"], n_kv_heads=r.get("n_kv_heads"))
                         truth = torch.tensor([e in ref_edges for e in graph.edges])
                     if 0 < truth.sum() < truth.numel() and len(scored[r["setting"]]) == truth.numel():
                         row["roc_auc"] = compare.roc_auc(scored[r["setting"]], truth).auc
@@ -86,9 +85,7 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
                 per = torch.load(r["per_prompt"])
                 ci = compare.bootstrap_ci(per, n_boot=n_boot)
                 top = ci.mean.abs().topk(min(8, ci.mean.numel())).indices.tolist()
-                from circuitfind.graph import ModelGraph
-
-                graph = ModelGraph(r["n_layers"], r["n_heads"])
+                graph = ModelGraph(r["n_layers"], r["n_heads"], n_kv_heads=r.get("n_kv_heads"))
                 boots[r["setting"]] = {
                     "level": ci.level, "excluding_zero": int(ci.excludes_zero().sum()),
                     "top": [{"edge": list(graph.edges[i]), "mean": float(ci.mean[i]), "low": float(ci.low[i]), "high": float(ci.high[i])} for i in top],

@@ -135,7 +135,8 @@ def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, "D.Cir
     record = {
         "setting": setting.name, **setting.model_dump(), "n_prompts": setup.batch.size,
         "clean": setup.clean_value, "corrupt": setup.corrupt_value,
-        "n_layers": setup.n_layers, "n_heads": setup.n_heads, "graph_edges": circuit.graph.n_edges,
+        "n_layers": setup.n_layers, "n_heads": setup.n_heads, "n_kv_heads": circuit.graph.n_kv_heads,
+        "graph_edges": circuit.graph.n_edges,
         "n_edges": circuit.n_edges, "edges": [list(e) for e in circuit.edges], "nodes": sorted(circuit.nodes),
         "scores": circuit.scores.tolist() if circuit.scores is not None else None,
         "faithfulness": faith, "curve": curve, "seconds": round(time.time() - start, 2),
