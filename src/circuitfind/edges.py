@@ -61,19 +61,27 @@ class EdgePatcher:
             self._sender_hooks += [hook_name(layer, "result"), hook_name(layer, "mlp_out")]
         self.sources = setup.sources(direction, self._sender_hooks)
         self._base_outputs: dict[str, torch.Tensor] | None = None
-        # receiver groups: (hook, receiver indices, upstream sender count, per-head?)
+        # Receiver groups: (hook, receiver indices, upstream sender count, per-head?, slice of the
+        # indices this hook takes). A layer's q, k and v inputs read the same senders, so their
+        # corrections come from one matmul (one pass over the sender differences), split per hook.
         self._groups = []
         for layer in range(L):
-            kinds = ("q", "k", "v") if self.graph.split_qkv else ("qkv",)
-            for kind in kinds:
-                idx = self.graph.receiver_slices(layer, kind)
-                up = self.graph.upstream(self.graph.receivers[idx[0]])
-                hooks = [_input_hook(layer, k) for k in (("q", "k", "v") if kind == "qkv" else (kind,))]
-                for h in hooks:
-                    self._groups.append((h, torch.tensor(idx), up, True))
+            if self.graph.split_qkv:
+                parts = {k: self.graph.receiver_slices(layer, k) for k in ("q", "k", "v")}
+                idx = parts["q"] + parts["k"] + parts["v"]
+                bounds = {"q": (0, len(parts["q"]))}
+                bounds["k"] = (bounds["q"][1], bounds["q"][1] + len(parts["k"]))
+                bounds["v"] = (bounds["k"][1], len(idx))
+            else:
+                idx = self.graph.receiver_slices(layer, "qkv")
+                bounds = {k: (0, len(idx)) for k in ("q", "k", "v")}
+            up = self.graph.upstream(self.graph.receivers[idx[0]])
+            shared = torch.tensor(idx)  # one object per layer: the three hooks share its corrections
+            for kind in ("q", "k", "v"):
+                self._groups.append((_input_hook(layer, kind), shared, up, True, bounds[kind]))
             idx = self.graph.receiver_slices(layer, "mlp")
-            self._groups.append((_input_hook(layer, "mlp"), torch.tensor(idx), self.graph.upstream(self.graph.receivers[idx[0]]), False))
-        self._groups.append((hook_name(L - 1, "resid_post"), torch.tensor([len(self.graph.receivers) - 1]), len(self.graph.senders), False))
+            self._groups.append((_input_hook(layer, "mlp"), torch.tensor(idx), self.graph.upstream(self.graph.receivers[idx[0]]), False, (0, 1)))
+        self._groups.append((hook_name(L - 1, "resid_post"), torch.tensor([len(self.graph.receivers) - 1]), len(self.graph.senders), False, (0, 1)))
 
     @property
     def n_edges(self) -> int:
@@ -130,17 +138,23 @@ class EdgePatcher:
                 state["cat"] = torch.cat(state["parts"], dim=1)
             return state["cat"]
 
-        def correct(act, hook, idx, up, per_head):
-            patched = (1.0 - dense[:, :up, idx.to(dense.device)]).to(act.dtype)  # [n, up, R(, pos)]
-            diffs = sent_diffs(up)  # [n, up, B, pos, d]
-            if per_prompt:
-                corr = torch.einsum("csrb,csbtd->cbtrd", patched, diffs)
-            elif per_pos:
-                corr = torch.einsum("csrt,csbtd->cbtrd", patched, diffs)
-            else:
-                R = patched.shape[2]
-                corr = torch.bmm(patched.transpose(1, 2), diffs.reshape(n, up, -1)).reshape(n, R, *diffs.shape[2:])
-                corr = corr.permute(0, 2, 3, 1, 4)  # [n, B, pos, R, d]
+        corrections: dict[int, torch.Tensor] = {}  # id of a receiver group -> its corrections
+
+        def correct(act, hook, idx, up, per_head, bounds):
+            key = id(idx)
+            if key not in corrections or state["count"] != up:
+                patched = (1.0 - dense[:, :up, idx.to(dense.device)]).to(act.dtype)  # [n, up, R(, pos)]
+                diffs = sent_diffs(up)  # [n, up, B, pos, d]
+                if per_prompt:
+                    corr = torch.einsum("csrb,csbtd->cbtrd", patched, diffs)
+                elif per_pos:
+                    corr = torch.einsum("csrt,csbtd->cbtrd", patched, diffs)
+                else:
+                    R = patched.shape[2]
+                    corr = torch.bmm(patched.transpose(1, 2), diffs.reshape(n, up, -1)).reshape(n, R, *diffs.shape[2:])
+                    corr = corr.permute(0, 2, 3, 1, 4)  # [n, B, pos, R, d]
+                corrections[key] = corr
+            corr = corrections[key][:, :, :, bounds[0] : bounds[1]]
             if per_head:
                 return (act.reshape(n, B, *act.shape[1:]) + corr).reshape(act.shape)
             return (act.reshape(n, B, *act.shape[1:]) + corr[:, :, :, 0]).reshape(act.shape)
@@ -152,8 +166,8 @@ class EdgePatcher:
         for name in names:
             grouped = name.endswith("hook_result")
             hooks.append((name, lambda a, hook, _n=name, _g=grouped: store(a, hook, _n, _g)))
-        for hname, idx, up, per_head in self._groups:
-            hooks.append((hname, lambda a, hook, _i=idx, _u=up, _p=per_head: correct(a, hook, _i, _u, _p)))
+        for hname, idx, up, per_head, bounds in self._groups:
+            hooks.append((hname, lambda a, hook, _i=idx, _u=up, _p=per_head, _b=bounds: correct(a, hook, _i, _u, _p, _b)))
         return hooks, state
 
     def prefix(self, masks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
