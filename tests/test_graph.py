@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from circuitfind.circuit import Circuit
-from circuitfind.graph import ModelGraph, node_graph, read_graph, write_graph
+from circuitfind.graph import ModelGraph, read_graph, write_graph
 
 
 def test_edge_counts_and_order():
@@ -67,9 +67,3 @@ def test_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="unknown graph format"):
         write_graph(nx.DiGraph(), tmp_path / "x.txt")
 
-
-def test_node_graph_marks_heads():
-    g = node_graph(2, 2, torch.tensor([[0.1, 0.2], [0.3, 0.4]]), {"a1.1"})
-    assert g.nodes["a1.1"]["in_circuit"] and not g.nodes["a0.0"]["in_circuit"]
-    assert g.nodes["a1.0"]["score"] == pytest.approx(0.3)
-    assert g.edges["a1.1", "logits"]["in_circuit"] and not g.edges["a0.0", "logits"]["in_circuit"]

@@ -226,30 +226,6 @@ def _mark_nodes(g: nx.DiGraph) -> None:
             g.nodes[u]["in_circuit"] = g.nodes[v]["in_circuit"] = True
 
 
-# -- node-level circuits ------------------------------------------------------------------
-
-
-def node_graph(n_layers: int, n_heads: int, head_scores: torch.Tensor | None = None, circuit: set[str] | None = None,
-               **graph_attrs) -> nx.DiGraph:
-    """A node-level circuit (heads found by node patching) as a graph over merged-input heads.
-
-    Head nodes carry their patching ``score``; an edge is in the circuit when both ends are, with
-    ``input`` and ``logits`` always in.
-    """
-    graph = ModelGraph(n_layers, n_heads, split_qkv=False)
-    circuit = set(circuit or ()) | {INPUT, LOGITS}
-    keep = torch.tensor([s in circuit and any(f in circuit for f in feeds)
-                         for s, feeds in map(graph.edge_nodes, range(graph.n_edges))])
-    g = graph.to_networkx(in_circuit=keep, **graph_attrs)
-    if head_scores is not None:
-        for layer in range(n_layers):
-            for h in range(n_heads):
-                g.nodes[head_name(layer, h)]["score"] = float(head_scores[layer, h])
-    for n in g.nodes:
-        g.nodes[n]["in_circuit"] = n in circuit
-    return g
-
-
 # -- import / export ----------------------------------------------------------------------
 
 FORMATS = {".graphml": "graphml", ".gexf": "gexf", ".json": "json", ".dot": "dot", ".gv": "dot"}
