@@ -55,3 +55,11 @@ def test_wrong_shape_metric_is_a_clear_error():
 def test_unknown_metric():
     with pytest.raises(ValueError, match="unknown metric"):
         get_metric("accuracy")
+
+
+def test_setup_baselines_of_another_metric_match_a_fresh_setup(ioi_model, ioi_batch):
+    from circuitfind.patching import prepare
+
+    setup = prepare(ioi_model, ioi_batch, "gn", "logit_diff")
+    fresh = prepare(ioi_model, ioi_batch, "gn", "kl")
+    assert setup.baselines("kl") == pytest.approx((fresh.clean_value, fresh.corrupt_value), abs=1e-6)

@@ -42,7 +42,6 @@ def evaluate(model, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn
     diff = (logits.gather(1, batch.answers[:, None]) - logits.gather(1, batch.counter_answers[:, None])).mean().item()
     corrupted = {}
     for name in corruptions:
-        ld = prepare(model, batch, name, "logit_diff")
-        kl = prepare(model, batch, name, "kl")
-        corrupted[name] = {"logit_diff": ld.corrupt_value, "kl": kl.corrupt_value}
+        setup = prepare(model, batch, name, "logit_diff")
+        corrupted[name] = {"logit_diff": setup.corrupt_value, "kl": setup.baselines("kl")[1]}
     return TaskReport(batch.task.name, batch.size, accuracy, diff, corrupted)

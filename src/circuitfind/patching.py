@@ -62,7 +62,14 @@ class PatchingSetup:
     corrupt_value: float
     max_batch: int = 256
     progress: bool = False
+    clean_logits: torch.Tensor | None = field(default=None, repr=False)  # [batch, vocab] at the answer
+    corrupt_logits: torch.Tensor | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
+
+    def baselines(self, metric: str | Metric) -> tuple[float, float]:
+        """Clean and corrupted values of another metric, from the baselines' logits (no new forward)."""
+        metric = get_metric(metric)
+        return (metric(self.clean_logits, self.ctx).mean().item(), metric(self.corrupt_logits, self.ctx).mean().item())
 
     @property
     def batch(self) -> TaskBatch:
@@ -163,7 +170,8 @@ def prepare(
     ctx = MetricContext(plan.answers, plan.counter_answers, clean_logits.float().log_softmax(-1))
     clean_value = metric(clean_logits, ctx).mean().item()
     corrupt_value = metric(corrupt_logits, ctx).mean().item()
-    return PatchingSetup(model, plan, metric, ctx, clean_value, corrupt_value, max_batch=max_batch, progress=progress)
+    return PatchingSetup(model, plan, metric, ctx, clean_value, corrupt_value, max_batch=max_batch, progress=progress,
+                         clean_logits=clean_logits, corrupt_logits=corrupt_logits)
 
 
 def _repeat_ctx(ctx: MetricContext, n: int) -> MetricContext:
