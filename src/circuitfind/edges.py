@@ -30,12 +30,6 @@ from circuitfind.patching import Direction, PatchingSetup, _check_direction, _re
 Hook = tuple[str, Callable]
 
 
-def _input_hook(layer: int, kind: str) -> str:
-    if kind in ("q", "k", "v"):
-        return hook_name(layer, f"{kind}_input")
-    return f"blocks.{layer}.hook_mlp_in"
-
-
 class EdgePatcher:
     """Evaluates edge masks on one :class:`PatchingSetup` and :class:`ModelGraph`.
 
@@ -78,9 +72,9 @@ class EdgePatcher:
             up = self.graph.upstream(self.graph.receivers[idx[0]])
             shared = torch.tensor(idx)  # one object per layer: the three hooks share its corrections
             for kind in ("q", "k", "v"):
-                self._groups.append((_input_hook(layer, kind), shared, up, True, bounds[kind]))
+                self._groups.append((hook_name(layer, f"{kind}_input"), shared, up, True, bounds[kind]))
             idx = self.graph.receiver_slices(layer, "mlp")
-            self._groups.append((_input_hook(layer, "mlp"), torch.tensor(idx), self.graph.upstream(self.graph.receivers[idx[0]]), False, (0, 1)))
+            self._groups.append((hook_name(layer, "mlp_in"), torch.tensor(idx), self.graph.upstream(self.graph.receivers[idx[0]]), False, (0, 1)))
         self._groups.append((hook_name(L - 1, "resid_post"), torch.tensor([len(self.graph.receivers) - 1]), len(self.graph.senders), False, (0, 1)))
 
     @property
@@ -142,7 +136,7 @@ class EdgePatcher:
 
         def correct(act, hook, idx, up, per_head, bounds):
             key = id(idx)
-            if key not in corrections or state["count"] != up:
+            if key not in corrections:
                 patched = (1.0 - dense[:, :up, idx.to(dense.device)]).to(act.dtype)  # [n, up, R(, pos)]
                 diffs = sent_diffs(up)  # [n, up, B, pos, d]
                 if per_prompt:
@@ -178,8 +172,7 @@ class EdgePatcher:
         hooks, state = self._hooks(dense, 1, fixed_diff=False)
         with torch.no_grad():  # runs only the blocks below `layer`
             resid = self.model.run_with_hooks(base.tokens, fwd_hooks=list(base.hooks) + hooks, stop_at_layer=layer)
-        up = 1 + layer * (self.graph.n_heads + 1)  # the input, then each layer's heads and MLP
-        return resid.detach(), state["buffer"][:, :up].clone()
+        return resid.detach(), state["buffer"][:, : self.graph.senders_before(layer)].clone()
 
     def run(self, masks: torch.Tensor, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None,
             per_prompt: bool = False, start_layer: int = 0, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,

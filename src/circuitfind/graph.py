@@ -125,14 +125,17 @@ class ModelGraph:
         return receiver_node(head_name(layer, head), kind) if self.split_qkv else head_name(layer, head)
 
     # -- structure as indices ---------------------------------------------------------------
+    def senders_before(self, layer: int) -> int:
+        """Number of senders below ``layer``: the input, then each layer's heads and MLP."""
+        return 1 + layer * (self.n_heads + 1)
+
     def upstream(self, receiver: Receiver) -> int:
         """Number of senders that write before ``receiver`` reads (senders are topologically ordered)."""
-        H = self.n_heads
         if receiver.kind == "logits":
             return len(self.senders)
         if receiver.kind == "mlp":
-            return 1 + receiver.layer * (H + 1) + H
-        return 1 + receiver.layer * (H + 1)
+            return self.senders_before(receiver.layer) + self.n_heads
+        return self.senders_before(receiver.layer)
 
     @cached_property
     def edge_index(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,12 +31,12 @@ BLOCK_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_
 
 
 def hook_name(layer: int, what: str) -> str:
-    """TransformerLens hook names: ``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_post``, ``z``, ``q_input``, ..."""
+    """TransformerLens hook names: ``resid_pre``, ``attn_out``, ``mlp_out``, ``resid_post``, ``z``, ``q_input``, ``mlp_in``, ..."""
     if what in BLOCK_HOOKS:
         return f"blocks.{layer}.{BLOCK_HOOKS[what]}"
     if what in ("z", "result", "pattern"):
         return f"blocks.{layer}.attn.hook_{what}"
-    if what in ("q_input", "k_input", "v_input"):
+    if what in ("q_input", "k_input", "v_input", "mlp_in"):
         return f"blocks.{layer}.hook_{what}"
     raise ValueError(f"unknown activation {what!r}")
 
