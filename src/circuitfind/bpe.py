@@ -10,14 +10,12 @@ parts. The result is a Hugging Face fast tokenizer with GPT-2's ids (``" Mary"``
 from __future__ import annotations
 
 import base64
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
 
 from circuitfind.errors import ModelNotFoundError
-from circuitfind.fetch import cache_root
+from circuitfind.fetch import cache_root, pip_download, replace_dir
 
 WHISPER_SDIST = "openai-whisper==20250625"
 RANKS_MEMBER = "whisper/assets/gpt2.tiktoken"
@@ -119,11 +117,7 @@ def fetch_gpt2_tokenizer(log=print) -> Path:
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gpt2-") as tmp:
         tmp = Path(tmp)
         log(f"gpt2-tokenizer: pip download --no-deps --no-binary :all: {WHISPER_SDIST}")
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-d", str(tmp),
-                               WHISPER_SDIST], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ModelNotFoundError(f"could not download {WHISPER_SDIST}:\n{done.stderr.strip()[-2000:]}")
-        (sdist,) = tmp.glob("*.tar.gz")
+        sdist = pip_download(WHISPER_SDIST, tmp / "sdist", binary=False)
         with tarfile.open(sdist) as tar:
             member = next(m for m in tar.getmembers() if m.name.endswith(RANKS_MEMBER))
             ranks_path = tmp / "gpt2.tiktoken"
@@ -131,10 +125,6 @@ def fetch_gpt2_tokenizer(log=print) -> Path:
         tokenizer = build_tokenizer(read_ranks(ranks_path))
         out = tmp / "tokenizer"
         tokenizer.save_pretrained(out)
-        if folder.exists():
-            import shutil
-
-            shutil.rmtree(folder)
-        out.rename(folder)
+        replace_dir(out, folder)
     log(f"gpt2-tokenizer: written to {folder}")
     return folder

