@@ -32,8 +32,8 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 
 import circuitfind  # noqa: E402
 from circuitfind.io import write_json  # noqa: E402
-from circuitfind.report import write_report  # noqa: E402
-from circuitfind.sweep import Setting, SweepConfig, load_records, run_setting  # noqa: E402
+from circuitfind.report import write_run_report  # noqa: E402
+from circuitfind.sweep import Setting, SweepConfig, run_setting  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUTS = str(REPO / "outputs")
@@ -47,14 +47,7 @@ def discover_setting(setting: Setting, config: SweepConfig, run_dir: str, cache_
 
 @task(name="diff-report", persist_result=False)
 def report_task(run_dir: str, reference: str | None, title: str) -> dict:
-    records = load_records(run_dir)
-    ref = None
-    if reference is not None:
-        matches = [r for r in records if r["setting"] == reference]
-        if not matches:
-            raise ValueError(f"reference setting {reference!r} is not in {run_dir}")
-        ref = matches[0]
-    paths = write_report(records, run_dir, title, reference=ref)
+    paths = write_run_report(run_dir, reference, title)
     create_markdown_artifact(paths.pop("markdown_text"), key="circuit-diff-report", description=title)
     return paths
 

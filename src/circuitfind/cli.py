@@ -186,16 +186,9 @@ def cmd_export(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from circuitfind.report import write_report
-    from circuitfind.sweep import load_records
+    from circuitfind.report import write_run_report
 
-    records = load_records(args.run_dir)
-    ref = None
-    if args.reference:
-        ref = next((r for r in records if r["setting"] == args.reference), None)
-        if ref is None:
-            raise ValueError(f"reference setting {args.reference!r} is not in {args.run_dir}")
-    paths = write_report(records, args.run_dir, args.title or f"Circuit diff report: {args.run_dir}", reference=ref)
+    paths = write_run_report(args.run_dir, args.reference, args.title)
     print(f"wrote {paths['html']} and {paths['markdown']}")
 
 

@@ -123,6 +123,29 @@ def _settings_rows(group: dict) -> list[list]:
 
 
 SETTINGS_HEADER = ["setting (algorithm/corruption/metric/direction)", "edges", "components", "faithfulness", "CPR", "CMD", "clean", "corrupt", "seconds"]
+STABILITY_HEADER = ["component", "fraction of settings"]
+APPEAR_HEADER = ["setting", "appear", "vanish"]
+REFERENCE_HEADER = ["setting", "edge precision", "edge recall", "edge F1", "component F1", "ROC AUC"]
+BOOTSTRAP_HEADER = ["edge", "mean", "low", "high"]
+
+
+def _stability_rows(group: dict) -> list[list]:
+    return [[c, f] for c, f in sorted(group["node_stability"].items(), key=lambda kv: -kv[1])]
+
+
+def _appear_rows(group: dict) -> list[list]:
+    av = group["appear_vanish"]
+    return [[lab, ", ".join(av[n]["appear"]) or "-", ", ".join(av[n]["vanish"]) or "-"] for lab, n in zip(group["labels"], group["names"])]
+
+
+def _reference_rows(group: dict) -> list[list]:
+    scores = group["reference"]["scores"]
+    return [[lab, s["edges"]["precision"], s["edges"]["recall"], s["edges"]["f1"], s["nodes"]["f1"], s.get("roc_auc", float("nan"))]
+            for lab, s in zip(group["labels"], scores.values())]
+
+
+def _bootstrap_rows(boot: dict) -> list[list]:
+    return [[" -> ".join(t["edge"]), t["mean"], t["low"], t["high"]] for t in boot["top"]]
 
 
 def to_markdown(groups: list[dict], title: str) -> str:
@@ -132,25 +155,19 @@ def to_markdown(groups: list[dict], title: str) -> str:
         out += [f"**Components in every setting:** {', '.join(g['unanimous_nodes']) or 'none'}  ",
                 f"**Components in >= {g['consensus_fraction']:.0%} of settings:** {', '.join(g['consensus_nodes']) or 'none'}  ",
                 f"**Edges in >= {g['consensus_fraction']:.0%} of settings:** {len(g['consensus_edges'])}", ""]
-        out += ["### How often each component is found", "",
-                _table(["component", "fraction of settings"], [[c, f] for c, f in sorted(g["node_stability"].items(), key=lambda kv: -kv[1])]), ""]
-        out += ["### Components that appear or vanish, against the consensus", "",
-                _table(["setting", "appear", "vanish"], [[lab, ", ".join(g["appear_vanish"][n]["appear"]) or "-", ", ".join(g["appear_vanish"][n]["vanish"]) or "-"]
-                                                        for lab, n in zip(g["labels"], g["names"])]), ""]
+        out += ["### How often each component is found", "", _table(STABILITY_HEADER, _stability_rows(g)), ""]
+        out += ["### Components that appear or vanish, against the consensus", "", _table(APPEAR_HEADER, _appear_rows(g)), ""]
         mean_j = _off_diagonal_mean(g["edge_jaccard"])
         out += [f"Mean pairwise edge Jaccard {mean_j:.3f}, node Jaccard {_off_diagonal_mean(g['node_jaccard']):.3f}.", ""]
         if "reference" in g:
             ref = g["reference"]
-            out += [f"### Against the reference `{ref['setting']}`", "",
-                    _table(["setting", "edge P", "edge R", "edge F1", "node F1", "ROC AUC"],
-                           [[lab, s["edges"]["precision"], s["edges"]["recall"], s["edges"]["f1"], s["nodes"]["f1"], s.get("roc_auc", float("nan"))]
-                            for lab, (n, s) in zip(g["labels"], ref["scores"].items())]), ""]
+            out += [f"### Against the reference `{ref['setting']}`", "", _table(REFERENCE_HEADER, _reference_rows(g)), ""]
         if g["bootstrap"]:
             out += ["### Bootstrap intervals of edge scores (over prompts)", ""]
             label = dict(zip(g["names"], g["labels"]))
             for name, b in g["bootstrap"].items():
                 out += [f"**{label[name]}**: {b['excluding_zero']} edges with a {b['level']:.0%} interval excluding 0. Top edges:", "",
-                        _table(["edge", "mean", "low", "high"], [[" -> ".join(t["edge"]), t["mean"], t["low"], t["high"]] for t in b["top"]]), ""]
+                        _table(BOOTSTRAP_HEADER, _bootstrap_rows(b)), ""]
     return "\n".join(out)
 
 
@@ -195,22 +212,19 @@ def to_html(groups: list[dict], title: str) -> str:
             parts.append("<h3>Faithfulness curves</h3>")
             parts.append(figures.line_chart(curves, "fraction of edges kept (top |score|)", "faithfulness", "faithfulness of top-scoring circuits", 760, 360))
         parts.append("<h3>Components that appear or vanish, against the consensus</h3>")
-        parts.append(_html_table(["setting", "appear", "vanish"], [[lab, ", ".join(g["appear_vanish"][n]["appear"]) or "-", ", ".join(g["appear_vanish"][n]["vanish"]) or "-"]
-                                                                 for lab, n in zip(g["labels"], g["names"])]))
+        parts.append(_html_table(APPEAR_HEADER, _appear_rows(g)))
         parts.append("<h3>How often each component is found</h3>")
-        parts.append(_html_table(["component", "fraction of settings"], [[c, f] for c, f in sorted(g["node_stability"].items(), key=lambda kv: -kv[1])]))
+        parts.append(_html_table(STABILITY_HEADER, _stability_rows(g)))
         if "reference" in g:
             ref = g["reference"]
             parts.append(f"<h3>Against the reference {escape(ref['setting'])}</h3>")
-            parts.append(_html_table(["setting", "edge precision", "edge recall", "edge F1", "component F1", "ROC AUC"],
-                                     [[lab, s["edges"]["precision"], s["edges"]["recall"], s["edges"]["f1"], s["nodes"]["f1"], s.get("roc_auc", float("nan"))]
-                                      for lab, (n, s) in zip(g["labels"], ref["scores"].items())]))
+            parts.append(_html_table(REFERENCE_HEADER, _reference_rows(g)))
         if g["bootstrap"]:
             parts.append("<h3>Bootstrap intervals of edge scores (over prompts)</h3>")
             label = dict(zip(g["names"], g["labels"]))
             for name, b in g["bootstrap"].items():
                 parts.append(f"<p><b>{escape(label[name])}</b>: {b['excluding_zero']} edges with a {b['level']:.0%} interval excluding 0.</p>")
-                parts.append(_html_table(["edge", "mean", "low", "high"], [[" -> ".join(t["edge"]), t["mean"], t["low"], t["high"]] for t in b["top"]]))
+                parts.append(_html_table(BOOTSTRAP_HEADER, _bootstrap_rows(b)))
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -225,3 +239,16 @@ def write_report(records: list[dict], out_dir: str | Path, title: str = "Circuit
     html = write_text(Path(out_dir) / "report.html", to_html(groups, title))
     md = write_text(Path(out_dir) / "report.md", markdown)
     return {"html": str(html), "markdown": str(md), "markdown_text": markdown}
+
+
+def write_run_report(run_dir: str | Path, reference: str | None = None, title: str | None = None) -> dict[str, str]:
+    """The diff report of a sweep's run folder; ``reference`` names the setting taken as the truth."""
+    from circuitfind.sweep import load_records
+
+    records = load_records(run_dir)
+    ref = None
+    if reference is not None:
+        ref = next((r for r in records if r["setting"] == reference), None)
+        if ref is None:
+            raise ValueError(f"reference setting {reference!r} is not in {run_dir}")
+    return write_report(records, run_dir, title or f"Circuit diff report: {Path(run_dir).name}", reference=ref)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
 import threading
 import time
 from itertools import product
@@ -164,21 +163,14 @@ def run_setting(setting: Setting, config: SweepConfig, run_dir: str | Path, cach
         from_cache = True
     record = json.loads((cached / "record.json").read_text())
     out.mkdir(parents=True, exist_ok=True)
-    _copy(cached / "circuit.graphml", files["graphml"])
+    write_bytes(files["graphml"], (cached / "circuit.graphml").read_bytes())
     has_per_prompt = (cached / "per_prompt.pt").is_file()
     if has_per_prompt:
-        _copy(cached / "per_prompt.pt", files["per_prompt"])
+        write_bytes(files["per_prompt"], (cached / "per_prompt.pt").read_bytes())
     record.update(graphml=str(files["graphml"]), json=str(files["json"]),
                   per_prompt=str(files["per_prompt"]) if has_per_prompt else None, from_cache=from_cache)
     write_json(files["json"], record)
     return {k: record[k] for k in ("setting", "json", "graphml", "per_prompt", "from_cache", "n_edges", "faithfulness")}
-
-
-def _copy(src: Path, dst: Path) -> None:
-    """Copy atomically (temporary name, then rename)."""
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
 
 
 def load_records(run_dir: str | Path) -> list[dict]:
