@@ -2,10 +2,12 @@
 
     python benchmarks/bench_edges.py [--model toy-ioi] [--prompts 32] [--tau 0.02]
 
-Prints: the masked forward pass (every edge mask active, random keep/patch) against the plain forward
-pass on the same model and batch, for 1..C stacked candidates; ACDC with speculative candidate
-batches against ACDC with one edge per forward pass (same circuit required); EAP and EAP-IG; and
-peak memory (CUDA peak allocation on a GPU, max RSS on CPU).
+Prints: the masked forward pass (every edge mask active, random keep/patch) on both engines against
+the plain forward pass on the same model and batch, for 1..C stacked candidates. The yardstick is
+the model as circuitfind loads it (split q/k/v inputs and per-head results switched on, which
+patching needs); the plain forward with them switched off is shown too. Then ACDC in each engine
+and batching mode against the one-edge-per-forward reference through the bridge's hooks (same
+circuit required), EAP and EAP-IG, and peak memory (CUDA peak allocation on a GPU, max RSS on CPU).
 """
 
 from __future__ import annotations
@@ -33,6 +35,9 @@ from _timing import peak_memory_mb as peak_mb  # noqa: E402
 def main() -> None:
     p = base_parser(__doc__, prompts=32)
     p.add_argument("--tau", type=float, default=0.02)
+    p.add_argument("--repeats", type=int, default=3, help="best of this many ACDC runs")
+    p.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 16], help="stacked candidates per masked forward")
+    p.add_argument("--no-discovery", action="store_true", help="masked forward only (ACDC's reference is slow on real models)")
     args = p.parse_args()
 
     model = load_model(args.model)
@@ -41,33 +46,53 @@ def main() -> None:
     patcher = EdgePatcher(setup)
     device = next(model.parameters()).device
     print(f"\nmodel {args.model}, {batch.size} prompts x {batch.n_pos} positions, {patcher.n_edges} edges, "
-          f"device {device}, torch threads {torch.get_num_threads()}\n")
+          f"device {device}, torch threads {torch.get_num_threads()}, default engine {patcher.engine}\n")
 
-    print(f"{'masked forward (all masks active)':<36} {'plain ms':>9} {'masked ms':>10} {'ratio':>7}")
+    hooks = EdgePatcher(setup, engine="hooks")
+    print(f"{'masked forward (all masks active)':<32} {'plain ms':>9} {'unsplit':>8} {'hooks ms':>9} {'ratio':>6} "
+          f"{'functional':>10} {'ratio':>6}")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for n in (1, 4, 16):
+        for n in args.candidates:
             tokens = batch.clean_tokens.repeat(n, 1)
             masks = (torch.rand(n, patcher.n_edges, generator=gen) > 0.5).float().to(device)
             plain, _ = timed(lambda: model(tokens), 5)
-            masked, _ = timed(lambda: patcher.run(masks), 5)
-            print(f"{f'{n} candidate(s) x {batch.size} prompts':<36} {plain * 1e3:>9.1f} {masked * 1e3:>10.1f} {masked / plain:>7.2f}")
+            unsplit, _ = timed(lambda: unsplit_forward(model, tokens), 5)
+            t_hooks, _ = timed(lambda: hooks.run(masks), 5)
+            t_fast, _ = timed(lambda: patcher.run(masks), 5)
+            print(f"{f'{n} candidate(s) x {batch.size} prompts':<32} {plain * 1e3:>9.1f} {unsplit * 1e3:>8.1f} "
+                  f"{t_hooks * 1e3:>9.1f} {t_hooks / plain:>6.2f} {t_fast * 1e3:>10.1f} {t_fast / plain:>6.2f}")
 
-    print(f"\n{'discovery':<36} {'seconds':>9} {'forwards':>10} {'edges':>7}")
-    one, ref = timed(lambda: D.acdc(patcher, args.tau, candidates=1, reuse_prefix=False), 1)
-    spec, res_spec = timed(lambda: D.acdc(patcher, args.tau, reuse_prefix=False), 1)
-    fast, res = timed(lambda: D.acdc(patcher, args.tau), 1)
-    for other in (res_spec, res):
-        assert torch.equal(ref.in_circuit, other.in_circuit), "batched ACDC must find the reference circuit"
-    print(f"{'ACDC, one edge per forward':<36} {one:>9.2f} {ref.settings['forward_passes']:>10d} {ref.n_edges:>7d}")
-    print(f"{'ACDC, speculative batches':<36} {spec:>9.2f} {res_spec.settings['forward_passes']:>10d} {res_spec.n_edges:>7d}")
-    print(f"{'ACDC, batches + prefix reuse':<36} {fast:>9.2f} {res.settings['forward_passes']:>10d} {res.n_edges:>7d}")
+    if args.no_discovery:
+        print(f"\npeak memory {peak_mb():.0f} MB")
+        return
+    print(f"\n{'discovery':<44} {'seconds':>8} {'forwards':>9} {'edges':>6} {'speed-up':>9}")
+    one, ref = timed(lambda: D.acdc(hooks, args.tau, candidates=1, reuse_prefix=False), args.repeats)
+    rows = [("ACDC reference: hooks, one edge per forward", one, ref)]
+    for label, p, kw in [("ACDC hooks, batches + prefix", hooks, {}),
+                         ("ACDC functional, one edge per forward", patcher, dict(candidates=1, reuse_prefix=False)),
+                         ("ACDC functional, one edge, incremental", patcher, dict(candidates=1)),
+                         ("ACDC functional, batches + incremental", patcher, {})]:
+        t, res = timed(lambda: D.acdc(p, args.tau, **kw), args.repeats)
+        assert torch.equal(ref.in_circuit, res.in_circuit), f"{label} must find the reference circuit"
+        rows.append((label, t, res))
+    for label, t, res in rows:
+        print(f"{label:<44} {t:>8.2f} {res.settings['forward_passes']:>9d} {res.n_edges:>6d} {one / t:>8.1f}x")
     ld = EdgePatcher(P.prepare(model, batch, "str", "logit_diff", max_batch=args.max_batch))
     t_eap, _ = timed(lambda: D.eap(ld))
     t_ig, _ = timed(lambda: D.eap_ig(ld, 5))
-    print(f"{'EAP (all edges)':<36} {t_eap:>9.2f} {'1+bwd':>10} {'-':>7}")
-    print(f"{'EAP-IG, 5 steps':<36} {t_ig:>9.2f} {'5+bwd':>10} {'-':>7}")
-    print(f"\nACDC speed-up {one / fast:.1f}x, same circuit; peak memory {peak_mb():.0f} MB")
+    print(f"{'EAP (all edges)':<44} {t_eap:>8.2f} {'1+bwd':>9} {'-':>6}")
+    print(f"{'EAP-IG, 5 steps':<44} {t_ig:>8.2f} {'5+bwd':>9} {'-':>6}")
+    print(f"\nACDC speed-up {one / rows[-1][1]:.1f}x, same circuit; peak memory {peak_mb():.0f} MB")
+
+
+def unsplit_forward(model, tokens):
+    """The plain forward with split q/k/v inputs, per-head results and MLP-input hooks switched off."""
+    model.set_use_split_qkv_input(False), model.set_use_attn_result(False), model.set_use_hook_mlp_in(False)
+    try:
+        return model(tokens)
+    finally:
+        model.set_use_split_qkv_input(True), model.set_use_attn_result(True), model.set_use_hook_mlp_in(True)
 
 
 if __name__ == "__main__":

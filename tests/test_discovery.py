@@ -20,7 +20,8 @@ def ld_patcher(ioi_model, ioi_batch):
 
 
 def acdc_reference(patcher, tau):
-    """ACDC with one edge per forward pass, written as plainly as possible."""
+    """ACDC with one edge per forward pass through the bridge's hooks, written as plainly as possible."""
+    patcher = EdgePatcher(patcher.setup, patcher.graph, patcher.direction, engine="hooks")
     graph = patcher.graph
     s_idx, r_idx = graph.edge_index
     keep = torch.ones(graph.n_edges, dtype=torch.bool)
@@ -42,9 +43,16 @@ def acdc_reference(patcher, tau):
 
 @pytest.mark.parametrize("tau", [0.02, 0.3])
 def test_acdc_matches_the_one_edge_at_a_time_reference(kl_patcher, tau):
+    assert kl_patcher.engine == "functional"
     circuit = D.acdc(kl_patcher, tau)
-    assert torch.equal(circuit.in_circuit, acdc_reference(kl_patcher, tau))
+    expected = acdc_reference(kl_patcher, tau)
+    assert torch.equal(circuit.in_circuit, expected)
     assert circuit.settings["algorithm"] == "acdc" and circuit.settings["forward_passes"] < kl_patcher.n_edges
+    # every engine and batching mode finds the same circuit
+    hooks = EdgePatcher(kl_patcher.setup, engine="hooks")
+    for patcher, kw in [(hooks, {}), (hooks, {"reuse_prefix": False}), (kl_patcher, {"candidates": 1}),
+                        (kl_patcher, {"reuse_prefix": False})]:
+        assert torch.equal(D.acdc(patcher, tau, **kw).in_circuit, expected), (patcher.engine, kw)
 
 
 def test_acdc_on_logit_difference_matches_reference(ld_patcher):

@@ -13,20 +13,28 @@ def setups(ioi_model, ioi_batch):
     return {c: P.prepare(ioi_model, ioi_batch, c, "logit_diff") for c in ("str", "gn", "resample", "mean", "zero")}
 
 
+def _same(engine):
+    """The hooks engine reproduces the base runs exactly; the functional one to float rounding."""
+    return (lambda a, b: a == b) if engine == "hooks" else (lambda a, b: a == pytest.approx(b, abs=2e-5))
+
+
 @pytest.mark.parametrize("corruption", ["str", "gn", "resample", "mean", "zero"])
-def test_keeping_every_edge_is_the_clean_run(setups, corruption):
-    patcher = EdgePatcher(setups[corruption])
-    assert patcher.value(patcher.ones()).item() == setups[corruption].clean_value
+@pytest.mark.parametrize("engine", ["hooks", "functional"])
+def test_keeping_every_edge_is_the_clean_run(setups, corruption, engine):
+    patcher = EdgePatcher(setups[corruption], engine=engine)
+    assert _same(engine)(patcher.value(patcher.ones()).item(), setups[corruption].clean_value)
 
 
 @pytest.mark.parametrize("corruption", ["str", "gn", "resample"])
 @pytest.mark.parametrize("split_qkv", [True, False])
-def test_patching_every_edge_is_the_corrupted_run(setups, corruption, split_qkv):
+@pytest.mark.parametrize("engine", ["hooks", "functional"])
+def test_patching_every_edge_is_the_corrupted_run(setups, corruption, split_qkv, engine):
     setup = setups[corruption]
-    patcher = EdgePatcher(setup, ModelGraph.from_model(setup.model, split_qkv=split_qkv))
+    graph = ModelGraph.from_model(setup.model, split_qkv=split_qkv)
+    patcher = EdgePatcher(setup, graph, engine=engine)
     assert patcher.value(torch.zeros_like(patcher.ones())).item() == pytest.approx(setup.corrupt_value, abs=1e-4)
-    denoise = EdgePatcher(setup, direction="denoise")
-    assert denoise.value(denoise.ones()).item() == setup.corrupt_value
+    denoise = EdgePatcher(setup, graph, direction="denoise", engine=engine)
+    assert _same(engine)(denoise.value(denoise.ones()).item(), setup.corrupt_value)
     assert denoise.value(torch.zeros_like(denoise.ones())).item() == pytest.approx(setup.clean_value, abs=1e-4)
 
 
@@ -153,15 +161,17 @@ def test_mask_shape_is_checked(setups):
 
 
 @pytest.mark.parametrize("corruption", ["str", "gn", "mean"])
-def test_starting_at_a_layer_reuses_the_prefix_exactly(setups, corruption):
-    patcher = EdgePatcher(setups[corruption])
+@pytest.mark.parametrize("engine", ["hooks", "functional"])
+def test_starting_at_a_receiver_reuses_the_prefix_exactly(setups, corruption, engine):
+    patcher = EdgePatcher(setups[corruption], engine=engine)
     graph = patcher.graph
-    layer_of = torch.tensor([graph.receivers[r].layer for r in graph.edge_index[1].tolist()])
+    r_idx = graph.edge_index[1]
     gen = torch.Generator().manual_seed(0)
-    for start in (1, 2):
+    names = [r.name for r in graph.receivers]
+    for start in [names.index(n) for n in ("a1.0<q>", "a1.2<k>", "m1", "a2.3<v>", "m2", "logits")]:
         masks = (torch.rand(patcher.n_edges, generator=gen) > 0.3).float().repeat(4, 1)
-        late = layer_of >= start  # candidates differ only in edges into layers >= start
+        late = r_idx >= start  # candidates differ only in edges into receivers from `start` on
         masks[:, late] = (torch.rand(4, int(late.sum()), generator=gen) > 0.5).float()
-        torch.testing.assert_close(patcher.run(masks, start_layer=start), patcher.run(masks), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="start_layer"):
-        patcher.run(patcher.ones().requires_grad_(True), start_layer=1)
+        torch.testing.assert_close(patcher.run(masks, start=start), patcher.run(masks), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="start"):
+        patcher.run(patcher.ones().requires_grad_(True), start=3)

@@ -124,9 +124,10 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     that is kept, the later candidates are stale and the next batch starts after it. The result is
     the one-edge-at-a-time result. ``m`` adapts: it doubles after a batch of removals and drops to 1
     after a kept edge, so little work is thrown away. ``candidates`` caps it (default:
-    ``max_batch // prompts``; 1 evaluates one edge per forward pass). With ``reuse_prefix`` the
-    layers below the receiver run once per receiver (nothing below it changes while its edges are
-    decided); candidates recompute only the layers from the receiver's up.
+    ``max_batch // prompts``; 1 evaluates one edge per forward pass). With ``reuse_prefix``
+    candidates are evaluated against the current circuit (:meth:`EdgePatcher.incremental`): on the
+    functional engine only the components the removed edges reach are recomputed, on the hooks
+    engine the layers below the receiver run once and are cached.
 
     Returns the circuit; ``scores`` holds each evaluated edge's objective change (0 if skipped).
     """
@@ -140,6 +141,7 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     scores = torch.zeros(E)
     s_idx, r_idx = graph.edge_index
     sender_of = {name: i for i, name in enumerate(graph.senders)}
+    search = patcher.incremental() if reuse_prefix else None
     current = patcher.value(keep[None].float()).item()
     cap = candidates or max(1, setup.max_batch // setup.size)
     chunk, n_forward, n_evaluated = 1, 1, 1
@@ -154,26 +156,26 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
             if not keep[fed.to(device)].any():
                 keep[incoming] = False
                 continue
-        start = min(receiver.layer, graph.n_layers - 1) if reuse_prefix else 0
-        prefix = patcher.prefix(keep[None].float(), start) if start else None
         i = 0
         while i < len(incoming):
             batch = incoming[i : i + chunk]
             masks = keep[None].repeat(len(batch), 1).float()
             for j in range(len(batch)):
                 masks[j, batch[: j + 1]] = 0.0
-            values = patcher.value(masks, start_layer=start, prefix=prefix)
+            values = (search.values(masks) if search else patcher.value(masks)).tolist()
             n_forward, n_evaluated = n_forward + 1, n_evaluated + len(batch)
-            consumed = len(batch)
+            consumed, adopted = len(batch), -1
             for j, e in enumerate(batch):
-                change = current - values[j].item()  # d(S - e) - d(S)
+                change = current - values[j]  # d(S - e) - d(S)
                 scores[e] = change
                 if change < tau:
                     keep[e] = False
-                    current = values[j].item()
+                    current, adopted = values[j], j
                 else:
                     consumed = j + 1
                     break
+            if search and adopted >= 0:
+                search.adopt(adopted)
             chunk = min(2 * chunk, cap) if consumed == len(batch) else 1
             i += consumed
     settings = _settings(patcher, "acdc", tau=tau, forward_passes=n_forward, candidates_evaluated=n_evaluated)

@@ -15,6 +15,13 @@ so all-ones masks reproduce the clean run and all-zeros masks the corrupted run.
 Masks are ``[candidates, n_edges]`` (``[candidates, n_edges, pos]`` for per-position graphs),
 bool or float; float masks are differentiable (EAP). Candidates are stacked on the batch axis and
 evaluated together, ``max_batch`` prompts per forward pass.
+
+Two engines compute the same thing. ``hooks`` runs the ``TransformerBridge`` with the corrections
+as forward hooks; it serves every architecture, gradients (EAP, EAP-IG), per-prompt and
+per-position masks. ``functional`` (:mod:`circuitfind.functional`, GPT-2 and Llama-style models)
+runs a hook-free copy of the forward pass that starts at the first receiver whose edges differ,
+shares the work below it across candidates and computes the last layer at the answer position
+only; the default ``auto`` uses it for plain (no-gradient) evaluations where it applies.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from circuitfind import functional
 from circuitfind.graph import ModelGraph
 from circuitfind.patching import Direction, PatchingSetup, _check_direction, _repeat_ctx, answer_logits, hook_name
 
@@ -38,10 +46,15 @@ class EdgePatcher:
         graph: the edge graph (``ModelGraph.from_model(model)`` by default).
         direction: ``noise`` (base = clean run, patched edges carry corrupted values) or
             ``denoise`` (base = corrupted run, patched edges carry clean values).
+        engine: ``auto`` (``functional`` for plain evaluations where the architecture and graph
+            allow it, ``hooks`` otherwise), ``hooks`` or ``functional``.
     """
 
-    def __init__(self, setup: PatchingSetup, graph: ModelGraph | None = None, direction: Direction = "noise"):
+    def __init__(self, setup: PatchingSetup, graph: ModelGraph | None = None, direction: Direction = "noise",
+                 engine: str = "auto"):
         _check_direction(direction)
+        if engine not in ("auto", "hooks", "functional"):
+            raise ValueError(f"engine must be 'auto', 'hooks' or 'functional', got {engine!r}")
         self.setup, self.direction = setup, direction
         self.model = setup.model
         self.graph = graph or ModelGraph.from_model(self.model)
@@ -55,6 +68,13 @@ class EdgePatcher:
             self._sender_hooks += [hook_name(layer, "result"), hook_name(layer, "mlp_out")]
         self.sources = setup.sources(direction, self._sender_hooks)
         self._base_outputs: dict[str, torch.Tensor] | None = None
+        self._prefixes: dict = {}
+        usable = functional.supports(self.model) and self.graph.n_pos is None
+        if engine == "functional" and not usable:
+            raise functional.UnsupportedModelError(
+                "the functional engine needs a GPT-2 or Llama-style model and a graph without per-position edges")
+        self.engine = "functional" if usable and engine != "hooks" else "hooks"
+        self._masked: functional.MaskedForward | None = None
         # Receiver groups: (hook, receiver indices, upstream sender count, per-head?, slice of the
         # indices this hook takes). A layer's q, k and v inputs read the same senders, so their
         # corrections come from one matmul (one pass over the sender differences), split per hook.
@@ -164,19 +184,34 @@ class EdgePatcher:
             hooks.append((hname, lambda a, hook, _i=idx, _u=up, _p=per_head, _b=bounds: correct(a, hook, _i, _u, _p, _b)))
         return hooks, state
 
-    def prefix(self, masks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prefix(self, masks: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream entering ``layer`` and the sender differences below it, for one mask set
-        (``[1, n_edges]``); pass it to :meth:`run` to skip the layers below ``layer``."""
-        base = self.setup.base_run(self.direction)
-        dense = self.graph.dense(masks.float())
-        hooks, state = self._hooks(dense, 1, fixed_diff=False)
-        with torch.no_grad():  # runs only the blocks below `layer`
-            resid = self.model.run_with_hooks(base.tokens, fwd_hooks=list(base.hooks) + hooks, stop_at_layer=layer)
-        return resid.detach(), state["buffer"][:, : self.graph.senders_before(layer)].clone()
+        (``[1, n_edges]``), cached by the masks of the edges below ``layer`` (hooks engine)."""
+        below = self.graph.edge_index[1] < self._receivers_below(layer)
+        key = (layer, masks[0, below.to(masks.device)].cpu().numpy().tobytes())
+        if key not in self._prefixes:
+            base = self.setup.base_run(self.direction)
+            hooks, state = self._hooks(self.graph.dense(masks.float()), 1, fixed_diff=False)
+            with torch.no_grad():  # runs only the blocks below `layer`
+                resid = self.model.run_with_hooks(base.tokens, fwd_hooks=list(base.hooks) + hooks, stop_at_layer=layer)
+            if len(self._prefixes) > 16:
+                self._prefixes.clear()
+            self._prefixes[key] = (resid.detach(), state["buffer"][:, : self.graph.senders_before(layer)].clone())
+        return self._prefixes[key]
+
+    def _receivers_below(self, layer: int) -> int:
+        return sum(r.layer < layer for r in self.graph.receivers)
+
+    def masked_forward(self) -> functional.MaskedForward:
+        """The functional engine's pass on this setup (built on first use)."""
+        if self._masked is None:
+            fm = functional.FunctionalModel(self.model)
+            self._masked = functional.MaskedForward(fm, self.graph, self.base_outputs(), self.sources,
+                                                    self.setup.plan.end_pos, self._sender_hooks)
+        return self._masked
 
     def run(self, masks: torch.Tensor, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None,
-            per_prompt: bool = False, start_layer: int = 0, prefix: tuple[torch.Tensor, torch.Tensor] | None = None,
-            desc: str | None = None) -> torch.Tensor:
+            per_prompt: bool = False, start: int = 0, desc: str | None = None) -> torch.Tensor:
         """Per-prompt metric ``[candidates, batch]`` with each candidate's edges patched where ``mask == 0``.
 
         Args:
@@ -187,10 +222,10 @@ class EdgePatcher:
                 accept the stacked ``[candidates * batch, ...]`` activations.
             per_prompt: masks are ``[candidates, n_edges, batch]``, one mask per prompt (the
                 gradient of the summed metric then gives per-prompt attributions).
-            start_layer: the candidates agree on every edge into receivers below this layer, so
-                the layers below it run once (for the first candidate) and each candidate only
-                recomputes the rest (``TransformerBridge`` ``start_at_layer``). Not with gradients.
-            prefix: :meth:`prefix` of the shared lower edges at ``start_layer``, if already computed.
+            start: a receiver index; the candidates agree on every edge into the receivers before
+                it (in graph order). The forward pass below it then runs once and is cached, and
+                each candidate runs only the rest (the functional engine from where the receiver
+                reads; the hooks engine from its layer, via ``start_at_layer``). Not with gradients.
         """
         if masks.dim() == 1:
             masks = masks[None]
@@ -200,30 +235,44 @@ class EdgePatcher:
         expected = (self.n_edges, self.setup.size) if per_prompt else expected
         if tuple(masks.shape[1:]) != expected:
             raise ValueError(f"edge masks must be [candidates, {', '.join(map(str, expected))}], got {tuple(masks.shape)}")
-        if start_layer and (masks.requires_grad or per_prompt or fixed_diff or extra_hooks or self.graph.n_pos is not None):
-            raise ValueError("start_layer works for plain (no-gradient, position-free) edge masks only")
+        plain = not (masks.requires_grad or per_prompt or fixed_diff or extra_hooks)
+        if start and not (plain and self.graph.n_pos is None):
+            raise ValueError("start works for plain (no-gradient, position-free) edge masks only")
         B = self.setup.size
-        base = self.setup.base_run(self.direction)
         chunk = max(1, self.setup.max_batch // B)
-        if start_layer and prefix is None:
-            prefix = self.prefix(masks[:1], start_layer)
-        prefix = prefix if start_layer else None
-        out = []
         starts = range(0, masks.shape[0], chunk)
-        for start in tqdm(starts, desc=desc or "edge patching", disable=not self.setup.progress or len(starts) < 2, leave=False):
-            part = masks[start : start + chunk]
+        out = []
+        for first in tqdm(starts, desc=desc or "edge patching", disable=not self.setup.progress or len(starts) < 2, leave=False):
+            part = masks[first : first + chunk]
+            part = part.to(torch.float32) if part.dtype == torch.bool else part
             n = part.shape[0]
-            dense = self.graph.dense(part.to(torch.float32) if part.dtype == torch.bool else part)
-            hooks, _ = self._hooks(dense, n, fixed_diff, per_prompt, None if prefix is None else prefix[1])
-            with torch.set_grad_enabled(part.requires_grad):
-                if prefix is None:
-                    hooks = list(base.hooks) + list(extra_hooks or []) + hooks
-                    logits = self.model.run_with_hooks(base.tokens.repeat(n, 1), fwd_hooks=hooks)
-                else:  # embedding-stage and lower-layer hooks are skipped by the bridge
-                    logits = self.model.run_with_hooks(prefix[0].repeat(n, 1, 1), start_at_layer=start_layer, fwd_hooks=hooks)
-                answer = answer_logits(logits, self.setup.plan.end_pos.repeat(n))
-                out.append(self.setup.metric(answer, _repeat_ctx(self.setup.ctx, n)).reshape(n, B))
+            if plain and self.engine == "functional":
+                with torch.no_grad():
+                    stage = functional.MaskedForward.stage(self.graph.receivers[start]) if start else 0
+                    answer = self.masked_forward().logits(1.0 - self.graph.dense(part), stage)
+            else:
+                answer = self._run_hooks(part, fixed_diff, extra_hooks, per_prompt, start)
+            out.append(self.setup.metric(answer, _repeat_ctx(self.setup.ctx, n)).reshape(n, B))
         return torch.cat(out)
+
+    def _run_hooks(self, part: torch.Tensor, fixed_diff: bool, extra_hooks, per_prompt: bool, start: int) -> torch.Tensor:
+        """Answer-position logits of one chunk of candidates through the bridge's forward hooks."""
+        n = part.shape[0]
+        base = self.setup.base_run(self.direction)
+        layer = min(self.graph.receivers[start].layer, self.graph.n_layers - 1) if start else 0
+        prefix = self._prefix(part[:1], layer) if layer else None
+        hooks, _ = self._hooks(self.graph.dense(part), n, fixed_diff, per_prompt, None if prefix is None else prefix[1])
+        with torch.set_grad_enabled(part.requires_grad):
+            if prefix is None:
+                hooks = list(base.hooks) + list(extra_hooks or []) + hooks
+                logits = self.model.run_with_hooks(base.tokens.repeat(n, 1), fwd_hooks=hooks)
+            else:  # embedding-stage and lower-layer hooks are skipped by the bridge
+                logits = self.model.run_with_hooks(prefix[0].repeat(n, 1, 1), start_at_layer=layer, fwd_hooks=hooks)
+            return answer_logits(logits, self.setup.plan.end_pos.repeat(n))
+
+    def incremental(self) -> "IncrementalSearch":
+        """Values of candidates relative to a reference mask set that moves with a search (ACDC)."""
+        return IncrementalSearch(self)
 
     def value(self, masks: torch.Tensor, **kw) -> torch.Tensor:
         """Mean metric over prompts, one value per candidate ``[candidates]``."""
@@ -234,3 +283,42 @@ class EdgePatcher:
         shape = (n, self.n_edges) if self.graph.n_pos is None else (n, self.n_edges, self.graph.n_pos)
         shape = (n, self.n_edges, self.setup.size) if per_prompt else shape
         return torch.ones(shape, dtype=dtype, device=self.setup.plan.clean.tokens.device)
+
+
+class IncrementalSearch:
+    """Metric values of candidate masks that differ little from a reference that moves (ACDC).
+
+    The reference starts as every edge kept. :meth:`values` evaluates candidates, :meth:`adopt`
+    makes one of them the new reference. With the functional engine only the components reached
+    from the changed receivers along kept edges run (:class:`circuitfind.functional.IncrementalForward`);
+    with the hooks engine the forward pass starts at the first changed receiver's layer.
+    """
+
+    def __init__(self, patcher: EdgePatcher):
+        self.patcher = patcher
+        self.reference = patcher.ones()
+        self._last: torch.Tensor | None = None
+        self.forward: functional.IncrementalForward | None = None
+        if patcher.engine == "functional":
+            setup = patcher.setup
+            which = "clean" if patcher.direction == "noise" else "corrupt"
+            inputs = setup.activations(which, functional.IncrementalForward.hooks(setup.n_layers))
+            self.forward = functional.IncrementalForward(patcher.masked_forward(), inputs)
+
+    def values(self, masks: torch.Tensor) -> torch.Tensor:
+        """Mean metric per candidate ``[candidates]`` for ``[candidates, n_edges]`` keep-masks."""
+        self._last = masks
+        if self.forward is None:
+            differs = (masks != self.reference).any(0)
+            start = int(self.patcher.graph.edge_index[1][differs.cpu()].min()) if differs.any() else 0
+            return self.patcher.value(masks, start=start)
+        setup, n = self.patcher.setup, masks.shape[0]
+        with torch.no_grad():
+            answer = self.forward.logits(1.0 - self.patcher.graph.dense(masks.float()))
+        return setup.metric(answer, _repeat_ctx(setup.ctx, n)).reshape(n, setup.size).mean(-1)
+
+    def adopt(self, j: int) -> None:
+        """Make candidate ``j`` of the last :meth:`values` call the reference."""
+        self.reference = self._last[j : j + 1].clone()
+        if self.forward is not None:
+            self.forward.adopt(j)

@@ -1,0 +1,549 @@
+"""A hook-free forward pass, split at the edge graph's nodes, for the inner loops of edge patching.
+
+``TransformerBridge`` runs the Hugging Face modules with hook points everywhere and always computes
+the whole model. ACDC evaluates hundreds of candidates that each change one receiver's input; for
+them the per-call machinery and the recomputation of everything below that receiver dominate.
+:class:`FunctionalModel` reads a supported model's weights from the bridge once (the same tensors
+and norm modules the bridge runs) and exposes its components as tensor functions: per-head
+attention from separate q/k/v residual inputs (queries optionally at one position per prompt),
+the MLP and the unembedding. :class:`MaskedForward` runs the edge-masked forward pass on them,
+starting at any stage with everything below computed once and shared by all candidates, and, since
+metrics read only the answer position, computing the last layer's queries, MLP and logits there only.
+
+Supported: GPT-2 style (LayerNorm, learned positions, GELU MLP) and Llama style (RMSNorm, rotary
+positions, grouped-query attention, gated MLP) models, which covers the shipped models and SmolLM2.
+Other architectures use the hook-based engine. Tests pin both engines to each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from circuitfind.errors import CircuitfindError
+from circuitfind.graph import ModelGraph
+
+SUPPORTED = ("gpt2", "llama")
+
+
+class UnsupportedModelError(CircuitfindError, NotImplementedError):
+    """The functional forward pass does not implement this architecture."""
+
+
+def supports(model) -> bool:
+    """Whether :class:`FunctionalModel` implements ``model``'s architecture."""
+    cfg = getattr(getattr(model, "original_model", None), "config", None)
+    return getattr(cfg, "model_type", None) in SUPPORTED and getattr(model.cfg, "use_split_qkv_input", False)
+
+
+def _tensor(obj, name: str) -> torch.Tensor | None:
+    value = getattr(obj, name, None)
+    return None if value is None else value.detach()
+
+
+@dataclass
+class _Layer:
+    norm1: torch.nn.Module
+    W_Q: torch.Tensor  # [H, d_model, d_head]
+    W_K: torch.Tensor  # [KV, d_model, d_head]
+    W_V: torch.Tensor
+    W_O: torch.Tensor  # [H, d_head, d_model]
+    b_Q: torch.Tensor | None
+    b_K: torch.Tensor | None
+    b_V: torch.Tensor | None
+    b_O: torch.Tensor | None
+    norm2: torch.nn.Module
+    W_in: torch.Tensor
+    b_in: torch.Tensor | None
+    W_gate: torch.Tensor | None
+    W_out: torch.Tensor
+    b_out: torch.Tensor | None
+    scale: float
+
+
+class FunctionalModel:
+    """The components of a GPT-2 or Llama-style bridge model as plain tensor functions."""
+
+    def __init__(self, model):
+        if not supports(model):
+            arch = getattr(getattr(getattr(model, "original_model", None), "config", None), "model_type", "?")
+            raise UnsupportedModelError(f"no functional forward pass for architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
+        hf = model.original_model.config
+        cfg = model.cfg
+        self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
+        self.n_kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
+        act = getattr(hf, "activation_function", None) or hf.hidden_act
+        # GPT-2's gelu_new is the tanh approximation; torch's fused kernel computes the same formula
+        self.act = partial(F.gelu, approximate="tanh") if act in ("gelu_new", "gelu_pytorch_tanh") else ACT2FN[act]
+        by_layer = getattr(hf, "scale_attn_by_inverse_layer_idx", False)
+        self.layers = []
+        for layer, block in enumerate(model.blocks):
+            a, m = block.attn, block.mlp
+            norm1 = a._ln1_module
+            if norm1 is None:
+                raise UnsupportedModelError("the bridge does not expose the attention's input norm")
+            d_head = a.W_Q.shape[-1]
+            self.layers.append(_Layer(
+                norm1, _tensor(a, "W_Q"), _tensor(a, "W_K"), _tensor(a, "W_V"), _tensor(a, "W_O"),
+                _tensor(a, "b_Q"), _tensor(a, "b_K"), _tensor(a, "b_V"), _tensor(a, "b_O"),
+                block.ln2.original_component, _tensor(m, "W_in"), _tensor(m, "b_in"), _tensor(m, "W_gate"),
+                _tensor(m, "W_out"), _tensor(m, "b_out"), d_head**-0.5 / ((layer + 1) if by_layer else 1),
+            ))
+        self.final_norm = model.ln_final.original_component
+        self.W_U, self.b_U = _tensor(model, "W_U"), _tensor(model, "b_U")
+        rotary = [mod for name, mod in model.original_model.named_modules() if name.endswith("rotary_emb")]
+        self.rotary = rotary[0].original_component if rotary else None
+        self._rope_cache: dict = {}
+
+    # -- components -----------------------------------------------------------------------
+    def _rope(self, n_pos: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (n_pos, like.device, like.dtype)
+        if key not in self._rope_cache:
+            pos = torch.arange(n_pos, device=like.device)[None]
+            cos, sin = self.rotary(like, pos)
+            self._rope_cache[key] = (cos[0], sin[0])  # [pos, d_head]
+        return self._rope_cache[key]
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _project(self, norm, x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        """Per-head norm then projection: ``[..., heads, d_model] -> [..., heads, d_head]``."""
+        out = torch.einsum("...hd,hde->...he", norm(x), W)
+        return out if b is None else out + b
+
+    def attention(self, layer: int, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
+                  q_pos: torch.Tensor | None = None, heads: list[int] | None = None,
+                  heads_first: bool = False) -> torch.Tensor:
+        """Per-head outputs (``hook_result``) from the residual inputs of the heads' q, k and v.
+
+        ``k_in``/``v_in`` are ``[N, pos, KV, d_model]``. ``q_in`` is ``[N, pos, H, d_model]``, or, with
+        ``q_pos`` (``[N]``, one query position per row), ``[N, H, d_model]`` at those positions;
+        the result is then ``[N, H, d_model]`` instead of ``[N, pos, H, d_model]``; ``heads_first``
+        returns ``[H, N, pos, d_model]`` (without ``q_pos``; the layout edge patching stores). With ``heads``
+        (query head indices), only those heads run and ``k_in``/``v_in`` hold one entry per query
+        head (its key/value head's input).
+        """
+        w = self.layers[layer]
+        T = k_in.shape[1]
+        group = self.n_heads // self.n_kv_heads
+        W_Q, W_K, W_V, W_O, b_Q, b_K, b_V = w.W_Q, w.W_K, w.W_V, w.W_O, w.b_Q, w.b_K, w.b_V
+        if heads is not None:
+            kv = [h // group for h in heads]
+            W_Q, W_O, W_K, W_V = W_Q[heads], W_O[heads], W_K[kv], W_V[kv]
+            b_Q, b_K, b_V = (None if b is None else b[i] for b, i in ((b_Q, heads), (b_K, kv), (b_V, kv)))
+            group = 1
+        q = self._project(w.norm1, q_in, W_Q, b_Q)
+        k = self._project(w.norm1, k_in, W_K, b_K).transpose(1, 2)  # [N, KV, pos, e]
+        v = self._project(w.norm1, v_in, W_V, b_V).transpose(1, 2)
+        q = q.unsqueeze(1) if q_pos is not None else q  # [N, Tq, H, e]
+        q = q.transpose(1, 2)  # [N, H, Tq, e]
+        if self.rotary is not None:
+            cos, sin = self._rope(T, k)
+            k = self._rotate(k, cos, sin)
+            q = self._rotate(q, cos, sin) if q_pos is None else self._rotate(q, cos[q_pos][:, None, None], sin[q_pos][:, None, None])
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * w.scale  # [N, H, Tq, T]
+        keys = torch.arange(T, device=k.device)
+        queries = keys[:, None] if q_pos is None else q_pos[:, None, None, None]
+        scores = scores.masked_fill(keys > queries, float("-inf"))
+        z = torch.softmax(scores, dim=-1) @ v  # [N, H, Tq, e]
+        if heads_first and q_pos is None:
+            return torch.einsum("nhte,hed->hntd", z, W_O)
+        out = torch.einsum("nhte,hed->nthd", z, W_O)
+        return out[:, 0] if q_pos is not None else out
+
+    def attn_bias(self, layer: int) -> torch.Tensor | float:
+        b = self.layers[layer].b_O
+        return 0.0 if b is None else b
+
+    def mlp(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """MLP output (``hook_mlp_out``) from its residual input (``hook_mlp_in``)."""
+        w = self.layers[layer]
+        x = w.norm2(x)
+        pre = x @ w.W_in if w.b_in is None else torch.addmm(w.b_in, x.reshape(-1, x.shape[-1]), w.W_in).reshape(*x.shape[:-1], -1)
+        hidden = self.act(x @ w.W_gate) * pre if w.W_gate is not None else self.act(pre)
+        out = hidden @ w.W_out
+        return out if w.b_out is None else out + w.b_out
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the final residual stream (``[..., d_model] -> [..., vocab]``)."""
+        out = self.final_norm(x) @ self.W_U
+        return out if self.b_U is None else out + self.b_U
+
+
+class MaskedForward:
+    """The edge-masked forward pass on a :class:`FunctionalModel` (see :mod:`circuitfind.edges`).
+
+    The run is split into stages: layer ``l``'s attention is stage ``2l``, its MLP ``2l + 1``, the
+    logits stage ``2L``. :meth:`logits` runs the stages from ``start`` per candidate; the state
+    below ``start`` (the residual stream and the sender differences) is computed once, for the
+    first candidate, and cached, so candidates must agree on every edge into receivers below it.
+
+    Args:
+        fm: the model's components.
+        graph: the edge graph (no per-position edges).
+        base: sender outputs of the unpatched base run (``blocks.0.hook_resid_pre``, every
+            ``attn.hook_result`` and ``hook_mlp_out``).
+        sources: the same hooks in the run whose values patched edges carry.
+        end_pos: ``[batch]`` answer positions; only they reach the metric.
+    """
+
+    def __init__(self, fm: FunctionalModel, graph: ModelGraph, base: dict[str, torch.Tensor],
+                 sources: dict[str, torch.Tensor], end_pos: torch.Tensor, sender_hooks: list[str]):
+        if graph.n_pos is not None:
+            raise ValueError("the functional engine needs a graph without per-position edges")
+        self.fm, self.graph = fm, graph
+        L, H = graph.n_layers, graph.n_heads
+        self.embed = base[sender_hooks[0]]
+        self.B, self.T, self.d = self.embed.shape
+        self.end_pos = end_pos
+        self.rows = torch.arange(self.B, device=end_pos.device)
+        parts = []
+        for name in sender_hooks:
+            diff = sources[name] - base[name]
+            parts.append(diff.permute(2, 0, 1, 3) if diff.dim() == 4 else diff[None])
+        self.base_diffs = torch.cat(parts)  # [senders, B, T, d] of the base run
+        self.sources = {name: sources[name] for name in sender_hooks[1:]}
+        self.sender_hooks = sender_hooks
+        # receiver indices per layer: q, k, v inputs (merged: one per head, read as q, k and v)
+        self.qkv: list[tuple[list[int], list[int], list[int]]] = []
+        for layer in range(L):
+            if graph.split_qkv:
+                self.qkv.append(tuple(graph.receiver_slices(layer, k) for k in ("q", "k", "v")))
+            else:
+                idx = graph.receiver_slices(layer, "qkv")
+                self.qkv.append((idx, idx, idx))
+        self.mlp_recv = [graph.receiver_slices(layer, "mlp")[0] for layer in range(L)]
+        self.logit_recv = len(graph.receivers) - 1
+        stage_of = [self.stage(r) for r in graph.receivers]
+        self.receivers_before = [sum(s < k for s in stage_of) for k in range(2 * L + 1)]  # receivers are stage-ordered
+        self.senders_at = [graph.senders_before(k // 2) + (H if k % 2 else 0) for k in range(2 * L + 1)]
+        self._prefix_cache: dict = {}
+        self._heads_first: dict[str, torch.Tensor] = {}
+
+    def heads_first(self, layer: int) -> torch.Tensor:
+        """Source head outputs of ``layer`` as ``[H, B, T, d]`` (the difference buffer's layout)."""
+        name = f"blocks.{layer}.attn.hook_result"
+        if name not in self._heads_first:
+            self._heads_first[name] = self.sources[name].permute(2, 0, 1, 3).contiguous()
+        return self._heads_first[name]
+
+    @staticmethod
+    def stage(receiver) -> int:
+        """The stage at which ``receiver`` reads (attention ``2l``, MLP ``2l + 1``, logits ``2L``)."""
+        return 2 * receiver.layer + (1 if receiver.kind == "mlp" else 0)
+
+    # -- the pass -------------------------------------------------------------------------
+    def logits(self, patched: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Answer-position logits ``[candidates * batch, vocab]`` for dense patch weights
+        ``patched = 1 - keep`` ``[candidates, senders, receivers]``, running stages ``start`` on."""
+        n = patched.shape[0]
+        if start:
+            R = self.receivers_before[start]
+            if n > 1 and not torch.equal(patched[1:, :, :R], patched[:1, :, :R].expand(n - 1, -1, -1)):
+                raise ValueError("candidates must agree on every edge into receivers below the start stage")
+            resid, shared = self._prefix(patched[0], start)
+        else:
+            resid, shared = self.embed, self.base_diffs[:1]
+        run = _Run(self, patched, shared, resid, start)
+        return run.finish()
+
+    def _prefix(self, patched_row: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream and sender differences of one mask set below stage ``start`` (cached)."""
+        R = self.receivers_before[start]
+        below = patched_row[:, :R]
+        key = (start, below.cpu().numpy().tobytes())
+        if key not in self._prefix_cache:
+            run = _Run(self, patched_row[None], self.base_diffs[:1], self.embed, 0, stop=start)
+            resid = run.finish()[0]
+            shared = torch.cat([self.base_diffs[:1], run.diffs[0, : self.senders_at[start] - 1]])
+            if len(self._prefix_cache) > 16:
+                self._prefix_cache.clear()
+            self._prefix_cache[key] = (resid, shared)
+        return self._prefix_cache[key]
+
+
+class _Run:
+    """One pass of :meth:`MaskedForward.logits` over ``n`` candidates (state kept for a prefix)."""
+
+    def __init__(self, mf: MaskedForward, patched: torch.Tensor, shared: torch.Tensor, resid: torch.Tensor,
+                 start: int, stop: int | None = None):
+        self.mf, self.patched = mf, patched.to(resid.dtype)
+        n, S = patched.shape[0], patched.shape[1]
+        self.n, self.S0 = n, shared.shape[0]
+        self.shared = shared  # [S0, B, T, d], common to all candidates
+        self.diffs = resid.new_empty(n, S - self.S0, mf.B, mf.T, mf.d)  # senders from the start on
+        self.count = self.S0
+        self.resid = resid.expand(n, *resid.shape).clone() if resid.dim() == 3 else resid.clone()
+        self.start, self.stop = start, 2 * mf.graph.n_layers if stop is None else stop
+        self.prefix_only = stop is not None  # keep every position; return the state, not logits
+        self._mlp_below: tuple[int, torch.Tensor] | None = None  # an MLP's correction from below its layer
+
+    # corrections: sum over upstream senders of patched weight x difference
+    def _correct(self, recv: list[int], up: int, end: bool = False, lo: int = 0) -> torch.Tensor:
+        """``[n, B, T (or end), R, d]`` corrections of receivers ``recv`` from senders ``lo..up-1``.
+
+        Each is a matmul of the patch weights with the sender differences; the differences are the
+        bulk of the data, so callers ask for all receivers that read the same senders at once."""
+        mf, n, R = self.mf, self.n, len(recv)
+        rows = torch.tensor(recv, device=self.patched.device)
+        corr = None
+        if lo < self.S0:  # senders below the start: one difference tensor shared by all candidates
+            s0 = min(up, self.S0)
+            shared = self.shared[lo:s0]
+            flat = (shared[:, mf.rows, mf.end_pos] if end else shared).reshape(s0 - lo, -1)
+            ws = self.patched[:, lo:s0, rows]  # [n, s, R]
+            if n > 1 and torch.equal(ws, ws[:1].expand_as(ws)):
+                corr = (ws[0].T @ flat).expand(n, R, flat.shape[1])
+            else:
+                corr = (ws.transpose(1, 2).reshape(n * R, s0 - lo) @ flat).reshape(n, R, -1)
+        first = max(lo, self.S0)
+        if up > first:  # senders this pass computed, per candidate
+            new = self.diffs[:, first - self.S0 : up - self.S0]
+            new = (new[:, :, mf.rows, mf.end_pos] if end else new).reshape(n, up - first, -1)
+            w = self.patched[:, first:up, rows].transpose(1, 2)
+            corr = torch.bmm(w, new) if corr is None else torch.baddbmm(corr, w, new)
+        shape = (n, R, mf.B, mf.d) if end else (n, R, mf.B, mf.T, mf.d)
+        return corr.reshape(shape).movedim(1, -2)  # [n, B, (T,) R, d]
+
+    def _store_end(self, diff: torch.Tensor) -> None:
+        """Differences ``[n, g, B, d]`` known at the answer positions only (the last layer)."""
+        k, g = self.count - self.S0, diff.shape[1]
+        self.diffs[:, k : k + g, self.mf.rows, self.mf.end_pos] = diff
+        self.count += g
+
+    def _end_resid(self) -> torch.Tensor:
+        """The residual stream at the answer positions, ``[n, B, d]``."""
+        return self.resid if self.resid.dim() == 3 else self.resid[:, self.mf.rows, self.mf.end_pos]
+
+    def finish(self) -> torch.Tensor:
+        mf = self.mf
+        L, H = mf.graph.n_layers, mf.graph.n_heads
+        n, B = self.n, mf.B
+        end_layer = L if self.prefix_only else L - 1  # the last layer runs at the answer positions only
+        for k in range(self.start, self.stop):
+            layer, mlp = k // 2, k % 2
+            end = layer == end_layer
+            if not mlp:
+                self._attention(layer, end)
+            else:
+                self._mlp(layer, end)
+        if self.prefix_only:
+            return self.resid
+        x = self._end_resid() + self._correct([mf.logit_recv], mf.senders_at[2 * L], end=True)[..., 0, :]
+        return mf.fm.unembed(x).reshape(n * B, -1)
+
+    def _attention(self, layer: int, end: bool) -> None:
+        mf = self.mf
+        n, B, T, d = self.n, mf.B, mf.T, mf.d
+        q_idx, k_idx, v_idx = mf.qkv[layer]
+        up = mf.senders_at[2 * layer]
+        split = mf.graph.split_qkv
+        kv_idx = k_idx + v_idx if split else q_idx  # a merged receiver is its head's q, k and v input
+        if end:  # keys and values at every position; queries (below) at the answer positions only
+            corr = self._correct(kv_idx, up)
+            ck = corr[..., : len(k_idx), :]
+            cv = corr[..., len(k_idx) :, :] if split else ck
+        else:  # one pass over the upstream differences: q, k, v and the MLP's share from below this layer
+            corr = self._correct((q_idx + kv_idx if split else q_idx) + [mf.mlp_recv[layer]], up)
+            cq = corr[..., : len(q_idx), :]
+            ck = corr[..., len(q_idx) : len(q_idx) + len(k_idx), :] if split else cq
+            cv = corr[..., len(q_idx) + len(k_idx) : -1, :] if split else cq
+        k_in = (self.resid[:, :, :, None] + ck).reshape(n * B, T, -1, d)
+        v_in = (self.resid[:, :, :, None] + cv).reshape(n * B, T, -1, d)
+        if end:
+            resid_end = self._end_resid()
+            q_in = (resid_end[:, :, None] + self._correct(q_idx, up, end=True)).reshape(n * B, -1, d)
+            out = mf.fm.attention(layer, q_in, k_in, v_in, q_pos=mf.end_pos.repeat(n)).reshape(n, B, -1, d)
+            src = mf.sources[f"blocks.{layer}.attn.hook_result"][mf.rows, mf.end_pos]  # [B, H, d]
+            self._store_end((src - out).transpose(1, 2))
+            self.resid = resid_end + out.sum(2) + mf.fm.attn_bias(layer)
+            return
+        q_in = (self.resid[:, :, :, None] + cq).reshape(n * B, T, -1, d)
+        self._mlp_below = (layer, corr[..., -1, :])
+        out = mf.fm.attention(layer, q_in, k_in, v_in, heads_first=True)  # [H, n * B, T, d]
+        H = out.shape[0]
+        k = self.count - self.S0
+        # source - output, written straight into the candidates' difference buffer
+        torch.sub(mf.heads_first(layer), out.view(H, n, B, T, d).transpose(0, 1), out=self.diffs[:, k : k + H])
+        self.count += H
+        self.resid = self.resid + out.sum(0).view(n, B, T, d) + mf.fm.attn_bias(layer)
+
+    def _mlp(self, layer: int, end: bool) -> None:
+        mf = self.mf
+        up, r = mf.senders_at[2 * layer + 1], mf.mlp_recv[layer]
+        src = mf.sources[f"blocks.{layer}.hook_mlp_out"]
+        if end:
+            self.resid = self._end_resid()
+            x = self.resid + self._correct([r], up, end=True)[..., 0, :]
+            out = mf.fm.mlp(layer, x)  # [n, B, d]
+            self._store_end((src[mf.rows, mf.end_pos] - out)[:, None])
+        else:
+            below = self._mlp_below
+            if below is not None and below[0] == layer:  # only this layer's heads are left to add
+                corr = below[1] + self._correct([r], up, lo=mf.senders_at[2 * layer])[..., 0, :]
+            else:
+                corr = self._correct([r], up)[..., 0, :]
+            out = mf.fm.mlp(layer, self.resid + corr)
+            k = self.count - self.S0
+            torch.sub(src, out, out=self.diffs[:, k])
+            self.count += 1
+        self.resid = self.resid + out
+
+
+class IncrementalForward:
+    """Edge-masked passes relative to a reference mask set whose receiver inputs and sender
+    outputs are kept, so that a candidate runs only the components its edit reaches.
+
+    A candidate that differs from the reference on the edges into a few receivers changes only
+    the components downstream of them along kept edges. Each of those runs from its reference
+    input plus ``sum_s keep(s, r) delta_s + sum_s (patched - patched_ref)(s, r) (source_s - out_s)``,
+    where ``delta_s`` is the change of sender ``s``'s output and ``out_s`` its reference output.
+    :meth:`adopt` makes one of the last candidates the new reference (ACDC after a removal), so a
+    search step costs the few components it touches instead of a forward pass.
+
+    Args:
+        mf: the masked pass (model components, graph, sources, answer positions).
+        inputs: the base run's receiver inputs: ``blocks.{l}.hook_{q,k,v}_input``,
+            ``blocks.{l}.hook_mlp_in`` and the last ``hook_resid_post`` (the reference starts as the
+            base run, every edge kept).
+    """
+
+    def __init__(self, mf: MaskedForward, inputs: dict[str, torch.Tensor]):
+        self.mf, g = mf, mf.graph
+        L, H = g.n_layers, g.n_heads
+        rows, end = mf.rows, mf.end_pos
+        S, R = len(g.senders), len(g.receivers)
+        self.patched = torch.zeros(S, R, device=end.device)
+        self.inp: list[torch.Tensor | None] = [None] * R
+        self.out: list[torch.Tensor | None] = [None] * S
+        self.src: list[torch.Tensor | None] = [None] * S
+        self.head_recv: list[list[tuple[int, int, int]]] = []  # per layer, per head: q, k, v receivers
+        group = H // (g.n_kv_heads or H)
+        base_out = mf.base_diffs  # [S, B, T, d] = source - base output
+        hooks = mf.sender_hooks
+        self.src[0], self.out[0] = mf.embed + base_out[0], mf.embed
+        for layer in range(L):
+            last = layer == L - 1
+            q_idx, k_idx, v_idx = mf.qkv[layer]
+            if not g.split_qkv:
+                k_idx = v_idx = q_idx
+            names = {kind: inputs[f"blocks.{layer}.hook_{kind}_input"] for kind in ("q", "k", "v")}
+            per_head = []
+            for h in range(H):
+                kv = h if not g.split_qkv else h // group
+                rq, rk, rv = q_idx[h], k_idx[kv], v_idx[kv]
+                per_head.append((rq, rk, rv))
+                self.inp[rq] = names["q"][:, :, h]
+                if g.split_qkv:
+                    self.inp[rk], self.inp[rv] = names["k"][:, :, kv], names["v"][:, :, kv]
+            self.head_recv.append(per_head)
+            mlp_in = inputs[f"blocks.{layer}.hook_mlp_in"]
+            self.inp[mf.mlp_recv[layer]] = mlp_in[rows, end] if last else mlp_in
+            first = g.senders_before(layer)
+            result = mf.sources[hooks[1 + 2 * layer]]
+            mlp_src = mf.sources[hooks[2 + 2 * layer]]
+            for h in range(H):
+                src = result[:, :, h]
+                out = src - base_out[first + h]
+                self.src[first + h], self.out[first + h] = (src[rows, end], out[rows, end]) if last else (src, out)
+            out = mlp_src - base_out[first + H]
+            self.src[first + H], self.out[first + H] = (mlp_src[rows, end], out[rows, end]) if last else (mlp_src, out)
+        self.inp[mf.logit_recv] = inputs[f"blocks.{L - 1}.hook_resid_post"][rows, end]
+        self._last: tuple | None = None
+
+    @staticmethod
+    def hooks(n_layers: int) -> list[str]:
+        """The base-run activations :class:`IncrementalForward` starts from."""
+        names = [f"blocks.{l}.hook_{k}_input" for l in range(n_layers) for k in ("q", "k", "v")]
+        return names + [f"blocks.{l}.hook_mlp_in" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+
+    def _end(self, x: torch.Tensor, end: bool, full_dims: int) -> torch.Tensor:
+        """``x`` at the answer positions if ``end`` and ``x`` still has every position."""
+        return x[..., self.mf.rows, self.mf.end_pos, :] if end and x.dim() == full_dims else x
+
+    def _inputs(self, recv: list[int], end: bool, deltas: dict, keep: torch.Tensor, dpatch: torch.Tensor,
+                changed: torch.Tensor) -> torch.Tensor:
+        """Candidate inputs ``[n, B, (T,) len(recv), d]`` of receivers ``recv``."""
+        n = keep.shape[0]
+        base = torch.stack([self._end(self.inp[r], end, 3) for r in recv], dim=-2)  # [B, (T,) R', d]
+        flat = base.movedim(-2, 0).reshape(len(recv), -1)
+        out = flat[None].expand(n, *flat.shape)
+        rows = torch.tensor(recv, device=keep.device)
+        if deltas:
+            senders = torch.tensor(list(deltas), device=keep.device)
+            d = torch.stack([self._end(t, end, 4) for t in deltas.values()], dim=1).reshape(n, len(deltas), -1)
+            out = torch.baddbmm(out, keep[:, senders][:, :, rows].transpose(1, 2), d)
+        if changed[rows].any():
+            touched = (dpatch[:, :, rows] != 0).any(0).any(-1).nonzero().flatten().tolist()
+            ref = torch.stack([self._end(self.src[s], end, 3) - self._end(self.out[s], end, 3) for s in touched])
+            w = dpatch[:, touched][:, :, rows]  # [n, k, R']
+            out = out + (w.transpose(1, 2).reshape(n * len(recv), -1) @ ref.reshape(len(touched), -1)).reshape(n, len(recv), -1)
+        return out.reshape(n, len(recv), *base.movedim(-2, 0).shape[1:]).movedim(1, -2)
+
+    def logits(self, patched: torch.Tensor) -> torch.Tensor:
+        """Answer-position logits ``[candidates * batch, vocab]`` for dense patch weights
+        ``[candidates, senders, receivers]`` (1 = patched)."""
+        mf, g = self.mf, self.mf.graph
+        L, H, B = g.n_layers, g.n_heads, mf.B
+        n = patched.shape[0]
+        patched = patched.to(self.patched.dtype)
+        keep, dpatch = 1.0 - patched, patched - self.patched[None]
+        changed = (dpatch != 0).any(0).any(0)  # [R]
+        deltas: dict[int, torch.Tensor] = {}  # sender -> change of its output [n, B, (T,) d]
+        new_in: dict[int, tuple[torch.Tensor, int]] = {}
+        new_out: dict[int, torch.Tensor] = {}
+        reached = changed.clone()
+        first = min((mf.stage(g.receivers[r]) for r in changed.nonzero().flatten().tolist()), default=2 * L)
+        for layer in range(first // 2, L):
+            end = layer == L - 1
+            if 2 * layer >= first:
+                heads = [h for h, rs in enumerate(self.head_recv[layer]) if reached[list(rs)].any()]
+                if heads:
+                    q_r, k_r, v_r = ([self.head_recv[layer][h][i] for h in heads] for i in range(3))
+                    q = self._inputs(q_r, end, deltas, keep, dpatch, changed)  # [n, B, (T,) h, d]
+                    kv = self._inputs(k_r + v_r, False, deltas, keep, dpatch, changed)  # [n, B, T, 2h, d]
+                    k, v = kv[..., : len(heads), :], kv[..., len(heads) :, :]
+                    for i, r in enumerate(q_r):
+                        new_in[r] = (q, i)
+                    for i, r in enumerate(k_r + v_r):  # a merged receiver keeps its every-position input
+                        new_in[r] = (kv, i)
+                    T = kv.shape[2]
+                    out = mf.fm.attention(layer, q.reshape(n * B, *q.shape[2:]), k.reshape(n * B, T, -1, mf.d),
+                                          v.reshape(n * B, T, -1, mf.d), q_pos=mf.end_pos.repeat(n) if end else None, heads=heads)
+                    out = out.reshape(n, B, *out.shape[1:])  # [n, B, (T,) h, d]
+                    for i, h in enumerate(heads):
+                        s = g.senders_before(layer) + h
+                        new_out[s] = out[..., i, :]
+                        deltas[s] = new_out[s] - self.out[s]
+                    reached |= keep[:, list(deltas)].amax(dim=(0, 1)) > 0
+            r = mf.mlp_recv[layer]
+            if reached[r]:
+                x = self._inputs([r], end, deltas, keep, dpatch, changed)
+                new_in[r] = (x, 0)
+                s = g.senders_before(layer) + H
+                new_out[s] = mf.fm.mlp(layer, x[..., 0, :])
+                deltas[s] = new_out[s] - self.out[s]
+                reached |= keep[:, [s]].amax(dim=(0, 1)) > 0
+        x = self._inputs([mf.logit_recv], True, deltas, keep, dpatch, changed)
+        new_in[mf.logit_recv] = (x, 0)
+        self._last = (patched, new_in, new_out)
+        return mf.fm.unembed(x[..., 0, :]).reshape(n * B, -1)
+
+    def adopt(self, j: int) -> None:
+        """Make candidate ``j`` of the last :meth:`logits` call the reference."""
+        patched, new_in, new_out = self._last
+        self.patched = patched[j].clone()
+        for r, (x, i) in new_in.items():
+            self.inp[r] = x[j, ..., i, :].clone()
+        for s, out in new_out.items():
+            self.out[s] = out[j].clone()
