@@ -34,6 +34,7 @@ test-slow: venv fetch-models
 
 bench: venv
 	$(BIN)/python benchmarks/bench_patching.py
+	$(BIN)/python benchmarks/bench_edges.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -48,6 +48,7 @@ def test_acdc_matches_the_one_edge_at_a_time_reference(kl_patcher, tau):
     expected = acdc_reference(kl_patcher, tau)
     assert torch.equal(circuit.in_circuit, expected)
     assert circuit.settings["algorithm"] == "acdc" and circuit.settings["forward_passes"] < kl_patcher.n_edges
+    assert circuit.settings["engine"] == "functional"
     # every engine and batching mode finds the same circuit
     hooks = EdgePatcher(kl_patcher.setup, engine="hooks")
     for patcher, kw in [(hooks, {}), (hooks, {"reuse_prefix": False}), (kl_patcher, {"candidates": 1}),

@@ -152,3 +152,18 @@ def test_unsupported_architecture_falls_back_to_hooks(tmp_path):
     assert patcher.value(patcher.ones()).item() == setup.clean_value
     with pytest.raises(functional.UnsupportedModelError, match="gpt_neox"):
         functional.FunctionalModel(model)
+
+
+@pytest.mark.parametrize("name,tau", [("gqa-llama", 0.05), ("toy-induction", 0.05)])
+def test_acdc_finds_the_same_circuit_on_both_engines(models, name, tau):
+    from circuitfind import discovery as D
+
+    model = models[name]
+    corruption = "gn" if "induction" in name else "str"
+    setup = P.prepare(model, _batch(model, name), corruption, "kl")
+    fast, hooks = EdgePatcher(setup), EdgePatcher(setup, engine="hooks")
+    assert fast.engine == "functional"
+    reference = D.acdc(hooks, tau, candidates=1, reuse_prefix=False)
+    circuit = D.acdc(fast, tau)
+    assert 0 < reference.n_edges < fast.n_edges
+    assert torch.equal(circuit.in_circuit, reference.in_circuit)

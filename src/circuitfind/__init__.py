@@ -1,3 +1,3 @@
 """circuitfind: circuit discovery under many activation-patching settings."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

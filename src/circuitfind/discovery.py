@@ -178,7 +178,8 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
                 search.adopt(adopted)
             chunk = min(2 * chunk, cap) if consumed == len(batch) else 1
             i += consumed
-    settings = _settings(patcher, "acdc", tau=tau, forward_passes=n_forward, candidates_evaluated=n_evaluated)
+    settings = _settings(patcher, "acdc", tau=tau, forward_passes=n_forward, candidates_evaluated=n_evaluated,
+                         engine=patcher.engine)
     return Circuit(graph, keep.cpu(), scores, settings)
 
 
