@@ -471,22 +471,20 @@ class IncrementalForward:
         """``x`` at the answer positions if ``end`` and ``x`` still has every position."""
         return x[..., self.mf.rows, self.mf.end_pos, :] if end and x.dim() == full_dims else x
 
-    def _inputs(self, recv: list[int], end: bool, deltas: dict, keep: torch.Tensor, dpatch: torch.Tensor,
-                changed: torch.Tensor) -> torch.Tensor:
+    def _inputs(self, recv: list[int], end: bool, run: "_Changes") -> torch.Tensor:
         """Candidate inputs ``[n, B, (T,) len(recv), d]`` of receivers ``recv``."""
-        n = keep.shape[0]
+        n = run.keep.shape[0]
         base = torch.stack([self._end(self.inp[r], end, 3) for r in recv], dim=-2)  # [B, (T,) R', d]
         flat = base.movedim(-2, 0).reshape(len(recv), -1)
         out = flat[None].expand(n, *flat.shape)
-        rows = torch.tensor(recv, device=keep.device)
-        if deltas:
-            senders = torch.tensor(list(deltas), device=keep.device)
-            d = torch.stack([self._end(t, end, 4) for t in deltas.values()], dim=1).reshape(n, len(deltas), -1)
-            out = torch.baddbmm(out, keep[:, senders][:, :, rows].transpose(1, 2), d)
-        if changed[rows].any():
-            touched = (dpatch[:, :, rows] != 0).any(0).any(-1).nonzero().flatten().tolist()
+        rows = torch.tensor(recv, device=run.keep.device)
+        if run.recorded:  # changed upstream outputs reaching these receivers along kept edges
+            w, d = run.upstream(rows, end)
+            out = torch.baddbmm(out, w, d)
+        if run.changed[rows].any():  # edges into these receivers that the candidates patch differently
+            touched = (run.dpatch[:, :, rows] != 0).any(0).any(-1).nonzero().flatten().tolist()
             ref = torch.stack([self._end(self.src[s], end, 3) - self._end(self.out[s], end, 3) for s in touched])
-            w = dpatch[:, touched][:, :, rows]  # [n, k, R']
+            w = run.dpatch[:, touched][:, :, rows]  # [n, k, R']
             out = out + (w.transpose(1, 2).reshape(n * len(recv), -1) @ ref.reshape(len(touched), -1)).reshape(n, len(recv), -1)
         return out.reshape(n, len(recv), *base.movedim(-2, 0).shape[1:]).movedim(1, -2)
 
@@ -496,23 +494,25 @@ class IncrementalForward:
         mf, g = self.mf, self.mf.graph
         L, H, B = g.n_layers, g.n_heads, mf.B
         n = patched.shape[0]
-        patched = patched.to(self.patched.dtype)
-        keep, dpatch = 1.0 - patched, patched - self.patched[None]
-        changed = (dpatch != 0).any(0).any(0)  # [R]
-        deltas: dict[int, torch.Tensor] = {}  # sender -> change of its output [n, B, (T,) d]
+        run = _Changes(self, patched.to(self.patched.dtype))
         new_in: dict[int, tuple[torch.Tensor, int]] = {}
         new_out: dict[int, torch.Tensor] = {}
-        reached = changed.clone()
-        first = min((mf.stage(g.receivers[r]) for r in changed.nonzero().flatten().tolist()), default=2 * L)
-        for layer in range(first // 2, L):
+        reached = run.changed.clone()
+        for layer in range(run.first_stage // 2, L):
             end = layer == L - 1
-            if 2 * layer >= first:
+            if 2 * layer >= run.first_stage:
                 heads = [h for h, rs in enumerate(self.head_recv[layer]) if reached[list(rs)].any()]
                 if heads:
                     q_r, k_r, v_r = ([self.head_recv[layer][h][i] for h in heads] for i in range(3))
-                    q = self._inputs(q_r, end, deltas, keep, dpatch, changed)  # [n, B, (T,) h, d]
-                    kv = self._inputs(k_r + v_r, False, deltas, keep, dpatch, changed)  # [n, B, T, 2h, d]
-                    k, v = kv[..., : len(heads), :], kv[..., len(heads) :, :]
+                    h = len(heads)
+                    if end:  # queries at the answer positions only
+                        q = self._inputs(q_r, True, run)  # [n, B, h, d]
+                        kv = self._inputs(k_r + v_r, False, run)  # [n, B, T, 2h, d]
+                        k, v = kv[..., :h, :], kv[..., h:, :]
+                    else:  # one read of the upstream changes for all three
+                        kv = self._inputs(q_r + k_r + v_r, False, run)  # [n, B, T, 3h, d]
+                        q, k, v = kv[..., :h, :], kv[..., h : 2 * h, :], kv[..., 2 * h :, :]
+                        kv = kv[..., h:, :]
                     for i, r in enumerate(q_r):
                         new_in[r] = (q, i)
                     for i, r in enumerate(k_r + v_r):  # a merged receiver keeps its every-position input
@@ -521,22 +521,23 @@ class IncrementalForward:
                     out = mf.fm.attention(layer, q.reshape(n * B, *q.shape[2:]), k.reshape(n * B, T, -1, mf.d),
                                           v.reshape(n * B, T, -1, mf.d), q_pos=mf.end_pos.repeat(n) if end else None, heads=heads)
                     out = out.reshape(n, B, *out.shape[1:])  # [n, B, (T,) h, d]
+                    first = g.senders_before(layer)
                     for i, h in enumerate(heads):
-                        s = g.senders_before(layer) + h
-                        new_out[s] = out[..., i, :]
-                        deltas[s] = new_out[s] - self.out[s]
-                    reached |= keep[:, list(deltas)].amax(dim=(0, 1)) > 0
-            r = mf.mlp_recv[layer]
+                        new_out[first + h] = out[..., i, :]
+                        run.record(first + h, new_out[first + h] - self.out[first + h])
+                    run.skip_to(first + H)
+                    reached |= run.keep[:, [first + h for h in heads]].amax(dim=(0, 1)) > 0
+            r, s = mf.mlp_recv[layer], g.senders_before(layer) + H
             if reached[r]:
-                x = self._inputs([r], end, deltas, keep, dpatch, changed)
+                x = self._inputs([r], end, run)
                 new_in[r] = (x, 0)
-                s = g.senders_before(layer) + H
                 new_out[s] = mf.fm.mlp(layer, x[..., 0, :])
-                deltas[s] = new_out[s] - self.out[s]
-                reached |= keep[:, [s]].amax(dim=(0, 1)) > 0
-        x = self._inputs([mf.logit_recv], True, deltas, keep, dpatch, changed)
+                run.record(s, new_out[s] - self.out[s])
+                reached |= run.keep[:, [s]].amax(dim=(0, 1)) > 0
+            run.skip_to(s + 1)
+        x = self._inputs([mf.logit_recv], True, run)
         new_in[mf.logit_recv] = (x, 0)
-        self._last = (patched, new_in, new_out)
+        self._last = (run.patched, new_in, new_out)
         return mf.fm.unembed(x[..., 0, :]).reshape(n * B, -1)
 
     def adopt(self, j: int) -> None:
@@ -547,3 +548,56 @@ class IncrementalForward:
             self.inp[r] = x[j, ..., i, :].clone()
         for s, out in new_out.items():
             self.out[s] = out[j].clone()
+
+
+class _Changes:
+    """The state of one :meth:`IncrementalForward.logits` call: the candidates' masks against the
+    reference, and the changes ``delta_s`` of the sender outputs computed so far, in one buffer
+    slot per sender from the first sender that can change."""
+
+    def __init__(self, inc: IncrementalForward, patched: torch.Tensor):
+        mf, g = inc.mf, inc.mf.graph
+        self.mf, self.patched = mf, patched
+        self.keep, self.dpatch = 1.0 - patched, patched - inc.patched[None]
+        self.changed = (self.dpatch != 0).any(0).any(0)  # [receivers]
+        L = g.n_layers
+        self.first_stage = min((mf.stage(g.receivers[r]) for r in self.changed.nonzero().flatten().tolist()), default=2 * L)
+        layer = min(self.first_stage // 2, L)
+        self.first_sender = g.senders_before(layer) + (g.n_heads if self.first_stage % 2 else 0)
+        n, S = patched.shape[0], len(g.senders)
+        self.deltas = patched.new_empty(n, max(S - self.first_sender, 0), mf.B, mf.T, mf.d)
+        self.recorded: list[int] = []  # filled slots, increasing
+        self.count = 0  # slots below this are settled: filled, or unchanged senders
+        self._zeroed: set[int] = set()
+
+    def record(self, sender: int, delta: torch.Tensor) -> None:
+        """Sender ``sender`` changed by ``delta`` (``[n, B, T, d]``, or ``[n, B, d]`` at the answer
+        positions in the last layer)."""
+        k = sender - self.first_sender
+        if delta.dim() == 3:
+            self.deltas[:, k, self.mf.rows, self.mf.end_pos] = delta
+        else:
+            self.deltas[:, k] = delta
+        self.recorded.append(k)
+        self.count = max(self.count, k + 1)
+
+    def skip_to(self, sender: int) -> None:
+        """Senders below ``sender`` are settled (the ones not recorded did not change)."""
+        self.count = max(self.count, sender - self.first_sender)
+
+    def upstream(self, rows: torch.Tensor, end: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keep weights ``[n, R', m]`` of receivers ``rows`` and the changes ``[n, m, X]`` of the
+        settled senders: gathered when few changed (ACDC late on), read in place when most did
+        (the slots of unchanged senders zeroed first)."""
+        if 2 * len(self.recorded) < self.count:
+            slots = torch.tensor(self.recorded, device=rows.device)
+            d = self.deltas[:, slots]
+        else:
+            for k in set(range(self.count)) - set(self.recorded) - self._zeroed:
+                self.deltas[:, k].zero_()
+                self._zeroed.add(k)
+            slots = torch.arange(self.count, device=rows.device)
+            d = self.deltas[:, : self.count]
+        d = d[:, :, self.mf.rows, self.mf.end_pos] if end else d
+        w = self.keep[:, self.first_sender + slots][:, :, rows].transpose(1, 2)
+        return w, d.reshape(d.shape[0], d.shape[1], -1)
