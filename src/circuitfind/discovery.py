@@ -141,21 +141,18 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     scores = torch.zeros(E)
     s_idx, r_idx = graph.edge_index
     sender_of = {name: i for i, name in enumerate(graph.senders)}
+    outgoing = [(s_idx == i).nonzero().flatten().to(device) for i in range(len(graph.senders))]
     search = patcher.incremental() if reuse_prefix else None
-    current = patcher.value(keep[None].float()).item()
+    current = (search.values(keep[None].float()) if search else patcher.value(keep[None].float())).item()
     cap = candidates or max(1, setup.max_batch // setup.size)
     chunk, n_forward, n_evaluated = 1, 1, 1
     show = setup.progress if progress is None else progress
     for r in tqdm(reversed(range(len(graph.receivers))), total=len(graph.receivers), desc="ACDC", disable=not show, leave=False):
         receiver = graph.receivers[r]
         incoming = (r_idx == r).nonzero().flatten().flip(0).tolist()  # latest sender first
-        if receiver.node != LOGITS:
-            fed = torch.zeros(E, dtype=torch.bool)
-            for node in receiver.feeds:
-                fed |= s_idx == sender_of[node]
-            if not keep[fed.to(device)].any():
-                keep[incoming] = False
-                continue
+        if receiver.node != LOGITS and not any(keep[outgoing[sender_of[node]]].any() for node in receiver.feeds):
+            keep[incoming] = False  # the component it feeds reaches nothing any more
+            continue
         i = 0
         while i < len(incoming):
             batch = incoming[i : i + chunk]
