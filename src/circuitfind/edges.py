@@ -22,6 +22,8 @@ per-position masks. ``functional`` (:mod:`circuitfind.functional`, GPT-2 and Lla
 runs a hook-free copy of the forward pass that starts at the first receiver whose edges differ,
 shares the work below it across candidates and computes the last layer at the answer position
 only; the default ``auto`` uses it for plain (no-gradient) evaluations where it applies.
+:meth:`EdgePatcher.incremental` serves searches that edit a few edges at a time (ACDC): on the
+functional engine each candidate reruns only the components its edit reaches.
 """
 
 from __future__ import annotations
@@ -306,7 +308,8 @@ class IncrementalSearch:
             self.forward = functional.IncrementalForward(patcher.masked_forward(), inputs)
 
     def values(self, masks: torch.Tensor) -> torch.Tensor:
-        """Mean metric per candidate ``[candidates]`` for ``[candidates, n_edges]`` keep-masks."""
+        """Mean metric per candidate ``[candidates]`` for ``[candidates, n_edges]`` keep-masks
+        (all candidates in one pass: keep their number times the prompts within memory)."""
         self._last = masks
         if self.forward is None:
             differs = (masks != self.reference).any(0)

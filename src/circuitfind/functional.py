@@ -35,9 +35,14 @@ class UnsupportedModelError(CircuitfindError, NotImplementedError):
 
 
 def supports(model) -> bool:
-    """Whether :class:`FunctionalModel` implements ``model``'s architecture."""
+    """Whether :class:`FunctionalModel` implements ``model``'s architecture (and the bridge exposes
+    the modules it reads: the per-head input norm, the MLP norm and the final norm)."""
     cfg = getattr(getattr(model, "original_model", None), "config", None)
-    return getattr(cfg, "model_type", None) in SUPPORTED and getattr(model.cfg, "use_split_qkv_input", False)
+    if getattr(cfg, "model_type", None) not in SUPPORTED or not getattr(model.cfg, "use_split_qkv_input", False):
+        return False
+    block = model.blocks[0]
+    return all(x is not None for x in (getattr(block.attn, "_ln1_module", None), getattr(block.ln2, "original_component", None),
+                                        getattr(model.ln_final, "original_component", None)))
 
 
 def _tensor(obj, name: str) -> torch.Tensor | None:
