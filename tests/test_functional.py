@@ -69,12 +69,13 @@ def test_masked_forward_equals_the_hooks_engine(models, name, corruption, direct
     torch.testing.assert_close(fast.run(masks), expected, atol=5e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,split_qkv,direction", [("toy-ioi", True, "noise"), ("toy-ioi", False, "denoise"),
-                                                       ("gqa-llama", True, "noise")])
-def test_incremental_passes_equal_full_passes(models, name, split_qkv, direction):
+@pytest.mark.parametrize("name,split_qkv,direction,corruption", [
+    ("toy-ioi", True, "noise", "str"), ("toy-ioi", False, "denoise", "str"), ("toy-ioi", True, "noise", "mean"),
+    ("toy-induction", True, "noise", "gn"), ("gqa-llama", True, "noise", "str")])
+def test_incremental_passes_equal_full_passes(models, name, split_qkv, direction, corruption):
     """A random walk of edits into one or two receivers at a time, adopting one candidate per step."""
     model = models[name]
-    setup = P.prepare(model, _batch(model, name), "str", "logit_diff")
+    setup = P.prepare(model, _batch(model, name), corruption, "logit_diff")
     graph = ModelGraph.from_model(model, split_qkv=split_qkv)
     patcher = EdgePatcher(setup, graph, direction)
     reference = EdgePatcher(setup, graph, direction, engine="hooks")
