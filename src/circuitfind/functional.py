@@ -125,14 +125,12 @@ class FunctionalModel:
         return out if b is None else out + b
 
     def attention(self, layer: int, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
-                  q_pos: torch.Tensor | None = None, heads: list[int] | None = None,
-                  heads_first: bool = False) -> torch.Tensor:
+                  q_pos: torch.Tensor | None = None, heads: list[int] | None = None) -> torch.Tensor:
         """Per-head outputs (``hook_result``) from the residual inputs of the heads' q, k and v.
 
         ``k_in``/``v_in`` are ``[N, pos, KV, d_model]``. ``q_in`` is ``[N, pos, H, d_model]``, or, with
         ``q_pos`` (``[N]``, one query position per row), ``[N, H, d_model]`` at those positions;
-        the result is then ``[N, H, d_model]`` instead of ``[N, pos, H, d_model]``; ``heads_first``
-        returns ``[H, N, pos, d_model]`` (without ``q_pos``; the layout edge patching stores). With ``heads``
+        the result is then ``[N, H, d_model]`` instead of ``[N, pos, H, d_model]``. With ``heads``
         (query head indices), only those heads run and ``k_in``/``v_in`` hold one entry per query
         head (its key/value head's input).
         """
@@ -161,8 +159,6 @@ class FunctionalModel:
         queries = keys[:, None] if q_pos is None else q_pos[:, None, None, None]
         scores = scores.masked_fill(keys > queries, float("-inf"))
         z = torch.softmax(scores, dim=-1) @ v  # [N, H, Tq, e]
-        if heads_first and q_pos is None:
-            return torch.einsum("nhte,hed->hntd", z, W_O)
         out = torch.einsum("nhte,hed->nthd", z, W_O)
         return out[:, 0] if q_pos is not None else out
 
@@ -212,12 +208,14 @@ class MaskedForward:
         self.B, self.T, self.d = self.embed.shape
         self.end_pos = end_pos
         self.rows = torch.arange(self.B, device=end_pos.device)
-        parts = []
-        for name in sender_hooks:
-            diff = sources[name] - base[name]
-            parts.append(diff.permute(2, 0, 1, 3) if diff.dim() == 4 else diff[None])
-        self.base_diffs = torch.cat(parts)  # [senders, B, T, d] of the base run
-        self.sources = {name: sources[name] for name in sender_hooks[1:]}
+        self.end_tokens = self.rows * self.T + end_pos  # answer positions in the flattened [B * T] axis
+        BT = self.B * self.T
+        # sender differences are token-major, [B * T, senders, d]: a receiver's correction is then a
+        # small matmul per token (weights [R, senders] x differences [senders, d]), which runs
+        # faster than one skinny matmul over [senders, B * T * d], and lands in the layout q/k/v need
+        parts = [(sources[name] - base[name]).reshape(BT, -1, self.d) for name in sender_hooks]
+        self.base_diffs = torch.cat(parts, dim=1)  # [B * T, senders, d] of the base run
+        self.sources = {name: sources[name].reshape(BT, -1, self.d) for name in sender_hooks[1:]}  # [B * T, g, d]
         self.sender_hooks = sender_hooks
         # receiver indices per layer: q, k, v inputs (merged: one per head, read as q, k and v)
         self.qkv: list[tuple[list[int], list[int], list[int]]] = []
@@ -233,14 +231,14 @@ class MaskedForward:
         self.receivers_before = [sum(s < k for s in stage_of) for k in range(2 * L + 1)]  # receivers are stage-ordered
         self.senders_at = [graph.senders_before(k // 2) + (H if k % 2 else 0) for k in range(2 * L + 1)]
         self._prefix_cache: dict = {}
-        self._heads_first: dict[str, torch.Tensor] = {}
 
-    def heads_first(self, layer: int) -> torch.Tensor:
-        """Source head outputs of ``layer`` as ``[H, B, T, d]`` (the difference buffer's layout)."""
-        name = f"blocks.{layer}.attn.hook_result"
-        if name not in self._heads_first:
-            self._heads_first[name] = self.sources[name].permute(2, 0, 1, 3).contiguous()
-        return self._heads_first[name]
+    def base_diff(self, sender: int) -> torch.Tensor:
+        """``source - base output`` of one sender, ``[B, T, d]``."""
+        return self.base_diffs[:, sender].reshape(self.B, self.T, self.d)
+
+    def source(self, sender_hook: str) -> torch.Tensor:
+        """A sender hook's source activations, ``[B, T, g, d]`` (``g`` heads, or 1)."""
+        return self.sources[sender_hook].reshape(self.B, self.T, -1, self.d)
 
     @staticmethod
     def stage(receiver) -> int:
@@ -258,7 +256,7 @@ class MaskedForward:
                 raise ValueError("candidates must agree on every edge into receivers below the start stage")
             resid, shared = self._prefix(patched[0], start)
         else:
-            resid, shared = self.embed, self.base_diffs[:1]
+            resid, shared = self.embed, self.base_diffs[:, :1]
         run = _Run(self, patched, shared, resid, start)
         return run.finish()
 
@@ -268,9 +266,9 @@ class MaskedForward:
         below = patched_row[:, :R]
         key = (start, below.cpu().numpy().tobytes())
         if key not in self._prefix_cache:
-            run = _Run(self, patched_row[None], self.base_diffs[:1], self.embed, 0, stop=start)
+            run = _Run(self, patched_row[None], self.base_diffs[:, :1], self.embed, 0, stop=start)
             resid = run.finish()[0]
-            shared = torch.cat([self.base_diffs[:1], run.diffs[0, : self.senders_at[start] - 1]])
+            shared = torch.cat([self.base_diffs[:, :1], run.diffs[0, :, : self.senders_at[start] - 1]], dim=1)
             if len(self._prefix_cache) > 16:
                 self._prefix_cache.clear()
             self._prefix_cache[key] = (resid, shared)
@@ -284,9 +282,9 @@ class _Run:
                  start: int, stop: int | None = None):
         self.mf, self.patched = mf, patched.to(resid.dtype)
         n, S = patched.shape[0], patched.shape[1]
-        self.n, self.S0 = n, shared.shape[0]
-        self.shared = shared  # [S0, B, T, d], common to all candidates
-        self.diffs = resid.new_empty(n, S - self.S0, mf.B, mf.T, mf.d)  # senders from the start on
+        self.n, self.S0 = n, shared.shape[1]
+        self.shared = shared  # [B * T, S0, d], common to all candidates
+        self.diffs = resid.new_empty(n, mf.B * mf.T, S - self.S0, mf.d)  # senders from the start on
         self.count = self.S0
         self.resid = resid.expand(n, *resid.shape).clone() if resid.dim() == 3 else resid.clone()
         self.start, self.stop = start, 2 * mf.graph.n_layers if stop is None else stop
@@ -297,33 +295,31 @@ class _Run:
     def _correct(self, recv: list[int], up: int, end: bool = False, lo: int = 0) -> torch.Tensor:
         """``[n, B, T (or end), R, d]`` corrections of receivers ``recv`` from senders ``lo..up-1``.
 
-        Each is a matmul of the patch weights with the sender differences; the differences are the
-        bulk of the data, so callers ask for all receivers that read the same senders at once."""
+        Per token, patch weights ``[R, senders]`` times differences ``[senders, d]``; the
+        differences are the bulk of the data, so callers ask for all receivers that read the same
+        senders at once."""
         mf, n, R = self.mf, self.n, len(recv)
         rows = torch.tensor(recv, device=self.patched.device)
         corr = None
         if lo < self.S0:  # senders below the start: one difference tensor shared by all candidates
             s0 = min(up, self.S0)
-            shared = self.shared[lo:s0]
-            flat = (shared[:, mf.rows, mf.end_pos] if end else shared).reshape(s0 - lo, -1)
-            ws = self.patched[:, lo:s0, rows]  # [n, s, R]
-            if n > 1 and torch.equal(ws, ws[:1].expand_as(ws)):
-                corr = (ws[0].T @ flat).expand(n, R, flat.shape[1])
+            shared = self.shared[mf.end_tokens, lo:s0] if end else self.shared[:, lo:s0]  # [M, s, d]
+            ws = self.patched[:, lo:s0, rows].transpose(1, 2)  # [n, R, s]
+            if n == 1 or torch.equal(ws, ws[:1].expand_as(ws)):
+                corr = torch.matmul(ws[0], shared).expand(n, -1, -1, -1)  # [n, M, R, d]
             else:
-                corr = (ws.transpose(1, 2).reshape(n * R, s0 - lo) @ flat).reshape(n, R, -1)
+                corr = torch.matmul(ws.reshape(n * R, -1), shared).view(-1, n, R, mf.d).transpose(0, 1)
         first = max(lo, self.S0)
         if up > first:  # senders this pass computed, per candidate
-            new = self.diffs[:, first - self.S0 : up - self.S0]
-            new = (new[:, :, mf.rows, mf.end_pos] if end else new).reshape(n, up - first, -1)
-            w = self.patched[:, first:up, rows].transpose(1, 2)
-            corr = torch.bmm(w, new) if corr is None else torch.baddbmm(corr, w, new)
-        shape = (n, R, mf.B, mf.d) if end else (n, R, mf.B, mf.T, mf.d)
-        return corr.reshape(shape).movedim(1, -2)  # [n, B, (T,) R, d]
+            new = self.diffs[:, mf.end_tokens, first - self.S0 : up - self.S0] if end else self.diffs[:, :, first - self.S0 : up - self.S0]
+            new = torch.matmul(self.patched[:, first:up, rows].transpose(1, 2)[:, None], new)  # [n, M, R, d]
+            corr = new if corr is None else corr + new
+        return corr.reshape(n, mf.B, R, mf.d) if end else corr.reshape(n, mf.B, mf.T, R, mf.d)
 
     def _store_end(self, diff: torch.Tensor) -> None:
-        """Differences ``[n, g, B, d]`` known at the answer positions only (the last layer)."""
-        k, g = self.count - self.S0, diff.shape[1]
-        self.diffs[:, k : k + g, self.mf.rows, self.mf.end_pos] = diff
+        """Differences ``[n, B, g, d]`` known at the answer positions only (the last layer)."""
+        k, g = self.count - self.S0, diff.shape[2]
+        self.diffs[:, self.mf.end_tokens, k : k + g] = diff
         self.count += g
 
     def _end_resid(self) -> torch.Tensor:
@@ -369,19 +365,19 @@ class _Run:
             resid_end = self._end_resid()
             q_in = (resid_end[:, :, None] + self._correct(q_idx, up, end=True)).reshape(n * B, -1, d)
             out = mf.fm.attention(layer, q_in, k_in, v_in, q_pos=mf.end_pos.repeat(n)).reshape(n, B, -1, d)
-            src = mf.sources[f"blocks.{layer}.attn.hook_result"][mf.rows, mf.end_pos]  # [B, H, d]
-            self._store_end((src - out).transpose(1, 2))
+            src = mf.sources[f"blocks.{layer}.attn.hook_result"][mf.end_tokens]  # [B, H, d]
+            self._store_end(src - out)
             self.resid = resid_end + out.sum(2) + mf.fm.attn_bias(layer)
             return
         q_in = (self.resid[:, :, :, None] + cq).reshape(n * B, T, -1, d)
         self._mlp_below = (layer, corr[..., -1, :])
-        out = mf.fm.attention(layer, q_in, k_in, v_in, heads_first=True)  # [H, n * B, T, d]
-        H = out.shape[0]
+        out = mf.fm.attention(layer, q_in, k_in, v_in)  # [n * B, T, H, d]
+        H = out.shape[2]
         k = self.count - self.S0
         # source - output, written straight into the candidates' difference buffer
-        torch.sub(mf.heads_first(layer), out.view(H, n, B, T, d).transpose(0, 1), out=self.diffs[:, k : k + H])
+        torch.sub(mf.sources[f"blocks.{layer}.attn.hook_result"], out.view(n, B * T, H, d), out=self.diffs[:, :, k : k + H])
         self.count += H
-        self.resid = self.resid + out.sum(0).view(n, B, T, d) + mf.fm.attn_bias(layer)
+        self.resid = self.resid + out.sum(2).view(n, B, T, d) + mf.fm.attn_bias(layer)
 
     def _mlp(self, layer: int, end: bool) -> None:
         mf = self.mf
@@ -391,7 +387,7 @@ class _Run:
             self.resid = self._end_resid()
             x = self.resid + self._correct([r], up, end=True)[..., 0, :]
             out = mf.fm.mlp(layer, x)  # [n, B, d]
-            self._store_end((src[mf.rows, mf.end_pos] - out)[:, None])
+            self._store_end((src[mf.end_tokens] - out[:, :, None]))
         else:
             below = self._mlp_below
             if below is not None and below[0] == layer:  # only this layer's heads are left to add
@@ -400,7 +396,7 @@ class _Run:
                 corr = self._correct([r], up)[..., 0, :]
             out = mf.fm.mlp(layer, self.resid + corr)
             k = self.count - self.S0
-            torch.sub(src, out, out=self.diffs[:, k])
+            torch.sub(src[:, 0], out.view(self.n, -1, mf.d), out=self.diffs[:, :, k])
             self.count += 1
         self.resid = self.resid + out
 
@@ -434,9 +430,8 @@ class IncrementalForward:
         self.src: list[torch.Tensor | None] = [None] * S
         self.head_recv: list[list[tuple[int, int, int]]] = []  # per layer, per head: q, k, v receivers
         group = H // (g.n_kv_heads or H)
-        base_out = mf.base_diffs  # [S, B, T, d] = source - base output
         hooks = mf.sender_hooks
-        self.src[0], self.out[0] = mf.embed + base_out[0], mf.embed
+        self.src[0], self.out[0] = mf.embed + mf.base_diff(0), mf.embed
         for layer in range(L):
             last = layer == L - 1
             q_idx, k_idx, v_idx = mf.qkv[layer]
@@ -455,13 +450,13 @@ class IncrementalForward:
             mlp_in = inputs[f"blocks.{layer}.hook_mlp_in"]
             self.inp[mf.mlp_recv[layer]] = mlp_in[rows, end] if last else mlp_in
             first = g.senders_before(layer)
-            result = mf.sources[hooks[1 + 2 * layer]]
-            mlp_src = mf.sources[hooks[2 + 2 * layer]]
+            result = mf.source(hooks[1 + 2 * layer])
+            mlp_src = mf.source(hooks[2 + 2 * layer])[:, :, 0]
             for h in range(H):
                 src = result[:, :, h]
-                out = src - base_out[first + h]
+                out = src - mf.base_diff(first + h)
                 self.src[first + h], self.out[first + h] = (src[rows, end], out[rows, end]) if last else (src, out)
-            out = mlp_src - base_out[first + H]
+            out = mlp_src - mf.base_diff(first + H)
             self.src[first + H], self.out[first + H] = (mlp_src[rows, end], out[rows, end]) if last else (mlp_src, out)
         self.inp[mf.logit_recv] = inputs[f"blocks.{L - 1}.hook_resid_post"][rows, end]
         self._last: tuple | None = None
