@@ -459,6 +459,7 @@ class IncrementalForward:
             out = mlp_src - mf.base_diff(first + H)
             self.src[first + H], self.out[first + H] = (mlp_src[rows, end], out[rows, end]) if last else (mlp_src, out)
         self.inp[mf.logit_recv] = inputs[f"blocks.{L - 1}.hook_resid_post"][rows, end]
+        self._head_recv_idx = [torch.tensor(per, device=end.device) for per in self.head_recv]  # [H, 3] per layer
         self._last: tuple | None = None
 
     @staticmethod
@@ -481,7 +482,7 @@ class IncrementalForward:
         if run.recorded:  # changed upstream outputs reaching these receivers along kept edges
             w, d = run.upstream(rows, end)
             out = torch.baddbmm(out, w, d)
-        if run.changed[rows].any():  # edges into these receivers that the candidates patch differently
+        if not run.changed_set.isdisjoint(recv):  # edges into these receivers that the candidates patch differently
             touched = (run.dpatch[:, :, rows] != 0).any(0).any(-1).nonzero().flatten().tolist()
             ref = torch.stack([self._end(self.src[s], end, 3) - self._end(self.out[s], end, 3) for s in touched])
             w = run.dpatch[:, touched][:, :, rows]  # [n, k, R']
@@ -501,7 +502,7 @@ class IncrementalForward:
         for layer in range(run.first_stage // 2, L):
             end = layer == L - 1
             if 2 * layer >= run.first_stage:
-                heads = [h for h, rs in enumerate(self.head_recv[layer]) if reached[list(rs)].any()]
+                heads = reached[self._head_recv_idx[layer]].any(1).nonzero().flatten().tolist()
                 if heads:
                     q_r, k_r, v_r = ([self.head_recv[layer][h][i] for h in heads] for i in range(3))
                     h = len(heads)
@@ -560,8 +561,9 @@ class _Changes:
         self.mf, self.patched = mf, patched
         self.keep, self.dpatch = 1.0 - patched, patched - inc.patched[None]
         self.changed = (self.dpatch != 0).any(0).any(0)  # [receivers]
+        self.changed_set = set(self.changed.nonzero().flatten().tolist())
         L = g.n_layers
-        self.first_stage = min((mf.stage(g.receivers[r]) for r in self.changed.nonzero().flatten().tolist()), default=2 * L)
+        self.first_stage = min((mf.stage(g.receivers[r]) for r in self.changed_set), default=2 * L)
         layer = min(self.first_stage // 2, L)
         self.first_sender = g.senders_before(layer) + (g.n_heads if self.first_stage % 2 else 0)
         n, S = patched.shape[0], len(g.senders)
