@@ -33,7 +33,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from circuitfind import functional
+from circuitfind import functional, incremental
 from circuitfind.graph import ModelGraph
 from circuitfind.patching import Direction, PatchingSetup, _check_direction, _repeat_ctx, answer_logits, hook_name
 
@@ -292,7 +292,7 @@ class IncrementalSearch:
 
     The reference starts as every edge kept. :meth:`values` evaluates candidates, :meth:`adopt`
     makes one of them the new reference. With the functional engine only the components reached
-    from the changed receivers along kept edges run (:class:`circuitfind.functional.IncrementalForward`);
+    from the changed receivers along kept edges run (:class:`circuitfind.incremental.IncrementalForward`);
     with the hooks engine the forward pass starts at the first changed receiver's layer.
     """
 
@@ -300,12 +300,12 @@ class IncrementalSearch:
         self.patcher = patcher
         self.reference = patcher.ones()
         self._last: torch.Tensor | None = None
-        self.forward: functional.IncrementalForward | None = None
+        self.forward: incremental.IncrementalForward | None = None
         if patcher.engine == "functional":
             setup = patcher.setup
             which = "clean" if patcher.direction == "noise" else "corrupt"
-            inputs = setup.activations(which, functional.IncrementalForward.hooks(setup.n_layers))
-            self.forward = functional.IncrementalForward(patcher.masked_forward(), inputs)
+            inputs = setup.activations(which, incremental.IncrementalForward.hooks(setup.n_layers))
+            self.forward = incremental.IncrementalForward(patcher.masked_forward(), inputs)
 
     def values(self, masks: torch.Tensor) -> torch.Tensor:
         """Mean metric per candidate ``[candidates]`` for ``[candidates, n_edges]`` keep-masks
