@@ -96,11 +96,15 @@ class IncrementalForward:
         if run.recorded:  # changed upstream outputs reaching these receivers along kept edges
             w, d = run.upstream(rows, end)
             out = torch.baddbmm(out, w, d)
-        if not run.changed_set.isdisjoint(recv):  # edges into these receivers that the candidates patch differently
-            touched = (run.dpatch[:, :, rows] != 0).any(0).any(-1).nonzero().flatten().tolist()
+        edited = [i for i, r in enumerate(recv) if r in run.changed_set]
+        if edited:  # receivers whose incoming edges the candidates patch differently from the reference
+            cols = rows[edited]
+            touched = (run.dpatch[:, :, cols] != 0).any(0).any(-1).nonzero().flatten().tolist()
             ref = torch.stack([self._end(self.src[s], end, 3) - self._end(self.out[s], end, 3) for s in touched])
-            w = run.dpatch[:, touched][:, :, rows]  # [n, k, R']
-            out = out + (w.transpose(1, 2).reshape(n * len(recv), -1) @ ref.reshape(len(touched), -1)).reshape(n, len(recv), -1)
+            w = run.dpatch[:, touched][:, :, cols]  # [n, k, edited]
+            change = (w.transpose(1, 2).reshape(n * len(edited), -1) @ ref.reshape(len(touched), -1)).reshape(n, len(edited), -1)
+            out = out.contiguous() if out.stride(0) == 0 else out  # the expanded reference inputs
+            out.index_add_(1, torch.tensor(edited, device=out.device), change)
         return out.reshape(n, len(recv), *base.movedim(-2, 0).shape[1:]).movedim(1, -2)
 
     def logits(self, patched: torch.Tensor) -> torch.Tensor:
