@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from circuitfind import discovery as D  # noqa: E402
 from circuitfind import patching as P  # noqa: E402
 from circuitfind.edges import EdgePatcher  # noqa: E402
-from circuitfind.models import load_model  # noqa: E402
+from circuitfind.models import load_model, model_device  # noqa: E402
 from circuitfind.tasks import TaskBatch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -44,7 +44,7 @@ def main() -> None:
     batch = TaskBatch.build(model, args.task, args.prompts, seed=0)
     setup = P.prepare(model, batch, "str", "kl", max_batch=args.max_batch)
     patcher = EdgePatcher(setup)
-    device = next(model.parameters()).device
+    device = model_device(model)
     print(f"\nmodel {args.model}, {batch.size} prompts x {batch.n_pos} positions, {patcher.n_edges} edges, "
           f"device {device}, torch threads {torch.get_num_threads()}, default engine {patcher.engine}\n")
 
@@ -88,11 +88,14 @@ def main() -> None:
 
 def unsplit_forward(model, tokens):
     """The plain forward with split q/k/v inputs, per-head results and MLP-input hooks switched off."""
-    model.set_use_split_qkv_input(False), model.set_use_attn_result(False), model.set_use_hook_mlp_in(False)
+    switches = (model.set_use_split_qkv_input, model.set_use_attn_result, model.set_use_hook_mlp_in)
+    for switch in switches:
+        switch(False)
     try:
         return model(tokens)
     finally:
-        model.set_use_split_qkv_input(True), model.set_use_attn_result(True), model.set_use_hook_mlp_in(True)
+        for switch in switches:  # back to how load_model leaves it
+            switch(True)
 
 
 if __name__ == "__main__":

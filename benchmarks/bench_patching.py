@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from transformer_lens import patching as tl_patching  # noqa: E402
 
 from circuitfind import patching as P  # noqa: E402
-from circuitfind.models import load_model  # noqa: E402
+from circuitfind.models import load_model, model_device  # noqa: E402
 from circuitfind.tasks import TaskBatch, load_task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -60,7 +60,7 @@ def main() -> None:
     for name, fn, n in ops:
         rows.append((name, best_of(fn, args.repeats)[0], n))
 
-    device = next(model.parameters()).device
+    device = model_device(model)
     print(f"\nmodel {args.model} ({L} layers x {H} heads), {batch.size} prompts x {T} positions, device {device}, "
           f"torch threads {torch.get_num_threads()}, max_batch {args.max_batch}\n")
     print(f"{'operation':<40} {'seconds':>9} {'candidates':>11} {'fwd-equiv/candidate':>20}")

@@ -143,7 +143,8 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     sender_of = {name: i for i, name in enumerate(graph.senders)}
     outgoing = [(s_idx == i).nonzero().flatten().to(device) for i in range(len(graph.senders))]
     search = patcher.incremental() if reuse_prefix else None
-    current = (search.values(keep[None].float()) if search else patcher.value(keep[None].float())).item()
+    evaluate = search.values if search else patcher.value
+    current = evaluate(keep[None].float()).item()
     cap = candidates or max(1, setup.max_batch // setup.size)
     chunk, n_forward, n_evaluated = 1, 1, 1
     show = setup.progress if progress is None else progress
@@ -159,7 +160,7 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
             masks = keep[None].repeat(len(batch), 1).float()
             for j in range(len(batch)):
                 masks[j, batch[: j + 1]] = 0.0
-            values = (search.values(masks) if search else patcher.value(masks)).tolist()
+            values = evaluate(masks).tolist()
             n_forward, n_evaluated = n_forward + 1, n_evaluated + len(batch)
             consumed, adopted = len(batch), -1
             for j, e in enumerate(batch):

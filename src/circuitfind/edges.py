@@ -106,8 +106,7 @@ class EdgePatcher:
     def base_outputs(self) -> dict[str, torch.Tensor]:
         """Sender outputs of the unpatched base run (for fixed-difference gradients, EAP-IG)."""
         if self._base_outputs is None:
-            which = "clean" if self.direction == "noise" else "corrupt"
-            self._base_outputs = self.setup.activations(which, self._sender_hooks)
+            self._base_outputs = self.setup.base_activations(self.direction, self._sender_hooks)
         return self._base_outputs
 
     def _hooks(self, dense: torch.Tensor, n: int, fixed_diff: bool, per_prompt: bool = False,
@@ -240,22 +239,25 @@ class EdgePatcher:
         plain = not (masks.requires_grad or per_prompt or fixed_diff or extra_hooks)
         if start and not (plain and self.graph.n_pos is None):
             raise ValueError("start works for plain (no-gradient, position-free) edge masks only")
-        B = self.setup.size
-        chunk = max(1, self.setup.max_batch // B)
+        chunk = max(1, self.setup.max_batch // self.setup.size)
         starts = range(0, masks.shape[0], chunk)
         out = []
         for first in tqdm(starts, desc=desc or "edge patching", disable=not self.setup.progress or len(starts) < 2, leave=False):
             part = masks[first : first + chunk]
             part = part.to(torch.float32) if part.dtype == torch.bool else part
-            n = part.shape[0]
             if plain and self.engine == "functional":
                 with torch.no_grad():
                     stage = functional.MaskedForward.stage(self.graph.receivers[start]) if start else 0
                     answer = self.masked_forward().logits(1.0 - self.graph.dense(part), stage)
             else:
                 answer = self._run_hooks(part, fixed_diff, extra_hooks, per_prompt, start)
-            out.append(self.setup.metric(answer, _repeat_ctx(self.setup.ctx, n)).reshape(n, B))
+            out.append(self.score(answer))
         return torch.cat(out)
+
+    def score(self, answer: torch.Tensor) -> torch.Tensor:
+        """Per-prompt metric ``[candidates, batch]`` of stacked answer-position logits."""
+        n = answer.shape[0] // self.setup.size
+        return self.setup.metric(answer, _repeat_ctx(self.setup.ctx, n)).reshape(n, self.setup.size)
 
     def _run_hooks(self, part: torch.Tensor, fixed_diff: bool, extra_hooks, per_prompt: bool, start: int) -> torch.Tensor:
         """Answer-position logits of one chunk of candidates through the bridge's forward hooks."""
@@ -302,9 +304,7 @@ class IncrementalSearch:
         self._last: torch.Tensor | None = None
         self.forward: incremental.IncrementalForward | None = None
         if patcher.engine == "functional":
-            setup = patcher.setup
-            which = "clean" if patcher.direction == "noise" else "corrupt"
-            inputs = setup.activations(which, incremental.IncrementalForward.hooks(setup.n_layers))
+            inputs = patcher.setup.base_activations(patcher.direction, incremental.IncrementalForward.hooks(patcher.graph.n_layers))
             self.forward = incremental.IncrementalForward(patcher.masked_forward(), inputs)
 
     def values(self, masks: torch.Tensor) -> torch.Tensor:
@@ -315,10 +315,9 @@ class IncrementalSearch:
             differs = (masks != self.reference).any(0)
             start = int(self.patcher.graph.edge_index[1][differs.cpu()].min()) if differs.any() else 0
             return self.patcher.value(masks, start=start)
-        setup, n = self.patcher.setup, masks.shape[0]
         with torch.no_grad():
             answer = self.forward.logits(1.0 - self.patcher.graph.dense(masks.float()))
-        return setup.metric(answer, _repeat_ctx(setup.ctx, n)).reshape(n, setup.size).mean(-1)
+        return self.patcher.score(answer).mean(-1)
 
     def adopt(self, j: int) -> None:
         """Make candidate ``j`` of the last :meth:`values` call the reference."""

@@ -27,6 +27,7 @@ from transformers.activations import ACT2FN
 
 from circuitfind.errors import CircuitfindError
 from circuitfind.graph import ModelGraph
+from circuitfind.patching import hook_name
 
 SUPPORTED = ("gpt2", "llama")
 
@@ -80,7 +81,7 @@ class FunctionalModel:
             raise UnsupportedModelError(f"no functional forward pass for architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
         hf = model.original_model.config
         cfg = model.cfg
-        self.n_layers, self.n_heads = cfg.n_layers, cfg.n_heads
+        self.n_heads = cfg.n_heads
         self.n_kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads
         act = getattr(hf, "activation_function", None) or hf.hidden_act
         # GPT-2's gelu_new is the tanh approximation; torch's fused kernel computes the same formula
@@ -171,7 +172,8 @@ class FunctionalModel:
         """MLP output (``hook_mlp_out``) from its residual input (``hook_mlp_in``)."""
         w = self.layers[layer]
         x = w.norm2(x)
-        pre = x @ w.W_in if w.b_in is None else torch.addmm(w.b_in, x.reshape(-1, x.shape[-1]), w.W_in).reshape(*x.shape[:-1], -1)
+        pre = x @ w.W_in
+        pre = pre if w.b_in is None else pre + w.b_in
         hidden = self.act(x @ w.W_gate) * pre if w.W_gate is not None else self.act(pre)
         out = hidden @ w.W_out
         return out if w.b_out is None else out + w.b_out
@@ -197,6 +199,7 @@ class MaskedForward:
             ``attn.hook_result`` and ``hook_mlp_out``).
         sources: the same hooks in the run whose values patched edges carry.
         end_pos: ``[batch]`` answer positions; only they reach the metric.
+        sender_hooks: the senders' hooks in graph order (the input's first).
     """
 
     def __init__(self, fm: FunctionalModel, graph: ModelGraph, base: dict[str, torch.Tensor],
@@ -217,7 +220,6 @@ class MaskedForward:
         parts = [(sources[name] - base[name]).reshape(BT, -1, self.d) for name in sender_hooks]
         self.base_diffs = torch.cat(parts, dim=1)  # [B * T, senders, d] of the base run
         self.sources = {name: sources[name].reshape(BT, -1, self.d) for name in sender_hooks[1:]}  # [B * T, g, d]
-        self.sender_hooks = sender_hooks
         # receiver indices per layer: q, k, v inputs (merged: one per head, read as q, k and v)
         self.qkv: list[tuple[list[int], list[int], list[int]]] = []
         for layer in range(L):
@@ -366,7 +368,7 @@ class _Run:
             resid_end = self._end_resid()
             q_in = (resid_end[:, :, None] + self._correct(q_idx, up, end=True)).reshape(n * B, -1, d)
             out = mf.fm.attention(layer, q_in, k_in, v_in, q_pos=mf.end_pos.repeat(n)).reshape(n, B, -1, d)
-            src = mf.sources[f"blocks.{layer}.attn.hook_result"][mf.end_tokens]  # [B, H, d]
+            src = mf.sources[hook_name(layer, "result")][mf.end_tokens]  # [B, H, d]
             self._store_end(src - out)
             self.resid = resid_end + out.sum(2) + mf.fm.attn_bias(layer)
             return
@@ -376,14 +378,14 @@ class _Run:
         H = out.shape[2]
         k = self.count - self.S0
         # source - output, written straight into the candidates' difference buffer
-        torch.sub(mf.sources[f"blocks.{layer}.attn.hook_result"], out.view(n, B * T, H, d), out=self.diffs[:, :, k : k + H])
+        torch.sub(mf.sources[hook_name(layer, "result")], out.view(n, B * T, H, d), out=self.diffs[:, :, k : k + H])
         self.count += H
         self.resid = self.resid + out.sum(2).view(n, B, T, d) + mf.fm.attn_bias(layer)
 
     def _mlp(self, layer: int, end: bool) -> None:
         mf = self.mf
         up, r = mf.senders_at[2 * layer + 1], mf.mlp_recv[layer]
-        src = mf.sources[f"blocks.{layer}.hook_mlp_out"]
+        src = mf.sources[hook_name(layer, "mlp_out")]
         if end:
             self.resid = self._end_resid()
             x = self.resid + self._correct([r], up, end=True)[..., 0, :]

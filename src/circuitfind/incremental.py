@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from circuitfind.functional import MaskedForward
+from circuitfind.patching import hook_name
 
 
 class IncrementalForward:
@@ -43,44 +44,41 @@ class IncrementalForward:
         self.out: list[torch.Tensor | None] = [None] * S
         self.src: list[torch.Tensor | None] = [None] * S
         self.head_recv: list[list[tuple[int, int, int]]] = []  # per layer, per head: q, k, v receivers
-        group = H // (g.n_kv_heads or H)
-        hooks = mf.sender_hooks
+        group = H // (g.n_kv_heads or H)  # 1 for merged q/k/v receivers (no grouped-query attention)
         self.src[0], self.out[0] = mf.embed + mf.base_diff(0), mf.embed
         for layer in range(L):
             last = layer == L - 1
             q_idx, k_idx, v_idx = mf.qkv[layer]
-            if not g.split_qkv:
-                k_idx = v_idx = q_idx
-            names = {kind: inputs[f"blocks.{layer}.hook_{kind}_input"] for kind in ("q", "k", "v")}
+            names = {kind: inputs[hook_name(layer, f"{kind}_input")] for kind in ("q", "k", "v")}
             per_head = []
             for h in range(H):
-                kv = h if not g.split_qkv else h // group
+                kv = h // group
                 rq, rk, rv = q_idx[h], k_idx[kv], v_idx[kv]
                 per_head.append((rq, rk, rv))
                 self.inp[rq] = names["q"][:, :, h]
                 if g.split_qkv:
                     self.inp[rk], self.inp[rv] = names["k"][:, :, kv], names["v"][:, :, kv]
             self.head_recv.append(per_head)
-            mlp_in = inputs[f"blocks.{layer}.hook_mlp_in"]
+            mlp_in = inputs[hook_name(layer, "mlp_in")]
             self.inp[mf.mlp_recv[layer]] = mlp_in[rows, end] if last else mlp_in
             first = g.senders_before(layer)
-            result = mf.source(hooks[1 + 2 * layer])
-            mlp_src = mf.source(hooks[2 + 2 * layer])[:, :, 0]
+            result = mf.source(hook_name(layer, "result"))
+            mlp_src = mf.source(hook_name(layer, "mlp_out"))[:, :, 0]
             for h in range(H):
                 src = result[:, :, h]
                 out = src - mf.base_diff(first + h)
                 self.src[first + h], self.out[first + h] = (src[rows, end], out[rows, end]) if last else (src, out)
             out = mlp_src - mf.base_diff(first + H)
             self.src[first + H], self.out[first + H] = (mlp_src[rows, end], out[rows, end]) if last else (mlp_src, out)
-        self.inp[mf.logit_recv] = inputs[f"blocks.{L - 1}.hook_resid_post"][rows, end]
+        self.inp[mf.logit_recv] = inputs[hook_name(L - 1, "resid_post")][rows, end]
         self._head_recv_idx = [torch.tensor(per, device=end.device) for per in self.head_recv]  # [H, 3] per layer
         self._last: tuple | None = None
 
     @staticmethod
     def hooks(n_layers: int) -> list[str]:
         """The base-run activations :class:`IncrementalForward` starts from."""
-        names = [f"blocks.{l}.hook_{k}_input" for l in range(n_layers) for k in ("q", "k", "v")]
-        return names + [f"blocks.{l}.hook_mlp_in" for l in range(n_layers)] + [f"blocks.{n_layers - 1}.hook_resid_post"]
+        kinds = ("q_input", "k_input", "v_input", "mlp_in")
+        return [hook_name(l, k) for l in range(n_layers) for k in kinds] + [hook_name(n_layers - 1, "resid_post")]
 
     def _end(self, x: torch.Tensor, end: bool, full_dims: int) -> torch.Tensor:
         """``x`` at the answer positions if ``end`` and ``x`` still has every position."""
@@ -123,15 +121,15 @@ class IncrementalForward:
                 heads = reached[self._head_recv_idx[layer]].any(1).nonzero().flatten().tolist()
                 if heads:
                     q_r, k_r, v_r = ([self.head_recv[layer][h][i] for h in heads] for i in range(3))
-                    h = len(heads)
+                    m = len(heads)
                     if end:  # queries at the answer positions only
-                        q = self._inputs(q_r, True, run)  # [n, B, h, d]
-                        kv = self._inputs(k_r + v_r, False, run)  # [n, B, T, 2h, d]
-                        k, v = kv[..., :h, :], kv[..., h:, :]
+                        q = self._inputs(q_r, True, run)  # [n, B, m, d]
+                        kv = self._inputs(k_r + v_r, False, run)  # [n, B, T, 2m, d]
+                        k, v = kv[..., :m, :], kv[..., m:, :]
                     else:  # one read of the upstream changes for all three
-                        kv = self._inputs(q_r + k_r + v_r, False, run)  # [n, B, T, 3h, d]
-                        q, k, v = kv[..., :h, :], kv[..., h : 2 * h, :], kv[..., 2 * h :, :]
-                        kv = kv[..., h:, :]
+                        kv = self._inputs(q_r + k_r + v_r, False, run)  # [n, B, T, 3m, d]
+                        q, k, v = kv[..., :m, :], kv[..., m : 2 * m, :], kv[..., 2 * m :, :]
+                        kv = kv[..., m:, :]
                     for i, r in enumerate(q_r):
                         new_in[r] = (q, i)
                     for i, r in enumerate(k_r + v_r):  # a merged receiver keeps its every-position input
@@ -180,10 +178,8 @@ class _Changes:
         self.keep, self.dpatch = 1.0 - patched, patched - inc.patched[None]
         self.changed = (self.dpatch != 0).any(0).any(0)  # [receivers]
         self.changed_set = set(self.changed.nonzero().flatten().tolist())
-        L = g.n_layers
-        self.first_stage = min((mf.stage(g.receivers[r]) for r in self.changed_set), default=2 * L)
-        layer = min(self.first_stage // 2, L)
-        self.first_sender = g.senders_before(layer) + (g.n_heads if self.first_stage % 2 else 0)
+        self.first_stage = min((mf.stage(g.receivers[r]) for r in self.changed_set), default=2 * g.n_layers)
+        self.first_sender = mf.senders_at[self.first_stage]
         n, S = patched.shape[0], len(g.senders)
         self.deltas = patched.new_empty(n, max(S - self.first_sender, 0), mf.B, mf.T, mf.d)
         self.recorded: list[int] = []  # filled slots, increasing

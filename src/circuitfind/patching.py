@@ -116,6 +116,10 @@ class PatchingSetup:
                 self._cache[(which, n)] = store[n]
         return {n: self._cache[(which, n)] for n in names}
 
+    def base_activations(self, direction: Direction, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Activations of the unpatched base run: the clean run (noise), the corrupted run (denoise)."""
+        return self.activations("clean" if direction == "noise" else "corrupt", names)
+
     def sources(self, direction: Direction, names: Iterable[str]) -> dict[str, torch.Tensor]:
         """Activations patched into the base run: clean ones (denoise), corrupted/ablated ones (noise)."""
         names = list(names)
@@ -421,7 +425,7 @@ def path_patch(
             if r.input not in ("q", "k", "v") or not (0 <= r.layer < L and 0 <= r.head < n):
                 raise ValueError(f"invalid receiver {r}: layer must be < {L}, head < {n} for {r.input} inputs")
     z_names = [hook_name(l, "z") for l in range(L)]
-    base_z = setup.activations("clean" if direction == "noise" else "corrupt", z_names)
+    base_z = setup.base_activations(direction, z_names)
     src_z = setup.sources(direction, z_names)
     if receivers == LOGITS:
         recv_hooks = {hook_name(L - 1, "resid_post"): None}
