@@ -47,6 +47,7 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
         edges = {r["setting"]: _edges(r) for r in recs}
         nodes = {r["setting"]: _components(r) for r in recs}
         scored = {r["setting"]: _tensor(r["scores"]) for r in recs if r.get("scores") is not None and r["algorithm"] != "node"}
+        ranks = compare.pairwise(scored, compare.rank_correlation)  # Spearman and Kendall together, once per pair
         stab_nodes = compare.stability(nodes)
         consensus_edges = compare.consensus(edges, consensus_fraction)
         consensus_nodes = compare.consensus(nodes, consensus_fraction)
@@ -56,8 +57,8 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
             "node_jaccard": compare.matrix(compare.pairwise(nodes, compare.jaccard), names).tolist(),
             "edge_overlap": compare.matrix(compare.pairwise(edges, compare.overlap_coefficient), names).tolist(),
             "score_names": list(scored),
-            "spearman": compare.matrix(compare.pairwise(scored, lambda a, b: compare.rank_correlation(a, b)["spearman"]), list(scored)).tolist() if scored else [],
-            "kendall": compare.matrix(compare.pairwise(scored, lambda a, b: compare.rank_correlation(a, b)["kendall"]), list(scored)).tolist() if scored else [],
+            "spearman": compare.matrix({k: v["spearman"] for k, v in ranks.items()}, list(scored)).tolist() if scored else [],
+            "kendall": compare.matrix({k: v["kendall"] for k, v in ranks.items()}, list(scored)).tolist() if scored else [],
             "node_stability": stab_nodes,
             "consensus_fraction": consensus_fraction,
             "consensus_edges": sorted(consensus_edges),
