@@ -106,7 +106,8 @@ def _bootstrap(record: dict, n_boot: int) -> dict:
     try:
         per = torch.load(path, weights_only=True)
     except Exception as err:  # truncated, edited or not a torch file: the report goes on without it
-        raise _Unusable(f"{path.name} could not be read ({type(err).__name__}: {str(err).splitlines()[0][:100]})") from err
+        first_line = next(iter(str(err).splitlines()), "")[:100]
+        raise _Unusable(f"{path.name} could not be read ({type(err).__name__}: {first_line})") from err
     graph = ModelGraph(record["n_layers"], record["n_heads"], n_kv_heads=record.get("n_kv_heads"))
     if not isinstance(per, torch.Tensor) or per.dim() != 2 or per.shape[0] != graph.n_edges or per.shape[1] < 2:
         shape = list(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
