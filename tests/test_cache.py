@@ -242,3 +242,11 @@ def test_records_are_strict_json_with_finite_numbers(tmp_path):
     run_setting(EAP, CONFIG, tmp_path / "run", tmp_path / "cache")
     record = strict_json((tmp_path / "run" / "circuits" / f"{EAP.name}.json").read_text())
     assert math.isfinite(record["faithfulness"]) and record["faithfulness_status"] == "ok"
+
+
+def test_a_broken_record_in_a_run_folder_is_named(tmp_path):
+    run_setting(NODE, CONFIG, tmp_path / "run", tmp_path / "cache")
+    record = tmp_path / "run" / "circuits" / f"{NODE.name}.json"
+    record.write_text(record.read_text()[:50])
+    with pytest.raises(ValueError, match=f"setting record .*{NODE.name}.json is not valid JSON"):
+        write_run_report(tmp_path / "run")

@@ -331,7 +331,12 @@ def load_records(run_dir: str | Path) -> list[dict]:
     files = sorted((run_dir / "circuits").glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no circuit records in {run_dir / 'circuits'}: is this a sweep run folder?")
-    records = [json.loads(f.read_text()) for f in files]
+    records = []
+    for f in files:
+        try:
+            records.append(json.loads(f.read_text()))
+        except ValueError as err:  # truncated or edited by hand: name the file, not just the JSON position
+            raise ValueError(f"setting record {f} is not valid JSON ({err})") from err
     for record in records:
         for field in ("graphml", "json", "per_prompt"):
             if record.get(field):
