@@ -33,7 +33,7 @@ from prefect.task_runners import ThreadPoolTaskRunner  # noqa: E402
 import circuitfind  # noqa: E402
 from circuitfind.io import write_json  # noqa: E402
 from circuitfind.report import write_run_report  # noqa: E402
-from circuitfind.sweep import Setting, SweepConfig, run_setting  # noqa: E402
+from circuitfind.sweep import Setting, SweepConfig, describe, run_setting  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUTS = str(REPO / "outputs")
@@ -80,8 +80,7 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
             log.warning("[%d/%d] %s failed: %s", done, len(settings), setting.name, outcome)
         else:
             results.append(outcome)
-            log.info("[%d/%d] %s: %d edges, faithfulness %.3f%s", done, len(settings), setting.name,
-                     outcome["n_edges"], outcome["faithfulness"], " (cached)" if outcome["from_cache"] else "")
+            log.info("[%d/%d] %s: %s", done, len(settings), setting.name, describe(outcome))
     if not results:
         raise RuntimeError(f"every setting failed; first error: {failures[0]['error'] if failures else 'none'}")
     report = compare_run(str(run_dir), reference)

@@ -60,3 +60,50 @@ def test_bootstrap_ci():
     assert ci.excludes_zero()[:2].all() and not ci.excludes_zero()[2]
     with pytest.raises(ValueError):
         compare.bootstrap_ci(torch.ones(3, 1))
+
+
+def _bootstrap_one_resample_at_a_time(per_prompt, n_boot, level, seed):
+    """The direct computation: draw every resample of prompts, take its mean, then the percentiles."""
+    x = per_prompt.float()
+    B = x.shape[-1]
+    idx = torch.randint(0, B, (n_boot, B), generator=torch.Generator().manual_seed(seed))
+    flat = x.reshape(-1, B)
+    means = torch.stack([flat[:, i].mean(-1) for i in idx])
+    alpha = (1 - level) / 2
+    q = torch.quantile(means.double(), torch.tensor([alpha, 1 - alpha], dtype=torch.float64), dim=0).float()
+    return q[0].reshape(x.shape[:-1]), q[1].reshape(x.shape[:-1])
+
+
+@pytest.mark.parametrize("shape,level", [((7, 12), 0.95), ((3, 4, 9), 0.9), ((2, 2), 0.5)])
+def test_bootstrap_ci_equals_the_direct_resampling(shape, level):
+    per_prompt = torch.randn(shape, generator=torch.Generator().manual_seed(5)) * 2 + 0.3
+    ci = compare.bootstrap_ci(per_prompt, n_boot=300, level=level, seed=7)
+    low, high = _bootstrap_one_resample_at_a_time(per_prompt, 300, level, 7)
+    torch.testing.assert_close(ci.low, low, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ci.high, high, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ci.mean, per_prompt.mean(-1))
+    assert ci.low.shape == ci.high.shape == ci.mean.shape == shape[:-1]
+
+
+def test_bootstrap_ci_of_many_components_in_bounded_chunks():
+    # 20k components x 1000 resamples: torch.quantile refuses inputs of more than 2**24 values at once
+    per_prompt = torch.randn(20_000, 8, generator=torch.Generator().manual_seed(0))
+    ci = compare.bootstrap_ci(per_prompt, n_boot=1000, seed=2)
+    low, high = _bootstrap_one_resample_at_a_time(per_prompt[:50], 1000, 0.95, 2)
+    torch.testing.assert_close(ci.low[:50], low, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ci.high[:50], high, rtol=0, atol=1e-5)
+    tiny = compare.bootstrap_ci(per_prompt[:300], n_boot=1000, seed=2, chunk_elements=1000 * 7)  # 43 chunks of 7
+    torch.testing.assert_close(tiny.low, ci.low[:300], rtol=0, atol=1e-6)
+    torch.testing.assert_close(tiny.high, ci.high[:300], rtol=0, atol=1e-6)
+
+
+def test_torch_threads_sets_and_restores_the_thread_count():
+    from circuitfind.threads import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with pytest.raises(KeyError), torch_threads(1):
+        raise KeyError("restored on errors too")
+    assert torch.get_num_threads() == before

@@ -33,7 +33,7 @@ def test_sweep_writes_circuits_report_and_manifest(first_run):
         assert [list(e) for e in circuit.edges] == record["edges"]
         assert circuit.settings["algorithm"] == record["algorithm"]
         if record["algorithm"] == "eap_ig":
-            assert Path(record["per_prompt"]).is_file() and record["curve"]["cpr"] > 0
+            assert (run / record["per_prompt"]).is_file() and record["curve"]["cpr"] > 0  # paths relative to the run
     html = (run / "report.html").read_text()
     assert html.count("<svg") >= 6 + 2 and "edge Jaccard" in html and "Bootstrap" in html
     md = (run / "report.md").read_text()
@@ -61,6 +61,24 @@ def test_compare_flow_with_reference(first_run):
     md = Path(paths["markdown"]).read_text()
     assert f"Against the reference `{reference}`" in md
     assert "| acdc/str/kl/noise | 1.000 | 1.000 | 1.000 |" in md
+
+
+def test_every_json_file_of_a_sweep_is_strict(prefect_harness, tmp_path):
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    # no head is 50 SD from the mean: the node circuit is empty and its faithfulness undefined
+    config = SweepConfig(algorithms=["eap", "node"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"],
+                         prompts=8, node_k=50.0)
+    manifest = sweep(config, run="j", outputs=str(tmp_path))
+    assert len(manifest["settings"]) == 2 and not manifest["failures"]
+    files = list(tmp_path.rglob("*.json"))
+    assert tmp_path / "j" / "manifest.json" in files and len(files) >= 5
+    for f in files:
+        json.loads(f.read_text(), parse_constant=reject)
+    node = next(s for s in manifest["settings"] if "__node__" in s["setting"])
+    assert node["n_edges"] == 0 and node["faithfulness"] is None and node["faithfulness_status"] == "empty circuit"
+    assert "empty circuit" in (tmp_path / "j" / "report.md").read_text()
 
 
 def test_failed_settings_are_reported_not_fatal(prefect_harness, tmp_path):

@@ -123,20 +123,33 @@ class BootstrapCI:
         return (self.low > 0) | (self.high < 0)
 
 
-def bootstrap_ci(per_prompt: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> BootstrapCI:
-    """Percentile bootstrap over prompts (the last axis) of the mean score of each component."""
+def bootstrap_ci(per_prompt: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                 chunk_elements: int = 1 << 22) -> BootstrapCI:
+    """Percentile bootstrap over prompts (the last axis) of the mean score of each component.
+
+    Each resample of prompts is a row of counts (how often each prompt was drawn), so all
+    resampled means are one matrix product instead of ``n_boot`` small means. Components are
+    taken ``chunk_elements // n_boot`` at a time, so memory stays bounded on graphs with many
+    edges. The resamples are those of drawing ``n_boot`` index rows with ``torch.randint`` from
+    ``seed``, as before; means and percentiles are computed in float64.
+    """
     if per_prompt.shape[-1] < 2:
         raise ValueError("bootstrap needs at least two prompts")
     x = per_prompt.detach().float().cpu()
     B = x.shape[-1]
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, B, (n_boot, B), generator=gen)
+    weights = torch.zeros(n_boot, B, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, B, dtype=torch.float64)) / B
     flat = x.reshape(-1, B)
-    means = torch.stack([flat[:, i].mean(-1) for i in idx])  # [n_boot, components]
     alpha = (1 - level) / 2
-    q = torch.quantile(means, torch.tensor([alpha, 1 - alpha]), dim=0)
+    q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)
+    low, high = torch.empty(flat.shape[0]), torch.empty(flat.shape[0])
+    step = max(1, chunk_elements // n_boot)
+    for start in range(0, flat.shape[0], step):
+        means = weights @ flat[start : start + step].double().T  # [n_boot, components]
+        low[start : start + step], high[start : start + step] = torch.quantile(means, q, dim=0)
     shape = x.shape[:-1]
-    return BootstrapCI(x.mean(-1), q[0].reshape(shape), q[1].reshape(shape), level)
+    return BootstrapCI(x.mean(-1), low.reshape(shape), high.reshape(shape), level)
 
 
 def _np(x) -> np.ndarray:

@@ -1,9 +1,12 @@
 """Atomic file output: results are written to a temporary file and renamed into place, so a crash
-never leaves a half-written file behind."""
+never leaves a half-written file behind. JSON is written strictly (RFC 8259): there is no NaN or
+Infinity in JSON, so non-finite floats become ``null``; writers that need to say why a value is
+missing add a reason field next to it (e.g. ``"faithfulness_status"``)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -33,12 +36,24 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, default=_jsonable) + "\n")
+    """Write ``obj`` as strict JSON (non-finite floats as ``null``), atomically."""
+    return write_text(path, to_json(obj))
 
 
-def _jsonable(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
+def to_json(obj: Any) -> str:
+    """``obj`` as strict, indented JSON: tensors and arrays as lists, non-finite floats as ``null``."""
+    return json.dumps(_strict(obj), indent=2, allow_nan=False) + "\n"
+
+
+def _strict(obj: Any) -> Any:
+    if isinstance(obj, float):  # also numpy's float64
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int)):
+        return obj
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [_strict(v) for v in obj]
+    if hasattr(obj, "tolist"):  # tensors, arrays and numpy scalars
+        return _strict(obj.tolist())
     raise TypeError(f"cannot write {type(obj).__name__} as JSON")

@@ -18,6 +18,7 @@ import torch
 from circuitfind import compare, figures
 from circuitfind.graph import ModelGraph
 from circuitfind.io import write_text
+from circuitfind.threads import torch_threads
 
 
 def _edges(record: dict) -> set[tuple[str, str]]:
@@ -45,7 +46,8 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
         labels = [_short(r, ()) for r in recs]
         edges = {r["setting"]: _edges(r) for r in recs}
         nodes = {r["setting"]: _components(r) for r in recs}
-        scored = {r["setting"]: torch.tensor(r["scores"]) for r in recs if r.get("scores") is not None and r["algorithm"] != "node"}
+        scored = {r["setting"]: _tensor(r["scores"]) for r in recs if r.get("scores") is not None and r["algorithm"] != "node"}
+        ranks = compare.pairwise(scored, compare.rank_correlation)  # Spearman and Kendall together, once per pair
         stab_nodes = compare.stability(nodes)
         consensus_edges = compare.consensus(edges, consensus_fraction)
         consensus_nodes = compare.consensus(nodes, consensus_fraction)
@@ -55,8 +57,8 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
             "node_jaccard": compare.matrix(compare.pairwise(nodes, compare.jaccard), names).tolist(),
             "edge_overlap": compare.matrix(compare.pairwise(edges, compare.overlap_coefficient), names).tolist(),
             "score_names": list(scored),
-            "spearman": compare.matrix(compare.pairwise(scored, lambda a, b: compare.rank_correlation(a, b)["spearman"]), list(scored)).tolist() if scored else [],
-            "kendall": compare.matrix(compare.pairwise(scored, lambda a, b: compare.rank_correlation(a, b)["kendall"]), list(scored)).tolist() if scored else [],
+            "spearman": compare.matrix({k: v["spearman"] for k, v in ranks.items()}, list(scored)).tolist() if scored else [],
+            "kendall": compare.matrix({k: v["kendall"] for k, v in ranks.items()}, list(scored)).tolist() if scored else [],
             "node_stability": stab_nodes,
             "consensus_fraction": consensus_fraction,
             "consensus_edges": sorted(consensus_edges),
@@ -79,20 +81,54 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
                         row["roc_auc"] = compare.roc_auc(scored[r["setting"]], truth).auc
                 rows[r["setting"]] = row
             group["reference"] = {"setting": reference["setting"], "scores": rows}
-        boots = {}
+        boots, skipped = {}, {}
         for r in recs:
-            if r.get("per_prompt") and Path(r["per_prompt"]).is_file():
-                per = torch.load(r["per_prompt"])
-                ci = compare.bootstrap_ci(per, n_boot=n_boot)
-                top = ci.mean.abs().topk(min(8, ci.mean.numel())).indices.tolist()
-                graph = ModelGraph(r["n_layers"], r["n_heads"], n_kv_heads=r.get("n_kv_heads"))
-                boots[r["setting"]] = {
-                    "level": ci.level, "excluding_zero": int(ci.excludes_zero().sum()),
-                    "top": [{"edge": list(graph.edges[i]), "mean": float(ci.mean[i]), "low": float(ci.low[i]), "high": float(ci.high[i])} for i in top],
-                }
+            if r.get("per_prompt"):
+                try:
+                    boots[r["setting"]] = _bootstrap(r, n_boot)
+                except _Unusable as err:
+                    skipped[r["setting"]] = str(err)
         group["bootstrap"] = boots
+        group["bootstrap_skipped"] = skipped
         out.append(group)
     return out
+
+
+class _Unusable(Exception):
+    """A run folder's per-prompt scores cannot be used (missing, unreadable, wrong shape)."""
+
+
+def _bootstrap(record: dict, n_boot: int) -> dict:
+    """Bootstrap intervals of a setting's edge scores over prompts, from its per-prompt file."""
+    path = Path(record["per_prompt"])
+    if not path.is_file():
+        raise _Unusable(f"{path.name} is missing")
+    try:
+        per = torch.load(path, weights_only=True)
+    except Exception as err:  # truncated, edited or not a torch file: the report goes on without it
+        first_line = next(iter(str(err).splitlines()), "")[:100]
+        raise _Unusable(f"{path.name} could not be read ({type(err).__name__}: {first_line})") from err
+    graph = ModelGraph(record["n_layers"], record["n_heads"], n_kv_heads=record.get("n_kv_heads"))
+    if not isinstance(per, torch.Tensor) or per.dim() != 2 or per.shape[0] != graph.n_edges or per.shape[1] < 2:
+        shape = list(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
+        raise _Unusable(f"{path.name} holds {shape}, not scores [{graph.n_edges} edges, >= 2 prompts]")
+    ci = compare.bootstrap_ci(per, n_boot=n_boot)
+    top = ci.mean.abs().topk(min(8, ci.mean.numel())).indices.tolist()
+    return {
+        "level": ci.level, "excluding_zero": int(ci.excludes_zero().sum()),
+        "top": [{"edge": list(graph.edges[i]), "mean": float(ci.mean[i]), "low": float(ci.low[i]), "high": float(ci.high[i])} for i in top],
+    }
+
+
+def _tensor(values) -> torch.Tensor:
+    """A tensor from JSON numbers, where ``null`` (a non-finite value) becomes NaN."""
+    return torch.tensor(_nan_for_null(values), dtype=torch.float32)
+
+
+def _nan_for_null(values):
+    if isinstance(values, list):
+        return [_nan_for_null(v) for v in values]
+    return float("nan") if values is None else values
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -102,6 +138,8 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _fmt(v) -> str:
+    if v is None:
+        return "n/a"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.3f}"
     return str(v)
@@ -117,7 +155,8 @@ def _settings_rows(group: dict) -> list[list]:
     rows = []
     for label, r in zip(group["labels"], group["records"]):
         curve = r.get("curve") or {}
-        rows.append([label, r["n_edges"], len(_components(r)), r["faithfulness"], curve.get("cpr", float("nan")),
+        faith = r["faithfulness"] if r["faithfulness"] is not None else r.get("faithfulness_status", "n/a")
+        rows.append([label, r["n_edges"], len(_components(r)), faith, curve.get("cpr", float("nan")),
                      curve.get("cmd", float("nan")), r["clean"], r["corrupt"], r.get("seconds", float("nan"))])
     return rows
 
@@ -162,12 +201,14 @@ def to_markdown(groups: list[dict], title: str) -> str:
         if "reference" in g:
             ref = g["reference"]
             out += [f"### Against the reference `{ref['setting']}`", "", _table(REFERENCE_HEADER, _reference_rows(g)), ""]
-        if g["bootstrap"]:
+        if g["bootstrap"] or g["bootstrap_skipped"]:
             out += ["### Bootstrap intervals of edge scores (over prompts)", ""]
             label = dict(zip(g["names"], g["labels"]))
             for name, b in g["bootstrap"].items():
                 out += [f"**{label[name]}**: {b['excluding_zero']} edges with a {b['level']:.0%} interval excluding 0. Top edges:", "",
                         _table(BOOTSTRAP_HEADER, _bootstrap_rows(b)), ""]
+            for name, reason in g["bootstrap_skipped"].items():
+                out += [f"**{label[name]}**: no intervals: {reason}.", ""]
     return "\n".join(out)
 
 
@@ -207,7 +248,7 @@ def to_html(groups: list[dict], title: str) -> str:
             drawing = figures.circuit_drawing(r["n_layers"], r["n_heads"], _edges(r), shared, f"{lab} ({r['n_edges']} edges)")
             parts.append(f"<div class='card'>{drawing}</div>")
         parts.append("</div>")
-        curves = {lab: (r["curve"]["fractions"], r["curve"]["faithfulness"]) for lab, r in zip(g["labels"], g["records"]) if r.get("curve")}
+        curves = {lab: (r["curve"]["fractions"], _nan_for_null(r["curve"]["faithfulness"])) for lab, r in zip(g["labels"], g["records"]) if r.get("curve")}
         if curves:
             parts.append("<h3>Faithfulness curves</h3>")
             parts.append(figures.line_chart(curves, "fraction of edges kept (top |score|)", "faithfulness", "faithfulness of top-scoring circuits", 760, 360))
@@ -219,12 +260,14 @@ def to_html(groups: list[dict], title: str) -> str:
             ref = g["reference"]
             parts.append(f"<h3>Against the reference {escape(ref['setting'])}</h3>")
             parts.append(_html_table(REFERENCE_HEADER, _reference_rows(g)))
-        if g["bootstrap"]:
+        if g["bootstrap"] or g["bootstrap_skipped"]:
             parts.append("<h3>Bootstrap intervals of edge scores (over prompts)</h3>")
             label = dict(zip(g["names"], g["labels"]))
             for name, b in g["bootstrap"].items():
                 parts.append(f"<p><b>{escape(label[name])}</b>: {b['excluding_zero']} edges with a {b['level']:.0%} interval excluding 0.</p>")
                 parts.append(_html_table(BOOTSTRAP_HEADER, _bootstrap_rows(b)))
+            for name, reason in g["bootstrap_skipped"].items():
+                parts.append(f"<p><b>{escape(label[name])}</b>: no intervals: {escape(reason)}.</p>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -234,7 +277,8 @@ def write_report(records: list[dict], out_dir: str | Path, title: str = "Circuit
     """Write ``report.html`` and ``report.md`` into ``out_dir`` (atomically); return their paths and the Markdown."""
     if not records:
         raise ValueError("no settings to compare")
-    groups = compare_records(records, reference, consensus_fraction)
+    with torch_threads(1):  # small tensors only: extra intra-op threads just wait for busy cores
+        groups = compare_records(records, reference, consensus_fraction)
     markdown = to_markdown(groups, title)
     html = write_text(Path(out_dir) / "report.html", to_html(groups, title))
     md = write_text(Path(out_dir) / "report.md", markdown)

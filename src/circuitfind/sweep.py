@@ -6,18 +6,29 @@ discovers the circuit, measures its faithfulness (and the faithfulness curve of 
 algorithms), and writes ``circuits/<setting>.graphml``, ``.json`` and, for EAP/EAP-IG,
 ``.per_prompt.pt`` (per-prompt edge scores for bootstrap intervals) under the run folder.
 
-Results are cached in ``<outputs>/.cache/<key>/`` where ``key`` hashes the setting, the shared
-parameters, the model's weights file and the package version: a rerun, or a crashed sweep started
-again, copies finished settings from the cache instead of recomputing them.
+Results are cached in ``<outputs>/.cache/<key>/`` where ``key`` hashes everything that changes a
+result: the setting, the shared parameters, every file of the model's folder, the task spec's
+content and the package's source code. A rerun, or a crashed sweep started again, copies finished
+settings from the cache instead of recomputing them. Each entry carries the sha256 of its files
+(``checksums.json``, written last); an entry that does not match is recomputed, never served. A
+per-setting file lock lets concurrent sweeps share the cache and compute each setting once.
+
+Records in a run folder name their files relative to the run folder, so the folder can be moved
+or copied; :func:`load_records` resolves them inside the folder it reads.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import hashlib
 import io
 import json
+import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from itertools import product
 from pathlib import Path
 
@@ -28,9 +39,11 @@ import circuitfind
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.edges import EdgePatcher
-from circuitfind.io import write_bytes, write_json
+from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.models import load_model, resolve_model_path
 from circuitfind.tasks import TaskBatch, load_task
+
+log = logging.getLogger(__name__)
 
 
 class Setting(BaseModel):
@@ -83,20 +96,74 @@ class SweepConfig(BaseModel):
         return self.model_dump(exclude={"models", "tasks", "algorithms", "corruptions", "metrics", "directions", "device"})
 
 
-def _fingerprint(model_name: str) -> str:
-    """The weights file's hash for local models, else the name (hub models are pinned by name)."""
-    path = Path(resolve_model_path(model_name))
-    weights = sorted(path.glob("*.safetensors")) if path.is_dir() else []
-    if not weights:
-        return model_name
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, inode, size, mtime) so a large weights file is hashed once per process."""
+    stat = path.stat()
+    stamp = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    with _hash_lock:
+        if stamp in _file_hashes:
+            return _file_hashes[stamp]
     digest = hashlib.sha256()
-    for w in weights:
-        digest.update(w.read_bytes())
-    return digest.hexdigest()[:16]
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    with _hash_lock:
+        _file_hashes[stamp] = digest.hexdigest()
+    return digest.hexdigest()
+
+
+_file_hashes: dict[tuple, str] = {}
+_hash_lock = threading.Lock()
+
+
+def _folder_sha256(folder: Path, pattern: str = "*") -> str:
+    """One hash over the names and contents of every file in ``folder`` (hidden files and ``__pycache__`` aside)."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob(pattern)):
+        parts = path.relative_to(folder).parts
+        if path.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in parts):
+            digest.update(f"{'/'.join(parts)}\0{_file_sha256(path)}\0".encode())
+    return digest.hexdigest()
+
+
+def model_fingerprint(model_name: str) -> dict[str, str | None]:
+    """What identifies a model's results: a hash of every file of a local folder (weights in any
+    format, config, tokenizer), or for a hub model its name and, when cached, the revision."""
+    path = Path(resolve_model_path(model_name))
+    if path.is_dir():
+        return {"files": _folder_sha256(path)}
+    return {"hub": model_name, "revision": _hub_revision(model_name)}
+
+
+def _hub_revision(name: str) -> str | None:
+    """The commit of the hub model's cached snapshot (``.../snapshots/<commit>/config.json``), if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # a malformed repo id is simply "not cached"
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
+def task_fingerprint(task_name: str) -> str:
+    """A hash of the task spec's content (as parsed: layout changes do not count)."""
+    spec = load_task(task_name)
+    return hashlib.sha256(json.dumps(spec.data, sort_keys=True).encode()).hexdigest()
+
+
+@functools.cache
+def package_fingerprint() -> str:
+    """A hash of the installed package's source files, computed once per process: code changes
+    change results even when the version string stays the same."""
+    return _folder_sha256(Path(circuitfind.__file__).resolve().parent, "*.py")
 
 
 def cache_key(setting: Setting, config: SweepConfig) -> str:
-    blob = json.dumps({"setting": setting.model_dump(), "shared": config.shared(), "model": _fingerprint(setting.model),
+    """A hash of everything that changes a setting's result: the setting, the shared parameters,
+    the model's files, the task spec and the package's code."""
+    blob = json.dumps({"setting": setting.model_dump(), "shared": config.shared(), "model": model_fingerprint(setting.model),
+                       "task": task_fingerprint(setting.task), "code": package_fingerprint(),
                        "version": circuitfind.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -106,10 +173,12 @@ _local = threading.local()
 
 
 def _model(name: str, device: str | None):
+    """This thread's copy of the model, loaded again when the model's files have changed."""
     cache = _local.__dict__.setdefault("models", {})
-    if (name, device) not in cache:
-        cache[(name, device)] = load_model(name, device=device)
-    return cache[(name, device)]
+    fingerprint = model_fingerprint(name)
+    if (name, device) not in cache or cache[(name, device)][0] != fingerprint:
+        cache[(name, device)] = (fingerprint, load_model(name, device=device))
+    return cache[(name, device)][1]
 
 
 def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, "D.Circuit", torch.Tensor | None]:
@@ -126,7 +195,8 @@ def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, "D.Cir
     )
     direction = setting.direction if setting.algorithm != "acdc" else "noise"
     patcher = EdgePatcher(setup, circuit.graph, direction=direction)
-    faith = D.faithfulness(patcher, circuit) if circuit.n_edges else float("nan")
+    # strict JSON has no NaN: an undefined faithfulness is null, with the reason beside it
+    faith, faith_status = (D.faithfulness(patcher, circuit), "ok") if circuit.n_edges else (None, "empty circuit")
     curve = None
     if setting.algorithm in ("eap", "eap_ig", "acdc") and circuit.scores is not None:
         curve = D.faithfulness_curve(patcher, circuit.scores).as_dict()
@@ -138,44 +208,147 @@ def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, "D.Cir
         "graph_edges": circuit.graph.n_edges,
         "n_edges": circuit.n_edges, "edges": [list(e) for e in circuit.edges], "nodes": sorted(circuit.nodes),
         "scores": circuit.scores.tolist() if circuit.scores is not None else None,
-        "faithfulness": faith, "curve": curve, "seconds": round(time.time() - start, 2),
+        "faithfulness": faith, "faithfulness_status": faith_status, "curve": curve, "seconds": round(time.time() - start, 2),
     }
     return record, circuit, per_prompt
 
 
+ENTRY_FILES = ("record.json", "circuit.graphml", "per_prompt.pt")
+CHECKSUMS = "checksums.json"  # the entry's manifest: written last, its presence means the entry is complete
+
+
 def run_setting(setting: Setting, config: SweepConfig, run_dir: str | Path, cache_dir: str | Path) -> dict:
-    """Compute (or fetch from the cache) one setting and write its files under ``run_dir/circuits``."""
+    """Compute (or fetch from the cache) one setting and write its files under ``run_dir/circuits``.
+
+    A cache entry is used only when every file matches the checksum written with it; a missing,
+    truncated or edited file is logged and the setting recomputed. A per-setting lock
+    (``<cache>/<key>.lock``) makes concurrent sweeps, in any process, compute a setting once: the
+    others wait, then copy the finished entry. The record written into the run folder names its
+    files relative to the run folder; the returned summary gives them as paths under ``run_dir``.
+    """
     key = cache_key(setting, config)
-    cached = Path(cache_dir) / key
-    out = Path(run_dir) / "circuits"
-    files = {"graphml": out / f"{setting.name}.graphml", "json": out / f"{setting.name}.json",
-             "per_prompt": out / f"{setting.name}.per_prompt.pt"}
-    if not (cached / "record.json").is_file():  # record.json is written last: its presence means complete
-        record, circuit, per_prompt = compute_setting(setting, config)
-        circuit.save(cached / "circuit.graphml")
-        if per_prompt is not None:
-            buffer = io.BytesIO()
-            torch.save(per_prompt.cpu(), buffer)
-            write_bytes(cached / "per_prompt.pt", buffer.getvalue())
-        write_json(cached / "record.json", {**record, "key": key})
-        from_cache = False
-    else:
-        from_cache = True
-    record = json.loads((cached / "record.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    write_bytes(files["graphml"], (cached / "circuit.graphml").read_bytes())
-    has_per_prompt = (cached / "per_prompt.pt").is_file()
-    if has_per_prompt:
-        write_bytes(files["per_prompt"], (cached / "per_prompt.pt").read_bytes())
-    record.update(graphml=str(files["graphml"]), json=str(files["json"]),
-                  per_prompt=str(files["per_prompt"]) if has_per_prompt else None, from_cache=from_cache)
-    write_json(files["json"], record)
-    return {k: record[k] for k in ("setting", "json", "graphml", "per_prompt", "from_cache", "n_edges", "faithfulness")}
+    entry = Path(cache_dir) / key
+    files = _read_entry(entry, setting.name, quiet=True)
+    from_cache = files is not None
+    if files is None:
+        with _entry_lock(Path(cache_dir), key, setting.name):
+            files = _read_entry(entry, setting.name)  # another process may have finished it meanwhile
+            from_cache = files is not None
+            if files is None:
+                files = _compute_entry(setting, config, entry, key)
+    record = json.loads(files["record.json"])
+    names = {"graphml": f"{setting.name}.graphml", "json": f"{setting.name}.json",
+             "per_prompt": f"{setting.name}.per_prompt.pt" if "per_prompt.pt" in files else None}
+    run_dir = Path(run_dir)
+    out = run_dir / "circuits"
+    write_bytes(out / names["graphml"], files["circuit.graphml"])
+    if names["per_prompt"]:
+        write_bytes(out / names["per_prompt"], files["per_prompt.pt"])
+    record.update({k: f"circuits/{v}" if v else None for k, v in names.items()}, from_cache=from_cache)
+    write_json(out / names["json"], record)
+    summary = {k: record[k] for k in ("setting", "from_cache", "n_edges", "faithfulness")}
+    summary["faithfulness_status"] = record.get("faithfulness_status", "ok")
+    return {**summary, **{k: str(out / v) if v else None for k, v in names.items()}}
+
+
+def describe(summary: dict) -> str:
+    """One line for the log: edges, faithfulness (or why there is none), cached or not."""
+    faith = summary.get("faithfulness")
+    text = f"faithfulness {faith:.3f}" if faith is not None else f"no faithfulness ({summary.get('faithfulness_status')})"
+    return f"{summary['n_edges']} edges, {text}{' (cached)' if summary['from_cache'] else ''}"
+
+
+def _compute_entry(setting: Setting, config: SweepConfig, entry: Path, key: str) -> dict[str, bytes]:
+    """Compute the setting and write its cache entry: the files, then their checksums last."""
+    record, circuit, per_prompt = compute_setting(setting, config)
+    (entry / CHECKSUMS).unlink(missing_ok=True)  # the entry is incomplete until its files are rewritten
+    circuit.save(entry / "circuit.graphml")
+    files = {"circuit.graphml": (entry / "circuit.graphml").read_bytes()}
+    if per_prompt is not None:
+        buffer = io.BytesIO()
+        torch.save(per_prompt.cpu(), buffer)
+        files["per_prompt.pt"] = buffer.getvalue()
+        write_bytes(entry / "per_prompt.pt", files["per_prompt.pt"])
+    files["record.json"] = to_json({**record, "key": key}).encode()
+    write_bytes(entry / "record.json", files["record.json"])
+    write_json(entry / CHECKSUMS, {"sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}})
+    return files
+
+
+def _read_entry(entry: Path, setting_name: str, quiet: bool = False) -> dict[str, bytes] | None:
+    """The files of a complete cache entry whose checksums match, or None (logged unless ``quiet``)."""
+    def damaged(problem: str) -> None:
+        if not quiet:
+            log.warning("cache entry %s of setting %s: %s; recomputing the setting", entry, setting_name, problem)
+
+    if not entry.is_dir():
+        return None
+    try:
+        checksums = json.loads((entry / CHECKSUMS).read_text())["sha256"]
+    except FileNotFoundError:
+        damaged(f"{CHECKSUMS} is missing (an interrupted computation or an older version's entry)")
+        return None
+    except (ValueError, KeyError, TypeError):
+        damaged(f"{CHECKSUMS} is unreadable")
+        return None
+    if not (isinstance(checksums, dict) and {"record.json", "circuit.graphml"} <= set(checksums) <= set(ENTRY_FILES)):
+        damaged(f"{CHECKSUMS} does not list the entry's files")
+        return None
+    files = {}
+    for name, expected in checksums.items():
+        try:
+            data = (entry / name).read_bytes()
+        except FileNotFoundError:
+            damaged(f"{name} is missing")
+            return None
+        if hashlib.sha256(data).hexdigest() != expected:
+            damaged(f"{name} does not match its checksum (truncated or edited)")
+            return None
+        files[name] = data
+    return files
+
+
+@contextmanager
+def _entry_lock(cache_dir: Path, key: str, setting_name: str) -> Iterator[None]:
+    """Hold ``<cache>/<key>.lock`` exclusively (``flock``: across processes and threads alike)."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f"{key}.lock", "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("setting %s is being computed by another sweep: waiting for it", setting_name)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def load_records(run_dir: str | Path) -> list[dict]:
-    """Every setting record of a run folder, sorted by setting name."""
-    files = sorted((Path(run_dir) / "circuits").glob("*.json"))
+    """Every setting record of a run folder, sorted by setting name, with its file paths resolved
+    inside ``run_dir`` (records store them relative to the run folder, so a run folder can move)."""
+    run_dir = Path(run_dir)
+    files = sorted((run_dir / "circuits").glob("*.json"))
     if not files:
-        raise FileNotFoundError(f"no circuit records in {Path(run_dir) / 'circuits'}: is this a sweep run folder?")
-    return [json.loads(f.read_text()) for f in files]
+        raise FileNotFoundError(f"no circuit records in {run_dir / 'circuits'}: is this a sweep run folder?")
+    records = []
+    for f in files:
+        try:
+            records.append(json.loads(f.read_text()))
+        except ValueError as err:  # truncated or edited by hand: name the file, not just the JSON position
+            raise ValueError(f"setting record {f} is not valid JSON ({err})") from err
+    for record in records:
+        for field in ("graphml", "json", "per_prompt"):
+            if record.get(field):
+                record[field] = str(resolve_in_run(run_dir, record[field]))
+    return records
+
+
+def resolve_in_run(run_dir: str | Path, recorded: str) -> Path:
+    """A file named by a record, inside ``run_dir``. Paths relative to the run folder are taken as
+    they are; absolute paths (records of older versions) and paths leading out of the folder are
+    looked up by file name in ``run_dir/circuits``."""
+    path = Path(recorded)
+    if path.is_absolute() or ".." in path.parts:
+        path = Path("circuits") / path.name
+    return Path(run_dir) / path
