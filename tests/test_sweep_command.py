@@ -17,6 +17,7 @@ from circuitfind.errors import ModelNotFoundError, TaskError
 from circuitfind.sweep import SweepConfig
 
 SERVER_APP = b"prefect.server.api.server:create_app"
+linux_only = pytest.mark.skipif(sys.platform != "linux", reason="finds server processes through /proc")
 
 
 def prefect_servers(prefect_home: Path) -> list[int]:
@@ -158,10 +159,60 @@ def test_sweep_config_validates_and_checks_names():
 
 
 # --------------------------------------------------------------------------------------------
+# The local Prefect server
+
+
+def own_servers() -> set[int]:
+    """Live Prefect server processes started by this (test) process."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(stat[1]) == os.getpid() and stat[0] != "Z" and SERVER_APP in (proc / "cmdline").read_bytes().split(b"\0"):
+                found.add(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_startup_timeout_setting(monkeypatch):
+    from circuitfind.flows.server import DEFAULT_STARTUP_TIMEOUT, PrefectServerError, startup_timeout
+
+    monkeypatch.delenv("CIRCUITFIND_PREFECT_STARTUP_TIMEOUT", raising=False)
+    assert startup_timeout() == DEFAULT_STARTUP_TIMEOUT >= 300
+    monkeypatch.setenv("CIRCUITFIND_PREFECT_STARTUP_TIMEOUT", "90")
+    assert startup_timeout() == 90
+    for bad in ("soon", "0", "-5", "nan"):
+        monkeypatch.setenv("CIRCUITFIND_PREFECT_STARTUP_TIMEOUT", bad)
+        with pytest.raises(PrefectServerError, match="CIRCUITFIND_PREFECT_STARTUP_TIMEOUT"):
+            startup_timeout()
+
+
+@linux_only
+def test_server_that_does_not_answer_in_time_is_stopped_with_a_clear_error():
+    from circuitfind.flows.server import LocalPrefectServer, PrefectServerError
+
+    before = own_servers()
+    server = LocalPrefectServer(timeout=0.5)  # far less than the server needs to start
+    with pytest.raises(PrefectServerError, match=r"did not answer within 0.5 s; set CIRCUITFIND_PREFECT_STARTUP_TIMEOUT"):
+        server.start()
+    assert server.process is None and own_servers() <= before
+
+
+def test_a_configured_prefect_api_is_used_and_nothing_started():
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from circuitfind.flows.server import prefect_api
+
+    before = own_servers()
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):
+        with prefect_api() as url:
+            assert url == "http://127.0.0.1:9/api"
+            assert own_servers() == before
+
+
+# --------------------------------------------------------------------------------------------
 # Real sweeps in subprocesses: a fresh Prefect home, and killing a sweep
-
-
-linux_only = pytest.mark.skipif(sys.platform != "linux", reason="finds server processes through /proc")
 
 
 @linux_only

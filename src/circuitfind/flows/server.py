@@ -59,6 +59,19 @@ def startup_timeout() -> float:
     return seconds
 
 
+_OWN_PROCESS_GROUP = {"process_group": 0} if os.name == "posix" else {}
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    """Signal the server's process group (POSIX), or the process itself."""
+    if os.name == "posix":
+        os.killpg(process.pid, signum)
+    elif signum == signal.SIGTERM:
+        process.terminate()
+    else:
+        process.kill()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -122,7 +135,7 @@ class LocalPrefectServer:
         for _ in range(3):  # a port found free can be taken before uvicorn binds it: try another
             port = _free_port()
             self.process = subprocess.Popen(self.command(port), env=env, stdin=subprocess.DEVNULL,
-                                            preexec_fn=_die_with_parent(), process_group=0)
+                                            preexec_fn=_die_with_parent(), **_OWN_PROCESS_GROUP)
             atexit.register(self.stop)
             url = f"http://127.0.0.1:{port}/api"
             if self._wait_healthy(url, deadline):
@@ -136,15 +149,16 @@ class LocalPrefectServer:
                 break
         if code is None:
             raise PrefectServerError(
-                f"the local Prefect server did not answer within {self.timeout:.0f} s; set {STARTUP_TIMEOUT_ENV} "
+                f"the local Prefect server did not answer within {self.timeout:g} s; set {STARTUP_TIMEOUT_ENV} "
                 "to wait longer, or PREFECT_API_URL to use a running server")
         raise PrefectServerError(f"the local Prefect server exited with code {code} before answering (its messages "
                                  "are above); set PREFECT_API_URL to use a running server instead")
 
     def _wait_healthy(self, api_url: str, deadline: float) -> bool:
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP proxy
         while self.process.poll() is None and time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(f"{api_url}/health", timeout=5) as response:
+                with direct.open(f"{api_url}/health", timeout=5) as response:
                     if response.status == 200:
                         return True
             except (urllib.error.URLError, OSError):
@@ -160,10 +174,10 @@ class LocalPrefectServer:
             return
         if process.poll() is None:
             try:
-                os.killpg(process.pid, signal.SIGTERM)
+                _signal_group(process, signal.SIGTERM)
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+                _signal_group(process, signal.SIGKILL)
                 process.wait()
             except ProcessLookupError:
                 process.wait()
@@ -211,9 +225,9 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
 
     ``timeout``: seconds to wait for the server's first answer (default ``$CIRCUITFIND_PREFECT_STARTUP_TIMEOUT``
     or 600; the first start on a fresh ``PREFECT_HOME`` creates the database)."""
-    from prefect.settings import get_current_settings
+    from prefect.settings import PREFECT_API_URL
 
-    configured = get_current_settings().api.url
+    configured = PREFECT_API_URL.value()
     if configured:
         yield configured
         return
