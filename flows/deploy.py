@@ -1,57 +1,9 @@
-"""Run the sweep on a schedule.
+"""Entry point of the scheduled deployment in a checkout: ``python flows/deploy.py --help``. The code
+is in :mod:`circuitfind.flows.deploy`."""
 
-Start a Prefect server on this machine and point the client at it (schedules need a server; the
-embedded one lives only as long as one flow run):
+from circuitfind.flows.deploy import build_deployment, main
 
-    prefect server start --host 127.0.0.1 &            # UI and API on http://127.0.0.1:4200
-    export PREFECT_API_URL=http://127.0.0.1:4200/api
-    python flows/deploy.py --cron "0 3 * * *"          # serves the deployment; runs nightly at 03:00
-
-or, with a work pool and worker instead of a serving process, ``prefect deploy --all`` (see
-``prefect.yaml``) and ``prefect worker start --pool local``.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
-import sys
-from pathlib import Path
-
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from flows.sweep import sweep  # noqa: E402
-from circuitfind.sweep import SweepConfig  # noqa: E402
-
-DEFAULT_CRON = "0 3 * * *"
-
-
-def build_deployment(name: str = "nightly-toy-sweep", cron: str = DEFAULT_CRON, config: SweepConfig | None = None,
-                     timezone: str = "UTC"):
-    """The sweep as a deployment with a cron schedule (``flow.to_deployment``)."""
-    from prefect.schedules import Cron
-
-    params = {"config": (config or SweepConfig()).model_dump()}
-    return sweep.to_deployment(name=name, schedule=Cron(cron, timezone=timezone), parameters=params,
-                               tags=["circuitfind", "sweep"], description="Scheduled circuit discovery sweep")
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--name", default="nightly-toy-sweep")
-    p.add_argument("--cron", default=DEFAULT_CRON, help=f"cron expression (default {DEFAULT_CRON!r})")
-    p.add_argument("--timezone", default="UTC")
-    args = p.parse_args(argv)
-    if not os.environ.get("PREFECT_API_URL"):
-        raise SystemExit("set PREFECT_API_URL to a running Prefect server (prefect server start --host 127.0.0.1); "
-                         "schedules need a server")
-    from prefect import serve
-
-    serve(build_deployment(args.name, args.cron, timezone=args.timezone))
-
+__all__ = ["build_deployment", "main"]
 
 if __name__ == "__main__":
     main()

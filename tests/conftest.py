@@ -43,7 +43,7 @@ def prefect_harness():
     """One embedded Prefect server for the whole session (it costs seconds to start)."""
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=600):  # a fresh database: 15-20 s under load, Prefect allows 30
         yield
 
 
@@ -70,3 +70,47 @@ def gqa_model(tmp_path_factory):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return load_model(folder, device="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# `circuitfind sweep` in subprocesses, as a user runs it
+
+TINY_SWEEP = ["--algorithms", "eap", "--corruptions", "str", "--metrics", "logit_diff", "--directions", "noise",
+              "--prompts", "8"]
+
+
+def sweep_environment(prefect_home) -> dict[str, str]:
+    """The environment of a sweep subprocess: its own Prefect home, no configured Prefect server, offline."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PYTHONPATH", "CIRCUITFIND_TASKS_DIR")}
+    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
+               HF_HUB_OFFLINE="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def sweep_env():
+    """``sweep_env(prefect_home)``: the environment of a sweep subprocess."""
+    return sweep_environment
+
+
+@pytest.fixture(scope="session")
+def first_sweep(tmp_path_factory):
+    """``circuitfind sweep`` (one setting) on a never-used Prefect home: the server's first start creates the
+    database. Later subprocess sweeps use this home, whose server then starts in seconds.
+
+    Prefect's own limit for its temporary server (``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS``,
+    20 s by default) is set to 1 s here, as on a machine where the first start takes longer than that
+    limit: the sweep must not depend on it."""
+    import subprocess
+    import sys
+    import time
+    from types import SimpleNamespace
+
+    tmp = tmp_path_factory.mktemp("first-sweep")
+    home = tmp / "prefect-home"
+    env = {**sweep_environment(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "circuitfind", "sweep", *TINY_SWEEP, "--run", "first",
+                           "--outputs", str(tmp / "outputs")], env=env, cwd=tmp, capture_output=True, text=True,
+                          timeout=600)
+    return SimpleNamespace(home=home, proc=proc, outputs=tmp / "outputs", seconds=time.monotonic() - start)

@@ -7,7 +7,7 @@
     circuitfind evaluate --model toy-ioi     # accuracy and clean/corrupted logit difference
     circuitfind patch --what heads --corruption gn --metric kl --direction noise
     circuitfind discover --algorithm acdc --tau 0.02 --out circuit.graphml
-    circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep flow (flows/sweep.py)
+    circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep flow (circuitfind sweep --help)
     circuitfind compare a.graphml b.graphml [--reference truth.graphml]
     circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
     circuitfind report outputs/<run>                         # rewrite a run's diff report
@@ -131,22 +131,10 @@ def cmd_discover(args) -> None:
         print(f"wrote {circuit.save(args.out)}")
 
 
-def _repo_flows():
-    """Import the repository's ``flows`` package (the Prefect flows live beside ``src/``)."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "flows" / "sweep.py").is_file():
-        raise FileNotFoundError(f"flows/sweep.py not found next to {root / 'src'}: run from a circuitfind checkout (pip install -e .)")
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    import flows.sweep
-
-    return flows.sweep
-
-
 def cmd_sweep(args) -> None:
-    sys.exit(_repo_flows().main(args.flow_args))
+    from circuitfind.flows.sweep import run_from_args
+
+    run_from_args(args)
 
 
 def cmd_compare(args) -> None:
@@ -198,7 +186,8 @@ def cmd_train(args) -> None:
     train.main([args.model] + (["--out", args.out] if args.out else []))
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``sweep_options=False`` leaves out the sweep's options (they import the flow and torch)."""
     parser = argparse.ArgumentParser(prog="circuitfind", description="Circuit discovery under many patching settings.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list models; `models fetch NAME` downloads and converts a registry model")
@@ -235,8 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=float, default=2.0, help="detection rule SDs (path patching, node)")
     p.add_argument("--out", default=None, help="write the circuit (.graphml, .gexf, .json, .dot)")
     p.set_defaults(fn=cmd_discover)
-    p = sub.add_parser("sweep", help="run the Prefect sweep flow (all options: circuitfind sweep -- --help)")
-    p.add_argument("flow_args", nargs=argparse.REMAINDER, help="options of flows/sweep.py")
+    p = sub.add_parser("sweep", help="run the Prefect sweep flow (options: circuitfind sweep --help)")
+    if sweep_options:
+        from circuitfind.flows import sweep as sweep_flow
+
+        p.description, p.formatter_class = sweep_flow.__doc__, argparse.RawDescriptionHelpFormatter
+        sweep_flow.add_arguments(p)
     p.set_defaults(fn=cmd_sweep)
     p = sub.add_parser("compare", help="overlap statistics between circuit files")
     p.add_argument("circuits", nargs="+")
@@ -262,7 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from circuitfind.errors import USER_ERRORS
 
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:2] == ["sweep", "--"]:  # `circuitfind sweep -- --help`: the flow's options after `--`
+        argv = ["sweep", *argv[2:]]
+    args = build_parser(sweep_options=argv[:1] == ["sweep"]).parse_args(argv)
     try:
         args.fn(args)
     except USER_ERRORS as err:

@@ -85,6 +85,27 @@ def _in_hf_cache(name: str) -> bool:
         return False
 
 
+def locate_model(name_or_path: str | os.PathLike) -> str:
+    """The folder or hub name :func:`load_model` would load, without loading it.
+
+    Raises:
+        ModelNotFoundError: the name is unknown here and the hub cannot be reached, or the folder is not
+            an HF-format model folder.
+    """
+    path = resolve_model_path(name_or_path)
+    is_local = Path(path).is_dir()
+    if not is_local and not _in_hf_cache(path) and not _hub_reachable():
+        raise ModelNotFoundError(
+            f"model {str(name_or_path)!r} is not a shipped model ({', '.join(shipped_models())}), "
+            f"not a local HF-format folder, not in the Hugging Face cache, and the hub "
+            f"({HUB_HOST}) cannot be reached: this machine looks offline. Use a shipped model, "
+            f"a local folder, or download the model on a machine with network access."
+        )
+    if is_local and not (Path(path) / "config.json").is_file():
+        raise ModelNotFoundError(f"folder {path!r} has no config.json: not an HF-format model folder")
+    return path
+
+
 def load_model(name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None):
     """Load a model as a ``TransformerBridge`` ready for patching.
 
@@ -106,17 +127,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None, token
     from transformer_lens.model_bridge import TransformerBridge
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model_path(name_or_path)
-    is_local = Path(path).is_dir()
-    if not is_local and not _in_hf_cache(path) and not _hub_reachable():
-        raise ModelNotFoundError(
-            f"model {str(name_or_path)!r} is not a shipped model ({', '.join(shipped_models())}), "
-            f"not a local HF-format folder, not in the Hugging Face cache, and the hub "
-            f"({HUB_HOST}) cannot be reached: this machine looks offline. Use a shipped model, "
-            f"a local folder, or download the model on a machine with network access."
-        )
-    if is_local and not (Path(path) / "config.json").is_file():
-        raise ModelNotFoundError(f"folder {path!r} has no config.json: not an HF-format model folder")
+    path = locate_model(name_or_path)
     device = device or default_device()
     with _LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -33,14 +33,17 @@ from itertools import product
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import circuitfind
 from circuitfind import discovery as D
 from circuitfind import patching as P
+from circuitfind.corruptions import get_corruption
 from circuitfind.edges import EdgePatcher
+from circuitfind.errors import TaskError
 from circuitfind.io import to_json, write_bytes, write_json
-from circuitfind.models import load_model, resolve_model_path
+from circuitfind.metrics import get_metric
+from circuitfind.models import load_model, locate_model, resolve_model_path
 from circuitfind.tasks import TaskBatch, load_task
 
 log = logging.getLogger(__name__)
@@ -63,24 +66,98 @@ class Setting(BaseModel):
 
 
 class SweepConfig(BaseModel):
-    """The grid of a sweep and the parameters shared by all its settings."""
+    """The grid of a sweep and the parameters shared by all its settings.
 
-    models: list[str] = Field(default_factory=lambda: ["toy-ioi"])
-    tasks: list[str] = Field(default_factory=lambda: ["ioi"])
-    algorithms: list[str] = Field(default_factory=lambda: ["eap", "eap_ig", "acdc", "node"])
-    corruptions: list[str] = Field(default_factory=lambda: ["str", "gn", "resample", "mean"])
-    metrics: list[str] = Field(default_factory=lambda: ["logit_diff", "kl"])
-    directions: list[str] = Field(default_factory=lambda: ["noise", "denoise"])
-    prompts: int = 32
-    seed: int = 0
-    acdc_tau: float = 0.02
-    top_k: int = 20
-    ig_steps: int = 5
-    path_depth: int = 2
-    path_k: float = 1.0
-    node_k: float = 2.0
-    max_batch: int = 512
+    Values are validated when the config is built (pydantic); :meth:`check` also resolves the names
+    (models, tasks, STR variants), so a command can refuse a grid that cannot run before it starts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[str] = Field(default_factory=lambda: ["toy-ioi"], min_length=1)
+    tasks: list[str] = Field(default_factory=lambda: ["ioi"], min_length=1)
+    algorithms: list[str] = Field(default_factory=lambda: ["eap", "eap_ig", "acdc", "node"], min_length=1)
+    corruptions: list[str] = Field(default_factory=lambda: ["str", "gn", "resample", "mean"], min_length=1)
+    metrics: list[str] = Field(default_factory=lambda: ["logit_diff", "kl"], min_length=1)
+    directions: list[str] = Field(default_factory=lambda: ["noise", "denoise"], min_length=1)
+    prompts: int = Field(32, ge=1, description="prompts per setting")
+    seed: int = Field(0, description="prompt sampling seed")
+    acdc_tau: float = Field(0.02, ge=0, allow_inf_nan=False, description="ACDC threshold")
+    top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG")
+    ig_steps: int = Field(5, ge=1, description="EAP-IG integration steps")
+    path_depth: int = Field(2, ge=1, description="path patching depth")
+    path_k: float = Field(1.0, ge=0, allow_inf_nan=False, description="path patching detection rule in SDs")
+    node_k: float = Field(2.0, ge=0, allow_inf_nan=False, description="node patching detection rule in SDs")
+    max_batch: int = Field(512, ge=1, description="prompts x copies per forward pass")
     device: str | None = None
+
+    @field_validator("models", "tasks", "algorithms", "corruptions", "metrics", "directions")
+    @classmethod
+    def _distinct(cls, values: list[str]) -> list[str]:
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(map(repr, repeated))} given twice")
+        return values
+
+    @field_validator("algorithms")
+    @classmethod
+    def _known_algorithms(cls, values: list[str]) -> list[str]:
+        for a in values:
+            if a not in D.ALGORITHMS:
+                raise ValueError(f"unknown algorithm {a!r}; choose from {', '.join(D.ALGORITHMS)}")
+        return values
+
+    @field_validator("corruptions")
+    @classmethod
+    def _known_corruptions(cls, values: list[str]) -> list[str]:
+        for c in values:
+            get_corruption(c)  # raises for unknown kinds; STR variants are checked against the tasks by check()
+        return values
+
+    @field_validator("metrics")
+    @classmethod
+    def _known_metrics(cls, values: list[str]) -> list[str]:
+        for m in values:
+            get_metric(m)
+        return values
+
+    @field_validator("directions")
+    @classmethod
+    def _known_directions(cls, values: list[str]) -> list[str]:
+        for d in values:
+            if d not in ("noise", "denoise"):
+                raise ValueError(f"unknown direction {d!r}; choose from noise, denoise")
+        return values
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+        return value
+
+    def check(self) -> "SweepConfig":
+        """Resolve the grid's names without loading a model: every model is found (shipped, fetched, a local
+        folder, or the hub when online), every task loads and has each ``str:<variant>`` asked for, the
+        device exists. Raises the first problem (``ModelNotFoundError``, ``TaskError``, ``ValueError``);
+        returns the config."""
+        for name in self.models:
+            locate_model(name)
+        for spec in map(load_task, self.tasks):
+            for c in self.corruptions:
+                kind, _, variant = c.partition(":")
+                if kind != "str":
+                    continue
+                if not spec.str_variants:
+                    raise TaskError(f"corruption {c!r}: task {spec.name!r} defines no STR variants")
+                if (variant or spec.default_str) not in spec.str_variants:
+                    raise TaskError(f"corruption {c!r}: task {spec.name!r} has no STR variant {variant or spec.default_str!r} "
+                                    f"(its variants: {', '.join(spec.str_variants)})")
+        if self.device is not None and torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r}: no CUDA device is available here")
+        return self
 
     def settings(self) -> list[Setting]:
         """Every valid combination (ACDC runs in the noising direction only)."""

@@ -21,8 +21,7 @@ import torch
 
 from circuitfind.errors import TaskError
 from circuitfind.models import model_device
-
-REPO_TASKS_DIR = Path(__file__).resolve().parents[2] / "tasks"
+from circuitfind.paths import default_tasks_dir
 
 
 @dataclass(frozen=True)
@@ -70,8 +69,9 @@ class Prompt:
 
 
 def tasks_dir() -> Path:
-    """Where task specs are looked up: ``$CIRCUITFIND_TASKS_DIR`` or the repository's ``tasks/``."""
-    return Path(os.environ.get("CIRCUITFIND_TASKS_DIR", REPO_TASKS_DIR))
+    """Where task specs are looked up: ``$CIRCUITFIND_TASKS_DIR``, else the checkout's ``tasks/`` (the copy in
+    the package when installed from a wheel)."""
+    return Path(os.environ.get("CIRCUITFIND_TASKS_DIR") or default_tasks_dir())
 
 
 def available_tasks() -> list[str]:

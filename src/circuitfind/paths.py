@@ -1,0 +1,36 @@
+"""Where circuitfind finds its task specs and writes its results, in a checkout and when installed.
+
+The project keeps its task specs in the checkout's top-level ``tasks/``; a wheel carries a copy as
+package data in ``circuitfind/task_specs/`` (mapped by ``pyproject.toml``), so one set of files
+serves a checkout, an editable install and an installed wheel.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def checkout_root() -> Path | None:
+    """The source checkout this package runs from (``<root>/src/circuitfind`` beside ``<root>/pyproject.toml``),
+    or ``None`` when it runs from an installed wheel."""
+    root = PACKAGE_DIR.parents[1]
+    if PACKAGE_DIR.parent.name == "src" and (root / "pyproject.toml").is_file():
+        return root
+    return None
+
+
+def default_tasks_dir() -> Path:
+    """The task specs: the wheel's ``circuitfind/task_specs/``, else the checkout's ``tasks/``."""
+    packaged = PACKAGE_DIR / "task_specs"
+    root = checkout_root()
+    if packaged.is_dir() or root is None:
+        return packaged
+    return root / "tasks"
+
+
+def default_outputs() -> Path:
+    """Where runs are written by default: the checkout's ``outputs/``, else ``./outputs`` of the current directory."""
+    root = checkout_root()
+    return (root if root is not None else Path.cwd()) / "outputs"
