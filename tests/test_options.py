@@ -162,7 +162,7 @@ def _one_line_error(capsys, argv, *fragments, seconds=60.0) -> str:
 ])
 def test_cli_refuses_bad_numbers_fast(capsys, argv, fragments):
     """Checked before the model is loaded or anything runs: fast even on a loaded machine."""
-    _one_line_error(capsys, argv + ["-n", "8"] if "-n" not in argv else argv, *fragments, seconds=20.0)
+    _one_line_error(capsys, argv + ["-n", "8"] if "-n" not in argv else argv, *fragments, seconds=60.0)
 
 
 def test_cli_top_k_larger_than_the_graph(capsys):
