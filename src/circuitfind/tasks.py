@@ -323,12 +323,10 @@ class TaskBatch:
     def build(cls, model, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0) -> "TaskBatch":
         """Tokenise ``prompts`` (or sample that many, at most :data:`MAX_PROMPTS`) for ``model``,
         checking STR lengths and answers."""
-        if isinstance(prompts, numbers.Integral):
-            check_prompt_count(prompts)
         if isinstance(task, str):
             task = load_task(task)
         if isinstance(prompts, numbers.Integral):
-            prompts = generate_prompts(task, prompts, seed)
+            prompts = generate_prompts(task, prompts, seed)  # checks the count before generating
         prompts = list(prompts)
         if not prompts:
             raise TaskError("cannot build a batch from zero prompts")
