@@ -34,10 +34,11 @@ def test_acdc_refuses_negative_or_non_finite_tau(patcher, tau):
         D.acdc(patcher, tau)
 
 
-def test_acdc_accepts_zero_tau_and_refuses_bad_candidates(patcher):
+def test_zero_tau_is_allowed_and_bad_candidates_are_refused(patcher):
+    D.check_options("acdc", acdc_tau=0.0)  # tau 0: remove only edges whose removal does not hurt
+    assert D.select_threshold(patcher.graph, torch.ones(patcher.n_edges), 0.0).n_edges == patcher.n_edges
     with pytest.raises(ValueError, match="candidates"):
         D.acdc(patcher, 0.02, candidates=0)
-    assert D.acdc(patcher, 0.0).n_edges <= patcher.n_edges
 
 
 @pytest.mark.parametrize("k", [0.0, -2.0, *BAD_FLOATS])
