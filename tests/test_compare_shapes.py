@@ -102,3 +102,23 @@ def test_report_refuses_records_whose_scores_do_not_fit_their_graph():
     record["scores"] = record["scores"][:-1]
     with pytest.raises(errors.GraphMismatchError, match="scores"):
         compare_records([record, _record("b", graph, _circuit(graph, seed=1))])
+
+
+@pytest.mark.parametrize("n_layers", [10**6, 500, "abc", -1])
+def test_report_command_refuses_a_record_with_a_hostile_shape(tmp_path, capsys, n_layers):
+    """Run folders from elsewhere are untrusted too: a record's shape is bounded before any graph is built."""
+    import json
+    import time
+
+    graph = ModelGraph(3, 4)
+    records = [_record("a", graph, _circuit(graph)), _record("b", graph, _circuit(graph, seed=1))]
+    records[1]["n_layers"] = n_layers
+    (tmp_path / "circuits").mkdir()
+    for r in records:
+        (tmp_path / "circuits" / f"{r['setting']}.json").write_text(json.dumps(r))
+    start = time.monotonic()
+    assert main(["report", str(tmp_path), "--reference", "b"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("circuitfind: error: ") and err.count("\n") == 1 and "n_layers" in err, err
+    assert time.monotonic() - start < 10
+    assert not (tmp_path / "report.html").exists()

@@ -40,7 +40,8 @@ def _record_shape(record: dict) -> tuple[int, int, int]:
     shape = (record["n_layers"], record["n_heads"], record.get("n_kv_heads") or record["n_heads"])
     n_edges = check_shape(shape[0], shape[1], n_kv_heads=shape[2])
     if record.get("scores") is not None and len(record["scores"]) != n_edges:
-        raise GraphMismatchError(f"record {record['setting']}: {len(record['scores'])} scores for a graph of {n_edges} edges")
+        raise GraphMismatchError(f"record {record['setting']}: {len(record['scores'])} scores for a graph of {n_edges} edges "
+                                 f"(n_layers={shape[0]}, n_heads={shape[1]}, n_kv_heads={shape[2]})")
     return shape
 
 
