@@ -10,7 +10,8 @@ from pathlib import Path
 import networkx as nx
 import torch
 
-from circuitfind.graph import INPUT, ModelGraph, read_graph, write_graph
+from circuitfind.errors import GraphFileError
+from circuitfind.graph import INPUT, ModelGraph, check_shape, describe_shape, read_graph, write_graph
 
 
 @dataclass
@@ -76,25 +77,94 @@ class Circuit:
         return write_graph(self.to_networkx(), path, fmt)
 
     @classmethod
-    def from_networkx(cls, g: nx.DiGraph) -> "Circuit":
-        """Rebuild a circuit from :meth:`to_networkx` output (e.g. read back from a file)."""
-        n_pos = g.graph.get("n_pos", -1)
-        graph = ModelGraph(int(g.graph["n_layers"]), int(g.graph["n_heads"]), bool(g.graph["split_qkv"]),
-                           None if n_pos in (-1, None) else int(n_pos), g.graph.get("n_kv_heads"))
-        if graph.n_pos is not None:
-            scores = torch.tensor([json.loads(g.edges[e].get("score_pos", "[]")) or [0.0] * graph.n_pos for e in graph.edges])
-            keep = torch.tensor([json.loads(g.edges[e]["in_circuit_pos"]) for e in graph.edges])
-        else:
-            scores = torch.tensor([g.edges[e]["score"] for e in graph.edges])
-            keep = torch.tensor([g.edges[e]["in_circuit"] for e in graph.edges])
-        settings = json.loads(g.graph.get("settings", "{}"))
+    def from_networkx(cls, g: nx.DiGraph, source: str = "graph") -> "Circuit":
+        """Rebuild a circuit from :meth:`to_networkx` output (e.g. read back from a file).
+
+        The graph is untrusted: its declared shape (``n_layers``, ``n_heads``, ...) is checked and
+        bounded, and must match its actual nodes and edges, before the model graph is built.
+
+        Raises:
+            GraphFileError: naming ``source`` and the problem.
+        """
+        try:
+            shape = _declared_shape(g)
+            n_edges = check_shape(**shape)
+        except (KeyError, ValueError) as err:
+            raise GraphFileError(f"{source}: {err}") from None
+        L, H, kv = shape["n_layers"], shape["n_heads"], shape["n_kv_heads"] or shape["n_heads"]
+        split = shape["split_qkv"]
+        # q/k/v input nodes (one per head, k/v per key/value head) and their structural edges to heads
+        input_nodes, structural = (L * (H + 2 * kv), 3 * L * H) if split else (0, 0)
+        n_nodes = 2 + L * (H + 1) + input_nodes
+        if (g.number_of_nodes(), g.number_of_edges()) != (n_nodes, n_edges + structural):
+            raise GraphFileError(f"{source}: the declared shape ({describe_shape(**shape)}) has {n_nodes} nodes and "
+                                 f"{n_edges + structural} edges, the file holds {g.number_of_nodes()} nodes and "
+                                 f"{g.number_of_edges()} edges")
+        graph = ModelGraph(**shape)
+        try:
+            keep, scores = _edge_values(g, graph)
+            settings = json.loads(g.graph.get("settings", "{}"))
+            if not isinstance(settings, dict):
+                raise ValueError("graph attribute settings is not a JSON object")
+        except (KeyError, ValueError, TypeError, RecursionError) as err:
+            raise GraphFileError(f"{source}: {err}") from None
         return cls(graph, keep, scores, settings)
 
     @classmethod
     def load(cls, path: str | os.PathLike, fmt: str | None = None) -> "Circuit":
-        return cls.from_networkx(read_graph(path, fmt))
+        """Read a circuit file (GraphML, GEXF, node-link JSON or DOT); raises ``GraphFileError``."""
+        return cls.from_networkx(read_graph(path, fmt), source=str(path))
 
     def summary(self) -> str:
         heads = sorted(self.heads, key=lambda n: tuple(int(x) for x in n[1:].split(".")))
         return (f"{self.settings.get('algorithm', 'circuit')}: {self.n_edges} of {self.graph.n_edges} edges, "
                 f"{len(self.nodes - {INPUT, 'logits'})} components; heads {', '.join(heads) or '(none)'}")
+
+
+def _declared_shape(g: nx.DiGraph) -> dict:
+    """The graph attributes that define the model graph's shape, type-checked."""
+    attrs = g.graph
+    missing = [k for k in ("n_layers", "n_heads", "split_qkv") if k not in attrs]
+    if missing:
+        raise ValueError(f"graph attribute {', '.join(missing)} missing: not a circuit written by circuitfind")
+    n_pos = attrs.get("n_pos", -1)
+    return {"n_layers": attrs["n_layers"], "n_heads": attrs["n_heads"], "split_qkv": attrs["split_qkv"],
+            "n_pos": None if n_pos in (-1, None) else n_pos, "n_kv_heads": attrs.get("n_kv_heads")}
+
+
+def _edge_values(g: nx.DiGraph, graph: ModelGraph) -> tuple[torch.Tensor, torch.Tensor]:
+    """``in_circuit`` and ``score`` of every edge of ``graph`` (per position for per-position graphs)."""
+    keep, scores = [], []
+    per_pos = graph.n_pos is not None
+    for s, r in graph.edges:
+        d = g.succ.get(s, {}).get(r)
+        if d is None:
+            raise ValueError(f"edge {s} -> {r} of the declared shape is missing")
+        if per_pos:
+            keep.append(_position_list(d, "in_circuit_pos", bool, graph.n_pos, s, r))
+            scores.append(_position_list(d, "score_pos", float, graph.n_pos, s, r) if "score_pos" in d else [0.0] * graph.n_pos)
+        else:
+            for key, typ in (("in_circuit", bool), ("score", float)):
+                if not _is(d.get(key), typ):
+                    raise ValueError(f"edge {s} -> {r}: attribute {key} missing or not a {typ.__name__}")
+            keep.append(d["in_circuit"])
+            scores.append(d["score"])
+    return torch.tensor(keep, dtype=torch.bool), torch.tensor(scores, dtype=torch.float32)
+
+
+def _position_list(d: dict, key: str, typ: type, n_pos: int, s: str, r: str) -> list:
+    """A per-position attribute: a JSON list of ``n_pos`` values of ``typ``."""
+    try:
+        values = json.loads(d[key]) if isinstance(d.get(key), str) else None
+    except ValueError:
+        values = None
+    if not (isinstance(values, list) and len(values) == n_pos and all(_is(v, typ) for v in values)):
+        raise ValueError(f"edge {s} -> {r}: attribute {key} is not a JSON list of {n_pos} {typ.__name__} values")
+    return values
+
+
+def _is(value, typ: type) -> bool:
+    """``value`` is a bool (``typ`` bool) or a real number that is not a bool (``typ`` float)."""
+    if typ is bool:
+        return isinstance(value, bool)
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

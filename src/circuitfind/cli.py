@@ -37,8 +37,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _load(args):
     from circuitfind.models import load_model
-    from circuitfind.tasks import TaskBatch, load_task
+    from circuitfind.tasks import TaskBatch, check_prompt_count, load_task
 
+    check_prompt_count(args.prompts)  # before the model loads
     task = load_task(args.task)
     model = load_model(args.model or task.default_model or "toy-ioi", device=args.device)
     return model, TaskBatch.build(model, task, args.prompts, seed=args.seed)
@@ -83,6 +84,7 @@ def cmd_evaluate(args) -> None:
 def cmd_patch(args) -> None:
     from circuitfind import patching
 
+    patching.check_k(args.k)  # before the sweep runs
     model, batch = _load(args)
     setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True)
     if args.what == "heads":
@@ -119,10 +121,12 @@ def cmd_discover(args) -> None:
     from circuitfind import discovery, patching
     from circuitfind.edges import EdgePatcher
 
+    options = dict(acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k,
+                   node_k=args.k)
+    discovery.check_options(args.algorithm, args.direction, **options)  # before the model loads
     model, batch = _load(args)
     setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True)
-    circuit, _ = discovery.discover(setup, args.algorithm, args.direction, acdc_tau=args.tau, top_k=args.top_k,
-                                    ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k, node_k=args.k)
+    circuit, _ = discovery.discover(setup, args.algorithm, args.direction, **options)
     print(circuit.summary())
     if circuit.n_edges:
         direction = "noise" if args.algorithm == "acdc" else args.direction
@@ -141,9 +145,12 @@ def cmd_compare(args) -> None:
     from circuitfind import compare
     from circuitfind.circuit import Circuit
 
-    circuits = {path: Circuit.load(path) for path in args.circuits}
-    if len(circuits) < 2 and not args.reference:
+    if len(args.circuits) < 2 and not args.reference:
         raise ValueError("compare needs at least two circuits, or one and --reference")
+    circuits = {path: Circuit.load(path) for path in args.circuits}
+    ref = Circuit.load(args.reference) if args.reference else None
+    for warning in compare.check_comparable({**circuits, **({args.reference: ref} if ref else {})}):
+        print(f"circuitfind: warning: {warning}", file=sys.stderr)
     names = list(circuits)
     edges = {n: set(c.edges) for n, c in circuits.items()}
     nodes = {n: c.nodes - {"input", "logits"} for n, c in circuits.items()}
@@ -156,8 +163,7 @@ def cmd_compare(args) -> None:
                 rho = compare.rank_correlation(sa, sb)["spearman"]
             print(f"{a[-40:]:<40} {b[-40:]:<40} {compare.jaccard(edges[a], edges[b]):>7.3f} "
                   f"{compare.jaccard(nodes[a], nodes[b]):>7.3f} {compare.overlap_coefficient(edges[a], edges[b]):>7.3f} {rho:>8.3f}")
-    if args.reference:
-        ref = Circuit.load(args.reference)
+    if ref is not None:
         print(f"\nagainst reference {args.reference}:")
         for n, c in circuits.items():
             prf = compare.precision_recall_f1(c.edges, ref.edges)
@@ -262,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.fn(args)
     except USER_ERRORS as err:
-        print(f"circuitfind: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message
+        print(f"circuitfind: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,7 +3,8 @@
 Set statistics work on any collection of hashable components (edge tuples, node names):
 :func:`jaccard`, :func:`overlap_coefficient`, :func:`precision_recall_f1`. Score statistics work on
 per-edge score vectors: :func:`rank_correlation` (Spearman, Kendall), :func:`roc_auc` against a
-reference circuit. :func:`pairwise` builds a matrix across settings, :func:`consensus` the circuit
+reference circuit; both refuse vectors of different lengths, and :func:`check_comparable` refuses
+circuits whose graphs differ in shape (another model's edges mean something else). :func:`pairwise` builds a matrix across settings, :func:`consensus` the circuit
 of components found in at least a given fraction of settings, and :func:`bootstrap_ci` confidence
 intervals over prompts for per-prompt scores.
 """
@@ -12,13 +13,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from itertools import combinations
-from typing import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 from scipy import stats
 
+from circuitfind.errors import GraphMismatchError
+
+if TYPE_CHECKING:
+    from circuitfind.circuit import Circuit
+
 Component = Hashable
+
+
+def check_comparable(circuits: Mapping[str, "Circuit"]) -> list[str]:
+    """Refuse circuits from graphs of different shapes (layers, heads, key/value heads, split q/k/v,
+    positions); return warnings for circuits of differently named models with the same shape.
+
+    Raises:
+        GraphMismatchError: naming each circuit and its graph's shape.
+    """
+    shapes = {name: c.graph.shape for name, c in circuits.items()}
+    if len({tuple(s.items()) for s in shapes.values()}) > 1:
+        described = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in shape.items()) for name, shape in shapes.items())
+        raise GraphMismatchError(f"circuits from different graph shapes cannot be compared ({described})")
+    models = {name: c.settings.get("model") for name, c in circuits.items() if c.settings.get("model")}
+    if len(set(models.values())) > 1:
+        found = ", ".join(f"{name}: {model}" for name, model in models.items())
+        return [f"the circuits come from different models ({found}): their graphs have the same shape, "
+                f"but the same edge may not mean the same thing"]
+    return []
 
 
 def jaccard(a: Iterable[Component], b: Iterable[Component]) -> float:
@@ -68,6 +93,8 @@ class ROC:
 def roc_auc(scores: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndarray) -> ROC:
     """ROC over all thresholds of ``|score|`` for predicting ``reference`` (bool per edge)."""
     s, truth = np.abs(_np(scores)).ravel(), _np(reference).astype(bool).ravel()
+    if s.shape != truth.shape:
+        raise ValueError(f"scores and reference differ in length: {s.size} vs {truth.size}")
     n_pos, n_neg = truth.sum(), (~truth).sum()
     if n_pos == 0 or n_neg == 0:
         raise ValueError("ROC needs both reference and non-reference components")

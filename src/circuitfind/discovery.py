@@ -17,12 +17,14 @@ Scores are signed estimates of the metric change when an edge is patched; :func:
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from circuitfind import patching as P
+from circuitfind.checks import finite_number, positive_int
 from circuitfind.circuit import Circuit
 from circuitfind.edges import EdgePatcher
 from circuitfind.errors import CircuitfindError
@@ -61,8 +63,7 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
     averaged over ``steps`` token-embedding interpolations ``corrupt + k/steps (clean - corrupt)``.
 
     With ``per_prompt``, ``[n_edges, batch]`` scores (their mean over prompts is the default)."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    positive_int("steps", steps)
     setup = patcher.setup
     clean = setup.activations("clean", ["hook_embed"])["hook_embed"]
     corrupt = setup.activations("corrupt", ["hook_embed"])["hook_embed"]
@@ -85,22 +86,35 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
     return -grads.mean(0).detach()
 
 
+def check_top_k(k: int, graph: ModelGraph) -> int:
+    """``k`` must be a whole number from 1 to the graph's edge count (edge-position pairs for
+    per-position graphs): a larger ``k`` is an error, never silently the whole graph."""
+    n = graph.n_edges * (graph.n_pos or 1)
+    unit = "edges" if graph.n_pos is None else "edge-position pairs"
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 < k <= n:
+        raise ValueError(f"k must be in 1..{n} (the graph has {n} {unit}), got {k!r}")
+    return k
+
+
 def select_top_k(graph: ModelGraph, scores: torch.Tensor, k: int, settings: dict | None = None) -> Circuit:
-    """The ``k`` edges with the largest ``|score|``."""
-    if not 0 < k <= scores.numel():
-        raise ValueError(f"k must be in 1..{scores.numel()}, got {k}")
+    """The ``k`` edges with the largest ``|score|`` (``k`` from 1 to the number of edges)."""
+    check_top_k(k, graph)
+    if scores.numel() != graph.n_edges * (graph.n_pos or 1):
+        raise ValueError(f"{scores.numel()} scores for a graph of {graph.n_edges * (graph.n_pos or 1)} edges")
     keep = torch.zeros(scores.numel(), dtype=torch.bool)
     keep[scores.abs().flatten().cpu().topk(k).indices] = True
     return Circuit(graph, keep.reshape(scores.shape), scores, {**(settings or {}), "selection": f"top_{k}"})
 
 
 def select_threshold(graph: ModelGraph, scores: torch.Tensor, tau: float, settings: dict | None = None) -> Circuit:
-    """Edges with ``|score| >= tau``."""
+    """Edges with ``|score| >= tau`` (``tau`` finite, >= 0)."""
+    finite_number("tau", tau, minimum=0.0)
     return Circuit(graph, scores.abs() >= tau, scores, {**(settings or {}), "selection": f"abs_score>={tau}"})
 
 
 def eap_circuit(patcher: EdgePatcher, k: int, ig_steps: int | None = None) -> Circuit:
     """Top-``k`` circuit by EAP (``ig_steps=None``) or EAP-IG scores."""
+    check_top_k(k, patcher.graph)
     scores = eap(patcher) if ig_steps is None else eap_ig(patcher, ig_steps)
     name = "eap" if ig_steps is None else "eap_ig"
     return select_top_k(patcher.graph, scores, k, _settings(patcher, name, k=k, ig_steps=ig_steps))
@@ -130,7 +144,11 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     engine the layers below the receiver run once and are cached.
 
     Returns the circuit; ``scores`` holds each evaluated edge's objective change (0 if skipped).
+    ``tau`` must be finite and >= 0 (a negative or NaN ``tau`` would keep every edge).
     """
+    tau = finite_number("tau", tau, minimum=0.0)
+    if candidates is not None:
+        positive_int("candidates", candidates)
     graph = patcher.graph
     if graph.n_pos is not None:
         raise ValueError("acdc works on graphs without per-position edges")
@@ -195,8 +213,8 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
     patched at ``positions`` (the answer position by default); key and value inputs, which are read
     at source positions, at ``kv_positions`` (every position by default).
     """
-    if depth < 1:
-        raise ValueError(f"depth must be >= 1, got {depth}")
+    positive_int("depth", depth)
+    P.check_k(k)
     graph = ModelGraph.from_model(setup.model)
     keep = torch.zeros(graph.n_edges, dtype=torch.bool)
     scores = torch.zeros(graph.n_edges)
@@ -281,8 +299,8 @@ MIB_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 def faithfulness_curve(patcher: EdgePatcher, scores: torch.Tensor, fractions=MIB_FRACTIONS) -> FaithfulnessCurve:
     """Faithfulness of the top-``|score|`` circuits at each fraction of edges, in one batched run."""
     fractions = sorted(set(float(f) for f in fractions))
-    if not fractions or fractions[0] < 0 or fractions[-1] > 1:
-        raise ValueError("fractions must lie in [0, 1]")
+    if not fractions or not all(0 <= f <= 1 for f in fractions):  # NaN fails both comparisons
+        raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
     flat = scores.abs().flatten().cpu()
     order = flat.argsort(descending=True)
     total = flat.numel()
@@ -306,6 +324,7 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
     """Heads found by node patching (each head's output, all positions; ``k``-SD rule) as a circuit:
     every edge between found heads, the input and the logits. Edge scores are the receiving head's
     (or, into the logits, the sending head's) patching effect."""
+    P.check_k(k)
     heads = P.patch_heads(setup, direction)
     sign = "negative" if direction == "noise" else "positive"
     found = {f"a{l}.{h}" for l, h in P.detect(heads.effect, k=k, sign=sign)}
@@ -328,28 +347,51 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
 ALGORITHMS = ("acdc", "eap", "eap_ig", "path_patching", "node")
 
 
+def check_options(algorithm: str, direction: str = "noise", *, acdc_tau: float = 0.02, top_k: int = 20,
+                  ig_steps: int = 5, path_depth: int = 2, path_k: float = 1.0, node_k: float = 2.0) -> None:
+    """Refuse bad :func:`discover` options before any work: an unknown algorithm or direction, and
+    the numeric options the algorithm uses (``acdc_tau`` finite >= 0, ``path_k``/``node_k`` finite
+    > 0, ``top_k``/``ig_steps``/``path_depth`` whole numbers >= 1). ``top_k`` is checked against the
+    graph's size when the graph is known (:func:`check_top_k`)."""
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
+    P._check_direction(direction)
+    if algorithm == "acdc":
+        if direction != "noise":
+            raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
+        finite_number("acdc_tau", acdc_tau, minimum=0.0)
+    if algorithm in ("eap", "eap_ig"):
+        positive_int("top_k", top_k)
+    if algorithm == "eap_ig":
+        positive_int("ig_steps", ig_steps)
+    if algorithm == "path_patching":
+        positive_int("path_depth", path_depth)
+        finite_number("path_k", path_k, positive=True)
+    if algorithm == "node":
+        finite_number("node_k", node_k, positive=True)
+
+
 def discover(setup: P.PatchingSetup, algorithm: str, direction: P.Direction = "noise", *, acdc_tau: float = 0.02,
              top_k: int = 20, ig_steps: int = 5, path_depth: int = 2, path_k: float = 1.0, node_k: float = 2.0,
              per_prompt: bool = False) -> tuple[Circuit, torch.Tensor | None]:
     """Run one discovery algorithm; returns the circuit and, for EAP/EAP-IG with ``per_prompt``,
-    the per-prompt edge scores ``[n_edges, batch]``."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
+    the per-prompt edge scores ``[n_edges, batch]``. Options are checked first (:func:`check_options`);
+    a ``top_k`` larger than the graph is an error, as in :func:`select_top_k`."""
+    check_options(algorithm, direction, acdc_tau=acdc_tau, top_k=top_k, ig_steps=ig_steps, path_depth=path_depth,
+                  path_k=path_k, node_k=node_k)
     if algorithm == "path_patching":
         return iterative_path_patching(setup, path_depth, path_k, "end", direction), None
     if algorithm == "node":
         return node_circuit(setup, direction, node_k), None
     if algorithm == "acdc":
-        if direction != "noise":
-            raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
         return acdc(EdgePatcher(setup, direction="noise"), acdc_tau), None
     patcher = EdgePatcher(setup, direction=direction)
+    k = check_top_k(top_k, patcher.graph)
     steps = ig_steps if algorithm == "eap_ig" else None
     if per_prompt:
         per = eap(patcher, per_prompt=True) if steps is None else eap_ig(patcher, steps, per_prompt=True)
         scores = per.mean(-1)
     else:
         per, scores = None, eap(patcher) if steps is None else eap_ig(patcher, steps)
-    k = min(top_k, patcher.n_edges)
     circuit = select_top_k(patcher.graph, scores, k, _settings(patcher, algorithm, k=k, ig_steps=steps))
     return circuit, per

@@ -19,5 +19,18 @@ class MetricError(CircuitfindError, ValueError):
     """A metric produced NaN/inf, or clean and corrupted runs cannot be told apart."""
 
 
-# Errors the command line reports as one line instead of a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (CircuitfindError, ValueError, FileNotFoundError)
+class GraphFileError(CircuitfindError, ValueError):
+    """A graph or circuit file is unreadable, hostile, too large, or does not match its declared shape."""
+
+
+class GraphMismatchError(CircuitfindError, ValueError):
+    """Circuits (or scores) from graphs of different shapes cannot be compared."""
+
+
+class UnsafeModelError(CircuitfindError, ValueError):
+    """A model folder holds its weights only as a pickle, which can run code when loaded."""
+
+
+# Errors the command line reports as one line instead of a traceback (OSError: unreadable or
+# unwritable paths given on the command line).
+USER_ERRORS: tuple[type[BaseException], ...] = (CircuitfindError, ValueError, OSError)

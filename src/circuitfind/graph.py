@@ -11,23 +11,43 @@ fixed order, ``edges[i] = (sender, receiver)``). :meth:`ModelGraph.to_networkx` 
 ``networkx.DiGraph`` (ACDC's convention: q/k/v input nodes feed their head through structural
 edges), and :func:`write_graph` / :func:`read_graph` move it through GraphML, GEXF, node-link JSON
 and DOT without loss.
+
+Files are untrusted input: :func:`read_graph` bounds the file size, parses XML with ``defusedxml``
+(no DTDs, so no entity expansion or external entities), checks DOT nesting before pydot sees it,
+and reports every problem as one :class:`~circuitfind.errors.GraphFileError` naming the file.
+Graph sizes are bounded before anything is allocated (:func:`check_shape`, :data:`MAX_EDGES`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
+import threading
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import networkx as nx
 import torch
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as defused_fromstring
+from networkx.readwrite.gexf import GEXFReader
+from networkx.readwrite.graphml import GraphMLReader
 
+from circuitfind.checks import positive_int
+from circuitfind.errors import GraphFileError
 from circuitfind.io import write_bytes, write_text
 
 QKV = ("q", "k", "v")
 INPUT, LOGITS = "input", "logits"
+
+# Bounds on any graph, checked by arithmetic before its edges are built. For scale: toy-ioi has 262
+# edges, GPT-2 small 32,491, SmolLM2-135M 70,651, Llama-2-7B about 1.6 million, Llama-3-70B 16.6 million.
+MAX_EDGES = 20_000_000
+MAX_EDGE_POSITIONS = 100_000_000  # edges x positions of a per-position graph
 
 
 def head_name(layer: int, head: int) -> str:
@@ -64,6 +84,59 @@ class Receiver:
     feeds: tuple[str, ...] = ()
 
 
+def edge_count(n_layers: int, n_heads: int, split_qkv: bool = True, n_kv_heads: int | None = None) -> int:
+    """Number of edges of :class:`ModelGraph` of this shape, by arithmetic (nothing is allocated).
+
+    Layer ``l``'s attention receivers (q, k, v per head, k and v per key/value head; or one merged
+    input per head) read the ``1 + l (H + 1)`` senders below it, its MLP those and the layer's heads,
+    and the logits every sender.
+    """
+    kv = n_kv_heads or n_heads
+    attention_receivers = n_heads + 2 * kv if split_qkv else n_heads
+    senders_below = n_layers + (n_heads + 1) * n_layers * (n_layers - 1) // 2  # sum over layers of 1 + l (H + 1)
+    return (attention_receivers + 1) * senders_below + n_layers * n_heads + 1 + n_layers * (n_heads + 1)
+
+
+def describe_shape(n_layers, n_heads, split_qkv=True, n_pos=None, n_kv_heads=None) -> str:
+    """A graph shape as ``n_layers=3, n_heads=4, ...`` (for messages)."""
+    values = {"n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads or n_heads, "split_qkv": split_qkv,
+              "n_pos": n_pos}
+    return ", ".join(f"{k}={_short_repr(v)}" for k, v in values.items())
+
+
+def _short_repr(value, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_shape(n_layers: int, n_heads: int, split_qkv: bool = True, n_pos: int | None = None,
+                n_kv_heads: int | None = None) -> int:
+    """Check a graph shape (types, ranges, size bounds) without building it; return its edge count."""
+    for name, value in (("n_layers", n_layers), ("n_heads", n_heads)):
+        positive_int(name, value)
+    for name, value in (("n_kv_heads", n_kv_heads), ("n_pos", n_pos)):
+        if value is not None:
+            positive_int(name, value)
+    if not isinstance(split_qkv, bool):
+        raise ValueError(f"split_qkv must be True or False, got {_short_repr(split_qkv)}")
+    kv = n_kv_heads or n_heads
+    if kv > n_heads or n_heads % kv:
+        raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({kv})")
+    if kv != n_heads and not split_qkv:
+        raise ValueError("merged q/k/v receivers need one k/v input per head; use split_qkv=True "
+                         "for grouped-query attention")
+    shape = describe_shape(n_layers, n_heads, split_qkv, n_pos, n_kv_heads)
+    if n_layers > MAX_EDGES or n_heads > MAX_EDGES:  # keeps the arithmetic below on small numbers
+        raise ValueError(f"graph too large: {shape} (at most {MAX_EDGES} edges, circuitfind.graph.MAX_EDGES)")
+    edges = edge_count(n_layers, n_heads, split_qkv, kv)
+    if edges > MAX_EDGES:
+        raise ValueError(f"graph too large: {shape} has {edges} edges (at most {MAX_EDGES}, circuitfind.graph.MAX_EDGES)")
+    if n_pos is not None and edges * n_pos > MAX_EDGE_POSITIONS:
+        raise ValueError(f"graph too large: {shape} has {edges} edges x n_pos={n_pos} positions "
+                         f"(at most {MAX_EDGE_POSITIONS}, circuitfind.graph.MAX_EDGE_POSITIONS)")
+    return edges
+
+
 @dataclass
 class ModelGraph:
     """Senders, receivers and edges of a transformer's residual-stream graph.
@@ -85,13 +158,9 @@ class ModelGraph:
     receivers: list[Receiver] = field(init=False)
 
     def __post_init__(self):
+        check_shape(self.n_layers, self.n_heads, self.split_qkv, self.n_pos, self.n_kv_heads)
         L, H = self.n_layers, self.n_heads
         kv = self.n_kv_heads = self.n_kv_heads or H
-        if H % kv:
-            raise ValueError(f"n_heads ({H}) must be a multiple of n_kv_heads ({kv})")
-        if kv != H and not self.split_qkv:
-            raise ValueError("merged q/k/v receivers need one k/v input per head; use split_qkv=True "
-                             "for grouped-query attention")
         self.senders = [INPUT]
         self.receivers = []
         for layer in range(L):
@@ -150,6 +219,12 @@ class ModelGraph:
     @property
     def n_edges(self) -> int:
         return len(self.edge_index[0])
+
+    @property
+    def shape(self) -> dict:
+        """What makes two graphs the same: layers, heads, key/value heads, split q/k/v, positions."""
+        return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+                "split_qkv": self.split_qkv, "n_pos": self.n_pos}
 
     @cached_property
     def edges(self) -> list[tuple[str, str]]:
@@ -232,9 +307,22 @@ def _mark_nodes(g: nx.DiGraph) -> None:
 # -- import / export ----------------------------------------------------------------------
 
 FORMATS = {".graphml": "graphml", ".gexf": "gexf", ".json": "json", ".dot": "dot", ".gv": "dot"}
+FORMAT_NAMES = {"graphml": "GraphML", "gexf": "GEXF", "json": "node-link JSON", "dot": "DOT"}
 NODE_TYPES = {"layer": int, "head": int, "kind": str, "score": float, "in_circuit": bool}
 EDGE_TYPES = {"score": float, "in_circuit": bool, "structural": bool, "score_pos": str, "in_circuit_pos": str}
 GRAPH_TYPES = {"n_layers": int, "n_heads": int, "split_qkv": bool, "n_pos": int, "n_kv_heads": int}
+
+# Limits on files read (checked before parsing). The GraphML of a full SmolLM2-135M circuit is 13 MB.
+MAX_GRAPH_FILE_BYTES = 128 * 2**20
+# pydot parses DOT at roughly 30-50 KB/s: larger DOT files would take minutes (use GraphML or JSON).
+MAX_DOT_FILE_BYTES = 4 * 2**20
+# Our DOT nests 2 deep (graph body, attribute list); pydot's recursive parser fails near 100.
+MAX_DOT_NESTING = 16
+
+# What the parsers raise on malformed input (defusedxml's refusals are ValueErrors).
+_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, SyntaxError, RecursionError,
+                 ArithmeticError, nx.NetworkXError)
+_DOT_LOCK = threading.Lock()  # pydot's parser is not thread-safe
 
 
 def _format(path: Path, fmt: str | None) -> str:
@@ -243,12 +331,6 @@ def _format(path: Path, fmt: str | None) -> str:
         raise ValueError(f"unknown graph format for {path.name!r}: use one of {sorted(set(FORMATS.values()))} "
                          f"(suffixes {sorted(FORMATS)})")
     return fmt
-
-
-def _parse(value: str, typ):
-    if typ is bool:
-        return value in ("True", "true", "1", True)
-    return typ(value)
 
 
 def write_graph(graph: nx.DiGraph, path: str | os.PathLike, fmt: str | None = None) -> Path:
@@ -267,40 +349,164 @@ def write_graph(graph: nx.DiGraph, path: str | os.PathLike, fmt: str | None = No
 
 
 def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
-    """Read a graph written by :func:`write_graph`, with attribute types restored."""
+    """Read a graph written by :func:`write_graph`, with attribute types restored.
+
+    Raises:
+        GraphFileError: the file is missing, too large, empty, binary, not valid in its format,
+            hostile (XML with a DTD, deeply nested DOT), or has attributes of the wrong type.
+    """
     path = Path(path)
     fmt = _format(path, fmt)
-    if fmt == "graphml":
-        g = nx.read_graphml(path)
-    elif fmt == "gexf":
-        g = nx.read_gexf(path)
-        g.graph = json.loads(g.graph.get("name") or "{}")
-        for _, d in g.nodes(data=True):
-            d.pop("label", None)
-        for _, _, d in g.edges(data=True):
-            d.pop("id", None)
-    elif fmt == "json":
-        g = nx.node_link_graph(json.loads(path.read_text()), directed=True, edges="edges")
+    data = _read_limited(path, fmt)
+    name = FORMAT_NAMES[fmt]
+    try:
+        if fmt == "graphml":
+            g = _graphml(data)
+        elif fmt == "gexf":
+            g = _gexf(data)
+        elif fmt == "json":
+            g = _node_link(data)
+        else:
+            g = _from_dot(data.decode("utf-8"), path)
+        g = nx.DiGraph(g)
+    except GraphFileError:
+        raise
+    except DefusedXmlException as err:
+        raise GraphFileError(f"{path}: refused: XML with a DTD or entity declarations (entities can expand "
+                             f"without limit or read other files): {_one_line(err)}") from err
+    except _PARSE_ERRORS as err:
+        raise GraphFileError(f"{path}: not a valid {name} file: {_one_line(err)}") from err
+    try:
+        return _retype(g)
+    except ValueError as err:
+        raise GraphFileError(f"{path}: {err}") from err
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    """An exception as one short line (parser messages can span lines or quote whole inputs)."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_limited(path: Path, fmt: str) -> bytes:
+    """The file's bytes: at most the format's size limit, not empty, not binary."""
+    limit = MAX_DOT_FILE_BYTES if fmt == "dot" else MAX_GRAPH_FILE_BYTES
+    name = FORMAT_NAMES[fmt]
+    try:
+        if not path.exists():
+            raise GraphFileError(f"{path}: no such file")
+        if not path.is_file():
+            raise GraphFileError(f"{path}: not a file")
+        size = path.stat().st_size
+        if size > limit:
+            raise GraphFileError(f"{path}: {size} bytes is larger than the {limit}-byte limit for {name} files")
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as err:
+        raise GraphFileError(f"{path}: cannot read the file: {err.strerror or err}") from err
+    if len(data) > limit:
+        raise GraphFileError(f"{path}: larger than the {limit}-byte limit for {name} files")
+    if not data.strip():
+        raise GraphFileError(f"{path}: the file is empty")
+    try:
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise GraphFileError(f"{path}: binary content (byte {err.start} is not UTF-8 text): not a {name} file") from err
+    return data
+
+
+def _graphml(data: bytes) -> nx.Graph:
+    root = defused_fromstring(data, forbid_dtd=True)
+    reader = GraphMLReader()
+    graphs = root.findall(f"{{{reader.NS_GRAPHML}}}graph")
+    if not graphs:
+        raise ValueError("no <graph> element in the GraphML namespace")
+    keys, defaults = reader.find_graphml_keys(root)
+    return reader.make_graph(graphs[0], keys, defaults)
+
+
+def _gexf(data: bytes) -> nx.Graph:
+    root = defused_fromstring(data, forbid_dtd=True)
+    reader = GEXFReader(node_type=None)
+    for version in reader.versions:
+        reader.set_version(version)
+        element = root.find(f"{{{reader.NS_GEXF}}}graph")
+        if element is not None:
+            break
     else:
-        g = _from_dot(path.read_text())
-    return _retype(nx.DiGraph(g))
+        raise ValueError("no <graph> element in a GEXF namespace")
+    g = reader.make_graph(element)
+    attrs = json.loads(g.graph.get("name") or "{}")  # write_graph keeps the graph attributes here
+    if not isinstance(attrs, dict):
+        raise ValueError("the graph name does not hold the graph attributes as a JSON object")
+    g.graph = attrs
+    for _, d in g.nodes(data=True):
+        d.pop("label", None)
+    for _, _, d in g.edges(data=True):
+        d.pop("id", None)
+    return g
+
+
+def _node_link(data: bytes) -> nx.Graph:
+    obj = json.loads(data)
+    if not isinstance(obj, dict):
+        raise ValueError(f"the top level is a JSON {type(obj).__name__}, not an object")
+    for key in ("nodes", "edges"):
+        if not isinstance(obj.get(key), list):
+            raise ValueError(f"{key!r} must be a list")
+    if not isinstance(obj.get("graph", {}), dict):
+        raise ValueError("'graph' must be an object")
+    return nx.node_link_graph(obj, directed=True, edges="edges")
 
 
 def _retype(g: nx.DiGraph) -> nx.DiGraph:
     for reader_default in ("node_default", "edge_default"):
         g.graph.pop(reader_default, None)
-    for _, d in g.nodes(data=True):
+    for n, d in g.nodes(data=True):
         for k, typ in NODE_TYPES.items():
             if k in d:
-                d[k] = _parse(d[k], typ)
-    for _, _, d in g.edges(data=True):
+                d[k] = _parse(d[k], typ, f"node {_short_repr(n)} attribute {k}")
+    for u, v, d in g.edges(data=True):
         for k, typ in EDGE_TYPES.items():
             if k in d:
-                d[k] = _parse(d[k], typ)
+                d[k] = _parse(d[k], typ, f"edge {_short_repr(u)} -> {_short_repr(v)} attribute {k}")
     for k, typ in GRAPH_TYPES.items():
         if k in g.graph:
-            g.graph[k] = _parse(g.graph[k], typ)
+            g.graph[k] = _parse(g.graph[k], typ, f"graph attribute {k}")
     return g
+
+
+_INT_TEXT = re.compile(r"[+-]?\d{1,18}")
+
+
+def _parse(value, typ, what: str):
+    """``value`` (a string from DOT/GEXF, or already typed) as ``typ``, strictly: no truncation, no guessing."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip() in ("True", "true", "1", "False", "false", "0"):
+            return value.strip() in ("True", "true", "1")
+        raise ValueError(f"{what}: {_short_repr(value)} is not true or false")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
+            return int(value)
+        raise ValueError(f"{what}: {_short_repr(value)} is not a whole number")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"{what}: {_short_repr(value)} is not a number")
+    if not isinstance(value, str):
+        raise ValueError(f"{what}: {_short_repr(value)} is not a string")
+    return value
 
 
 def _dot_value(v) -> str:
@@ -320,10 +526,34 @@ def _to_dot(g: nx.DiGraph) -> str:
     return "\n".join(lines + ["}"]) + "\n"
 
 
-def _from_dot(text: str) -> nx.DiGraph:
+_DOT_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
+_DOT_BRACKETS = re.compile(r"[{}\[\]]")
+
+
+def dot_nesting(text: str) -> int:
+    """How deep ``{}`` and ``[]`` nest in DOT text, outside quoted strings (linear time, no recursion)."""
+    depth = deepest = 0
+    for match in _DOT_BRACKETS.finditer(_DOT_QUOTED.sub("", text)):
+        depth += 1 if match.group() in "{[" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
+
+def _from_dot(text: str, path: Path | str = "DOT text") -> nx.DiGraph:
     import pydot
 
-    (dot,) = pydot.graph_from_dot_data(text)
+    depth = dot_nesting(text)
+    if depth > MAX_DOT_NESTING:
+        raise GraphFileError(f"{path}: brackets nested {depth} deep (more than {MAX_DOT_NESTING}): "
+                             f"refused, deeply nested DOT exhausts the parser")
+    with _DOT_LOCK, contextlib.redirect_stdout(io.StringIO()) as printed:  # pydot prints parse errors
+        graphs = pydot.graph_from_dot_data(text)
+    if not graphs:
+        lines = printed.getvalue().strip().splitlines()
+        raise ValueError(lines[-1] if lines else "no graph found")
+    if len(graphs) != 1:
+        raise ValueError(f"{len(graphs)} graphs in one file, expected one")
+    (dot,) = graphs
 
     def clean(attrs: dict) -> dict:
         return {k: v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if isinstance(v, str) and v.startswith('"') else v

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from circuitfind.errors import ModelNotFoundError
+from circuitfind.errors import ModelNotFoundError, UnsafeModelError
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 HUB_HOST = "huggingface.co"
@@ -66,6 +66,37 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
     return text
 
 
+# Weight files that are pickles: unpickling can run arbitrary code, even with torch's weights_only
+# loader (its restrictions have had bypasses), so circuitfind loads safetensors only.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def check_safe_weights(folder: str | os.PathLike) -> None:
+    """Refuse a model folder whose weights are only pickled (no ``*.safetensors``)."""
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return  # transformers loads the safetensors and ignores any pickle beside them
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+    if pickles:
+        raise UnsafeModelError(
+            f"model folder {folder} holds its weights only as a pickle ({', '.join(pickles)}), and loading a pickle "
+            f"can run arbitrary code: circuitfind loads safetensors only. Convert the weights to safetensors once, "
+            f"where you trust the file (e.g. transformers' AutoModelForCausalLM.from_pretrained(folder)"
+            f".save_pretrained(folder, safe_serialization=True)), or use the model's safetensors release."
+        )
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    """The local snapshot folder of a hub model in the Hugging Face cache, if its config is there."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(name, "config.json")
+    except Exception:  # a malformed repo id is simply "not cached"
+        return None
+    return Path(config).parent if isinstance(config, str) else None
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         return False
@@ -77,12 +108,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _in_hf_cache(name: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        return isinstance(try_to_load_from_cache(name, "config.json"), str)
-    except Exception:  # a malformed repo id is simply "not cached"
-        return False
+    return _hub_snapshot(name) is not None
 
 
 def locate_model(name_or_path: str | os.PathLike) -> str:
@@ -123,11 +149,15 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None, token
 
     Raises:
         ModelNotFoundError: the name is unknown here and the hub cannot be reached.
+        UnsafeModelError: a local (or cached hub) folder holds its weights only as a pickle.
     """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers.utils import logging as hf_logging
 
     path = locate_model(name_or_path)
+    snapshot = Path(path) if Path(path).is_dir() else _hub_snapshot(path)
+    if snapshot is not None:
+        check_safe_weights(snapshot)
     device = device or default_device()
     with _LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")

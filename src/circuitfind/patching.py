@@ -21,6 +21,7 @@ from typing import Iterable, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from circuitfind.checks import finite_number, positive_int
 from circuitfind.corruptions import Corruption, CorruptionPlan, Run, get_corruption
 from circuitfind.metrics import Metric, MetricContext, get_metric, normalise
 from circuitfind.tasks import TaskBatch
@@ -44,6 +45,11 @@ def hook_name(layer: int, what: str) -> str:
 def _check_direction(direction: str) -> None:
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+
+
+def check_k(k: float) -> float:
+    """The detection rule's threshold ``k`` (in SDs): a finite number > 0 (NaN would find nothing)."""
+    return finite_number("k", k, positive=True)
 
 
 @dataclass
@@ -164,7 +170,10 @@ def prepare(
     max_batch: int = 256,
     progress: bool = False,
 ) -> PatchingSetup:
-    """Run the clean and corrupted baselines of ``batch`` under a corruption and a metric."""
+    """Run the clean and corrupted baselines of ``batch`` under a corruption and a metric.
+
+    ``max_batch`` (>= 1) caps the prompts per forward pass of the sweeps built on this setup."""
+    positive_int("max_batch", max_batch)
     corruption = get_corruption(corruption)
     metric = get_metric(metric)
     plan = corruption.plan(model, batch)
@@ -493,8 +502,9 @@ def detect(scores: torch.Tensor, k: float = 2.0, sign: Literal["positive", "nega
 
     ``sign="positive"`` keeps scores >= mean + k*sd, ``"negative"`` those <= mean - k*sd (e.g. noising
     effects, which are negative for important components), ``"both"`` either. NaNs are ignored.
-    Returns index tuples sorted by decreasing distance from the mean.
+    Returns index tuples sorted by decreasing distance from the mean. ``k`` must be finite and > 0.
     """
+    check_k(k)
     flat = scores.flatten().float()
     ok = torch.isfinite(flat)
     if ok.sum() < 2:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from circuitfind import compare, figures
-from circuitfind.graph import ModelGraph
+from circuitfind.errors import GraphMismatchError
+from circuitfind.graph import ModelGraph, check_shape
 from circuitfind.io import write_text
 from circuitfind.threads import torch_threads
 
@@ -34,14 +35,38 @@ def _short(record: dict, group_keys: tuple[str, ...]) -> str:
     return "/".join(str(record[k]) for k in ("algorithm", "corruption", "metric", "direction") if k not in group_keys)
 
 
+def _record_shape(record: dict) -> tuple[int, int, int]:
+    """A record's graph shape ``(n_layers, n_heads, n_kv_heads)``, bounded (records may come from
+    elsewhere), with its scores checked against the graph's edge count."""
+    shape = (record["n_layers"], record["n_heads"], record.get("n_kv_heads") or record["n_heads"])
+    n_edges = check_shape(shape[0], shape[1], n_kv_heads=shape[2])
+    if record.get("scores") is not None and len(record["scores"]) != n_edges:
+        raise GraphMismatchError(f"record {record['setting']}: {len(record['scores'])} scores for a graph of {n_edges} edges "
+                                 f"(n_layers={shape[0]}, n_heads={shape[1]}, n_kv_heads={shape[2]})")
+    return shape
+
+
+def _check_same_shape(recs: list[dict], what: str) -> None:
+    shapes = {r["setting"]: _record_shape(r) for r in recs}
+    if len(set(shapes.values())) > 1:
+        found = "; ".join(f"{name}: n_layers={s[0]}, n_heads={s[1]}, n_kv_heads={s[2]}" for name, s in shapes.items())
+        raise GraphMismatchError(f"{what} come from different graph shapes and cannot be compared ({found})")
+
+
 def compare_records(records: list[dict], reference: dict | None = None, consensus_fraction: float = 0.5,
                     n_boot: int = 1000) -> list[dict]:
-    """Statistics per (model, task) group of records. ``reference``: a record whose circuit is the truth."""
+    """Statistics per (model, task) group of records. ``reference``: a record whose circuit is the truth.
+
+    Raises ``GraphMismatchError`` when a group's records (or the reference and its group) come from
+    graphs of different shapes, or a record's scores do not fit its graph."""
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in records:
         groups[(r["model"], r["task"])].append(r)
     out = []
     for (model, task), recs in sorted(groups.items()):
+        _check_same_shape(recs, f"the records of {model} on {task}")
+        if reference is not None and (reference["model"], reference["task"]) == (model, task):
+            _check_same_shape(recs[:1] + [reference], f"the records of {model} on {task} and the reference")
         names = [r["setting"] for r in recs]
         labels = [_short(r, ()) for r in recs]
         edges = {r["setting"]: _edges(r) for r in recs}

@@ -10,6 +10,7 @@ token. Prompts of different lengths are right-padded; metrics read the logits at
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import random
 import re
@@ -22,6 +23,11 @@ import torch
 from circuitfind.errors import TaskError
 from circuitfind.models import model_device
 from circuitfind.paths import default_tasks_dir
+
+# The most prompts in one batch. Every patching run holds the whole batch (and its logits) in
+# memory at once, so a larger batch exhausts memory long before it finishes; checked before any
+# prompt is generated.
+MAX_PROMPTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -204,12 +210,23 @@ GENERATORS: dict[str, Callable[[TaskSpec, int, random.Random], list[Prompt]]] = 
 }
 
 
-def generate_prompts(spec: TaskSpec | str, n: int, seed: int = 0) -> list[Prompt]:
-    """Sample ``n`` prompts from a task spec, deterministically for a given seed."""
-    if isinstance(spec, str):
-        spec = load_task(spec)
+def check_prompt_count(n: int) -> int:
+    """``n`` prompts must be a whole number from 1 to :data:`MAX_PROMPTS`."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
+        raise TaskError(f"the number of prompts must be a whole number, got {n!r}")
     if n < 1:
         raise TaskError(f"need at least one prompt, got n={n}")
+    if n > MAX_PROMPTS:
+        raise TaskError(f"n={n} prompts is too many: at most {MAX_PROMPTS} prompts in one batch "
+                        f"(circuitfind.tasks.MAX_PROMPTS; every patching run holds the whole batch in memory)")
+    return int(n)
+
+
+def generate_prompts(spec: TaskSpec | str, n: int, seed: int = 0) -> list[Prompt]:
+    """Sample ``n`` prompts (1 to :data:`MAX_PROMPTS`) from a task spec, deterministically for a given seed."""
+    check_prompt_count(n)
+    if isinstance(spec, str):
+        spec = load_task(spec)
     return GENERATORS[spec.kind](spec, n, random.Random(seed))
 
 
@@ -304,14 +321,16 @@ class TaskBatch:
 
     @classmethod
     def build(cls, model, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0) -> "TaskBatch":
-        """Tokenise ``prompts`` (or sample that many) for ``model``, checking STR lengths and answers."""
+        """Tokenise ``prompts`` (or sample that many, at most :data:`MAX_PROMPTS`) for ``model``,
+        checking STR lengths and answers."""
         if isinstance(task, str):
             task = load_task(task)
-        if isinstance(prompts, int):
-            prompts = generate_prompts(task, prompts, seed)
+        if isinstance(prompts, numbers.Integral):
+            prompts = generate_prompts(task, prompts, seed)  # checks the count before generating
         prompts = list(prompts)
         if not prompts:
             raise TaskError("cannot build a batch from zero prompts")
+        check_prompt_count(len(prompts))
         if task.kind == "factual":
             prompts = _subject_swaps(model, task, prompts)
         tok = model.tokenizer
