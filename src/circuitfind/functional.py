@@ -137,7 +137,6 @@ class FunctionalModel:
         head (its key/value head's input).
         """
         w = self.layers[layer]
-        T = k_in.shape[1]
         group = self.n_heads // self.n_kv_heads
         W_Q, W_K, W_V, W_O, b_Q, b_K, b_V = w.W_Q, w.W_K, w.W_V, w.W_O, w.b_Q, w.b_K, w.b_V
         if heads is not None:
@@ -146,8 +145,18 @@ class FunctionalModel:
             b_Q, b_K, b_V = (None if b is None else b[i] for b, i in ((b_Q, heads), (b_K, kv), (b_V, kv)))
             group = 1
         q = self._project(w.norm1, q_in, W_Q, b_Q)
-        k = self._project(w.norm1, k_in, W_K, b_K).transpose(1, 2)  # [N, KV, pos, e]
-        v = self._project(w.norm1, v_in, W_V, b_V).transpose(1, 2)
+        k = self._project(w.norm1, k_in, W_K, b_K)
+        v = self._project(w.norm1, v_in, W_V, b_V)
+        z = self._attend(layer, q, k, v, q_pos, group)  # [N, H, Tq, e]
+        out = torch.einsum("nhte,hed->nthd", z, W_O)
+        return out[:, 0] if q_pos is not None else out
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
+                group: int) -> torch.Tensor:
+        """Causal attention of projected queries ``[N, T, H, e]`` (``[N, H, e]`` at ``q_pos``) over
+        keys and values ``[N, T, KV, e]`` (rotary positions applied here): ``z`` as ``[N, H, Tq, e]``."""
+        T = k.shape[1]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [N, KV, pos, e]
         q = q.unsqueeze(1) if q_pos is not None else q  # [N, Tq, H, e]
         q = q.transpose(1, 2)  # [N, H, Tq, e]
         if self.rotary is not None:
@@ -156,13 +165,33 @@ class FunctionalModel:
             q = self._rotate(q, cos, sin) if q_pos is None else self._rotate(q, cos[q_pos][:, None, None], sin[q_pos][:, None, None])
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-2, -1)) * w.scale  # [N, H, Tq, T]
+        scores = (q @ k.transpose(-2, -1)) * self.layers[layer].scale  # [N, H, Tq, T]
         keys = torch.arange(T, device=k.device)
         queries = keys[:, None] if q_pos is None else q_pos[:, None, None, None]
         scores = scores.masked_fill(keys > queries, float("-inf"))
-        z = torch.softmax(scores, dim=-1) @ v  # [N, H, Tq, e]
-        out = torch.einsum("nhte,hed->nthd", z, W_O)
-        return out[:, 0] if q_pos is not None else out
+        return torch.softmax(scores, dim=-1) @ v  # [N, H, Tq, e]
+
+    # -- the plain residual stream (node patching) ----------------------------------------
+    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[N, T, H, e]``, keys and values ``[N, T, KV, e]`` from one residual stream
+        ``[N, T, d_model]`` (every head reads the same input: no per-head copies)."""
+        w = self.layers[layer]
+        h = w.norm1(x)
+        out = []
+        for W, b in ((w.W_Q, w.b_Q), (w.W_K, w.b_K), (w.W_V, w.b_V)):
+            y = torch.einsum("ntd,hde->nthe", h, W)
+            out.append(y if b is None else y + b)
+        return out[0], out[1], out[2]
+
+    def z(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per-head attention values (``hook_z``, ``[N, T, H, e]``) from :meth:`qkv`'s projections."""
+        return self._attend(layer, q, k, v, None, self.n_heads // self.n_kv_heads).transpose(1, 2)
+
+    def attn_out(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """The attention block's output (``hook_attn_out``, ``[N, T, d_model]``) from ``z``."""
+        w = self.layers[layer]
+        out = torch.einsum("nthe,hed->ntd", z, w.W_O)
+        return out if w.b_O is None else out + w.b_O
 
     def attn_bias(self, layer: int) -> torch.Tensor | float:
         b = self.layers[layer].b_O
