@@ -48,11 +48,15 @@ def eap(patcher: EdgePatcher, per_prompt: bool = False) -> torch.Tensor:
     """EAP scores ``[n_edges]``: first-order estimate of the metric change when each edge is patched.
 
     With ``per_prompt``, ``[n_edges, batch]`` scores, one column per prompt (their mean is the
-    default result), for bootstrap intervals.
+    default result), for bootstrap intervals. Prompts are split into passes that fit the patcher's
+    memory budget, with a backward per pass (:meth:`EdgePatcher.passes`); the gradients add up to
+    the one-pass result.
     """
     masks = patcher.ones(per_prompt=per_prompt).requires_grad_(True)
-    values = patcher.run(masks, per_prompt=per_prompt)
-    (values.sum() if per_prompt else values.mean()).backward()
+    B = patcher.setup.size
+    for _, prompts in patcher.passes(1):
+        values = patcher.run(masks, per_prompt=per_prompt, prompts=prompts)  # [1, prompts]
+        (values.sum() if per_prompt else values.sum() / B).backward()
     return -masks.grad[0].detach()
 
 
@@ -68,6 +72,7 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
     corrupt = setup.activations("corrupt", ["hook_embed"])["hook_embed"]
     alphas = torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device) / steps
     B = setup.size
+    start = 0  # the first step of the current pass
 
     def interpolate(act, hook):
         n = act.shape[0] // B
@@ -75,14 +80,12 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
         return (corrupt + a * (clean - corrupt)).reshape(act.shape)
 
     masks = patcher.ones(steps, per_prompt=per_prompt).requires_grad_(True)
-    chunk = max(1, setup.max_batch // B)
-    grads = torch.zeros_like(masks)
-    for start in range(0, steps, chunk):
-        part = masks[start : start + chunk]
-        values = patcher.run(part, fixed_diff=True, extra_hooks=[("hook_embed", interpolate)], per_prompt=per_prompt)
-        (g,) = torch.autograd.grad(values.sum() if per_prompt else values.mean(-1).sum(), part)
-        grads[start : start + chunk] = g
-    return -grads.mean(0).detach()
+    hooks = [("hook_embed", interpolate)]
+    for steps_part, prompts in patcher.passes(steps, extra_hooks=hooks):  # a backward per pass (memory budget)
+        start = steps_part.start
+        values = patcher.run(masks[steps_part], fixed_diff=True, extra_hooks=hooks, per_prompt=per_prompt, prompts=prompts)
+        (values.sum() if per_prompt else values.sum() / B).backward()
+    return -masks.grad.mean(0).detach()
 
 
 def select_top_k(graph: ModelGraph, scores: torch.Tensor, k: int, settings: dict | None = None) -> Circuit:
@@ -124,7 +127,8 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     that is kept, the later candidates are stale and the next batch starts after it. The result is
     the one-edge-at-a-time result. ``m`` adapts: it doubles after a batch of removals and drops to 1
     after a kept edge, so little work is thrown away. ``candidates`` caps it (default:
-    ``max_batch // prompts``; 1 evaluates one edge per forward pass). With ``reuse_prefix``
+    ``max_batch // prompts``, and what one pass fits in the memory budget; 1 evaluates one edge per
+    forward pass). With ``reuse_prefix``
     candidates are evaluated against the current circuit (:meth:`EdgePatcher.incremental`): on the
     functional engine only the components the removed edges reach are recomputed, on the hooks
     engine the layers below the receiver run once and are cached.
@@ -146,6 +150,7 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     evaluate = search.values if search else patcher.value
     current = evaluate(keep[None].float()).item()
     cap = candidates or max(1, setup.max_batch // setup.size)
+    cap = min(cap, search.max_candidates) if search else cap  # one incremental pass within the memory budget
     chunk, n_forward, n_evaluated = 1, 1, 1
     show = setup.progress if progress is None else progress
     for r in tqdm(reversed(range(len(graph.receivers))), total=len(graph.receivers), desc="ACDC", disable=not show, leave=False):

@@ -245,10 +245,12 @@ class MaskedForward:
         BT = self.B * self.T
         # sender differences are token-major, [B * T, senders, d]: a receiver's correction is then a
         # small matmul per token (weights [R, senders] x differences [senders, d]), which runs
-        # faster than one skinny matmul over [senders, B * T * d], and lands in the layout q/k/v need
-        parts = [(sources[name] - base[name]).reshape(BT, -1, self.d) for name in sender_hooks]
-        self.base_diffs = torch.cat(parts, dim=1)  # [B * T, senders, d] of the base run
+        # faster than one skinny matmul over [senders, B * T * d], and lands in the layout q/k/v need.
+        # Every pass starts with the input's (the others are computed by the pass).
+        self.input_diff = (sources[sender_hooks[0]] - self.embed).reshape(BT, 1, self.d)  # [B * T, 1, d]
+        self.input_source = sources[sender_hooks[0]]
         self.sources = {name: sources[name].reshape(BT, -1, self.d) for name in sender_hooks[1:]}  # [B * T, g, d]
+        self.base = {name: base[name].reshape(BT, -1, self.d) for name in sender_hooks[1:]}
         # receiver indices per layer: q, k, v inputs (merged: one per head, read as q, k and v)
         self.qkv: list[tuple[list[int], list[int], list[int]]] = []
         for layer in range(L):
@@ -264,13 +266,13 @@ class MaskedForward:
         self.senders_at = [graph.senders_before(k // 2) + (H if k % 2 else 0) for k in range(2 * L + 1)]
         self._prefix_cache: dict = {}
 
-    def base_diff(self, sender: int) -> torch.Tensor:
-        """``source - base output`` of one sender, ``[B, T, d]``."""
-        return self.base_diffs[:, sender].reshape(self.B, self.T, self.d)
-
     def source(self, sender_hook: str) -> torch.Tensor:
         """A sender hook's source activations, ``[B, T, g, d]`` (``g`` heads, or 1)."""
         return self.sources[sender_hook].reshape(self.B, self.T, -1, self.d)
+
+    def base_output(self, sender_hook: str) -> torch.Tensor:
+        """A sender hook's activations in the unpatched base run, ``[B, T, g, d]``."""
+        return self.base[sender_hook].reshape(self.B, self.T, -1, self.d)
 
     @staticmethod
     def stage(receiver) -> int:
@@ -288,7 +290,7 @@ class MaskedForward:
                 raise ValueError("candidates must agree on every edge into receivers below the start stage")
             resid, shared = self._prefix(patched[0], start)
         else:
-            resid, shared = self.embed, self.base_diffs[:, :1]
+            resid, shared = self.embed, self.input_diff
         run = _Run(self, patched, shared, resid, start)
         return run.finish()
 
@@ -298,9 +300,9 @@ class MaskedForward:
         below = patched_row[:, :R]
         key = (start, below.cpu().numpy().tobytes())
         if key not in self._prefix_cache:
-            run = _Run(self, patched_row[None], self.base_diffs[:, :1], self.embed, 0, stop=start)
+            run = _Run(self, patched_row[None], self.input_diff, self.embed, 0, stop=start)
             resid = run.finish()[0]
-            shared = torch.cat([self.base_diffs[:, :1], run.diffs[0, :, : self.senders_at[start] - 1]], dim=1)
+            shared = torch.cat([self.input_diff, run.diffs[0, :, : self.senders_at[start] - 1]], dim=1)
             if len(self._prefix_cache) > 16:
                 self._prefix_cache.clear()
             self._prefix_cache[key] = (resid, shared)

@@ -24,12 +24,14 @@ import torch
 from tqdm.auto import tqdm
 
 from circuitfind.corruptions import Corruption, CorruptionPlan, Run, get_corruption
+from circuitfind.memory import parse_memory
 from circuitfind.metrics import Metric, MetricContext, get_metric, normalise
 from circuitfind.tasks import TaskBatch
 
 Direction = Literal["denoise", "noise"]
 DIRECTIONS = ("denoise", "noise")
 ENGINES = ("auto", "hooks", "functional")
+EMBEDDING_STAGE = ("hook_embed", "hook_pos_embed")  # hooks below block 0: their effect is in its residual input
 BLOCK_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
 
 
@@ -57,7 +59,9 @@ class PatchingSetup:
     per hook, the first time a sweep needs them. ``engine`` picks how node and path patching run:
     ``auto`` (suffix passes from cached activations, :mod:`circuitfind.suffix`, where the model
     and hooks allow; full forward passes of the bridge otherwise), ``hooks`` (always full forward
-    passes) or ``functional`` (suffix passes or an error).
+    passes) or ``functional`` (suffix passes or an error). ``max_memory`` bounds the working memory
+    of one edge-patching pass (bytes or e.g. ``"4GB"``; ``None``: automatic, see
+    :mod:`circuitfind.memory`).
     """
 
     model: object
@@ -69,6 +73,7 @@ class PatchingSetup:
     max_batch: int = 256
     progress: bool = False
     engine: str = "auto"
+    max_memory: int | str | None = None
     clean_logits: torch.Tensor | None = field(default=None, repr=False)  # [batch, vocab] at the answer
     corrupt_logits: torch.Tensor | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -93,6 +98,11 @@ class PatchingSetup:
     @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's parameter dtype (activations and sender differences use it)."""
+        return next(self.model.parameters()).dtype
 
     @property
     def n_heads(self) -> int:
@@ -171,13 +181,16 @@ def prepare(
     max_batch: int = 256,
     progress: bool = False,
     engine: str = "auto",
+    max_memory: int | str | None = None,
 ) -> PatchingSetup:
     """Run the clean and corrupted baselines of ``batch`` under a corruption and a metric.
 
-    ``engine``: how node and path patching run (see :class:`PatchingSetup`).
+    ``engine``: how node and path patching run; ``max_memory``: the working-memory budget of an
+    edge-patching pass (see :class:`PatchingSetup`).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    parse_memory(max_memory)  # a clear error now rather than in the first edge-patching pass
     corruption = get_corruption(corruption)
     metric = get_metric(metric)
     plan = corruption.plan(model, batch)
@@ -188,7 +201,13 @@ def prepare(
     clean_value = metric(clean_logits, ctx).mean().item()
     corrupt_value = metric(corrupt_logits, ctx).mean().item()
     return PatchingSetup(model, plan, metric, ctx, clean_value, corrupt_value, max_batch=max_batch, progress=progress,
-                         engine=engine, clean_logits=clean_logits, corrupt_logits=corrupt_logits)
+                         engine=engine, max_memory=max_memory, clean_logits=clean_logits, corrupt_logits=corrupt_logits)
+
+
+def _slice_ctx(ctx: MetricContext, prompts: slice) -> MetricContext:
+    """The metric context of a slice of the prompts."""
+    lp = ctx.clean_logprobs
+    return MetricContext(ctx.answers[prompts], ctx.counter_answers[prompts], None if lp is None else lp[prompts])
 
 
 def _repeat_ctx(ctx: MetricContext, n: int) -> MetricContext:

@@ -27,11 +27,10 @@ from typing import Callable, Sequence
 import torch
 
 from circuitfind import functional
-from circuitfind.patching import PatchingSetup, _patch_hook, _repeat_ctx, hook_name
+from circuitfind.patching import EMBEDDING_STAGE, PatchingSetup, _patch_hook, _repeat_ctx, hook_name
 
 POINTS = ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")  # patch points of a layer, in forward order
 RESID_PRE, Z, ATTN_OUT, MLP_OUT, RESID_POST = range(len(POINTS))
-EMBEDDING_STAGE = ("hook_embed", "hook_pos_embed")
 _POINT_HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|hook_attn_out|hook_mlp_out|hook_resid_post)")
 _RECEIVER_HOOK = re.compile(r"blocks\.(\d+)\.hook_(q|k|v)_input")
 _POINT_OF = {"hook_resid_pre": RESID_PRE, "attn.hook_z": Z, "hook_attn_out": ATTN_OUT, "hook_mlp_out": MLP_OUT,
