@@ -169,7 +169,7 @@ class FunctionalModel:
         keys = torch.arange(T, device=k.device)
         queries = keys[:, None] if q_pos is None else q_pos[:, None, None, None]
         scores = scores.masked_fill(keys > queries, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ v  # [N, H, Tq, e]
+        return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # [N, H, Tq, e]; float32 softmax
 
     # -- the plain residual stream (node patching) ----------------------------------------
     def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -90,14 +90,15 @@ class IncrementalForward:
         rows = torch.tensor(recv, device=run.keep.device)
         if run.recorded:  # changed upstream outputs reaching these receivers along kept edges
             w, d = run.upstream(rows, end)
-            out = torch.baddbmm(out, w, d)
+            out = torch.baddbmm(out, w.to(d.dtype), d)
         edited = [i for i, r in enumerate(recv) if r in run.changed_set]
         if edited:  # receivers whose incoming edges the candidates patch differently from the reference
             cols = rows[edited]
             touched = (run.dpatch[:, :, cols] != 0).any(0).any(-1).nonzero().flatten().tolist()
             ref = torch.stack([self._end(self.src[s], end, 3) - self._end(self.out[s], end, 3) for s in touched])
             w = run.dpatch[:, touched][:, :, cols]  # [n, k, edited]
-            change = (w.transpose(1, 2).reshape(n * len(edited), -1) @ ref.reshape(len(touched), -1)).reshape(n, len(edited), -1)
+            w = w.transpose(1, 2).reshape(n * len(edited), -1).to(ref.dtype)
+            change = (w @ ref.reshape(len(touched), -1)).reshape(n, len(edited), -1)
             out = out.contiguous() if out.stride(0) == 0 else out  # the expanded reference inputs
             out.index_add_(1, torch.tensor(edited, device=out.device), change)
         return out.reshape(n, len(recv), *base.movedim(-2, 0).shape[1:]).movedim(1, -2)
@@ -178,7 +179,7 @@ class _Changes:
         self.first_stage = min((mf.stage(g.receivers[r]) for r in self.changed_set), default=2 * g.n_layers)
         self.first_sender = mf.senders_at[self.first_stage]
         n, S = patched.shape[0], len(g.senders)
-        self.deltas = patched.new_empty(n, max(S - self.first_sender, 0), mf.B, mf.T, mf.d)
+        self.deltas = mf.embed.new_empty(n, max(S - self.first_sender, 0), mf.B, mf.T, mf.d)  # activations' dtype
         self.recorded: list[int] = []  # filled slots, increasing
         self.count = 0  # slots below this are settled: filled, or unchanged senders
         self._zeroed: set[int] = set()

@@ -68,6 +68,7 @@ class SweepConfig(BaseModel):
     node_k: float = 2.0
     max_batch: int = 512
     device: str | None = None
+    dtype: str = "float32"
 
     def settings(self) -> list[Setting]:
         """Every valid combination (ACDC runs in the noising direction only)."""
@@ -105,17 +106,17 @@ def cache_key(setting: Setting, config: SweepConfig) -> str:
 _local = threading.local()
 
 
-def _model(name: str, device: str | None):
+def _model(name: str, device: str | None, dtype: str = "float32"):
     cache = _local.__dict__.setdefault("models", {})
-    if (name, device) not in cache:
-        cache[(name, device)] = load_model(name, device=device)
-    return cache[(name, device)]
+    if (name, device, dtype) not in cache:
+        cache[(name, device, dtype)] = load_model(name, device=device, dtype=dtype)
+    return cache[(name, device, dtype)]
 
 
 def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, "D.Circuit", torch.Tensor | None]:
     """Discover the circuit of one setting; return its record, the circuit and per-prompt scores."""
     start = time.time()
-    model = _model(setting.model, config.device)
+    model = _model(setting.model, config.device, config.dtype)
     task = load_task(setting.task)
     batch = TaskBatch.build(model, task, config.prompts, seed=config.seed)
     setup = P.prepare(model, batch, setting.corruption, setting.metric, max_batch=config.max_batch)
