@@ -54,8 +54,8 @@ def _pair(model, batch, corruption, metric, **kw):
 def test_split_passes_equal_one_pass(ioi_model, ioi_batch, engine, corruption, direction):
     one, split = _pair(ioi_model, ioi_batch, corruption, "kl", direction=direction, engine=engine)
     n = 3
-    assert len(one._passes(n, engine == "functional", False, True, slice(0, one.setup.size))) == 1
-    assert len(split._passes(n, engine == "functional", False, True, slice(0, split.setup.size))) == n * split.setup.size
+    assert len(one._passes(n, engine, True, slice(0, one.setup.size))) == 1
+    assert len(split._passes(n, engine, True, slice(0, split.setup.size))) == n * split.setup.size
     masks = (torch.rand(n, one.n_edges, generator=torch.Generator().manual_seed(0)) > 0.4).float()
     expected = one.run(masks)
     assert expected.std() > 0.01
@@ -108,3 +108,17 @@ def test_incremental_search_splits_candidates_and_adopts_from_any_pass(ioi_model
         search.adopt(j)
         current = masks[j : j + 1]
     torch.testing.assert_close(search.values(current), reference.value(current), atol=5e-5, rtol=0)
+
+
+def test_per_position_attributions_add_up_to_the_position_free_ones(ioi_model):
+    """Per-position graphs take EAP from the masks' gradient (split into passes too); summed over
+    positions it is the position-free attribution."""
+    from circuitfind.graph import ModelGraph
+
+    batch = TaskBatch.build(ioi_model, "ioi", 6, seed=0)
+    for budget in (None, TINY):
+        setup = P.prepare(ioi_model, batch, "str", "logit_diff", max_memory=budget)
+        per_pos = EdgePatcher(setup, ModelGraph.from_model(ioi_model, n_pos=setup.n_pos))
+        scores = D.eap(per_pos)
+        assert scores.shape == (per_pos.n_edges, setup.n_pos)
+        torch.testing.assert_close(scores.sum(-1), D.eap(EdgePatcher(setup)), atol=1e-5, rtol=1e-5)
