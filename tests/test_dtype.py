@@ -41,7 +41,7 @@ def _results(model, batch, corruption):
     }
 
 
-@pytest.mark.parametrize("corruption", ["str", "gn"])
+@pytest.mark.parametrize("corruption", ["str", pytest.param("gn", marks=pytest.mark.slow)])
 def test_bfloat16_matches_float32_within_tolerance(ioi_model, bf16_model, ioi_batch, corruption):
     assert next(bf16_model.parameters()).dtype == torch.bfloat16
     low = _results(bf16_model, TaskBatch.build(bf16_model, "ioi", 24, seed=3), corruption)

@@ -34,7 +34,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model precision (default float32; bfloat16 on a CPU is slow; float16 needs a GPU)")
+                   help="model precision (default float32; bfloat16 costs about 0.01 in normalised effects; float16 needs a GPU)")
 
 
 def _memory(p: argparse.ArgumentParser) -> None:
