@@ -1,4 +1,5 @@
-"""Each benchmark script runs end to end with ``--quick`` (toy sizes) and prints its table."""
+"""Each benchmark script runs end to end with ``--quick`` (toy sizes) and prints its table
+(bench_scale's builds and runs a dozen processes: about a minute, with -m slow)."""
 
 import os
 import subprocess
@@ -21,7 +22,6 @@ def _run(script: str, tmp_path, *args: str) -> str:
     return proc.stdout
 
 
-@pytest.mark.slow
 def test_bench_patching_quick(tmp_path):
     out = _run("bench_patching.py", tmp_path)
     for row in ("plain forward pass", "heads, all pos (circuitfind)", "heads, all pos (transformer_lens)",
@@ -29,7 +29,6 @@ def test_bench_patching_quick(tmp_path):
         assert row in out, row
 
 
-@pytest.mark.slow
 def test_bench_edges_quick(tmp_path):
     out = _run("bench_edges.py", tmp_path)
     assert "ACDC functional, batches + incremental" in out and "EAP-IG, 5 steps" in out
