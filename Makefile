@@ -35,6 +35,7 @@ test-slow: venv fetch-models
 bench: venv
 	$(BIN)/python benchmarks/bench_patching.py
 	$(BIN)/python benchmarks/bench_edges.py
+	$(BIN)/python benchmarks/bench_scale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

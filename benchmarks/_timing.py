@@ -8,10 +8,13 @@ import time
 import torch
 
 
-def best_of(fn, repeats: int = 3):
-    """Best wall time of ``repeats`` calls (synchronising CUDA), and the last call's result."""
+def best_of(fn, repeats: int = 3, once_after: float = float("inf")):
+    """Best wall time of ``repeats`` calls (synchronising CUDA), and the last call's result; a call
+    longer than ``once_after`` seconds is not repeated."""
     best, out = float("inf"), None
     for _ in range(repeats):
+        if best > once_after and best < float("inf"):
+            break
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()

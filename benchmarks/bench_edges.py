@@ -1,6 +1,6 @@
 """Edge patching and ACDC speed.
 
-    python benchmarks/bench_edges.py [--model toy-ioi] [--prompts 32] [--tau 0.02]
+    python benchmarks/bench_edges.py [--model toy-ioi] [--prompts 32] [--tau 0.02] [--quick]
 
 Prints: the masked forward pass (every edge mask active, random keep/patch) on both engines against
 the plain forward pass on the same model and batch, for 1..C stacked candidates. The yardstick is
@@ -38,7 +38,13 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="best of this many ACDC runs")
     p.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 16], help="stacked candidates per masked forward")
     p.add_argument("--no-discovery", action="store_true", help="masked forward only (ACDC's reference is slow on real models)")
+    p.add_argument("--quick", action="store_true", help="8 prompts, one timing each, 1 and 4 candidates (a smoke test)")
     args = p.parse_args()
+    if args.quick:
+        args.prompts, args.repeats, args.candidates = 8, 1, [1, 4]
+    load = os.getloadavg()
+    print(f"CPU cores {os.cpu_count()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+          f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not measured, no device lent'}")
 
     model = load_model(args.model)
     batch = TaskBatch.build(model, args.task, args.prompts, seed=0)
@@ -56,10 +62,11 @@ def main() -> None:
         for n in args.candidates:
             tokens = batch.clean_tokens.repeat(n, 1)
             masks = (torch.rand(n, patcher.n_edges, generator=gen) > 0.5).float().to(device)
-            plain, _ = timed(lambda: model(tokens), 5)
-            unsplit, _ = timed(lambda: unsplit_forward(model, tokens), 5)
-            t_hooks, _ = timed(lambda: hooks.run(masks), 5)
-            t_fast, _ = timed(lambda: patcher.run(masks), 5)
+            reps = 1 if args.quick else 5
+            plain, _ = timed(lambda: model(tokens), reps)
+            unsplit, _ = timed(lambda: unsplit_forward(model, tokens), reps)
+            t_hooks, _ = timed(lambda: hooks.run(masks), reps)
+            t_fast, _ = timed(lambda: patcher.run(masks), reps)
             print(f"{f'{n} candidate(s) x {batch.size} prompts':<32} {plain * 1e3:>9.1f} {unsplit * 1e3:>8.1f} "
                   f"{t_hooks * 1e3:>9.1f} {t_hooks / plain:>6.2f} {t_fast * 1e3:>10.1f} {t_fast / plain:>6.2f}")
 
@@ -79,8 +86,8 @@ def main() -> None:
     for label, t, res in rows:
         print(f"{label:<44} {t:>8.2f} {res.settings['forward_passes']:>9d} {res.n_edges:>6d} {one / t:>8.1f}x")
     ld = EdgePatcher(P.prepare(model, batch, "str", "logit_diff", max_batch=args.max_batch))
-    t_eap, _ = timed(lambda: D.eap(ld))
-    t_ig, _ = timed(lambda: D.eap_ig(ld, 5))
+    t_eap, _ = timed(lambda: D.eap(ld), args.repeats)
+    t_ig, _ = timed(lambda: D.eap_ig(ld, 5), args.repeats)
     print(f"{'EAP (all edges)':<44} {t_eap:>8.2f} {'1+bwd':>9} {'-':>6}")
     print(f"{'EAP-IG, 5 steps':<44} {t_ig:>8.2f} {'5+bwd':>9} {'-':>6}")
     print(f"\nACDC speed-up {one / rows[-1][1]:.1f}x, same circuit; peak memory {peak_mb():.0f} MB")

@@ -175,3 +175,30 @@ def test_starting_at_a_receiver_reuses_the_prefix_exactly(setups, corruption, en
         torch.testing.assert_close(patcher.run(masks, start=start), patcher.run(masks), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="start"):
         patcher.run(patcher.ones().requires_grad_(True), start=3)
+
+
+@pytest.mark.parametrize("corruption,direction", [("str", "noise"), ("gn", "denoise"), ("mean", "noise"), ("resample", "denoise")])
+def test_attribution_equals_the_mask_gradient(setups, corruption, direction):
+    """EAP's pass without masks (differences dotted with receiver gradients) against the gradient of
+    the masked forward at masks that keep every edge, per prompt, with live and fixed differences."""
+    patcher = EdgePatcher(setups[corruption], direction=direction)
+    for fixed in (False, True):
+        masks = patcher.ones(per_prompt=True).requires_grad_(True)
+        patcher.run(masks, per_prompt=True, fixed_diff=fixed).sum().backward()
+        expected = -masks.grad[0]
+        torch.testing.assert_close(patcher.attribution(per_prompt=True, fixed_diff=fixed), expected, atol=1e-5, rtol=1e-5)
+        B = patcher.setup.size
+        torch.testing.assert_close(patcher.attribution(fixed_diff=fixed, scale=1 / B), expected.mean(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_attribution_on_grouped_query_attention_equals_the_mask_gradient(gqa_model):
+    from circuitfind.tasks import TaskBatch
+
+    patcher = EdgePatcher(P.prepare(gqa_model, TaskBatch.build(gqa_model, "ioi", 6, seed=2), "str", "logit_diff"))
+    masks = patcher.ones().requires_grad_(True)
+    patcher.run(masks).mean().backward()
+    torch.testing.assert_close(patcher.attribution(scale=1 / 6), -masks.grad[0], atol=1e-6, rtol=1e-5)
+    merged = EdgePatcher(P.prepare(gqa_model, TaskBatch.build(gqa_model, "ioi", 6, seed=2), "gn", "kl"))
+    masks = merged.ones().requires_grad_(True)
+    merged.run(masks).mean().backward()
+    torch.testing.assert_close(merged.attribution(scale=1 / merged.setup.size), -masks.grad[0], atol=1e-6, rtol=1e-5)

@@ -138,7 +138,7 @@ class GaussianNoise(Corruption):
     def plan(self, model, batch: TaskBatch) -> CorruptionPlan:
         noise = self.noise(model, batch)
         tokens = batch.clean_tokens.repeat(self.samples, 1)
-        add = _per_copy(lambda act: act + noise, tokens.shape[0])
+        add = _per_copy(lambda act: act + noise.to(act.dtype), tokens.shape[0])
 
         def rep(t: torch.Tensor) -> torch.Tensor:
             return t.repeat(self.samples)

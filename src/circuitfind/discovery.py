@@ -50,11 +50,19 @@ def eap(patcher: EdgePatcher, per_prompt: bool = False) -> torch.Tensor:
     """EAP scores ``[n_edges]``: first-order estimate of the metric change when each edge is patched.
 
     With ``per_prompt``, ``[n_edges, batch]`` scores, one column per prompt (their mean is the
-    default result), for bootstrap intervals.
+    default result), for bootstrap intervals. Prompts are split into passes that fit the patcher's
+    memory budget, with a backward per pass (:meth:`EdgePatcher.passes`); the gradients add up to
+    the one-pass result.
     """
-    masks = patcher.ones(per_prompt=per_prompt).requires_grad_(True)
-    values = patcher.run(masks, per_prompt=per_prompt)
-    (values.sum() if per_prompt else values.mean()).backward()
+    B = patcher.setup.size
+    if patcher.graph.n_pos is None:  # sender differences dotted with receiver gradients, a pass at a time
+        parts = [patcher.attribution(per_prompt=per_prompt, prompts=prompts, scale=1.0 if per_prompt else 1.0 / B)
+                 for _, prompts in patcher.passes(1)]
+        return torch.cat(parts, dim=1) if per_prompt else torch.stack(parts).sum(0)
+    masks = patcher.ones(per_prompt=per_prompt).requires_grad_(True)  # per-position edges: the masks' gradient
+    for _, prompts in patcher.passes(1, "grad"):
+        values = patcher.run(masks, per_prompt=per_prompt, prompts=prompts)  # [1, prompts]
+        (values.sum() if per_prompt else values.sum() / B).backward()
     return -masks.grad[0].detach()
 
 
@@ -69,21 +77,33 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
     corrupt = setup.activations("corrupt", ["hook_embed"])["hook_embed"]
     alphas = torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device) / steps
     B = setup.size
+    start = 0  # the first step of the current pass
 
     def interpolate(act, hook):
         n = act.shape[0] // B
         a = alphas[start : start + n].view(n, 1, 1, 1)
         return (corrupt + a * (clean - corrupt)).reshape(act.shape)
 
-    masks = patcher.ones(steps, per_prompt=per_prompt).requires_grad_(True)
-    chunk = max(1, setup.max_batch // B)
-    grads = torch.zeros_like(masks)
-    for start in range(0, steps, chunk):
-        part = masks[start : start + chunk]
-        values = patcher.run(part, fixed_diff=True, extra_hooks=[("hook_embed", interpolate)], per_prompt=per_prompt)
-        (g,) = torch.autograd.grad(values.sum() if per_prompt else values.mean(-1).sum(), part)
-        grads[start : start + chunk] = g
-    return -grads.mean(0).detach()
+    hooks = [("hook_embed", interpolate)]
+    scale = 1.0 if per_prompt else 1.0 / B
+    if patcher.graph.n_pos is None:
+        total = None
+        for steps_part, prompts in patcher.passes(steps, extra_hooks=hooks):  # a backward per pass (memory budget)
+            start = steps_part.start
+            part = patcher.attribution(fixed_diff=True, extra_hooks=hooks, n=steps_part.stop - steps_part.start,
+                                       per_prompt=per_prompt, prompts=prompts, scale=scale)
+            if per_prompt:
+                total = torch.zeros(part.shape[0], B, device=part.device) if total is None else total
+                total[:, prompts] += part
+            else:
+                total = part if total is None else total + part
+        return total / steps
+    masks = patcher.ones(steps, per_prompt=per_prompt).requires_grad_(True)  # per-position edges: the masks' gradient
+    for steps_part, prompts in patcher.passes(steps, "grad", extra_hooks=hooks):
+        start = steps_part.start
+        values = patcher.run(masks[steps_part], fixed_diff=True, extra_hooks=hooks, per_prompt=per_prompt, prompts=prompts)
+        (values.sum() * scale).backward()
+    return -masks.grad.mean(0).detach()
 
 
 def check_top_k(k: int, graph: ModelGraph) -> int:
@@ -124,7 +144,7 @@ def eap_circuit(patcher: EdgePatcher, k: int, ig_steps: int | None = None) -> Ci
 
 
 def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_prefix: bool = True,
-         progress: bool | None = None) -> Circuit:
+         progress: bool | None = None, max_passes: int | None = None) -> Circuit:
     """ACDC: prune edges whose removal changes the objective by less than ``tau``.
 
     The objective is the distance from the full model, ``d(S) = base - metric(S)`` (for the ``kl``
@@ -138,10 +158,14 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     that is kept, the later candidates are stale and the next batch starts after it. The result is
     the one-edge-at-a-time result. ``m`` adapts: it doubles after a batch of removals and drops to 1
     after a kept edge, so little work is thrown away. ``candidates`` caps it (default:
-    ``max_batch // prompts``; 1 evaluates one edge per forward pass). With ``reuse_prefix``
+    ``max_batch // prompts``, and what one pass fits in the memory budget; 1 evaluates one edge per
+    forward pass). With ``reuse_prefix``
     candidates are evaluated against the current circuit (:meth:`EdgePatcher.incremental`): on the
     functional engine only the components the removed edges reach are recomputed, on the hooks
     engine the layers below the receiver run once and are cached.
+
+    ``max_passes`` stops the search after that many forward passes (benchmarks): the edges not yet
+    visited stay in the circuit and ``settings`` gets ``complete: False``.
 
     Returns the circuit; ``scores`` holds each evaluated edge's objective change (0 if skipped).
     ``tau`` must be finite and >= 0 (a negative or NaN ``tau`` would keep every edge).
@@ -164,8 +188,10 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     evaluate = search.values if search else patcher.value
     current = evaluate(keep[None].float()).item()
     cap = candidates or max(1, setup.max_batch // setup.size)
+    cap = min(cap, search.max_candidates) if search else cap  # one incremental pass within the memory budget
     chunk, n_forward, n_evaluated = 1, 1, 1
     show = setup.progress if progress is None else progress
+    complete = True
     for r in tqdm(reversed(range(len(graph.receivers))), total=len(graph.receivers), desc="ACDC", disable=not show, leave=False):
         receiver = graph.receivers[r]
         incoming = (r_idx == r).nonzero().flatten().flip(0).tolist()  # latest sender first
@@ -174,6 +200,9 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
             continue
         i = 0
         while i < len(incoming):
+            if max_passes is not None and n_forward >= max_passes:
+                complete = False
+                break
             batch = incoming[i : i + chunk]
             masks = keep[None].repeat(len(batch), 1).float()
             for j in range(len(batch)):
@@ -194,8 +223,10 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
                 search.adopt(adopted)
             chunk = min(2 * chunk, cap) if consumed == len(batch) else 1
             i += consumed
+        if not complete:
+            break
     settings = _settings(patcher, "acdc", tau=tau, forward_passes=n_forward, candidates_evaluated=n_evaluated,
-                         engine=patcher.engine)
+                         engine=patcher.engine, **({} if complete else {"complete": False}))
     return Circuit(graph, keep.cpu(), scores, settings)
 
 

@@ -37,7 +37,7 @@ class TaskReport:
 def evaluate(model, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")) -> TaskReport:
     """Accuracy of ``model`` on ``batch`` and the logit difference / KL under each corruption."""
     with torch.no_grad():
-        logits = answer_logits(model(batch.clean_tokens), batch.end_pos)
+        logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()  # metrics in float32
     accuracy = (logits.argmax(-1) == batch.answers).float().mean().item()
     diff = (logits.gather(1, batch.answers[:, None]) - logits.gather(1, batch.counter_answers[:, None])).mean().item()
     corrupted = {}

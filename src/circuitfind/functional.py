@@ -137,7 +137,6 @@ class FunctionalModel:
         head (its key/value head's input).
         """
         w = self.layers[layer]
-        T = k_in.shape[1]
         group = self.n_heads // self.n_kv_heads
         W_Q, W_K, W_V, W_O, b_Q, b_K, b_V = w.W_Q, w.W_K, w.W_V, w.W_O, w.b_Q, w.b_K, w.b_V
         if heads is not None:
@@ -146,8 +145,18 @@ class FunctionalModel:
             b_Q, b_K, b_V = (None if b is None else b[i] for b, i in ((b_Q, heads), (b_K, kv), (b_V, kv)))
             group = 1
         q = self._project(w.norm1, q_in, W_Q, b_Q)
-        k = self._project(w.norm1, k_in, W_K, b_K).transpose(1, 2)  # [N, KV, pos, e]
-        v = self._project(w.norm1, v_in, W_V, b_V).transpose(1, 2)
+        k = self._project(w.norm1, k_in, W_K, b_K)
+        v = self._project(w.norm1, v_in, W_V, b_V)
+        z = self._attend(layer, q, k, v, q_pos, group)  # [N, H, Tq, e]
+        out = torch.einsum("nhte,hed->nthd", z, W_O)
+        return out[:, 0] if q_pos is not None else out
+
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
+                group: int) -> torch.Tensor:
+        """Causal attention of projected queries ``[N, T, H, e]`` (``[N, H, e]`` at ``q_pos``) over
+        keys and values ``[N, T, KV, e]`` (rotary positions applied here): ``z`` as ``[N, H, Tq, e]``."""
+        T = k.shape[1]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [N, KV, pos, e]
         q = q.unsqueeze(1) if q_pos is not None else q  # [N, Tq, H, e]
         q = q.transpose(1, 2)  # [N, H, Tq, e]
         if self.rotary is not None:
@@ -156,13 +165,33 @@ class FunctionalModel:
             q = self._rotate(q, cos, sin) if q_pos is None else self._rotate(q, cos[q_pos][:, None, None], sin[q_pos][:, None, None])
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        scores = (q @ k.transpose(-2, -1)) * w.scale  # [N, H, Tq, T]
+        scores = (q @ k.transpose(-2, -1)) * self.layers[layer].scale  # [N, H, Tq, T]
         keys = torch.arange(T, device=k.device)
         queries = keys[:, None] if q_pos is None else q_pos[:, None, None, None]
         scores = scores.masked_fill(keys > queries, float("-inf"))
-        z = torch.softmax(scores, dim=-1) @ v  # [N, H, Tq, e]
-        out = torch.einsum("nhte,hed->nthd", z, W_O)
-        return out[:, 0] if q_pos is not None else out
+        return torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v  # [N, H, Tq, e]; float32 softmax
+
+    # -- the plain residual stream (node patching) ----------------------------------------
+    def qkv(self, layer: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries ``[N, T, H, e]``, keys and values ``[N, T, KV, e]`` from one residual stream
+        ``[N, T, d_model]`` (every head reads the same input: no per-head copies)."""
+        w = self.layers[layer]
+        h = w.norm1(x)
+        out = []
+        for W, b in ((w.W_Q, w.b_Q), (w.W_K, w.b_K), (w.W_V, w.b_V)):
+            y = torch.einsum("ntd,hde->nthe", h, W)
+            out.append(y if b is None else y + b)
+        return out[0], out[1], out[2]
+
+    def z(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Per-head attention values (``hook_z``, ``[N, T, H, e]``) from :meth:`qkv`'s projections."""
+        return self._attend(layer, q, k, v, None, self.n_heads // self.n_kv_heads).transpose(1, 2)
+
+    def attn_out(self, layer: int, z: torch.Tensor) -> torch.Tensor:
+        """The attention block's output (``hook_attn_out``, ``[N, T, d_model]``) from ``z``."""
+        w = self.layers[layer]
+        out = torch.einsum("nthe,hed->ntd", z, w.W_O)
+        return out if w.b_O is None else out + w.b_O
 
     def attn_bias(self, layer: int) -> torch.Tensor | float:
         b = self.layers[layer].b_O
@@ -216,10 +245,12 @@ class MaskedForward:
         BT = self.B * self.T
         # sender differences are token-major, [B * T, senders, d]: a receiver's correction is then a
         # small matmul per token (weights [R, senders] x differences [senders, d]), which runs
-        # faster than one skinny matmul over [senders, B * T * d], and lands in the layout q/k/v need
-        parts = [(sources[name] - base[name]).reshape(BT, -1, self.d) for name in sender_hooks]
-        self.base_diffs = torch.cat(parts, dim=1)  # [B * T, senders, d] of the base run
+        # faster than one skinny matmul over [senders, B * T * d], and lands in the layout q/k/v need.
+        # Every pass starts with the input's (the others are computed by the pass).
+        self.input_diff = (sources[sender_hooks[0]] - self.embed).reshape(BT, 1, self.d)  # [B * T, 1, d]
+        self.input_source = sources[sender_hooks[0]]
         self.sources = {name: sources[name].reshape(BT, -1, self.d) for name in sender_hooks[1:]}  # [B * T, g, d]
+        self.base = {name: base[name].reshape(BT, -1, self.d) for name in sender_hooks[1:]}
         # receiver indices per layer: q, k, v inputs (merged: one per head, read as q, k and v)
         self.qkv: list[tuple[list[int], list[int], list[int]]] = []
         for layer in range(L):
@@ -235,13 +266,13 @@ class MaskedForward:
         self.senders_at = [graph.senders_before(k // 2) + (H if k % 2 else 0) for k in range(2 * L + 1)]
         self._prefix_cache: dict = {}
 
-    def base_diff(self, sender: int) -> torch.Tensor:
-        """``source - base output`` of one sender, ``[B, T, d]``."""
-        return self.base_diffs[:, sender].reshape(self.B, self.T, self.d)
-
     def source(self, sender_hook: str) -> torch.Tensor:
         """A sender hook's source activations, ``[B, T, g, d]`` (``g`` heads, or 1)."""
         return self.sources[sender_hook].reshape(self.B, self.T, -1, self.d)
+
+    def base_output(self, sender_hook: str) -> torch.Tensor:
+        """A sender hook's activations in the unpatched base run, ``[B, T, g, d]``."""
+        return self.base[sender_hook].reshape(self.B, self.T, -1, self.d)
 
     @staticmethod
     def stage(receiver) -> int:
@@ -259,7 +290,7 @@ class MaskedForward:
                 raise ValueError("candidates must agree on every edge into receivers below the start stage")
             resid, shared = self._prefix(patched[0], start)
         else:
-            resid, shared = self.embed, self.base_diffs[:, :1]
+            resid, shared = self.embed, self.input_diff
         run = _Run(self, patched, shared, resid, start)
         return run.finish()
 
@@ -269,9 +300,9 @@ class MaskedForward:
         below = patched_row[:, :R]
         key = (start, below.cpu().numpy().tobytes())
         if key not in self._prefix_cache:
-            run = _Run(self, patched_row[None], self.base_diffs[:, :1], self.embed, 0, stop=start)
+            run = _Run(self, patched_row[None], self.input_diff, self.embed, 0, stop=start)
             resid = run.finish()[0]
-            shared = torch.cat([self.base_diffs[:, :1], run.diffs[0, :, : self.senders_at[start] - 1]], dim=1)
+            shared = torch.cat([self.input_diff, run.diffs[0, :, : self.senders_at[start] - 1]], dim=1)
             if len(self._prefix_cache) > 16:
                 self._prefix_cache.clear()
             self._prefix_cache[key] = (resid, shared)

@@ -29,9 +29,10 @@ class IncrementalForward:
 
     Args:
         mf: the masked pass (model components, graph, sources, answer positions).
-        inputs: the base run's receiver inputs: ``blocks.{l}.hook_{q,k,v}_input``,
-            ``blocks.{l}.hook_mlp_in`` and the last ``hook_resid_post`` (the reference starts as the
-            base run, every edge kept).
+        inputs: the base run's receiver inputs (the reference starts as the base run, every edge
+            kept): ``blocks.{l}.hook_resid_pre`` (in the base run every head's q, k and v input is
+            this residual stream: one tensor serves them all), ``blocks.{l}.hook_mlp_in`` and the
+            last ``hook_resid_post``.
     """
 
     def __init__(self, mf: MaskedForward, inputs: dict[str, torch.Tensor]):
@@ -45,31 +46,27 @@ class IncrementalForward:
         self.src: list[torch.Tensor | None] = [None] * S
         self.head_recv: list[list[tuple[int, int, int]]] = []  # per layer, per head: q, k, v receivers
         group = H // (g.n_kv_heads or H)  # 1 for merged q/k/v receivers (no grouped-query attention)
-        self.src[0], self.out[0] = mf.embed + mf.base_diff(0), mf.embed
+        self.src[0], self.out[0] = mf.input_source, mf.embed
         for layer in range(L):
             last = layer == L - 1
             q_idx, k_idx, v_idx = mf.qkv[layer]
-            names = {kind: inputs[hook_name(layer, f"{kind}_input")] for kind in ("q", "k", "v")}
+            resid = inputs[hook_name(layer, "resid_pre")]
             per_head = []
             for h in range(H):
                 kv = h // group
                 rq, rk, rv = q_idx[h], k_idx[kv], v_idx[kv]
                 per_head.append((rq, rk, rv))
-                self.inp[rq] = names["q"][:, :, h]
-                if g.split_qkv:
-                    self.inp[rk], self.inp[rv] = names["k"][:, :, kv], names["v"][:, :, kv]
+                self.inp[rq] = self.inp[rk] = self.inp[rv] = resid
             self.head_recv.append(per_head)
             mlp_in = inputs[hook_name(layer, "mlp_in")]
             self.inp[mf.mlp_recv[layer]] = mlp_in[rows, end] if last else mlp_in
             first = g.senders_before(layer)
-            result = mf.source(hook_name(layer, "result"))
-            mlp_src = mf.source(hook_name(layer, "mlp_out"))[:, :, 0]
-            for h in range(H):
-                src = result[:, :, h]
-                out = src - mf.base_diff(first + h)
+            result, base_result = (f(hook_name(layer, "result")) for f in (mf.source, mf.base_output))
+            mlp_src, mlp_out = (f(hook_name(layer, "mlp_out"))[:, :, 0] for f in (mf.source, mf.base_output))
+            for h in range(H):  # views of the cached runs (the last layer at the answer positions)
+                src, out = result[:, :, h], base_result[:, :, h]
                 self.src[first + h], self.out[first + h] = (src[rows, end], out[rows, end]) if last else (src, out)
-            out = mlp_src - mf.base_diff(first + H)
-            self.src[first + H], self.out[first + H] = (mlp_src[rows, end], out[rows, end]) if last else (mlp_src, out)
+            self.src[first + H], self.out[first + H] = (mlp_src[rows, end], mlp_out[rows, end]) if last else (mlp_src, mlp_out)
         self.inp[mf.logit_recv] = inputs[hook_name(L - 1, "resid_post")][rows, end]
         self._head_recv_idx = [torch.tensor(per, device=end.device) for per in self.head_recv]  # [H, 3] per layer
         self._last: tuple | None = None
@@ -77,7 +74,7 @@ class IncrementalForward:
     @staticmethod
     def hooks(n_layers: int) -> list[str]:
         """The base-run activations :class:`IncrementalForward` starts from."""
-        kinds = ("q_input", "k_input", "v_input", "mlp_in")
+        kinds = ("resid_pre", "mlp_in")
         return [hook_name(l, k) for l in range(n_layers) for k in kinds] + [hook_name(n_layers - 1, "resid_post")]
 
     def _end(self, x: torch.Tensor, end: bool, full_dims: int) -> torch.Tensor:
@@ -93,14 +90,15 @@ class IncrementalForward:
         rows = torch.tensor(recv, device=run.keep.device)
         if run.recorded:  # changed upstream outputs reaching these receivers along kept edges
             w, d = run.upstream(rows, end)
-            out = torch.baddbmm(out, w, d)
+            out = torch.baddbmm(out, w.to(d.dtype), d)
         edited = [i for i, r in enumerate(recv) if r in run.changed_set]
         if edited:  # receivers whose incoming edges the candidates patch differently from the reference
             cols = rows[edited]
             touched = (run.dpatch[:, :, cols] != 0).any(0).any(-1).nonzero().flatten().tolist()
             ref = torch.stack([self._end(self.src[s], end, 3) - self._end(self.out[s], end, 3) for s in touched])
             w = run.dpatch[:, touched][:, :, cols]  # [n, k, edited]
-            change = (w.transpose(1, 2).reshape(n * len(edited), -1) @ ref.reshape(len(touched), -1)).reshape(n, len(edited), -1)
+            w = w.transpose(1, 2).reshape(n * len(edited), -1).to(ref.dtype)
+            change = (w @ ref.reshape(len(touched), -1)).reshape(n, len(edited), -1)
             out = out.contiguous() if out.stride(0) == 0 else out  # the expanded reference inputs
             out.index_add_(1, torch.tensor(edited, device=out.device), change)
         return out.reshape(n, len(recv), *base.movedim(-2, 0).shape[1:]).movedim(1, -2)
@@ -181,7 +179,7 @@ class _Changes:
         self.first_stage = min((mf.stage(g.receivers[r]) for r in self.changed_set), default=2 * g.n_layers)
         self.first_sender = mf.senders_at[self.first_stage]
         n, S = patched.shape[0], len(g.senders)
-        self.deltas = patched.new_empty(n, max(S - self.first_sender, 0), mf.B, mf.T, mf.d)
+        self.deltas = mf.embed.new_empty(n, max(S - self.first_sender, 0), mf.B, mf.T, mf.d)  # activations' dtype
         self.recorded: list[int] = []  # filled slots, increasing
         self.count = 0  # slots below this are settled: filled, or unchanged senders
         self._zeroed: set[int] = set()

@@ -25,6 +25,29 @@ log = logging.getLogger(__name__)
 _LOAD_LOCK = threading.Lock()
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
+    """The torch dtype for a ``--dtype`` name, checked against the device.
+
+    ``float32`` (the default) everywhere; ``bfloat16`` everywhere (on a CPU its speed depends on
+    native bfloat16 instructions: faster than float32 with AVX512-BF16 or AMX, slower without);
+    ``float16`` on a GPU only (its narrow range needs care, and CPU half-precision kernels are slow
+    or missing).
+    """
+    if isinstance(dtype, torch.dtype):
+        name = next((k for k, v in DTYPES.items() if v == dtype), None)
+        if name is None:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype}")
+        dtype = name
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    if dtype == "float16" and torch.device(device).type == "cpu":
+        raise ValueError("dtype float16 needs a GPU; on a CPU use float32 or bfloat16")
+    return DTYPES[dtype]
+
+
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,7 +155,8 @@ def locate_model(name_or_path: str | os.PathLike) -> str:
     return path
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None):
+def load_model(name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None,
+               dtype: str | torch.dtype = "float32"):
     """Load a model as a ``TransformerBridge`` ready for patching.
 
     Per-head hooks are on (``hook_q_input``/``hook_k_input``/``hook_v_input`` via
@@ -146,6 +170,8 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None, token
         device: ``"cpu"``, ``"cuda"``, ... ; ``None`` picks cuda when available.
         tokenizer: a tokenizer to use instead of the folder's; ``"gpt2"`` is GPT-2's BPE built
             offline (:func:`circuitfind.bpe.gpt2_tokenizer`), for GPT-2-family folders without one.
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16`` (GPU only); see :func:`resolve_dtype`.
+            Activations, sender differences and masks follow it; metrics are computed in float32.
 
     Raises:
         ModelNotFoundError: the name is unknown here and the hub cannot be reached.
@@ -159,6 +185,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None, token
     if snapshot is not None:
         check_safe_weights(snapshot)
     device = device or default_device()
+    torch_dtype = resolve_dtype(dtype, device)
     with _LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -168,7 +195,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None, token
                 from circuitfind.bpe import gpt2_tokenizer
 
                 tokenizer = gpt2_tokenizer()
-            model = TransformerBridge.boot_transformers(path, device=device, tokenizer=tokenizer)
+            model = TransformerBridge.boot_transformers(path, device=device, tokenizer=tokenizer, dtype=torch_dtype)
         except OSError as err:
             raise ModelNotFoundError(f"could not load model {str(name_or_path)!r}: {err}") from err
     model.set_use_split_qkv_input(True)

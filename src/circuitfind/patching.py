@@ -10,7 +10,9 @@ Directions:
 All sweeps go through :func:`run_patched`: a set of candidate patches is given as one mask per
 hook, ``[candidates, batch or 1, *activation dims]``; candidates are stacked along the batch and
 evaluated in as few forward passes as ``max_batch`` allows, with no Python loop over prompts or
-candidates inside a chunk.
+candidates inside a chunk. On GPT-2 and Llama-style models each candidate runs only the part of
+the model its patch can change, from the unpatched run's cached activations
+(:mod:`circuitfind.suffix`); elsewhere, or with ``engine="hooks"``, through full forward passes.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ from tqdm.auto import tqdm
 
 from circuitfind.checks import finite_number, positive_int
 from circuitfind.corruptions import Corruption, CorruptionPlan, Run, get_corruption
+from circuitfind.memory import parse_memory
 from circuitfind.metrics import Metric, MetricContext, get_metric, normalise
 from circuitfind.tasks import TaskBatch
 
 Direction = Literal["denoise", "noise"]
 DIRECTIONS = ("denoise", "noise")
+ENGINES = ("auto", "hooks", "functional")
+EMBEDDING_STAGE = ("hook_embed", "hook_pos_embed")  # hooks below block 0: their effect is in its residual input
 BLOCK_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
 
 
@@ -57,7 +62,12 @@ class PatchingSetup:
     """A model, a batch and a corruption/metric choice, with the clean and corrupted baselines.
 
     Build it with :func:`prepare`. Activations of the clean and corrupted runs are cached lazily,
-    per hook, the first time a sweep needs them.
+    per hook, the first time a sweep needs them. ``engine`` picks how node and path patching run:
+    ``auto`` (suffix passes from cached activations, :mod:`circuitfind.suffix`, where the model
+    and hooks allow; full forward passes of the bridge otherwise), ``hooks`` (always full forward
+    passes) or ``functional`` (suffix passes or an error). ``max_memory`` bounds the working memory
+    of one edge-patching pass (bytes or e.g. ``"4GB"``; ``None``: automatic, see
+    :mod:`circuitfind.memory`).
     """
 
     model: object
@@ -68,6 +78,8 @@ class PatchingSetup:
     corrupt_value: float
     max_batch: int = 256
     progress: bool = False
+    engine: str = "auto"
+    max_memory: int | str | None = None
     clean_logits: torch.Tensor | None = field(default=None, repr=False)  # [batch, vocab] at the answer
     corrupt_logits: torch.Tensor | None = field(default=None, repr=False)
     _cache: dict = field(default_factory=dict, repr=False)
@@ -92,6 +104,11 @@ class PatchingSetup:
     @property
     def n_layers(self) -> int:
         return self.model.cfg.n_layers
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's parameter dtype (activations and sender differences use it)."""
+        return next(self.model.parameters()).dtype
 
     @property
     def n_heads(self) -> int:
@@ -169,10 +186,18 @@ def prepare(
     metric: str | Metric = "logit_diff",
     max_batch: int = 256,
     progress: bool = False,
+    engine: str = "auto",
+    max_memory: int | str | None = None,
 ) -> PatchingSetup:
     """Run the clean and corrupted baselines of ``batch`` under a corruption and a metric.
 
-    ``max_batch`` (>= 1) caps the prompts per forward pass of the sweeps built on this setup."""
+    ``max_batch`` (>= 1) caps the prompts per forward pass of the sweeps built on this setup;
+    ``engine``: how node and path patching run; ``max_memory``: the working-memory budget of an
+    edge-patching pass (see :class:`PatchingSetup`).
+    """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    parse_memory(max_memory)  # a clear error now rather than in the first edge-patching pass
     positive_int("max_batch", max_batch)
     corruption = get_corruption(corruption)
     metric = get_metric(metric)
@@ -184,7 +209,13 @@ def prepare(
     clean_value = metric(clean_logits, ctx).mean().item()
     corrupt_value = metric(corrupt_logits, ctx).mean().item()
     return PatchingSetup(model, plan, metric, ctx, clean_value, corrupt_value, max_batch=max_batch, progress=progress,
-                         clean_logits=clean_logits, corrupt_logits=corrupt_logits)
+                         engine=engine, max_memory=max_memory, clean_logits=clean_logits, corrupt_logits=corrupt_logits)
+
+
+def _slice_ctx(ctx: MetricContext, prompts: slice) -> MetricContext:
+    """The metric context of a slice of the prompts."""
+    lp = ctx.clean_logprobs
+    return MetricContext(ctx.answers[prompts], ctx.counter_answers[prompts], None if lp is None else lp[prompts])
 
 
 def _repeat_ctx(ctx: MetricContext, n: int) -> MetricContext:
@@ -201,6 +232,19 @@ def _patch_hook(act: torch.Tensor, hook, source: torch.Tensor, mask: torch.Tenso
     else:
         out = view + mask.to(view.dtype) * (source - view)
     return out.reshape(act.shape)
+
+
+def _use_suffix(setup: PatchingSetup, direction: Direction, names=(), receivers=()) -> bool:
+    """Whether suffix passes (:mod:`circuitfind.suffix`) serve this sweep under the setup's engine."""
+    from circuitfind import suffix
+
+    usable = suffix.supports(setup, direction, names, receivers)
+    if setup.engine == "functional" and not usable:
+        from circuitfind.functional import UnsupportedModelError
+
+        raise UnsupportedModelError("suffix passes need a GPT-2 or Llama-style model, block/head hooks and "
+                                    "base-run hooks on the embedding stage only")
+    return usable
 
 
 def run_patched(
@@ -226,8 +270,13 @@ def run_patched(
         raise ValueError(f"every mask needs the same number of candidates, got {sorted(n_cand)}")
     n_cand = n_cand.pop()
     sources = sources if sources is not None else setup.sources(direction, masks)
-    base = setup.base_run(direction)
     chunk = max(1, setup.max_batch // setup.size)
+    if _use_suffix(setup, direction, names=list(masks)):
+        from circuitfind.suffix import SuffixForward
+
+        with tqdm(total=n_cand, desc=desc or "patching", disable=not setup.progress, leave=False) as bar:
+            return SuffixForward(setup, direction).run(masks, sources, chunk, progress=bar)
+    base = setup.base_run(direction)
     out = []
     starts = range(0, n_cand, chunk)
     for start in tqdm(starts, desc=desc or "patching", disable=not setup.progress or len(starts) < 2, leave=False):
@@ -433,9 +482,6 @@ def path_patch(
             n = H if r.input == "q" else kv  # k/v inputs are per key/value head (grouped-query attention)
             if r.input not in ("q", "k", "v") or not (0 <= r.layer < L and 0 <= r.head < n):
                 raise ValueError(f"invalid receiver {r}: layer must be < {L}, head < {n} for {r.input} inputs")
-    z_names = [hook_name(l, "z") for l in range(L)]
-    base_z = setup.base_activations(direction, z_names)
-    src_z = setup.sources(direction, z_names)
     if receivers == LOGITS:
         recv_hooks = {hook_name(L - 1, "resid_post"): None}
     else:
@@ -444,8 +490,32 @@ def path_patch(
             name = hook_name(r.layer, f"{r.input}_input")
             recv_hooks.setdefault(name, torch.zeros(H if r.input == "q" else kv, dtype=torch.bool))[r.head] = True
     pos = setup.position_mask(positions)  # [batch, pos]
-    base = setup.base_run(direction)
     chunk = max(1, setup.max_batch // B)
+    if _use_suffix(setup, direction, receivers=list(recv_hooks)):
+        from circuitfind.suffix import SuffixForward
+
+        with tqdm(total=len(senders), desc="path patching", disable=not setup.progress, leave=False) as bar:
+            per_sender = SuffixForward(setup, direction).path_values(senders, recv_hooks, pos, chunk, bar).cpu()
+    else:
+        per_sender = _path_patch_hooks(setup, direction, senders, recv_hooks, pos, chunk)
+    grid = torch.full((L, H, B), float("nan"))
+    for (l, h), row in zip(senders, per_sender):
+        grid[l, h] = row
+    return PatchResult(
+        grid.mean(-1), grid, ("layer", "head"), setup.metric.name, setup.plan.name, direction,
+        setup.clean_value, setup.corrupt_value, "path",
+    )
+
+
+def _path_patch_hooks(setup: PatchingSetup, direction: Direction, senders: Sequence[tuple[int, int]],
+                      recv_hooks: dict[str, torch.Tensor | None], pos: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Path patching with two full forward passes of the bridge per chunk of senders:
+    per-prompt values ``[senders, batch]`` (see :func:`path_patch`)."""
+    L, H, B = setup.n_layers, setup.n_heads, setup.size
+    z_names = [hook_name(l, "z") for l in range(L)]
+    base_z = setup.base_activations(direction, z_names)
+    src_z = setup.sources(direction, z_names)
+    base = setup.base_run(direction)
     values = []
     for start in tqdm(range(0, len(senders), chunk), desc="path patching", disable=not setup.progress, leave=False):
         group = senders[start : start + chunk]
@@ -481,14 +551,7 @@ def path_patch(
             logits = setup.model.run_with_hooks(tokens, fwd_hooks=patch_hooks)
         answer = answer_logits(logits, setup.plan.end_pos.repeat(n))
         values.append(setup.metric(answer, _repeat_ctx(setup.ctx, n)).reshape(n, B))
-    per_sender = torch.cat(values).cpu()
-    grid = torch.full((L, H, B), float("nan"))
-    for (l, h), row in zip(senders, per_sender):
-        grid[l, h] = row
-    return PatchResult(
-        grid.mean(-1), grid, ("layer", "head"), setup.metric.name, setup.plan.name, direction,
-        setup.clean_value, setup.corrupt_value, "path",
-    )
+    return torch.cat(values).cpu()
 
 
 def _patch_hook_full(act: torch.Tensor, hook, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import product
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -44,7 +45,7 @@ from circuitfind.errors import TaskError
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric
 from circuitfind.models import load_model, locate_model, resolve_model_path
-from circuitfind.tasks import TaskBatch, load_task
+from circuitfind.tasks import MAX_PROMPTS, TaskBatch, load_task
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ class SweepConfig(BaseModel):
     corruptions: list[str] = Field(default_factory=lambda: ["str", "gn", "resample", "mean"], min_length=1)
     metrics: list[str] = Field(default_factory=lambda: ["logit_diff", "kl"], min_length=1)
     directions: list[str] = Field(default_factory=lambda: ["noise", "denoise"], min_length=1)
-    prompts: int = Field(32, ge=1, description="prompts per setting")
+    prompts: int = Field(32, ge=1, le=MAX_PROMPTS, description="prompts per setting")
     seed: int = Field(0, description="prompt sampling seed")
     acdc_tau: float = Field(0.02, ge=0, allow_inf_nan=False, description="ACDC threshold")
     top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG")
@@ -89,6 +90,7 @@ class SweepConfig(BaseModel):
     node_k: float = Field(2.0, ge=0, allow_inf_nan=False, description="node patching detection rule in SDs")
     max_batch: int = Field(512, ge=1, description="prompts x copies per forward pass")
     device: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("models", "tasks", "algorithms", "corruptions", "metrics", "directions")
     @classmethod
@@ -155,8 +157,11 @@ class SweepConfig(BaseModel):
                 if (variant or spec.default_str) not in spec.str_variants:
                     raise TaskError(f"corruption {c!r}: task {spec.name!r} has no STR variant {variant or spec.default_str!r} "
                                     f"(its variants: {', '.join(spec.str_variants)})")
-        if self.device is not None and torch.device(self.device).type == "cuda" and not torch.cuda.is_available():
+        device_type = torch.device(self.device).type if self.device is not None else None
+        if device_type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: no CUDA device is available here")
+        if self.dtype == "float16" and device_type != "cuda" and not (device_type is None and torch.cuda.is_available()):
+            raise ValueError("dtype 'float16' runs on a GPU only (on CPU use bfloat16 or float32)")
         return self
 
     def settings(self) -> list[Setting]:
@@ -249,19 +254,20 @@ def cache_key(setting: Setting, config: SweepConfig) -> str:
 _local = threading.local()
 
 
-def _model(name: str, device: str | None):
+def _model(name: str, device: str | None, dtype: str = "float32"):
     """This thread's copy of the model, loaded again when the model's files have changed."""
     cache = _local.__dict__.setdefault("models", {})
     fingerprint = model_fingerprint(name)
-    if (name, device) not in cache or cache[(name, device)][0] != fingerprint:
-        cache[(name, device)] = (fingerprint, load_model(name, device=device))
-    return cache[(name, device)][1]
+    key = (name, device, dtype)
+    if key not in cache or cache[key][0] != fingerprint:
+        cache[key] = (fingerprint, load_model(name, device=device, dtype=dtype))
+    return cache[key][1]
 
 
 def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, "D.Circuit", torch.Tensor | None]:
     """Discover the circuit of one setting; return its record, the circuit and per-prompt scores."""
     start = time.time()
-    model = _model(setting.model, config.device)
+    model = _model(setting.model, config.device, config.dtype)
     task = load_task(setting.task)
     batch = TaskBatch.build(model, task, config.prompts, seed=config.seed)
     setup = P.prepare(model, batch, setting.corruption, setting.metric, max_batch=config.max_batch)

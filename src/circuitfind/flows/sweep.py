@@ -139,6 +139,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             shared.add_argument(_option(name), dest=name, type=kind, default=getattr(defaults, name),
                                 help=f"{SweepConfig.model_fields[name].description} (default: {getattr(defaults, name)})")
     shared.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    shared.add_argument("--dtype", default=defaults.dtype, choices=("float32", "bfloat16", "float16"),
+                        help=f"model weights and activations (default: {defaults.dtype}; float16 needs a GPU)")
     run = parser.add_argument_group("the run")
     run.add_argument("--run", default=None, help="run name (default: a timestamp); reuse one to resume")
     run.add_argument("--outputs", default=None,

@@ -1,0 +1,262 @@
+"""Node and path patching that recompute only what a patch can change.
+
+A candidate that first patches layer ``l`` at one of the points ``resid_pre``, ``z``, ``attn_out``,
+``mlp_out`` or ``resid_post`` (in forward order) leaves everything before that point as it was in
+the unpatched base run. :class:`SuffixForward` starts each candidate there, from the base run's
+cached activations, and runs only the rest of the model, on the components of
+:class:`circuitfind.functional.FunctionalModel` (GPT-2 and Llama-style models); candidates are
+grouped by their starting point and stacked along the batch, and the logits are computed at the
+answer positions only. Over a sweep of every layer that is about half a forward pass per
+candidate.
+
+``TransformerBridge.forward(start_at_layer=k)`` swaps in the residual stream at block ``k`` but
+still runs the blocks below it (their output is discarded), so it saves no work; hence the
+functional components. Architectures they do not implement, hooks they do not know, and base runs
+with hooks after the embedding stage go through full forward passes of the bridge
+(:func:`circuitfind.patching.run_patched`); tests pin both to each other.
+
+Corruption hooks on the embedding stage (Gaussian noise, mean ablation of the embeddings) are
+already in the cached residual stream entering layer 0, so every candidate sees them.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence
+
+import torch
+
+from circuitfind import functional
+from circuitfind.patching import EMBEDDING_STAGE, PatchingSetup, _patch_hook, _repeat_ctx, hook_name
+
+POINTS = ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")  # patch points of a layer, in forward order
+RESID_PRE, Z, ATTN_OUT, MLP_OUT, RESID_POST = range(len(POINTS))
+_POINT_HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|hook_attn_out|hook_mlp_out|hook_resid_post)")
+_RECEIVER_HOOK = re.compile(r"blocks\.(\d+)\.hook_(q|k|v)_input")
+_POINT_OF = {"hook_resid_pre": RESID_PRE, "attn.hook_z": Z, "hook_attn_out": ATTN_OUT, "hook_mlp_out": MLP_OUT,
+             "hook_resid_post": RESID_POST}
+
+Patch = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, point, activation) -> patched activation
+
+
+def patch_point(name: str) -> tuple[int, int] | None:
+    """``(layer, index in POINTS)`` of a hook the suffix passes patch, ``None`` for any other hook."""
+    match = _POINT_HOOK.fullmatch(name)
+    return None if match is None else (int(match.group(1)), _POINT_OF[match.group(2)])
+
+
+def supports(setup: PatchingSetup, direction: str, names: Sequence[str] = (), receivers: Sequence[str] = ()) -> bool:
+    """Whether suffix passes serve these patched hooks (``names``) or path-patching receiver hooks:
+    the setup allows it, the functional engine implements the model, every hook is one it knows,
+    and the base run's own hooks act on the embedding stage only."""
+    if getattr(setup, "engine", "auto") == "hooks" or not functional.supports(setup.model):
+        return False
+    last = hook_name(setup.n_layers - 1, "resid_post")
+    if any(patch_point(n) is None for n in names) or any(r != last and not _RECEIVER_HOOK.fullmatch(r) for r in receivers):
+        return False
+    return all(isinstance(h, str) and h in EMBEDDING_STAGE for h, _ in setup.base_run(direction).hooks)
+
+
+class SuffixForward:
+    """Forward passes of stacked candidates that start from the base run's cached activations.
+
+    Args:
+        setup: model, batch, corruption and metric.
+        direction: ``noise`` (the clean run is the base) or ``denoise`` (the corrupted run is).
+    """
+
+    def __init__(self, setup: PatchingSetup, direction: str):
+        self.setup, self.direction = setup, direction
+        self.fm = functional.FunctionalModel(setup.model)
+        self.n_layers, self.size = setup.n_layers, setup.size
+        self.end_pos = setup.plan.end_pos
+
+    # -- base-run activations -------------------------------------------------------------
+    def base(self, layer: int, point: str) -> torch.Tensor:
+        """The base run's activation at a patch point (cached by the setup)."""
+        name = hook_name(layer, point)
+        return self.setup.base_activations(self.direction, [name])[name]
+
+    def prefetch(self, names: Sequence[str]) -> None:
+        """Cache every base activation a sweep starts from in one forward pass of the bridge."""
+        L = self.n_layers
+        wanted = [hook_name(layer, "resid_pre") for layer in range(L)] + [hook_name(L - 1, "resid_post")]
+        self.setup.base_activations(self.direction, list(dict.fromkeys(wanted + list(names))))
+
+    def base_values(self) -> torch.Tensor:
+        """Per-prompt metric ``[batch]`` of the unpatched base run (from the setup's baselines)."""
+        s = self.setup
+        logits = s.corrupt_logits if self.direction == "denoise" else s.clean_logits
+        return s.metric(logits, s.ctx)
+
+    def _copies(self, t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.repeat(n, *([1] * (t.dim() - 1)))
+
+    def _answer_logits(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """Logits ``[n * batch, vocab]`` of the final residual stream at the answer positions."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        return self.fm.unembed(x[rows, self.end_pos.repeat(n)])
+
+    def score(self, answer: torch.Tensor, n: int) -> torch.Tensor:
+        """Per-prompt metric ``[n, batch]`` of stacked answer-position logits."""
+        s = self.setup
+        return s.metric(answer, _repeat_ctx(s.ctx, n)).reshape(n, self.size)
+
+    # -- node patching ----------------------------------------------------------------------
+    def logits(self, start: tuple[int, int], n: int, patch: Patch) -> torch.Tensor:
+        """Answer-position logits ``[n * batch, vocab]`` of ``n`` candidates whose first patched
+        point is ``start`` (``(layer, point index)``; ``(n_layers, 0)``: nothing patched).
+
+        ``patch(layer, point, act)`` applies the candidates' patches to an activation of the
+        stacked ``[n * batch, ...]`` run. Before ``start`` the base run's values are used as they are.
+        """
+        fm, L = self.fm, self.n_layers
+        layer0, at0 = start
+        if layer0 >= L:
+            return self._answer_logits(self._copies(self.base(L - 1, "resid_post"), n), n)
+        first = layer0
+        if at0 == RESID_POST:  # the block itself is the base run's
+            x = patch(layer0, "resid_post", self._copies(self.base(layer0, "resid_post"), n))
+            first = layer0 + 1
+        else:
+            x = self._copies(self.base(layer0, "resid_pre"), n)
+        for layer in range(first, L):
+            at = at0 if layer == layer0 else RESID_PRE  # points before `at` keep the base run's values
+            z = None
+            if at == RESID_PRE:
+                x = patch(layer, "resid_pre", x)
+                z = fm.z(layer, *fm.qkv(layer, x))
+            elif at == Z:
+                z = self._copies(self.base(layer, "z"), n)
+            if z is not None:
+                attn = fm.attn_out(layer, patch(layer, "z", z))
+            else:
+                attn = self._copies(self.base(layer, "attn_out"), n)
+            x = x + patch(layer, "attn_out", attn)
+            mlp = self._copies(self.base(layer, "mlp_out"), n) if at == MLP_OUT else fm.mlp(layer, x)
+            x = patch(layer, "resid_post", x + patch(layer, "mlp_out", mlp))
+        return self._answer_logits(x, n)
+
+    def run(self, masks: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], chunk: int,
+            progress=None) -> torch.Tensor:
+        """Per-prompt metric ``[candidates, batch]`` of candidate patches (the arguments of
+        :func:`circuitfind.patching.run_patched`), ``chunk`` candidates per stacked pass."""
+        C = next(iter(masks.values())).shape[0]
+        none = self.n_layers * len(POINTS)
+        starts = torch.full((C,), none, dtype=torch.long)
+        for name, mask in masks.items():
+            layer, at = patch_point(name)
+            touched = (mask.reshape(C, -1) != 0).any(1).cpu()
+            starts = torch.where(touched, starts.clamp(max=layer * len(POINTS) + at), starts)
+        begins = starts.unique().tolist()
+        self.prefetch([hook_name(s // len(POINTS), POINTS[s % len(POINTS)]) for s in begins if s < none])
+        parts = []
+        for s in begins:
+            idx = (starts == s).nonzero().flatten()
+            for part in idx.split(chunk):
+                on_device = part.to(next(iter(masks.values())).device)
+                sub = {name: mask[on_device] for name, mask in masks.items()}
+                sub = {name: m for name, m in sub.items() if m.dtype != torch.bool or m.any()}
+
+                def patch(layer: int, point: str, act: torch.Tensor, sub=sub) -> torch.Tensor:
+                    name = hook_name(layer, point)
+                    return act if name not in sub else _patch_hook(act, None, sources[name], sub[name])
+
+                with torch.no_grad():
+                    answer = self.logits(divmod(s, len(POINTS)), len(part), patch)
+                parts.append((part, self.score(answer, len(part))))
+                if progress is not None:
+                    progress.update(len(part))
+        out = parts[0][1].new_empty(C, self.size)
+        for part, values in parts:
+            out[part.to(out.device)] = values
+        return out
+
+    # -- path patching ----------------------------------------------------------------------
+    def path_values(self, senders: Sequence[tuple[int, int]], receivers: dict[str, torch.Tensor | None],
+                    pos: torch.Tensor, chunk: int, progress=None) -> torch.Tensor:
+        """Path patching (see :func:`circuitfind.patching.path_patch`): per-prompt metric
+        ``[senders, batch]`` with the paths from each sender head to the receivers patched.
+
+        ``receivers`` maps ``blocks.{l}.hook_{q,k,v}_input`` to a bool mask over (key/value) heads,
+        or the last ``hook_resid_post`` (the logits) to ``None``; ``pos`` is ``[batch, pos]``.
+        Step 1 (every head frozen to the base run but the sender, MLPs recomputed) runs from the
+        sender's layer to the last receiver; step 2 from the first receiver after the sender.
+        """
+        L = self.n_layers
+        wanted = [hook_name(layer, p) for layer in range(L) for p in ("z", "attn_out")]
+        self.prefetch(wanted)
+        source_z = self.setup.sources(self.direction, [hook_name(layer, "z") for layer in range(L)])
+        by_layer: dict[int, dict[str, torch.Tensor]] = {}
+        to_logits = False
+        for name, heads in receivers.items():
+            match = _RECEIVER_HOOK.fullmatch(name)
+            if match is None:
+                to_logits = True
+            else:
+                by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = heads
+        top = L if to_logits else max(by_layer)
+        base_values = self.base_values()
+        out = base_values.new_empty(len(senders), self.size)
+        groups: dict[int, list[int]] = {}
+        for i, (layer, _) in enumerate(senders):
+            groups.setdefault(layer, []).append(i)
+        for layer, members in groups.items():
+            if layer >= top:  # no path from a sender to receivers at or below its layer
+                out[members] = base_values
+                if progress is not None:
+                    progress.update(len(members))
+                continue
+            for part in torch.tensor(members).split(chunk):
+                heads = [senders[i][1] for i in part.tolist()]
+                with torch.no_grad():
+                    recorded = self._path_step1(layer, heads, top, source_z, by_layer, to_logits)
+                    answer = self._path_step2(layer, len(heads), recorded, by_layer, to_logits, pos)
+                out[part.to(out.device)] = self.score(answer, len(heads))
+                if progress is not None:
+                    progress.update(len(part))
+        return out
+
+    def _path_step1(self, layer: int, heads: list[int], top: int, source_z: dict, by_layer: dict,
+                    to_logits: bool) -> dict[int, torch.Tensor]:
+        """Residual streams ``[n * batch, pos, d]`` entering each receiver layer (key ``L``: the final
+        one) with every head frozen to the base run except the senders (one per candidate)."""
+        fm, n, B = self.fm, len(heads), self.size
+        name = hook_name(layer, "z")
+        change = (source_z[name] - self.base(layer, "z"))[:, :, heads]  # [B, T, n, e]
+        W_O = fm.layers[layer].W_O[heads]  # [n, e, d]
+        sender_out = torch.einsum("btne,ned->nbtd", change, W_O)
+        x = self._copies(self.base(layer, "resid_pre"), n)
+        recorded = {}
+        for lay in range(layer, top):
+            attn = self.base(lay, "attn_out")
+            resid = x.view(n, B, *x.shape[1:]) + (attn + sender_out if lay == layer else attn)
+            x = resid.view_as(x)
+            x = x + fm.mlp(lay, x)
+            if lay + 1 in by_layer or (lay + 1 == self.n_layers and to_logits):
+                recorded[lay + 1] = x
+        return recorded
+
+    def _path_step2(self, layer: int, n: int, recorded: dict[int, torch.Tensor], by_layer: dict, to_logits: bool,
+                    pos: torch.Tensor) -> torch.Tensor:
+        """Answer-position logits of the base run with the receivers' inputs (at ``pos``) replaced
+        by the recorded ones, for the receivers after the senders' ``layer``."""
+        fm, L = self.fm, self.n_layers
+        later = sorted(lay for lay in by_layer if lay > layer)
+        first = later[0] if later else L
+        at = pos.bool().repeat(n, 1)[:, :, None, None]  # [n * B, T, 1, 1]
+        x = self._copies(self.base(first, "resid_pre") if first < L else self.base(L - 1, "resid_post"), n)
+        for lay in range(first, L):
+            q, k, v = fm.qkv(lay, x)
+            if lay in by_layer:
+                qkv = {"q": q, "k": k, "v": v}
+                rec = dict(zip("qkv", fm.qkv(lay, recorded[lay])))
+                for kind, heads in by_layer[lay].items():
+                    where = at & heads.to(x.device)[None, None, :, None]
+                    qkv[kind] = torch.where(where, rec[kind], qkv[kind])
+                q, k, v = qkv["q"], qkv["k"], qkv["v"]
+            x = x + fm.attn_out(lay, fm.z(lay, q, k, v))
+            x = x + fm.mlp(lay, x)
+        if to_logits:
+            x = torch.where(at[..., 0], recorded[L], x)
+        return self._answer_logits(x, n)

@@ -1,0 +1,43 @@
+"""Each benchmark script runs end to end with ``--quick`` (toy sizes) and prints its table
+(bench_scale's builds and runs a dozen processes: about a minute, with -m slow)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+GPU_LINE = "GPU: " + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not measured, no device lent")
+
+
+def _run(script: str, tmp_path, *args: str) -> str:
+    env = {**os.environ, "CIRCUITFIND_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args], capture_output=True, text=True,
+                          env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert GPU_LINE in proc.stdout
+    return proc.stdout
+
+
+def test_bench_patching_quick(tmp_path):
+    out = _run("bench_patching.py", tmp_path)
+    for row in ("plain forward pass", "heads, all pos (circuitfind)", "heads, all pos (transformer_lens)",
+                "path patching -> logits (circuitfind)", "transformer_lens.patching's time (goal <= 0.55x)"):
+        assert row in out, row
+
+
+def test_bench_edges_quick(tmp_path):
+    out = _run("bench_edges.py", tmp_path)
+    assert "ACDC functional, batches + incremental" in out and "EAP-IG, 5 steps" in out
+
+
+@pytest.mark.slow
+def test_bench_scale_quick(tmp_path):
+    out = _run("bench_scale.py", tmp_path, "--max-memory", "1MB")
+    for row in ("edges ", "plain forward pass", "masked forward, every mask active (functional)", "EAP over all edges",
+                "ACDC, ", "(goal <= 1.5x)", "growth (base:", "layers x2", "heads x2", "prompts x2"):
+        assert row in out, row
+    assert (tmp_path / "bench" / "llama-L2-H4-KV2-d64-m128-v1000" / "config.json").is_file()  # built in the cache
