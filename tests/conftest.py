@@ -5,12 +5,19 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One intra-op thread per test process (and its subprocesses): the suite's tensors are small, and on a
+# shared 2-core machine extra threads wait on each other (SmolLM2's accuracy test: 14 s with one thread,
+# 39 s with two while another process keeps a core busy). CIRCUITFIND_TEST_THREADS overrides it.
+TEST_THREADS = int(os.environ.get("CIRCUITFIND_TEST_THREADS", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from circuitfind.models import load_model  # noqa: E402
 from circuitfind.tasks import TaskBatch  # noqa: E402
+
+torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")
