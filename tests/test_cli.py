@@ -76,3 +76,24 @@ def test_discover_compare_export_commands(tmp_path, capsys):
     assert Circuit.load(dot).edges == Circuit.load(eap).edges
     assert main(["discover", "--algorithm", "acdc", "--direction", "denoise", "-n", "8"]) == 2
     assert "use direction='noise'" in capsys.readouterr().err
+
+
+def test_ctrl_c_ends_with_one_line_and_no_output_file(tmp_path):
+    """SIGINT during a discovery: exit 130, 'interrupted' on one line, no traceback, no circuit file."""
+    import os
+    import signal
+
+    out = tmp_path / "c.graphml"
+    proc = subprocess.Popen([sys.executable, "-m", "circuitfind", "discover", "-n", "300", "--algorithm", "acdc",
+                             "--tau", "0", "--out", str(out)], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        seen = proc.stderr.read(1)  # the first progress output: the command is inside its work
+        assert seen, "the command ended before printing progress"
+        proc.send_signal(signal.SIGINT)
+        err = seen + proc.stderr.read()
+        assert proc.wait(timeout=60) == 130
+    finally:
+        proc.kill()
+    assert "Traceback" not in err and err.rstrip().endswith("circuitfind: interrupted")
+    assert not out.exists()

@@ -280,6 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(err).split()) or type(err).__name__  # one line, whatever the message
         print(f"circuitfind: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: outputs are written atomically, so nothing is half-written
+        print("circuitfind: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
