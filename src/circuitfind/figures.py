@@ -119,7 +119,8 @@ def interval_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence
         if not math.isnan(v):
             body.append(f'<rect x="{left}" y="{y + 4}" width="{px(v) - left:.1f}" height="{row - 8}" fill="{PALETTE[0]}">'
                         f'<title>{escape(label)}: {v:.3f}</title></rect>')
-            body.append(f'<text x="{px(v) + 4:.1f}" y="{y + 15}" font-size="9">{v:.2f}</text>')
+            end = max(v, hi) if not math.isnan(hi) else v  # the value right of its whisker
+            body.append(f'<text x="{px(end) + 4:.1f}" y="{y + 15}" font-size="9">{v:.2f}</text>')
         if not (math.isnan(lo) or math.isnan(hi)):
             body.append(f'<line x1="{px(lo):.1f}" y1="{y + row / 2}" x2="{px(hi):.1f}" y2="{y + row / 2}" stroke="#222" stroke-width="1.5"/>')
     axis_y = top + len(labels) * row + 4

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px;text-align:right}
 th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}h2{border-bottom:2px solid #333;margin-top:32px}
-.grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.card{border:1px solid #ddd;padding:4px}
+.grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.card{border:1px solid #ddd;padding:4px;display:inline-block;vertical-align:top}
 .caption{font-size:12px;color:#555;margin:2px 0 10px}nav.contents{background:#f7f7f7;border:1px solid #ddd;padding:6px 16px;display:inline-block}
 nav.contents ul{margin:4px 0;padding-left:18px}.flag{color:#b30000;font-weight:bold}.note{color:#8a5a00}
 details{margin:8px 0}summary{cursor:pointer;font-weight:bold}"""
