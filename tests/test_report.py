@@ -200,6 +200,29 @@ def test_render_page_has_contents_and_escapes():
                 R.section("Sub", R.figure("<svg></svg>", "cap"), level=3), R.section("First <one>")]
     html = R.html_page("T", sections)
     assert "<li><a href='#first-one'>First &lt;one&gt;</a></li><ul><li><a href='#sub'>Sub</a></li></ul><li><a href='#first-one-2'>" in html
-    assert "<td>&lt;b&gt;</td><td>1.235</td>" in html and "<td>n/a</td><td>nan</td>" in html and "a &amp; b" in html
+    assert "<td>&lt;b&gt;</td><td class='n'>1.235</td>" in html and "<td>n/a</td><td class='n'>nan</td>" in html and "a &amp; b" in html
+    marked = R.table(["flag"], [[R.Markup("<span class='flag'>x</span>", "x")]])
+    assert "<td><span class='flag'>x</span></td>" in marked.html and marked.markdown.endswith("| x |")
     md = R.markdown_page("T", sections)
     assert "| <b> | 1.235 |\n| n/a | nan |" in md and "### Sub" in md and "**Contents:** First <one> · First <one>" in md
+
+
+def test_the_study_report_renders_with_the_shared_module_and_states_its_pitfalls(tmp_path):
+    from circuitfind.study import study_report
+
+    normalised = [[0.1, 0.9], [0.0, -0.2]]
+    setting = {"corruption": "gn", "metric": "prob", "heads": ["a0.1"], "normalised": normalised,
+               "ci_low": [[0.0, 0.8], [-0.1, -0.3]], "ci_high": [[0.2, 1.0], [0.1, -0.1]], "clean": 0.5, "corrupt": 0.1}
+    heads = [{"model": "toy", "prompts": 4, "direction": "denoise", "k": 2.0, "settings": {"gn/prob": setting},
+              "jaccard": [[1.0]], "names": ["gn/prob"], "stability": {"a0.1": 1.0}, "s2_vs_s1io": {}}]
+    mlps = [{"model": "toy", "prompts": 4, "corruption": "gn", "metric": "prob", "position": "subject_last",
+             "curves": {"window 1": [0.1, 0.5], "window 3": [0.3, 0.8], "sum of 3 single layers": [0.2, 0.6]},
+             "peaks": {"window 1": 1}, "agreement": {3: {"spearman": 1.0, "peak_window": 1, "peak_sum": 1, "max_window": 0.8, "max_sum": 0.6}}}]
+    paths = study_report(heads, mlps, tmp_path)
+    html, md = (tmp_path / "study.html").read_text(), (tmp_path / "study.md").read_text()
+    assert paths["html"].endswith("study.html") and "<nav class='contents'>" in html and html.count("<svg") == 2
+    assert "| gn/prob | a0.1 | a0.1: 0.900 [0.800, 1.000] |" in md
+    assert "| 3 | 1 | 1 | 0.800 | 0.600 | 1.000 |" in md
+    for code in ("probability_metric", "gaussian_noise", "denoising", "sliding_mlp_window"):
+        assert health.PITFALLS[code][0] in md
+    assert md.count(health.PITFALLS["sliding_mlp_window"][0]) == 1  # only where windows appear

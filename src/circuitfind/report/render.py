@@ -13,7 +13,7 @@ and a Markdown form. Build blocks with :func:`table`, :func:`text`, :func:`figur
     markdown = R.markdown_page("My report", sections)
 
 Cells are formatted by :func:`fmt` (floats with three decimals, ``None`` as ``n/a``) and escaped
-in HTML. Figures are SVG strings (see :mod:`circuitfind.figures`); Markdown shows their caption.
+in HTML; a :class:`Markup` cell carries its own HTML. Figures are SVG strings (see :mod:`circuitfind.figures`); Markdown shows their caption.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from html import escape
 from typing import Iterable, Sequence
 
 CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
-table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}h2{border-bottom:2px solid #333;margin-top:32px}
+table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px;text-align:left}
+th{background:#f3f3f3}td.n{text-align:right}h2{border-bottom:2px solid #333;margin-top:32px}
 .grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.card{border:1px solid #ddd;padding:4px;display:inline-block;vertical-align:top}
 .caption{font-size:12px;color:#555;margin:2px 0 10px}nav.contents{background:#f7f7f7;border:1px solid #ddd;padding:6px 16px;display:inline-block}
 nav.contents ul{margin:4px 0;padding-left:18px}.flag{color:#b30000;font-weight:bold}.note{color:#8a5a00}
@@ -69,17 +69,28 @@ def section(title: str, *blocks: Block, level: int = 2) -> Section:
     return Section(title, list(blocks), level)
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence[object]], html_cells: bool = False) -> Block:
-    """A table; ``html_cells=True`` takes string cells as ready HTML (already escaped) in the HTML form."""
+@dataclass(frozen=True)
+class Markup:
+    """A table cell given as ready HTML (already escaped), with its plain-text form for Markdown."""
+
+    html: str
+    text: str
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Block:
+    """A table; numbers are right-aligned, text left-aligned; a :class:`Markup` cell keeps its HTML."""
     rows = [list(r) for r in rows]
 
-    def cell(v):
-        return v if html_cells and isinstance(v, str) else escape(fmt(v))
+    def cell(v) -> str:
+        if isinstance(v, Markup):
+            return f"<td>{v.html}</td>"
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        return f"<td class='n'>{escape(fmt(v))}</td>" if numeric else f"<td>{escape(fmt(v))}</td>"
 
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
+    body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    md += ["| " + " | ".join(_strip_tags(fmt(c)) if html_cells else fmt(c) for c in row) + " |" for row in rows]
+    md += ["| " + " | ".join(c.text if isinstance(c, Markup) else fmt(c) for c in row) + " |" for row in rows]
     return Block(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>", "\n".join(md))
 
 
@@ -110,10 +121,6 @@ def figures(svgs: Sequence[str], caption: str = "", collapsed: str | None = None
     html = f"<details><summary>{escape(collapsed)}</summary>{cap}{grid}</details>" if collapsed else cap + grid
     what = collapsed or caption
     return Block(html, f"*{len(svgs)} figures: {what}* (in the HTML report)" if what else "")
-
-
-def _strip_tags(s: str) -> str:
-    return re.sub(r"<[^>]+>", "", s)
 
 
 def _unique_anchors(sections: Sequence[Section]) -> list[str]:

@@ -107,8 +107,9 @@ def _health_sections(groups: list[dict]) -> list[R.Section]:
         if len(groups) > 1:
             blocks.append(R.text("", bold=f"{g['model']} on {g['task']}: {len(g['names'])} settings"))
         rows = _settings_rows(g)
-        html_rows = [[escape(R.fmt(c)) if i != 9 or c == "ok" else f"<span class='flag'>{escape(c)}</span>" for i, c in enumerate(row)] for row in rows]
-        blocks.append(R.table(SETTINGS_HEADER, html_rows, html_cells=True))
+        for row in rows:  # flags in red
+            row[9] = row[9] if row[9] == "ok" else R.Markup(f"<span class='flag'>{escape(row[9])}</span>", row[9])
+        blocks.append(R.table(SETTINGS_HEADER, rows))
     flagged = [(r, f) for g in groups for r in g["records"] for f in g["health"][r["setting"]]["flags"]]
     if flagged:
         blocks.append(R.text(f"{len({r['setting'] for r, _ in flagged})} settings are flagged. Their results cannot be read as "
