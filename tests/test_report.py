@@ -226,3 +226,24 @@ def test_the_study_report_renders_with_the_shared_module_and_states_its_pitfalls
     for code in ("probability_metric", "gaussian_noise", "denoising", "sliding_mlp_window"):
         assert health.PITFALLS[code][0] in md
     assert md.count(health.PITFALLS["sliding_mlp_window"][0]) == 1  # only where windows appear
+
+
+def test_the_model_axis_is_ranked_when_the_grid_has_several_models():
+    healthy = [r for r in _records() if not health.check_record(r)]
+    other = []
+    for r in healthy:  # a second model of the same shape whose circuits never hold X
+        edges = [e for e in r["edges"] if tuple(e) != X]
+        other.append({**r, "model": "other", "setting": r["setting"].replace("toy__", "other__"), "edges": edges,
+                      "n_edges": len(edges)})
+    effects = {e["axis"]: e for e in axis_effects(healthy + other)}
+    assert set(effects) == {"model", "algorithm", "corruption"}
+    # eap/str 2/3, eap/gn 3/4, the ACDC circuits are the same
+    assert effects["model"]["edge_jaccard"]["mean"] == pytest.approx((2 / 3 + 3 / 4 + 1 + 1) / 4)
+    assert len(effects["model"]["pairs"]) == 4 and effects["model"]["skipped_pairs"] == 0
+    groups = compare_records(healthy + other)
+    assert [g["model"] for g in groups] == ["other", "toy"]
+    assert [(d["axis"], d["value"]) for d in groups[0]["robust"]["edges"]["dependent"]] == [("corruption", "gn")]
+    # another graph shape: the pairs across models are not compared, only counted
+    bigger = [{**r, "n_layers": 3, "scores": None} for r in other]
+    effects = {e["axis"]: e for e in axis_effects(healthy + bigger)}
+    assert effects["model"]["pairs"] == [] and effects["model"]["skipped_pairs"] == 4
