@@ -23,11 +23,13 @@ from circuitfind.errors import GraphMismatchError
 from circuitfind.graph import ModelGraph, check_shape
 
 
-def _edges(record: dict) -> set[tuple[str, str]]:
+def record_edges(record: dict) -> set[tuple[str, str]]:
+    """A record's circuit edges as (sender, receiver) tuples."""
     return {tuple(e) for e in record["edges"]}
 
 
-def _components(record: dict) -> set[str]:
+def record_components(record: dict) -> set[str]:
+    """A record's circuit components (heads, MLPs), without ``input`` and ``logits``."""
     return set(record["nodes"]) - {"input", "logits"}
 
 
@@ -70,8 +72,8 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
             _check_same_shape(recs[:1] + [reference], f"the records of {model} on {task} and the reference")
         names = [r["setting"] for r in recs]
         labels = [_short(r, ()) for r in recs]
-        edges = {r["setting"]: _edges(r) for r in recs}
-        nodes = {r["setting"]: _components(r) for r in recs}
+        edges = {r["setting"]: record_edges(r) for r in recs}
+        nodes = {r["setting"]: record_components(r) for r in recs}
         scored = {r["setting"]: _tensor(r["scores"]) for r in recs if r.get("scores") is not None and r["algorithm"] != "node"}
         ranks = compare.pairwise(scored, compare.rank_correlation)  # Spearman and Kendall together, once per pair
         checks = health.check_records(recs)
@@ -97,7 +99,7 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
             "appear_vanish": {n: {"appear": sorted(nodes[n] - consensus_nodes), "vanish": sorted(consensus_nodes - nodes[n])} for n in names},
         }
         if reference is not None and (reference["model"], reference["task"]) == (model, task):
-            ref_edges, ref_nodes = _edges(reference), _components(reference)
+            ref_edges, ref_nodes = record_edges(reference), record_components(reference)
             truth = None
             rows = {}
             for r in recs:
@@ -156,12 +158,12 @@ def _bootstrap(record: dict, n_boot: int) -> dict:
 
 def _tensor(values) -> torch.Tensor:
     """A tensor from JSON numbers, where ``null`` (a non-finite value) becomes NaN."""
-    return torch.tensor(_nan_for_null(values), dtype=torch.float32)
+    return torch.tensor(nan_for_null(values), dtype=torch.float32)
 
 
-def _nan_for_null(values):
+def nan_for_null(values):
     if isinstance(values, list):
-        return [_nan_for_null(v) for v in values]
+        return [nan_for_null(v) for v in values]
     return float("nan") if values is None else values
 
 
@@ -193,9 +195,9 @@ def _scored(record: dict) -> bool:
 def pair_statistics(a: dict, b: dict, lookups: dict | None = None) -> dict:
     """Edge Jaccard, component Jaccard and the Spearman correlation of ``|score|`` over the edges in
     either circuit (NaN where a setting has no scores, fewer than three such edges, or constant scores)."""
-    ea, eb = _edges(a), _edges(b)
+    ea, eb = record_edges(a), record_edges(b)
     out = {"a": a["setting"], "b": b["setting"], "edge_jaccard": compare.jaccard(ea, eb),
-           "node_jaccard": compare.jaccard(_components(a), _components(b)), "spearman": float("nan")}
+           "node_jaccard": compare.jaccard(record_components(a), record_components(b)), "spearman": float("nan")}
     if _scored(a) and _scored(b) and _record_shape(a) == _record_shape(b):
         lookup = _edge_lookup(a, {} if lookups is None else lookups)
         index = sorted(lookup[e] for e in ea | eb if e in lookup)
@@ -257,7 +259,7 @@ def robust_and_dependent(records: list[dict]) -> dict:
     axis value those found exactly when the axis takes that value: in every setting with the value
     and in none without it. Empty lists with fewer than two records."""
     out: dict = {"n_settings": len(records)}
-    for kind, items_of in (("edges", _edges), ("components", _components)):
+    for kind, items_of in (("edges", record_edges), ("components", record_components)):
         sets = {r["setting"]: items_of(r) for r in records}
         entry = {"robust": [], "dependent": []}
         if len(records) >= 2:

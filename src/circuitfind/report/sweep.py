@@ -18,7 +18,7 @@ from html import escape
 from pathlib import Path
 
 from circuitfind import figures, health
-from circuitfind.comparison import _components, _edges, _nan_for_null, axis_effects, compare_records
+from circuitfind.comparison import axis_effects, compare_records, nan_for_null, record_components, record_edges
 from circuitfind.io import write_text
 from circuitfind.report import render as R
 from circuitfind.threads import torch_threads
@@ -59,7 +59,7 @@ def _axes_sections(effects: list[dict], groups: list[dict]) -> list[R.Section]:
                    "Flagged settings (see the health checks) are left out.")
     blocks = [intro]
     if effects:
-        rows = [[e["axis"], ", ".join(e["values"]), str(len(e["pairs"])) + (f" ({e['skipped_pairs']} across graph shapes skipped)" if e["skipped_pairs"] else ""),
+        rows = [[e["axis"], ", ".join(e["values"]), f"{len(e['pairs'])} ({e['skipped_pairs']} across graph shapes skipped)" if e["skipped_pairs"] else len(e["pairs"]),
                  e["movement"], _interval(e["edge_jaccard"]), _interval(e["node_jaccard"]), _interval(e["spearman"])] for e in effects]
         blocks.append(R.table(AXES_HEADER, rows))
         svg = figures.interval_bars([e["axis"] for e in effects], [e["movement"] for e in effects],
@@ -95,7 +95,7 @@ def _settings_rows(group: dict) -> list[list]:
         checks = group["health"][r["setting"]]
         faith = r["faithfulness"] if r["faithfulness"] is not None else r.get("faithfulness_status", "n/a")
         flags = ", ".join(checks["flags"]) or "ok"
-        rows.append([_label(r), r["n_edges"], len(_components(r)), faith, curve.get("cpr", float("nan")),
+        rows.append([_label(r), r["n_edges"], len(record_components(r)), faith, curve.get("cpr", float("nan")),
                      curve.get("cmd", float("nan")), r["clean"], r["corrupt"], r.get("seconds", float("nan")), flags,
                      ", ".join(checks["notes"]) or "-"])
     return rows
@@ -144,7 +144,7 @@ def _curve_panels(group: dict) -> list[str]:
             panel_members[tuple(r[k] for k in split)].append(r)
         for key, rs in sorted(panel_members.items()):
             rest = [k for k in ("corruption", "metric", "direction") if k not in split]
-            series = {"/".join(str(r[k]) for k in rest) or _label(r): (r["curve"]["fractions"], _nan_for_null(r["curve"]["faithfulness"]))
+            series = {"/".join(str(r[k]) for k in rest) or _label(r): (r["curve"]["fractions"], nan_for_null(r["curve"]["faithfulness"]))
                       for r in sorted(rs, key=_label)}
             panels.append(figures.line_chart(series, "fraction of edges kept", "faithfulness", " / ".join(map(str, key)), 420, 240))
     return panels
@@ -183,7 +183,7 @@ def _group_sections(g: dict, several: bool) -> list[R.Section]:
     legend = R.text(f"Dark: edge in >= {consensus} of the healthy settings; orange: found only in some. Solid q, dashed k, dotted v input.")
     consensus_drawing = figures.circuit_drawing(first["n_layers"], first["n_heads"], sorted(shared), shared,
                                                 f"consensus circuit ({len(shared)} edges)", n_kv_heads=kv)
-    drawings = [figures.circuit_drawing(r["n_layers"], r["n_heads"], _edges(r), shared,
+    drawings = [figures.circuit_drawing(r["n_layers"], r["n_heads"], record_edges(r), shared,
                                         f"{lab} ({r['n_edges']} edges{', flagged' if g['health'][r['setting']]['flags'] else ''})",
                                         n_kv_heads=r.get("n_kv_heads"))
                 for lab, r in zip(g["labels"], g["records"])]
