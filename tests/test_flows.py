@@ -78,6 +78,9 @@ def test_every_json_file_of_a_sweep_is_strict(prefect_harness, tmp_path):
         json.loads(f.read_text(), parse_constant=reject)
     node = next(s for s in manifest["settings"] if "__node__" in s["setting"])
     assert node["n_edges"] == 0 and node["faithfulness"] is None and node["faithfulness_status"] == "empty circuit"
+    eap = next(s["setting"] for s in manifest["settings"] if "__eap__" in s["setting"])
+    assert manifest["health"] == {node["setting"]: {"flags": ["empty_circuit"], "notes": ["noising"]},
+                                  eap: {"flags": [], "notes": ["noising"]}}
     assert "empty circuit" in (tmp_path / "j" / "report.md").read_text()
 
 

@@ -1,8 +1,9 @@
-"""Small dependency-free SVG figures for the diff report: heatmaps, circuit drawings, line charts."""
+"""Small dependency-free SVG figures for the reports: heatmaps, circuit drawings, line charts, interval bars."""
 
 from __future__ import annotations
 
 import math
+import re
 from html import escape
 from typing import Iterable, Mapping, Sequence
 
@@ -43,10 +44,27 @@ def heatmap(values: Sequence[Sequence[float]], labels: Sequence[str], title: str
     return _svg(left + n * cell + 10, top + n * cell + 10, body)
 
 
+def _targets(receiver: str, n_heads: int, n_kv_heads: int) -> list[str]:
+    """The drawn components a receiver feeds: its head (``a1.2<q>`` -> ``a1.2``), every head of a
+    grouped-query k/v group (``a1.g0<k>`` -> ``a1.0``, ``a1.1`` with 4 heads in 2 groups), or itself."""
+    base = receiver.split("<")[0]
+    match = _GROUP.fullmatch(base)
+    if not match:
+        return [base]
+    layer, group = int(match[1]), int(match[2])
+    size = n_heads // n_kv_heads
+    return [f"a{layer}.{h}" for h in range(group * size, (group + 1) * size)]
+
+
+_GROUP = re.compile(r"a(\d+)\.g(\d+)")
+
+
 def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]], shared: set[tuple[str, str]],
-                    title: str = "", node_gap: int = 22, layer_gap: int = 90) -> str:
+                    title: str = "", node_gap: int = 22, layer_gap: int = 90, n_kv_heads: int | None = None) -> str:
     """Heads and MLPs by layer (columns), circuit edges coloured: shared with the consensus (dark) or
-    found only under this setting (orange). q/k/v receivers are drawn into their head."""
+    found only under this setting (orange). q/k/v receivers are drawn into their head; a grouped-query
+    k/v receiver (``a1.g0<k>``, with ``n_kv_heads`` groups) into every head of its group. Each line
+    carries its edge as a tooltip."""
     pos: dict[str, tuple[float, float]] = {}
     top = 46
     pos["input"] = (30, top + node_gap * (n_heads + 1) / 2)
@@ -60,26 +78,57 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
     used: set[str] = set()
     lines = []
     for s, r in edges:
-        target = r.split("<")[0]
-        if s not in pos or target not in pos:
+        if s not in pos:
             continue
-        used.update((s, target))
-        (x1, y1), (x2, y2) = pos[s], pos[target]
         colour, width = ("#333", 1.6) if (s, r) in shared else ("#ff7f0e", 1.6)
         kind = r[-2] if r.endswith(">") else ""
         dash = {"k": ' stroke-dasharray="4,2"', "v": ' stroke-dasharray="1,2"'}.get(kind, "")
-        lines.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{width}" opacity="0.8"{dash}/>')
+        for target in _targets(r, n_heads, n_kv_heads or n_heads):
+            if target not in pos:
+                continue
+            used.update((s, target))
+            (x1, y1), (x2, y2) = pos[s], pos[target]
+            lines.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{width}" opacity="0.8"{dash}>'
+                         f'<title>{escape(s)} -&gt; {escape(r)}</title></line>')
     body += lines
     for name, (x, y) in pos.items():
         fill = "#9ecae1" if name in used else "#f0f0f0"
-        shape = (f'<rect x="{x - 7}" y="{y - 7}" width="14" height="14" fill="{fill}" stroke="#555"/>' if name.startswith("m")
-                 else f'<circle cx="{x}" cy="{y}" r="7" fill="{fill}" stroke="#555"/>')
-        body.append(shape + f'<title>{escape(name)}</title>')
+        shape = (f'<rect x="{x - 7}" y="{y - 7}" width="14" height="14" fill="{fill}" stroke="#555">' if name.startswith("m")
+                 else f'<circle cx="{x}" cy="{y}" r="7" fill="{fill}" stroke="#555">')
+        body.append(shape + f'<title>{escape(name)}</title>' + ("</rect>" if name.startswith("m") else "</circle>"))
         if name in used or name in ("input", "logits"):
             body.append(f'<text x="{x}" y="{y - 10}" text-anchor="middle" font-size="9">{escape(name)}</text>')
     width = 60 + layer_gap * (n_layers + 1)
     height = top + node_gap * (n_heads + 2)
     return _svg(width, height, body)
+
+
+def interval_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence[float], highs: Sequence[float],
+                  title: str = "", xlabel: str = "", width: int = 460) -> str:
+    """Horizontal bars in [0, 1] with interval whiskers (NaN bounds: no whisker), one row per label."""
+    left, top, row = max(60, 8 * max((len(s) for s in labels), default=4) + 10), 30, 24
+    plot = width - left - 50
+
+    def px(v: float) -> float:
+        return left + min(max(v, 0.0), 1.0) * plot
+
+    body = [f'<text x="10" y="16" font-weight="bold">{escape(title)}</text>']
+    for i, (label, v, lo, hi) in enumerate(zip(labels, values, lows, highs)):
+        y = top + i * row
+        body.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{escape(label)}</text>')
+        if not math.isnan(v):
+            body.append(f'<rect x="{left}" y="{y + 4}" width="{px(v) - left:.1f}" height="{row - 8}" fill="{PALETTE[0]}">'
+                        f'<title>{escape(label)}: {v:.3f}</title></rect>')
+            end = max(v, hi) if not math.isnan(hi) else v  # the value right of its whisker
+            body.append(f'<text x="{px(end) + 4:.1f}" y="{y + 15}" font-size="9">{v:.2f}</text>')
+        if not (math.isnan(lo) or math.isnan(hi)):
+            body.append(f'<line x1="{px(lo):.1f}" y1="{y + row / 2}" x2="{px(hi):.1f}" y2="{y + row / 2}" stroke="#222" stroke-width="1.5"/>')
+    axis_y = top + len(labels) * row + 4
+    body.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot}" y2="{axis_y}" stroke="#999"/>')
+    for v in (0.0, 0.5, 1.0):
+        body.append(f'<text x="{px(v)}" y="{axis_y + 12}" text-anchor="middle" font-size="9">{v:.1f}</text>')
+    body.append(f'<text x="{left + plot / 2}" y="{axis_y + 26}" text-anchor="middle">{escape(xlabel)}</text>')
+    return _svg(width, axis_y + 34, body)
 
 
 def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,

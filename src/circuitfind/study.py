@@ -11,14 +11,14 @@ Patching"), on whichever models are available.
 
 from __future__ import annotations
 
-from html import escape
 from pathlib import Path
 
 import torch
 
-from circuitfind import compare, figures
+from circuitfind import compare, figures, health
 from circuitfind import patching as P
 from circuitfind.io import write_text
+from circuitfind.report import render as R
 from circuitfind.tasks import TaskBatch
 
 
@@ -76,48 +76,45 @@ def mlp_localisation(model, model_name: str, prompts: int = 16, seed: int = 0, w
             "clean": setup.clean_value, "corrupt": setup.corrupt_value, "curves": curves, "peaks": peaks, "agreement": agreement}
 
 
-def _md_table(header, rows) -> str:
-    def fmt(v):
-        return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(fmt(c) for c in r) + " |" for r in rows])
+def _pitfalls(codes) -> R.Block:
+    """The pitfalls (:data:`circuitfind.health.PITFALLS`) of the settings shown in a section, as facts with reasons."""
+    return R.bullets(f"{health.PITFALLS[c][0]}. Why: {health.PITFALLS[c][1]}." for c in codes)
 
 
 def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> dict[str, str]:
     """Write ``study.html`` and ``study.md``: the settings' disagreements, with figures."""
-    md = ["# Settings-sensitivity study", ""]
-    html = ["<!doctype html><html><head><meta charset='utf-8'><title>Settings-sensitivity study</title>"
-            "<style>body{font-family:sans-serif;margin:24px}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}</style>"
-            "</head><body><h1>Settings-sensitivity study</h1>"]
+    sections = []
     for h in heads:
         title = f"IOI head detection on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
-        rows = [[n, ", ".join(r["heads"]) or "(none)"] for n, r in h["settings"].items()]
-        md += [f"## {title}", "", _md_table(["corruption/metric", "heads found"], rows), "",
-               "Heads by the fraction of settings that find them: " + ", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])), ""]
-        if h["s2_vs_s1io"]:
-            md += ["Corrupting S2 vs S1+IO: " + "; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()), ""]
-        html.append(f"<h2>{escape(title)}</h2>")
-        html.append("<table><tr><th>corruption/metric</th><th>heads found</th><th>top head: normalised effect [95% CI]</th></tr>")
+        rows = []
         for n, r in h["settings"].items():
             eff = torch.tensor(r["normalised"])
             top = int(eff.flatten().abs().argmax())
             l, hd = divmod(top, eff.shape[1])
-            lo, hi = r["ci_low"][l][hd], r["ci_high"][l][hd]
-            html.append(f"<tr><td>{escape(n)}</td><td>{escape(', '.join(r['heads']) or '(none)')}</td>"
-                        f"<td>a{l}.{hd}: {eff[l, hd]:.3f} [{lo:.3f}, {hi:.3f}]</td></tr>")
-        html.append("</table>")
-        html.append(figures.heatmap(h["jaccard"], h["names"], "Jaccard overlap of the heads found"))
+            rows.append([n, ", ".join(r["heads"]) or "(none)",
+                         f"a{l}.{hd}: {eff[l, hd]:.3f} [{r['ci_low'][l][hd]:.3f}, {r['ci_high'][l][hd]:.3f}]"])
+        blocks = [R.table(["corruption/metric", "heads found", "top head: normalised effect [95% CI]"], rows),
+                  R.text(", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])),
+                         bold="Heads by the fraction of settings that find them:")]
+        if h["s2_vs_s1io"]:
+            blocks.append(R.text("; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()), bold="Corrupting S2 vs S1+IO:"))
+        blocks.append(R.figure(figures.heatmap(h["jaccard"], h["names"], "Jaccard overlap of the heads found"), "Jaccard overlap of the heads found"))
+        settings = [{"metric": r["metric"], "corruption": r["corruption"], "direction": h["direction"]} for r in h["settings"].values()]
+        codes = [c for c in health.PITFALLS if any(c in health.setting_notes(x) for x in settings)]
+        sections += [R.section(title, *blocks), R.section("Pitfalls of these settings", _pitfalls(codes), level=3)]
     for m in mlps:
         title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']})"
         rows = [[w, a["peak_window"], a["peak_sum"], a["max_window"], a["max_sum"], a["spearman"]] for w, a in m["agreement"].items()]
-        md += [f"## {title}", "", f"Peak layer of single-layer patching: {m['peaks'].get('window 1')}.", "",
-               _md_table(["window", "peak layer (window)", "peak layer (sum)", "max restored (window)", "max restored (sum)", "Spearman"], rows), ""]
         layers = list(range(len(next(iter(m["curves"].values())))))
-        html.append(f"<h2>{escape(title)}</h2>")
-        html.append(figures.line_chart({k: (layers, v) for k, v in m["curves"].items()}, "layer (window centre)",
-                                       "normalised restoration", "MLP windows vs summation of single layers", 760, 340))
-        html.append("<table><tr><th>window</th><th>peak (window)</th><th>peak (sum)</th><th>max (window)</th><th>max (sum)</th><th>Spearman</th></tr>" +
-                    "".join("<tr>" + "".join(f"<td>{c:.3f}</td>" if isinstance(c, float) else f"<td>{c}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
-    html.append("</body></html>")
+        chart = figures.line_chart({k: (layers, v) for k, v in m["curves"].items()}, "layer (window centre)",
+                                   "normalised restoration", "MLP windows vs summation of single layers", 760, 340)
+        setting = {"metric": m["metric"], "corruption": m["corruption"], "direction": "denoise",
+                   "mlp_window": max([int(w) for w in m["agreement"]] or [1])}
+        sections += [R.section(title, R.text(str(m["peaks"].get("window 1")), bold="Peak layer of single-layer patching:"),
+                               R.table(["window", "peak layer (window)", "peak layer (sum)", "max restored (window)", "max restored (sum)", "Spearman"], rows),
+                               R.figure(chart, "MLP windows vs summation of single layers")),
+                     R.section("Pitfalls of this setting", _pitfalls(health.setting_notes(setting)), level=3)]
     out = Path(out_dir)
-    return {"html": str(write_text(out / "study.html", "\n".join(html))), "markdown": str(write_text(out / "study.md", "\n".join(md)))}
+    title = "Settings-sensitivity study"
+    return {"html": str(write_text(out / "study.html", R.html_page(title, sections))),
+            "markdown": str(write_text(out / "study.md", R.markdown_page(title, sections)))}

@@ -36,6 +36,7 @@ from circuitfind.corruptions import CORRUPTIONS
 from circuitfind.discovery import ALGORITHMS
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
+from circuitfind.health import check_run
 from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
 from circuitfind.paths import default_outputs
@@ -103,7 +104,7 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
         raise RuntimeError(f"every setting failed; first error: {failures[0]['error'] if failures else 'none'}")
     report = compare_run(str(run_dir), reference)
     manifest = {"run": run, "version": circuitfind.__version__, "config": config.model_dump(), "settings": sorted(results, key=lambda r: r["setting"]),
-                "failures": failures, "report": report}
+                "failures": failures, "report": report, "health": check_run(run_dir)}  # per setting: its flags and pitfalls
     write_json(run_dir / "manifest.json", manifest)
     print(f"report: {report['html']}")
     return manifest
