@@ -12,6 +12,7 @@
     circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
     circuitfind export circuit.graphml circuit.mib.json      # EAP-IG / MIB circuit JSON (or --format mib)
     circuitfind report outputs/<run>                         # rewrite a run's diff report
+    circuitfind diff outputs/<run A> outputs/<run B>         # run against run: edges gained and lost per setting
     circuitfind train toy-ioi                # rebuild a shipped toy model
 """
 
@@ -199,6 +200,13 @@ def cmd_report(args) -> None:
     print(f"wrote {paths['html']} and {paths['markdown']}")
 
 
+def cmd_diff(args) -> None:
+    from circuitfind.diff import write_diff
+
+    paths = write_diff(args.run_a, args.run_b, args.out)
+    print(f"wrote {paths['html']}, {paths['markdown']} and {paths['json']}")
+
+
 def cmd_train(args) -> None:
     from circuitfind.zoo import train
 
@@ -271,6 +279,11 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--reference", default=None, help="setting name taken as the reference circuit")
     p.add_argument("--title", default=None)
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("diff", help="compare two sweep runs of the same grid, setting by setting")
+    p.add_argument("run_a", help="run folder A (the earlier run, or the first model)")
+    p.add_argument("run_b", help="run folder B; gained and lost are from A to B")
+    p.add_argument("--out", default=None, help="folder for diff.html, diff.md, diff.json (default: RUN_B/diff-<A's name>)")
+    p.set_defaults(fn=cmd_diff)
     p = sub.add_parser("train", help="retrain a shipped toy model deterministically")
     p.add_argument("model", help="toy-ioi, toy-induction or all")
     p.add_argument("--out", default=None, help="parent folder (default: the package's zoo/)")
