@@ -178,3 +178,25 @@ def test_series_diffs_against_the_last_completed_run(prefect_harness, runs, tmp_
     (outputs / "monday" / "manifest.json").unlink()  # a run without its manifest is not completed
     assert last_completed(outputs, "nightly") is None
 
+
+def test_scheduled_sweep_diffs_each_run_against_the_previous_one(prefect_harness, tmp_path):
+    from circuitfind.sweep import SweepConfig
+    from flows.deploy import build_deployment
+    from flows.sweep import sweep
+
+    assert build_deployment(name="nightly-x").parameters["series"] == "nightly-x"
+    config = SweepConfig(algorithms=["eap"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"], prompts=8)
+    first = sweep(config, run="n1", outputs=str(tmp_path), series="nightly-x")
+    assert first["previous_run_diff"] is None
+    assert json.loads((tmp_path / ".series" / "nightly-x.json").read_text()) == {"run": "n1"}
+    second = sweep(config, run="n2", outputs=str(tmp_path), series="nightly-x")
+    diff = second["previous_run_diff"]
+    assert diff["previous"] == "n1" and Path(diff["html"]) == tmp_path / "n2" / "diff-previous" / "diff.html"
+    assert json.loads((tmp_path / "n2" / "manifest.json").read_text())["previous_run_diff"]["previous"] == "n1"
+    saved = json.loads((tmp_path / "n2" / "diff-previous" / "diff.json").read_text())
+    (row,) = saved["settings"]  # the same grid, cached: nothing moved
+    assert row["edges_gained"] == [] and row["edges_lost"] == [] and row["edge_jaccard"] == 1.0
+    assert row["spearman"] == pytest.approx(1.0) and row["mean_abs_score_change"] == 0.0 and row["faithfulness_change"] == 0.0
+    assert json.loads((tmp_path / ".series" / "nightly-x.json").read_text()) == {"run": "n2"}
+    with pytest.raises(ValueError, match="not a plain name"):
+        sweep(config, run="n3", outputs=str(tmp_path), series="../x")
