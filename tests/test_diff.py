@@ -93,7 +93,7 @@ def test_report_files_written_atomically(runs, tmp_path):
 
 def test_runs_of_two_models_of_different_shapes_compare_components(tmp_path):
     a = make_run(tmp_path / "small", [record("m1", "eap", [["a0.0", "logits"]], ["a0.0", "logits"], 0.5, ASCENDING)])
-    big_scores = [1.0] * 21  # 1 layer, 4 heads: 21 edges
+    big_scores = [1.0] * 23  # 1 layer, 4 heads: 12 edges into q/k/v, 5 into m0, 6 into the logits
     b = make_run(tmp_path / "big", [record("m2", "eap", [["a0.0", "logits"], ["a0.3", "logits"]], ["a0.0", "a0.3", "logits"],
                                           0.75, big_scores, n_heads=4)])
     diff = diff_runs(a, b)
@@ -133,6 +133,10 @@ def test_cli_diff_and_its_errors(runs, tmp_path, capsys):
     refused(["diff", str(a), str(b)], capsys, str(eap), "not valid JSON")
     eap.write_text(text.replace('"n_heads": 2', '"n_heads": "two"'))
     refused(["diff", str(a), str(b)], capsys, str(eap), "'n_heads'")
+    eap.write_text(text.replace('"scores": [13.0, ', '"scores": ['))
+    refused(["diff", str(a), str(b)], capsys, str(eap), "12 scores for a graph of 13 edges")
+    eap.write_text(text.replace('"n_layers": 1', '"n_layers": 100000000'))
+    refused(["diff", str(a), str(b)], capsys, str(eap), "too large")
     eap.unlink()
     refused(["diff", str(a), str(b)], capsys, str(eap), "is missing")
 

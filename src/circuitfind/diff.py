@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from circuitfind import compare
+from circuitfind.graph import check_shape
 from circuitfind.io import write_json, write_text
 
 # The report's rendering helpers as main has them today, imported in this one place: the shared
@@ -97,9 +98,18 @@ def _load_record(run_dir: Path, setting: str) -> dict:
         raise ValueError(f"setting record {file}: 'edges' is not a list of [sender, receiver] names")
     if not all(isinstance(n, str) for n in record["nodes"]):
         raise ValueError(f"setting record {file}: 'nodes' is not a list of names")
+    kv = record.get("n_kv_heads")
+    if kv is not None and not (isinstance(kv, int) and not isinstance(kv, bool)):
+        raise ValueError(f"setting record {file}: 'n_kv_heads' is not a whole number")
+    try:
+        n_edges = check_shape(record["n_layers"], record["n_heads"], n_kv_heads=kv)
+    except ValueError as err:
+        raise ValueError(f"setting record {file}: {err}") from None
     scores = record.get("scores")
     if scores is not None and not (isinstance(scores, list) and all(_is_number(s) or s is None for s in scores)):
         raise ValueError(f"setting record {file}: 'scores' is not a list of numbers")
+    if scores is not None and len(scores) != n_edges:
+        raise ValueError(f"setting record {file}: {len(scores)} scores for a graph of {n_edges} edges")
     for field in ("faithfulness",):
         if record.get(field) is not None and not _is_number(record[field]):
             raise ValueError(f"setting record {file}: {field!r} is not a number")
