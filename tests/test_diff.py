@@ -80,6 +80,8 @@ def test_report_files_written_atomically(runs, tmp_path):
     assert ("| m1__ioi__eap__str__kl__noise | 3 | 3 | 1 | 1 | 0.500 | 0.667 | -1.000 | 6.462 | 0.800 | 0.900 | 0.100 |"
             in md)
     assert "| m1__ioi__acdc__str__kl__noise | 2 | 2 | 0 | 0 | 1.000 | 1.000 | n/a | n/a | 0.500 | n/a | n/a |" in md
+    table = [line for line in md.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and {line.count("|") for line in table} == {13}  # 12 columns: no stray "|" in a cell
     assert "**Only in run A:** m1__ioi__node__str__kl__noise" in md
     assert "- **edges gained:** a0.1 -> logits" in md and "- **edges lost:** input -> a0.0<q>" in md
     html = Path(paths["html"]).read_text()

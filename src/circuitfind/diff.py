@@ -205,7 +205,7 @@ def diff_runs(run_a: str | Path, run_b: str | Path) -> dict:
 # -- rendering ----------------------------------------------------------------------------------
 
 SUMMARY_HEADER = ["setting", "edges A", "edges B", "gained", "lost", "edge Jaccard", "component Jaccard",
-                  "Spearman |score|", "mean |score change|", "faithfulness A", "faithfulness B", "faithfulness change"]
+                  "Spearman of abs scores", "mean abs score change", "faithfulness A", "faithfulness B", "faithfulness change"]
 LIST_LIMIT = 30  # edges listed per setting in HTML and Markdown; diff.json has them all
 
 
