@@ -26,13 +26,14 @@ def record(model: str, algorithm: str, edges: list, nodes: list, faithfulness=No
             "graphml": f"circuits/{setting}.graphml", "json": f"circuits/{setting}.json", "per_prompt": None}
 
 
-def make_run(folder: Path, records: list[dict], manifest: bool = True) -> Path:
+def make_run(folder: Path, records: list[dict], manifest: bool = True, failures: tuple[str, ...] = ()) -> Path:
     (folder / "circuits").mkdir(parents=True)
     for r in records:
         (folder / "circuits" / f"{r['setting']}.json").write_text(json.dumps(r))
     if manifest:
         settings = [{"setting": r["setting"], "n_edges": r["n_edges"]} for r in records]
-        (folder / "manifest.json").write_text(json.dumps({"run": folder.name, "settings": settings, "failures": []}))
+        failed = [{"setting": name, "error": "ValueError: ..."} for name in failures]
+        (folder / "manifest.json").write_text(json.dumps({"run": folder.name, "settings": settings, "failures": failed}))
     return folder
 
 
@@ -49,7 +50,7 @@ def runs(tmp_path) -> tuple[Path, Path]:
                0.9, DESCENDING),
         record("m1", "acdc", [["input", "m0"], ["m0", "logits"]], ["input", "m0", "logits"], None),
         record("m1", "eap_ig", [["a0.1", "logits"]], ["a0.1", "logits"], 0.7, ASCENDING),
-    ])
+    ], failures=("m1__ioi__node__str__kl__noise",))
     return a, b
 
 
@@ -58,6 +59,7 @@ def test_gained_lost_jaccard_score_shift_and_faithfulness(runs):
     assert diff["paired_by"] == "setting" and diff["note"] is None
     assert diff["only_in_a"] == ["m1__ioi__node__str__kl__noise"]
     assert diff["only_in_b"] == ["m1__ioi__eap_ig__str__kl__noise"]
+    assert diff["failed_in_a"] == [] and diff["failed_in_b"] == ["m1__ioi__node__str__kl__noise"]
     acdc, eap = diff["settings"]
     assert eap["key"] == "m1__ioi__eap__str__kl__noise"
     assert eap["edges_gained"] == [("a0.1", "logits")] and eap["edges_lost"] == [("input", "a0.0<q>")]
@@ -83,6 +85,7 @@ def test_report_files_written_atomically(runs, tmp_path):
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 4 and {line.count("|") for line in table} == {13}  # 12 columns: no stray "|" in a cell
     assert "**Only in run A:** m1__ioi__node__str__kl__noise" in md
+    assert "**Failed in run B:** m1__ioi__node__str__kl__noise" in md
     assert "- **edges gained:** a0.1 -> logits" in md and "- **edges lost:** input -> a0.0<q>" in md
     html = Path(paths["html"]).read_text()
     assert "<td>m1__ioi__eap__str__kl__noise</td>" in html and "a0.1 -&gt; logits" in html

@@ -4,7 +4,8 @@ Two runs (two models, two checkpoints, tonight's scheduled run and last night's)
 by setting: :func:`diff_runs` gives, for each setting present in both, the edges gained and lost
 (from run A to run B), the edge Jaccard, the shift of the edge scores (Spearman rank correlation of
 ``|score|`` and mean ``|score_B - score_A|`` over the edges both runs score) and the change of
-faithfulness; settings found in only one run are listed. :func:`write_diff` writes it as
+faithfulness; settings found in only one run, and those that failed in either (the manifest's
+``failures``), are listed. :func:`write_diff` writes it as
 ``diff.html``, ``diff.md`` and ``diff.json``, atomically.
 
 Pairing: settings pair by their full name when both runs hold the same models; when each run holds
@@ -45,11 +46,13 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class Run:
-    """A completed sweep run: its folder, name and setting records (by setting name)."""
+    """A completed sweep run: its folder, name, setting records (by setting name) and the settings
+    that failed (as the manifest lists them)."""
 
     path: Path
     name: str
     records: dict[str, dict]
+    failed: list[str]
 
     @property
     def models(self) -> set[str]:
@@ -67,7 +70,8 @@ def load_run(run_dir: str | Path) -> Run:
     try:
         manifest = json.loads(manifest_path.read_text())
         listed = [s["setting"] for s in manifest["settings"]]
-        if not all(isinstance(s, str) for s in listed):
+        failed = [f["setting"] for f in manifest.get("failures") or []]
+        if not all(isinstance(s, str) for s in listed + failed):
             raise TypeError("setting names are not strings")
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{manifest_path} is not a sweep manifest ({type(err).__name__}: {err})") from None
@@ -76,7 +80,7 @@ def load_run(run_dir: str | Path) -> Run:
         records[name] = _load_record(path, name)
     if not records:
         raise ValueError(f"{manifest_path}: the run has no settings")
-    return Run(path, manifest.get("run") if isinstance(manifest.get("run"), str) else path.name, records)
+    return Run(path, manifest.get("run") if isinstance(manifest.get("run"), str) else path.name, records, sorted(failed))
 
 
 def _load_record(run_dir: Path, setting: str) -> dict:
@@ -144,6 +148,11 @@ def _key(record: dict, by: str) -> str:
     return record["setting"] if by == "setting" else "__".join(record[k] for k in GRID_AXES)
 
 
+def _failed_key(setting: str, by: str) -> str:
+    """A failed setting's pairing key, from its name (model__task__algorithm__corruption__metric__direction)."""
+    return setting if by == "setting" else setting.split("__", 1)[-1]
+
+
 def compare_setting(ra: dict, rb: dict) -> dict:
     """The difference from ``ra`` (run A) to ``rb`` (run B) of one setting."""
     nodes_a, nodes_b = _components(ra), _components(rb)
@@ -199,6 +208,7 @@ def diff_runs(run_a: str | Path, run_b: str | Path) -> dict:
         "run_b": {"name": b.name, "path": str(b.path), "models": sorted(b.models)},
         "paired_by": by, "note": note, "settings": rows,
         "only_in_a": sorted(keyed_a.keys() - keyed_b.keys()), "only_in_b": sorted(keyed_b.keys() - keyed_a.keys()),
+        "failed_in_a": [_failed_key(s, by) for s in a.failed], "failed_in_b": [_failed_key(s, by) for s in b.failed],
     }
 
 
@@ -249,9 +259,14 @@ def _intro(diff: dict) -> list[str]:
     return lines
 
 
+def _one_run_only(diff: dict) -> list[tuple[str, list[str]]]:
+    return [("Only in run A", diff["only_in_a"]), ("Only in run B", diff["only_in_b"]),
+            ("Failed in run A", diff["failed_in_a"]), ("Failed in run B", diff["failed_in_b"])]
+
+
 def to_markdown(diff: dict) -> str:
     out = [f"# {_title(diff)}", "", *_intro(diff), "", markdown_table(SUMMARY_HEADER, _summary_rows(diff)), ""]
-    for label, items in (("Only in run A", diff["only_in_a"]), ("Only in run B", diff["only_in_b"])):
+    for label, items in _one_run_only(diff):
         out += [f"**{label}:** {', '.join(items) or 'none'}  "]
     out.append("")
     for s in diff["settings"]:
@@ -264,7 +279,7 @@ def to_html(diff: dict) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{escape(title)}</h1>", *(f"<p>{escape(line)}</p>" for line in _intro(diff)),
              html_table(SUMMARY_HEADER, _summary_rows(diff))]
-    for label, items in (("Only in run A", diff["only_in_a"]), ("Only in run B", diff["only_in_b"])):
+    for label, items in _one_run_only(diff):
         parts.append(f"<p><b>{label}:</b> {escape(', '.join(items) or 'none')}</p>")
     for s in diff["settings"]:
         parts.append(f"<h2>{escape(s['key'])}</h2><ul>")
