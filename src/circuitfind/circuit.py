@@ -11,7 +11,8 @@ import networkx as nx
 import torch
 
 from circuitfind.errors import GraphFileError
-from circuitfind.graph import INPUT, ModelGraph, check_shape, describe_shape, read_graph, write_graph
+from circuitfind.graph import INPUT, ModelGraph, check_shape, describe_shape
+from circuitfind.graph_io import graph_format, read_graph, write_graph
 
 
 @dataclass
@@ -73,7 +74,12 @@ class Circuit:
         return self.graph.to_networkx(self.scores, self.in_circuit, **attrs)
 
     def save(self, path: str | os.PathLike, fmt: str | None = None) -> Path:
-        """Write the circuit as GraphML, GEXF, node-link JSON or DOT (by suffix), atomically."""
+        """Write the circuit as GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON (by suffix:
+        ``.mib.json`` for MIB), atomically. MIB files need ``settings["d_model"]`` (:mod:`circuitfind.mib`)."""
+        if graph_format(path, fmt) == "mib":
+            from circuitfind.mib import write_mib
+
+            return write_mib(self, path)
         return write_graph(self.to_networkx(), path, fmt)
 
     @classmethod
@@ -112,7 +118,11 @@ class Circuit:
 
     @classmethod
     def load(cls, path: str | os.PathLike, fmt: str | None = None) -> "Circuit":
-        """Read a circuit file (GraphML, GEXF, node-link JSON or DOT); raises ``GraphFileError``."""
+        """Read a circuit file (GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON); raises ``GraphFileError``."""
+        if graph_format(path, fmt) == "mib":
+            from circuitfind.mib import read_mib
+
+            return read_mib(path)
         return cls.from_networkx(read_graph(path, fmt), source=str(path))
 
     def summary(self) -> str:

@@ -10,7 +10,9 @@
     circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep flow (circuitfind sweep --help)
     circuitfind compare a.graphml b.graphml [--reference truth.graphml]
     circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
+    circuitfind export circuit.graphml circuit.mib.json      # EAP-IG / MIB circuit JSON (or --format mib)
     circuitfind report outputs/<run>                         # rewrite a run's diff report
+    circuitfind diff outputs/<run A> outputs/<run B>         # run against run: edges gained and lost per setting
     circuitfind train toy-ioi                # rebuild a shipped toy model
 """
 
@@ -24,6 +26,7 @@ import sys
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
+GRAPH_FORMATS = ("graphml", "gexf", "json", "dot", "mib")  # circuitfind.graph_io.FORMAT_NAMES, without the import
 PATCH_KINDS = ("heads", "heads_by_pos", "resid_pre", "attn_out", "mlp_out", "mlp_window", "path")
 
 
@@ -134,6 +137,7 @@ def cmd_discover(args) -> None:
     model, batch = _load(args)
     setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True, max_memory=args.max_memory)
     circuit, _ = discovery.discover(setup, args.algorithm, args.direction, **options)
+    circuit.settings.setdefault("d_model", model.cfg.d_model)  # EAP-IG / MIB files carry it
     print(circuit.summary())
     if circuit.n_edges:
         direction = "noise" if args.algorithm == "acdc" else args.direction
@@ -154,8 +158,8 @@ def cmd_compare(args) -> None:
 
     if len(args.circuits) < 2 and not args.reference:
         raise ValueError("compare needs at least two circuits, or one and --reference")
-    circuits = {path: Circuit.load(path) for path in args.circuits}
-    ref = Circuit.load(args.reference) if args.reference else None
+    circuits = {path: Circuit.load(path, args.format) for path in args.circuits}
+    ref = Circuit.load(args.reference, args.format) if args.reference else None
     for warning in compare.check_comparable({**circuits, **({args.reference: ref} if ref else {})}):
         print(f"circuitfind: warning: {warning}", file=sys.stderr)
     names = list(circuits)
@@ -183,7 +187,10 @@ def cmd_compare(args) -> None:
 def cmd_export(args) -> None:
     from circuitfind.circuit import Circuit
 
-    print(f"wrote {Circuit.load(args.source).save(args.target, args.format)}")
+    circuit = Circuit.load(args.source)
+    if args.d_model is not None:
+        circuit.settings["d_model"] = args.d_model
+    print(f"wrote {circuit.save(args.target, args.format)}")
 
 
 def cmd_report(args) -> None:
@@ -191,6 +198,13 @@ def cmd_report(args) -> None:
 
     paths = write_run_report(args.run_dir, args.reference, args.title)
     print(f"wrote {paths['html']} and {paths['markdown']}")
+
+
+def cmd_diff(args) -> None:
+    from circuitfind.diff import write_diff
+
+    paths = write_diff(args.run_a, args.run_b, args.out)
+    print(f"wrote {paths['html']}, {paths['markdown']} and {paths['json']}")
 
 
 def cmd_train(args) -> None:
@@ -249,17 +263,27 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="overlap statistics between circuit files")
     p.add_argument("circuits", nargs="+")
     p.add_argument("--reference", default=None, help="a circuit file taken as the truth")
+    p.add_argument("--format", default=None, choices=GRAPH_FORMATS,
+                   help="format of every circuit file (default: by suffix; .mib.json is EAP-IG / MIB JSON)")
     p.set_defaults(fn=cmd_compare)
-    p = sub.add_parser("export", help="convert a circuit file between GraphML, GEXF, node-link JSON and DOT")
-    p.add_argument("source")
+    p = sub.add_parser("export", help="convert a circuit file between GraphML, GEXF, node-link JSON, DOT and EAP-IG / MIB JSON")
+    p.add_argument("source", help="circuit file (format by suffix; .mib.json is EAP-IG / MIB JSON)")
     p.add_argument("target")
-    p.add_argument("--format", default=None, choices=("graphml", "gexf", "json", "dot"))
+    p.add_argument("--format", default=None, choices=GRAPH_FORMATS,
+                   help="format of the target (default: by suffix: .graphml, .gexf, .json node-link, .dot, .mib.json)")
+    p.add_argument("--d-model", dest="d_model", type=int, default=None,
+                   help="the model's d_model, written into EAP-IG / MIB files (default: the circuit's settings)")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="write the diff report of a sweep run folder")
     p.add_argument("run_dir")
     p.add_argument("--reference", default=None, help="setting name taken as the reference circuit")
     p.add_argument("--title", default=None)
     p.set_defaults(fn=cmd_report)
+    p = sub.add_parser("diff", help="compare two sweep runs of the same grid, setting by setting")
+    p.add_argument("run_a", help="run folder A (the earlier run, or the first model)")
+    p.add_argument("run_b", help="run folder B; gained and lost are from A to B")
+    p.add_argument("--out", default=None, help="folder for diff.html, diff.md, diff.json (default: RUN_B/diff-<A's name>)")
+    p.set_defaults(fn=cmd_diff)
     p = sub.add_parser("train", help="retrain a shipped toy model deterministically")
     p.add_argument("model", help="toy-ioi, toy-induction or all")
     p.add_argument("--out", default=None, help="parent folder (default: the package's zoo/)")

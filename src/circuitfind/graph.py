@@ -9,37 +9,22 @@ receiver downstream of it in the residual stream.
 :class:`ModelGraph` holds that structure as index tensors for the edge-patching engine (edges in a
 fixed order, ``edges[i] = (sender, receiver)``). :meth:`ModelGraph.to_networkx` gives the
 ``networkx.DiGraph`` (ACDC's convention: q/k/v input nodes feed their head through structural
-edges), and :func:`write_graph` / :func:`read_graph` move it through GraphML, GEXF, node-link JSON
-and DOT without loss.
-
-Files are untrusted input: :func:`read_graph` bounds the file size, parses XML with ``defusedxml``
-(no DTDs, so no entity expansion or external entities), checks DOT nesting before pydot sees it,
-and reports every problem as one :class:`~circuitfind.errors.GraphFileError` naming the file.
+edges). Its file formats (GraphML, GEXF, node-link JSON, DOT; the hardening of untrusted files) are
+in :mod:`circuitfind.graph_io`, the EAP-IG / MIB circuit JSON in :mod:`circuitfind.mib`; the
+readers and writers are still importable from here.
 Graph sizes are bounded before anything is allocated (:func:`check_shape`, :data:`MAX_EDGES`).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import re
-import threading
 from dataclasses import dataclass, field
 from functools import cached_property
-from pathlib import Path
 
 import networkx as nx
 import torch
-from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring as defused_fromstring
-from networkx.readwrite.gexf import GEXFReader
-from networkx.readwrite.graphml import GraphMLReader
 
 from circuitfind.checks import positive_int
-from circuitfind.errors import GraphFileError
-from circuitfind.io import write_bytes, write_text
 
 QKV = ("q", "k", "v")
 INPUT, LOGITS = "input", "logits"
@@ -304,271 +289,14 @@ def _mark_nodes(g: nx.DiGraph) -> None:
             g.nodes[u]["in_circuit"] = g.nodes[v]["in_circuit"] = True
 
 
-# -- import / export ----------------------------------------------------------------------
-
-FORMATS = {".graphml": "graphml", ".gexf": "gexf", ".json": "json", ".dot": "dot", ".gv": "dot"}
-FORMAT_NAMES = {"graphml": "GraphML", "gexf": "GEXF", "json": "node-link JSON", "dot": "DOT"}
-NODE_TYPES = {"layer": int, "head": int, "kind": str, "score": float, "in_circuit": bool}
-EDGE_TYPES = {"score": float, "in_circuit": bool, "structural": bool, "score_pos": str, "in_circuit_pos": str}
-GRAPH_TYPES = {"n_layers": int, "n_heads": int, "split_qkv": bool, "n_pos": int, "n_kv_heads": int}
-
-# Limits on files read (checked before parsing). The GraphML of a full SmolLM2-135M circuit is 13 MB.
-MAX_GRAPH_FILE_BYTES = 128 * 2**20
-# pydot parses DOT at roughly 30-50 KB/s: larger DOT files would take minutes (use GraphML or JSON).
-MAX_DOT_FILE_BYTES = 4 * 2**20
-# Our DOT nests 2 deep (graph body, attribute list); pydot's recursive parser fails near 100.
-MAX_DOT_NESTING = 16
-
-# What the parsers raise on malformed input (defusedxml's refusals are ValueErrors).
-_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, SyntaxError, RecursionError,
-                 ArithmeticError, nx.NetworkXError)
-_DOT_LOCK = threading.Lock()  # pydot's parser is not thread-safe
+# The file formats moved to circuitfind.graph_io; their names stay importable from here.
+_MOVED_TO_GRAPH_IO = ("read_graph", "write_graph", "FORMATS", "FORMAT_NAMES", "MAX_GRAPH_FILE_BYTES",
+                      "MAX_DOT_FILE_BYTES", "MAX_DOT_NESTING", "dot_nesting")
 
 
-def _format(path: Path, fmt: str | None) -> str:
-    fmt = fmt or FORMATS.get(path.suffix.lower())
-    if fmt not in set(FORMATS.values()):
-        raise ValueError(f"unknown graph format for {path.name!r}: use one of {sorted(set(FORMATS.values()))} "
-                         f"(suffixes {sorted(FORMATS)})")
-    return fmt
+def __getattr__(name: str):
+    if name in _MOVED_TO_GRAPH_IO:  # imported on use: graph_io imports this module
+        from circuitfind import graph_io
 
-
-def write_graph(graph: nx.DiGraph, path: str | os.PathLike, fmt: str | None = None) -> Path:
-    """Write a circuit graph atomically as GraphML, GEXF, node-link JSON or DOT (by suffix)."""
-    path = Path(path)
-    fmt = _format(path, fmt)
-    if fmt == "graphml":
-        return write_bytes(path, "\n".join(nx.generate_graphml(graph)).encode())
-    if fmt == "gexf":  # GEXF keeps only a graph name: carry the graph attributes in it as JSON
-        copy = graph.copy()
-        copy.graph = {"name": json.dumps(dict(graph.graph))}
-        return write_bytes(path, "\n".join(nx.generate_gexf(copy)).encode())
-    if fmt == "json":
-        return write_text(path, json.dumps(nx.node_link_data(graph, edges="edges"), indent=1))
-    return write_text(path, _to_dot(graph))
-
-
-def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
-    """Read a graph written by :func:`write_graph`, with attribute types restored.
-
-    Raises:
-        GraphFileError: the file is missing, too large, empty, binary, not valid in its format,
-            hostile (XML with a DTD, deeply nested DOT), or has attributes of the wrong type.
-    """
-    path = Path(path)
-    fmt = _format(path, fmt)
-    data = _read_limited(path, fmt)
-    name = FORMAT_NAMES[fmt]
-    try:
-        if fmt == "graphml":
-            g = _graphml(data)
-        elif fmt == "gexf":
-            g = _gexf(data)
-        elif fmt == "json":
-            g = _node_link(data)
-        else:
-            g = _from_dot(data.decode("utf-8"), path)
-        g = nx.DiGraph(g)
-    except GraphFileError:
-        raise
-    except DefusedXmlException as err:
-        raise GraphFileError(f"{path}: refused: XML with a DTD or entity declarations (entities can expand "
-                             f"without limit or read other files): {_one_line(err)}") from err
-    except _PARSE_ERRORS as err:
-        raise GraphFileError(f"{path}: not a valid {name} file: {_one_line(err)}") from err
-    try:
-        return _retype(g)
-    except ValueError as err:
-        raise GraphFileError(f"{path}: {err}") from err
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    """An exception as one short line (parser messages can span lines or quote whole inputs)."""
-    text = " ".join(str(err).split()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _read_limited(path: Path, fmt: str) -> bytes:
-    """The file's bytes: at most the format's size limit, not empty, not binary."""
-    limit = MAX_DOT_FILE_BYTES if fmt == "dot" else MAX_GRAPH_FILE_BYTES
-    name = FORMAT_NAMES[fmt]
-    try:
-        if not path.exists():
-            raise GraphFileError(f"{path}: no such file")
-        if not path.is_file():
-            raise GraphFileError(f"{path}: not a file")
-        size = path.stat().st_size
-        if size > limit:
-            raise GraphFileError(f"{path}: {size} bytes is larger than the {limit}-byte limit for {name} files")
-        with open(path, "rb") as fh:
-            data = fh.read(limit + 1)
-    except OSError as err:
-        raise GraphFileError(f"{path}: cannot read the file: {err.strerror or err}") from err
-    if len(data) > limit:
-        raise GraphFileError(f"{path}: larger than the {limit}-byte limit for {name} files")
-    if not data.strip():
-        raise GraphFileError(f"{path}: the file is empty")
-    try:
-        if b"\0" in data:
-            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise GraphFileError(f"{path}: binary content (byte {err.start} is not UTF-8 text): not a {name} file") from err
-    return data
-
-
-def _graphml(data: bytes) -> nx.Graph:
-    root = defused_fromstring(data, forbid_dtd=True)
-    reader = GraphMLReader()
-    graphs = root.findall(f"{{{reader.NS_GRAPHML}}}graph")
-    if not graphs:
-        raise ValueError("no <graph> element in the GraphML namespace")
-    keys, defaults = reader.find_graphml_keys(root)
-    return reader.make_graph(graphs[0], keys, defaults)
-
-
-def _gexf(data: bytes) -> nx.Graph:
-    root = defused_fromstring(data, forbid_dtd=True)
-    reader = GEXFReader(node_type=None)
-    for version in reader.versions:
-        reader.set_version(version)
-        element = root.find(f"{{{reader.NS_GEXF}}}graph")
-        if element is not None:
-            break
-    else:
-        raise ValueError("no <graph> element in a GEXF namespace")
-    g = reader.make_graph(element)
-    attrs = json.loads(g.graph.get("name") or "{}")  # write_graph keeps the graph attributes here
-    if not isinstance(attrs, dict):
-        raise ValueError("the graph name does not hold the graph attributes as a JSON object")
-    g.graph = attrs
-    for _, d in g.nodes(data=True):
-        d.pop("label", None)
-    for _, _, d in g.edges(data=True):
-        d.pop("id", None)
-    return g
-
-
-def _node_link(data: bytes) -> nx.Graph:
-    obj = json.loads(data)
-    if not isinstance(obj, dict):
-        raise ValueError(f"the top level is a JSON {type(obj).__name__}, not an object")
-    for key in ("nodes", "edges"):
-        if not isinstance(obj.get(key), list):
-            raise ValueError(f"{key!r} must be a list")
-    if not isinstance(obj.get("graph", {}), dict):
-        raise ValueError("'graph' must be an object")
-    return nx.node_link_graph(obj, directed=True, edges="edges")
-
-
-def _retype(g: nx.DiGraph) -> nx.DiGraph:
-    for reader_default in ("node_default", "edge_default"):
-        g.graph.pop(reader_default, None)
-    for n, d in g.nodes(data=True):
-        for k, typ in NODE_TYPES.items():
-            if k in d:
-                d[k] = _parse(d[k], typ, f"node {_short_repr(n)} attribute {k}")
-    for u, v, d in g.edges(data=True):
-        for k, typ in EDGE_TYPES.items():
-            if k in d:
-                d[k] = _parse(d[k], typ, f"edge {_short_repr(u)} -> {_short_repr(v)} attribute {k}")
-    for k, typ in GRAPH_TYPES.items():
-        if k in g.graph:
-            g.graph[k] = _parse(g.graph[k], typ, f"graph attribute {k}")
-    return g
-
-
-_INT_TEXT = re.compile(r"[+-]?\d{1,18}")
-
-
-def _parse(value, typ, what: str):
-    """``value`` (a string from DOT/GEXF, or already typed) as ``typ``, strictly: no truncation, no guessing."""
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip() in ("True", "true", "1", "False", "false", "0"):
-            return value.strip() in ("True", "true", "1")
-        raise ValueError(f"{what}: {_short_repr(value)} is not true or false")
-    if typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and _INT_TEXT.fullmatch(value.strip()):
-            return int(value)
-        raise ValueError(f"{what}: {_short_repr(value)} is not a whole number")
-    if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{what}: {_short_repr(value)} is not a number")
-    if not isinstance(value, str):
-        raise ValueError(f"{what}: {_short_repr(value)} is not a string")
-    return value
-
-
-def _dot_value(v) -> str:
-    text = repr(v) if isinstance(v, float) else str(v)
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _to_dot(g: nx.DiGraph) -> str:
-    lines = ["digraph circuit {"]
-    lines += [f"  graph [{k}={_dot_value(v)}];" for k, v in g.graph.items()]
-    for n, d in g.nodes(data=True):
-        attrs = ", ".join(f"{k}={_dot_value(v)}" for k, v in d.items())
-        lines.append(f"  {_dot_value(n)} [{attrs}];")
-    for u, v, d in g.edges(data=True):
-        attrs = ", ".join(f"{k}={_dot_value(x)}" for k, x in d.items())
-        lines.append(f"  {_dot_value(u)} -> {_dot_value(v)} [{attrs}];")
-    return "\n".join(lines + ["}"]) + "\n"
-
-
-_DOT_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"', re.S)
-_DOT_BRACKETS = re.compile(r"[{}\[\]]")
-
-
-def dot_nesting(text: str) -> int:
-    """How deep ``{}`` and ``[]`` nest in DOT text, outside quoted strings (linear time, no recursion)."""
-    depth = deepest = 0
-    for match in _DOT_BRACKETS.finditer(_DOT_QUOTED.sub("", text)):
-        depth += 1 if match.group() in "{[" else -1
-        deepest = max(deepest, depth)
-    return deepest
-
-
-def _from_dot(text: str, path: Path | str = "DOT text") -> nx.DiGraph:
-    import pydot
-
-    depth = dot_nesting(text)
-    if depth > MAX_DOT_NESTING:
-        raise GraphFileError(f"{path}: brackets nested {depth} deep (more than {MAX_DOT_NESTING}): "
-                             f"refused, deeply nested DOT exhausts the parser")
-    with _DOT_LOCK, contextlib.redirect_stdout(io.StringIO()) as printed:  # pydot prints parse errors
-        graphs = pydot.graph_from_dot_data(text)
-    if not graphs:
-        lines = printed.getvalue().strip().splitlines()
-        raise ValueError(lines[-1] if lines else "no graph found")
-    if len(graphs) != 1:
-        raise ValueError(f"{len(graphs)} graphs in one file, expected one")
-    (dot,) = graphs
-
-    def clean(attrs: dict) -> dict:
-        return {k: v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if isinstance(v, str) and v.startswith('"') else v
-                for k, v in attrs.items()}
-
-    g = nx.DiGraph()
-    g.graph.update(clean(dot.get_attributes()))
-    for sub in dot.get_graph_defaults() or []:
-        g.graph.update(clean(sub))
-    for node in dot.get_nodes():
-        name = clean({"n": node.get_name()})["n"]
-        if name in ("graph", "node", "edge"):
-            continue
-        g.add_node(name, **clean(node.get_attributes()))
-    for edge in dot.get_edges():
-        u, v = (clean({"n": x})["n"] for x in (edge.get_source(), edge.get_destination()))
-        g.add_edge(u, v, **clean(edge.get_attributes()))
-    return g
+        return getattr(graph_io, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

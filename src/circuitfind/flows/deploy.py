@@ -9,6 +9,10 @@ local one a command starts lives only as long as that command):
 
 (``python -m circuitfind.flows.deploy`` when installed) or, with a work pool and worker instead of a
 serving process, ``prefect deploy --all`` (see ``prefect.yaml``) and ``prefect worker start --pool local``.
+
+Each run is diffed against the deployment's last completed run (``<run>/diff-previous/diff.html``,
+a ``circuit-run-diff`` artifact): the deployment passes its name as the sweep's ``series``, and
+``<outputs>/.series/<name>.json`` names the series' last completed run.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ def build_deployment(name: str = "nightly-toy-sweep", cron: str = DEFAULT_CRON, 
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    params = {"config": (config or SweepConfig()).model_dump()}
+    # series: each scheduled run is diffed against the deployment's last completed run (circuitfind.flows.diff)
+    params = {"config": (config or SweepConfig()).model_dump(), "series": name}
     return sweep.to_deployment(name=name, schedule=Cron(cron, timezone=timezone), parameters=params,
                                tags=["circuitfind", "sweep"], description="Scheduled circuit discovery sweep",
                                entrypoint_type=EntrypointType.MODULE_PATH)

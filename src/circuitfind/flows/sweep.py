@@ -35,6 +35,7 @@ import circuitfind
 from circuitfind.corruptions import CORRUPTIONS
 from circuitfind.discovery import ALGORITHMS
 from circuitfind.errors import USER_ERRORS
+from circuitfind.flows.diff import check_series, diff_with_previous, record_completed
 from circuitfind.flows.server import prefect_api
 from circuitfind.health import check_run
 from circuitfind.io import write_json
@@ -77,11 +78,15 @@ def compare_run(run_dir: str, reference: str | None = None, title: str | None = 
 
 @flow(name="circuitfind-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
 def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: str | None = None,
-          reference: str | None = None) -> dict:
+          reference: str | None = None, series: str | None = None) -> dict:
     """Discover circuits over the grid of ``config`` (default: :class:`SweepConfig`'s) and compare them.
 
-    ``outputs`` defaults to :func:`circuitfind.paths.default_outputs`."""
+    ``outputs`` defaults to :func:`circuitfind.paths.default_outputs`. With ``series`` (the scheduled
+    deployment passes its name), the run is then diffed against the series' last completed run
+    (:func:`circuitfind.flows.diff.diff_with_previous`) and becomes that run."""
     log = get_run_logger()
+    if series is not None:
+        check_series(series)
     config = config or SweepConfig()
     run = run or time.strftime("%Y%m%d-%H%M%S")
     outputs = outputs or str(default_outputs())
@@ -106,6 +111,10 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
     manifest = {"run": run, "version": circuitfind.__version__, "config": config.model_dump(), "settings": sorted(results, key=lambda r: r["setting"]),
                 "failures": failures, "report": report, "health": check_run(run_dir)}  # per setting: its flags and pitfalls
     write_json(run_dir / "manifest.json", manifest)
+    if series is not None:  # after the manifest: the diff reads it, and only a completed run becomes the baseline
+        manifest["previous_run_diff"] = diff_with_previous(outputs, series, run_dir)
+        write_json(run_dir / "manifest.json", manifest)
+        record_completed(outputs, series, run_dir)
     print(f"report: {report['html']}")
     return manifest
 
