@@ -247,3 +247,9 @@ def test_the_model_axis_is_ranked_when_the_grid_has_several_models():
     bigger = [{**r, "n_layers": 3, "scores": None} for r in other]
     effects = {e["axis"]: e for e in axis_effects(healthy + bigger)}
     assert effects["model"]["pairs"] == [] and effects["model"]["skipped_pairs"] == 4
+
+
+def test_markdown_table_cells_escape_the_pipe():
+    from circuitfind.report import render as R
+
+    assert R.table(["a|b", "n"], [["x|y", 2]]).markdown == "| a\\|b | n |\n|---|---|\n| x\\|y | 2 |"

@@ -34,9 +34,7 @@ from circuitfind import compare
 from circuitfind.graph import check_shape
 from circuitfind.io import write_json, write_text
 
-# The report's rendering helpers as main has them today, imported in this one place: the shared
-# rendering module (the report package) takes their place at merge.
-from circuitfind.report import CSS, _html_table as html_table, _table as markdown_table
+from circuitfind.report import render as R
 
 GRID_AXES = ("task", "algorithm", "corruption", "metric", "direction")
 RECORD_FIELDS = {"setting": str, "model": str, "task": str, "algorithm": str, "corruption": str, "metric": str,
@@ -264,29 +262,27 @@ def _one_run_only(diff: dict) -> list[tuple[str, list[str]]]:
             ("Failed in run A", diff["failed_in_a"]), ("Failed in run B", diff["failed_in_b"])]
 
 
+def _details_block(s: dict) -> R.Block:
+    items = _details(s)
+    html = "<ul>" + "".join(f"<li><b>{escape(k)}:</b> {escape(v)}</li>" for k, v in items) + "</ul>"
+    return R.Block(html, "\n".join(f"- **{k}:** {v}" for k, v in items))
+
+
+def _sections(diff: dict) -> list[R.Section]:
+    """The diff as report sections (rendered by the shared :mod:`circuitfind.report.render`)."""
+    summary = R.section("Summary", *(R.text(line) for line in _intro(diff)),
+                        R.table(SUMMARY_HEADER, _summary_rows(diff)),
+                        *(R.text(", ".join(items) or "none", bold=f"{label}:") for label, items in _one_run_only(diff)))
+    settings = [R.section(s["key"], _details_block(s), level=3) for s in diff["settings"]]
+    return [summary, R.section("Per setting", R.text("Edges gained and lost, from run A to run B.")), *settings]
+
+
 def to_markdown(diff: dict) -> str:
-    out = [f"# {_title(diff)}", "", *_intro(diff), "", markdown_table(SUMMARY_HEADER, _summary_rows(diff)), ""]
-    for label, items in _one_run_only(diff):
-        out += [f"**{label}:** {', '.join(items) or 'none'}  "]
-    out.append("")
-    for s in diff["settings"]:
-        out += [f"## {s['key']}", ""] + [f"- **{k}:** {v}" for k, v in _details(s)] + [""]
-    return "\n".join(out)
+    return R.markdown_page(_title(diff), _sections(diff))
 
 
 def to_html(diff: dict) -> str:
-    title = _title(diff)
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{CSS}</style></head><body>",
-             f"<h1>{escape(title)}</h1>", *(f"<p>{escape(line)}</p>" for line in _intro(diff)),
-             html_table(SUMMARY_HEADER, _summary_rows(diff))]
-    for label, items in _one_run_only(diff):
-        parts.append(f"<p><b>{label}:</b> {escape(', '.join(items) or 'none')}</p>")
-    for s in diff["settings"]:
-        parts.append(f"<h2>{escape(s['key'])}</h2><ul>")
-        parts += [f"<li><b>{escape(k)}:</b> {escape(v)}</li>" for k, v in _details(s)]
-        parts.append("</ul>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+    return R.html_page(_title(diff), _sections(diff))
 
 
 def write_diff(run_a: str | Path, run_b: str | Path, out_dir: str | Path | None = None) -> dict:

@@ -89,8 +89,11 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Block:
 
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
-    md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    md += ["| " + " | ".join(c.text if isinstance(c, Markup) else fmt(c) for c in row) + " |" for row in rows]
+    def md_cell(v) -> str:  # a '|' inside a cell would end it
+        return (v.text if isinstance(v, Markup) else fmt(v)).replace("|", "\\|")
+
+    md = ["| " + " | ".join(md_cell(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(md_cell(c) for c in row) + " |" for row in rows]
     return Block(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>", "\n".join(md))
 
 
