@@ -5,7 +5,7 @@ from scipy.stats import spearmanr
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.circuit import Circuit
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.graph import LOGITS
 
 

@@ -7,7 +7,7 @@ from transformer_lens import patching as tl_patching
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.circuit import Circuit
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.graph import ModelGraph
 from circuitfind.tasks import TaskBatch
 

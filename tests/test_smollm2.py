@@ -8,7 +8,7 @@ import torch
 
 from circuitfind import fetch
 from circuitfind import patching as P
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.evaluation import evaluate
 from circuitfind.models import load_model
 from circuitfind.tasks import TaskBatch

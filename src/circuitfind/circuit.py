@@ -64,7 +64,7 @@ class Circuit:
         return {n for n in self.nodes if n.startswith("a")}
 
     def masks(self, device=None) -> torch.Tensor:
-        """Keep-masks ``[1, n_edges(, pos)]`` for :class:`~circuitfind.edges.EdgePatcher`."""
+        """Keep-masks ``[1, n_edges(, pos)]`` for :class:`~circuitfind.edge_patching.EdgePatcher`."""
         return self.in_circuit[None].float().to(device)
 
     def to_networkx(self) -> nx.DiGraph:

@@ -126,7 +126,7 @@ def torch_print(t) -> None:
 
 def cmd_discover(args) -> None:
     from circuitfind import discovery, patching
-    from circuitfind.edges import EdgePatcher
+    from circuitfind.edge_patching import EdgePatcher
 
     options = dict(acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k,
                    node_k=args.k)

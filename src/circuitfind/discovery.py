@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from circuitfind import patching as P
 from circuitfind.checks import finite_number, positive_int
 from circuitfind.circuit import Circuit
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.errors import CircuitfindError
 from circuitfind.graph import LOGITS, ModelGraph
 from circuitfind.metrics import normalise

@@ -240,7 +240,7 @@ def _use_suffix(setup: PatchingSetup, direction: Direction, names=(), receivers=
 
     usable = suffix.supports(setup, direction, names, receivers)
     if setup.engine == "functional" and not usable:
-        from circuitfind.functional import UnsupportedModelError
+        from circuitfind.tensor_forward import UnsupportedModelError
 
         raise UnsupportedModelError("suffix passes need a GPT-2 or Llama-style model, block/head hooks and "
                                     "base-run hooks on the embedding stage only")

@@ -4,7 +4,7 @@ A candidate that first patches layer ``l`` at one of the points ``resid_pre``, `
 ``mlp_out`` or ``resid_post`` (in forward order) leaves everything before that point as it was in
 the unpatched base run. :class:`SuffixForward` starts each candidate there, from the base run's
 cached activations, and runs only the rest of the model, on the components of
-:class:`circuitfind.functional.FunctionalModel` (GPT-2 and Llama-style models); candidates are
+:class:`circuitfind.tensor_forward.TensorModel` (GPT-2 and Llama-style models); candidates are
 grouped by their starting point and stacked along the batch, and the logits are computed at the
 answer positions only. Over a sweep of every layer that is about half a forward pass per
 candidate.
@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from circuitfind import functional
+from circuitfind import tensor_forward
 from circuitfind.patching import EMBEDDING_STAGE, PatchingSetup, _patch_hook, _repeat_ctx, hook_name
 
 POINTS = ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")  # patch points of a layer, in forward order
@@ -49,7 +49,7 @@ def supports(setup: PatchingSetup, direction: str, names: Sequence[str] = (), re
     """Whether suffix passes serve these patched hooks (``names``) or path-patching receiver hooks:
     the setup allows it, the functional engine implements the model, every hook is one it knows,
     and the base run's own hooks act on the embedding stage only."""
-    if getattr(setup, "engine", "auto") == "hooks" or not functional.supports(setup.model):
+    if getattr(setup, "engine", "auto") == "hooks" or not tensor_forward.supports(setup.model):
         return False
     last = hook_name(setup.n_layers - 1, "resid_post")
     if any(patch_point(n) is None for n in names) or any(r != last and not _RECEIVER_HOOK.fullmatch(r) for r in receivers):
@@ -67,7 +67,7 @@ class SuffixForward:
 
     def __init__(self, setup: PatchingSetup, direction: str):
         self.setup, self.direction = setup, direction
-        self.fm = functional.FunctionalModel(setup.model)
+        self.fm = tensor_forward.TensorModel(setup.model)
         self.n_layers, self.size = setup.n_layers, setup.size
         self.end_pos = setup.plan.end_pos
 

@@ -40,7 +40,7 @@ import circuitfind
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.corruptions import get_corruption
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.errors import TaskError
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric
