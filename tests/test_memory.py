@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from circuitfind import discovery as D
-from circuitfind import memory
+from circuitfind.patching import memory
 from circuitfind import patching as P
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.tasks import TaskBatch

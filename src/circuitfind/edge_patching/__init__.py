@@ -29,7 +29,7 @@ engines work with the dense complement ``patched = 1 - keep`` (``[candidates, se
 
 Masks are ``[candidates, n_edges]`` (``[candidates, n_edges, pos]`` for per-position graphs),
 bool or float; float masks are differentiable (EAP). Candidates are stacked on the batch axis and
-evaluated together, as many rows per pass as the memory budget allows (:mod:`circuitfind.memory`).
+evaluated together, as many rows per pass as the memory budget allows (:mod:`circuitfind.patching.memory`).
 
 Two engines compute the same thing. ``hooks`` runs the ``TransformerBridge`` with the corrections
 as forward hooks; it serves every architecture, gradients (EAP, EAP-IG), per-prompt and

@@ -17,11 +17,10 @@ import torch
 
 from circuitfind.edge_patching.prefix import PrefixCache
 from circuitfind.graph import ModelGraph
-from circuitfind.patching import hook_name
+from circuitfind.names import hook_name
 from circuitfind.tensor_forward import TensorModel
 
 if TYPE_CHECKING:
-    from circuitfind.edge_patching.incremental import IncrementalForward
     from circuitfind.edge_patching.patcher import EdgePatcher
 
 
@@ -57,13 +56,6 @@ class DirectEngine:
         first_stage = MaskedForward.stage(graph.receivers[first_receiver]) if first_receiver else 0
         with torch.no_grad():
             return self.masked_forward(prompts).logits(1.0 - graph.dense(keep), first_stage)
-
-    def incremental_forward(self) -> "IncrementalForward":
-        """Incremental passes against a moving reference (ACDC), on every prompt."""
-        from circuitfind.edge_patching.incremental import IncrementalForward
-        p = self.patcher
-        inputs = p.setup.base_activations(p.direction, IncrementalForward.hooks(p.graph.n_layers))
-        return IncrementalForward(self.masked_forward(), inputs)
 
 
 class MaskedForward:

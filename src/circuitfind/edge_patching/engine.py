@@ -10,17 +10,16 @@ and Llama-style models, faster for plain evaluations).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from circuitfind.edge_patching.incremental import IncrementalForward
 
 
 class Engine(Protocol):
     """What :class:`~circuitfind.edge_patching.EdgePatcher` needs from an engine for plain
-    (no-gradient, position-free) evaluations and searches."""
+    (no-gradient, position-free) evaluations. (Searches: :class:`~circuitfind.edge_patching.IncrementalSearch`
+    runs incremental passes on the direct engine's masked pass, and starts each pass at the first
+    changed receiver on any other engine.)"""
 
     name: str  # the engine option: "hooks" or "functional"
 
@@ -29,9 +28,4 @@ class Engine(Protocol):
         ``[candidates, n_edges]`` on the prompts ``prompts``. The candidates agree on every edge
         into the receivers before ``first_receiver`` (graph order), so the pass below it can run
         once and be shared (:class:`~circuitfind.edge_patching.prefix.PrefixCache`)."""
-        ...
-
-    def incremental_forward(self) -> IncrementalForward | None:
-        """Passes that rerun only what a search's edit reaches (``None``: the engine has none, and a
-        search starts each pass at the first changed receiver instead)."""
         ...

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from circuitfind.edge_patching.prefix import PrefixCache
-from circuitfind.patching import answer_logits, hook_name
+from circuitfind.names import hook_name, parse_hook
+from circuitfind.patching.setup import answer_logits
 
 if TYPE_CHECKING:
     from circuitfind.edge_patching.patcher import EdgePatcher
@@ -127,7 +128,7 @@ class HooksEngine:
         first = next(names)
         hooks.append((first, lambda a, hook, _n=first: store(a, hook, _n, False)))
         for name in names:
-            grouped = name.endswith("hook_result")
+            grouped = parse_hook(name)[1] == "result"  # per-head outputs
             hooks.append((name, lambda a, hook, _n=name, _g=grouped: store(a, hook, _n, _g)))
         for hname, idx, up, per_head, bounds in self.groups:
             hooks.append((hname, lambda a, hook, _i=idx, _u=up, _p=per_head, _b=bounds: correct(a, hook, _i, _u, _p, _b)))
@@ -270,7 +271,3 @@ class HooksEngine:
         s_idx, r_idx = (i.to(scores.device) for i in self.graph.edge_index)
         edges = scores[:, s_idx, r_idx]  # [b, n_edges]
         return edges.T if per_prompt else edges.sum(0)
-
-    def incremental_forward(self) -> None:
-        """No incremental passes: a search's candidates start at the first changed receiver's layer."""
-        return None

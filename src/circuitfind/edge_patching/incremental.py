@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from circuitfind import memory
-from circuitfind.edge_patching.direct import MaskedForward
-from circuitfind.patching import hook_name
+from circuitfind.patching import memory
+from circuitfind.edge_patching.direct import DirectEngine, MaskedForward
+from circuitfind.names import hook_name
 
 if TYPE_CHECKING:
     from circuitfind.edge_patching.patcher import EdgePatcher
@@ -45,7 +45,10 @@ class IncrementalSearch:
         B = patcher.setup.size
         per_candidate = patcher.row_bytes(patcher.engine) * B
         self.max_candidates = memory.rows_per_pass(patcher.budget(), per_candidate, max(1, patcher.setup.max_batch // B))
-        self.forward: IncrementalForward | None = patcher.backend.incremental_forward()
+        self.forward: IncrementalForward | None = None
+        if isinstance(patcher.backend, DirectEngine):
+            inputs = patcher.setup.base_activations(patcher.direction, IncrementalForward.hooks(patcher.graph.n_layers))
+            self.forward = IncrementalForward(patcher.backend.masked_forward(), inputs)
 
     def values(self, masks: torch.Tensor) -> torch.Tensor:
         """Mean metric per candidate ``[candidates]`` for ``[candidates, n_edges]`` keep-masks."""

@@ -6,13 +6,15 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from circuitfind import memory, tensor_forward
+from circuitfind import tensor_forward
 from circuitfind.edge_patching.direct import DirectEngine
 from circuitfind.edge_patching.engine import Engine
 from circuitfind.edge_patching.hooks import Hook, HooksEngine
 from circuitfind.edge_patching.incremental import IncrementalSearch
 from circuitfind.graph import ModelGraph
-from circuitfind.patching import EMBEDDING_STAGE, Direction, PatchingSetup, _check_direction, _repeat_ctx, _slice_ctx, hook_name
+from circuitfind.patching import memory
+from circuitfind.names import EMBEDDING_STAGE, hook_name
+from circuitfind.patching.setup import Direction, PatchingSetup, check_direction, repeat_ctx, slice_ctx
 from circuitfind.tensor_forward import UnsupportedModelError
 
 
@@ -30,7 +32,7 @@ class EdgePatcher:
 
     def __init__(self, setup: PatchingSetup, graph: ModelGraph | None = None, direction: Direction = "noise",
                  engine: str = "auto"):
-        _check_direction(direction)
+        check_direction(direction)
         if engine not in ("auto", "hooks", "functional"):
             raise ValueError(f"engine must be 'auto', 'hooks' or 'functional', got {engine!r}")
         self.setup, self.direction = setup, direction
@@ -94,7 +96,7 @@ class EdgePatcher:
 
     def budget(self) -> int:
         """Working-memory budget of one pass in bytes (``setup.max_memory``, or automatic: fixed
-        for this patcher at first use; see :mod:`circuitfind.memory`)."""
+        for this patcher at first use; see :mod:`circuitfind.patching.memory`)."""
         if self._budget is None:
             self._budget = memory.budget(self.setup.max_memory, self.setup.plan.clean.tokens.device)
         return self._budget
@@ -177,7 +179,7 @@ class EdgePatcher:
         prompts = prompts or slice(0, self.setup.size)
         b = prompts.stop - prompts.start
         n = answer.shape[0] // b
-        return self.setup.metric(answer, _repeat_ctx(_slice_ctx(self.setup.ctx, prompts), n)).reshape(n, b)
+        return self.setup.metric(answer, repeat_ctx(slice_ctx(self.setup.ctx, prompts), n)).reshape(n, b)
 
     def attribution(self, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None, n: int = 1,
                     per_prompt: bool = False, prompts: slice | None = None, scale: float = 1.0) -> torch.Tensor:
