@@ -166,3 +166,23 @@ def test_acdc_finds_the_same_circuit_on_both_engines(models, name, tau):
     circuit = D.acdc(fast, tau)
     assert 0 < reference.n_edges < fast.n_edges
     assert torch.equal(circuit.in_circuit, reference.in_circuit)
+
+
+@pytest.mark.parametrize("name", ["toy-ioi", "gqa-llama"])
+def test_both_engines_implement_the_engine_interface(models, name):
+    from circuitfind.edge_patching import Engine
+
+    model = models[name]
+    setup = P.prepare(model, _batch(model, name), "str", "kl")
+    direct, hooks = EdgePatcher(setup, engine="functional").backend, EdgePatcher(setup, engine="hooks").backend
+    assert isinstance(direct, Engine) and isinstance(hooks, Engine) and (direct.name, hooks.name) == ("functional", "hooks")
+    gen = torch.Generator().manual_seed(3)
+    keep = (torch.rand(3, direct.patcher.n_edges, generator=gen) > 0.3).float()
+    keep[:, : direct.patcher.graph.upstream(direct.patcher.graph.receivers[0])] = 1.0  # agree on the first receiver's edges
+    everything, prompts = slice(0, setup.size), slice(2, 7)
+    expected = hooks.logits(keep, everything)
+    assert expected.shape == (3 * setup.size, model.cfg.d_vocab)
+    torch.testing.assert_close(direct.logits(keep, everything), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(direct.logits(keep, everything, first_receiver=1), expected, atol=1e-4, rtol=1e-5)
+    rows = torch.cat([torch.arange(c * setup.size + 2, c * setup.size + 7) for c in range(3)])
+    torch.testing.assert_close(direct.logits(keep, prompts), expected[rows], atol=1e-4, rtol=1e-5)

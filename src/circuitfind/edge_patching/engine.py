@@ -10,11 +10,12 @@ and Llama-style models, faster for plain evaluations).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 
+@runtime_checkable
 class Engine(Protocol):
     """What :class:`~circuitfind.edge_patching.EdgePatcher` needs from an engine for plain
     (no-gradient, position-free) evaluations. (Searches: :class:`~circuitfind.edge_patching.IncrementalSearch`
