@@ -12,8 +12,8 @@ from circuitfind.edge_patching.engine import Engine
 from circuitfind.edge_patching.hooks import Hook, HooksEngine
 from circuitfind.edge_patching.incremental import IncrementalSearch
 from circuitfind.graph import ModelGraph
-from circuitfind.patching import memory
 from circuitfind.names import EMBEDDING_STAGE, hook_name
+from circuitfind.patching import memory
 from circuitfind.patching.setup import Direction, PatchingSetup, check_direction, repeat_ctx, slice_ctx
 from circuitfind.tensor_forward import UnsupportedModelError
 
@@ -28,6 +28,10 @@ class EdgePatcher:
             ``denoise`` (base = corrupted run, patched edges carry clean values).
         engine: ``auto`` (``functional`` for plain evaluations where the architecture and graph
             allow it, ``hooks`` otherwise), ``hooks`` or ``functional``.
+
+    ``engine`` is then the chosen engine's name, ``backend`` the :class:`Engine` that runs plain
+    evaluations, and ``hooks`` the hooks engine (always there: gradients, attribution, per-prompt
+    and per-position masks). Masks follow the convention of :mod:`circuitfind.edge_patching`.
     """
 
     def __init__(self, setup: PatchingSetup, graph: ModelGraph | None = None, direction: Direction = "noise",
@@ -43,7 +47,7 @@ class EdgePatcher:
         if (self.graph.n_layers, self.graph.n_heads) != (setup.n_layers, setup.n_heads):
             raise ValueError("graph shape does not match the model")
         L = self.graph.n_layers
-        self.sender_hooks = [hook_name(0, "resid_pre")]
+        self.sender_hooks = [hook_name(0, "resid_pre")]  # the senders' hooks in graph order
         for layer in range(L):
             self.sender_hooks += [hook_name(layer, "result"), hook_name(layer, "mlp_out")]
         self.sources = setup.sources(direction, self.sender_hooks)
