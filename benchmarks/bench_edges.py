@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from circuitfind import discovery as D  # noqa: E402
 from circuitfind import patching as P  # noqa: E402
-from circuitfind.edges import EdgePatcher  # noqa: E402
+from circuitfind.edge_patching import EdgePatcher  # noqa: E402
 from circuitfind.models import load_model, model_device  # noqa: E402
 from circuitfind.tasks import TaskBatch  # noqa: E402
 

@@ -149,7 +149,7 @@ def child(args) -> dict:
     """One measurement in this process; returns what the parent prints."""
     from circuitfind import discovery as D
     from circuitfind import patching as P
-    from circuitfind.edges import EdgePatcher
+    from circuitfind.edge_patching import EdgePatcher
     from circuitfind.models import load_model
 
     t0 = time.perf_counter()

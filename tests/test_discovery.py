@@ -5,7 +5,7 @@ from scipy.stats import spearmanr
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.circuit import Circuit
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.graph import LOGITS
 
 
@@ -126,3 +126,30 @@ def test_per_prompt_attributions_average_to_the_batch_scores(ld_patcher):
     torch.testing.assert_close(per_prompt.mean(-1), D.eap(ld_patcher), atol=1e-5, rtol=1e-4)
     ig = D.eap_ig(ld_patcher, steps=3, per_prompt=True)
     torch.testing.assert_close(ig.mean(-1), D.eap_ig(ld_patcher, steps=3), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("algorithm, direction", [("eap", "denoise"), ("acdc", "noise"), ("node", "noise")])
+def test_discover_returns_the_circuit_with_its_faithfulness(ld_patcher, algorithm, direction):
+    setup = ld_patcher.setup
+    found = D.discover(setup, algorithm, direction, top_k=30, acdc_tau=0.05, node_k=1.0, per_prompt=algorithm == "eap")
+    assert isinstance(found, D.Discovery) and found.direction == direction
+    patcher = EdgePatcher(setup, found.circuit.graph, direction)
+    assert found.faithfulness_status == "ok" and found.circuit.n_edges > 0
+    assert found.faithfulness == D.faithfulness(patcher, found.circuit)
+    if algorithm in D.SCORED:
+        assert found.curve.as_dict() == D.faithfulness_curve(patcher, found.circuit.scores).as_dict()
+    else:
+        assert found.curve is None
+    if algorithm == "eap":
+        assert found.per_prompt.shape == (found.circuit.graph.n_edges, setup.size)
+        torch.testing.assert_close(found.per_prompt.mean(-1), found.circuit.scores)
+    else:
+        assert found.per_prompt is None
+    assert D.discover(setup, algorithm, direction, top_k=30, acdc_tau=0.05, node_k=1.0, curve=False).curve is None
+
+
+def test_the_noising_only_rule():
+    assert D.allows_direction("acdc", "noise") and not D.allows_direction("acdc", "denoise")
+    assert all(D.allows_direction(a, d) for a in D.ALGORITHMS if a not in D.NOISING_ONLY for d in P.DIRECTIONS)
+    with pytest.raises(ValueError, match="ACDC prunes"):
+        D.check_options("acdc", "denoise")

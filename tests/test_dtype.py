@@ -12,7 +12,7 @@ import torch
 from circuitfind import discovery as D
 from circuitfind.cli import main
 from circuitfind import patching as P
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.models import load_model, resolve_dtype
 from circuitfind.tasks import TaskBatch
 

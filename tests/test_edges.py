@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from circuitfind import patching as P
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.graph import ModelGraph
 
 
@@ -172,9 +172,9 @@ def test_starting_at_a_receiver_reuses_the_prefix_exactly(setups, corruption, en
         masks = (torch.rand(patcher.n_edges, generator=gen) > 0.3).float().repeat(4, 1)
         late = r_idx >= start  # candidates differ only in edges into receivers from `start` on
         masks[:, late] = (torch.rand(4, int(late.sum()), generator=gen) > 0.5).float()
-        torch.testing.assert_close(patcher.run(masks, start=start), patcher.run(masks), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(patcher.run(masks, first_receiver=start), patcher.run(masks), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="start"):
-        patcher.run(patcher.ones().requires_grad_(True), start=3)
+        patcher.run(patcher.ones().requires_grad_(True), first_receiver=3)
 
 
 @pytest.mark.parametrize("corruption,direction", [("str", "noise"), ("gn", "denoise"), ("mean", "noise"), ("resample", "denoise")])

@@ -4,9 +4,9 @@ incremental passes equal full ones."""
 import pytest
 import torch
 
-from circuitfind import functional
+from circuitfind import tensor_forward
 from circuitfind import patching as P
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.graph import ModelGraph
 from circuitfind.models import load_model
 from circuitfind.tasks import TaskBatch
@@ -27,7 +27,7 @@ def test_components_equal_the_bridge(models, name):
     """Attention per head, MLP and unembedding, fed the bridge's own cached inputs."""
     model = models[name]
     tokens = _batch(model, name).clean_tokens
-    fm = functional.FunctionalModel(model)
+    fm = tensor_forward.TensorModel(model)
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens)
         for layer in range(model.cfg.n_layers):
@@ -114,7 +114,7 @@ def test_start_requires_candidates_to_agree_below_it(models):
     masks[1, 0] = 0.0  # an edge into the first receiver
     start = [r.name for r in patcher.graph.receivers].index("a1.0<q>")
     with pytest.raises(ValueError, match="candidates must agree"):
-        patcher.run(masks, start=start)
+        patcher.run(masks, first_receiver=start)
 
 
 def test_engine_choice(models, tmp_path):
@@ -124,7 +124,7 @@ def test_engine_choice(models, tmp_path):
     assert EdgePatcher(setup, engine="hooks").engine == "hooks"
     per_position = ModelGraph.from_model(model, n_pos=setup.n_pos)
     assert EdgePatcher(setup, per_position).engine == "hooks"
-    with pytest.raises(functional.UnsupportedModelError):
+    with pytest.raises(tensor_forward.UnsupportedModelError):
         EdgePatcher(setup, per_position, engine="functional")
     with pytest.raises(ValueError, match="engine must be"):
         EdgePatcher(setup, engine="fast")
@@ -144,13 +144,13 @@ def test_unsupported_architecture_falls_back_to_hooks(tmp_path):
     GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
     model = load_model(tmp_path, device="cpu")
-    assert not functional.supports(model)
+    assert not tensor_forward.supports(model)
     setup = P.prepare(model, TaskBatch.build(model, "ioi", 8, seed=0), "gn", "logit_diff")
     patcher = EdgePatcher(setup)
     assert patcher.engine == "hooks" and patcher.incremental().forward is None
     assert patcher.value(patcher.ones()).item() == setup.clean_value
-    with pytest.raises(functional.UnsupportedModelError, match="gpt_neox"):
-        functional.FunctionalModel(model)
+    with pytest.raises(tensor_forward.UnsupportedModelError, match="gpt_neox"):
+        tensor_forward.TensorModel(model)
 
 
 @pytest.mark.parametrize("name,tau", [("gqa-llama", 0.05), ("toy-induction", 0.05)])
@@ -166,3 +166,23 @@ def test_acdc_finds_the_same_circuit_on_both_engines(models, name, tau):
     circuit = D.acdc(fast, tau)
     assert 0 < reference.n_edges < fast.n_edges
     assert torch.equal(circuit.in_circuit, reference.in_circuit)
+
+
+@pytest.mark.parametrize("name", ["toy-ioi", "gqa-llama"])
+def test_both_engines_implement_the_engine_interface(models, name):
+    from circuitfind.edge_patching import Engine
+
+    model = models[name]
+    setup = P.prepare(model, _batch(model, name), "str", "kl")
+    direct, hooks = EdgePatcher(setup, engine="functional").backend, EdgePatcher(setup, engine="hooks").backend
+    assert isinstance(direct, Engine) and isinstance(hooks, Engine) and (direct.name, hooks.name) == ("functional", "hooks")
+    gen = torch.Generator().manual_seed(3)
+    keep = (torch.rand(3, direct.patcher.n_edges, generator=gen) > 0.3).float()
+    keep[:, : direct.patcher.graph.upstream(direct.patcher.graph.receivers[0])] = 1.0  # agree on the first receiver's edges
+    everything, prompts = slice(0, setup.size), slice(2, 7)
+    expected = hooks.logits(keep, everything)
+    assert expected.shape == (3 * setup.size, model.cfg.d_vocab)
+    torch.testing.assert_close(direct.logits(keep, everything), expected, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(direct.logits(keep, everything, first_receiver=1), expected, atol=1e-4, rtol=1e-5)
+    rows = torch.cat([torch.arange(c * setup.size + 2, c * setup.size + 7) for c in range(3)])
+    torch.testing.assert_close(direct.logits(keep, prompts), expected[rows], atol=1e-4, rtol=1e-5)

@@ -7,7 +7,7 @@ from transformer_lens import patching as tl_patching
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.circuit import Circuit
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.graph import ModelGraph
 from circuitfind.tasks import TaskBatch
 
@@ -68,11 +68,11 @@ def test_edge_patching_invariants_and_a_shared_kv_edge(gqa_model, setup, engine)
 
 
 def test_path_patching_into_a_shared_kv_input(gqa_model, setup):
-    res = P.path_patch(setup, [P.Receiver(1, 1, "k")], "end", "noise")
+    res = P.path_patch(setup, [P.PathReceiver(1, 1, "k")], "end", "noise")
     assert torch.isfinite(res.values).all()
     assert res.values[1].sub(setup.clean_value).abs().max() < 1e-5  # same-layer senders have no path
     with pytest.raises(ValueError, match="head < 2 for k inputs"):
-        P.path_patch(setup, [P.Receiver(1, 3, "k")])
+        P.path_patch(setup, [P.PathReceiver(1, 3, "k")])
 
 
 def test_discovery_runs_and_round_trips(setup, tmp_path):

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from circuitfind.circuit import Circuit
-from circuitfind.graph import ModelGraph, read_graph, write_graph
+from circuitfind.graph import ModelGraph
+from circuitfind.graph_io import read_graph, write_graph
 
 
 def test_edge_counts_and_order():

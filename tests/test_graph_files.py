@@ -18,7 +18,8 @@ import torch
 from circuitfind import errors
 from circuitfind.circuit import Circuit
 from circuitfind.cli import main
-from circuitfind.graph import ModelGraph, read_graph
+from circuitfind.graph import ModelGraph
+from circuitfind.graph_io import read_graph
 
 SUFFIXES = (".graphml", ".gexf", ".json", ".dot")
 FORMAT_NAMES = {".graphml": "GraphML", ".gexf": "GEXF", ".json": "node-link JSON", ".dot": "DOT"}
@@ -307,7 +308,7 @@ def test_dot_with_non_numeric_attribute(tmp_path, capsys, saved):
 
 
 def test_file_larger_than_the_limit(tmp_path, capsys):
-    from circuitfind import graph
+    from circuitfind import graph_io as graph
 
     path = tmp_path / "huge.graphml"
     with open(path, "wb") as fh:  # sparse: no disk or memory used

@@ -15,7 +15,7 @@ from circuitfind.circuit import Circuit
 from circuitfind.cli import main
 from circuitfind.errors import GraphFileError
 from circuitfind.graph import ModelGraph
-from circuitfind.mib import from_mib, read_mib, to_mib, write_mib
+from circuitfind.mib import read_mib, to_mib, write_mib
 
 TINY = """{
   "cfg": {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": false, "d_model": 8, "n_ctx": 16},
@@ -142,13 +142,13 @@ def test_gqa_group_edges_are_copied_to_every_query_head_and_merged_back(tmp_path
     expected = {"score": scores[group_edge].item(), "in_graph": True}
     assert obj["edges"]["a0.h1->a1.h2<k>"] == obj["edges"]["a0.h1->a1.h3<k>"] == expected
     assert not obj["edges"]["a0.h1->a1.h2<v>"]["in_graph"]
-    back = from_mib(obj)
+    back = Circuit.from_mib(obj)
     assert back.graph.shape == graph.shape
     assert torch.equal(back.in_circuit, keep) and torch.equal(back.scores, scores)
     # per-head edges of one group that disagree: in_graph if any is, the mean score
     obj["edges"]["input->a0.h0<v>"] = {"score": 1.0, "in_graph": True}
     obj["edges"]["input->a0.h1<v>"] = {"score": 3.0, "in_graph": False}
-    merged = from_mib(obj)
+    merged = Circuit.from_mib(obj)
     i = graph.edge_lookup[("input", "a0.g0<v>")]
     assert merged.in_circuit[i].item() is True and merged.scores[i].item() == 2.0
 
@@ -163,7 +163,7 @@ def test_merged_qkv_is_written_as_its_three_edges(tmp_path):
     score = scores[graph.edge_lookup[("m0", "a1.1")]].item()
     for kind in "qkv":
         assert obj["edges"][f"m0->a1.h1<{kind}>"] == {"score": score, "in_graph": True}
-    back = from_mib(obj)
+    back = Circuit.from_mib(obj)
     assert back.graph.split_qkv and set(back.edges) == {("m0", "a1.1<q>"), ("m0", "a1.1<k>"), ("m0", "a1.1<v>")}
 
 

@@ -11,7 +11,7 @@ from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind import tasks
 from circuitfind.cli import main
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.graph import ModelGraph
 
 BAD_FLOATS = [float("nan"), float("inf"), float("-inf")]

@@ -207,7 +207,7 @@ def _reference_path_patch(model, setup, sender, receiver, direction):
 @pytest.mark.parametrize("direction", ["noise", "denoise"])
 def test_path_patching_matches_a_plain_hook_reference(ioi_model, small_batch, direction):
     setup = P.prepare(ioi_model, small_batch, "str", "logit_diff", max_batch=16)
-    receivers = [P.Receiver(2, 1, "q"), P.Receiver(2, 3, "v")]
+    receivers = [P.PathReceiver(2, 1, "q"), P.PathReceiver(2, 3, "v")]
     res = P.path_patch(setup, [receivers[0]], "end", direction)
     for sender in [(0, 0), (0, 2), (1, 1), (1, 3)]:
         expected = _reference_path_patch(ioi_model, setup, sender, (2, 1, "q"), direction)

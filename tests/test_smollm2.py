@@ -8,7 +8,7 @@ import torch
 
 from circuitfind import fetch
 from circuitfind import patching as P
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.evaluation import evaluate
 from circuitfind.models import load_model
 from circuitfind.tasks import TaskBatch
@@ -49,5 +49,5 @@ def test_edge_patching_invariants(smol):
 
 def test_path_patching_into_a_shared_kv_input(smol):
     setup = P.prepare(smol, TaskBatch.build(smol, "ioi", 4, seed=1), "str", "logit_diff")
-    res = P.path_patch(setup, [P.Receiver(20, 1, "v")], None, "noise", senders=[(10, h) for h in range(9)])
+    res = P.path_patch(setup, [P.PathReceiver(20, 1, "v")], None, "noise", senders=[(10, h) for h in range(9)])
     assert torch.isfinite(res.values[10]).all() and torch.isnan(res.values[0]).all()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from circuitfind import patching as P
-from circuitfind import suffix
+from circuitfind.patching import suffix
 from circuitfind.corruptions import STR, CorruptionPlan
 from circuitfind.tasks import TaskBatch
 
@@ -20,7 +20,7 @@ KINDS = {
     "resid_post": lambda s, d: P.patch_block(s, "resid_post", d),
     "mlp_window": lambda s, d: P.patch_mlp_windows(s, 3, d, ["S2"]),
     "path_logits": lambda s, d: P.path_patch(s, P.LOGITS, "end", d),
-    "path_qkv": lambda s, d: P.path_patch(s, [P.Receiver(2, 1, "q"), P.Receiver(1, 0, "k"), P.Receiver(2, 3, "v")], None, d),
+    "path_qkv": lambda s, d: P.path_patch(s, [P.PathReceiver(2, 1, "q"), P.PathReceiver(1, 0, "k"), P.PathReceiver(2, 3, "v")], None, d),
 }
 
 
@@ -64,7 +64,7 @@ def test_suffix_passes_equal_full_forward_passes(ioi_model, batch, kind, corrupt
 def test_suffix_passes_on_grouped_query_attention(gqa_model, corruption):
     batch = TaskBatch.build(gqa_model, "ioi", 8, seed=2)
     fast, full = _engines(gqa_model, batch, corruption)
-    receivers = [P.Receiver(1, 3, "q"), P.Receiver(1, 1, "k"), P.Receiver(1, 0, "v")]  # k/v: key/value heads
+    receivers = [P.PathReceiver(1, 3, "q"), P.PathReceiver(1, 1, "k"), P.PathReceiver(1, 0, "v")]  # k/v: key/value heads
     for direction in ("noise", "denoise"):
         for kind in ("heads", "mlp_out", "path_logits"):
             _assert_same(KINDS[kind](fast, direction), KINDS[kind](full, direction))

@@ -11,8 +11,9 @@ import networkx as nx
 import torch
 
 from circuitfind.errors import GraphFileError
-from circuitfind.graph import INPUT, ModelGraph, check_shape, describe_shape
+from circuitfind.graph import ModelGraph, check_shape, describe_shape
 from circuitfind.graph_io import graph_format, read_graph, write_graph
+from circuitfind.names import INPUT, LOGITS, head_sort_key, is_head
 
 
 @dataclass
@@ -62,11 +63,7 @@ class Circuit:
 
     @property
     def heads(self) -> set[str]:
-        return {n for n in self.nodes if n.startswith("a")}
-
-    def masks(self, device=None) -> torch.Tensor:
-        """Keep-masks ``[1, n_edges(, pos)]`` for :class:`~circuitfind.edges.EdgePatcher`."""
-        return self.in_circuit[None].float().to(device)
+        return {n for n in self.nodes if is_head(n)}
 
     def to_networkx(self) -> nx.DiGraph:
         """The circuit as a ``networkx.DiGraph`` (all model edges, with ``in_circuit`` and ``score``)."""
@@ -117,18 +114,26 @@ class Circuit:
         return cls(graph, keep, scores, settings)
 
     @classmethod
+    def from_mib(cls, obj: dict) -> "Circuit":
+        """A circuit from a parsed EAP-IG / MIB graph object (:mod:`circuitfind.mib`); ``ValueError``
+        naming the problem."""
+        from circuitfind.mib import parse_mib
+
+        return cls(*parse_mib(obj))
+
+    @classmethod
     def load(cls, path: str | os.PathLike, fmt: str | None = None) -> "Circuit":
         """Read a circuit file (GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON); raises ``GraphFileError``."""
         if graph_format(path, fmt) == "mib":
             from circuitfind.mib import read_mib
 
-            return read_mib(path)
+            return cls(*read_mib(path))
         return cls.from_networkx(read_graph(path, fmt), source=str(path))
 
     def summary(self) -> str:
-        heads = sorted(self.heads, key=lambda n: tuple(int(x) for x in n[1:].split(".")))
+        heads = sorted(self.heads, key=head_sort_key)
         return (f"{self.settings.get('algorithm', 'circuit')}: {self.n_edges} of {self.graph.n_edges} edges, "
-                f"{len(self.nodes - {INPUT, 'logits'})} components; heads {', '.join(heads) or '(none)'}")
+                f"{len(self.nodes - {INPUT, LOGITS})} components; heads {', '.join(heads) or '(none)'}")
 
 
 def _declared_shape(g: nx.DiGraph) -> dict:

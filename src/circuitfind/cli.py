@@ -46,7 +46,7 @@ def _memory(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args):
-    from circuitfind.models import load_model
+    from circuitfind.catalogue import load_model
     from circuitfind.tasks import TaskBatch, check_prompt_count, load_task
 
     check_prompt_count(args.prompts)  # before the model loads
@@ -110,7 +110,7 @@ def cmd_patch(args) -> None:
     print(f"{args.what} patching, {result.corruption} / {result.metric} / {result.direction}: "
           f"clean {result.clean:.4f}, corrupt {result.corrupt:.4f}; normalised values, axes {result.axes}")
     torch_print(result.normalised)
-    sign = "positive" if args.direction == "denoise" else "negative"
+    sign = patching.effect_sign(args.direction)
     hits = patching.detect(result.effect, k=args.k, sign=sign)
     print(f"components >= {args.k} SD from the mean ({sign}): {hits}")
     if args.out:
@@ -129,19 +129,18 @@ def torch_print(t) -> None:
 
 def cmd_discover(args) -> None:
     from circuitfind import discovery, patching
-    from circuitfind.edges import EdgePatcher
 
     options = dict(acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k,
                    node_k=args.k)
     discovery.check_options(args.algorithm, args.direction, **options)  # before the model loads
     model, batch = _load(args)
     setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True, max_memory=args.max_memory)
-    circuit, _ = discovery.discover(setup, args.algorithm, args.direction, **options)
+    found = discovery.discover(setup, args.algorithm, args.direction, curve=False, **options)
+    circuit = found.circuit
     circuit.settings.setdefault("d_model", model.cfg.d_model)  # EAP-IG / MIB files carry it
     print(circuit.summary())
-    if circuit.n_edges:
-        direction = "noise" if args.algorithm == "acdc" else args.direction
-        print(f"faithfulness {discovery.faithfulness(EdgePatcher(setup, circuit.graph, direction), circuit):.3f}")
+    if found.faithfulness is not None:
+        print(f"faithfulness {found.faithfulness:.3f}")
     if args.out:
         print(f"wrote {circuit.save(args.out)}")
 

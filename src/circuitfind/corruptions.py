@@ -58,7 +58,6 @@ class CorruptionPlan:
     end_pos: torch.Tensor
     positions: dict[str, torch.Tensor]
     ablate: Callable[[torch.Tensor], torch.Tensor] | None = None
-    copies: int = 1
 
     @property
     def size(self) -> int:
@@ -146,7 +145,7 @@ class GaussianNoise(Corruption):
         return CorruptionPlan(
             name=self.name, batch=batch, clean=Run(tokens), corrupt=Run(tokens, [(EMBED_HOOK, add)]),
             answers=rep(batch.answers), counter_answers=rep(batch.counter_answers), end_pos=rep(batch.end_pos),
-            positions={k: rep(v) for k, v in batch.positions.items()}, copies=self.samples,
+            positions={k: rep(v) for k, v in batch.positions.items()},
         )
 
 

@@ -26,10 +26,11 @@ from tqdm.auto import tqdm
 from circuitfind import patching as P
 from circuitfind.checks import finite_number, positive_int
 from circuitfind.circuit import Circuit
-from circuitfind.edges import EdgePatcher
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.errors import CircuitfindError
-from circuitfind.graph import LOGITS, ModelGraph
+from circuitfind.graph import ModelGraph
 from circuitfind.metrics import normalise
+from circuitfind.names import INPUT, LOGITS, head_name
 
 
 class EmptyCircuitError(CircuitfindError, ValueError):
@@ -249,7 +250,7 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
     graph = ModelGraph.from_model(setup.model)
     keep = torch.zeros(graph.n_edges, dtype=torch.bool)
     scores = torch.zeros(graph.n_edges)
-    sign = "negative" if direction == "noise" else "positive"
+    sign = P.effect_sign(direction)
     group = setup.n_heads // graph.n_kv_heads
     lookup = graph.edge_lookup
 
@@ -259,7 +260,7 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
             return []
         hits = P.detect(result.effect, k=k, sign=sign)
         for l, h in hits:
-            e = lookup[(f"a{l}.{h}", receiver)]
+            e = lookup[(head_name(l, h), receiver)]
             keep[e] = True
             scores[e] = result.effect[l, h]
         return hits
@@ -275,7 +276,7 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
             for kind in ("q", "k", "v"):
                 index = head if kind == "q" else head // group  # k/v inputs are per key/value head
                 where = positions if kind == "q" else kv_positions
-                res = P.path_patch(setup, [P.Receiver(layer, index, kind)], where, direction, senders=senders)
+                res = P.path_patch(setup, [P.PathReceiver(layer, index, kind)], where, direction, senders=senders)
                 nxt += mark(res, graph.receiver_name(layer, head, kind))
         frontier = [x for x in dict.fromkeys(nxt) if x not in seen]
         seen.update(frontier)
@@ -357,13 +358,13 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
     (or, into the logits, the sending head's) patching effect."""
     P.check_k(k)
     heads = P.patch_heads(setup, direction)
-    sign = "negative" if direction == "noise" else "positive"
-    found = {f"a{l}.{h}" for l, h in P.detect(heads.effect, k=k, sign=sign)}
+    sign = P.effect_sign(direction)
+    found = {head_name(l, h) for l, h in P.detect(heads.effect, k=k, sign=sign)}
     graph = ModelGraph.from_model(setup.model)
-    nodes = found | {"input", LOGITS}
+    nodes = found | {INPUT, LOGITS}
     keep = torch.zeros(graph.n_edges, dtype=torch.bool)
     scores = torch.zeros(graph.n_edges)
-    effect = {f"a{l}.{h}": float(heads.effect[l, h]) for l in range(setup.n_layers) for h in range(setup.n_heads)}
+    effect = {head_name(l, h): float(heads.effect[l, h]) for l in range(setup.n_layers) for h in range(setup.n_heads)}
     for i in range(graph.n_edges):
         s, feeds = graph.edge_nodes(i)
         r = next((f for f in feeds if f in nodes), None)
@@ -376,6 +377,13 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
 
 
 ALGORITHMS = ("acdc", "eap", "eap_ig", "path_patching", "node")
+NOISING_ONLY = ("acdc",)  # ACDC prunes from the full (clean) model: it runs in the noising direction only
+SCORED = ("eap", "eap_ig", "acdc")  # algorithms whose edge scores rank every edge (a faithfulness curve applies)
+
+
+def allows_direction(algorithm: str, direction: str) -> bool:
+    """Whether ``algorithm`` runs in ``direction`` (ACDC in the noising direction only)."""
+    return algorithm not in NOISING_ONLY or direction == "noise"
 
 
 def check_options(algorithm: str, direction: str = "noise", *, acdc_tau: float = 0.02, top_k: int = 20,
@@ -386,10 +394,10 @@ def check_options(algorithm: str, direction: str = "noise", *, acdc_tau: float =
     graph's size when the graph is known (:func:`check_top_k`)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
-    P._check_direction(direction)
+    P.check_direction(direction)
+    if not allows_direction(algorithm, direction):
+        raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
     if algorithm == "acdc":
-        if direction != "noise":
-            raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
         finite_number("acdc_tau", acdc_tau, minimum=0.0)
     if algorithm in ("eap", "eap_ig"):
         positive_int("top_k", top_k)
@@ -402,20 +410,57 @@ def check_options(algorithm: str, direction: str = "noise", *, acdc_tau: float =
         finite_number("node_k", node_k, positive=True)
 
 
+@dataclass
+class Discovery:
+    """The result of :func:`discover`: the circuit and how well it reproduces the model.
+
+    ``per_prompt``: EAP/EAP-IG edge scores per prompt ``[n_edges, batch]`` (when asked for);
+    ``faithfulness``: :func:`faithfulness` of the circuit in the direction it was found in (``None``
+    for an empty circuit, with the reason in ``faithfulness_status``); ``curve``: the
+    :func:`faithfulness_curve` of the scores for :data:`SCORED` algorithms (when asked for).
+    """
+
+    circuit: Circuit
+    direction: str
+    per_prompt: torch.Tensor | None = None
+    faithfulness: float | None = None
+    faithfulness_status: str = "ok"
+    curve: FaithfulnessCurve | None = None
+
+
 def discover(setup: P.PatchingSetup, algorithm: str, direction: P.Direction = "noise", *, acdc_tau: float = 0.02,
              top_k: int = 20, ig_steps: int = 5, path_depth: int = 2, path_k: float = 1.0, node_k: float = 2.0,
-             per_prompt: bool = False) -> tuple[Circuit, torch.Tensor | None]:
-    """Run one discovery algorithm; returns the circuit and, for EAP/EAP-IG with ``per_prompt``,
-    the per-prompt edge scores ``[n_edges, batch]``. Options are checked first (:func:`check_options`);
+             per_prompt: bool = False, curve: bool = True) -> Discovery:
+    """Run one discovery algorithm and measure the circuit's faithfulness (and, with ``curve``,
+    the faithfulness curve of its scores). With ``per_prompt``, EAP/EAP-IG also return the
+    per-prompt edge scores ``[n_edges, batch]``. Options are checked first (:func:`check_options`);
     a ``top_k`` larger than the graph is an error, as in :func:`select_top_k`."""
     check_options(algorithm, direction, acdc_tau=acdc_tau, top_k=top_k, ig_steps=ig_steps, path_depth=path_depth,
                   path_k=path_k, node_k=node_k)
+    circuit, per = _find(setup, algorithm, direction, acdc_tau=acdc_tau, top_k=top_k, ig_steps=ig_steps,
+                         path_depth=path_depth, path_k=path_k, node_k=node_k, per_prompt=per_prompt)
+    found = Discovery(circuit, direction, per)
+    patcher = EdgePatcher(setup, circuit.graph, direction=direction)
+    if circuit.n_edges:
+        found.faithfulness = faithfulness(patcher, circuit)
+    else:
+        found.faithfulness_status = "empty circuit"
+    if curve and algorithm in SCORED and circuit.scores is not None:
+        found.curve = faithfulness_curve(patcher, circuit.scores)
+    return found
+
+
+def _find(setup: P.PatchingSetup, algorithm: str, direction: P.Direction, *, acdc_tau: float, top_k: int,
+          ig_steps: int, path_depth: int, path_k: float, node_k: float, per_prompt: bool
+          ) -> tuple[Circuit, torch.Tensor | None]:
+    """The circuit of one algorithm (options checked) and, for EAP/EAP-IG with ``per_prompt``, the
+    per-prompt edge scores."""
     if algorithm == "path_patching":
         return iterative_path_patching(setup, path_depth, path_k, "end", direction), None
     if algorithm == "node":
         return node_circuit(setup, direction, node_k), None
     if algorithm == "acdc":
-        return acdc(EdgePatcher(setup, direction="noise"), acdc_tau), None
+        return acdc(EdgePatcher(setup, direction=direction), acdc_tau), None
     patcher = EdgePatcher(setup, direction=direction)
     k = check_top_k(top_k, patcher.graph)
     steps = ig_steps if algorithm == "eap_ig" else None

@@ -10,8 +10,7 @@ receiver downstream of it in the residual stream.
 fixed order, ``edges[i] = (sender, receiver)``). :meth:`ModelGraph.to_networkx` gives the
 ``networkx.DiGraph`` (ACDC's convention: q/k/v input nodes feed their head through structural
 edges). Its file formats (GraphML, GEXF, node-link JSON, DOT; the hardening of untrusted files) are
-in :mod:`circuitfind.graph_io`, the EAP-IG / MIB circuit JSON in :mod:`circuitfind.mib`; the
-readers and writers are still importable from here.
+in :mod:`circuitfind.graph_io`, the EAP-IG / MIB circuit JSON in :mod:`circuitfind.mib`.
 Graph sizes are bounded before anything is allocated (:func:`check_shape`, :data:`MAX_EDGES`).
 """
 
@@ -287,16 +286,3 @@ def _mark_nodes(g: nx.DiGraph) -> None:
     for u, v, d in g.edges(data=True):
         if d["in_circuit"]:
             g.nodes[u]["in_circuit"] = g.nodes[v]["in_circuit"] = True
-
-
-# The file formats moved to circuitfind.graph_io; their names stay importable from here.
-_MOVED_TO_GRAPH_IO = ("read_graph", "write_graph", "FORMATS", "FORMAT_NAMES", "MAX_GRAPH_FILE_BYTES",
-                      "MAX_DOT_FILE_BYTES", "MAX_DOT_NESTING", "dot_nesting")
-
-
-def __getattr__(name: str):
-    if name in _MOVED_TO_GRAPH_IO:  # imported on use: graph_io imports this module
-        from circuitfind import graph_io
-
-        return getattr(graph_io, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

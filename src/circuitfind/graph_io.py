@@ -68,11 +68,8 @@ def write_graph(graph: nx.DiGraph, path: str | os.PathLike, fmt: str | None = No
     """Write a circuit graph atomically as GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON (by suffix)."""
     path = Path(path)
     fmt = graph_format(path, fmt)
-    if fmt == "mib":  # a circuit-level format: through the circuit
-        from circuitfind.circuit import Circuit
-        from circuitfind.mib import write_mib
-
-        return write_mib(Circuit.from_networkx(graph), path)
+    if fmt == "mib":
+        raise ValueError(f"{path.name}: EAP-IG / MIB files hold circuits: write them with Circuit.save")
     if fmt == "graphml":
         return write_bytes(path, "\n".join(nx.generate_graphml(graph)).encode())
     if fmt == "gexf":  # GEXF keeps only a graph name: carry the graph attributes in it as JSON
@@ -93,10 +90,8 @@ def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
     """
     path = Path(path)
     fmt = graph_format(path, fmt)
-    if fmt == "mib":  # a circuit-level format: through the circuit
-        from circuitfind.mib import read_mib
-
-        return read_mib(path).to_networkx()
+    if fmt == "mib":
+        raise ValueError(f"{path.name}: EAP-IG / MIB files hold circuits: read them with Circuit.load")
     data = _read_limited(path, fmt)
     name = FORMAT_NAMES[fmt]
     try:

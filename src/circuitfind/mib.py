@@ -43,7 +43,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
@@ -55,6 +55,16 @@ if TYPE_CHECKING:
     from circuitfind.circuit import Circuit
 
 SUFFIX = ".mib.json"
+
+
+class CircuitParts(NamedTuple):
+    """What a MIB file holds, as :class:`~circuitfind.circuit.Circuit`'s arguments (this module sits
+    below ``circuit``, which builds circuits from it)."""
+
+    graph: ModelGraph
+    in_circuit: torch.Tensor
+    scores: torch.Tensor
+    settings: dict
 SETTINGS_KEY = "circuitfind_settings"
 
 
@@ -110,8 +120,9 @@ def write_mib(circuit: "Circuit", path: str | os.PathLike, d_model: int | None =
     return write_text(path, json.dumps(obj, allow_nan=False))
 
 
-def read_mib(path: str | os.PathLike) -> "Circuit":
-    """Read an EAP-IG / MIB graph JSON file as a circuit; ``GraphFileError`` naming the file and the problem."""
+def read_mib(path: str | os.PathLike) -> CircuitParts:
+    """Read an EAP-IG / MIB graph JSON file as a circuit's parts (``Circuit.load`` builds the circuit);
+    ``GraphFileError`` naming the file and the problem."""
     from circuitfind.graph_io import _one_line, _read_limited
 
     path = Path(path)
@@ -121,15 +132,14 @@ def read_mib(path: str | os.PathLike) -> "Circuit":
     except (ValueError, RecursionError) as err:
         raise GraphFileError(f"{path}: not a valid EAP-IG / MIB graph JSON file: {_one_line(err)}") from None
     try:
-        return from_mib(obj)
+        return parse_mib(obj)
     except ValueError as err:
         raise GraphFileError(f"{path}: {err}") from None
 
 
-def from_mib(obj) -> "Circuit":
-    """A circuit from a parsed EAP-IG / MIB graph object; ``ValueError`` naming the problem."""
-    from circuitfind.circuit import Circuit
-
+def parse_mib(obj) -> CircuitParts:
+    """A circuit's parts from a parsed EAP-IG / MIB graph object (``Circuit.from_mib`` builds the
+    circuit); ``ValueError`` naming the problem."""
     if not isinstance(obj, dict):
         raise ValueError(f"the top level is a JSON {_json_type(obj)}, not an object with cfg, nodes and edges")
     missing = [k for k in ("cfg", "nodes", "edges") if k not in obj]
@@ -186,7 +196,7 @@ def from_mib(obj) -> "Circuit":
     settings = dict(settings) if isinstance(settings, dict) else {"source_format": "eap-ig/mib"}
     if "d_model" in cfg:
         settings["d_model"] = cfg["d_model"]
-    return Circuit(graph, keep, (total / count).float(), settings)
+    return CircuitParts(graph, keep, (total / count).float(), settings)
 
 
 def _node_names(n_layers: int, n_heads: int) -> list[str]:

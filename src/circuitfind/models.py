@@ -1,7 +1,10 @@
 """Loading models as TransformerLens 4 bridges with every per-head hook switched on.
 
-Shipped toy models live in ``circuitfind/zoo/<name>/`` as Hugging Face folders; any other name is
-handed to ``TransformerBridge.boot_transformers`` (a local HF-format folder or a hub name).
+Shipped toy models live in ``circuitfind/zoo/<name>/`` as Hugging Face folders, fetched registry
+models in the cache (:mod:`circuitfind.fetch`); any other name is handed to
+``TransformerBridge.boot_transformers`` (a local HF-format folder or a hub name). Models built by
+code (``known-induction``) need the zoo's code, which this module does not import: load any name
+through :func:`circuitfind.catalogue.load_model`.
 """
 
 from __future__ import annotations
@@ -53,34 +56,20 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _build_known_induction(folder):
-    from circuitfind.zoo.known import build_induction_model
-
-    return build_induction_model(folder)
-
-
-# Models whose weights are set by code (circuit known by construction), built into the cache on first use.
-BUILT = {"known-induction": _build_known_induction}
-
-
 def shipped_models() -> list[str]:
     """Names of the toy models bundled with circuitfind."""
     return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
-    """Map a shipped or fetched model name to its folder; leave folders and hub names as they are."""
+    """Map a shipped or fetched model name to its folder; leave folders and hub names as they are.
+    (Models built by code, such as ``known-induction``, are resolved by :mod:`circuitfind.catalogue`.)"""
     from circuitfind import fetch
 
     text = str(name_or_path)
     shipped = ZOO_DIR / text
     if (shipped / "config.json").is_file():
         return str(shipped)
-    if text in BUILT:  # known-answer models are built by code on first use
-        folder = fetch.model_dir(text)
-        if not (folder / "config.json").is_file():
-            BUILT[text](folder)
-        return str(folder)
     if text in fetch.FETCHABLE:
         if not fetch.is_fetched(text):
             raise ModelNotFoundError(f"model {text!r} is not in the cache ({fetch.model_dir(text)}): "

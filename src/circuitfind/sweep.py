@@ -40,11 +40,10 @@ import circuitfind
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.corruptions import get_corruption
-from circuitfind.edges import EdgePatcher
 from circuitfind.errors import TaskError
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric
-from circuitfind.models import load_model, locate_model, resolve_model_path
+from circuitfind.catalogue import load_model, locate_model, resolve_model_path
 from circuitfind.tasks import MAX_PROMPTS, TaskBatch, load_task
 
 log = logging.getLogger(__name__)
@@ -171,7 +170,7 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"unknown algorithm {a!r}; choose from {D.ALGORITHMS}")
         grid = product(self.models, self.tasks, self.algorithms, self.corruptions, self.metrics, self.directions)
         return [Setting(model=m, task=t, algorithm=a, corruption=c, metric=mt, direction=d)
-                for m, t, a, c, mt, d in grid if not (a == "acdc" and d != "noise")]
+                for m, t, a, c, mt, d in grid if D.allows_direction(a, d)]
 
     def shared(self) -> dict:
         """Parameters that change results (everything but the grid and the device)."""
@@ -271,18 +270,15 @@ def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, "D.Cir
     task = load_task(setting.task)
     batch = TaskBatch.build(model, task, config.prompts, seed=config.seed)
     setup = P.prepare(model, batch, setting.corruption, setting.metric, max_batch=config.max_batch)
-    circuit, per_prompt = D.discover(
+    found = D.discover(
         setup, setting.algorithm, setting.direction, acdc_tau=config.acdc_tau, top_k=config.top_k,
         ig_steps=config.ig_steps, path_depth=config.path_depth, path_k=config.path_k, node_k=config.node_k,
         per_prompt=setting.algorithm in ("eap", "eap_ig"),
     )
-    direction = setting.direction if setting.algorithm != "acdc" else "noise"
-    patcher = EdgePatcher(setup, circuit.graph, direction=direction)
+    circuit, per_prompt = found.circuit, found.per_prompt
     # strict JSON has no NaN: an undefined faithfulness is null, with the reason beside it
-    faith, faith_status = (D.faithfulness(patcher, circuit), "ok") if circuit.n_edges else (None, "empty circuit")
-    curve = None
-    if setting.algorithm in ("eap", "eap_ig", "acdc") and circuit.scores is not None:
-        curve = D.faithfulness_curve(patcher, circuit.scores).as_dict()
+    faith, faith_status = found.faithfulness, found.faithfulness_status
+    curve = found.curve.as_dict() if found.curve else None
     circuit.settings.update(setting.model_dump())
     record = {
         "setting": setting.name, **setting.model_dump(), "n_prompts": setup.batch.size,

@@ -303,7 +303,6 @@ class TaskBatch:
     positions: dict[str, torch.Tensor]
     mask: torch.Tensor
     spans: dict[str, torch.Tensor] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:

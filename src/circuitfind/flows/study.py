@@ -23,7 +23,7 @@ from circuitfind import study
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
 from circuitfind.io import write_json
-from circuitfind.models import load_model
+from circuitfind.catalogue import load_model
 from circuitfind.paths import default_outputs
 
 

@@ -4,16 +4,78 @@ activations are kept, rerunning only the components an edit reaches (ACDC's inne
 ACDC removes one edge at a time from a circuit that changes only by the edges it accepts. Against
 the current circuit's receiver inputs and sender outputs, a candidate that edits the edges into a
 few receivers changes only the components downstream of them along kept edges, so each step costs
-those components instead of a forward pass. Built on :class:`circuitfind.functional.MaskedForward`'s
-components, sources and answer positions; tests pin it to full passes of the hooks engine.
+those components instead of a forward pass. :class:`IncrementalSearch` is the search's view
+(:meth:`EdgePatcher.incremental`); :class:`IncrementalForward` the passes, built on
+:class:`~circuitfind.edge_patching.direct.MaskedForward`'s components, sources and answer
+positions (the direct engine); with the hooks engine a search starts each pass at the first changed
+receiver instead. Tests pin both to full passes of the hooks engine.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from circuitfind.functional import MaskedForward
-from circuitfind.patching import hook_name
+from circuitfind.patching import memory
+from circuitfind.edge_patching.direct import DirectEngine, MaskedForward
+from circuitfind.names import hook_name
+
+if TYPE_CHECKING:
+    from circuitfind.edge_patching.patcher import EdgePatcher
+
+
+class IncrementalSearch:
+    """Metric values of candidate masks that differ little from a reference that moves (ACDC).
+
+    The reference starts as every edge kept. :meth:`values` evaluates candidates, :meth:`adopt`
+    makes one of them the new reference. With the functional engine only the components reached
+    from the changed receivers along kept edges run (:class:`IncrementalForward`);
+    with the hooks engine the forward pass starts at the first changed receiver's layer.
+
+    ``max_candidates`` is how many candidates one incremental pass evaluates within the patcher's
+    memory budget (every prompt, at least one candidate); :meth:`values` splits larger sets.
+    """
+
+    def __init__(self, patcher: "EdgePatcher"):
+        self.patcher = patcher
+        self.reference = patcher.ones()
+        self._last: torch.Tensor | None = None
+        self._kept_from = 0  # candidates of the last call from here on ran in the pass whose state is kept
+        B = patcher.setup.size
+        per_candidate = patcher.row_bytes(patcher.engine) * B
+        self.max_candidates = memory.rows_per_pass(patcher.budget(), per_candidate, max(1, patcher.setup.max_batch // B))
+        self.forward: IncrementalForward | None = None
+        if isinstance(patcher.backend, DirectEngine):
+            inputs = patcher.setup.base_activations(patcher.direction, IncrementalForward.hooks(patcher.graph.n_layers))
+            self.forward = IncrementalForward(patcher.backend.masked_forward(), inputs)
+
+    def values(self, masks: torch.Tensor) -> torch.Tensor:
+        """Mean metric per candidate ``[candidates]`` for ``[candidates, n_edges]`` keep-masks."""
+        self._last = masks
+        if self.forward is None:
+            differs = (masks != self.reference).any(0)
+            first = int(self.patcher.graph.edge_index[1][differs.cpu()].min()) if differs.any() else 0
+            return self.patcher.value(masks, first_receiver=first)
+        values = []
+        with torch.no_grad():
+            for part in masks.split(self.max_candidates):
+                answer = self.forward.logits(1.0 - self.patcher.graph.dense(part.float()))
+                values.append(self.patcher.score(answer).mean(-1))
+        self._kept_from = masks.shape[0] - part.shape[0]
+        return torch.cat(values)
+
+    def adopt(self, j: int) -> None:
+        """Make candidate ``j`` of the last :meth:`values` call the reference."""
+        self.reference = self._last[j : j + 1].clone()
+        if self.forward is None:
+            return
+        if j < self._kept_from:  # its pass's state is gone: run it again alone
+            with torch.no_grad():
+                self.forward.logits(1.0 - self.patcher.graph.dense(self.reference.float()))
+            self.forward.adopt(0)
+        else:
+            self.forward.adopt(j - self._kept_from)
 
 
 class IncrementalForward:

@@ -4,7 +4,7 @@ A candidate that first patches layer ``l`` at one of the points ``resid_pre``, `
 ``mlp_out`` or ``resid_post`` (in forward order) leaves everything before that point as it was in
 the unpatched base run. :class:`SuffixForward` starts each candidate there, from the base run's
 cached activations, and runs only the rest of the model, on the components of
-:class:`circuitfind.functional.FunctionalModel` (GPT-2 and Llama-style models); candidates are
+:class:`circuitfind.tensor_forward.TensorModel` (GPT-2 and Llama-style models); candidates are
 grouped by their starting point and stacked along the batch, and the logits are computed at the
 answer positions only. Over a sweep of every layer that is about half a forward pass per
 candidate.
@@ -21,40 +21,53 @@ already in the cached residual stream entering layer 0, so every candidate sees 
 
 from __future__ import annotations
 
-import re
 from typing import Callable, Sequence
 
 import torch
 
-from circuitfind import functional
-from circuitfind.patching import EMBEDDING_STAGE, PatchingSetup, _patch_hook, _repeat_ctx, hook_name
+from circuitfind import tensor_forward
+from circuitfind.names import EMBEDDING_STAGE, hook_name, parse_hook
+from circuitfind.patching.setup import Direction, PatchingSetup, patch_hook, repeat_ctx
+from circuitfind.tensor_forward import UnsupportedModelError
 
 POINTS = ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")  # patch points of a layer, in forward order
 RESID_PRE, Z, ATTN_OUT, MLP_OUT, RESID_POST = range(len(POINTS))
-_POINT_HOOK = re.compile(r"blocks\.(\d+)\.(hook_resid_pre|attn\.hook_z|hook_attn_out|hook_mlp_out|hook_resid_post)")
-_RECEIVER_HOOK = re.compile(r"blocks\.(\d+)\.hook_(q|k|v)_input")
-_POINT_OF = {"hook_resid_pre": RESID_PRE, "attn.hook_z": Z, "hook_attn_out": ATTN_OUT, "hook_mlp_out": MLP_OUT,
-             "hook_resid_post": RESID_POST}
 
 Patch = Callable[[int, str, torch.Tensor], torch.Tensor]  # (layer, point, activation) -> patched activation
 
 
 def patch_point(name: str) -> tuple[int, int] | None:
     """``(layer, index in POINTS)`` of a hook the suffix passes patch, ``None`` for any other hook."""
-    match = _POINT_HOOK.fullmatch(name)
-    return None if match is None else (int(match.group(1)), _POINT_OF[match.group(2)])
+    hook = parse_hook(name)
+    return None if hook is None or hook[1] not in POINTS else (hook[0], POINTS.index(hook[1]))
+
+
+def receiver_input(name: str) -> tuple[int, str] | None:
+    """``(layer, "q" | "k" | "v")`` of a head-input hook (a path-patching receiver), else ``None``."""
+    hook = parse_hook(name)
+    return None if hook is None or hook[1] not in ("q_input", "k_input", "v_input") else (hook[0], hook[1][0])
 
 
 def supports(setup: PatchingSetup, direction: str, names: Sequence[str] = (), receivers: Sequence[str] = ()) -> bool:
     """Whether suffix passes serve these patched hooks (``names``) or path-patching receiver hooks:
     the setup allows it, the functional engine implements the model, every hook is one it knows,
     and the base run's own hooks act on the embedding stage only."""
-    if getattr(setup, "engine", "auto") == "hooks" or not functional.supports(setup.model):
+    if getattr(setup, "engine", "auto") == "hooks" or not tensor_forward.supports(setup.model):
         return False
     last = hook_name(setup.n_layers - 1, "resid_post")
-    if any(patch_point(n) is None for n in names) or any(r != last and not _RECEIVER_HOOK.fullmatch(r) for r in receivers):
+    if any(patch_point(n) is None for n in names) or any(r != last and receiver_input(r) is None for r in receivers):
         return False
     return all(isinstance(h, str) and h in EMBEDDING_STAGE for h, _ in setup.base_run(direction).hooks)
+
+
+def use_suffix(setup: PatchingSetup, direction: Direction, names=(), receivers=()) -> bool:
+    """Whether suffix passes serve this sweep under the setup's engine (an error where the setup
+asks for the ``functional`` engine and they cannot)."""
+    usable = supports(setup, direction, names, receivers)
+    if setup.engine == "functional" and not usable:
+        raise UnsupportedModelError("suffix passes need a GPT-2 or Llama-style model, block/head hooks and "
+                                    "base-run hooks on the embedding stage only")
+    return usable
 
 
 class SuffixForward:
@@ -67,7 +80,7 @@ class SuffixForward:
 
     def __init__(self, setup: PatchingSetup, direction: str):
         self.setup, self.direction = setup, direction
-        self.fm = functional.FunctionalModel(setup.model)
+        self.fm = tensor_forward.TensorModel(setup.model)
         self.n_layers, self.size = setup.n_layers, setup.size
         self.end_pos = setup.plan.end_pos
 
@@ -100,7 +113,7 @@ class SuffixForward:
     def score(self, answer: torch.Tensor, n: int) -> torch.Tensor:
         """Per-prompt metric ``[n, batch]`` of stacked answer-position logits."""
         s = self.setup
-        return s.metric(answer, _repeat_ctx(s.ctx, n)).reshape(n, self.size)
+        return s.metric(answer, repeat_ctx(s.ctx, n)).reshape(n, self.size)
 
     # -- node patching ----------------------------------------------------------------------
     def logits(self, start: tuple[int, int], n: int, patch: Patch) -> torch.Tensor:
@@ -160,7 +173,7 @@ class SuffixForward:
 
                 def patch(layer: int, point: str, act: torch.Tensor, sub=sub) -> torch.Tensor:
                     name = hook_name(layer, point)
-                    return act if name not in sub else _patch_hook(act, None, sources[name], sub[name])
+                    return act if name not in sub else patch_hook(act, None, sources[name], sub[name])
 
                 with torch.no_grad():
                     answer = self.logits(divmod(s, len(POINTS)), len(part), patch)
@@ -190,11 +203,11 @@ class SuffixForward:
         by_layer: dict[int, dict[str, torch.Tensor]] = {}
         to_logits = False
         for name, heads in receivers.items():
-            match = _RECEIVER_HOOK.fullmatch(name)
-            if match is None:
+            recv = receiver_input(name)
+            if recv is None:
                 to_logits = True
             else:
-                by_layer.setdefault(int(match.group(1)), {})[match.group(2)] = heads
+                by_layer.setdefault(recv[0], {})[recv[1]] = heads
         top = L if to_logits else max(by_layer)
         base_values = self.base_values()
         out = base_values.new_empty(len(senders), self.size)

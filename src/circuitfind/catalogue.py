@@ -1,0 +1,53 @@
+"""Models by name: the public entry point for loading any model circuitfind knows.
+
+:func:`load_model` takes a shipped toy model (``circuitfind/zoo/<name>/``), a model built by code
+on first use (``known-induction``: :mod:`circuitfind.zoo.known`), a fetched registry model
+(:mod:`circuitfind.fetch`), a local HF-format folder or a Hugging Face hub name. It builds the
+models that are made by code (which needs the zoo, and through it the task specs) and hands
+everything else to :mod:`circuitfind.models`, which loads folders and hub names and imports none of
+the zoo's code. The imports run one way: ``models`` <- ``tasks`` <- ``zoo`` <- ``catalogue``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from circuitfind import fetch, models
+
+
+def _build_known_induction(folder: Path) -> None:
+    from circuitfind.zoo.known import build_induction_model
+
+    build_induction_model(folder)
+
+
+# Models whose weights are set by code (circuit known by construction), built into the cache on first use.
+BUILT: dict[str, Callable[[Path], None]] = {"known-induction": _build_known_induction}
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str:
+    """Map a shipped, built or fetched model name to its folder (building a built model on first
+    use); leave folders and hub names as they are."""
+    text = str(name_or_path)
+    if text in BUILT and not (models.ZOO_DIR / text / "config.json").is_file():
+        folder = fetch.model_dir(text)
+        if not (folder / "config.json").is_file():
+            BUILT[text](folder)
+        return str(folder)
+    return models.resolve_model_path(name_or_path)
+
+
+def locate_model(name_or_path: str | os.PathLike) -> str:
+    """The folder or hub name :func:`load_model` would load (see :func:`circuitfind.models.locate_model`)."""
+    return models.locate_model(resolve_model_path(name_or_path))
+
+
+def load_model(name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None,
+               dtype: str | torch.dtype = "float32"):
+    """Load any model by name or folder as a ``TransformerBridge`` ready for patching (see
+    :func:`circuitfind.models.load_model` for the arguments and errors)."""
+    return models.load_model(resolve_model_path(name_or_path), device=device, tokenizer=tokenizer, dtype=dtype)

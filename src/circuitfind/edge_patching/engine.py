@@ -1,0 +1,32 @@
+"""The interface between :class:`~circuitfind.edge_patching.EdgePatcher` and its engines.
+
+An engine turns keep-masks into answer-position logits; the patcher does the rest (checking the
+masks, splitting candidates and prompts into passes within the memory budget, scoring). Two
+engines implement it: :class:`~circuitfind.edge_patching.hooks.HooksEngine` (``hooks``: the bridge
+with forward hooks; every architecture, and the only one for gradients) and
+:class:`~circuitfind.edge_patching.direct.DirectEngine` (``functional``: a hook-free pass on GPT-2
+and Llama-style models, faster for plain evaluations).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What :class:`~circuitfind.edge_patching.EdgePatcher` needs from an engine for plain
+    (no-gradient, position-free) evaluations. (Searches: :class:`~circuitfind.edge_patching.IncrementalSearch`
+    runs incremental passes on the direct engine's masked pass, and starts each pass at the first
+    changed receiver on any other engine.)"""
+
+    name: str  # the engine option: "hooks" or "functional"
+
+    def logits(self, keep: torch.Tensor, prompts: slice, first_receiver: int = 0) -> torch.Tensor:
+        """Answer-position logits ``[candidates * prompts, vocab]`` of float keep-masks
+        ``[candidates, n_edges]`` on the prompts ``prompts``. The candidates agree on every edge
+        into the receivers before ``first_receiver`` (graph order), so the pass below it can run
+        once and be shared (:class:`~circuitfind.edge_patching.prefix.PrefixCache`)."""
+        ...

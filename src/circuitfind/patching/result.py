@@ -1,0 +1,60 @@
+"""The result of a node or path patching sweep, with the baselines needed to read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from circuitfind.metrics import normalise
+from circuitfind.patching.setup import PatchingSetup
+
+
+@dataclass
+class PatchResult:
+    """Metric values of a patching sweep, with the baselines needed to read them.
+
+    ``values`` is the mean over prompts (shape ``axes``), ``per_prompt`` keeps the prompt axis last.
+    For GN the prompt axis counts every noise sample.
+    """
+
+    values: torch.Tensor
+    per_prompt: torch.Tensor
+    axes: tuple[str, ...]
+    metric: str
+    corruption: str
+    direction: str
+    clean: float
+    corrupt: float
+    kind: str = ""
+
+    @property
+    def base(self) -> float:
+        """The unpatched value of the patched run (corrupt for denoising, clean for noising)."""
+        return self.corrupt if self.direction == "denoise" else self.clean
+
+    @property
+    def normalised(self) -> torch.Tensor:
+        """``(patched - corrupt) / (clean - corrupt)``."""
+        return normalise(self.values, self.clean, self.corrupt)
+
+    @property
+    def effect(self) -> torch.Tensor:
+        """``patched - base``: positive when the patch moves the metric up."""
+        return self.values - self.base
+
+    def as_dict(self) -> dict:
+        return {
+            "kind": self.kind, "axes": list(self.axes), "metric": self.metric, "corruption": self.corruption,
+            "direction": self.direction, "clean": self.clean, "corrupt": self.corrupt,
+            "values": self.values.tolist(),
+        }
+
+
+def sweep_result(setup: PatchingSetup, direction: str, per_prompt: torch.Tensor, shape: Sequence[int], axes, kind) -> PatchResult:
+    per_prompt = per_prompt.reshape(*shape, setup.size).cpu()
+    return PatchResult(
+        per_prompt.mean(-1), per_prompt, tuple(axes), setup.metric.name, setup.plan.name, direction,
+        setup.clean_value, setup.corrupt_value, kind,
+    )
