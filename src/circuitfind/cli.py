@@ -12,6 +12,7 @@
     circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
     circuitfind report outputs/<run>                         # rewrite a run's diff report
     circuitfind train toy-ioi                # rebuild a shipped toy model
+    circuitfind train toy-ioi --out /tmp/zoo --checkpoints 11   # with 11 checkpoints over training
 """
 
 from __future__ import annotations
@@ -107,8 +108,8 @@ def cmd_patch(args) -> None:
     print(f"{args.what} patching, {result.corruption} / {result.metric} / {result.direction}: "
           f"clean {result.clean:.4f}, corrupt {result.corrupt:.4f}; normalised values, axes {result.axes}")
     torch_print(result.normalised)
-    sign = "positive" if args.direction == "denoise" else "negative"
-    hits = patching.detect(result.effect, k=args.k, sign=sign)
+    sign = args.sign or ("positive" if args.direction == "denoise" else "negative")
+    hits = patching.detect(result.effect, k=args.k, sign=sign, metric=result.metric, direction=result.direction)
     print(f"components >= {args.k} SD from the mean ({sign}): {hits}")
     if args.out:
         from circuitfind.io import write_json
@@ -196,7 +197,8 @@ def cmd_report(args) -> None:
 def cmd_train(args) -> None:
     from circuitfind.zoo import train
 
-    train.main([args.model] + (["--out", args.out] if args.out else []))
+    train.main([args.model] + (["--out", args.out] if args.out else []) + (["--checkpoints", str(args.checkpoints)] if args.checkpoints else [])
+               + (["--steps", str(args.steps)] if args.steps is not None else []))
 
 
 def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
@@ -222,6 +224,8 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1, help="MLP window size (mlp_window)")
     p.add_argument("--positions", nargs="*", default=None, help="key token names to patch at (mlp_window, path)")
     p.add_argument("-k", type=float, default=2.0, help="detection threshold in SDs (default 2)")
+    p.add_argument("--sign", choices=("positive", "negative", "both"), default=None,
+                   help="effects to detect (default: positive when denoising, negative when noising)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     _memory(p)
     p.set_defaults(fn=cmd_patch)
@@ -263,6 +267,8 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="retrain a shipped toy model deterministically")
     p.add_argument("model", help="toy-ioi, toy-induction or all")
     p.add_argument("--out", default=None, help="parent folder (default: the package's zoo/)")
+    p.add_argument("--checkpoints", type=int, default=0, help="also save N evenly spaced checkpoints (step 0 to the last)")
+    p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
     p.set_defaults(fn=cmd_train)
     return parser
 
