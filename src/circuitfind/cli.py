@@ -12,7 +12,8 @@
     circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
     circuitfind report outputs/<run>                         # rewrite a run's diff report
     circuitfind train toy-ioi                # rebuild a shipped toy model
-    circuitfind train toy-ioi --out /tmp/zoo --checkpoints 11   # with 11 checkpoints over training
+    circuitfind train toy-ioi --out /tmp/zoo --checkpoints 26   # with 26 checkpoints over training
+    circuitfind checkpoints /tmp/zoo/toy-ioi  # the circuit at every checkpoint (a Prefect flow)
 """
 
 from __future__ import annotations
@@ -198,7 +199,14 @@ def cmd_train(args) -> None:
     from circuitfind.zoo import train
 
     train.main([args.model] + (["--out", args.out] if args.out else []) + (["--checkpoints", str(args.checkpoints)] if args.checkpoints else [])
-               + (["--steps", str(args.steps)] if args.steps is not None else []))
+               + (["--steps", str(args.steps)] if args.steps is not None else [])
+               + (["--until", str(args.until)] if args.until is not None else []))
+
+
+def cmd_checkpoints(args) -> None:
+    from circuitfind.flows.checkpoints import run_from_args
+
+    run_from_args(args)
 
 
 def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
@@ -269,7 +277,13 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="parent folder (default: the package's zoo/)")
     p.add_argument("--checkpoints", type=int, default=0, help="also save N evenly spaced checkpoints (step 0 to the last)")
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
+    p.add_argument("--until", type=int, default=None, help="stop after this many steps of the schedule (checkpoints only)")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("checkpoints", help="the circuit at every checkpoint of a training run, and when each edge appears")
+    from circuitfind.checkpoints import add_arguments as checkpoint_arguments
+
+    checkpoint_arguments(p)
+    p.set_defaults(fn=cmd_checkpoints)
     return parser
 
 

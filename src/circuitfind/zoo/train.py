@@ -147,17 +147,22 @@ def save_atomically(model, tokenizer, folder: Path, extra: dict | None = None) -
 
 
 def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoints: int = 0,
-          steps: int | None = None) -> dict:
+          steps: int | None = None, until: int | None = None) -> dict:
     """Train toy model ``name`` and save it as an HF folder; return its evaluation summary.
 
     ``checkpoints``: also save that many evenly spaced checkpoints (:func:`checkpoint_steps`) under
-    ``<out_dir>/checkpoints``. ``steps`` overrides the recipe's step count (a shorter run, for tests)."""
+    ``<out_dir>/checkpoints``. ``steps`` overrides the recipe's step count (a shorter run, for tests).
+    ``until`` stops after that many steps of the full schedule: the checkpoints up to there are those
+    of the full run, bit for bit, and no final model is saved (the summary holds no evaluation)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     recipe = RECIPES[name]
     if steps is not None:
         recipe = replace(recipe, steps=positive_int("steps", steps))
     save_at = checkpoint_steps(recipe.steps, checkpoints) if checkpoints else []
+    if until is not None and not 0 <= until <= recipe.steps:
+        raise ValueError(f"until must be in 0..{recipe.steps} (the recipe's steps), got {until}")
+    stop = recipe.steps if until is None else until
     spec = load_task(recipe.task)
     out_dir = Path(out_dir or ZOO / name)
     torch.set_num_threads(1)
@@ -187,7 +192,7 @@ def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoi
         model.train()
         if 0 in save_at:
             checkpoint(0)
-        for step in range(recipe.steps):
+        for step in range(stop):
             tokens, real, answers = _training_batch(spec, tokenizer, recipe.batch, seed=10_000 + step)
             logits = model(tokens, attention_mask=real.long()).logits[:, :-1]
             targets = tokens[:, 1:]
@@ -206,9 +211,13 @@ def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoi
             if log_every and (step % log_every == 0 or step == recipe.steps - 1):
                 print(f"[{name}] step {step:5d}  lm {lm.item():.3f}  answer {ans.item():.4f}  {time.time() - start:.0f}s", flush=True)
         model.eval()
-        summary = evaluate_hf(model, spec, tokenizer)
+        summary = evaluate_hf(model, spec, tokenizer) if until is None else {"stopped_at": stop}
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
+    if until is not None:
+        if saved:
+            write_json(out_dir / "checkpoints" / "checkpoints.json", {"model": name, "steps": recipe.steps, "checkpoints": saved})
+        return {**summary, "checkpoints": saved}
     summary.update(recipe=asdict(recipe), train_seconds=round(time.time() - start, 1), torch=torch.__version__)
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model.", suffix=".tmp"))
@@ -249,11 +258,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoints", type=int, default=0,
                         help="also save N evenly spaced checkpoints, step 0 to the last, in <out>/<model>/checkpoints/")
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
+    parser.add_argument("--until", type=int, default=None,
+                        help="stop after this many steps of the schedule (checkpoints only, no final model)")
     args = parser.parse_args(argv)
     if args.checkpoints:
         positive_int("checkpoints", args.checkpoints)
     for name in RECIPES if args.model == "all" else [args.model]:
-        train(name, (args.out / name) if args.out else None, checkpoints=args.checkpoints, steps=args.steps)
+        train(name, (args.out / name) if args.out else None, checkpoints=args.checkpoints, steps=args.steps, until=args.until)
 
 
 if __name__ == "__main__":
