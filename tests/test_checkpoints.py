@@ -100,3 +100,52 @@ def test_checkpoints_command_refuses_bad_input(tmp_path, capsys):
     assert "no checkpoints folder" in capsys.readouterr().err
     assert main(["checkpoints", str(tmp_path), "--tau", "-1"]) == 2
     assert "acdc_tau" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ioi_circuit_edges_appear_over_training(prefect_harness, tmp_path):
+    """toy-ioi's own schedule up to step 300 (checkpoints every 100 steps, as ``--checkpoints 26``), and
+    the shipped model as the step-2500 checkpoint (the last checkpoint is the final model, bit for bit):
+    the IOI circuit appears between steps 200 and 300, when accuracy jumps from chance to 1."""
+    import shutil
+
+    from circuitfind.models import resolve_model_path
+    from flows.checkpoints import circuits_over_training
+
+    folder = tmp_path / "toy-ioi"
+    train("toy-ioi", folder, log_every=0, checkpoints=26, until=300)
+    ckpt = folder / "checkpoints"
+    shutil.copytree(resolve_model_path("toy-ioi"), ckpt / "step-02500")
+    manifest = json.loads((ckpt / "checkpoints.json").read_text())
+    manifest["checkpoints"].append({"step": 2500, "folder": "step-02500"})
+    (ckpt / "checkpoints.json").write_text(json.dumps(manifest))
+
+    out = circuits_over_training(str(folder), steps=[0, 200, 300, 2500], run="ioi", outputs=str(tmp_path / "out"))
+    by_step = {r["step"]: r for r in out["checkpoints"]}
+    # top-1 accuracy over the vocabulary: 0 at initialisation; at step 200 the model names one of the two
+    # people at random (chance: 0.5); the circuit is there by step 300
+    assert [round(by_step[s]["accuracy"] * 40) for s in (0, 200, 300, 2500)] == [0, 18, 40, 40]  # of 40 prompts
+    assert abs(by_step[0]["logit_diff"]) < 0.01 and abs(by_step[200]["logit_diff"]) < 0.1
+    assert by_step[300]["logit_diff"] == pytest.approx(6.740, abs=1e-3)
+    assert by_step[2500]["logit_diff"] > 10
+    final = {tuple(e) for e in by_step[2500]["edges"]}
+    assert len(final) >= 15
+    assert by_step[0]["edges"] == [] and by_step[200]["edges"] == []  # KL(clean || corrupt) ~ 1e-4: nothing to explain
+    at_300 = {tuple(e) for e in by_step[300]["edges"]}
+    assert len(final & at_300) >= 0.8 * len(final)
+    recall = out["timeline"]["final_recall"]
+    assert recall[0] == recall[1] == 0.0 and recall[2] >= 0.8 and recall[3] == 1.0
+    html = Path(out["html"]).read_text()
+    assert html.count("in the circuit</title>") == 4 * len(out["timeline"]["edges"])
+
+
+def test_train_command_refuses_bad_checkpoint_counts(tmp_path, capsys):
+    from circuitfind.cli import main
+
+    assert main(["train", "toy-ioi", "--out", str(tmp_path), "--checkpoints", "-1"]) == 2
+    assert "checkpoints must be >= 1, got -1" in capsys.readouterr().err
+    assert main(["train", "toy-ioi", "--out", str(tmp_path), "--checkpoints", "2502"]) == 2
+    assert "checkpoints must be at most 2501" in capsys.readouterr().err
+    assert main(["train", "toy-ioi", "--out", str(tmp_path), "--until", "2501"]) == 2
+    assert "until must be in 0..2500" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before anything was written
