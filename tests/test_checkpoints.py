@@ -149,3 +149,11 @@ def test_train_command_refuses_bad_checkpoint_counts(tmp_path, capsys):
     assert main(["train", "toy-ioi", "--out", str(tmp_path), "--until", "2501"]) == 2
     assert "until must be in 0..2500" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_checkpoints_flow_entry_point_loads():
+    from prefect.flows import load_flow_from_entrypoint
+
+    root = Path(__file__).resolve().parents[1]
+    flow = load_flow_from_entrypoint(f"{root / 'flows' / 'checkpoints.py'}:circuits_over_training")
+    assert flow.name == "circuitfind-checkpoints"
