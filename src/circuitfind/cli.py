@@ -14,6 +14,8 @@
     circuitfind report outputs/<run>                         # rewrite a run's diff report
     circuitfind diff outputs/<run A> outputs/<run B>         # run against run: edges gained and lost per setting
     circuitfind train toy-ioi                # rebuild a shipped toy model
+    circuitfind train toy-ioi --out /tmp/zoo --checkpoints 26   # with 26 checkpoints over training
+    circuitfind checkpoints /tmp/zoo/toy-ioi  # the circuit at every checkpoint (a Prefect flow)
 """
 
 from __future__ import annotations
@@ -110,8 +112,8 @@ def cmd_patch(args) -> None:
     print(f"{args.what} patching, {result.corruption} / {result.metric} / {result.direction}: "
           f"clean {result.clean:.4f}, corrupt {result.corrupt:.4f}; normalised values, axes {result.axes}")
     torch_print(result.normalised)
-    sign = patching.effect_sign(args.direction)
-    hits = patching.detect(result.effect, k=args.k, sign=sign)
+    sign = args.sign or patching.effect_sign(args.direction)
+    hits = patching.detect(result.effect, k=args.k, sign=sign, metric=result.metric, direction=result.direction)
     print(f"components >= {args.k} SD from the mean ({sign}): {hits}")
     if args.out:
         from circuitfind.io import write_json
@@ -209,7 +211,15 @@ def cmd_diff(args) -> None:
 def cmd_train(args) -> None:
     from circuitfind.zoo import train
 
-    train.main([args.model] + (["--out", args.out] if args.out else []))
+    train.main([args.model] + (["--out", args.out] if args.out else []) + (["--checkpoints", str(args.checkpoints)] if args.checkpoints else [])
+               + (["--steps", str(args.steps)] if args.steps is not None else [])
+               + (["--until", str(args.until)] if args.until is not None else []))
+
+
+def cmd_checkpoints(args) -> None:
+    from circuitfind.flows.checkpoints import run_from_args
+
+    run_from_args(args)
 
 
 def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
@@ -235,6 +245,8 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1, help="MLP window size (mlp_window)")
     p.add_argument("--positions", nargs="*", default=None, help="key token names to patch at (mlp_window, path)")
     p.add_argument("-k", type=float, default=2.0, help="detection threshold in SDs (default 2)")
+    p.add_argument("--sign", choices=("positive", "negative", "both"), default=None,
+                   help="effects to detect (default: positive when denoising, negative when noising)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     _memory(p)
     p.set_defaults(fn=cmd_patch)
@@ -286,7 +298,15 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="retrain a shipped toy model deterministically")
     p.add_argument("model", help="toy-ioi, toy-induction or all")
     p.add_argument("--out", default=None, help="parent folder (default: the package's zoo/)")
+    p.add_argument("--checkpoints", type=int, default=0, help="also save N evenly spaced checkpoints (step 0 to the last)")
+    p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
+    p.add_argument("--until", type=int, default=None, help="stop after this many steps of the schedule (checkpoints only)")
     p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("checkpoints", help="the circuit at every checkpoint of a training run, and when each edge appears")
+    from circuitfind.checkpoints import add_arguments as checkpoint_arguments
+
+    checkpoint_arguments(p)
+    p.set_defaults(fn=cmd_checkpoints)
     return parser
 
 

@@ -34,3 +34,7 @@ class UnsafeModelError(CircuitfindError, ValueError):
 # Errors the command line reports as one line instead of a traceback (OSError: unreadable or
 # unwritable paths given on the command line).
 USER_ERRORS: tuple[type[BaseException], ...] = (CircuitfindError, ValueError, OSError)
+
+
+class ImpossibleSignError(CircuitfindError, ValueError):
+    """A detection asked for effects of a sign that the patching setting cannot produce."""

@@ -19,7 +19,9 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
+from circuitfind import patching as P
 from circuitfind import study
+from circuitfind.checks import positive_int
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
 from circuitfind.io import write_json
@@ -28,8 +30,8 @@ from circuitfind.paths import default_outputs
 
 
 @task(name="ioi-head-detection", task_run_name="heads-{model_name}", persist_result=False)
-def heads_task(model_name: str, prompts: int, seed: int) -> dict:
-    return study.head_detection(load_model(model_name), model_name, prompts=prompts, seed=seed)
+def heads_task(model_name: str, prompts: int, seed: int, direction: str = "denoise", n_boot: int = 500) -> dict:
+    return study.head_detection(load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot)
 
 
 @task(name="factual-mlp-localisation", task_run_name="mlps-{model_name}", persist_result=False)
@@ -39,15 +41,19 @@ def mlps_task(model_name: str, prompts: int, seed: int) -> dict:
 
 @flow(name="circuitfind-study", log_prints=True)
 def settings_study(ioi_models: list[str] | None = None, factual_models: list[str] | None = None, ioi_prompts: int = 40,
-                   factual_prompts: int = 12, seed: int = 0, run: str | None = None, outputs: str | None = None) -> dict:
+                   factual_prompts: int = 12, seed: int = 0, run: str | None = None, outputs: str | None = None,
+                   direction: str = "denoise", n_boot: int = 500) -> dict:
     """IOI head detection and factual-recall MLP localisation under many settings, and where they disagree.
 
     ``ioi_models`` defaults to ``["toy-ioi"]``; ``factual_models`` to none (the toy models know no facts);
-    ``outputs`` to :func:`circuitfind.paths.default_outputs`."""
+    ``outputs`` to :func:`circuitfind.paths.default_outputs`. Head detection patches in ``direction``
+    (``denoise`` or ``noise``) and resamples prompts ``n_boot`` times for intervals and stability."""
+    P.check_direction(direction)
+    positive_int("n_boot", n_boot)
     ioi_models = ["toy-ioi"] if ioi_models is None else ioi_models
     factual_models = factual_models or []
     run_dir = Path(outputs or default_outputs()) / (run or time.strftime("study-%Y%m%d-%H%M%S"))
-    heads = [heads_task(m, ioi_prompts, seed) for m in ioi_models]
+    heads = [heads_task(m, ioi_prompts, seed, direction, n_boot) for m in ioi_models]
     mlps = [mlps_task(m, factual_prompts, seed) for m in factual_models]
     paths = study.study_report(heads, mlps, run_dir)
     write_json(run_dir / "study.json", {"heads": heads, "mlps": mlps, "report": paths})
@@ -63,12 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ioi-prompts", type=int, default=40)
     p.add_argument("--factual-prompts", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--direction", choices=("denoise", "noise"), default="denoise", help="head patching direction")
+    p.add_argument("--n-boot", type=int, default=500, help="prompt resamples for intervals and stability")
     p.add_argument("--run", default=None)
     p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")
     a = p.parse_args(argv)
     try:
         with prefect_api():
-            settings_study(a.ioi_models, a.factual_models, a.ioi_prompts, a.factual_prompts, a.seed, a.run, a.outputs)
+            settings_study(a.ioi_models, a.factual_models, a.ioi_prompts, a.factual_prompts, a.seed, a.run, a.outputs,
+                           a.direction, a.n_boot)
     except USER_ERRORS as err:
         print(f"circuitfind: error: {err}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ component *suffice*?); ``noise`` runs the clean input and patches in corrupted (
 activations (is it *necessary*?).
 """
 
-from circuitfind.patching.detection import check_k, detect, effect_sign
+from circuitfind.patching.detection import check_k, detect, effect_sign, impossible_sign
 from circuitfind.patching.node_patching import (patch_block, patch_heads, patch_mlp_windows, run_patched, window_layers,
                                                 window_sum_baseline)
 from circuitfind.patching.path_patching import LOGITS, PathReceiver, path_patch
@@ -27,6 +27,7 @@ from circuitfind.patching.setup import DIRECTIONS, ENGINES, Direction, PatchingS
 
 __all__ = [
     "BLOCK_HOOKS", "DIRECTIONS", "EMBEDDING_STAGE", "ENGINES", "LOGITS", "Direction", "PatchResult", "PatchingSetup",
-    "PathReceiver", "answer_logits", "check_direction", "check_k", "detect", "effect_sign", "hook_name", "patch_block", "patch_heads",
+    "PathReceiver", "answer_logits", "check_direction", "check_k", "detect", "effect_sign",
+    "impossible_sign", "hook_name", "patch_block", "patch_heads",
     "patch_mlp_windows", "path_patch", "prepare", "run_patched", "window_layers", "window_sum_baseline",
 ]

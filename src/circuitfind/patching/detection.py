@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 from circuitfind.checks import finite_number
+from circuitfind.errors import ImpossibleSignError
 
 
 def check_k(k: float) -> float:
@@ -20,14 +21,31 @@ def effect_sign(direction: str) -> Literal["positive", "negative"]:
     return "negative" if direction == "noise" else "positive"
 
 
-def detect(scores: torch.Tensor, k: float = 2.0, sign: Literal["positive", "negative", "both"] = "positive") -> list[tuple[int, ...]]:
+def impossible_sign(metric: str, direction: str, sign: str) -> str | None:
+    """Why effects (``patched - base``) of ``sign`` cannot occur under ``metric`` and ``direction``,
+    or ``None`` when they can. The ``kl`` metric scores ``-KL(clean || patched) <= 0``, which is 0 on
+    the clean run: noising starts from the clean run, so no patch can raise the score."""
+    if metric == "kl" and direction == "noise" and sign == "positive":
+        return ("positive effects cannot occur when noising with the kl metric: the score -KL(clean || patched) "
+                "is at most 0, its value on the clean (unpatched) run, so every noising effect is <= 0; "
+                "use sign='negative', or denoise, or another metric to find components that push the answer down")
+    return None
+
+
+def detect(scores: torch.Tensor, k: float = 2.0, sign: Literal["positive", "negative", "both"] = "positive", *,
+           metric: str | None = None, direction: str | None = None) -> list[tuple[int, ...]]:
     """Components whose score is at least ``k`` standard deviations from the mean.
 
     ``sign="positive"`` keeps scores >= mean + k*sd, ``"negative"`` those <= mean - k*sd (e.g. noising
     effects, which are negative for important components), ``"both"`` either. NaNs are ignored.
     Returns index tuples sorted by decreasing distance from the mean. ``k`` must be finite and > 0.
+    Given the ``metric`` name and ``direction`` of the effects, a sign that the setting cannot
+    produce raises :class:`~circuitfind.errors.ImpossibleSignError` (:func:`impossible_sign`)
+    instead of returning an empty or meaningless list.
     """
     check_k(k)
+    if metric is not None and direction is not None and (reason := impossible_sign(metric, direction, sign)):
+        raise ImpossibleSignError(reason)
     flat = scores.flatten().float()
     ok = torch.isfinite(flat)
     if ok.sum() < 2:

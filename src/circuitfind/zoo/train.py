@@ -3,23 +3,34 @@
     python -m circuitfind.zoo.train toy-ioi        # rebuilds src/circuitfind/zoo/toy-ioi/
     python -m circuitfind.zoo.train toy-induction
     python -m circuitfind.zoo.train all --out /tmp/zoo
+    python -m circuitfind.zoo.train toy-ioi --out /tmp/zoo --checkpoints 6   # + 6 checkpoints over training
 
 Each model is a small GPT-2 (Hugging Face ``GPT2LMHeadModel``) with a word-level tokenizer built
 from the task's word lists, trained on prompts sampled from ``tasks/<task>.json``. Training runs on
 one CPU thread with fixed seeds, so the same torch version rebuilds the same weights.
+
+With ``checkpoints=N`` the model is also saved at ``N`` evenly spaced step counts, from the
+initialisation (step 0) to the last step, as HF folders ``<out>/checkpoints/step-NNNNN`` (each written
+to a temporary folder and renamed into place) listed in ``<out>/checkpoints/checkpoints.json``.
+Saving reads the weights only, so the final checkpoint is the final model, bit for bit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
+import shutil
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
+from circuitfind.checks import positive_int
+from circuitfind.io import write_json, write_text
 from circuitfind.tasks import TaskSpec, generate_prompts, load_task
 
 ZOO = Path(__file__).parent
@@ -101,16 +112,63 @@ def _training_batch(spec: TaskSpec, tokenizer, n: int, seed: int) -> tuple[torch
     return tokens, real, answers
 
 
-def train(name: str, out_dir: Path | None = None, log_every: int = 250) -> dict:
-    """Train toy model ``name`` and save it as an HF folder; return its evaluation summary."""
+def checkpoint_steps(total_steps: int, n: int) -> list[int]:
+    """``n`` evenly spaced step counts from 0 (the initialisation) to ``total_steps`` (``n=1``: the end only)."""
+    positive_int("checkpoints", n)
+    if n > total_steps + 1:
+        raise ValueError(f"checkpoints must be at most {total_steps + 1} (one per step count 0..{total_steps}), got {n}")
+    if n == 1:
+        return [total_steps]
+    return [round(i * total_steps / (n - 1)) for i in range(n)]
+
+
+def save_atomically(model, tokenizer, folder: Path, extra: dict | None = None) -> Path:
+    """Save an HF model and tokenizer (and ``training.json`` from ``extra``) so that ``folder`` is
+    either absent, the old folder or the complete new one: written to a temporary sibling, then renamed."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            write_json(tmp / "training.json", extra)
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; models are meant to be shared
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, old)
+            os.replace(tmp, folder)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoints: int = 0,
+          steps: int | None = None, until: int | None = None) -> dict:
+    """Train toy model ``name`` and save it as an HF folder; return its evaluation summary.
+
+    ``checkpoints``: also save that many evenly spaced checkpoints (:func:`checkpoint_steps`) under
+    ``<out_dir>/checkpoints``. ``steps`` overrides the recipe's step count (a shorter run, for tests).
+    ``until`` stops after that many steps of the full schedule: the checkpoints up to there are those
+    of the full run, bit for bit, and no final model is saved (the summary holds no evaluation)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     recipe = RECIPES[name]
+    if steps is not None:
+        recipe = replace(recipe, steps=positive_int("steps", steps))
+    save_at = checkpoint_steps(recipe.steps, checkpoints) if checkpoints else []
+    if until is not None and not 0 <= until <= recipe.steps:
+        raise ValueError(f"until must be in 0..{recipe.steps} (the recipe's steps), got {until}")
+    stop = recipe.steps if until is None else until
     spec = load_task(recipe.task)
     out_dir = Path(out_dir or ZOO / name)
     torch.set_num_threads(1)
     torch.manual_seed(recipe.seed)
     random.seed(recipe.seed)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
 
     tokenizer = build_tokenizer(task_words(spec))
@@ -123,30 +181,57 @@ def train(name: str, out_dir: Path | None = None, log_every: int = 250) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.1)
     start = time.time()
-    model.train()
-    for step in range(recipe.steps):
-        tokens, real, answers = _training_batch(spec, tokenizer, recipe.batch, seed=10_000 + step)
-        logits = model(tokens, attention_mask=real.long()).logits[:, :-1]
-        targets = tokens[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        lm = (nll * real[:, 1:]).sum() / real[:, 1:].sum()
-        ans_mask = answers[:, :-1]
-        ans = (nll * ans_mask).sum() / ans_mask.sum()
-        loss = lm + recipe.answer_weight * ans
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if log_every and (step % log_every == 0 or step == recipe.steps - 1):
-            print(f"[{name}] step {step:5d}  lm {lm.item():.3f}  answer {ans.item():.4f}  {time.time() - start:.0f}s", flush=True)
-    model.eval()
-    summary = evaluate_hf(model, spec, tokenizer)
+    saved: list[dict] = []
+
+    def checkpoint(done: int) -> None:
+        folder = save_atomically(model, tokenizer, out_dir / "checkpoints" / f"step-{done:05d}",
+                                 {"step": done, "of_steps": recipe.steps, "recipe": asdict(recipe)})
+        saved.append({"step": done, "folder": folder.name})
+
+    try:
+        model.train()
+        if 0 in save_at:
+            checkpoint(0)
+        for step in range(stop):
+            tokens, real, answers = _training_batch(spec, tokenizer, recipe.batch, seed=10_000 + step)
+            logits = model(tokens, attention_mask=real.long()).logits[:, :-1]
+            targets = tokens[:, 1:]
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            lm = (nll * real[:, 1:]).sum() / real[:, 1:].sum()
+            ans_mask = answers[:, :-1]
+            ans = (nll * ans_mask).sum() / ans_mask.sum()
+            loss = lm + recipe.answer_weight * ans
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step + 1 in save_at:
+                checkpoint(step + 1)
+            if log_every and (step % log_every == 0 or step == recipe.steps - 1):
+                print(f"[{name}] step {step:5d}  lm {lm.item():.3f}  answer {ans.item():.4f}  {time.time() - start:.0f}s", flush=True)
+        model.eval()
+        summary = evaluate_hf(model, spec, tokenizer) if until is None else {"stopped_at": stop}
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    if until is not None:
+        if saved:
+            write_json(out_dir / "checkpoints" / "checkpoints.json", {"model": name, "steps": recipe.steps, "checkpoints": saved})
+        return {**summary, "checkpoints": saved}
     summary.update(recipe=asdict(recipe), train_seconds=round(time.time() - start, 1), torch=torch.__version__)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    (out_dir / "training.json").write_text(json.dumps(summary, indent=2) + "\n")
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".model.", suffix=".tmp"))
+    try:  # each file of the final model replaced atomically (the folder may hold checkpoints/)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(tmp.iterdir()):
+            os.chmod(f, 0o644)
+            os.replace(f, out_dir / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    write_text(out_dir / "training.json", json.dumps(summary, indent=2) + "\n")
+    if saved:
+        write_json(out_dir / "checkpoints" / "checkpoints.json", {"model": name, "steps": recipe.steps, "checkpoints": saved})
     print(f"[{name}] saved to {out_dir}: {json.dumps({k: summary[k] for k in ('accuracy', 'logit_diff')})}")
     return summary
 
@@ -170,9 +255,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=[*RECIPES, "all"])
     parser.add_argument("--out", type=Path, default=None, help="parent folder (default: the package's zoo/)")
+    parser.add_argument("--checkpoints", type=int, default=0,
+                        help="also save N evenly spaced checkpoints, step 0 to the last, in <out>/<model>/checkpoints/")
+    parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
+    parser.add_argument("--until", type=int, default=None,
+                        help="stop after this many steps of the schedule (checkpoints only, no final model)")
     args = parser.parse_args(argv)
+    if args.checkpoints:
+        positive_int("checkpoints", args.checkpoints)
     for name in RECIPES if args.model == "all" else [args.model]:
-        train(name, (args.out / name) if args.out else None)
+        train(name, (args.out / name) if args.out else None, checkpoints=args.checkpoints, steps=args.steps, until=args.until)
 
 
 if __name__ == "__main__":

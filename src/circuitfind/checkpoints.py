@@ -1,0 +1,213 @@
+"""Circuits over training: the circuit discovered at every checkpoint of a training run, and when
+each of its edges appears and disappears.
+
+* :func:`find_checkpoints`: the ``step-NNNNN`` HF folders that ``circuitfind train --checkpoints N``
+  writes (listed in ``checkpoints.json``).
+* :func:`analyse_checkpoint`: accuracy, logit difference and the circuit of one checkpoint, under one
+  discovery setting (default ACDC, STR corruption, KL, as in the sweep's defaults).
+* :func:`edge_timeline`: per edge, the checkpoints whose circuit holds it, as appear/disappear spans.
+* :func:`write_report`: ``checkpoints.html`` and ``checkpoints.md`` (written atomically) with the
+  timeline figure and the accuracy and logit difference alongside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+
+from circuitfind.io import write_text
+
+STEP_FOLDER = re.compile(r"step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    step: int
+    folder: Path
+
+
+def find_checkpoints(folder: str | Path, steps: list[int] | None = None) -> list[Checkpoint]:
+    """The checkpoints in ``folder`` (a ``checkpoints/`` folder or the model folder holding one), by
+    step; ``steps`` picks some of them (each must exist)."""
+    root = Path(folder)
+    if (root / "checkpoints").is_dir():
+        root = root / "checkpoints"
+    if not root.is_dir():
+        raise FileNotFoundError(f"no checkpoints folder at {folder} (write one with: circuitfind train toy-ioi --out DIR --checkpoints N)")
+    manifest = root / "checkpoints.json"
+    if manifest.is_file():
+        entries = [(int(c["step"]), root / c["folder"]) for c in json.loads(manifest.read_text())["checkpoints"]]
+    else:
+        entries = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_FOLDER.match(p.name))]
+    found = {step: Checkpoint(step, path) for step, path in entries if (path / "config.json").is_file()}
+    if not found:
+        raise FileNotFoundError(f"no checkpoints (step-NNNNN folders with a config.json) in {root}")
+    if steps is not None:
+        missing = sorted(set(steps) - set(found))
+        if missing:
+            raise ValueError(f"no checkpoint at steps {missing} in {root}; there are {sorted(found)}")
+        found = {s: found[s] for s in set(steps)}
+    return [found[s] for s in sorted(found)]
+
+
+def analyse_checkpoint(folder: str | Path, step: int, task: str = "ioi", prompts: int = 40, seed: int = 0,
+                       algorithm: str = "acdc", corruption: str = "str", metric: str = "kl", direction: str = "noise",
+                       device: str | None = None, **options) -> dict:
+    """Accuracy and logit difference of one checkpoint on ``task``, and its circuit under one setting
+    (``options``: :func:`circuitfind.discovery.discover`'s, e.g. ``acdc_tau``, ``top_k``)."""
+    from circuitfind import discovery
+    from circuitfind import patching as P
+    from circuitfind.evaluation import evaluate
+    from circuitfind.models import load_model
+    from circuitfind.tasks import TaskBatch
+
+    discovery.check_options(algorithm, direction, **options)
+    model = load_model(str(folder), device=device)
+    batch = TaskBatch.build(model, task, prompts, seed=seed)
+    report = evaluate(model, batch, corruptions=(corruption,))
+    setup = P.prepare(model, batch, corruption, metric)
+    circuit = discovery.discover(setup, algorithm, direction, curve=False, **options).circuit
+    scores = circuit.scores
+    if scores is not None and scores.dim() == 2:  # per-position edges: the edge's total
+        scores = scores.sum(-1)
+    edges = circuit.edges
+    index = {e: i for i, e in enumerate(circuit.graph.edges)}
+    return {"step": step, "folder": str(folder), "accuracy": report.accuracy, "logit_diff": report.logit_diff,
+            "corrupt_logit_diff": report.corrupted[corruption]["logit_diff"], "clean": setup.clean_value,
+            "corrupt": setup.corrupt_value, "n_edges": len(edges), "n_graph_edges": circuit.graph.n_edges,
+            "edges": [list(e) for e in edges],
+            "scores": {f"{s}->{r}": float(scores[index[(s, r)]]) for s, r in edges} if scores is not None else {}}
+
+
+def edge_timeline(results: list[dict]) -> dict:
+    """Which checkpoints' circuits hold each edge. ``edges`` are ordered by the step they first appear
+    (then by name); ``present[edge]`` is one bool per checkpoint; ``spans[edge]`` lists
+    ``[appears, disappears]`` step pairs (``disappears`` is the first checkpoint without the edge
+    after it was present, ``None`` if it stays to the last checkpoint). ``final_recall`` is, per
+    checkpoint, the fraction of the last checkpoint's edges already present."""
+    steps = [r["step"] for r in results]
+    sets = [{f"{s}->{r}" for s, r in res["edges"]} for res in results]
+    first = {}
+    for i, edges in enumerate(sets):
+        for e in edges:
+            first.setdefault(e, i)
+    order = sorted(first, key=lambda e: (first[e], e))
+    present = {e: [e in s for s in sets] for e in order}
+    spans = {}
+    for e, row in present.items():
+        out, start = [], None
+        for i, here in enumerate(row):
+            if here and start is None:
+                start = steps[i]
+            if not here and start is not None:
+                out.append([start, steps[i]])
+                start = None
+        if start is not None:
+            out.append([start, None])
+        spans[e] = out
+    final = sets[-1] if sets else set()
+    recall = [len(s & final) / len(final) if final else float("nan") for s in sets]
+    return {"steps": steps, "edges": order, "present": present, "spans": spans, "final_recall": recall}
+
+
+def timeline_svg(results: list[dict], timeline: dict, cell_w: int = 34, row_h: int = 14) -> str:
+    """The timeline figure: accuracy and logit difference over the checkpoints on top, and below one
+    row per edge with a filled cell at each checkpoint whose circuit holds it (columns are checkpoints)."""
+    steps, edges = timeline["steps"], timeline["edges"]
+    label_w, top, chart_h, gap = 150, 24, 90, 26
+    width = label_w + cell_w * max(len(steps), 1) + 20
+    grid_top = top + 2 * (chart_h + gap) + 18
+    height = grid_top + row_h * max(len(edges), 1) + 10
+    body = [f'<text x="4" y="16" font-weight="bold">Circuit edges over training ({len(edges)} edges seen)</text>']
+
+    def col(i: int) -> float:
+        return label_w + cell_w * i + cell_w / 2
+
+    for k, (key, label, colour) in enumerate([("accuracy", "accuracy", "#1f77b4"), ("logit_diff", "logit difference", "#d62728")]):
+        y0 = top + k * (chart_h + gap)
+        values = [r[key] for r in results]
+        lo, hi = min(values + [0.0]), max(values + [1.0 if key == "accuracy" else 0.0])
+        span = (hi - lo) or 1.0
+
+        def py(v: float, y0=y0, lo=lo, span=span) -> float:
+            return y0 + chart_h - (v - lo) / span * chart_h
+
+        body.append(f'<rect x="{label_w}" y="{y0}" width="{cell_w * len(steps)}" height="{chart_h}" fill="none" stroke="#bbb"/>')
+        body.append(f'<text x="{label_w - 6}" y="{y0 + chart_h / 2}" text-anchor="end">{escape(label)}</text>')
+        for v in (lo, hi):
+            body.append(f'<text x="{label_w - 6}" y="{py(v) + 4}" text-anchor="end" font-size="9">{v:.2f}</text>')
+        if lo < 0 < hi:
+            body.append(f'<line x1="{label_w}" y1="{py(0)}" x2="{label_w + cell_w * len(steps)}" y2="{py(0)}" stroke="#ccc" stroke-dasharray="3,3"/>')
+        points = " ".join(f"{col(i):.1f},{py(v):.1f}" for i, v in enumerate(values))
+        body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
+        body += [f'<circle cx="{col(i):.1f}" cy="{py(v):.1f}" r="2.5" fill="{colour}"><title>step {s}: {label} {v:.3f}</title></circle>'
+                 for i, (s, v) in enumerate(zip(steps, values))]
+    for i, s in enumerate(steps):
+        body.append(f'<text x="{col(i)}" y="{grid_top - 6}" text-anchor="middle" font-size="9">{s}</text>')
+    body.append(f'<text x="{label_w - 6}" y="{grid_top - 6}" text-anchor="end" font-size="9">step</text>')
+    for j, e in enumerate(edges):
+        y = grid_top + j * row_h
+        body.append(f'<text x="{label_w - 6}" y="{y + row_h - 3}" text-anchor="end" font-size="10">{escape(e)}</text>')
+        for i, here in enumerate(timeline["present"][e]):
+            fill = "#2ca02c" if here else "#f2f2f2"
+            body.append(f'<rect x="{label_w + cell_w * i + 1}" y="{y + 1}" width="{cell_w - 2}" height="{row_h - 2}" fill="{fill}">'
+                        f'<title>{escape(e)} at step {steps[i]}: {"in" if here else "not in"} the circuit</title></rect>')
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">'
+            + "".join(body) + "</svg>")
+
+
+def _fmt_spans(spans: list[list]) -> str:
+    return ", ".join(f"{a}-{'end' if b is None else b}" for a, b in spans)
+
+
+def write_report(results: list[dict], settings: dict, out_dir: str | Path) -> dict[str, str]:
+    """Write ``checkpoints.html`` and ``checkpoints.md`` in ``out_dir``; returns their paths."""
+    timeline = edge_timeline(results)
+    title = f"Circuits over training: {settings.get('model', '')}".rstrip(": ")
+    setting = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model")
+    rows = [[r["step"], f"{r['accuracy']:.3f}", f"{r['logit_diff']:.3f}", f"{r['corrupt_logit_diff']:.3f}", r["n_edges"],
+             "n/a" if rec != rec else f"{rec:.2f}"] for r, rec in zip(results, timeline["final_recall"])]
+    header = ["step", "accuracy", "logit diff", "corrupted logit diff", "edges", "share of final circuit"]
+    edge_rows = [[e, _fmt_spans(timeline["spans"][e])] for e in timeline["edges"]]
+    md = [f"# {title}", "", f"Setting: {setting}.", "",
+          "Each checkpoint's circuit is discovered under the same setting; *share of final circuit* is the fraction of the "
+          "last checkpoint's edges that the checkpoint's circuit already holds.", "",
+          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    md += ["", "## When each edge is in the circuit", "", "| edge | present (from step - until step) |", "|---|---|"]
+    md += [f"| {e} | {spans} |" for e, spans in edge_rows] + [""]
+    html = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{escape(title)}</title>",
+            "<style>body{font-family:sans-serif;margin:24px}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:3px 8px}</style></head><body>",
+            f"<h1>{escape(title)}</h1>", f"<p>Setting: {escape(setting)}.</p>", timeline_svg(results, timeline),
+            "<h2>Checkpoints</h2><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
+    html += ["<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>" for r in rows]
+    html += ["</table>", "<h2>When each edge is in the circuit</h2><table><tr><th>edge</th><th>present (from step - until step)</th></tr>"]
+    html += [f"<tr><td>{escape(e)}</td><td>{escape(spans)}</td></tr>" for e, spans in edge_rows]
+    html += ["</table></body></html>"]
+    out = Path(out_dir)
+    return {"html": str(write_text(out / "checkpoints.html", "\n".join(html))),
+            "markdown": str(write_text(out / "checkpoints.md", "\n".join(md)))}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of the checkpoints flow (``circuitfind checkpoints``, ``flows/checkpoints.py``)."""
+    p.add_argument("checkpoints", help="a checkpoints/ folder, or the model folder holding one")
+    p.add_argument("--steps", type=int, nargs="*", default=None, help="only these checkpoints (default: all)")
+    p.add_argument("--task", default="ioi")
+    p.add_argument("-n", "--prompts", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--algorithm", default="acdc", choices=("acdc", "eap", "eap_ig", "path_patching", "node"))
+    p.add_argument("--corruption", default="str")
+    p.add_argument("--metric", default="kl")
+    p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
+    p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
+    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG")
+    p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--device", default=None)
+    p.add_argument("--run", default=None)
+    p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")

@@ -1,0 +1,81 @@
+"""Circuits over training as a Prefect flow: discover the circuit at every checkpoint of a training
+run and report when each edge appears and disappears, with accuracy and logit difference alongside.
+
+    circuitfind train toy-ioi --out /tmp/zoo --checkpoints 26      # 26 checkpoints, every 100 steps (3 min idle CPU)
+    python flows/checkpoints.py /tmp/zoo/toy-ioi                    # or: circuitfind checkpoints /tmp/zoo/toy-ioi
+    python flows/checkpoints.py /tmp/zoo/toy-ioi --steps 0 200 300 2500 --algorithm eap_ig --metric logit_diff --direction denoise
+
+(``python -m circuitfind.flows.checkpoints`` when installed.) Writes ``<outputs>/<run>/checkpoints.html``,
+``checkpoints.md`` and ``checkpoints.json``. Default setting: ACDC (tau 0.02) with STR corruption and KL,
+the sweep's defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+
+from circuitfind import checkpoints as C
+from circuitfind.errors import USER_ERRORS
+from circuitfind.flows.server import prefect_api
+from circuitfind.io import write_json
+from circuitfind.paths import default_outputs
+
+
+@task(name="checkpoint-circuit", task_run_name="step-{step}", persist_result=False)
+def checkpoint_task(folder: str, step: int, setting: dict) -> dict:
+    return C.analyse_checkpoint(folder, step, **setting)
+
+
+@flow(name="circuitfind-checkpoints", log_prints=True)
+def circuits_over_training(checkpoints: str, steps: list[int] | None = None, task: str = "ioi", prompts: int = 40,
+                           seed: int = 0, algorithm: str = "acdc", corruption: str = "str", metric: str = "kl",
+                           direction: str = "noise", tau: float = 0.02, top_k: int = 20, ig_steps: int = 5,
+                           device: str | None = None, run: str | None = None, outputs: str | None = None) -> dict:
+    """The circuit of every checkpoint in ``checkpoints`` (or of ``steps`` only) under one setting, and
+    the report of when each edge appears and disappears."""
+    from circuitfind import discovery
+    from circuitfind.tasks import check_prompt_count, load_task
+
+    discovery.check_options(algorithm, direction, acdc_tau=tau, top_k=top_k, ig_steps=ig_steps)
+    check_prompt_count(prompts)
+    load_task(task)
+    found = C.find_checkpoints(checkpoints, steps)
+    options = {"acdc": {"acdc_tau": tau}, "eap": {"top_k": top_k}, "eap_ig": {"top_k": top_k, "ig_steps": ig_steps}}.get(algorithm, {})
+    setting = {"task": task, "prompts": prompts, "seed": seed, "algorithm": algorithm, "corruption": corruption,
+               "metric": metric, "direction": direction, "device": device, **options}
+    run_dir = Path(outputs or default_outputs()) / (run or time.strftime("checkpoints-%Y%m%d-%H%M%S"))
+    results = [checkpoint_task(str(c.folder), c.step, setting) for c in found]
+    shown = {"model": str(checkpoints), **{k: v for k, v in setting.items() if v is not None}}
+    paths = C.write_report(results, shown, run_dir)
+    timeline = C.edge_timeline(results)
+    write_json(run_dir / "checkpoints.json", {"setting": shown, "checkpoints": results, "timeline": timeline, "report": paths})
+    create_markdown_artifact(Path(paths["markdown"]).read_text(), key="circuits-over-training")
+    print(f"circuits over training: {paths['html']}")
+    return {"checkpoints": results, "timeline": timeline, **paths}
+
+
+def run_from_args(a: argparse.Namespace) -> dict:
+    with prefect_api():
+        return circuits_over_training(a.checkpoints, a.steps, a.task, a.prompts, a.seed, a.algorithm, a.corruption, a.metric,
+                                      a.direction, a.tau, a.top_k, a.ig_steps, a.device, a.run, a.outputs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_arguments(p)
+    try:
+        run_from_args(p.parse_args(argv))
+    except USER_ERRORS as err:
+        print(f"circuitfind: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
