@@ -97,3 +97,24 @@ def test_ctrl_c_ends_with_one_line_and_no_output_file(tmp_path):
         proc.kill()
     assert "Traceback" not in err and err.rstrip().endswith("circuitfind: interrupted")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("device, message", [("banana", "'banana' is not a torch device"),
+                                             ("cuda:0", "no CUDA device is available here")])
+def test_a_bad_or_absent_device_is_one_line(device, message, capsys):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert main(["evaluate", "-n", "4", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+
+
+def test_an_unknown_output_format_is_refused_before_the_work(tmp_path, capsys, monkeypatch):
+    from circuitfind import cli
+
+    monkeypatch.setattr(cli, "_load", lambda args: pytest.fail("the model was loaded before the --out check"))
+    assert main(["discover", "-n", "4", "--algorithm", "eap", "--out", str(tmp_path / "c.xyz")]) == 2
+    assert "unknown graph format for 'c.xyz'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -250,3 +250,14 @@ def test_cli_export_and_compare_take_the_format(tiny, tmp_path, capsys):
     assert main(["compare", str(tiny), str(graphml), str(tmp_path / "x.mib.json")]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert [row.split()[2:4] for row in rows] == [["1.000", "1.000"]] * 3
+
+
+def test_a_discovered_circuit_saves_as_mib_without_extra_arguments(ioi_model, ioi_batch, tmp_path):
+    """The README's example: discovery records d_model, so circuit.save("x.mib.json") works as written."""
+    from circuitfind import discovery, patching
+    from circuitfind.edge_patching import EdgePatcher
+
+    circuit = discovery.eap_circuit(EdgePatcher(patching.prepare(ioi_model, ioi_batch)), k=10)
+    assert circuit.settings["d_model"] == ioi_model.cfg.d_model
+    back = Circuit.load(circuit.save(tmp_path / "c.mib.json"))
+    assert back.edges == circuit.edges

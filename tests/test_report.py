@@ -253,3 +253,14 @@ def test_markdown_table_cells_escape_the_pipe():
     from circuitfind.report import render as R
 
     assert R.table(["a|b", "n"], [["x|y", 2]]).markdown == "| a\\|b | n |\n|---|---|\n| x\\|y | 2 |"
+
+
+@pytest.mark.parametrize("content, message", [("[1, 2]", "(not a JSON object)"), ('{"setting": "x"}', "(no n_layers, n_heads, n_edges)")])
+def test_a_file_that_is_not_a_setting_record_is_one_line(tmp_path, capsys, content, message):
+    from circuitfind.cli import main
+
+    (tmp_path / "circuits").mkdir()
+    (tmp_path / "circuits" / "x.json").write_text(content)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a circuitfind setting record " + message in err

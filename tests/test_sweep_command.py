@@ -251,3 +251,17 @@ def test_killed_sweep_leaves_no_prefect_server(first_sweep, sweep_env, tmp_path,
         for pid in prefect_servers(home):  # a survivor (old behaviour) must not outlive the test
             os.kill(pid, signal.SIGKILL)
         log.close()
+
+
+def test_a_run_folder_of_another_grid_is_refused(tmp_path, capsys):
+    """Reusing a run name resumes that run: a different grid would mix two runs in one folder and report."""
+    from circuitfind.cli import main
+
+    circuits = tmp_path / "w1" / "circuits"
+    circuits.mkdir(parents=True)
+    (circuits / "toy-ioi__ioi__eap__str__logit_diff__noise.json").write_text("{}")
+    grid = ["sweep", "--algorithms", "eap", "--metrics", "logit_diff", "--directions", "noise", "--prompts", "4",
+            "--outputs", str(tmp_path), "--run", "w1"]
+    assert main([*grid, "--corruptions", "gn"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds settings of another grid (1, e.g. toy-ioi__ioi__eap__str__logit_diff__noise)" in err

@@ -70,13 +70,14 @@ class Circuit:
         attrs = {"settings": json.dumps(self.settings, default=str)}
         return self.graph.to_networkx(self.scores, self.in_circuit, **attrs)
 
-    def save(self, path: str | os.PathLike, fmt: str | None = None) -> Path:
+    def save(self, path: str | os.PathLike, fmt: str | None = None, d_model: int | None = None) -> Path:
         """Write the circuit as GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON (by suffix:
-        ``.mib.json`` for MIB), atomically. MIB files need ``settings["d_model"]`` (:mod:`circuitfind.mib`)."""
+        ``.mib.json`` for MIB), atomically. MIB files need the model's ``d_model``: the argument, else
+        ``settings["d_model"]`` (discovery records it; :mod:`circuitfind.mib`)."""
         if graph_format(path, fmt) == "mib":
             from circuitfind.mib import write_mib
 
-            return write_mib(self, path)
+            return write_mib(self, path, d_model)
         return write_graph(self.to_networkx(), path, fmt)
 
     @classmethod

@@ -135,11 +135,14 @@ def cmd_discover(args) -> None:
     options = dict(acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k,
                    node_k=args.k)
     discovery.check_options(args.algorithm, args.direction, **options)  # before the model loads
+    if args.out:
+        from circuitfind.graph_io import graph_format
+
+        graph_format(args.out)  # an unknown suffix is refused before the work, not after
     model, batch = _load(args)
     setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True, max_memory=args.max_memory)
     found = discovery.discover(setup, args.algorithm, args.direction, curve=False, **options)
     circuit = found.circuit
-    circuit.settings.setdefault("d_model", model.cfg.d_model)  # EAP-IG / MIB files carry it
     print(circuit.summary())
     if found.faithfulness is not None:
         print(f"faithfulness {found.faithfulness:.3f}")

@@ -41,7 +41,7 @@ def _settings(patcher: EdgePatcher, algorithm: str, **extra) -> dict:
     s = patcher.setup
     return {"algorithm": algorithm, "corruption": s.plan.name, "metric": s.metric.name, "direction": patcher.direction,
             "n_prompts": s.batch.size, "task": s.batch.task.name, "clean": s.clean_value, "corrupt": s.corrupt_value,
-            **extra}
+            "d_model": s.model.cfg.d_model, **extra}  # d_model: EAP-IG / MIB files carry it
 
 
 # -- gradient attributions ----------------------------------------------------------------
@@ -282,7 +282,7 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
         seen.update(frontier)
     settings = {"algorithm": "path_patching", "corruption": setup.plan.name, "metric": setup.metric.name,
                 "direction": direction, "depth": depth, "k": k, "positions": positions, "kv_positions": kv_positions,
-                "n_prompts": setup.batch.size, "task": setup.batch.task.name}
+                "n_prompts": setup.batch.size, "task": setup.batch.task.name, "d_model": setup.model.cfg.d_model}
     return Circuit(graph, keep, scores, settings)
 
 
@@ -372,7 +372,7 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
             keep[i] = True
             scores[i] = effect.get(r, effect.get(s, 0.0))
     settings = {"algorithm": "node", "corruption": setup.plan.name, "metric": setup.metric.name, "direction": direction,
-                "k": k, "heads": sorted(found), "n_prompts": setup.batch.size, "task": setup.batch.task.name}
+                "k": k, "heads": sorted(found), "n_prompts": setup.batch.size, "task": setup.batch.task.name, "d_model": setup.model.cfg.d_model}
     return Circuit(graph, keep, scores, settings)
 
 

@@ -97,7 +97,7 @@ def to_mib(circuit: "Circuit", d_model: int | None = None) -> dict:
     d_model = d_model if d_model is not None else circuit.settings.get("d_model")
     if not (isinstance(d_model, int) and not isinstance(d_model, bool) and d_model > 0):
         raise ValueError("an EAP-IG / MIB graph file needs the model's d_model (EAP-IG reads it): "
-                         "pass it (circuitfind export --d-model N)")
+                         "pass it (Circuit.save(..., d_model=N) or mib.write_mib(..., d_model=N); circuitfind export --d-model N)")
     keep = circuit.in_circuit.any(-1) if circuit.in_circuit.dim() == 2 else circuit.in_circuit
     scores = torch.zeros(graph.n_edges) if circuit.scores is None else circuit.scores
     scores = scores.sum(-1) if scores.dim() == 2 else scores

@@ -51,6 +51,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
     return DTYPES[dtype]
 
 
+def check_device(device: str | torch.device) -> str | torch.device:
+    """``device`` if torch knows it and it is present here; ``ValueError`` naming the problem otherwise
+    (torch would fail later, deep inside a model load)."""
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (torch "
+                         f"{torch.__version__}{'' if torch.version.cuda else ', a CPU build'})")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(device)!r}: no MPS device is available here")
+    return device
+
+
 def default_device() -> str:
     """``cuda`` when a GPU is visible, else ``cpu``."""
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -173,7 +188,7 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None, token
     snapshot = Path(path) if Path(path).is_dir() else _hub_snapshot(path)
     if snapshot is not None:
         check_safe_weights(snapshot)
-    device = device or default_device()
+    device = check_device(device or default_device())
     torch_dtype = resolve_dtype(dtype, device)
     with _LOAD_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -403,19 +403,53 @@ def _entry_lock(cache_dir: Path, key: str, setting_name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+RECORD_FIELDS = ("setting", "n_layers", "n_heads", "n_edges")
+
+
+def check_run_folder(run_dir: str | Path, settings: list[Setting]) -> None:
+    """Refuse to sweep into a run folder that holds settings of another grid: reusing a run name
+    resumes that run (same grid), it never mixes two grids in one folder and one report."""
+    existing = {f.stem for f in (Path(run_dir) / "circuits").glob("*.json")}
+    foreign = sorted(existing - {s.name for s in settings})
+    if foreign:
+        raise ValueError(f"run folder {run_dir} holds settings of another grid ({len(foreign)}, e.g. {foreign[0]}); "
+                         "reuse a run name only to resume the same grid, or choose another --run")
+
+
+def _manifest_settings(run_dir: Path) -> set[str] | None:
+    """The settings the run's manifest lists (a finished sweep), or ``None`` without a readable one.
+    A run folder reused with another grid keeps the old grid's records beside the new ones: the
+    manifest says which belong to the last sweep."""
+    try:
+        manifest = json.loads((run_dir / "manifest.json").read_text())
+        return {r["setting"] for r in manifest["settings"]} | {f["setting"] for f in manifest.get("failures", [])}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_records(run_dir: str | Path) -> list[dict]:
-    """Every setting record of a run folder, sorted by setting name, with its file paths resolved
-    inside ``run_dir`` (records store them relative to the run folder, so a run folder can move)."""
+    """The setting records of a run folder (those its manifest lists, when it has one), sorted by
+    setting name, with their file paths resolved inside ``run_dir`` (records store them relative to
+    the run folder, so a run folder can move). A file that is not a setting record is a ``ValueError``."""
     run_dir = Path(run_dir)
     files = sorted((run_dir / "circuits").glob("*.json"))
     if not files:
         raise FileNotFoundError(f"no circuit records in {run_dir / 'circuits'}: is this a sweep run folder?")
+    listed = _manifest_settings(run_dir)
     records = []
     for f in files:
         try:
-            records.append(json.loads(f.read_text()))
+            record = json.loads(f.read_text())
         except ValueError as err:  # truncated or edited by hand: name the file, not just the JSON position
             raise ValueError(f"setting record {f} is not valid JSON ({err})") from err
+        missing = [k for k in RECORD_FIELDS if k not in record] if isinstance(record, dict) else None
+        if missing is None or missing:
+            raise ValueError(f"setting record {f} is not a circuitfind setting record "
+                             + ("(not a JSON object)" if missing is None else f"(no {', '.join(missing)})"))
+        if listed is None or record["setting"] in listed:
+            records.append(record)
+    if not records:
+        raise FileNotFoundError(f"none of the circuit records in {run_dir / 'circuits'} is listed in its manifest.json")
     for record in records:
         for field in ("graphml", "json", "per_prompt"):
             if record.get(field):

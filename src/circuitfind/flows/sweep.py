@@ -42,7 +42,7 @@ from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
 from circuitfind.paths import default_outputs
 from circuitfind.report import write_run_report
-from circuitfind.sweep import Setting, SweepConfig, describe, run_setting
+from circuitfind.sweep import Setting, SweepConfig, check_run_folder, describe, run_setting
 
 GRID_HELP = {
     "models": "shipped or fetched model (circuitfind models), HF folder or hub name",
@@ -92,6 +92,7 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
     outputs = outputs or str(default_outputs())
     run_dir, cache_dir = Path(outputs) / run, Path(outputs) / ".cache"
     settings = config.settings()
+    check_run_folder(run_dir, settings)
     log.info("%d settings -> %s", len(settings), run_dir)
     futures = discover_setting.map(settings, unmapped(config), unmapped(str(run_dir)), unmapped(str(cache_dir)))
     results, failures = [], []
@@ -194,18 +195,18 @@ def config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 
 def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
-    """The run's own options: a plain run name, workers >= 1, a reference that will exist."""
+    """The run's own options: a plain run name (an existing run folder only with the same grid),
+    workers >= 1, a reference setting of the grid."""
     if args.workers < 1:
         raise ValueError(f"--workers: must be at least 1 (got {args.workers})")
     if args.run is not None and (not args.run.strip() or args.run in (".", "..") or "/" in args.run or os.sep in args.run):
         raise ValueError(f"--run: {args.run!r} is not a folder name (the run is a folder of --outputs)")
+    if args.run is not None:
+        check_run_folder((Path(args.outputs) if args.outputs else default_outputs()) / args.run, config.settings())
     if args.reference is not None:
         names = {s.name for s in config.settings()}
-        outputs = Path(args.outputs) if args.outputs else default_outputs()
-        earlier = args.run is not None and (outputs / args.run / "circuits" / f"{args.reference}.json").is_file()
-        if args.reference not in names and not earlier:
-            raise ValueError(f"--reference: {args.reference!r} is not a setting of this grid (e.g. {min(names)!r}) "
-                             f"nor of the run folder")
+        if args.reference not in names:
+            raise ValueError(f"--reference: {args.reference!r} is not a setting of this grid (e.g. {min(names)!r})")
 
 
 def run_from_args(args: argparse.Namespace) -> dict:
