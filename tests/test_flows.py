@@ -45,7 +45,7 @@ def test_rerun_resumes_from_the_cache(first_run):
     outputs, manifest = first_run
     again = sweep(SweepConfig(**SMALL), run="r2", outputs=str(outputs))
     assert all(s["from_cache"] for s in again["settings"])
-    for a, b in zip(manifest["settings"], again["settings"]):
+    for a, b in zip(manifest["settings"], again["settings"], strict=True):
         assert Path(a["graphml"]).read_bytes() == Path(b["graphml"]).read_bytes()
     # a larger grid only computes what is new
     bigger = sweep(SweepConfig(**{**SMALL, "corruptions": ["str", "gn", "resample"]}), run="r3", outputs=str(outputs))

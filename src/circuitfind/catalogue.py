@@ -11,8 +11,8 @@ the zoo's code. The imports run one way: ``models`` <- ``tasks`` <- ``zoo`` <- `
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 

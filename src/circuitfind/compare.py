@@ -11,9 +11,10 @@ intervals over prompts for per-prompt scores.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,7 +28,7 @@ if TYPE_CHECKING:
 Component = Hashable
 
 
-def check_comparable(circuits: Mapping[str, "Circuit"]) -> list[str]:
+def check_comparable(circuits: Mapping[str, Circuit]) -> list[str]:
     """Refuse circuits from graphs of different shapes (layers, heads, key/value heads, split q/k/v,
     positions); return warnings for circuits of differently named models with the same shape.
 

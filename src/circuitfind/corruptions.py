@@ -21,8 +21,8 @@ The corruptions (Zhang & Nanda 2023 naming):
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -201,7 +201,7 @@ class ResampleAblation(Corruption):
                 )
             order = members[:]
             rng.shuffle(order)
-            for a, b in zip(order, order[1:] + order[:1]):
+            for a, b in zip(order, order[1:] + order[:1], strict=True):
                 partner[a] = b
         return torch.tensor(partner, device=batch.clean_tokens.device)
 

@@ -33,7 +33,6 @@ import numpy as np
 from circuitfind import compare
 from circuitfind.graph import check_shape
 from circuitfind.io import write_json, write_text
-
 from circuitfind.report import render as R
 
 GRID_AXES = ("task", "algorithm", "corruption", "metric", "direction")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from html import escape
-from typing import Iterable, Mapping, Sequence
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -113,7 +113,7 @@ def interval_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence
         return left + min(max(v, 0.0), 1.0) * plot
 
     body = [f'<text x="10" y="16" font-weight="bold">{escape(title)}</text>']
-    for i, (label, v, lo, hi) in enumerate(zip(labels, values, lows, highs)):
+    for i, (label, v, lo, hi) in enumerate(zip(labels, values, lows, highs, strict=True)):
         y = top + i * row
         body.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{escape(label)}</text>')
         if not math.isnan(v):
@@ -161,7 +161,7 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xl
         body.append(f'<line x1="{left}" y1="{py(1)}" x2="{left + pw}" y2="{py(1)}" stroke="#ccc" stroke-dasharray="3,3"/>')
     for i, (name, (xv, yv)) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv) if not math.isnan(y))
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv, strict=True) if not math.isnan(y))
         body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         ly = top + 12 * i + 6
         body.append(f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 25}" y2="{ly}" stroke="{colour}" stroke-width="2"/>'

@@ -167,7 +167,7 @@ class ModelGraph:
         self.receivers.append(Receiver(LOGITS, LOGITS, L, "logits", -1, (LOGITS,)))
 
     @classmethod
-    def from_model(cls, model, split_qkv: bool = True, n_pos: int | None = None) -> "ModelGraph":
+    def from_model(cls, model, split_qkv: bool = True, n_pos: int | None = None) -> ModelGraph:
         kv = getattr(model.cfg, "n_key_value_heads", None)
         return cls(model.cfg.n_layers, model.cfg.n_heads, split_qkv, n_pos, kv)
 
@@ -213,7 +213,7 @@ class ModelGraph:
     @cached_property
     def edges(self) -> list[tuple[str, str]]:
         s_idx, r_idx = self.edge_index
-        return [(self.senders[s], self.receivers[r].name) for s, r in zip(s_idx.tolist(), r_idx.tolist())]
+        return [(self.senders[s], self.receivers[r].name) for s, r in zip(s_idx.tolist(), r_idx.tolist(), strict=True)]
 
     @cached_property
     def edge_lookup(self) -> dict[tuple[str, str], int]:

@@ -80,7 +80,7 @@ def mib_edge_names(graph: ModelGraph) -> list[list[str]]:
     """For each edge of ``graph`` (in its order), the EAP-IG edge names it stands for."""
     names = []
     s_idx, r_idx = graph.edge_index
-    for s, r in zip(s_idx.tolist(), r_idx.tolist()):
+    for s, r in zip(s_idx.tolist(), r_idx.tolist(), strict=True):
         parent, receiver = mib_node(graph.senders[s]), graph.receivers[r]
         if receiver.kind in QKV:  # one per head of a GQA group, else one
             names.append([f"{parent}->{mib_node(head)}<{receiver.kind}>" for head in receiver.feeds])
@@ -91,7 +91,7 @@ def mib_edge_names(graph: ModelGraph) -> list[list[str]]:
     return names
 
 
-def to_mib(circuit: "Circuit", d_model: int | None = None) -> dict:
+def to_mib(circuit: Circuit, d_model: int | None = None) -> dict:
     """The circuit as an EAP-IG / MIB graph object (see the module docstring for the mapping)."""
     graph = circuit.graph
     d_model = d_model if d_model is not None else circuit.settings.get("d_model")
@@ -106,7 +106,7 @@ def to_mib(circuit: "Circuit", d_model: int | None = None) -> dict:
         cfg["n_key_value_heads"] = graph.n_kv_heads
     cfg[SETTINGS_KEY] = json.loads(json.dumps({**circuit.settings, "d_model": d_model}, default=str))
     edges = {}
-    for names, score, in_graph in zip(mib_edge_names(graph), scores.tolist(), keep.tolist()):
+    for names, score, in_graph in zip(mib_edge_names(graph), scores.tolist(), keep.tolist(), strict=True):
         for name in names:
             edges[name] = {"score": score, "in_graph": in_graph}
     in_nodes = {mib_node(n) for n in circuit.nodes} | {LOGITS}
@@ -114,7 +114,7 @@ def to_mib(circuit: "Circuit", d_model: int | None = None) -> dict:
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 
 
-def write_mib(circuit: "Circuit", path: str | os.PathLike, d_model: int | None = None) -> Path:
+def write_mib(circuit: Circuit, path: str | os.PathLike, d_model: int | None = None) -> Path:
     """Write the circuit as an EAP-IG / MIB graph JSON file, atomically (strict JSON: no NaN)."""
     obj = to_mib(circuit, d_model)
     return write_text(path, json.dumps(obj, allow_nan=False))

@@ -14,9 +14,10 @@ import numbers
 import os
 import random
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -319,7 +320,7 @@ class TaskBatch:
         return self.corrupted_tokens[variant]
 
     @classmethod
-    def build(cls, model, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0) -> "TaskBatch":
+    def build(cls, model, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0) -> TaskBatch:
         """Tokenise ``prompts`` (or sample that many, at most :data:`MAX_PROMPTS`) for ``model``,
         checking STR lengths and answers."""
         if isinstance(task, str):
@@ -338,7 +339,7 @@ class TaskBatch:
         variants = list(prompts[0].corrupted)
         corrupted = {v: [encode(model, p.corrupted[v]) for p in prompts] for v in variants}
         for v, rows in corrupted.items():
-            for i, (c, x) in enumerate(zip(clean, rows)):
+            for i, (c, x) in enumerate(zip(clean, rows, strict=True)):
                 if len(c) != len(x):
                     raise TaskError(
                         f"STR variant {v!r}, prompt {i}: clean and corrupted prompts have different "
@@ -347,7 +348,7 @@ class TaskBatch:
                     )
         answers = [single_token_id(model, p.answer) for p in prompts]
         counters = [single_token_id(model, p.counter_answer) for p in prompts]
-        positions, spans = zip(*[_key_positions(model, p, n_bos) for p in prompts])
+        positions, spans = zip(*[_key_positions(model, p, n_bos) for p in prompts], strict=True)
         n_pos = max(len(c) for c in clean)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         device = model_device(model)

@@ -30,12 +30,12 @@ class DirectEngine:
 
     name = "functional"
 
-    def __init__(self, patcher: "EdgePatcher"):
+    def __init__(self, patcher: EdgePatcher):
         self.patcher = patcher
         self._model: TensorModel | None = None
         self._masked: dict[tuple[int, int], MaskedForward] = {}  # by prompt range
 
-    def masked_forward(self, prompts: slice | None = None) -> "MaskedForward":
+    def masked_forward(self, prompts: slice | None = None) -> MaskedForward:
         """The masked pass on the setup's prompts ``prompts`` (default: all), built on first use and kept."""
         p = self.patcher
         prompts = prompts or slice(0, p.setup.size)
@@ -263,7 +263,7 @@ class _Run:
             self.resid = self._end_resid()
             x = self.resid + self._correct([r], up, end=True)[..., 0, :]
             out = mf.fm.mlp(layer, x)  # [n, B, d]
-            self._store_end((src[mf.end_tokens] - out[:, :, None]))
+            self._store_end(src[mf.end_tokens] - out[:, :, None])
         else:
             below = self._mlp_below
             if below is not None and below[0] == layer:  # only this layer's heads are left to add

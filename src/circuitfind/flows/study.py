@@ -20,10 +20,10 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from circuitfind import study
+from circuitfind.catalogue import load_model
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
 from circuitfind.io import write_json
-from circuitfind.catalogue import load_model
 from circuitfind.paths import default_outputs
 
 

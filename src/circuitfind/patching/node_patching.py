@@ -11,14 +11,22 @@ unpatched run's cached activations (:mod:`circuitfind.patching.suffix`); elsewhe
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from circuitfind.patching.result import PatchResult, sweep_result
 from circuitfind.names import BLOCK_HOOKS, hook_name
-from circuitfind.patching.setup import Direction, PatchingSetup, answer_logits, bind_hook, check_direction, patch_hook, repeat_ctx
+from circuitfind.patching.result import PatchResult, sweep_result
+from circuitfind.patching.setup import (
+    Direction,
+    PatchingSetup,
+    answer_logits,
+    bind_hook,
+    check_direction,
+    patch_hook,
+    repeat_ctx,
+)
 from circuitfind.patching.suffix import SuffixForward, use_suffix
 
 

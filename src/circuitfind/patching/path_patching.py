@@ -3,16 +3,18 @@ inputs of heads, :class:`PathReceiver`, or the logits) only through the direct p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from circuitfind.patching.result import PatchResult
 from circuitfind.names import LOGITS, hook_name
+from circuitfind.patching.result import PatchResult
 from circuitfind.patching.setup import Direction, PatchingSetup, answer_logits, bind_hook, check_direction, repeat_ctx
 from circuitfind.patching.suffix import SuffixForward, use_suffix
+
 
 @dataclass(frozen=True)
 class PathReceiver:
@@ -73,7 +75,7 @@ def path_patch(
     else:
         per_sender = _pathpatch_hooks(setup, direction, senders, recv_hooks, pos, chunk)
     grid = torch.full((L, H, B), float("nan"))
-    for (l, h), row in zip(senders, per_sender):
+    for (l, h), row in zip(senders, per_sender, strict=True):
         grid[l, h] = row
     return PatchResult(
         grid.mean(-1), grid, ("layer", "head"), setup.metric.name, setup.plan.name, direction,
@@ -99,17 +101,18 @@ def _pathpatch_hooks(setup: PatchingSetup, direction: Direction, senders: Sequen
             sender_mask[l, i, 0, 0, h] = True
         recorded: dict[str, torch.Tensor] = {}
 
-        def freeze(act, hook, layer):
+        # This chunk's n, sender_mask and recorded are bound to the hooks, not read from the loop.
+        def freeze(act, hook, layer, n, sender_mask):
             view = act.reshape(n, B, *act.shape[1:])
             out = torch.where(sender_mask[layer], src_z[z_names[layer]], base_z[z_names[layer]])
             return out.expand_as(view).reshape(act.shape)
 
-        def record(act, hook, key):
+        def record(act, hook, key, recorded):
             recorded[key] = act.detach().clone()
 
         hooks = list(base.hooks)
-        hooks += [(z_names[l], bind_hook(freeze, layer=l)) for l in range(L)]
-        hooks += [(name, bind_hook(record, key=name)) for name in recv_hooks]
+        hooks += [(z_names[l], bind_hook(freeze, layer=l, n=n, sender_mask=sender_mask)) for l in range(L)]
+        hooks += [(name, bind_hook(record, key=name, recorded=recorded)) for name in recv_hooks]
         tokens = base.tokens.repeat(n, 1)
         with torch.no_grad():
             setup.model.run_with_hooks(tokens, fwd_hooks=hooks)

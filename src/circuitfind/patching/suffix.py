@@ -21,7 +21,7 @@ already in the cached residual stream entering layer 0, so every candidate sees 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -263,7 +263,7 @@ class SuffixForward:
             q, k, v = fm.qkv(lay, x)
             if lay in by_layer:
                 qkv = {"q": q, "k": k, "v": v}
-                rec = dict(zip("qkv", fm.qkv(lay, recorded[lay])))
+                rec = dict(zip("qkv", fm.qkv(lay, recorded[lay]), strict=True))
                 for kind, heads in by_layer[lay].items():
                     where = at & heads.to(x.device)[None, None, :, None]
                     qkv[kind] = torch.where(where, rec[kind], qkv[kind])
