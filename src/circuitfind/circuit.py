@@ -55,7 +55,7 @@ class Circuit:
     def nodes(self) -> set[str]:
         """Components (heads ``a{l}.{h}``, MLPs ``m{l}``, ``input``, ``logits``) touched by an edge."""
         keep = self.in_circuit.any(-1) if self.in_circuit.dim() == 2 else self.in_circuit
-        out = set()
+        out: set[str] = set()
         for i in keep.nonzero().flatten().tolist():
             sender, feeds = self.graph.edge_nodes(i)
             out.update((sender, *feeds))

@@ -27,6 +27,7 @@ from circuitfind import patching as P
 from circuitfind.checks import finite_number, positive_int
 from circuitfind.circuit import Circuit
 from circuitfind.edge_patching import EdgePatcher
+from circuitfind.edge_patching.hooks import Hook
 from circuitfind.errors import CircuitfindError
 from circuitfind.graph import ModelGraph
 from circuitfind.metrics import normalise
@@ -85,7 +86,7 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
         a = alphas[start : start + n].view(n, 1, 1, 1)
         return (corrupt + a * (clean - corrupt)).reshape(act.shape)
 
-    hooks = [("hook_embed", interpolate)]
+    hooks: list[Hook] = [("hook_embed", interpolate)]
     scale = 1.0 if per_prompt else 1.0 / B
     if patcher.graph.n_pos is None:
         total = None
@@ -254,7 +255,7 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
     group = setup.n_heads // graph.n_kv_heads
     lookup = graph.edge_lookup
 
-    def mark(result: P.PatchResult, receiver: str) -> list[tuple[int, int]]:
+    def mark(result: P.PatchResult, receiver: str) -> list[tuple[int, ...]]:
         finite = torch.isfinite(result.values)
         if finite.sum() < 2:
             return []

@@ -69,10 +69,10 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
     top = 46
     pos["input"] = (30, top + node_gap * (n_heads + 1) / 2)
     for layer in range(n_layers):
-        x = 30 + layer_gap * (layer + 1)
+        column = 30 + layer_gap * (layer + 1)
         for h in range(n_heads):
-            pos[f"a{layer}.{h}"] = (x, top + node_gap * h)
-        pos[f"m{layer}"] = (x + layer_gap / 2, top + node_gap * (n_heads + 0.5))
+            pos[f"a{layer}.{h}"] = (column, top + node_gap * h)
+        pos[f"m{layer}"] = (column + layer_gap / 2, top + node_gap * (n_heads + 0.5))
     pos["logits"] = (30 + layer_gap * (n_layers + 1), top + node_gap * (n_heads + 1) / 2)
     body = [f'<text x="10" y="16" font-weight="bold">{escape(title)}</text>']
     used: set[str] = set()
@@ -80,7 +80,7 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
     for s, r in edges:
         if s not in pos:
             continue
-        colour, width = ("#333", 1.6) if (s, r) in shared else ("#ff7f0e", 1.6)
+        colour, stroke = ("#333", 1.6) if (s, r) in shared else ("#ff7f0e", 1.6)
         kind = r[-2] if r.endswith(">") else ""
         dash = {"k": ' stroke-dasharray="4,2"', "v": ' stroke-dasharray="1,2"'}.get(kind, "")
         for target in _targets(r, n_heads, n_kv_heads or n_heads):
@@ -88,7 +88,7 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
                 continue
             used.update((s, target))
             (x1, y1), (x2, y2) = pos[s], pos[target]
-            lines.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{width}" opacity="0.8"{dash}>'
+            lines.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{stroke}" opacity="0.8"{dash}>'
                          f'<title>{escape(s)} -&gt; {escape(r)}</title></line>')
     body += lines
     for name, (x, y) in pos.items():

@@ -19,11 +19,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import torch
 
 from circuitfind.checks import positive_int
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 QKV = ("q", "k", "v")
 INPUT, LOGITS = "input", "logits"
@@ -167,7 +171,7 @@ class ModelGraph:
         self.receivers.append(Receiver(LOGITS, LOGITS, L, "logits", -1, (LOGITS,)))
 
     @classmethod
-    def from_model(cls, model, split_qkv: bool = True, n_pos: int | None = None) -> ModelGraph:
+    def from_model(cls, model: TransformerBridge, split_qkv: bool = True, n_pos: int | None = None) -> ModelGraph:
         kv = getattr(model.cfg, "n_key_value_heads", None)
         return cls(model.cfg.n_layers, model.cfg.n_heads, split_qkv, n_pos, kv)
 
@@ -193,7 +197,8 @@ class ModelGraph:
     @cached_property
     def edge_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sender_idx, receiver_idx)`` of every edge, ordered by receiver then sender."""
-        s_idx, r_idx = [], []
+        s_idx: list[int] = []
+        r_idx: list[int] = []
         for r, receiver in enumerate(self.receivers):
             n = self.upstream(receiver)
             s_idx += range(n)
@@ -262,21 +267,22 @@ class ModelGraph:
                 g.add_node(head_name(layer, h), layer=layer, head=h, kind="head", score=0.0, in_circuit=False)
             g.add_node(mlp_name(layer), layer=layer, head=-1, kind="mlp", score=0.0, in_circuit=False)
         g.add_node(LOGITS, layer=self.n_layers, head=-1, kind="logits", score=0.0, in_circuit=False)
-        for r in self.receivers:
-            if r.kind in QKV:
-                g.add_node(r.name, layer=r.layer, head=r.head, kind=f"input_{r.kind}", score=0.0, in_circuit=False)
+        for receiver in self.receivers:
+            if receiver.kind in QKV:
+                g.add_node(receiver.name, layer=receiver.layer, head=receiver.head, kind=f"input_{receiver.kind}", score=0.0,
+                           in_circuit=False)
         for i, (s, r) in enumerate(self.edges):
-            attrs = {"score": float(flat_score[i]), "in_circuit": bool(flat_keep[i]), "structural": False}
+            attrs: dict[str, float | bool | str] = {"score": float(flat_score[i]), "in_circuit": bool(flat_keep[i]), "structural": False}
             if per_pos:
                 attrs["score_pos"] = json.dumps([float(x) for x in edge_scores[i]])
             if keep.dim() == 2:
                 attrs["in_circuit_pos"] = json.dumps([bool(x) for x in keep[i]])
             g.add_edge(s, r, **attrs)
-        for r in self.receivers:  # q/k/v input nodes feed their head (every head of a GQA group)
-            if r.kind in QKV:
-                used = any(d["in_circuit"] for _, _, d in g.in_edges(r.name, data=True))
-                for head in r.feeds:
-                    g.add_edge(r.name, head, score=0.0, in_circuit=used, structural=True)
+        for receiver in self.receivers:  # q/k/v input nodes feed their head (every head of a GQA group)
+            if receiver.kind in QKV:
+                used = any(d["in_circuit"] for _, _, d in g.in_edges(receiver.name, data=True))
+                for head in receiver.feeds:
+                    g.add_edge(receiver.name, head, score=0.0, in_circuit=used, structural=True)
         _mark_nodes(g)
         return g
 

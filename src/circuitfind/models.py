@@ -15,10 +15,14 @@ import socket
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from circuitfind.errors import ModelNotFoundError, UnsafeModelError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 HUB_HOST = "huggingface.co"
@@ -196,6 +200,6 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None, token
     return model
 
 
-def model_device(model) -> torch.device:
+def model_device(model: TransformerBridge) -> torch.device:
     """The device of the model's parameters."""
     return next(model.parameters()).device

@@ -12,6 +12,7 @@ Patching"), on whichever models are available.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,13 +22,16 @@ from circuitfind.io import write_text
 from circuitfind.report import render as R
 from circuitfind.tasks import TaskBatch
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
-def head_detection(model, model_name: str, prompts: int = 40, seed: int = 0, k: float = 2.0,
+
+def head_detection(model: TransformerBridge, model_name: str, prompts: int = 40, seed: int = 0, k: float = 2.0,
                    direction: P.Direction = "denoise", corruptions=("str:s2_io", "gn"), metrics=("prob", "logit_diff", "kl"),
                    variants=("str:s2_io", "str:s1_io"), n_boot: int = 500) -> dict:
     """Heads >= ``k`` SD from the mean patching effect under each setting, with bootstrap intervals."""
     batch = TaskBatch.build(model, "ioi", prompts, seed=seed)
-    sign = "positive" if direction == "denoise" else "negative"
+    sign = P.effect_sign(direction)
     settings = [(c, m) for c in corruptions for m in metrics]
     settings += [(v, "logit_diff") for v in variants if (v, "logit_diff") not in settings]
     rows = {}
@@ -48,7 +52,7 @@ def head_detection(model, model_name: str, prompts: int = 40, seed: int = 0, k: 
             "s2_vs_s1io": {v: rows[f"{v}/logit_diff"]["heads"] for v in variants if f"{v}/logit_diff" in rows}}
 
 
-def mlp_localisation(model, model_name: str, prompts: int = 16, seed: int = 0, windows=(1, 3, 5), corruption: str = "gn",
+def mlp_localisation(model: TransformerBridge, model_name: str, prompts: int = 16, seed: int = 0, windows=(1, 3, 5), corruption: str = "gn",
                      metric: str = "prob", position: str = "subject_last") -> dict:
     """Per-layer restoration by MLP windows at the subject's last token, and the summation baseline."""
     batch = TaskBatch.build(model, "factual", prompts, seed=seed)

@@ -57,7 +57,7 @@ class Setting(BaseModel):
     algorithm: str
     corruption: str
     metric: str
-    direction: str
+    direction: P.Direction
 
     @property
     def name(self) -> str:

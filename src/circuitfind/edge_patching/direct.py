@@ -100,7 +100,8 @@ class MaskedForward:
         self.qkv: list[tuple[list[int], list[int], list[int]]] = []
         for layer in range(L):
             if graph.split_qkv:
-                self.qkv.append(tuple(graph.receiver_slices(layer, k) for k in ("q", "k", "v")))
+                q, k, v = (graph.receiver_slices(layer, which) for which in ("q", "k", "v"))
+                self.qkv.append((q, k, v))
             else:
                 idx = graph.receiver_slices(layer, "qkv")
                 self.qkv.append((idx, idx, idx))
@@ -109,7 +110,7 @@ class MaskedForward:
         stage_of = [self.stage(r) for r in graph.receivers]
         self.receivers_before = [sum(s < k for s in stage_of) for k in range(2 * L + 1)]  # receivers are stage-ordered
         self.senders_at = [graph.senders_before(k // 2) + (H if k % 2 else 0) for k in range(2 * L + 1)]
-        self._prefixes = PrefixCache()
+        self._prefixes: PrefixCache[tuple[torch.Tensor, torch.Tensor]] = PrefixCache()
 
     def source(self, sender_hook: str) -> torch.Tensor:
         """A sender hook's source activations, ``[B, T, g, d]`` (``g`` heads, or 1)."""

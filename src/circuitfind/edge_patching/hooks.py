@@ -20,7 +20,7 @@ from circuitfind.patching.setup import answer_logits
 if TYPE_CHECKING:
     from circuitfind.edge_patching.patcher import EdgePatcher
 
-Hook = tuple[str, Callable]
+Hook = tuple[str | Callable, Callable]  # (hook name or name filter, hook function), as run_with_hooks takes them
 
 
 class HooksEngine:

@@ -51,22 +51,27 @@ def path_patch(
     senders = list(senders) if senders is not None else all_heads
     if not senders:
         raise ValueError("path_patch needs at least one sender head")
-    if receivers != LOGITS:
-        receivers = list(receivers)
-        if not receivers:
+    path_receivers: list[PathReceiver] | None = None  # None: the logits
+    if isinstance(receivers, str) and receivers != LOGITS:
+        raise ValueError(f"receivers must be PathReceivers or {LOGITS!r}, got {receivers!r}")
+    if not isinstance(receivers, str):
+        path_receivers = list(receivers)
+        if not path_receivers:
             raise ValueError("path_patch needs at least one receiver (or 'logits')")
         kv = getattr(setup.model.cfg, "n_key_value_heads", None) or H
-        for r in receivers:
+        for r in path_receivers:
             n = H if r.input == "q" else kv  # k/v inputs are per key/value head (grouped-query attention)
             if r.input not in ("q", "k", "v") or not (0 <= r.layer < L and 0 <= r.head < n):
                 raise ValueError(f"invalid receiver {r}: layer must be < {L}, head < {n} for {r.input} inputs")
-    if receivers == LOGITS:
+    recv_hooks: dict[str, torch.Tensor | None]
+    if path_receivers is None:
         recv_hooks = {hook_name(L - 1, "resid_post"): None}
     else:
         recv_hooks = {}
-        for r in receivers:
+        for r in path_receivers:
             name = hook_name(r.layer, f"{r.input}_input")
-            recv_hooks.setdefault(name, torch.zeros(H if r.input == "q" else kv, dtype=torch.bool))[r.head] = True
+            heads = recv_hooks.setdefault(name, torch.zeros(H if r.input == "q" else kv, dtype=torch.bool))
+            heads[r.head] = True
     pos = setup.position_mask(positions)  # [batch, pos]
     chunk = max(1, setup.max_batch // B)
     if use_suffix(setup, direction, receivers=list(recv_hooks)):

@@ -48,7 +48,7 @@ def receiver_input(name: str) -> tuple[int, str] | None:
     return None if hook is None or hook[1] not in ("q_input", "k_input", "v_input") else (hook[0], hook[1][0])
 
 
-def supports(setup: PatchingSetup, direction: str, names: Sequence[str] = (), receivers: Sequence[str] = ()) -> bool:
+def supports(setup: PatchingSetup, direction: Direction, names: Sequence[str] = (), receivers: Sequence[str] = ()) -> bool:
     """Whether suffix passes serve these patched hooks (``names``) or path-patching receiver hooks:
     the setup allows it, the functional engine implements the model, every hook is one it knows,
     and the base run's own hooks act on the embedding stage only."""
@@ -78,7 +78,7 @@ class SuffixForward:
         direction: ``noise`` (the clean run is the base) or ``denoise`` (the corrupted run is).
     """
 
-    def __init__(self, setup: PatchingSetup, direction: str):
+    def __init__(self, setup: PatchingSetup, direction: Direction):
         self.setup, self.direction = setup, direction
         self.fm = tensor_forward.TensorModel(setup.model)
         self.n_layers, self.size = setup.n_layers, setup.size
@@ -221,11 +221,11 @@ class SuffixForward:
                     progress.update(len(members))
                 continue
             for part in torch.tensor(members).split(chunk):
-                heads = [senders[i][1] for i in part.tolist()]
+                sender_heads = [senders[i][1] for i in part.tolist()]
                 with torch.no_grad():
-                    recorded = self._path_step1(layer, heads, top, source_z, by_layer, to_logits)
-                    answer = self._path_step2(layer, len(heads), recorded, by_layer, to_logits, pos)
-                out[part.to(out.device)] = self.score(answer, len(heads))
+                    recorded = self._path_step1(layer, sender_heads, top, source_z, by_layer, to_logits)
+                    answer = self._path_step2(layer, len(sender_heads), recorded, by_layer, to_logits, pos)
+                out[part.to(out.device)] = self.score(answer, len(sender_heads))
                 if progress is not None:
                     progress.update(len(part))
         return out
