@@ -22,6 +22,7 @@ import torch
 from circuitfind import compare, health
 from circuitfind.errors import GraphMismatchError
 from circuitfind.graph import ModelGraph, check_shape
+from circuitfind.names import INPUT, LOGITS
 
 
 def record_edges(record: dict) -> set[tuple[str, str]]:
@@ -31,7 +32,7 @@ def record_edges(record: dict) -> set[tuple[str, str]]:
 
 def record_components(record: dict) -> set[str]:
     """A record's circuit components (heads, MLPs), without ``input`` and ``logits``."""
-    return set(record["nodes"]) - {"input", "logits"}
+    return set(record["nodes"]) - {INPUT, LOGITS}
 
 
 def _short(record: dict, group_keys: tuple[str, ...]) -> str:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from html import escape
+
+from circuitfind.names import INPUT, LOGITS, head_name, mlp_name, parse_node
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -47,16 +48,12 @@ def heatmap(values: Sequence[Sequence[float]], labels: Sequence[str], title: str
 def _targets(receiver: str, n_heads: int, n_kv_heads: int) -> list[str]:
     """The drawn components a receiver feeds: its head (``a1.2<q>`` -> ``a1.2``), every head of a
     grouped-query k/v group (``a1.g0<k>`` -> ``a1.0``, ``a1.1`` with 4 heads in 2 groups), or itself."""
-    base = receiver.split("<")[0]
-    match = _GROUP.fullmatch(base)
-    if not match:
-        return [base]
-    layer, group = int(match[1]), int(match[2])
-    size = n_heads // n_kv_heads
-    return [f"a{layer}.{h}" for h in range(group * size, (group + 1) * size)]
+    node = parse_node(receiver)
+    if node.kind == "group":
+        size = n_heads // n_kv_heads
+        return [head_name(node.layer, h) for h in range(node.index * size, (node.index + 1) * size)]
+    return [head_name(node.layer, node.index) if node.kind == "head" else receiver]
 
-
-_GROUP = re.compile(r"a(\d+)\.g(\d+)")
 
 
 def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]], shared: set[tuple[str, str]],
@@ -67,13 +64,13 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
     carries its edge as a tooltip."""
     pos: dict[str, tuple[float, float]] = {}
     top = 46
-    pos["input"] = (30, top + node_gap * (n_heads + 1) / 2)
+    pos[INPUT] = (30, top + node_gap * (n_heads + 1) / 2)
     for layer in range(n_layers):
         column = 30 + layer_gap * (layer + 1)
         for h in range(n_heads):
-            pos[f"a{layer}.{h}"] = (column, top + node_gap * h)
-        pos[f"m{layer}"] = (column + layer_gap / 2, top + node_gap * (n_heads + 0.5))
-    pos["logits"] = (30 + layer_gap * (n_layers + 1), top + node_gap * (n_heads + 1) / 2)
+            pos[head_name(layer, h)] = (column, top + node_gap * h)
+        pos[mlp_name(layer)] = (column + layer_gap / 2, top + node_gap * (n_heads + 0.5))
+    pos[LOGITS] = (30 + layer_gap * (n_layers + 1), top + node_gap * (n_heads + 1) / 2)
     body = [f'<text x="10" y="16" font-weight="bold">{escape(title)}</text>']
     used: set[str] = set()
     lines = []
@@ -81,7 +78,7 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
         if s not in pos:
             continue
         colour, stroke = ("#333", 1.6) if (s, r) in shared else ("#ff7f0e", 1.6)
-        kind = r[-2] if r.endswith(">") else ""
+        kind = parse_node(r).input or ""
         dash = {"k": ' stroke-dasharray="4,2"', "v": ' stroke-dasharray="1,2"'}.get(kind, "")
         for target in _targets(r, n_heads, n_kv_heads or n_heads):
             if target not in pos:
@@ -93,10 +90,11 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
     body += lines
     for name, (x, y) in pos.items():
         fill = "#9ecae1" if name in used else "#f0f0f0"
-        shape = (f'<rect x="{x - 7}" y="{y - 7}" width="14" height="14" fill="{fill}" stroke="#555">' if name.startswith("m")
+        mlp = parse_node(name).kind == "mlp"  # MLPs are squares, the rest circles
+        shape = (f'<rect x="{x - 7}" y="{y - 7}" width="14" height="14" fill="{fill}" stroke="#555">' if mlp
                  else f'<circle cx="{x}" cy="{y}" r="7" fill="{fill}" stroke="#555">')
-        body.append(shape + f'<title>{escape(name)}</title>' + ("</rect>" if name.startswith("m") else "</circle>"))
-        if name in used or name in ("input", "logits"):
+        body.append(shape + f'<title>{escape(name)}</title>' + ("</rect>" if mlp else "</circle>"))
+        if name in used or name in (INPUT, LOGITS):
             body.append(f'<text x="{x}" y="{y - 10}" text-anchor="middle" font-size="9">{escape(name)}</text>')
     width = 60 + layer_gap * (n_layers + 1)
     height = top + node_gap * (n_heads + 2)

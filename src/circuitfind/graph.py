@@ -25,35 +25,15 @@ import networkx as nx
 import torch
 
 from circuitfind.checks import positive_int
+from circuitfind.names import INPUT, LOGITS, QKV, head_name, kv_group_name, mlp_name, receiver_node
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
-
-QKV = ("q", "k", "v")
-INPUT, LOGITS = "input", "logits"
 
 # Bounds on any graph, checked by arithmetic before its edges are built. For scale: toy-ioi has 262
 # edges, GPT-2 small 32,491, SmolLM2-135M 70,651, Llama-2-7B about 1.6 million, Llama-3-70B 16.6 million.
 MAX_EDGES = 20_000_000
 MAX_EDGE_POSITIONS = 100_000_000  # edges x positions of a per-position graph
-
-
-def head_name(layer: int, head: int) -> str:
-    return f"a{layer}.{head}"
-
-
-def mlp_name(layer: int) -> str:
-    return f"m{layer}"
-
-
-def receiver_node(head: str, which: str) -> str:
-    """Name of a head's q/k/v input node, e.g. ``a1.2<q>``."""
-    return f"{head}<{which}>"
-
-
-def kv_group_name(layer: int, group: int) -> str:
-    """A grouped-query attention key/value group, e.g. ``a1.g0`` (its heads share k and v)."""
-    return f"a{layer}.g{group}"
 
 
 @dataclass(frozen=True)

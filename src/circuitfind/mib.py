@@ -48,8 +48,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from circuitfind.errors import GraphFileError
-from circuitfind.graph import INPUT, LOGITS, QKV, ModelGraph, check_shape, describe_shape
+from circuitfind.graph import ModelGraph, check_shape, describe_shape
 from circuitfind.io import write_text
+from circuitfind.names import INPUT, LOGITS, QKV, head_name, is_head, mlp_name, parse_node
 
 if TYPE_CHECKING:
     from circuitfind.circuit import Circuit
@@ -70,9 +71,9 @@ SETTINGS_KEY = "circuitfind_settings"
 
 def mib_node(name: str) -> str:
     """circuitfind's component name in EAP-IG's naming: ``a1.2`` -> ``a1.h2``; others unchanged."""
-    if name.startswith("a") and "." in name:
-        layer, head = name.split(".", 1)
-        return f"{layer}.h{head}"
+    if is_head(name):
+        node = parse_node(name)
+        return f"a{node.layer}.h{node.index}"
     return name
 
 
@@ -202,7 +203,7 @@ def parse_mib(obj) -> CircuitParts:
 def _node_names(n_layers: int, n_heads: int) -> list[str]:
     names = [INPUT]
     for layer in range(n_layers):
-        names += [f"a{layer}.h{h}" for h in range(n_heads)] + [f"m{layer}"]
+        names += [mib_node(head_name(layer, h)) for h in range(n_heads)] + [mlp_name(layer)]
     return names + [LOGITS]
 
 

@@ -19,6 +19,7 @@ import torch
 from circuitfind import compare, figures, health
 from circuitfind import patching as P
 from circuitfind.io import write_text
+from circuitfind.names import head_name
 from circuitfind.report import render as R
 from circuitfind.tasks import TaskBatch
 
@@ -40,7 +41,7 @@ def head_detection(model: TransformerBridge, model_name: str, prompts: int = 40,
         res = P.patch_heads(setup, direction)
         normalised = (res.per_prompt - res.base) / (res.clean - res.corrupt)
         ci = compare.bootstrap_ci(normalised, n_boot=n_boot)
-        found = [f"a{l}.{h}" for l, h in P.detect(res.effect, k=k, sign=sign)]
+        found = [head_name(l, h) for l, h in P.detect(res.effect, k=k, sign=sign)]
         rows[f"{corruption}/{metric}"] = {"corruption": corruption, "metric": metric, "heads": found,
                                           "normalised": res.normalised.tolist(), "ci_low": ci.low.tolist(), "ci_high": ci.high.tolist(),
                                           "clean": res.clean, "corrupt": res.corrupt}
