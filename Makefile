@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: venv demo test test-slow bench fetch-models clean
+.PHONY: venv demo test test-slow lint bench fetch-models clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,11 @@ test: venv fetch-models
 
 test-slow: venv fetch-models
 	$(BIN)/python -m pytest -m slow
+
+# Lint and type-check (configured in pyproject.toml); `make test` does not run them, .ci/run does.
+lint: venv
+	$(BIN)/ruff check src tests benchmarks flows
+	$(BIN)/mypy
 
 bench: venv
 	$(BIN)/python benchmarks/bench_patching.py

@@ -15,10 +15,15 @@ import pytest
 import torch
 
 import circuitfind
+from circuitfind import discovery as D
+from circuitfind import patching as P
+from circuitfind.catalogue import load_model
 from circuitfind.circuit import Circuit
+from circuitfind.edge_patching import EdgePatcher
 from circuitfind.io import write_json
 from circuitfind.report import write_run_report
 from circuitfind.sweep import Setting, SweepConfig, run_setting
+from circuitfind.tasks import TaskBatch
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(circuitfind.__file__).resolve().parent
@@ -192,7 +197,9 @@ def test_an_empty_circuit_is_recorded_as_strict_json_and_reported(tmp_path):
     summary = run_setting(NODE, config, tmp_path / "run", tmp_path / "cache")
     assert summary["n_edges"] == 0 and summary["faithfulness"] is None
     files = list((tmp_path / "run").rglob("*.json")) + list((tmp_path / "cache").rglob("*.json"))
-    assert len(files) >= 3
+    entry = only_entry(tmp_path / "cache").name  # the cache key
+    assert sorted(str(f.relative_to(tmp_path)) for f in files) == [
+        f"cache/{entry}/checksums.json", f"cache/{entry}/record.json", f"run/circuits/{NODE.name}.json"]
     for f in files:
         strict_json(f.read_text())
     record = strict_json((tmp_path / "run" / "circuits" / f"{NODE.name}.json").read_text())
@@ -242,6 +249,11 @@ def test_records_are_strict_json_with_finite_numbers(tmp_path):
     run_setting(EAP, CONFIG, tmp_path / "run", tmp_path / "cache")
     record = strict_json((tmp_path / "run" / "circuits" / f"{EAP.name}.json").read_text())
     assert math.isfinite(record["faithfulness"]) and record["faithfulness_status"] == "ok"
+    # the recorded faithfulness is the saved circuit's, measured afresh on the same setting
+    model = load_model("toy-ioi")
+    setup = P.prepare(model, TaskBatch.build(model, "ioi", CONFIG.prompts, seed=CONFIG.seed), "str", "logit_diff")
+    circuit = Circuit.load(tmp_path / "run" / "circuits" / f"{EAP.name}.graphml")
+    assert record["faithfulness"] == pytest.approx(D.faithfulness(EdgePatcher(setup, circuit.graph, "noise"), circuit), abs=1e-5)
 
 
 def test_a_broken_record_in_a_run_folder_is_named(tmp_path):

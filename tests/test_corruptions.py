@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from circuitfind.corruptions import GaussianNoise, MeanAblation, ResampleAblation, ZeroAblation, embedding_std, get_corruption
+from circuitfind.corruptions import (
+    GaussianNoise,
+    MeanAblation,
+    ResampleAblation,
+    ZeroAblation,
+    embedding_std,
+    get_corruption,
+)
 from circuitfind.errors import TaskError
 from circuitfind.tasks import TaskBatch
 

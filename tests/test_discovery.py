@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 from scipy.stats import spearmanr
@@ -97,9 +98,18 @@ def test_faithfulness_and_curve(ld_patcher):
     assert D.faithfulness(ld_patcher, full) == pytest.approx(1.0)
     with pytest.raises(D.EmptyCircuitError, match="no edges"):
         D.faithfulness(ld_patcher, Circuit(graph, torch.zeros(graph.n_edges, dtype=torch.bool)))
-    curve = D.faithfulness_curve(ld_patcher, D.eap(ld_patcher))
+    scores = D.eap(ld_patcher)
+    curve = D.faithfulness_curve(ld_patcher, scores)
     assert curve.faithfulness[0] == pytest.approx(0.0, abs=1e-4) and curve.faithfulness[-1] == pytest.approx(1.0)
     assert curve.sizes == sorted(curve.sizes) and curve.sizes[-1] == graph.n_edges
+    # MIB's edge fractions, and its counts int(fraction * n_edges) of toy-ioi's 262 edges
+    assert curve.fractions == [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+    assert graph.n_edges == 262 and curve.sizes == [0, 0, 1, 2, 5, 13, 26, 52, 131, 262]
+    # every point is the faithfulness of the top-|score| circuit of that size; the areas are trapezoids
+    expected = [0.0, 0.0] + [D.faithfulness(ld_patcher, D.select_top_k(graph, scores, n)) for n in curve.sizes[2:]]
+    assert curve.faithfulness == pytest.approx(expected, abs=1e-4)
+    assert curve.cpr == pytest.approx(float(np.trapezoid(curve.faithfulness, curve.fractions)))
+    assert curve.cmd == pytest.approx(float(np.trapezoid(np.abs(1 - np.array(curve.faithfulness)), curve.fractions)))
     assert 0.5 < curve.cpr < 1.2 and 0 <= curve.cmd < 0.5
     random_scores = torch.rand(graph.n_edges, generator=torch.Generator().manual_seed(0))
     assert D.faithfulness_curve(ld_patcher, random_scores).cpr < curve.cpr
@@ -134,7 +144,13 @@ def test_discover_returns_the_circuit_with_its_faithfulness(ld_patcher, algorith
     found = D.discover(setup, algorithm, direction, top_k=30, acdc_tau=0.05, node_k=1.0, per_prompt=algorithm == "eap")
     assert isinstance(found, D.Discovery) and found.direction == direction
     patcher = EdgePatcher(setup, found.circuit.graph, direction)
-    assert found.faithfulness_status == "ok" and found.circuit.n_edges > 0
+    # the circuit the algorithm finds when called directly (EAP: the top_k edges)
+    if algorithm == "eap":
+        assert found.circuit.n_edges == 30
+    else:
+        direct = D.acdc(patcher, 0.05) if algorithm == "acdc" else D.node_circuit(setup, direction, 1.0)
+        assert torch.equal(found.circuit.in_circuit, direct.in_circuit) and direct.n_edges > 0
+    assert found.faithfulness_status == "ok"
     assert found.faithfulness == D.faithfulness(patcher, found.circuit)
     if algorithm in D.SCORED:
         assert found.curve.as_dict() == D.faithfulness_curve(patcher, found.circuit.scores).as_dict()

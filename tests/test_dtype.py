@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from circuitfind import discovery as D
-from circuitfind.cli import main
 from circuitfind import patching as P
+from circuitfind.cli import main
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.models import load_model, resolve_dtype
 from circuitfind.tasks import TaskBatch

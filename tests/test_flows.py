@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -33,9 +34,15 @@ def test_sweep_writes_circuits_report_and_manifest(first_run):
         assert [list(e) for e in circuit.edges] == record["edges"]
         assert circuit.settings["algorithm"] == record["algorithm"]
         if record["algorithm"] == "eap_ig":
-            assert (run / record["per_prompt"]).is_file() and record["curve"]["cpr"] > 0  # paths relative to the run
+            assert (run / record["per_prompt"]).is_file()  # paths relative to the run
+            curve = record["curve"]
+            assert curve["cpr"] == pytest.approx(float(np.trapezoid(curve["faithfulness"], curve["fractions"]))) and curve["cpr"] > 0
+    algorithms = sorted(json.loads(Path(e["json"]).read_text())["algorithm"] for e in manifest["settings"])
+    assert algorithms == ["acdc", "acdc", "eap_ig", "eap_ig", "node", "node"]  # the eap_ig checks above ran twice
     html = (run / "report.html").read_text()
-    assert html.count("<svg") >= 6 + 2 and "edge Jaccard" in html and "Bootstrap" in html
+    # the axis figure, 2 Jaccard heatmaps + Spearman, the curves of acdc and eap_ig (a panel each),
+    # the consensus drawing and the 6 settings' drawings
+    assert html.count("<svg") == 1 + 3 + 2 + 1 + 6 and "edge Jaccard" in html and "Bootstrap" in html
     md = (run / "report.md").read_text()
     assert "| acdc/str/kl/noise |" in md and "Components in every setting" in md
     assert not list(run.rglob("*.tmp"))
@@ -45,7 +52,7 @@ def test_rerun_resumes_from_the_cache(first_run):
     outputs, manifest = first_run
     again = sweep(SweepConfig(**SMALL), run="r2", outputs=str(outputs))
     assert all(s["from_cache"] for s in again["settings"])
-    for a, b in zip(manifest["settings"], again["settings"]):
+    for a, b in zip(manifest["settings"], again["settings"], strict=True):
         assert Path(a["graphml"]).read_bytes() == Path(b["graphml"]).read_bytes()
     # a larger grid only computes what is new
     bigger = sweep(SweepConfig(**{**SMALL, "corruptions": ["str", "gn", "resample"]}), run="r3", outputs=str(outputs))
@@ -73,7 +80,11 @@ def test_every_json_file_of_a_sweep_is_strict(prefect_harness, tmp_path):
     manifest = sweep(config, run="j", outputs=str(tmp_path))
     assert len(manifest["settings"]) == 2 and not manifest["failures"]
     files = list(tmp_path.rglob("*.json"))
-    assert tmp_path / "j" / "manifest.json" in files and len(files) >= 5
+    assert tmp_path / "j" / "manifest.json" in files
+    keys = sorted(p.name for p in (tmp_path / ".cache").iterdir() if p.is_dir())  # a cache entry per setting
+    circuits = [f"j/circuits/toy-ioi__ioi__{a}__str__logit_diff__noise.json" for a in ("eap", "node")]
+    assert len(keys) == 2 and sorted(str(f.relative_to(tmp_path)) for f in files) == sorted(
+        [f".cache/{k}/{name}" for k in keys for name in ("checksums.json", "record.json")] + circuits + ["j/manifest.json"])
     for f in files:
         json.loads(f.read_text(), parse_constant=reject)
     node = next(s for s in manifest["settings"] if "__node__" in s["setting"])

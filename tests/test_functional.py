@@ -4,8 +4,8 @@ incremental passes equal full ones."""
 import pytest
 import torch
 
-from circuitfind import tensor_forward
 from circuitfind import patching as P
+from circuitfind import tensor_forward
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.graph import ModelGraph
 from circuitfind.models import load_model

@@ -70,6 +70,10 @@ def test_edge_patching_invariants_and_a_shared_kv_edge(gqa_model, setup, engine)
 def test_path_patching_into_a_shared_kv_input(gqa_model, setup):
     res = P.path_patch(setup, [P.PathReceiver(1, 1, "k")], "end", "noise")
     assert torch.isfinite(res.values).all()
+    # the same values from the plain hooks (the reference path, no suffix passes)
+    hooks_setup = P.prepare(setup.model, setup.batch, "str", "logit_diff", engine="hooks")
+    reference = P.path_patch(hooks_setup, [P.PathReceiver(1, 1, "k")], "end", "noise")
+    torch.testing.assert_close(res.values, reference.values, atol=1e-5, rtol=1e-4)
     assert res.values[1].sub(setup.clean_value).abs().max() < 1e-5  # same-layer senders have no path
     with pytest.raises(ValueError, match="head < 2 for k inputs"):
         P.path_patch(setup, [P.PathReceiver(1, 3, "k")])
@@ -78,13 +82,13 @@ def test_path_patching_into_a_shared_kv_input(gqa_model, setup):
 def test_discovery_runs_and_round_trips(setup, tmp_path):
     patcher = EdgePatcher(setup)
     circuit = D.acdc(patcher, tau=0.05)
-    assert circuit.n_edges > 0
+    reference = D.acdc(EdgePatcher(setup, engine="hooks"), tau=0.05)  # one edge at a time through plain hooks
+    assert torch.equal(circuit.in_circuit, reference.in_circuit) and circuit.n_edges > 0
     eap = D.eap_circuit(patcher, k=10, ig_steps=3)
     path = eap.save(tmp_path / "gqa.graphml")
     back = Circuit.load(path)
     assert back.graph.n_kv_heads == 2 and back.edges == eap.edges
     kv_edges = [r for _, r in eap.edges if ".g" in r]
-    for r in kv_edges:
-        assert r.endswith(("<k>", "<v>"))
+    assert kv_edges and all(r.endswith(("<k>", "<v>")) for r in kv_edges)
     ipp = D.iterative_path_patching(setup, depth=2, k=1.0)
-    assert all(r == "logits" or r.endswith((">",)) for _, r in ipp.edges)
+    assert ipp.n_edges and all(r == "logits" or r.endswith((">",)) for _, r in ipp.edges)

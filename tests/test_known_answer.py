@@ -8,9 +8,9 @@ import torch
 from circuitfind import compare
 from circuitfind import discovery as D
 from circuitfind import patching as P
+from circuitfind.catalogue import load_model
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.evaluation import evaluate
-from circuitfind.catalogue import load_model
 from circuitfind.tasks import TaskBatch, generate_prompts
 from circuitfind.zoo.known import DISTRACTOR_HEADS, INDUCTION_TRUTH, build_induction_model
 

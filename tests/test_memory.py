@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from circuitfind import discovery as D
-from circuitfind.patching import memory
 from circuitfind import patching as P
 from circuitfind.edge_patching import EdgePatcher
+from circuitfind.patching import memory
 from circuitfind.tasks import TaskBatch
 
 TINY = 1  # one byte: one row (one candidate on one prompt) per pass

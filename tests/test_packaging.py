@@ -112,8 +112,9 @@ def _run(venv: Path, *args: str, cwd: Path, env: dict[str, str], timeout: float 
 def test_wheel_carries_tasks_flows_and_models(installed_wheel):
     wheel, _, _ = installed_wheel
     names = set(zipfile.ZipFile(wheel).namelist())
-    for task in (ROOT / "tasks").glob("*.json"):
-        assert f"circuitfind/task_specs/{task.name}" in names
+    tasks = sorted(task.name for task in (ROOT / "tasks").glob("*.json"))
+    assert tasks == ["factual.json", "induction.json", "ioi.json"]
+    assert {f"circuitfind/task_specs/{task}" for task in tasks} <= names
     assert {"circuitfind/flows/sweep.py", "circuitfind/flows/study.py", "circuitfind/flows/deploy.py",
             "circuitfind/zoo/toy-ioi/model.safetensors", "circuitfind/py.typed"} <= names
 

@@ -236,3 +236,11 @@ def test_detect_rule():
     assert P.detect(grid, k=2.0) == [(1, 2)]
     with pytest.raises(ValueError):
         P.detect(scores, sign="up")
+
+
+def test_path_patching_names_a_bad_receiver(ioi_model, small_batch):
+    setup = P.prepare(ioi_model, small_batch, "str", "logit_diff", max_batch=16)
+    with pytest.raises(ValueError, match="receivers must be PathReceivers or 'logits', got 'logit'"):
+        P.path_patch(setup, "logit")
+    with pytest.raises(ValueError, match="at least one receiver"):
+        P.path_patch(setup, [])

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from circuitfind import patching as P
-from circuitfind.patching import suffix
 from circuitfind.corruptions import STR, CorruptionPlan
+from circuitfind.patching import suffix
 from circuitfind.tasks import TaskBatch
 
 KINDS = {

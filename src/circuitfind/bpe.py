@@ -32,7 +32,7 @@ def bytes_to_unicode() -> dict[int, str]:
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def read_ranks(path: str | Path) -> dict[bytes, int]:
@@ -114,8 +114,8 @@ def fetch_gpt2_tokenizer(log=print) -> Path:
     """Download the whisper sdist (``pip download --no-binary``), extract the ranks, build and cache."""
     folder = tokenizer_dir()
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gpt2-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".gpt2-") as tmp_name:
+        tmp = Path(tmp_name)
         log(f"gpt2-tokenizer: pip download --no-deps --no-binary :all: {WHISPER_SDIST}")
         sdist = pip_download(WHISPER_SDIST, tmp / "sdist", binary=False)
         with tarfile.open(sdist) as tar:

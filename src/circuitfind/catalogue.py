@@ -11,12 +11,16 @@ the zoo's code. The imports run one way: ``models`` <- ``tasks`` <- ``zoo`` <- `
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from circuitfind import fetch, models
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 def _build_known_induction(folder: Path) -> None:
@@ -47,7 +51,7 @@ def locate_model(name_or_path: str | os.PathLike) -> str:
 
 
 def load_model(name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None,
-               dtype: str | torch.dtype = "float32"):
+               dtype: str | torch.dtype = "float32") -> TransformerBridge:
     """Load any model by name or folder as a ``TransformerBridge`` ready for patching (see
     :func:`circuitfind.models.load_model` for the arguments and errors)."""
     return models.load_model(resolve_model_path(name_or_path), device=device, tokenizer=tokenizer, dtype=dtype)

@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 from html import escape
 from pathlib import Path
+from typing import Literal
 
 from circuitfind.io import write_text
 
@@ -55,7 +56,7 @@ def find_checkpoints(folder: str | Path, steps: list[int] | None = None) -> list
 
 
 def analyse_checkpoint(folder: str | Path, step: int, task: str = "ioi", prompts: int = 40, seed: int = 0,
-                       algorithm: str = "acdc", corruption: str = "str", metric: str = "kl", direction: str = "noise",
+                       algorithm: str = "acdc", corruption: str = "str", metric: str = "kl", direction: Literal["noise", "denoise"] = "noise",
                        device: str | None = None, **options) -> dict:
     """Accuracy and logit difference of one checkpoint on ``task``, and its circuit under one setting
     (``options``: :func:`circuitfind.discovery.discover`'s, e.g. ``acdc_tau``, ``top_k``)."""
@@ -91,7 +92,7 @@ def edge_timeline(results: list[dict]) -> dict:
     checkpoint, the fraction of the last checkpoint's edges already present."""
     steps = [r["step"] for r in results]
     sets = [{f"{s}->{r}" for s, r in res["edges"]} for res in results]
-    first = {}
+    first: dict[str, int] = {}
     for i, edges in enumerate(sets):
         for e in edges:
             first.setdefault(e, i)
@@ -145,7 +146,7 @@ def timeline_svg(results: list[dict], timeline: dict, cell_w: int = 34, row_h: i
         points = " ".join(f"{col(i):.1f},{py(v):.1f}" for i, v in enumerate(values))
         body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         body += [f'<circle cx="{col(i):.1f}" cy="{py(v):.1f}" r="2.5" fill="{colour}"><title>step {s}: {label} {v:.3f}</title></circle>'
-                 for i, (s, v) in enumerate(zip(steps, values))]
+                 for i, (s, v) in enumerate(zip(steps, values, strict=True))]
     for i, s in enumerate(steps):
         body.append(f'<text x="{col(i)}" y="{grid_top - 6}" text-anchor="middle" font-size="9">{s}</text>')
     body.append(f'<text x="{label_w - 6}" y="{grid_top - 6}" text-anchor="end" font-size="9">step</text>')
@@ -170,7 +171,7 @@ def write_report(results: list[dict], settings: dict, out_dir: str | Path) -> di
     title = f"Circuits over training: {settings.get('model', '')}".rstrip(": ")
     setting = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model")
     rows = [[r["step"], f"{r['accuracy']:.3f}", f"{r['logit_diff']:.3f}", f"{r['corrupt_logit_diff']:.3f}", r["n_edges"],
-             "n/a" if rec != rec else f"{rec:.2f}"] for r, rec in zip(results, timeline["final_recall"])]
+             "n/a" if rec != rec else f"{rec:.2f}"] for r, rec in zip(results, timeline["final_recall"], strict=True)]
     header = ["step", "accuracy", "logit diff", "corrupted logit diff", "edges", "share of final circuit"]
     edge_rows = [[e, _fmt_spans(timeline["spans"][e])] for e in timeline["edges"]]
     md = [f"# {title}", "", f"Setting: {setting}.", "",

@@ -49,13 +49,13 @@ class Circuit:
     def edges(self) -> list[tuple[str, str]]:
         """``(sender, receiver input)`` names of the circuit's edges."""
         keep = self.in_circuit.any(-1) if self.in_circuit.dim() == 2 else self.in_circuit
-        return [e for e, k in zip(self.graph.edges, keep.tolist()) if k]
+        return [e for e, k in zip(self.graph.edges, keep.tolist(), strict=True) if k]
 
     @property
     def nodes(self) -> set[str]:
         """Components (heads ``a{l}.{h}``, MLPs ``m{l}``, ``input``, ``logits``) touched by an edge."""
         keep = self.in_circuit.any(-1) if self.in_circuit.dim() == 2 else self.in_circuit
-        out = set()
+        out: set[str] = set()
         for i in keep.nonzero().flatten().tolist():
             sender, feeds = self.graph.edge_nodes(i)
             out.update((sender, *feeds))
@@ -81,7 +81,7 @@ class Circuit:
         return write_graph(self.to_networkx(), path, fmt)
 
     @classmethod
-    def from_networkx(cls, g: nx.DiGraph, source: str = "graph") -> "Circuit":
+    def from_networkx(cls, g: nx.DiGraph, source: str = "graph") -> Circuit:
         """Rebuild a circuit from :meth:`to_networkx` output (e.g. read back from a file).
 
         The graph is untrusted: its declared shape (``n_layers``, ``n_heads``, ...) is checked and
@@ -115,7 +115,7 @@ class Circuit:
         return cls(graph, keep, scores, settings)
 
     @classmethod
-    def from_mib(cls, obj: dict) -> "Circuit":
+    def from_mib(cls, obj: dict) -> Circuit:
         """A circuit from a parsed EAP-IG / MIB graph object (:mod:`circuitfind.mib`); ``ValueError``
         naming the problem."""
         from circuitfind.mib import parse_mib
@@ -123,7 +123,7 @@ class Circuit:
         return cls(*parse_mib(obj))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, fmt: str | None = None) -> "Circuit":
+    def load(cls, path: str | os.PathLike, fmt: str | None = None) -> Circuit:
         """Read a circuit file (GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON); raises ``GraphFileError``."""
         if graph_format(path, fmt) == "mib":
             from circuitfind.mib import read_mib

@@ -159,6 +159,7 @@ def cmd_sweep(args) -> None:
 def cmd_compare(args) -> None:
     from circuitfind import compare
     from circuitfind.circuit import Circuit
+    from circuitfind.names import INPUT, LOGITS
 
     if len(args.circuits) < 2 and not args.reference:
         raise ValueError("compare needs at least two circuits, or one and --reference")
@@ -168,7 +169,7 @@ def cmd_compare(args) -> None:
         print(f"circuitfind: warning: {warning}", file=sys.stderr)
     names = list(circuits)
     edges = {n: set(c.edges) for n, c in circuits.items()}
-    nodes = {n: c.nodes - {"input", "logits"} for n, c in circuits.items()}
+    nodes = {n: c.nodes - {INPUT, LOGITS} for n, c in circuits.items()}
     print(f"{'circuit A':<40} {'circuit B':<40} {'edge J':>7} {'node J':>7} {'overlap':>7} {'spearman':>8}")
     for i, a in enumerate(names):
         for b in names[i + 1:]:

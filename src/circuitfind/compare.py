@@ -11,9 +11,10 @@ intervals over prompts for per-prompt scores.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import combinations
-from typing import TYPE_CHECKING, Callable, Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -25,9 +26,10 @@ if TYPE_CHECKING:
     from circuitfind.circuit import Circuit
 
 Component = Hashable
+C = TypeVar("C", bound=Hashable)  # one kind of component: node names, or edges
 
 
-def check_comparable(circuits: Mapping[str, "Circuit"]) -> list[str]:
+def check_comparable(circuits: Mapping[str, Circuit]) -> list[str]:
     """Refuse circuits from graphs of different shapes (layers, heads, key/value heads, split q/k/v,
     positions); return warnings for circuits of differently named models with the same shape.
 
@@ -109,7 +111,7 @@ def roc_auc(scores: torch.Tensor | np.ndarray, reference: torch.Tensor | np.ndar
     return ROC(fpr.tolist(), tpr.tolist(), thresholds.tolist(), float(np.trapezoid(tpr, fpr)))
 
 
-def pairwise(items: Mapping[str, object], stat: Callable[[object, object], float] = jaccard) -> dict[tuple[str, str], float]:
+def pairwise(items: Mapping[str, Any], stat: Callable[[Any, Any], Any] = jaccard) -> dict[tuple[str, str], Any]:
     """``stat`` for every ordered pair of named items (diagonal included)."""
     out = {(k, k): stat(v, v) for k, v in items.items()}
     for a, b in combinations(items, 2):
@@ -122,16 +124,16 @@ def matrix(values: Mapping[tuple[str, str], float], names: Sequence[str]) -> np.
     return np.array([[values[(a, b)] for b in names] for a in names])
 
 
-def stability(circuits: Mapping[str, Iterable[Component]]) -> dict[Component, float]:
+def stability(circuits: Mapping[str, Iterable[C]]) -> dict[C, float]:
     """For each component found anywhere, the fraction of settings whose circuit contains it."""
     sets = [set(v) for v in circuits.values()]
     if not sets:
         return {}
-    found = set().union(*sets)
+    found: set[C] = set().union(*sets)
     return {c: sum(c in s for s in sets) / len(sets) for c in sorted(found, key=str)}
 
 
-def consensus(circuits: Mapping[str, Iterable[Component]], min_fraction: float = 1.0) -> set[Component]:
+def consensus(circuits: Mapping[str, Iterable[C]], min_fraction: float = 1.0) -> set[C]:
     """Components found in at least ``min_fraction`` of the settings (1.0: in every one)."""
     return {c for c, f in stability(circuits).items() if f >= min_fraction - 1e-12}
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections import defaultdict
 from itertools import combinations
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ import torch
 from circuitfind import compare, health
 from circuitfind.errors import GraphMismatchError
 from circuitfind.graph import ModelGraph, check_shape
+from circuitfind.names import INPUT, LOGITS
 
 
 def record_edges(record: dict) -> set[tuple[str, str]]:
@@ -30,7 +32,7 @@ def record_edges(record: dict) -> set[tuple[str, str]]:
 
 def record_components(record: dict) -> set[str]:
     """A record's circuit components (heads, MLPs), without ``input`` and ``logits``."""
-    return set(record["nodes"]) - {"input", "logits"}
+    return set(record["nodes"]) - {INPUT, LOGITS}
 
 
 def _short(record: dict, group_keys: tuple[str, ...]) -> str:
@@ -103,7 +105,7 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
             truth = None
             rows = {}
             for r in recs:
-                row = {"edges": compare.precision_recall_f1(edges[r["setting"]], ref_edges),
+                row: dict[str, Any] = {"edges": compare.precision_recall_f1(edges[r["setting"]], ref_edges),
                        "nodes": compare.precision_recall_f1(nodes[r["setting"]], ref_nodes)}
                 if r["setting"] in scored:
                     if truth is None:
@@ -260,8 +262,8 @@ def robust_and_dependent(records: list[dict]) -> dict:
     and in none without it. Empty lists with fewer than two records."""
     out: dict = {"n_settings": len(records)}
     for kind, items_of in (("edges", record_edges), ("components", record_components)):
-        sets = {r["setting"]: items_of(r) for r in records}
-        entry = {"robust": [], "dependent": []}
+        sets: dict[str, set[Any]] = {r["setting"]: items_of(r) for r in records}
+        entry: dict[str, list] = {"robust": [], "dependent": []}
         if len(records) >= 2:
             entry["robust"] = sorted(set.intersection(*sets.values()))
             for axis in _grid_axes(records):

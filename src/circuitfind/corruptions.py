@@ -21,15 +21,19 @@ The corruptions (Zhang & Nanda 2023 naming):
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from circuitfind.errors import TaskError
 from circuitfind.tasks import TaskBatch
 
-Hook = tuple[str, Callable]
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
+
+Hook = tuple[str | Callable, Callable]  # (hook name or name filter, hook function), as run_with_hooks takes them
 EMBED_HOOK = "hook_embed"
 
 
@@ -79,7 +83,7 @@ class Corruption:
 
     name = "corruption"
 
-    def plan(self, model, batch: TaskBatch) -> CorruptionPlan:
+    def plan(self, model: TransformerBridge, batch: TaskBatch) -> CorruptionPlan:
         raise NotImplementedError
 
     def _plan(self, batch: TaskBatch, clean: Run, corrupt: Run, **kw) -> CorruptionPlan:
@@ -99,11 +103,11 @@ class STR(Corruption):
         self.variant = variant
         self.name = f"str:{variant}" if variant else "str"
 
-    def plan(self, model, batch: TaskBatch) -> CorruptionPlan:
+    def plan(self, model: TransformerBridge, batch: TaskBatch) -> CorruptionPlan:
         return self._plan(batch, Run(batch.clean_tokens), Run(batch.corrupted(self.variant)))
 
 
-def embedding_std(model, batch: TaskBatch) -> float:
+def embedding_std(model: TransformerBridge, batch: TaskBatch) -> float:
     """Std of the token embeddings of every real token in the batch (the GN scale reference)."""
     return model.W_E[batch.clean_tokens][batch.mask].std().item()
 
@@ -125,7 +129,7 @@ class GaussianNoise(Corruption):
         self.key_tokens = list(key_tokens) if key_tokens is not None else None
         self.name = "gn"
 
-    def noise(self, model, batch: TaskBatch) -> torch.Tensor:
+    def noise(self, model: TransformerBridge, batch: TaskBatch) -> torch.Tensor:
         """The ``[samples * batch, pos, d_model]`` noise tensor, zero outside key tokens."""
         std = self.factor * embedding_std(model, batch)
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
@@ -134,7 +138,7 @@ class GaussianNoise(Corruption):
         where = batch.key_position_mask(self.key_tokens).repeat(self.samples, 1)
         return noise * where[..., None]
 
-    def plan(self, model, batch: TaskBatch) -> CorruptionPlan:
+    def plan(self, model: TransformerBridge, batch: TaskBatch) -> CorruptionPlan:
         noise = self.noise(model, batch)
         tokens = batch.clean_tokens.repeat(self.samples, 1)
         add = _per_copy(lambda act: act + noise.to(act.dtype), tokens.shape[0])
@@ -158,7 +162,7 @@ class MeanAblation(Corruption):
     def ablate(act: torch.Tensor) -> torch.Tensor:
         return act.mean(0, keepdim=True).expand_as(act)
 
-    def plan(self, model, batch: TaskBatch) -> CorruptionPlan:
+    def plan(self, model: TransformerBridge, batch: TaskBatch) -> CorruptionPlan:
         tokens = batch.clean_tokens
         embed = _per_copy(lambda a: a.mean(1, keepdim=True).expand_as(a), tokens.shape[0])
         return self._plan(batch, Run(tokens), Run(tokens, [(EMBED_HOOK, embed)]), ablate=self.ablate)
@@ -173,7 +177,7 @@ class ZeroAblation(Corruption):
     def ablate(act: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(act)
 
-    def plan(self, model, batch: TaskBatch) -> CorruptionPlan:
+    def plan(self, model: TransformerBridge, batch: TaskBatch) -> CorruptionPlan:
         tokens = batch.clean_tokens
         return self._plan(batch, Run(tokens), Run(tokens, [(EMBED_HOOK, lambda a, hook=None: torch.zeros_like(a))]), ablate=self.ablate)
 
@@ -201,11 +205,11 @@ class ResampleAblation(Corruption):
                 )
             order = members[:]
             rng.shuffle(order)
-            for a, b in zip(order, order[1:] + order[:1]):
+            for a, b in zip(order, order[1:] + order[:1], strict=True):
                 partner[a] = b
         return torch.tensor(partner, device=batch.clean_tokens.device)
 
-    def plan(self, model, batch: TaskBatch) -> CorruptionPlan:
+    def plan(self, model: TransformerBridge, batch: TaskBatch) -> CorruptionPlan:
         return self._plan(batch, Run(batch.clean_tokens), Run(batch.clean_tokens[self.partner(batch)]))
 
 

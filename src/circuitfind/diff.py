@@ -33,7 +33,7 @@ import numpy as np
 from circuitfind import compare
 from circuitfind.graph import check_shape
 from circuitfind.io import write_json, write_text
-
+from circuitfind.names import INPUT, LOGITS
 from circuitfind.report import render as R
 
 GRID_AXES = ("task", "algorithm", "corruption", "metric", "direction")
@@ -127,7 +127,7 @@ def _shape(record: dict) -> tuple[int, int, int]:
 
 
 def _components(record: dict) -> set[str]:
-    return set(record["nodes"]) - {"input", "logits"}
+    return set(record["nodes"]) - {INPUT, LOGITS}
 
 
 def pairing(a: Run, b: Run) -> tuple[str, str | None]:

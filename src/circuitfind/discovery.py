@@ -12,7 +12,14 @@
 
 Scores are signed estimates of the metric change when an edge is patched; :func:`select_top_k` and
 :func:`select_threshold` rank them by magnitude. :func:`faithfulness` and
-:func:`faithfulness_curve` (with CPR / CMD areas as in the MIB benchmark) evaluate a circuit.
+:func:`faithfulness_curve` (at the MIB benchmark's edge fractions, with CPR / CMD areas) evaluate a circuit.
+
+The sign of a score: masks are 1 = keep the base run's value, 0 = patch in the source run's value
+(:mod:`circuitfind.edge_patching`). A score is ``-d metric / d mask`` at masks that keep every edge,
+i.e. the first-order change of the metric when the edge's mask goes from 1 to 0 (the edge is
+patched): ``(source - base) . d metric / d receiver input``. Noising (base = clean, source =
+corrupted), an important edge has a negative score; denoising, a positive one
+(:func:`circuitfind.patching.effect_sign`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from circuitfind import patching as P
 from circuitfind.checks import finite_number, positive_int
 from circuitfind.circuit import Circuit
 from circuitfind.edge_patching import EdgePatcher
+from circuitfind.edge_patching.hooks import Hook
 from circuitfind.errors import CircuitfindError
 from circuitfind.graph import ModelGraph
 from circuitfind.metrics import normalise
@@ -76,6 +84,11 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
     setup = patcher.setup
     clean = setup.activations("clean", ["hook_embed"])["hook_embed"]
     corrupt = setup.activations("corrupt", ["hook_embed"])["hook_embed"]
+    # A right-endpoint Riemann sum of the path integral from the corrupted (alpha = 0) to the clean
+    # (alpha = 1) embeddings: alpha = k / steps for k = 1..steps. So steps=1 is the gradient at the
+    # clean input, which in the noising direction (base run = clean) is EAP exactly (tested). Hanna
+    # et al.'s EAP-IG code (later versions) sums k = 0..steps-1, the left endpoints: it includes the
+    # corrupted input and never reaches the clean one. Both tend to the same integral as steps grows.
     alphas = torch.arange(1, steps + 1, dtype=clean.dtype, device=clean.device) / steps
     B = setup.size
     start = 0  # the first step of the current pass
@@ -85,7 +98,7 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
         a = alphas[start : start + n].view(n, 1, 1, 1)
         return (corrupt + a * (clean - corrupt)).reshape(act.shape)
 
-    hooks = [("hook_embed", interpolate)]
+    hooks: list[Hook] = [("hook_embed", interpolate)]
     scale = 1.0 if per_prompt else 1.0 / B
     if patcher.graph.n_pos is None:
         total = None
@@ -254,7 +267,7 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
     group = setup.n_heads // graph.n_kv_heads
     lookup = graph.edge_lookup
 
-    def mark(result: P.PatchResult, receiver: str) -> list[tuple[int, int]]:
+    def mark(result: P.PatchResult, receiver: str) -> list[tuple[int, ...]]:
         finite = torch.isfinite(result.values)
         if finite.sum() < 2:
             return []
@@ -312,7 +325,7 @@ class FaithfulnessCurve:
     """Faithfulness of top-scoring circuits of growing size.
 
     ``cpr``: area under the curve over the fraction of edges kept (higher is better);
-    ``cmd``: area under ``|1 - faithfulness|`` (lower is better), as in the MIB benchmark.
+    ``cmd``: area under ``|1 - faithfulness|`` (lower is better); both trapezoids over the fractions.
     """
 
     fractions: list[float]
@@ -325,18 +338,25 @@ class FaithfulnessCurve:
         return self.__dict__.copy()
 
 
-MIB_FRACTIONS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
+# The MIB circuit-localization track's edge fractions and counts: `percentages = (.001, .002, .005,
+# .01, .02, .05, .1, .2, .5, 1)` and `int(pct * n_edges)` edges (top |score|) in
+# `evaluate_area_under_curve`, MIB_circuit_track/evaluation.py of the track's code (Mueller et al.
+# 2025, "MIB: A Mechanistic Interpretability Benchmark"). Its areas are trapezoids over these
+# fractions in some versions of that file and over log edge counts in others; ours are over the
+# fractions.
+MIB_FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 def faithfulness_curve(patcher: EdgePatcher, scores: torch.Tensor, fractions=MIB_FRACTIONS) -> FaithfulnessCurve:
-    """Faithfulness of the top-``|score|`` circuits at each fraction of edges, in one batched run."""
+    """Faithfulness of the top-``|score|`` circuits at each fraction of edges (``int(fraction * n_edges)``
+    edges, as MIB counts them), in one batched run."""
     fractions = sorted(set(float(f) for f in fractions))
     if not fractions or not all(0 <= f <= 1 for f in fractions):  # NaN fails both comparisons
         raise ValueError(f"fractions must lie in [0, 1], got {fractions}")
     flat = scores.abs().flatten().cpu()
     order = flat.argsort(descending=True)
     total = flat.numel()
-    sizes = [int(round(f * total)) for f in fractions]
+    sizes = [int(f * total) for f in fractions]  # MIB's count: rounded down
     masks = torch.zeros(len(sizes), total)
     for i, n in enumerate(sizes):
         masks[i, order[:n]] = 1.0

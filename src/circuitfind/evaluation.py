@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from circuitfind.patching import answer_logits, prepare
 from circuitfind.tasks import TaskBatch
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @dataclass
@@ -34,7 +38,7 @@ class TaskReport:
         return "\n".join(lines)
 
 
-def evaluate(model, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")) -> TaskReport:
+def evaluate(model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")) -> TaskReport:
     """Accuracy of ``model`` on ``batch`` and the logit difference / KL under each corruption."""
     with torch.no_grad():
         logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()  # metrics in float32

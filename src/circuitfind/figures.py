@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-import re
+from collections.abc import Iterable, Mapping, Sequence
 from html import escape
-from typing import Iterable, Mapping, Sequence
+
+from circuitfind.names import INPUT, LOGITS, head_name, mlp_name, parse_node
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -47,16 +48,12 @@ def heatmap(values: Sequence[Sequence[float]], labels: Sequence[str], title: str
 def _targets(receiver: str, n_heads: int, n_kv_heads: int) -> list[str]:
     """The drawn components a receiver feeds: its head (``a1.2<q>`` -> ``a1.2``), every head of a
     grouped-query k/v group (``a1.g0<k>`` -> ``a1.0``, ``a1.1`` with 4 heads in 2 groups), or itself."""
-    base = receiver.split("<")[0]
-    match = _GROUP.fullmatch(base)
-    if not match:
-        return [base]
-    layer, group = int(match[1]), int(match[2])
-    size = n_heads // n_kv_heads
-    return [f"a{layer}.{h}" for h in range(group * size, (group + 1) * size)]
+    node = parse_node(receiver)
+    if node.kind == "group":
+        size = n_heads // n_kv_heads
+        return [head_name(node.layer, h) for h in range(node.index * size, (node.index + 1) * size)]
+    return [head_name(node.layer, node.index) if node.kind == "head" else receiver]
 
-
-_GROUP = re.compile(r"a(\d+)\.g(\d+)")
 
 
 def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]], shared: set[tuple[str, str]],
@@ -67,36 +64,37 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
     carries its edge as a tooltip."""
     pos: dict[str, tuple[float, float]] = {}
     top = 46
-    pos["input"] = (30, top + node_gap * (n_heads + 1) / 2)
+    pos[INPUT] = (30, top + node_gap * (n_heads + 1) / 2)
     for layer in range(n_layers):
-        x = 30 + layer_gap * (layer + 1)
+        column = 30 + layer_gap * (layer + 1)
         for h in range(n_heads):
-            pos[f"a{layer}.{h}"] = (x, top + node_gap * h)
-        pos[f"m{layer}"] = (x + layer_gap / 2, top + node_gap * (n_heads + 0.5))
-    pos["logits"] = (30 + layer_gap * (n_layers + 1), top + node_gap * (n_heads + 1) / 2)
+            pos[head_name(layer, h)] = (column, top + node_gap * h)
+        pos[mlp_name(layer)] = (column + layer_gap / 2, top + node_gap * (n_heads + 0.5))
+    pos[LOGITS] = (30 + layer_gap * (n_layers + 1), top + node_gap * (n_heads + 1) / 2)
     body = [f'<text x="10" y="16" font-weight="bold">{escape(title)}</text>']
     used: set[str] = set()
     lines = []
     for s, r in edges:
         if s not in pos:
             continue
-        colour, width = ("#333", 1.6) if (s, r) in shared else ("#ff7f0e", 1.6)
-        kind = r[-2] if r.endswith(">") else ""
+        colour, stroke = ("#333", 1.6) if (s, r) in shared else ("#ff7f0e", 1.6)
+        kind = parse_node(r).input or ""
         dash = {"k": ' stroke-dasharray="4,2"', "v": ' stroke-dasharray="1,2"'}.get(kind, "")
         for target in _targets(r, n_heads, n_kv_heads or n_heads):
             if target not in pos:
                 continue
             used.update((s, target))
             (x1, y1), (x2, y2) = pos[s], pos[target]
-            lines.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{width}" opacity="0.8"{dash}>'
+            lines.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{stroke}" opacity="0.8"{dash}>'
                          f'<title>{escape(s)} -&gt; {escape(r)}</title></line>')
     body += lines
     for name, (x, y) in pos.items():
         fill = "#9ecae1" if name in used else "#f0f0f0"
-        shape = (f'<rect x="{x - 7}" y="{y - 7}" width="14" height="14" fill="{fill}" stroke="#555">' if name.startswith("m")
+        mlp = parse_node(name).kind == "mlp"  # MLPs are squares, the rest circles
+        shape = (f'<rect x="{x - 7}" y="{y - 7}" width="14" height="14" fill="{fill}" stroke="#555">' if mlp
                  else f'<circle cx="{x}" cy="{y}" r="7" fill="{fill}" stroke="#555">')
-        body.append(shape + f'<title>{escape(name)}</title>' + ("</rect>" if name.startswith("m") else "</circle>"))
-        if name in used or name in ("input", "logits"):
+        body.append(shape + f'<title>{escape(name)}</title>' + ("</rect>" if mlp else "</circle>"))
+        if name in used or name in (INPUT, LOGITS):
             body.append(f'<text x="{x}" y="{y - 10}" text-anchor="middle" font-size="9">{escape(name)}</text>')
     width = 60 + layer_gap * (n_layers + 1)
     height = top + node_gap * (n_heads + 2)
@@ -113,7 +111,7 @@ def interval_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence
         return left + min(max(v, 0.0), 1.0) * plot
 
     body = [f'<text x="10" y="16" font-weight="bold">{escape(title)}</text>']
-    for i, (label, v, lo, hi) in enumerate(zip(labels, values, lows, highs)):
+    for i, (label, v, lo, hi) in enumerate(zip(labels, values, lows, highs, strict=True)):
         y = top + i * row
         body.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{escape(label)}</text>')
         if not math.isnan(v):
@@ -161,7 +159,7 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xl
         body.append(f'<line x1="{left}" y1="{py(1)}" x2="{left + pw}" y2="{py(1)}" stroke="#ccc" stroke-dasharray="3,3"/>')
     for i, (name, (xv, yv)) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv) if not math.isnan(y))
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv, strict=True) if not math.isnan(y))
         body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         ly = top + 12 * i + 6
         body.append(f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 25}" y2="{ly}" stroke="{colour}" stroke-width="2"/>'

@@ -19,37 +19,21 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import torch
 
 from circuitfind.checks import positive_int
+from circuitfind.names import INPUT, LOGITS, QKV, head_name, kv_group_name, mlp_name, receiver_node
 
-QKV = ("q", "k", "v")
-INPUT, LOGITS = "input", "logits"
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # Bounds on any graph, checked by arithmetic before its edges are built. For scale: toy-ioi has 262
 # edges, GPT-2 small 32,491, SmolLM2-135M 70,651, Llama-2-7B about 1.6 million, Llama-3-70B 16.6 million.
 MAX_EDGES = 20_000_000
 MAX_EDGE_POSITIONS = 100_000_000  # edges x positions of a per-position graph
-
-
-def head_name(layer: int, head: int) -> str:
-    return f"a{layer}.{head}"
-
-
-def mlp_name(layer: int) -> str:
-    return f"m{layer}"
-
-
-def receiver_node(head: str, which: str) -> str:
-    """Name of a head's q/k/v input node, e.g. ``a1.2<q>``."""
-    return f"{head}<{which}>"
-
-
-def kv_group_name(layer: int, group: int) -> str:
-    """A grouped-query attention key/value group, e.g. ``a1.g0`` (its heads share k and v)."""
-    return f"a{layer}.g{group}"
 
 
 @dataclass(frozen=True)
@@ -167,7 +151,7 @@ class ModelGraph:
         self.receivers.append(Receiver(LOGITS, LOGITS, L, "logits", -1, (LOGITS,)))
 
     @classmethod
-    def from_model(cls, model, split_qkv: bool = True, n_pos: int | None = None) -> "ModelGraph":
+    def from_model(cls, model: TransformerBridge, split_qkv: bool = True, n_pos: int | None = None) -> ModelGraph:
         kv = getattr(model.cfg, "n_key_value_heads", None)
         return cls(model.cfg.n_layers, model.cfg.n_heads, split_qkv, n_pos, kv)
 
@@ -193,7 +177,8 @@ class ModelGraph:
     @cached_property
     def edge_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(sender_idx, receiver_idx)`` of every edge, ordered by receiver then sender."""
-        s_idx, r_idx = [], []
+        s_idx: list[int] = []
+        r_idx: list[int] = []
         for r, receiver in enumerate(self.receivers):
             n = self.upstream(receiver)
             s_idx += range(n)
@@ -213,7 +198,7 @@ class ModelGraph:
     @cached_property
     def edges(self) -> list[tuple[str, str]]:
         s_idx, r_idx = self.edge_index
-        return [(self.senders[s], self.receivers[r].name) for s, r in zip(s_idx.tolist(), r_idx.tolist())]
+        return [(self.senders[s], self.receivers[r].name) for s, r in zip(s_idx.tolist(), r_idx.tolist(), strict=True)]
 
     @cached_property
     def edge_lookup(self) -> dict[tuple[str, str], int]:
@@ -262,21 +247,22 @@ class ModelGraph:
                 g.add_node(head_name(layer, h), layer=layer, head=h, kind="head", score=0.0, in_circuit=False)
             g.add_node(mlp_name(layer), layer=layer, head=-1, kind="mlp", score=0.0, in_circuit=False)
         g.add_node(LOGITS, layer=self.n_layers, head=-1, kind="logits", score=0.0, in_circuit=False)
-        for r in self.receivers:
-            if r.kind in QKV:
-                g.add_node(r.name, layer=r.layer, head=r.head, kind=f"input_{r.kind}", score=0.0, in_circuit=False)
+        for receiver in self.receivers:
+            if receiver.kind in QKV:
+                g.add_node(receiver.name, layer=receiver.layer, head=receiver.head, kind=f"input_{receiver.kind}", score=0.0,
+                           in_circuit=False)
         for i, (s, r) in enumerate(self.edges):
-            attrs = {"score": float(flat_score[i]), "in_circuit": bool(flat_keep[i]), "structural": False}
+            attrs: dict[str, float | bool | str] = {"score": float(flat_score[i]), "in_circuit": bool(flat_keep[i]), "structural": False}
             if per_pos:
                 attrs["score_pos"] = json.dumps([float(x) for x in edge_scores[i]])
             if keep.dim() == 2:
                 attrs["in_circuit_pos"] = json.dumps([bool(x) for x in keep[i]])
             g.add_edge(s, r, **attrs)
-        for r in self.receivers:  # q/k/v input nodes feed their head (every head of a GQA group)
-            if r.kind in QKV:
-                used = any(d["in_circuit"] for _, _, d in g.in_edges(r.name, data=True))
-                for head in r.feeds:
-                    g.add_edge(r.name, head, score=0.0, in_circuit=used, structural=True)
+        for receiver in self.receivers:  # q/k/v input nodes feed their head (every head of a GQA group)
+            if receiver.kind in QKV:
+                used = any(d["in_circuit"] for _, _, d in g.in_edges(receiver.name, data=True))
+                for head in receiver.feeds:
+                    g.add_edge(receiver.name, head, score=0.0, in_circuit=used, structural=True)
         _mark_nodes(g)
         return g
 

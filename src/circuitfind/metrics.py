@@ -14,8 +14,8 @@ Every metric is reduced by the mean over prompts, and normalised as
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -48,8 +48,9 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from circuitfind.errors import GraphFileError
-from circuitfind.graph import INPUT, LOGITS, QKV, ModelGraph, check_shape, describe_shape
+from circuitfind.graph import ModelGraph, check_shape, describe_shape
 from circuitfind.io import write_text
+from circuitfind.names import INPUT, LOGITS, QKV, head_name, is_head, mlp_name, parse_node
 
 if TYPE_CHECKING:
     from circuitfind.circuit import Circuit
@@ -70,9 +71,9 @@ SETTINGS_KEY = "circuitfind_settings"
 
 def mib_node(name: str) -> str:
     """circuitfind's component name in EAP-IG's naming: ``a1.2`` -> ``a1.h2``; others unchanged."""
-    if name.startswith("a") and "." in name:
-        layer, head = name.split(".", 1)
-        return f"{layer}.h{head}"
+    if is_head(name):
+        node = parse_node(name)
+        return f"a{node.layer}.h{node.index}"
     return name
 
 
@@ -80,7 +81,7 @@ def mib_edge_names(graph: ModelGraph) -> list[list[str]]:
     """For each edge of ``graph`` (in its order), the EAP-IG edge names it stands for."""
     names = []
     s_idx, r_idx = graph.edge_index
-    for s, r in zip(s_idx.tolist(), r_idx.tolist()):
+    for s, r in zip(s_idx.tolist(), r_idx.tolist(), strict=True):
         parent, receiver = mib_node(graph.senders[s]), graph.receivers[r]
         if receiver.kind in QKV:  # one per head of a GQA group, else one
             names.append([f"{parent}->{mib_node(head)}<{receiver.kind}>" for head in receiver.feeds])
@@ -91,7 +92,7 @@ def mib_edge_names(graph: ModelGraph) -> list[list[str]]:
     return names
 
 
-def to_mib(circuit: "Circuit", d_model: int | None = None) -> dict:
+def to_mib(circuit: Circuit, d_model: int | None = None) -> dict:
     """The circuit as an EAP-IG / MIB graph object (see the module docstring for the mapping)."""
     graph = circuit.graph
     d_model = d_model if d_model is not None else circuit.settings.get("d_model")
@@ -106,7 +107,7 @@ def to_mib(circuit: "Circuit", d_model: int | None = None) -> dict:
         cfg["n_key_value_heads"] = graph.n_kv_heads
     cfg[SETTINGS_KEY] = json.loads(json.dumps({**circuit.settings, "d_model": d_model}, default=str))
     edges = {}
-    for names, score, in_graph in zip(mib_edge_names(graph), scores.tolist(), keep.tolist()):
+    for names, score, in_graph in zip(mib_edge_names(graph), scores.tolist(), keep.tolist(), strict=True):
         for name in names:
             edges[name] = {"score": score, "in_graph": in_graph}
     in_nodes = {mib_node(n) for n in circuit.nodes} | {LOGITS}
@@ -114,7 +115,7 @@ def to_mib(circuit: "Circuit", d_model: int | None = None) -> dict:
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 
 
-def write_mib(circuit: "Circuit", path: str | os.PathLike, d_model: int | None = None) -> Path:
+def write_mib(circuit: Circuit, path: str | os.PathLike, d_model: int | None = None) -> Path:
     """Write the circuit as an EAP-IG / MIB graph JSON file, atomically (strict JSON: no NaN)."""
     obj = to_mib(circuit, d_model)
     return write_text(path, json.dumps(obj, allow_nan=False))
@@ -202,7 +203,7 @@ def parse_mib(obj) -> CircuitParts:
 def _node_names(n_layers: int, n_heads: int) -> list[str]:
     names = [INPUT]
     for layer in range(n_layers):
-        names += [f"a{layer}.h{h}" for h in range(n_heads)] + [f"m{layer}"]
+        names += [mib_node(head_name(layer, h)) for h in range(n_heads)] + [mlp_name(layer)]
     return names + [LOGITS]
 
 

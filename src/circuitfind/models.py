@@ -15,10 +15,14 @@ import socket
 import threading
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from circuitfind.errors import ModelNotFoundError, UnsafeModelError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 HUB_HOST = "huggingface.co"
@@ -51,7 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
     return DTYPES[dtype]
 
 
-def check_device(device: str | torch.device) -> str | torch.device:
+def check_device(device: str | torch.device) -> str:
     """``device`` if torch knows it and it is present here; ``ValueError`` naming the problem otherwise
     (torch would fail later, deep inside a model load)."""
     try:
@@ -63,7 +67,7 @@ def check_device(device: str | torch.device) -> str | torch.device:
                          f"{torch.__version__}{'' if torch.version.cuda else ', a CPU build'})")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r}: no MPS device is available here")
-    return device
+    return str(device)
 
 
 def default_device() -> str:
@@ -211,6 +215,6 @@ def load_model(name_or_path: str | os.PathLike, device: str | None = None, token
     return model
 
 
-def model_device(model) -> torch.device:
+def model_device(model: TransformerBridge) -> torch.device:
     """The device of the model's parameters."""
     return next(model.parameters()).device

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -21,9 +22,12 @@ from circuitfind import patching as P
 from circuitfind.errors import ImpossibleSignError
 from circuitfind.io import write_text
 from circuitfind.metrics import Metric, MetricContext, get_metric
+from circuitfind.names import head_name
 from circuitfind.report import render as R
 from circuitfind.tasks import TaskBatch
 
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 class MetricRecorder(Metric):
     """Several metrics from the same forward passes of one sweep.
@@ -110,7 +114,7 @@ def detection_masks(means: torch.Tensor, k: float, sign: str) -> torch.Tensor:
     return z.abs() >= k
 
 
-def head_detection(model, model_name: str, prompts: int = 40, seed: int = 0, k: float = 2.0,
+def head_detection(model: TransformerBridge, model_name: str, prompts: int = 40, seed: int = 0, k: float = 2.0,
                    direction: P.Direction = "denoise", corruptions=("str:s2_io", "gn"), metrics=("prob", "logit_diff", "kl"),
                    variants=("str:s2_io", "str:s1_io"), n_boot: int = 500) -> dict:
     """Heads >= ``k`` SD from the mean patching effect under each setting, with bootstrap intervals.
@@ -124,8 +128,9 @@ def head_detection(model, model_name: str, prompts: int = 40, seed: int = 0, k: 
     ``jaccard_ci`` a paired interval for the Jaccard between two settings' detected heads.
     """
     batch = TaskBatch.build(model, "ioi", prompts, seed=seed)
-    signs = {"heads": "positive", "negative_heads": "negative"} if direction == "denoise" else \
-        {"heads": "negative", "negative_heads": "positive"}
+    sign = P.effect_sign(direction)  # the sign of a needed head's effect; the other sign pushes the answer down
+    other: Literal["positive", "negative"] = "positive" if sign == "negative" else "negative"
+    signs = {"heads": sign, "negative_heads": other}
     settings = [(c, m) for c in corruptions for m in metrics]
     settings += [(v, "logit_diff") for v in variants if (v, "logit_diff") not in settings]
     by_corruption: dict[str, list[str]] = {}
@@ -142,9 +147,10 @@ def head_detection(model, model_name: str, prompts: int = 40, seed: int = 0, k: 
             per_prompt = per_prompt_means(res.per_prompt, copies)  # [layer, head, prompts]
             normalised = (per_prompt - res.base) / (res.clean - res.corrupt)
             ci = compare.bootstrap_ci(normalised, n_boot=n_boot, seed=seed)
-            row = {"corruption": corruption, "metric": metric, "direction": direction, "noise_samples": copies,
+            frequencies: dict[str, dict[str, float]] = {}
+            row: dict[str, Any] = {"corruption": corruption, "metric": metric, "direction": direction, "noise_samples": copies,
                    "normalised": res.normalised.tolist(), "ci_low": ci.low.tolist(), "ci_high": ci.high.tolist(),
-                   "clean": res.clean, "corrupt": res.corrupt, "detection_frequency": {}}
+                   "clean": res.clean, "corrupt": res.corrupt, "detection_frequency": frequencies}
             resampled = (weights @ (per_prompt - res.base).reshape(-1, per_prompt.shape[-1]).double().T).float()
             for key, sign in signs.items():
                 try:
@@ -152,11 +158,11 @@ def head_detection(model, model_name: str, prompts: int = 40, seed: int = 0, k: 
                 except ImpossibleSignError as err:
                     row[key], row[f"{key}_reason"] = [], str(err)
                     continue
-                row[key] = [f"a{l}.{h}" for l, h in found]
+                row[key] = [head_name(l, h) for l, h in found]
                 masks = detection_masks(resampled, k, sign)
                 boot_masks[(name, key)] = masks
                 frequency = masks.double().mean(0).reshape(res.effect.shape)
-                row["detection_frequency"][key] = {f"a{l}.{h}": float(frequency[l, h]) for l in range(frequency.shape[0])
+                frequencies[key] = {head_name(l, h): float(frequency[l, h]) for l in range(frequency.shape[0])
                                                    for h in range(frequency.shape[1]) if frequency[l, h] > 0}
             rows[name] = row
     heads = {name: set(r["heads"]) for name, r in rows.items()}
@@ -185,7 +191,7 @@ def jaccard_intervals(masks: dict[str, torch.Tensor], found: dict[str, set], lev
     return out
 
 
-def mlp_localisation(model, model_name: str, prompts: int = 16, seed: int = 0, windows=(1, 3, 5), corruption: str = "gn",
+def mlp_localisation(model: TransformerBridge, model_name: str, prompts: int = 16, seed: int = 0, windows=(1, 3, 5), corruption: str = "gn",
                      metric: str = "prob", position: str = "subject_last") -> dict:
     """Per-layer restoration by MLP windows at the subject's last token, and the summation baseline."""
     batch = TaskBatch.build(model, "factual", prompts, seed=seed)

@@ -30,8 +30,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from itertools import product
-from typing import Literal
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -39,11 +39,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 import circuitfind
 from circuitfind import discovery as D
 from circuitfind import patching as P
+from circuitfind.catalogue import load_model, locate_model, resolve_model_path
 from circuitfind.corruptions import get_corruption
 from circuitfind.errors import TaskError
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric
-from circuitfind.catalogue import load_model, locate_model, resolve_model_path
 from circuitfind.tasks import MAX_PROMPTS, TaskBatch, load_task
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ class Setting(BaseModel):
     algorithm: str
     corruption: str
     metric: str
-    direction: str
+    direction: P.Direction
 
     @property
     def name(self) -> str:
@@ -139,7 +139,7 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
         return value
 
-    def check(self) -> "SweepConfig":
+    def check(self) -> SweepConfig:
         """Resolve the grid's names without loading a model: every model is found (shipped, fetched, a local
         folder, or the hub when online), every task loads and has each ``str:<variant>`` asked for, the
         device exists. Raises the first problem (``ModelNotFoundError``, ``TaskError``, ``ValueError``);
@@ -263,7 +263,7 @@ def _model(name: str, device: str | None, dtype: str = "float32"):
     return cache[key][1]
 
 
-def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, "D.Circuit", torch.Tensor | None]:
+def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, D.Circuit, torch.Tensor | None]:
     """Discover the circuit of one setting; return its record, the circuit and per-prompt scores."""
     start = time.time()
     model = _model(setting.model, config.device, config.dtype)

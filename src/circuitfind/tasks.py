@@ -14,15 +14,19 @@ import numbers
 import os
 import random
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from circuitfind.errors import TaskError
 from circuitfind.models import model_device
 from circuitfind.paths import default_tasks_dir
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 # The most prompts in one batch. Every patching run holds the whole batch (and its logits) in
 # memory at once, so a larger batch exhausts memory long before it finishes; checked before any
@@ -239,13 +243,13 @@ def _bos_ids(tokenizer, model) -> list[int]:
     return [tokenizer.bos_token_id] if prepend and tokenizer.bos_token_id is not None else []
 
 
-def encode(model, text: str) -> list[int]:
+def encode(model: TransformerBridge, text: str) -> list[int]:
     """Token ids of ``text`` as the model sees it (BOS prepended where the model expects one)."""
     tok = model.tokenizer
     return _bos_ids(tok, model) + tok(text, add_special_tokens=False)["input_ids"]
 
 
-def single_token_id(model, word: str) -> int:
+def single_token_id(model: TransformerBridge, word: str) -> int:
     """The id of ``word`` as a continuation (with its leading space); error if it is not one token."""
     tok = model.tokenizer
     ids = tok(" " + word.strip(), add_special_tokens=False)["input_ids"]
@@ -319,14 +323,14 @@ class TaskBatch:
         return self.corrupted_tokens[variant]
 
     @classmethod
-    def build(cls, model, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0) -> "TaskBatch":
+    def build(cls, model: TransformerBridge, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0) -> TaskBatch:
         """Tokenise ``prompts`` (or sample that many, at most :data:`MAX_PROMPTS`) for ``model``,
         checking STR lengths and answers."""
         if isinstance(task, str):
             task = load_task(task)
         if isinstance(prompts, numbers.Integral):
-            prompts = generate_prompts(task, prompts, seed)  # checks the count before generating
-        prompts = list(prompts)
+            prompts = generate_prompts(task, int(prompts), seed)  # checks the count before generating
+        prompts = list(prompts)  # type: ignore[arg-type]  # mypy does not narrow Sequence | int by Integral
         if not prompts:
             raise TaskError("cannot build a batch from zero prompts")
         check_prompt_count(len(prompts))
@@ -338,7 +342,7 @@ class TaskBatch:
         variants = list(prompts[0].corrupted)
         corrupted = {v: [encode(model, p.corrupted[v]) for p in prompts] for v in variants}
         for v, rows in corrupted.items():
-            for i, (c, x) in enumerate(zip(clean, rows)):
+            for i, (c, x) in enumerate(zip(clean, rows, strict=True)):
                 if len(c) != len(x):
                     raise TaskError(
                         f"STR variant {v!r}, prompt {i}: clean and corrupted prompts have different "
@@ -347,7 +351,7 @@ class TaskBatch:
                     )
         answers = [single_token_id(model, p.answer) for p in prompts]
         counters = [single_token_id(model, p.counter_answer) for p in prompts]
-        positions, spans = zip(*[_key_positions(model, p, n_bos) for p in prompts])
+        positions, spans = zip(*[_key_positions(model, p, n_bos) for p in prompts], strict=True)
         n_pos = max(len(c) for c in clean)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         device = model_device(model)

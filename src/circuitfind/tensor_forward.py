@@ -19,12 +19,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from circuitfind.errors import CircuitfindError
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 SUPPORTED = ("gpt2", "llama")
 
@@ -33,7 +37,7 @@ class UnsupportedModelError(CircuitfindError, NotImplementedError):
     """The functional forward pass does not implement this architecture."""
 
 
-def supports(model) -> bool:
+def supports(model: TransformerBridge) -> bool:
     """Whether :class:`TensorModel` implements ``model``'s architecture (and the bridge exposes
     the modules it reads: the per-head input norm, the MLP norm and the final norm)."""
     cfg = getattr(getattr(model, "original_model", None), "config", None)
@@ -72,11 +76,11 @@ class _Layer:
 class TensorModel:
     """The components of a GPT-2 or Llama-style bridge model as plain tensor functions."""
 
-    def __init__(self, model):
+    def __init__(self, model: TransformerBridge):
         if not supports(model):
             arch = getattr(getattr(getattr(model, "original_model", None), "config", None), "model_type", "?")
             raise UnsupportedModelError(f"no functional forward pass for architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
-        hf = model.original_model.config
+        hf: Any = model.original_model.config  # a transformers config: its fields differ by architecture
         cfg = model.cfg
         self.n_heads = cfg.n_heads
         self.n_kv_heads = getattr(cfg, "n_key_value_heads", None) or cfg.n_heads

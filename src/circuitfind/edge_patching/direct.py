@@ -30,12 +30,12 @@ class DirectEngine:
 
     name = "functional"
 
-    def __init__(self, patcher: "EdgePatcher"):
+    def __init__(self, patcher: EdgePatcher):
         self.patcher = patcher
         self._model: TensorModel | None = None
         self._masked: dict[tuple[int, int], MaskedForward] = {}  # by prompt range
 
-    def masked_forward(self, prompts: slice | None = None) -> "MaskedForward":
+    def masked_forward(self, prompts: slice | None = None) -> MaskedForward:
         """The masked pass on the setup's prompts ``prompts`` (default: all), built on first use and kept."""
         p = self.patcher
         prompts = prompts or slice(0, p.setup.size)
@@ -100,7 +100,8 @@ class MaskedForward:
         self.qkv: list[tuple[list[int], list[int], list[int]]] = []
         for layer in range(L):
             if graph.split_qkv:
-                self.qkv.append(tuple(graph.receiver_slices(layer, k) for k in ("q", "k", "v")))
+                q, k, v = (graph.receiver_slices(layer, which) for which in ("q", "k", "v"))
+                self.qkv.append((q, k, v))
             else:
                 idx = graph.receiver_slices(layer, "qkv")
                 self.qkv.append((idx, idx, idx))
@@ -109,7 +110,7 @@ class MaskedForward:
         stage_of = [self.stage(r) for r in graph.receivers]
         self.receivers_before = [sum(s < k for s in stage_of) for k in range(2 * L + 1)]  # receivers are stage-ordered
         self.senders_at = [graph.senders_before(k // 2) + (H if k % 2 else 0) for k in range(2 * L + 1)]
-        self._prefixes = PrefixCache()
+        self._prefixes: PrefixCache[tuple[torch.Tensor, torch.Tensor]] = PrefixCache()
 
     def source(self, sender_hook: str) -> torch.Tensor:
         """A sender hook's source activations, ``[B, T, g, d]`` (``g`` heads, or 1)."""
@@ -263,7 +264,7 @@ class _Run:
             self.resid = self._end_resid()
             x = self.resid + self._correct([r], up, end=True)[..., 0, :]
             out = mf.fm.mlp(layer, x)  # [n, B, d]
-            self._store_end((src[mf.end_tokens] - out[:, :, None]))
+            self._store_end(src[mf.end_tokens] - out[:, :, None])
         else:
             below = self._mlp_below
             if below is not None and below[0] == layer:  # only this layer's heads are left to add

@@ -8,7 +8,8 @@ corrections); see :mod:`circuitfind.edge_patching` for the formula and the mask 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,7 +20,7 @@ from circuitfind.patching.setup import answer_logits
 if TYPE_CHECKING:
     from circuitfind.edge_patching.patcher import EdgePatcher
 
-Hook = tuple[str, Callable]
+Hook = tuple[str | Callable, Callable]  # (hook name or name filter, hook function), as run_with_hooks takes them
 
 
 class HooksEngine:
@@ -27,7 +28,7 @@ class HooksEngine:
 
     name = "hooks"
 
-    def __init__(self, patcher: "EdgePatcher"):
+    def __init__(self, patcher: EdgePatcher):
         self.patcher = patcher
         self.setup, self.graph, self.model, self.direction = patcher.setup, patcher.graph, patcher.model, patcher.direction
         self.sources, self.sender_hooks = patcher.sources, patcher.sender_hooks

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from circuitfind.patching import memory
 from circuitfind.edge_patching.direct import DirectEngine, MaskedForward
 from circuitfind.names import hook_name
+from circuitfind.patching import memory
 
 if TYPE_CHECKING:
     from circuitfind.edge_patching.patcher import EdgePatcher
@@ -37,7 +37,7 @@ class IncrementalSearch:
     memory budget (every prompt, at least one candidate); :meth:`values` splits larger sets.
     """
 
-    def __init__(self, patcher: "EdgePatcher"):
+    def __init__(self, patcher: EdgePatcher):
         self.patcher = patcher
         self.reference = patcher.ones()
         self._last: torch.Tensor | None = None
@@ -143,7 +143,7 @@ class IncrementalForward:
         """``x`` at the answer positions if ``end`` and ``x`` still has every position."""
         return x[..., self.mf.rows, self.mf.end_pos, :] if end and x.dim() == full_dims else x
 
-    def _inputs(self, recv: list[int], end: bool, run: "_Changes") -> torch.Tensor:
+    def _inputs(self, recv: list[int], end: bool, run: _Changes) -> torch.Tensor:
         """Candidate inputs ``[n, B, (T,) len(recv), d]`` of receivers ``recv``."""
         n = run.keep.shape[0]
         base = torch.stack([self._end(self.inp[r], end, 3) for r in recv], dim=-2)  # [B, (T,) R', d]

@@ -7,7 +7,8 @@ the first candidate, and is kept here, keyed by the starting point and those edg
 
 from __future__ import annotations
 
-from typing import Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Generic, TypeVar
 
 import torch
 

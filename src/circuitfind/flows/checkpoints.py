@@ -46,7 +46,9 @@ def circuits_over_training(checkpoints: str, steps: list[int] | None = None, tas
     check_prompt_count(prompts)
     load_task(task)
     found = C.find_checkpoints(checkpoints, steps)
-    options = {"acdc": {"acdc_tau": tau}, "eap": {"top_k": top_k}, "eap_ig": {"top_k": top_k, "ig_steps": ig_steps}}.get(algorithm, {})
+    by_algorithm: dict[str, dict[str, object]] = {"acdc": {"acdc_tau": tau}, "eap": {"top_k": top_k},
+                                                  "eap_ig": {"top_k": top_k, "ig_steps": ig_steps}}
+    options = by_algorithm.get(algorithm, {})
     setting = {"task": task, "prompts": prompts, "seed": seed, "algorithm": algorithm, "corruption": corruption,
                "metric": metric, "direction": direction, "device": device, **options}
     run_dir = Path(outputs or default_outputs()) / (run or time.strftime("checkpoints-%Y%m%d-%H%M%S"))

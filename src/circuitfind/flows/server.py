@@ -32,6 +32,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from circuitfind.errors import CircuitfindError
 
@@ -59,7 +60,7 @@ def startup_timeout() -> float:
     return seconds
 
 
-_OWN_PROCESS_GROUP = {"process_group": 0} if os.name == "posix" else {}
+_OWN_PROCESS_GROUP: dict[str, Any] = {"process_group": 0} if os.name == "posix" else {}
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

@@ -21,16 +21,16 @@ from prefect.artifacts import create_markdown_artifact
 
 from circuitfind import patching as P
 from circuitfind import study
+from circuitfind.catalogue import load_model
 from circuitfind.checks import positive_int
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
 from circuitfind.io import write_json
-from circuitfind.catalogue import load_model
 from circuitfind.paths import default_outputs
 
 
 @task(name="ioi-head-detection", task_run_name="heads-{model_name}", persist_result=False)
-def heads_task(model_name: str, prompts: int, seed: int, direction: str = "denoise", n_boot: int = 500) -> dict:
+def heads_task(model_name: str, prompts: int, seed: int, direction: P.Direction = "denoise", n_boot: int = 500) -> dict:
     return study.head_detection(load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot)
 
 
@@ -42,7 +42,7 @@ def mlps_task(model_name: str, prompts: int, seed: int) -> dict:
 @flow(name="circuitfind-study", log_prints=True)
 def settings_study(ioi_models: list[str] | None = None, factual_models: list[str] | None = None, ioi_prompts: int = 40,
                    factual_prompts: int = 12, seed: int = 0, run: str | None = None, outputs: str | None = None,
-                   direction: str = "denoise", n_boot: int = 500) -> dict:
+                   direction: P.Direction = "denoise", n_boot: int = 500) -> dict:
     """IOI head detection and factual-recall MLP localisation under many settings, and where they disagree.
 
     ``ioi_models`` defaults to ``["toy-ioi"]``; ``factual_models`` to none (the toy models know no facts);

@@ -95,8 +95,9 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
     check_run_folder(run_dir, settings)
     log.info("%d settings -> %s", len(settings), run_dir)
     futures = discover_setting.map(settings, unmapped(config), unmapped(str(run_dir)), unmapped(str(cache_dir)))
-    results, failures = [], []
-    by_future = {f.task_run_id: s for f, s in zip(futures, settings)}
+    results: list[dict] = []
+    failures: list[dict] = []
+    by_future = {f.task_run_id: s for f, s in zip(futures, settings, strict=True)}
     for done, future in enumerate(as_completed(futures), 1):
         setting = by_future[future.task_run_id]
         outcome = future.result(raise_on_failure=False)

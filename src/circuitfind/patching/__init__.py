@@ -17,13 +17,27 @@ component *suffice*?); ``noise`` runs the clean input and patches in corrupted (
 activations (is it *necessary*?).
 """
 
+from circuitfind.names import BLOCK_HOOKS, EMBEDDING_STAGE, hook_name
 from circuitfind.patching.detection import check_k, detect, effect_sign, impossible_sign
-from circuitfind.patching.node_patching import (patch_block, patch_heads, patch_mlp_windows, run_patched, window_layers,
-                                                window_sum_baseline)
+from circuitfind.patching.node_patching import (
+                                                patch_block,
+                                                patch_heads,
+                                                patch_mlp_windows,
+                                                run_patched,
+                                                window_layers,
+                                                window_sum_baseline,
+)
 from circuitfind.patching.path_patching import LOGITS, PathReceiver, path_patch
 from circuitfind.patching.result import PatchResult
-from circuitfind.names import BLOCK_HOOKS, EMBEDDING_STAGE, hook_name
-from circuitfind.patching.setup import DIRECTIONS, ENGINES, Direction, PatchingSetup, answer_logits, check_direction, prepare
+from circuitfind.patching.setup import (
+                                                DIRECTIONS,
+                                                ENGINES,
+                                                Direction,
+                                                PatchingSetup,
+                                                answer_logits,
+                                                check_direction,
+                                                prepare,
+)
 
 __all__ = [
     "BLOCK_HOOKS", "DIRECTIONS", "EMBEDDING_STAGE", "ENGINES", "LOGITS", "Direction", "PatchResult", "PatchingSetup",

@@ -11,14 +11,22 @@ unpatched run's cached activations (:mod:`circuitfind.patching.suffix`); elsewhe
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from circuitfind.patching.result import PatchResult, sweep_result
 from circuitfind.names import BLOCK_HOOKS, hook_name
-from circuitfind.patching.setup import Direction, PatchingSetup, answer_logits, bind_hook, check_direction, patch_hook, repeat_ctx
+from circuitfind.patching.result import PatchResult, sweep_result
+from circuitfind.patching.setup import (
+    Direction,
+    PatchingSetup,
+    answer_logits,
+    bind_hook,
+    check_direction,
+    patch_hook,
+    repeat_ctx,
+)
 from circuitfind.patching.suffix import SuffixForward, use_suffix
 
 
@@ -40,10 +48,10 @@ def run_patched(
     check_direction(direction)
     if not masks:
         raise ValueError("no hooks to patch: masks is empty")
-    n_cand = {m.shape[0] for m in masks.values()}
-    if len(n_cand) != 1:
-        raise ValueError(f"every mask needs the same number of candidates, got {sorted(n_cand)}")
-    n_cand = n_cand.pop()
+    counts = {m.shape[0] for m in masks.values()}
+    if len(counts) != 1:
+        raise ValueError(f"every mask needs the same number of candidates, got {sorted(counts)}")
+    n_cand = counts.pop()
     sources = sources if sources is not None else setup.sources(direction, masks)
     chunk = max(1, setup.max_batch // setup.size)
     if use_suffix(setup, direction, names=list(masks)):
@@ -102,6 +110,8 @@ def patch_heads(setup: PatchingSetup, direction: Direction = "denoise", by_posit
     Returns ``[layer, head]``, or ``[layer, pos, head]`` with ``by_position``.
     """
     L, H, T = setup.n_layers, setup.n_heads, setup.n_pos
+    grid: tuple[int, ...]
+    axes: tuple[str, ...]
     if by_position:
         grid, axes = (L, T, H), ("layer", "pos", "head")
         masks = one_hot_masks(setup, "z", (T, H, 1), grid, lambda m, p, h: m.__setitem__((p, h), True))

@@ -3,16 +3,18 @@ inputs of heads, :class:`PathReceiver`, or the logits) only through the direct p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from circuitfind.patching.result import PatchResult
 from circuitfind.names import LOGITS, hook_name
+from circuitfind.patching.result import PatchResult
 from circuitfind.patching.setup import Direction, PatchingSetup, answer_logits, bind_hook, check_direction, repeat_ctx
 from circuitfind.patching.suffix import SuffixForward, use_suffix
+
 
 @dataclass(frozen=True)
 class PathReceiver:
@@ -49,22 +51,27 @@ def path_patch(
     senders = list(senders) if senders is not None else all_heads
     if not senders:
         raise ValueError("path_patch needs at least one sender head")
-    if receivers != LOGITS:
-        receivers = list(receivers)
-        if not receivers:
+    path_receivers: list[PathReceiver] | None = None  # None: the logits
+    if isinstance(receivers, str) and receivers != LOGITS:
+        raise ValueError(f"receivers must be PathReceivers or {LOGITS!r}, got {receivers!r}")
+    if not isinstance(receivers, str):
+        path_receivers = list(receivers)
+        if not path_receivers:
             raise ValueError("path_patch needs at least one receiver (or 'logits')")
         kv = getattr(setup.model.cfg, "n_key_value_heads", None) or H
-        for r in receivers:
+        for r in path_receivers:
             n = H if r.input == "q" else kv  # k/v inputs are per key/value head (grouped-query attention)
             if r.input not in ("q", "k", "v") or not (0 <= r.layer < L and 0 <= r.head < n):
                 raise ValueError(f"invalid receiver {r}: layer must be < {L}, head < {n} for {r.input} inputs")
-    if receivers == LOGITS:
+    recv_hooks: dict[str, torch.Tensor | None]
+    if path_receivers is None:
         recv_hooks = {hook_name(L - 1, "resid_post"): None}
     else:
         recv_hooks = {}
-        for r in receivers:
+        for r in path_receivers:
             name = hook_name(r.layer, f"{r.input}_input")
-            recv_hooks.setdefault(name, torch.zeros(H if r.input == "q" else kv, dtype=torch.bool))[r.head] = True
+            heads = recv_hooks.setdefault(name, torch.zeros(H if r.input == "q" else kv, dtype=torch.bool))
+            heads[r.head] = True
     pos = setup.position_mask(positions)  # [batch, pos]
     chunk = max(1, setup.max_batch // B)
     if use_suffix(setup, direction, receivers=list(recv_hooks)):
@@ -73,7 +80,7 @@ def path_patch(
     else:
         per_sender = _pathpatch_hooks(setup, direction, senders, recv_hooks, pos, chunk)
     grid = torch.full((L, H, B), float("nan"))
-    for (l, h), row in zip(senders, per_sender):
+    for (l, h), row in zip(senders, per_sender, strict=True):
         grid[l, h] = row
     return PatchResult(
         grid.mean(-1), grid, ("layer", "head"), setup.metric.name, setup.plan.name, direction,
@@ -99,17 +106,18 @@ def _pathpatch_hooks(setup: PatchingSetup, direction: Direction, senders: Sequen
             sender_mask[l, i, 0, 0, h] = True
         recorded: dict[str, torch.Tensor] = {}
 
-        def freeze(act, hook, layer):
+        # This chunk's n, sender_mask and recorded are bound to the hooks, not read from the loop.
+        def freeze(act, hook, layer, n, sender_mask):
             view = act.reshape(n, B, *act.shape[1:])
             out = torch.where(sender_mask[layer], src_z[z_names[layer]], base_z[z_names[layer]])
             return out.expand_as(view).reshape(act.shape)
 
-        def record(act, hook, key):
+        def record(act, hook, key, recorded):
             recorded[key] = act.detach().clone()
 
         hooks = list(base.hooks)
-        hooks += [(z_names[l], bind_hook(freeze, layer=l)) for l in range(L)]
-        hooks += [(name, bind_hook(record, key=name)) for name in recv_hooks]
+        hooks += [(z_names[l], bind_hook(freeze, layer=l, n=n, sender_mask=sender_mask)) for l in range(L)]
+        hooks += [(name, bind_hook(record, key=name, recorded=recorded)) for name in recv_hooks]
         tokens = base.tokens.repeat(n, 1)
         with torch.no_grad():
             setup.model.run_with_hooks(tokens, fwd_hooks=hooks)

@@ -12,8 +12,9 @@ Directions:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
@@ -22,6 +23,9 @@ from circuitfind.corruptions import Corruption, CorruptionPlan, Run, get_corrupt
 from circuitfind.metrics import Metric, MetricContext, get_metric
 from circuitfind.patching.memory import parse_memory
 from circuitfind.tasks import TaskBatch
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 Direction = Literal["denoise", "noise"]
 DIRECTIONS = ("denoise", "noise")
@@ -47,7 +51,7 @@ class PatchingSetup:
     :mod:`circuitfind.patching.memory`).
     """
 
-    model: object
+    model: TransformerBridge
     plan: CorruptionPlan
     metric: Metric
     ctx: MetricContext
@@ -158,7 +162,7 @@ def answer_logits(logits: torch.Tensor, end_pos: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(
-    model,
+    model: TransformerBridge,
     batch: TaskBatch,
     corruption: str | Corruption = "str",
     metric: str | Metric = "logit_diff",

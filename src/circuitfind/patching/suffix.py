@@ -21,7 +21,7 @@ already in the cached residual stream entering layer 0, so every candidate sees 
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ def receiver_input(name: str) -> tuple[int, str] | None:
     return None if hook is None or hook[1] not in ("q_input", "k_input", "v_input") else (hook[0], hook[1][0])
 
 
-def supports(setup: PatchingSetup, direction: str, names: Sequence[str] = (), receivers: Sequence[str] = ()) -> bool:
+def supports(setup: PatchingSetup, direction: Direction, names: Sequence[str] = (), receivers: Sequence[str] = ()) -> bool:
     """Whether suffix passes serve these patched hooks (``names``) or path-patching receiver hooks:
     the setup allows it, the functional engine implements the model, every hook is one it knows,
     and the base run's own hooks act on the embedding stage only."""
@@ -78,7 +78,7 @@ class SuffixForward:
         direction: ``noise`` (the clean run is the base) or ``denoise`` (the corrupted run is).
     """
 
-    def __init__(self, setup: PatchingSetup, direction: str):
+    def __init__(self, setup: PatchingSetup, direction: Direction):
         self.setup, self.direction = setup, direction
         self.fm = tensor_forward.TensorModel(setup.model)
         self.n_layers, self.size = setup.n_layers, setup.size
@@ -221,11 +221,11 @@ class SuffixForward:
                     progress.update(len(members))
                 continue
             for part in torch.tensor(members).split(chunk):
-                heads = [senders[i][1] for i in part.tolist()]
+                sender_heads = [senders[i][1] for i in part.tolist()]
                 with torch.no_grad():
-                    recorded = self._path_step1(layer, heads, top, source_z, by_layer, to_logits)
-                    answer = self._path_step2(layer, len(heads), recorded, by_layer, to_logits, pos)
-                out[part.to(out.device)] = self.score(answer, len(heads))
+                    recorded = self._path_step1(layer, sender_heads, top, source_z, by_layer, to_logits)
+                    answer = self._path_step2(layer, len(sender_heads), recorded, by_layer, to_logits, pos)
+                out[part.to(out.device)] = self.score(answer, len(sender_heads))
                 if progress is not None:
                     progress.update(len(part))
         return out
@@ -263,7 +263,7 @@ class SuffixForward:
             q, k, v = fm.qkv(lay, x)
             if lay in by_layer:
                 qkv = {"q": q, "k": k, "v": v}
-                rec = dict(zip("qkv", fm.qkv(lay, recorded[lay])))
+                rec = dict(zip("qkv", fm.qkv(lay, recorded[lay]), strict=True))
                 for kind, heads in by_layer[lay].items():
                     where = at & heads.to(x.device)[None, None, :, None]
                     qkv[kind] = torch.where(where, rec[kind], qkv[kind])

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from html import escape
-from typing import Iterable, Sequence
 
 CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px;text-align:left}
@@ -139,7 +139,7 @@ def _unique_anchors(sections: Sequence[Section]) -> list[str]:
 def contents(sections: Sequence[Section]) -> str:
     """The contents list (HTML): level-3 sections nested under the level-2 section before them."""
     parts, open_sub = ["<nav class='contents'><b>Contents</b><ul>"], False
-    for s, anchor in zip(sections, _unique_anchors(sections)):
+    for s, anchor in zip(sections, _unique_anchors(sections), strict=True):
         link = f"<a href='#{anchor}'>{escape(s.title)}</a>"
         if s.level > 2:
             if not open_sub:
@@ -160,7 +160,7 @@ def html_page(title: str, sections: Sequence[Section], intro: Sequence[Block] = 
     """A self-contained HTML page: title, ``intro`` blocks, the contents list, then the sections."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{CSS}</style></head><body>",
              f"<h1>{escape(title)}</h1>", *(b.html for b in intro), contents(sections)]
-    for s, anchor in zip(sections, _unique_anchors(sections)):
+    for s, anchor in zip(sections, _unique_anchors(sections), strict=True):
         level = min(max(s.level, 2), 4)
         parts.append(f"<h{level} id='{anchor}'>{escape(s.title)}</h{level}>")
         parts += [b.html for b in s.blocks]

@@ -80,7 +80,7 @@ def _axes_sections(effects: list[dict], groups: list[dict]) -> list[R.Section]:
             items.append(R.text(", ".join(fmt(x) for x in robust) or "none", bold=f"Robust {kind} ({len(robust)}):"))
             dep = rob[kind]["dependent"]
             if dep:
-                items.append(R.table([f"only when", "settings with that value", f"setting-dependent {kind}"],
+                items.append(R.table(["only when", "settings with that value", f"setting-dependent {kind}"],
                                      [[f"{d['axis']} = {d['value']}", d["n_settings"], ", ".join(fmt(x) for x in d["items"])] for d in dep]))
             else:
                 items.append(R.text("none", bold=f"Setting-dependent {kind}:"))
@@ -137,7 +137,7 @@ def _curve_panels(group: dict) -> list[str]:
     by_algorithm: dict[str, list[dict]] = defaultdict(list)
     for r in recs:
         by_algorithm[r["algorithm"]].append(r)
-    for algorithm, members in sorted(by_algorithm.items()):
+    for _algorithm, members in sorted(by_algorithm.items()):
         split = next((keys for keys in CURVE_SPLITS if _largest_panel(members, keys) <= MAX_LINES_PER_PANEL), CURVE_SPLITS[-1])
         panel_members: dict[tuple, list[dict]] = defaultdict(list)
         for r in members:
@@ -167,7 +167,7 @@ def _group_sections(g: dict, several: bool) -> list[R.Section]:
                R.text(f"Mean pairwise edge Jaccard {_off_diagonal_mean(g['edge_jaccard']):.3f}, "
                       f"component Jaccard {_off_diagonal_mean(g['node_jaccard']):.3f} (all settings).")]
     cell = max(12, min(34, 900 // max(1, len(g["names"]))))
-    label = dict(zip(g["names"], g["labels"]))
+    label = dict(zip(g["names"], g["labels"], strict=True))
     maps = [figures.heatmap(g["edge_jaccard"], g["labels"], "edge Jaccard", cell),
             figures.heatmap(g["node_jaccard"], g["labels"], "component Jaccard", cell)]
     if g["score_names"]:
@@ -186,18 +186,18 @@ def _group_sections(g: dict, several: bool) -> list[R.Section]:
     drawings = [figures.circuit_drawing(r["n_layers"], r["n_heads"], record_edges(r), shared,
                                         f"{lab} ({r['n_edges']} edges{', flagged' if g['health'][r['setting']]['flags'] else ''})",
                                         n_kv_heads=r.get("n_kv_heads"))
-                for lab, r in zip(g["labels"], g["records"])]
+                for lab, r in zip(g["labels"], g["records"], strict=True)]
     sections.append(R.section(f"Circuits{where}", legend, R.figure(consensus_drawing, "The consensus circuit"),
                               R.figures(drawings, collapsed=f"The circuit of each setting ({len(drawings)} drawings)"), level=3))
     av = g["appear_vanish"]
     sections.append(R.section(f"Components that appear or vanish, against the consensus{where}", R.table(
-        APPEAR_HEADER, [[lab, ", ".join(av[n]["appear"]) or "-", ", ".join(av[n]["vanish"]) or "-"] for lab, n in zip(g["labels"], g["names"])]), level=3))
+        APPEAR_HEADER, [[lab, ", ".join(av[n]["appear"]) or "-", ", ".join(av[n]["vanish"]) or "-"] for lab, n in zip(g["labels"], g["names"], strict=True)]), level=3))
     sections.append(R.section(f"How often each component is found{where}", R.table(
         STABILITY_HEADER, [[c, f] for c, f in sorted(g["node_stability"].items(), key=lambda kv: -kv[1])]), level=3))
     if "reference" in g:
         ref = g["reference"]
         rows = [[lab, s["edges"]["precision"], s["edges"]["recall"], s["edges"]["f1"], s["nodes"]["f1"], s.get("roc_auc", float("nan"))]
-                for lab, s in zip(g["labels"], ref["scores"].values())]
+                for lab, s in zip(g["labels"], ref["scores"].values(), strict=True)]
         sections.append(R.section(f"Against the reference `{ref['setting']}`{where}", R.table(REFERENCE_HEADER, rows), level=3))
     if g["bootstrap"] or g["bootstrap_skipped"]:
         blocks = [R.text("95% percentile bootstrap over prompts of each edge's mean score; flagged settings are not summarised.")]

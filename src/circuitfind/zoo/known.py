@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -64,7 +65,7 @@ def build_induction_model(folder: str | Path, sharpness: float = 2.0, unembed_sc
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-        t = model.transformer
+        t: Any = model.transformer  # a GPT-2 transformer: typed as a Module by torch
         for tok in range(V):
             t.wte.weight[tok, TOK + tok] = 1.0
         for pos in range(P):
