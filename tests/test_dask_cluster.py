@@ -157,3 +157,58 @@ def test_a_worker_that_cannot_write_the_outputs_fails_clearly(prefect_harness, t
     with pytest.raises(WorkerError, match=f"on host .* cannot write {cache}"):
         discover_setting.fn(setting, config, str(run), str(cache))
     assert not list((run / "circuits").glob("*.json"))
+
+
+# 8 settings of 1-9 s each: long enough that a worker can be killed in the middle of one
+LONG_GRID = ["--algorithms", "acdc", "eap_ig", "--corruptions", "gn", "str", "--metrics", "logit_diff", "kl",
+             "--directions", "noise", "--prompts", "32"]
+
+
+@pytest.mark.slow  # 3 minutes on a loaded 2-core machine (load 8)
+def test_a_killed_worker_is_reported_and_a_rerun_finishes_only_what_is_missing(prefect_harness, tmp_path, sweep_env):
+    from prefect.settings import PREFECT_API_URL
+
+    reference = run_from_args(parse_args([*LONG_GRID, "--outputs", str(tmp_path / "ref"), "--run", "ref"]))
+    assert not reference["failures"] and len(reference["settings"]) == 8
+    outputs, run = tmp_path / "out", "killed"
+    command = [sys.executable, "-m", "circuitfind", "sweep", *LONG_GRID, "--outputs", str(outputs), "--run", run]
+    env = {**sweep_env(tmp_path / "home"), "PREFECT_API_URL": PREFECT_API_URL.value()}
+    # Dask retries a task whose worker died (3 times by default): with 0 the kill fails the setting
+    with dask_cluster(tmp_path, [[], []], {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}) as (address, client):
+        sweep = subprocess.Popen([*command, "--dask-address", address], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 300
+            killed = None
+            while killed is None:  # once a setting is done, kill a worker process in the middle of the next one
+                assert time.monotonic() < deadline and sweep.poll() is None, sweep.communicate()
+                busy = [w for w, keys in client.processing().items() if keys]
+                if busy and list((outputs / run / "circuits").glob("*.json")):
+                    (killed,) = client.run(os.getpid, workers=busy[:1]).values()
+                    os.kill(killed, signal.SIGKILL)
+                time.sleep(0.05)
+            out, err = sweep.communicate(timeout=400)
+        finally:
+            _stop(sweep)
+        assert sweep.returncode == 1, err  # reported, not fatal: the report covers the other settings
+        manifest = json.loads((outputs / run / "manifest.json").read_text())
+        failed = [f["setting"] for f in manifest["failures"]]
+        assert failed and all("KilledWorker" in f["error"] for f in manifest["failures"])
+        assert f"settings failed ({', '.join(failed)}); run again with --run {run}" in err
+        assert len(manifest["settings"]) + len(failed) == 8
+        # no half-written file: every record is complete JSON with its graph beside it, no temporary file left
+        records = list((outputs / run / "circuits").glob("*.json"))
+        assert {r.stem for r in records} == {s["setting"] for s in manifest["settings"]}
+        for record in records:
+            assert Path(json.loads(record.read_text())["graphml"]).name == f"{record.stem}.graphml"
+        assert not list(outputs.rglob("*.tmp"))
+        # the rerun (the nanny has restarted the worker) computes the failed settings and copies the others
+        client.wait_for_workers(2, timeout=120)
+        again = subprocess.run([*command, "--dask-address", address], env=env, capture_output=True, text=True,
+                               timeout=400)
+    assert again.returncode == 0, again.stderr
+    manifest = json.loads((outputs / run / "manifest.json").read_text())
+    assert not manifest["failures"] and len(manifest["settings"]) == 8
+    assert sorted(s["setting"] for s in manifest["settings"] if not s["from_cache"]) == sorted(failed)
+    assert _graphs(outputs, run) == _graphs(tmp_path / "ref", "ref")
+    assert not list(outputs.rglob("*.tmp"))
