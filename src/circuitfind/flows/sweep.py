@@ -158,10 +158,11 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
     return manifest
 
 
-def dask_runner(workers: int = 2, address: str | None = None):
+def dask_runner(workers: int = 2, address: str | None = None, torch_threads: int | None = None):
     """Dask as the task runner (the ``dask`` extra, prefect-dask): the existing cluster whose scheduler is at
-    ``address``, else a local cluster of ``workers`` worker processes, one thread each, each with its share of
-    this machine's cores as torch threads (:func:`circuitfind.threads.threads_per_worker`).
+    ``address``, else a local cluster of ``workers`` worker processes, one thread each, each with
+    ``torch_threads`` intra-op threads (default: its share of this machine's cores,
+    :func:`circuitfind.threads.threads_per_worker`).
 
     Worker processes report task runs to the flow's Prefect API (the task's context carries it; a local cluster
     also gets ``PREFECT_API_URL`` in its environment)."""
@@ -171,7 +172,7 @@ def dask_runner(workers: int = 2, address: str | None = None):
         raise SystemExit("--dask and --dask-address need prefect-dask: pip install 'circuitfind[dask]'") from err
     if address:
         return DaskTaskRunner(address=address)
-    env = {THREADS_ENV: str(threads_per_worker(workers))}
+    env = {THREADS_ENV: str(torch_threads or threads_per_worker(workers))}
     if os.environ.get("PREFECT_API_URL"):
         env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
     return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
@@ -212,6 +213,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                      help=f"run settings on the existing Dask scheduler at ADDRESS, e.g. tcp://host:8786 "
                           f"(default: ${DASK_ADDRESS_ENV}); outputs must be on a filesystem every worker shares")
     run.add_argument("--workers", type=int, default=2, help="parallel settings on this machine (default: 2)")
+    run.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                     help="torch intra-op threads of each parallel setting on this machine (default: cores // --workers)")
     return parser
 
 
@@ -252,6 +255,8 @@ def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
     """The run's own options: a plain run name, workers >= 1, a reference that will exist."""
     if args.workers < 1:
         raise ValueError(f"--workers: must be at least 1 (got {args.workers})")
+    if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
+        raise ValueError(f"--torch-threads: must be at least 1 (got {args.torch_threads})")
     if args.run is not None and (not args.run.strip() or args.run in (".", "..") or "/" in args.run or os.sep in args.run):
         raise ValueError(f"--run: {args.run!r} is not a folder name (the run is a folder of --outputs)")
     if args.reference is not None:
@@ -270,11 +275,11 @@ def run_from_args(args: argparse.Namespace) -> dict:
     check_run_options(args, config)
     with prefect_api():
         if address or args.dask:
-            runner = dask_runner(args.workers, address)
+            runner = dask_runner(args.workers, address, getattr(args, "torch_threads", None))
             threads = contextlib.nullcontext()
         else:  # torch's threads are per process: each of the settings run at once gets its share of them
             runner = ThreadPoolTaskRunner(max_workers=args.workers)
-            threads = torch_threads(threads_per_worker(args.workers))
+            threads = torch_threads(getattr(args, "torch_threads", None) or threads_per_worker(args.workers))
         with threads:
             manifest = sweep.with_options(task_runner=runner)(config, args.run, args.outputs, args.reference)
     print(json.dumps({"report": manifest["report"]["html"], "settings": len(manifest["settings"]),
