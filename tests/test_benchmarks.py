@@ -2,6 +2,7 @@
 (bench_scale's builds and runs a dozen processes: about a minute, with -m slow)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,3 +42,12 @@ def test_bench_scale_quick(tmp_path):
                 "ACDC, ", "(goal <= 1.5x)", "growth (base:", "layers x2", "heads x2", "prompts x2"):
         assert row in out, row
     assert (tmp_path / "bench" / "llama-L2-H4-KV2-d64-m128-v1000" / "config.json").is_file()  # built in the cache
+
+
+@pytest.mark.slow  # about 2.5 minutes on a loaded 2-core machine (three Dask clusters start)
+def test_bench_sweep_runners_quick(tmp_path):
+    out = _run("bench_sweep_runners.py", tmp_path)
+    assert "| runner | torch threads per setting | settings | wall time (s) | ratio to threads |" in out
+    for runner in ("threads (2)", "Dask, 1 worker process", "Dask, 1 worker process, 1 torch thread",
+                   "Dask, 2 worker processes"):
+        assert re.search(rf"\| {re.escape(runner)} \| \d+ \| 8 \| [\d.]+ \| [\d.]+ \|", out), runner

@@ -217,7 +217,8 @@ from circuitfind.sweep import Setting, SweepConfig, run_setting
 run, cache, ready, go = sys.argv[1:5]
 config = SweepConfig(prompts=8)
 setting = Setting(model="toy-ioi", task="ioi", algorithm="node", corruption="str", metric="logit_diff", direction="noise")
-sweep._model("toy-ioi", config.device)  # load the model before the start line, so both start computing together
+with sweep.MODELS.lend("toy-ioi", config.device):  # load the model before the start line, so both start computing together
+    pass
 Path(ready).touch()
 while not Path(go).exists():
     time.sleep(0.005)

@@ -59,6 +59,7 @@ def test_sweep_command_takes_the_flow_options():
                                       "--acdc-tau", "0.05", "--dask", "--workers", "3"])
     assert args.algorithms == ["eap", "acdc"] and args.run == "x" and args.prompts == 12
     assert args.acdc_tau == 0.05 and args.dask and args.workers == 3
+    assert build_parser().parse_args(["sweep", "--dask-address", "tcp://h:8786"]).dask_address == "tcp://h:8786"
     assert args.metrics == SweepConfig().metrics  # defaults come from SweepConfig
 
 
@@ -69,7 +70,7 @@ def test_sweep_help_lists_the_flow_options(argv, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     for option in ("--models", "--tasks", "--algorithms", "--corruptions", "--metrics", "--directions", "--prompts",
-                   "--acdc-tau", "--top-k", "--run", "--outputs", "--reference", "--dask", "--workers"):
+                   "--acdc-tau", "--top-k", "--run", "--outputs", "--reference", "--dask", "--dask-address", "--workers"):
         assert option in out
 
 

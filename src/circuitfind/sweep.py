@@ -25,6 +25,9 @@ import hashlib
 import io
 import json
 import logging
+import os
+import socket
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -41,7 +44,7 @@ from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model, locate_model, resolve_model_path
 from circuitfind.corruptions import get_corruption
-from circuitfind.errors import TaskError
+from circuitfind.errors import CircuitfindError, TaskError
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric
 from circuitfind.tasks import MAX_PROMPTS, TaskBatch, load_task
@@ -139,11 +142,12 @@ class SweepConfig(BaseModel):
                 raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
         return value
 
-    def check(self) -> SweepConfig:
+    def check(self, device_here: bool = True) -> SweepConfig:
         """Resolve the grid's names without loading a model: every model is found (shipped, fetched, a local
         folder, or the hub when online), every task loads and has each ``str:<variant>`` asked for, the
-        device exists. Raises the first problem (``ModelNotFoundError``, ``TaskError``, ``ValueError``);
-        returns the config."""
+        device exists (on this machine, unless ``device_here`` is False: the settings run on other machines,
+        whose workers check it). Raises the first problem (``ModelNotFoundError``, ``TaskError``,
+        ``ValueError``); returns the config."""
         for name in self.models:
             locate_model(name)
         for spec in map(load_task, self.tasks):
@@ -157,6 +161,8 @@ class SweepConfig(BaseModel):
                     raise TaskError(f"corruption {c!r}: task {spec.name!r} has no STR variant {variant or spec.default_str!r} "
                                     f"(its variants: {', '.join(spec.str_variants)})")
         device_type = torch.device(self.device).type if self.device is not None else None
+        if not device_here:
+            return self
         if device_type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: no CUDA device is available here")
         if self.dtype == "float16" and device_type != "cuda" and not (device_type is None and torch.cuda.is_available()):
@@ -249,24 +255,50 @@ def cache_key(setting: Setting, config: SweepConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-# Hooks live on the model object: each thread (task-runner worker) patches its own copy.
-_local = threading.local()
+class ModelPool:
+    """Loaded models shared by the threads of one process.
+
+    Hooks live on the model object, so a model is lent to one thread at a time (:meth:`lend`); a thread
+    that finds every copy lent out loads another. A Dask worker process (one thread) therefore loads a
+    model once and reuses it for every setting it runs; the thread runner holds one copy per thread.
+    A copy whose model files have changed since it was loaded is dropped and loaded again."""
+
+    def __init__(self) -> None:
+        self._idle: dict[tuple, list[tuple[dict, object]]] = {}
+        self._lock = threading.Lock()
+        self.loads = 0  # models loaded by this process (reported with each setting)
+
+    @contextmanager
+    def lend(self, name: str, device: str | None, dtype: str = "float32") -> Iterator[object]:
+        key = (name, device, dtype)
+        fingerprint = model_fingerprint(name)
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            idle[:] = [(f, m) for f, m in idle if f == fingerprint]
+            copy = idle.pop() if idle else None
+        if copy is None:
+            copy = (fingerprint, load_model(name, device=device, dtype=dtype))
+            with self._lock:
+                self.loads += 1
+        try:
+            yield copy[1]
+        finally:
+            with self._lock:
+                self._idle.setdefault(key, []).append(copy)
 
 
-def _model(name: str, device: str | None, dtype: str = "float32"):
-    """This thread's copy of the model, loaded again when the model's files have changed."""
-    cache = _local.__dict__.setdefault("models", {})
-    fingerprint = model_fingerprint(name)
-    key = (name, device, dtype)
-    if key not in cache or cache[key][0] != fingerprint:
-        cache[key] = (fingerprint, load_model(name, device=device, dtype=dtype))
-    return cache[key][1]
+MODELS = ModelPool()
 
 
 def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, D.Circuit, torch.Tensor | None]:
+    """Discover the circuit of one setting with a model lent by this process's :data:`MODELS`."""
+    with MODELS.lend(setting.model, config.device, config.dtype) as model:
+        return _compute_setting(model, setting, config)
+
+
+def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict, D.Circuit, torch.Tensor | None]:
     """Discover the circuit of one setting; return its record, the circuit and per-prompt scores."""
     start = time.time()
-    model = _model(setting.model, config.device, config.dtype)
     task = load_task(setting.task)
     batch = TaskBatch.build(model, task, config.prompts, seed=config.seed)
     setup = P.prepare(model, batch, setting.corruption, setting.metric, max_batch=config.max_batch)
@@ -290,6 +322,51 @@ def compute_setting(setting: Setting, config: SweepConfig) -> tuple[dict, D.Circ
         "faithfulness": faith, "faithfulness_status": faith_status, "curve": curve, "seconds": round(time.time() - start, 2),
     }
     return record, circuit, per_prompt
+
+
+RUN_MARKER = ".circuitfind-run"  # written by the flow into the run folder before any setting starts
+
+
+class WorkerError(CircuitfindError, RuntimeError):
+    """A worker cannot run a setting: it does not see or cannot write the shared folders, or lacks the device."""
+
+
+def _where() -> str:
+    return f"the worker on host {socket.gethostname()!r} (process {os.getpid()})"
+
+
+def mark_run_folder(run_dir: str | Path, cache_dir: str | Path) -> None:
+    """Create the run folder and the cache and mark the run folder (:data:`RUN_MARKER`), so that workers can
+    tell that they see the same folders as the flow (:func:`check_worker`)."""
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    write_json(Path(run_dir) / RUN_MARKER, {"host": socket.gethostname(), "pid": os.getpid()})
+
+
+def check_worker(setting: Setting, config: SweepConfig, run_dir: str | Path, cache_dir: str | Path) -> None:
+    """Fail early, with a message naming the worker, when this process cannot run ``setting``: the run folder
+    the flow marked is not visible here (outputs on a filesystem the worker does not share), the run folder or
+    the cache cannot be written, or the setting asks for a CUDA device this machine does not have."""
+    run_dir, cache_dir = Path(run_dir), Path(cache_dir)
+    if config.device is not None and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
+        raise WorkerError(f"setting {setting.name} runs on {config.device!r} but {_where()} has no CUDA device: "
+                          "give the GPU resource only to workers on machines with a GPU (dask worker --resources GPU=1)")
+    if not (run_dir / RUN_MARKER).is_file():
+        raise WorkerError(f"{_where()} does not see the run folder {run_dir} that the flow created: outputs and "
+                          "cache must be on a filesystem every worker shares, at the same path (--outputs)")
+    for folder in (run_dir / "circuits", cache_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-check.", suffix=".tmp")
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as err:
+            raise WorkerError(f"{_where()} cannot write {folder} ({err.strerror or err}): outputs and cache must be "
+                              "writable by every worker") from None
+
+
+def worker_info() -> dict:
+    """Where a setting ran, for the manifest: host, process and how many models that process has loaded."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "models_loaded": MODELS.loads}
 
 
 ENTRY_FILES = ("record.json", "circuit.graphml", "per_prompt.pt")

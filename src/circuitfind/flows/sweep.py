@@ -2,7 +2,8 @@
 
     circuitfind sweep                                       # the default grid on the shipped toy-ioi model
     circuitfind sweep --algorithms eap_ig acdc --corruptions str gn --metrics kl --run my-run
-    circuitfind sweep --dask                                # fan out on a local Dask cluster (prefect-dask)
+    circuitfind sweep --dask --workers 4                    # fan out on 4 local Dask worker processes
+    circuitfind sweep --dask-address tcp://HOST:8786        # run the settings on an existing Dask cluster
 
 (``python flows/sweep.py ...`` in a checkout takes the same options.) Each (model, task, algorithm,
 corruption, metric, direction) is one Prefect task that writes ``<outputs>/<run>/circuits/<setting>.graphml``
@@ -14,11 +15,18 @@ checkout's ``outputs/``, or ``./outputs`` when circuitfind is installed from a w
 The grid is checked before Prefect starts. Prefect reports to ``PREFECT_API_URL`` when it is set;
 otherwise the command runs a local Prefect server for as long as it runs
 (:mod:`circuitfind.flows.server`).
+
+On Dask (prefect-dask) every setting is a Dask task. Each worker process loads a model once and reuses
+it (:data:`circuitfind.sweep.MODELS`); a worker that does not see or cannot write the outputs folder,
+or lacks the CUDA device a setting asks for, fails that setting with a message naming the worker. With
+``--device cuda`` each setting asks Dask for one ``GPU`` resource, so workers started with
+``--resources GPU=1`` run one setting per GPU at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -34,7 +42,7 @@ from pydantic import ValidationError
 import circuitfind
 from circuitfind.corruptions import CORRUPTIONS
 from circuitfind.discovery import ALGORITHMS
-from circuitfind.errors import USER_ERRORS
+from circuitfind.errors import USER_ERRORS, CircuitfindError
 from circuitfind.flows.diff import check_series, diff_with_previous, record_completed
 from circuitfind.flows.server import prefect_api
 from circuitfind.health import check_run
@@ -42,7 +50,17 @@ from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
 from circuitfind.paths import default_outputs
 from circuitfind.report import write_run_report
-from circuitfind.sweep import Setting, SweepConfig, check_run_folder, describe, run_setting
+from circuitfind.sweep import (
+    Setting,
+    SweepConfig,
+    check_run_folder,
+    check_worker,
+    describe,
+    mark_run_folder,
+    run_setting,
+    worker_info,
+)
+from circuitfind.threads import THREADS_ENV, apply_worker_threads, threads_per_worker, torch_threads
 
 GRID_HELP = {
     "models": "shipped or fetched model (circuitfind models), HF folder or hub name",
@@ -52,14 +70,48 @@ GRID_HELP = {
     "metrics": ", ".join(METRICS),
     "directions": "noise, denoise",
 }
+DASK_ADDRESS_ENV = "CIRCUITFIND_DASK_ADDRESS"
 INT_OPTIONS = ("prompts", "seed", "top_k", "ig_steps", "path_depth", "max_batch")
 FLOAT_OPTIONS = ("acdc_tau", "path_k", "node_k")
+
+
+class SweepError(CircuitfindError, RuntimeError):
+    """The sweep cannot go on: every setting failed, or no Dask worker offers the GPU the settings ask for."""
 
 
 @task(name="discover", task_run_name="{setting.name}", persist_result=False)
 def discover_setting(setting: Setting, config: SweepConfig, run_dir: str, cache_dir: str) -> dict:
     """One setting's circuit; files are written by the task, only paths travel through Prefect."""
-    return run_setting(setting, config, run_dir, cache_dir)
+    apply_worker_threads()
+    check_worker(setting, config, run_dir, cache_dir)
+    return {**run_setting(setting, config, run_dir, cache_dir), "worker": worker_info()}
+
+
+def gpu_resources(config: SweepConfig):
+    """A context in which submitted settings ask Dask for one ``GPU`` resource, when they run on CUDA (other task
+    runners ignore Dask annotations); a no-op otherwise."""
+    if config.device is None or not config.device.startswith("cuda"):
+        return contextlib.nullcontext()
+    try:
+        import dask
+    except ImportError:  # no Dask, so no Dask task runner either
+        return contextlib.nullcontext()
+    return dask.annotate(resources={"GPU": 1})
+
+
+def check_gpu_workers(config: SweepConfig) -> None:
+    """With CUDA settings on Dask, some worker must offer the ``GPU`` resource, else Dask would hold them forever."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    runner = context.task_runner if context else None
+    if config.device is None or not config.device.startswith("cuda") or not hasattr(runner, "client"):
+        return
+    workers = runner.client.scheduler_info().get("workers", {})
+    if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
+        raise SweepError(f"the settings run on {config.device!r} and ask Dask for a GPU, but none of the "
+                         f"{len(workers)} workers of the cluster offers one: start GPU workers with "
+                         "`dask worker SCHEDULER --resources GPU=1` (one per GPU)")
 
 
 @task(name="diff-report", persist_result=False)
@@ -94,13 +146,20 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
     settings = config.settings()
     check_run_folder(run_dir, settings)
     log.info("%d settings -> %s", len(settings), run_dir)
-    futures = discover_setting.map(settings, unmapped(config), unmapped(str(run_dir)), unmapped(str(cache_dir)))
+    check_gpu_workers(config)
+    mark_run_folder(run_dir, cache_dir)
+    with gpu_resources(config):
+        futures = discover_setting.map(settings, unmapped(config), unmapped(str(run_dir)), unmapped(str(cache_dir)))
     results: list[dict] = []
     failures: list[dict] = []
     by_future = {f.task_run_id: s for f, s in zip(futures, settings, strict=True)}
     for done, future in enumerate(as_completed(futures), 1):
         setting = by_future[future.task_run_id]
-        outcome = future.result(raise_on_failure=False)
+        outcome: dict | BaseException
+        try:
+            outcome = future.result(raise_on_failure=False)
+        except Exception as err:  # the runner lost the task (e.g. Dask's KilledWorker: its worker process died)
+            outcome = err
         if isinstance(outcome, BaseException):
             failures.append({"setting": setting.name, "error": f"{type(outcome).__name__}: {outcome}"})
             log.warning("[%d/%d] %s failed: %s", done, len(settings), setting.name, outcome)
@@ -108,7 +167,7 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
             results.append(outcome)
             log.info("[%d/%d] %s: %s", done, len(settings), setting.name, describe(outcome))
     if not results:
-        raise RuntimeError(f"every setting failed; first error: {failures[0]['error'] if failures else 'none'}")
+        raise SweepError(f"every setting failed; first error: {failures[0]['error'] if failures else 'none'}")
     report = compare_run(str(run_dir), reference)
     manifest = {"run": run, "version": circuitfind.__version__, "config": config.model_dump(), "settings": sorted(results, key=lambda r: r["setting"]),
                 "failures": failures, "report": report, "health": check_run(run_dir)}  # per setting: its flags and pitfalls
@@ -121,13 +180,25 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
     return manifest
 
 
-def dask_runner(workers: int = 2):
-    """A local Dask cluster (threads) as the task runner: needs the ``dask`` extra (prefect-dask)."""
+def dask_runner(workers: int = 2, address: str | None = None, torch_threads: int | None = None):
+    """Dask as the task runner (the ``dask`` extra, prefect-dask): the existing cluster whose scheduler is at
+    ``address``, else a local cluster of ``workers`` worker processes, one thread each, each with
+    ``torch_threads`` intra-op threads (default: its share of this machine's cores,
+    :func:`circuitfind.threads.threads_per_worker`).
+
+    Worker processes report task runs to the flow's Prefect API (the task's context carries it; a local cluster
+    also gets ``PREFECT_API_URL`` in its environment)."""
     try:
         from prefect_dask import DaskTaskRunner
     except ImportError as err:  # pragma: no cover - depends on the installed extras
-        raise SystemExit("--dask needs prefect-dask: pip install 'circuitfind[dask]'") from err
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": False})
+        raise SystemExit("--dask and --dask-address need prefect-dask: pip install 'circuitfind[dask]'") from err
+    if address:
+        return DaskTaskRunner(address=address)
+    env = {THREADS_ENV: str(torch_threads or threads_per_worker(workers))}
+    if os.environ.get("PREFECT_API_URL"):
+        env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None, "env": env})
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,8 +229,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("--outputs", default=None,
                      help="folder of runs and of the cache (default: the checkout's outputs/, else ./outputs)")
     run.add_argument("--reference", default=None, help="setting name whose circuit is the reference")
-    run.add_argument("--dask", action="store_true", help="run tasks on a local Dask cluster (prefect-dask)")
-    run.add_argument("--workers", type=int, default=2, help="parallel settings (default: 2)")
+    run.add_argument("--dask", action="store_true", help="run settings on a local Dask cluster of --workers processes "
+                     "(prefect-dask)")
+    run.add_argument("--dask-address", default=os.environ.get(DASK_ADDRESS_ENV) or None, metavar="ADDRESS",
+                     help=f"run settings on the existing Dask scheduler at ADDRESS, e.g. tcp://host:8786 "
+                          f"(default: ${DASK_ADDRESS_ENV}); outputs must be on a filesystem every worker shares")
+    run.add_argument("--workers", type=int, default=2, help="parallel settings on this machine (default: 2)")
+    run.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                     help="torch intra-op threads of each parallel setting on this machine (default: cores // --workers)")
     return parser
 
 
@@ -186,13 +263,14 @@ def _one_line(err: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def config_from_args(args: argparse.Namespace) -> SweepConfig:
-    """The checked :class:`SweepConfig` of parsed options; ValueError (one line) when they cannot work."""
+def config_from_args(args: argparse.Namespace, device_here: bool = True) -> SweepConfig:
+    """The checked :class:`SweepConfig` of parsed options; ValueError (one line) when they cannot work.
+    ``device_here=False``: the settings run elsewhere (a Dask cluster), so the device is not looked for here."""
     try:
         config = SweepConfig(**{k: v for k, v in vars(args).items() if k in SweepConfig.model_fields})
     except ValidationError as err:
         raise ValueError(_one_line(err)) from None
-    return config.check()
+    return config.check(device_here=device_here)
 
 
 def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
@@ -200,6 +278,8 @@ def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
     workers >= 1, a reference setting of the grid."""
     if args.workers < 1:
         raise ValueError(f"--workers: must be at least 1 (got {args.workers})")
+    if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
+        raise ValueError(f"--torch-threads: must be at least 1 (got {args.torch_threads})")
     if args.run is not None and (not args.run.strip() or args.run in (".", "..") or "/" in args.run or os.sep in args.run):
         raise ValueError(f"--run: {args.run!r} is not a folder name (the run is a folder of --outputs)")
     if args.run is not None:
@@ -212,24 +292,36 @@ def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
 
 def run_from_args(args: argparse.Namespace) -> dict:
     """Check the options, then run the sweep against the configured Prefect API or a local server."""
-    config = config_from_args(args)
+    address = getattr(args, "dask_address", None)
+    config = config_from_args(args, device_here=not address)
     check_run_options(args, config)
-    runner = dask_runner(args.workers) if args.dask else ThreadPoolTaskRunner(max_workers=args.workers)
     with prefect_api():
-        manifest = sweep.with_options(task_runner=runner)(config, args.run, args.outputs, args.reference)
+        if address or args.dask:
+            runner = dask_runner(args.workers, address, getattr(args, "torch_threads", None))
+            threads: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+        else:  # torch's threads are per process: each of the settings run at once gets its share of them
+            runner = ThreadPoolTaskRunner(max_workers=args.workers)
+            threads = torch_threads(getattr(args, "torch_threads", None) or threads_per_worker(args.workers))
+        with threads:
+            manifest = sweep.with_options(task_runner=runner)(config, args.run, args.outputs, args.reference)
     print(json.dumps({"report": manifest["report"]["html"], "settings": len(manifest["settings"]),
                       "failures": len(manifest["failures"])}))
+    if manifest["failures"]:
+        names = ", ".join(f["setting"] for f in manifest["failures"])
+        print(f"circuitfind: warning: {len(manifest['failures'])} of {len(manifest['failures']) + len(manifest['settings'])} "
+              f"settings failed ({names}); run again with --run {manifest['run']} to compute only those",
+              file=sys.stderr)
     return manifest
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run_from_args(args)
+        manifest = run_from_args(args)
     except USER_ERRORS as err:
         print(f"circuitfind: error: {err}", file=sys.stderr)
         return 2
-    return 0
+    return 1 if manifest["failures"] else 0
 
 
 if __name__ == "__main__":
