@@ -106,6 +106,7 @@ def test_failed_settings_are_reported_not_fatal(prefect_harness, tmp_path):
     assert "no STR variant 'abc'" in failure["error"]
 
 
+@pytest.mark.slow  # starts a Dask worker process (13 s with a busy core); tests/test_dask_cluster.py covers more
 def test_dask_task_runner(prefect_harness, tmp_path):
     pytest.importorskip("prefect_dask")
     from flows.sweep import dask_runner

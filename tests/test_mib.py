@@ -261,3 +261,15 @@ def test_a_discovered_circuit_saves_as_mib_without_extra_arguments(ioi_model, io
     assert circuit.settings["d_model"] == ioi_model.cfg.d_model
     back = Circuit.load(circuit.save(tmp_path / "c.mib.json"))
     assert back.edges == circuit.edges
+
+
+@pytest.mark.parametrize("d_model", [-5, 0, 2.5, "64", True, 10**12])
+def test_a_bad_d_model_in_a_file_is_refused(tmp_path, d_model):
+    import json
+
+    obj = json.loads(TINY)
+    obj["cfg"]["d_model"] = d_model
+    path = tmp_path / "bad.mib.json"
+    path.write_text(json.dumps(obj))
+    with pytest.raises(GraphFileError, match="cfg 'd_model' must be a whole number between 1 and 1,000,000"):
+        Circuit.load(path)

@@ -119,6 +119,7 @@ def test_wheel_carries_tasks_flows_and_models(installed_wheel):
             "circuitfind/zoo/toy-ioi/model.safetensors", "circuitfind/py.typed"} <= names
 
 
+@pytest.mark.slow  # 40 s with a busy core: `make test` stays under 5 minutes; CI runs the slow tests too
 def test_installed_wheel_discovers_and_sweeps_outside_the_checkout(installed_wheel, first_sweep, sweep_env, tmp_path):
     _, venv, site_packages = installed_wheel
     work = tmp_path / "empty"

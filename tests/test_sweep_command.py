@@ -229,7 +229,8 @@ def test_first_sweep_on_a_fresh_prefect_home(first_sweep):
 
 
 @linux_only
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["SIGKILL", "SIGTERM"])
 def test_killed_sweep_leaves_no_prefect_server(first_sweep, sweep_env, tmp_path, sig):
     home = first_sweep.home  # its database exists: the server starts in seconds
     log = (tmp_path / "sweep.log").open("w")

@@ -135,6 +135,7 @@ def cmd_discover(args) -> None:
     options = dict(acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k,
                    node_k=args.k)
     discovery.check_options(args.algorithm, args.direction, **options)  # before the model loads
+    patching.check_k(args.k)  # checked even where the algorithm does not use it: a given option is never ignored silently
     if args.out:
         from circuitfind.graph_io import graph_format
 

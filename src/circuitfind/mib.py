@@ -161,8 +161,8 @@ def parse_mib(obj) -> CircuitParts:
     kv = cfg.get("n_key_value_heads")
     if kv is not None and not _is_int(kv):
         raise ValueError(f"cfg 'n_key_value_heads' is not a whole number (got {_short(kv)})")
-    if "d_model" in cfg and not _is_int(cfg["d_model"]):
-        raise ValueError(f"cfg 'd_model' is not a whole number (got {_short(cfg['d_model'])})")
+    if "d_model" in cfg and not (_is_int(cfg["d_model"]) and 0 < cfg["d_model"] <= 1_000_000):
+        raise ValueError(f"cfg 'd_model' must be a whole number between 1 and 1,000,000 (got {_short(cfg['d_model'])})")
     shape = {"n_layers": cfg["n_layers"], "n_heads": cfg["n_heads"], "split_qkv": True, "n_kv_heads": kv}
     check_shape(**shape)  # bounded before anything is built
     graph = ModelGraph(**shape)
