@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from circuitfind.io import write_text
+from circuitfind.report import render as R
 
 STEP_FOLDER = re.compile(r"step-(\d+)$")
 
@@ -174,25 +175,17 @@ def write_report(results: list[dict], settings: dict, out_dir: str | Path) -> di
              "n/a" if rec != rec else f"{rec:.2f}"] for r, rec in zip(results, timeline["final_recall"], strict=True)]
     header = ["step", "accuracy", "logit diff", "corrupted logit diff", "edges", "share of final circuit"]
     edge_rows = [[e, _fmt_spans(timeline["spans"][e])] for e in timeline["edges"]]
-    md = [f"# {title}", "", f"Setting: {setting}.", "",
-          "Each checkpoint's circuit is discovered under the same setting; *share of final circuit* is the fraction of the "
-          "last checkpoint's edges that the checkpoint's circuit already holds.", "",
-          "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    md += ["", "## When each edge is in the circuit", "", "| edge | present (from step - until step) |", "|---|---|"]
-    md += [f"| {e} | {spans} |" for e, spans in edge_rows] + [""]
-    html = ["<!doctype html><html><head><meta charset='utf-8'>", f"<title>{escape(title)}</title>",
-            "<style>body{font-family:sans-serif;margin:24px}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:3px 8px}</style></head><body>",
-            f"<h1>{escape(title)}</h1>", f"<p>Setting: {escape(setting)}.</p>", timeline_svg(results, timeline),
-            "<h2>Checkpoints</h2><table><tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>"]
-    html += ["<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in r) + "</tr>" for r in rows]
-    html += ["</table>", "<h2>When each edge is in the circuit</h2><table><tr><th>edge</th><th>present (from step - until step)</th></tr>"]
-    html += [f"<tr><td>{escape(e)}</td><td>{escape(spans)}</td></tr>" for e, spans in edge_rows]
-    html += ["</table></body></html>"]
+    sections = [
+        R.section("Checkpoints", R.text(f"Setting: {setting}."),
+                  R.figure(timeline_svg(results, timeline), "Circuit edges over training, with accuracy and logit difference"),
+                  R.text("Each checkpoint's circuit is discovered under the same setting; share of final circuit is the "
+                         "fraction of the last checkpoint's edges that the checkpoint's circuit already holds."),
+                  R.table(header, rows)),
+        R.section("When each edge is in the circuit", R.table(["edge", "present (from step - until step)"], edge_rows)),
+    ]
     out = Path(out_dir)
-    return {"html": str(write_text(out / "checkpoints.html", "\n".join(html))),
-            "markdown": str(write_text(out / "checkpoints.md", "\n".join(md)))}
+    return {"html": str(write_text(out / "checkpoints.html", R.html_page(title, sections))),
+            "markdown": str(write_text(out / "checkpoints.md", R.markdown_page(title, sections)))}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -50,19 +50,19 @@ class IncrementalSearch:
             inputs = patcher.setup.base_activations(patcher.direction, IncrementalForward.hooks(patcher.graph.n_layers))
             self.forward = IncrementalForward(patcher.backend.masked_forward(), inputs)
 
-    def values(self, masks: torch.Tensor) -> torch.Tensor:
+    def values(self, keep: torch.Tensor) -> torch.Tensor:
         """Mean metric per candidate ``[candidates]`` for ``[candidates, n_edges]`` keep-masks."""
-        self._last = masks
+        self._last = keep
         if self.forward is None:
-            differs = (masks != self.reference).any(0)
+            differs = (keep != self.reference).any(0)
             first = int(self.patcher.graph.edge_index[1][differs.cpu()].min()) if differs.any() else 0
-            return self.patcher.value(masks, first_receiver=first)
+            return self.patcher.value(keep, first_receiver=first)
         values = []
         with torch.no_grad():
-            for part in masks.split(self.max_candidates):
+            for part in keep.split(self.max_candidates):
                 answer = self.forward.logits(1.0 - self.patcher.graph.dense(part.float()))
                 values.append(self.patcher.score(answer).mean(-1))
-        self._kept_from = masks.shape[0] - part.shape[0]
+        self._kept_from = keep.shape[0] - part.shape[0]
         return torch.cat(values)
 
     def adopt(self, j: int) -> None:

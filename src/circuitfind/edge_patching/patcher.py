@@ -126,7 +126,7 @@ class EdgePatcher:
         return self._passes(n_candidates, kind, self.embedding_stage_only(extra_hooks), slice(0, self.setup.size))
 
     # -- runs -------------------------------------------------------------------------------
-    def run(self, masks: torch.Tensor, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None,
+    def run(self, keep: torch.Tensor, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None,
             per_prompt: bool = False, first_receiver: int = 0, desc: str | None = None, prompts: slice | None = None) -> torch.Tensor:
         """Per-prompt metric ``[candidates, batch]`` with each candidate's edges patched where ``mask == 0``.
 
@@ -134,7 +134,7 @@ class EdgePatcher:
         passes that fit the memory budget (:meth:`budget`); the values are the same as in one pass.
 
         Args:
-            masks: ``[candidates, n_edges]`` (or ``[candidates, n_edges, pos]``), 1 = keep.
+            keep: keep-masks ``[candidates, n_edges]`` (or ``[candidates, n_edges, pos]``), 1 = keep the base run's value.
             fixed_diff: use ``source - base run`` instead of ``source - current`` as the patched
                 difference (the sender outputs of the unpatched base run; EAP-IG needs this).
             extra_hooks: hooks to add after the base run's own (e.g. input interpolation); they must
@@ -149,25 +149,25 @@ class EdgePatcher:
             prompts: evaluate only these prompts (a slice of the batch); the result is then
                 ``[candidates, len(prompts)]``. Attribution methods use it to run a backward per pass.
         """
-        if masks.dim() == 1:
-            masks = masks[None]
+        if keep.dim() == 1:
+            keep = keep[None]
         if per_prompt and self.graph.n_pos is not None:
             raise ValueError("per-prompt masks need a graph without per-position edges")
         expected = (self.n_edges,) if self.graph.n_pos is None else (self.n_edges, self.graph.n_pos)
         expected = (self.n_edges, self.setup.size) if per_prompt else expected
-        if tuple(masks.shape[1:]) != expected:
-            raise ValueError(f"edge masks must be [candidates, {', '.join(map(str, expected))}], got {tuple(masks.shape)}")
-        plain = not (masks.requires_grad or per_prompt or fixed_diff or extra_hooks)
+        if tuple(keep.shape[1:]) != expected:
+            raise ValueError(f"edge masks must be [candidates, {', '.join(map(str, expected))}], got {tuple(keep.shape)}")
+        plain = not (keep.requires_grad or per_prompt or fixed_diff or extra_hooks)
         if first_receiver and not (plain and self.graph.n_pos is None):
             raise ValueError("first_receiver (where a pass starts) works for plain (no-gradient, position-free) edge masks only")
         prompts = prompts or slice(0, self.setup.size)
         functional_engine = plain and self.engine == "functional"
         split = functional_engine or (not first_receiver and self.embedding_stage_only(extra_hooks))
-        kind = "functional" if functional_engine else "grad" if masks.requires_grad else "hooks"
-        passes = self._passes(masks.shape[0], kind, split, prompts)
+        kind = "functional" if functional_engine else "grad" if keep.requires_grad else "hooks"
+        passes = self._passes(keep.shape[0], kind, split, prompts)
         pieces: dict[int, list[torch.Tensor]] = {}
         for cands, rows in tqdm(passes, desc=desc or "edge patching", disable=not self.setup.progress or len(passes) < 2, leave=False):
-            part = masks[cands]
+            part = keep[cands]
             part = part.to(torch.float32) if part.dtype == torch.bool else part
             if functional_engine:
                 answer = self.backend.logits(part, rows, first_receiver)
@@ -213,9 +213,9 @@ class EdgePatcher:
         """Values of candidates relative to a reference mask set that moves with a search (ACDC)."""
         return IncrementalSearch(self)
 
-    def value(self, masks: torch.Tensor, **kw) -> torch.Tensor:
+    def value(self, keep: torch.Tensor, **kw) -> torch.Tensor:
         """Mean metric over prompts, one value per candidate ``[candidates]``."""
-        return self.run(masks, **kw).mean(-1)
+        return self.run(keep, **kw).mean(-1)
 
     def ones(self, n: int = 1, dtype=torch.float32, per_prompt: bool = False) -> torch.Tensor:
         """Masks that keep every edge."""
