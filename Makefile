@@ -35,6 +35,7 @@ test-slow: venv fetch-models
 # Lint and type-check (configured in pyproject.toml); `make test` does not run them, .ci/run does.
 lint: venv
 	$(BIN)/ruff check src tests benchmarks flows
+	$(BIN)/ruff format --check src tests benchmarks flows
 	$(BIN)/mypy
 
 bench: venv

@@ -36,27 +36,37 @@ def main() -> None:
     p = base_parser(__doc__, prompts=32)
     p.add_argument("--tau", type=float, default=0.02)
     p.add_argument("--repeats", type=int, default=3, help="best of this many ACDC runs")
-    p.add_argument("--candidates", type=int, nargs="+", default=[1, 4, 16], help="stacked candidates per masked forward")
-    p.add_argument("--no-discovery", action="store_true", help="masked forward only (ACDC's reference is slow on real models)")
+    p.add_argument(
+        "--candidates", type=int, nargs="+", default=[1, 4, 16], help="stacked candidates per masked forward"
+    )
+    p.add_argument(
+        "--no-discovery", action="store_true", help="masked forward only (ACDC's reference is slow on real models)"
+    )
     p.add_argument("--quick", action="store_true", help="8 prompts, one timing each, 1 and 4 candidates (a smoke test)")
     args = p.parse_args()
     if args.quick:
         args.prompts, args.repeats, args.candidates = 8, 1, [1, 4]
     load = os.getloadavg()
-    print(f"CPU cores {os.cpu_count()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
-          f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not measured, no device lent'}")
+    print(
+        f"CPU cores {os.cpu_count()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not measured, no device lent'}"
+    )
 
     model = load_model(args.model)
     batch = TaskBatch.build(model, args.task, args.prompts, seed=0)
     setup = P.prepare(model, batch, "str", "kl", max_batch=args.max_batch)
     patcher = EdgePatcher(setup)
     device = model_device(model)
-    print(f"\nmodel {args.model}, {batch.size} prompts x {batch.n_pos} positions, {patcher.n_edges} edges, "
-          f"device {device}, torch threads {torch.get_num_threads()}, default engine {patcher.engine}\n")
+    print(
+        f"\nmodel {args.model}, {batch.size} prompts x {batch.n_pos} positions, {patcher.n_edges} edges, "
+        f"device {device}, torch threads {torch.get_num_threads()}, default engine {patcher.engine}\n"
+    )
 
     hooks = EdgePatcher(setup, engine="hooks")
-    print(f"{'masked forward (all masks active)':<32} {'plain ms':>9} {'unsplit':>8} {'hooks ms':>9} {'ratio':>6} "
-          f"{'functional':>10} {'ratio':>6}")
+    print(
+        f"{'masked forward (all masks active)':<32} {'plain ms':>9} {'unsplit':>8} {'hooks ms':>9} {'ratio':>6} "
+        f"{'functional':>10} {'ratio':>6}"
+    )
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for n in args.candidates:
@@ -67,8 +77,10 @@ def main() -> None:
             unsplit, _ = timed(lambda: unsplit_forward(model, tokens), reps)
             t_hooks, _ = timed(lambda: hooks.run(masks), reps)
             t_fast, _ = timed(lambda: patcher.run(masks), reps)
-            print(f"{f'{n} candidate(s) x {batch.size} prompts':<32} {plain * 1e3:>9.1f} {unsplit * 1e3:>8.1f} "
-                  f"{t_hooks * 1e3:>9.1f} {t_hooks / plain:>6.2f} {t_fast * 1e3:>10.1f} {t_fast / plain:>6.2f}")
+            print(
+                f"{f'{n} candidate(s) x {batch.size} prompts':<32} {plain * 1e3:>9.1f} {unsplit * 1e3:>8.1f} "
+                f"{t_hooks * 1e3:>9.1f} {t_hooks / plain:>6.2f} {t_fast * 1e3:>10.1f} {t_fast / plain:>6.2f}"
+            )
 
     if args.no_discovery:
         print(f"\npeak memory {peak_mb():.0f} MB")
@@ -76,10 +88,12 @@ def main() -> None:
     print(f"\n{'discovery':<44} {'seconds':>8} {'forwards':>9} {'edges':>6} {'speed-up':>9}")
     one, ref = timed(lambda: D.acdc(hooks, args.tau, candidates=1, reuse_prefix=False), args.repeats)
     rows = [("ACDC reference: hooks, one edge per forward", one, ref)]
-    for label, p, kw in [("ACDC hooks, batches + prefix", hooks, {}),
-                         ("ACDC functional, one edge per forward", patcher, dict(candidates=1, reuse_prefix=False)),
-                         ("ACDC functional, one edge, incremental", patcher, dict(candidates=1)),
-                         ("ACDC functional, batches + incremental", patcher, {})]:
+    for label, p, kw in [
+        ("ACDC hooks, batches + prefix", hooks, {}),
+        ("ACDC functional, one edge per forward", patcher, dict(candidates=1, reuse_prefix=False)),
+        ("ACDC functional, one edge, incremental", patcher, dict(candidates=1)),
+        ("ACDC functional, batches + incremental", patcher, {}),
+    ]:
         t, res = timed(lambda: D.acdc(p, args.tau, **kw), args.repeats)
         assert torch.equal(ref.in_circuit, res.in_circuit), f"{label} must find the reference circuit"
         rows.append((label, t, res))

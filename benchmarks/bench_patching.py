@@ -83,25 +83,39 @@ def bench_model(name: str, prompts: int, repeats: int, max_batch: int, full: boo
     ]
     if full:  # the long sweeps (one full forward pass per candidate) on small models only
         ops[2:2] = [("heads, all pos (circuitfind, full passes)", cold(hooks, P.patch_heads), L * H)]
-        ops[4:4] = [("resid_pre x pos (transformer_lens)",
-                     lambda: tl_patching.get_act_patch_resid_pre(model, corrupt, clean_cache, tl_metric), L * T),
-                    ("heads x pos (circuitfind)", cold(setup, P.patch_heads, by_position=True), L * T * H)]
-        ops.append(("path patching -> logits (circuitfind, full passes)",
-                    cold(hooks, P.path_patch, P.LOGITS, "end", "noise"), L * H))
+        ops[4:4] = [
+            (
+                "resid_pre x pos (transformer_lens)",
+                lambda: tl_patching.get_act_patch_resid_pre(model, corrupt, clean_cache, tl_metric),
+                L * T,
+            ),
+            ("heads x pos (circuitfind)", cold(setup, P.patch_heads, by_position=True), L * T * H),
+        ]
+        ops.append(
+            (
+                "path patching -> logits (circuitfind, full passes)",
+                cold(hooks, P.path_patch, P.LOGITS, "end", "noise"),
+                L * H,
+            )
+        )
     rows = [("plain forward pass", forward, 1)]
     times = {}
     for label, fn, n in ops:
         times[label] = best_of(fn, repeats, once_after=LONG)[0]
         rows.append((label, times[label], n))
     ratio = times["heads, all pos (circuitfind)"] / times["heads, all pos (transformer_lens)"]
-    print(f"\nmodel {name} ({L} layers x {H} heads), {batch.size} prompts x {T} positions, device {model_device(model)}, "
-          f"torch threads {torch.get_num_threads()}, max_batch {max_batch}\n")
+    print(
+        f"\nmodel {name} ({L} layers x {H} heads), {batch.size} prompts x {T} positions, device {model_device(model)}, "
+        f"torch threads {torch.get_num_threads()}, max_batch {max_batch}\n"
+    )
     print(f"{'operation':<52} {'seconds':>9} {'candidates':>11} {'fwd-equiv/candidate':>20}")
     print("-" * 96)
     for label, secs, n in rows:
         print(f"{label:<52} {secs:>9.4f} {n:>11d} {secs / n / forward:>20.2f}")
-    print(f"\nheads, all positions: circuitfind {ratio:.2f}x transformer_lens.patching's time "
-          f"(goal <= {GOAL}x): {'met' if ratio <= GOAL else 'NOT met'}")
+    print(
+        f"\nheads, all positions: circuitfind {ratio:.2f}x transformer_lens.patching's time "
+        f"(goal <= {GOAL}x): {'met' if ratio <= GOAL else 'NOT met'}"
+    )
     return ratio
 
 
@@ -118,8 +132,10 @@ def main() -> None:
     if args.quick:
         args.models, args.prompts, args.repeats = ["toy-ioi"], 4, 1
     load = os.getloadavg()
-    print(f"CPU cores {os.cpu_count()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
-          f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not measured, no device lent'}")
+    print(
+        f"CPU cores {os.cpu_count()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
+        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not measured, no device lent'}"
+    )
     for name in args.models:
         if name in fetch.FETCHABLE and not fetch.is_fetched(name):
             print(f"\nmodel {name}: skipped, not fetched (circuitfind models fetch {name})")

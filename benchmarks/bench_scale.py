@@ -55,8 +55,11 @@ def bench_dir() -> Path:
 def build_model(shape: dict, folder: Path) -> Path:
     """A random Llama of ``shape`` saved as an HF folder (built once, in a child process)."""
     if not (folder / "config.json").is_file():
-        proc = subprocess.run([sys.executable, __file__, "--child", "build", "--model-dir", str(folder),
-                               "--shape", json.dumps(shape)], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", "build", "--model-dir", str(folder), "--shape", json.dumps(shape)],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
             raise SystemExit(f"building {folder.name} failed:\n{proc.stderr[-3000:]}")
     return folder
@@ -73,10 +76,20 @@ def _build(shape: dict, folder: Path) -> None:
 
     hf_logging.disable_progress_bar()
     tokenizer = build_tokenizer(task_words(load_task("induction")))
-    config = LlamaConfig(vocab_size=shape["vocab"], hidden_size=shape["d_model"], intermediate_size=shape["d_mlp"],
-                         num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
-                         num_key_value_heads=shape["kv_heads"], max_position_embeddings=2048, rope_theta=500000.0,
-                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["d_model"],
+        intermediate_size=shape["d_mlp"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["kv_heads"],
+        max_position_embeddings=2048,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(torch.bfloat16)  # half the disk; loaded as float32
     tmp = folder.with_name(folder.name + ".tmp")
@@ -188,9 +201,25 @@ def child(args) -> dict:
 
 
 def run_child(what: str, folder: Path, prompts: int, args, extra: list[str] = ()) -> dict:
-    cmd = [sys.executable, __file__, "--child", what, "--model-dir", str(folder), "--prompts", str(prompts),
-           "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--acdc-passes", str(args.acdc_passes),
-           "--dtype", args.dtype, *extra]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        what,
+        "--model-dir",
+        str(folder),
+        "--prompts",
+        str(prompts),
+        "--tokens",
+        str(args.tokens),
+        "--repeats",
+        str(args.repeats),
+        "--acdc-passes",
+        str(args.acdc_passes),
+        "--dtype",
+        args.dtype,
+        *extra,
+    ]
     cmd += ["--max-memory", args.max_memory]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -202,8 +231,10 @@ def run_child(what: str, folder: Path, prompts: int, args, extra: list[str] = ()
 def machine() -> str:
     load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "not measured, no device lent"
-    return (f"CPU cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average "
-            f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; GPU: {gpu}")
+    return (
+        f"CPU cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, load average "
+        f"{load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; GPU: {gpu}"
+    )
 
 
 def main() -> None:
@@ -211,8 +242,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="toy shapes: a smoke run")
     p.add_argument("--prompts", type=int, default=None, help="prompts (default 8; 4 with --quick)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per prompt (default 32; 12 with --quick)")
-    p.add_argument("--max-memory", default="2GB",
-                   help="working-memory budget of a pass (default 2GB; 'auto': a quarter of the free memory)")
+    p.add_argument(
+        "--max-memory",
+        default="2GB",
+        help="working-memory budget of a pass (default 2GB; 'auto': a quarter of the free memory)",
+    )
     p.add_argument("--dtype", default="float32")
     p.add_argument("--repeats", type=int, default=None, help="best of this many timings (default 3; 1 with --quick)")
     p.add_argument("--acdc-passes", type=int, default=20, help="ACDC forward passes to time")
@@ -235,30 +269,46 @@ def main() -> None:
 
     big = TOY if args.quick else LLAMA_1B
     folder = build_model(big, bench_dir() / shape_name(big))
-    print(f"\n{shape_name(big)} ({folder}), {args.prompts} prompts x {args.tokens} tokens, dtype {args.dtype}, "
-          f"max_memory {args.max_memory}\n{machine()}\n")
-    rows = {what: run_child(what, folder, args.prompts, args, [] if args.hooks else ["--no-hooks"])
-            for what in ("masked", "eap", "acdc")}
+    print(
+        f"\n{shape_name(big)} ({folder}), {args.prompts} prompts x {args.tokens} tokens, dtype {args.dtype}, "
+        f"max_memory {args.max_memory}\n{machine()}\n"
+    )
+    rows = {
+        what: run_child(what, folder, args.prompts, args, [] if args.hooks else ["--no-hooks"])
+        for what in ("masked", "eap", "acdc")
+    }
     m, e, a = rows["masked"], rows["eap"], rows["acdc"]
     fwd = m["forward_s"]
-    print(f"edges {m['edges']:,}; load {m['load_s']:.1f} s, RSS after loading {m['loaded_mb']:,.0f} MB; "
-          f"pass budget {m['budget_mb']:,.0f} MB")
+    print(
+        f"edges {m['edges']:,}; load {m['load_s']:.1f} s, RSS after loading {m['loaded_mb']:,.0f} MB; "
+        f"pass budget {m['budget_mb']:,.0f} MB"
+    )
     print("peak RSS: of the measurement's whole process (loading included) / during the operation alone\n")
     print(f"{'measurement':<46} {'seconds':>9} {'x forward':>10} {'process MB':>11} {'operation MB':>13}")
     print(f"{'plain forward pass':<46} {fwd:>9.3f} {1.0:>10.2f} {'':>11} {'':>13}")
-    print(f"{'masked forward, every mask active (functional)':<46} {m['masked_s']:>9.3f} {m['masked_s'] / fwd:>10.2f} "
-          f"{m['peak_mb']:>11,.0f} {m['masked_peak_mb']:>13,.0f}")
+    print(
+        f"{'masked forward, every mask active (functional)':<46} {m['masked_s']:>9.3f} {m['masked_s'] / fwd:>10.2f} "
+        f"{m['peak_mb']:>11,.0f} {m['masked_peak_mb']:>13,.0f}"
+    )
     if "hooks_s" in m:
-        print(f"{'masked forward, every mask active (hooks)':<46} {m['hooks_s']:>9.3f} {m['hooks_s'] / fwd:>10.2f} "
-              f"{'':>11} {m['hooks_peak_mb']:>13,.0f}")
-    print(f"{'EAP over all edges (' + str(e['eap_passes']) + ' passes)':<46} {e['eap_s']:>9.2f} {e['eap_s'] / e['forward_s']:>10.1f} "
-          f"{e['peak_mb']:>11,.0f} {e['eap_peak_mb']:>13,.0f}")
-    print(f"{'ACDC, ' + str(a['acdc_passes']) + ' passes (' + str(a['acdc_candidates']) + ' candidates)':<46} "
-          f"{a['acdc_s']:>9.2f} {a['acdc_s'] / a['forward_s']:>10.1f} {a['peak_mb']:>11,.0f} {a['acdc_peak_mb']:>13,.0f}")
+        print(
+            f"{'masked forward, every mask active (hooks)':<46} {m['hooks_s']:>9.3f} {m['hooks_s'] / fwd:>10.2f} "
+            f"{'':>11} {m['hooks_peak_mb']:>13,.0f}"
+        )
+    print(
+        f"{'EAP over all edges (' + str(e['eap_passes']) + ' passes)':<46} {e['eap_s']:>9.2f} {e['eap_s'] / e['forward_s']:>10.1f} "
+        f"{e['peak_mb']:>11,.0f} {e['eap_peak_mb']:>13,.0f}"
+    )
+    print(
+        f"{'ACDC, ' + str(a['acdc_passes']) + ' passes (' + str(a['acdc_candidates']) + ' candidates)':<46} "
+        f"{a['acdc_s']:>9.2f} {a['acdc_s'] / a['forward_s']:>10.1f} {a['peak_mb']:>11,.0f} {a['acdc_peak_mb']:>13,.0f}"
+    )
     ratio = m["masked_s"] / fwd
     peak = max(r["peak_mb"] for r in rows.values())
-    print(f"\nmasked forward {ratio:.2f}x the plain forward (goal <= 1.5x): {'met' if ratio <= 1.5 else 'NOT met'}; "
-          f"peak RSS {peak / 1024:.1f} GB (goal < 12 GB): {'met' if peak < 12 * 1024 else 'NOT met'}")
+    print(
+        f"\nmasked forward {ratio:.2f}x the plain forward (goal <= 1.5x): {'met' if ratio <= 1.5 else 'NOT met'}; "
+        f"peak RSS {peak / 1024:.1f} GB (goal < 12 GB): {'met' if peak < 12 * 1024 else 'NOT met'}"
+    )
     if torch.cuda.is_available():
         print("CUDA peak allocation (MB): " + ", ".join(f"{k} {r['cuda_peak_mb']:,.0f}" for k, r in rows.items()))
     if args.growth:
@@ -271,18 +321,26 @@ def growth(args) -> None:
     steps = (1, 2) if args.quick else (1, 2, 4)
     configs = [("base", base, args.prompts)]
     configs += [(f"layers x{k}", {**base, "layers": base["layers"] * k}, args.prompts) for k in steps[1:]]
-    configs += [(f"heads x{k}", {**base, "heads": base["heads"] * k, "kv_heads": base["kv_heads"] * k}, args.prompts)
-                for k in steps[1:]]
+    configs += [
+        (f"heads x{k}", {**base, "heads": base["heads"] * k, "kv_heads": base["kv_heads"] * k}, args.prompts)
+        for k in steps[1:]
+    ]
     configs += [(f"prompts x{k}", base, args.prompts * k) for k in steps[1:]]
-    print(f"\ngrowth (base: {shape_name(base)}, {args.prompts} prompts x {args.tokens} tokens; RSS in MB: after "
-          f"loading, during the masked forward, during EAP (all with the weights), process peak)")
-    print(f"{'config':<14} {'layers':>6} {'heads':>5} {'prompts':>7} {'edges':>9} {'fwd s':>8} {'masked s':>9} "
-          f"{'ratio':>6} {'EAP s':>8} {'loaded MB':>10} {'masked MB':>10} {'EAP MB':>8} {'peak MB':>9}")
+    print(
+        f"\ngrowth (base: {shape_name(base)}, {args.prompts} prompts x {args.tokens} tokens; RSS in MB: after "
+        f"loading, during the masked forward, during EAP (all with the weights), process peak)"
+    )
+    print(
+        f"{'config':<14} {'layers':>6} {'heads':>5} {'prompts':>7} {'edges':>9} {'fwd s':>8} {'masked s':>9} "
+        f"{'ratio':>6} {'EAP s':>8} {'loaded MB':>10} {'masked MB':>10} {'EAP MB':>8} {'peak MB':>9}"
+    )
     for label, shape, prompts in configs:
         r = run_child("growth", build_model(shape, bench_dir() / shape_name(shape)), prompts, args, ["--no-hooks"])
-        print(f"{label:<14} {shape['layers']:>6} {shape['heads']:>5} {prompts:>7} {r['edges']:>9,} {r['forward_s']:>8.3f} "
-              f"{r['masked_s']:>9.3f} {r['masked_s'] / r['forward_s']:>6.2f} {r['eap_s']:>8.2f} {r['loaded_mb']:>10,.0f} "
-              f"{r['masked_peak_mb']:>10,.0f} {r['eap_peak_mb']:>8,.0f} {r['peak_mb']:>9,.0f}")
+        print(
+            f"{label:<14} {shape['layers']:>6} {shape['heads']:>5} {prompts:>7} {r['edges']:>9,} {r['forward_s']:>8.3f} "
+            f"{r['masked_s']:>9.3f} {r['masked_s'] / r['forward_s']:>6.2f} {r['eap_s']:>8.2f} {r['loaded_mb']:>10,.0f} "
+            f"{r['masked_peak_mb']:>10,.0f} {r['eap_peak_mb']:>8,.0f} {r['peak_mb']:>9,.0f}"
+        )
     overall = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"\nlargest peak RSS of any measurement process: {overall:,.0f} MB")
 

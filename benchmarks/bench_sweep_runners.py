@@ -28,11 +28,27 @@ from circuitfind.flows.server import prefect_api
 from circuitfind.flows.sweep import parse_args, run_from_args
 from circuitfind.threads import available_cores, threads_per_worker
 
-QUICK_GRID = ["--algorithms", "eap", "node", "--corruptions", "str", "gn", "--metrics", "logit_diff", "kl",
-              "--directions", "noise", "--prompts", "8"]
-RUNNERS = (("threads (2)", ["--workers", "2"]), ("Dask, 1 worker process", ["--dask", "--workers", "1"]),
-           ("Dask, 1 worker process, 1 torch thread", ["--dask", "--workers", "1", "--torch-threads", "1"]),
-           ("Dask, 2 worker processes", ["--dask", "--workers", "2"]))
+QUICK_GRID = [
+    "--algorithms",
+    "eap",
+    "node",
+    "--corruptions",
+    "str",
+    "gn",
+    "--metrics",
+    "logit_diff",
+    "kl",
+    "--directions",
+    "noise",
+    "--prompts",
+    "8",
+]
+RUNNERS = (
+    ("threads (2)", ["--workers", "2"]),
+    ("Dask, 1 worker process", ["--dask", "--workers", "1"]),
+    ("Dask, 1 worker process, 1 torch thread", ["--dask", "--workers", "1", "--torch-threads", "1"]),
+    ("Dask, 2 worker processes", ["--dask", "--workers", "2"]),
+)
 
 
 def load() -> str:
@@ -61,15 +77,23 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{label}: a setting failed or came from a cache: {manifest['failures']}")
             args_ = parse_args(options)
             threads = args_.torch_threads or threads_per_worker(args_.workers)
-            rows.append({"runner": label, "torch_threads": threads, "settings": len(manifest["settings"]),
-                         "seconds": round(seconds, 1)})
+            rows.append(
+                {
+                    "runner": label,
+                    "torch_threads": threads,
+                    "settings": len(manifest["settings"]),
+                    "seconds": round(seconds, 1),
+                }
+            )
     base = rows[0]["seconds"]
     print(f"load after: {load()}\n")
     print("| runner | torch threads per setting | settings | wall time (s) | ratio to threads |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
         row["ratio"] = round(row["seconds"] / base, 2)
-        print(f"| {row['runner']} | {row['torch_threads']} | {row['settings']} | {row['seconds']:.1f} | {row['ratio']:.2f} |")
+        print(
+            f"| {row['runner']} | {row['torch_threads']} | {row['settings']} | {row['seconds']:.1f} | {row['ratio']:.2f} |"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -65,9 +65,18 @@ def gqa_model(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-llama-gqa")
     tokenizer = build_tokenizer(task_words(load_task("ioi")))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     with torch.no_grad():  # larger weights than the default init, so patches have visible effects
@@ -82,15 +91,26 @@ def gqa_model(tmp_path_factory):
 # --------------------------------------------------------------------------------------------
 # `circuitfind sweep` in subprocesses, as a user runs it
 
-TINY_SWEEP = ["--algorithms", "eap", "--corruptions", "str", "--metrics", "logit_diff", "--directions", "noise",
-              "--prompts", "8"]
+TINY_SWEEP = [
+    "--algorithms",
+    "eap",
+    "--corruptions",
+    "str",
+    "--metrics",
+    "logit_diff",
+    "--directions",
+    "noise",
+    "--prompts",
+    "8",
+]
 
 
 def sweep_environment(prefect_home) -> dict[str, str]:
     """The environment of a sweep subprocess: its own Prefect home, no configured Prefect server, offline."""
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PYTHONPATH", "CIRCUITFIND_TASKS_DIR")}
-    env.update(PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               HF_HUB_OFFLINE="1")
+    env.update(
+        PREFECT_HOME=str(prefect_home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1", HF_HUB_OFFLINE="1"
+    )
     return env
 
 
@@ -117,7 +137,22 @@ def first_sweep(tmp_path_factory):
     home = tmp / "prefect-home"
     env = {**sweep_environment(home), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "circuitfind", "sweep", *TINY_SWEEP, "--run", "first",
-                           "--outputs", str(tmp / "outputs")], env=env, cwd=tmp, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "circuitfind",
+            "sweep",
+            *TINY_SWEEP,
+            "--run",
+            "first",
+            "--outputs",
+            str(tmp / "outputs"),
+        ],
+        env=env,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     return SimpleNamespace(home=home, proc=proc, outputs=tmp / "outputs", seconds=time.monotonic() - start)

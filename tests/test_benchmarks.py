@@ -16,8 +16,9 @@ GPU_LINE = "GPU: " + (torch.cuda.get_device_name(0) if torch.cuda.is_available()
 
 def _run(script: str, tmp_path, *args: str) -> str:
     env = {**os.environ, "CIRCUITFIND_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", *args], capture_output=True, text=True,
-                          env=env, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", *args], capture_output=True, text=True, env=env, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert GPU_LINE in proc.stdout
     return proc.stdout
@@ -25,8 +26,13 @@ def _run(script: str, tmp_path, *args: str) -> str:
 
 def test_bench_patching_quick(tmp_path):
     out = _run("bench_patching.py", tmp_path)
-    for row in ("plain forward pass", "heads, all pos (circuitfind)", "heads, all pos (transformer_lens)",
-                "path patching -> logits (circuitfind)", "transformer_lens.patching's time (goal <= 0.55x)"):
+    for row in (
+        "plain forward pass",
+        "heads, all pos (circuitfind)",
+        "heads, all pos (transformer_lens)",
+        "path patching -> logits (circuitfind)",
+        "transformer_lens.patching's time (goal <= 0.55x)",
+    ):
         assert row in out, row
 
 
@@ -38,8 +44,18 @@ def test_bench_edges_quick(tmp_path):
 @pytest.mark.slow
 def test_bench_scale_quick(tmp_path):
     out = _run("bench_scale.py", tmp_path, "--max-memory", "1MB")
-    for row in ("edges ", "plain forward pass", "masked forward, every mask active (functional)", "EAP over all edges",
-                "ACDC, ", "(goal <= 1.5x)", "growth (base:", "layers x2", "heads x2", "prompts x2"):
+    for row in (
+        "edges ",
+        "plain forward pass",
+        "masked forward, every mask active (functional)",
+        "EAP over all edges",
+        "ACDC, ",
+        "(goal <= 1.5x)",
+        "growth (base:",
+        "layers x2",
+        "heads x2",
+        "prompts x2",
+    ):
         assert row in out, row
     assert (tmp_path / "bench" / "llama-L2-H4-KV2-d64-m128-v1000" / "config.json").is_file()  # built in the cache
 
@@ -48,6 +64,10 @@ def test_bench_scale_quick(tmp_path):
 def test_bench_sweep_runners_quick(tmp_path):
     out = _run("bench_sweep_runners.py", tmp_path)
     assert "| runner | torch threads per setting | settings | wall time (s) | ratio to threads |" in out
-    for runner in ("threads (2)", "Dask, 1 worker process", "Dask, 1 worker process, 1 torch thread",
-                   "Dask, 2 worker processes"):
+    for runner in (
+        "threads (2)",
+        "Dask, 1 worker process",
+        "Dask, 1 worker process, 1 torch thread",
+        "Dask, 2 worker processes",
+    ):
         assert re.search(rf"\| {re.escape(runner)} \| \d+ \| 8 \| [\d.]+ \| [\d.]+ \|", out), runner

@@ -25,7 +25,9 @@ CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "goog
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (.ci/run installs it with apt-get)")
 
 # 2 algorithms x 2 corruptions x 2 metrics, noising: the EAP + KL settings have all-zero scores
-GRID = SweepConfig(algorithms=["eap", "acdc"], corruptions=["str", "gn"], metrics=["logit_diff", "kl"], directions=["noise"], prompts=8)
+GRID = SweepConfig(
+    algorithms=["eap", "acdc"], corruptions=["str", "gn"], metrics=["logit_diff", "kl"], directions=["noise"], prompts=8
+)
 
 
 def chromium(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
@@ -51,7 +53,9 @@ def report(tmp_path_factory):
 
 def test_the_console_check_sees_errors(tmp_path):
     page = tmp_path / "bad.html"
-    page.write_text("<!doctype html><html><body><p>x</p><script>console.error('deliberate'); missing();</script></body></html>")
+    page.write_text(
+        "<!doctype html><html><body><p>x</p><script>console.error('deliberate'); missing();</script></body></html>"
+    )
     result = chromium("--dump-dom", page.as_uri())
     assert result.returncode == 0 and "<p>x</p>" in result.stdout
     lines = console_lines(result.stderr)
@@ -66,17 +70,21 @@ def test_the_report_renders_in_chromium_without_console_errors(report, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert console_lines(result.stderr) == []
     dom = result.stdout
-    assert "<h1>Circuit diff report: small sweep</h1>" in dom and "<nav class=\"contents\">" in dom
+    assert "<h1>Circuit diff report: small sweep</h1>" in dom and '<nav class="contents">' in dom
     # the axis figure, 3 overlap heatmaps, the consensus circuit, 8 setting drawings, and one faithfulness
     # panel per algorithm (the flagged EAP + KL settings have none): 1 + 3 + 1 + 8 + 2
     assert len(re.findall(r"<svg[\s>]", dom)) == 15
     assert len(re.findall(r"<img[\s>]", dom)) == 0
-    assert dom.index("Which choice matters") < dom.index("Settings and health checks") < dom.index("Faithfulness curves")
+    assert (
+        dom.index("Which choice matters") < dom.index("Settings and health checks") < dom.index("Faithfulness curves")
+    )
 
 
 def test_a_screenshot_of_the_first_screen(report, tmp_path):
     shot = tmp_path / "first-screen.png"
-    result = chromium(f"--screenshot={shot}", "--window-size=1280,900", "--hide-scrollbars", (report / "report.html").as_uri())
+    result = chromium(
+        f"--screenshot={shot}", "--window-size=1280,900", "--hide-scrollbars", (report / "report.html").as_uri()
+    )
     assert result.returncode == 0 and console_lines(result.stderr) == []
     data = shot.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"

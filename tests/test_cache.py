@@ -34,6 +34,7 @@ NODE = EAP.model_copy(update={"algorithm": "node"})
 
 def strict_json(text: str):
     """Parse JSON as the standard defines it: bare NaN / Infinity are errors."""
+
     def reject(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
 
@@ -128,8 +129,17 @@ def _damage(path: Path, how: str) -> None:
         path.write_bytes(data.replace(b"in_circuit", b"in_circuiT", 1))
 
 
-@pytest.mark.parametrize("name,how", [("record.json", "truncate"), ("record.json", "edit"), ("circuit.graphml", "truncate"),
-                                      ("circuit.graphml", "edit"), ("per_prompt.pt", "truncate"), ("per_prompt.pt", "delete")])
+@pytest.mark.parametrize(
+    "name,how",
+    [
+        ("record.json", "truncate"),
+        ("record.json", "edit"),
+        ("circuit.graphml", "truncate"),
+        ("circuit.graphml", "edit"),
+        ("per_prompt.pt", "truncate"),
+        ("per_prompt.pt", "delete"),
+    ],
+)
 def test_a_damaged_cache_entry_is_detected_logged_and_recomputed(tmp_path, caplog, name, how):
     cache = tmp_path / "cache"
     first = run_setting(EAP, CONFIG, tmp_path / "a", cache)
@@ -186,10 +196,21 @@ def test_a_copied_run_folder_gives_the_same_report_and_reads_only_itself(tmp_pat
 
 
 def test_write_json_writes_strict_json(tmp_path):
-    path = write_json(tmp_path / "x.json", {"nan": float("nan"), "values": torch.tensor([1.0, float("inf"), -float("inf")]),
-                                           "nested": [{"ok": 0.5, "bad": float("nan")}], "pair": (1, 2)})
-    assert strict_json(path.read_text()) == {"nan": None, "values": [1.0, None, None], "nested": [{"ok": 0.5, "bad": None}],
-                                             "pair": [1, 2]}
+    path = write_json(
+        tmp_path / "x.json",
+        {
+            "nan": float("nan"),
+            "values": torch.tensor([1.0, float("inf"), -float("inf")]),
+            "nested": [{"ok": 0.5, "bad": float("nan")}],
+            "pair": (1, 2),
+        },
+    )
+    assert strict_json(path.read_text()) == {
+        "nan": None,
+        "values": [1.0, None, None],
+        "nested": [{"ok": 0.5, "bad": None}],
+        "pair": [1, 2],
+    }
 
 
 def test_an_empty_circuit_is_recorded_as_strict_json_and_reported(tmp_path):
@@ -199,7 +220,10 @@ def test_an_empty_circuit_is_recorded_as_strict_json_and_reported(tmp_path):
     files = list((tmp_path / "run").rglob("*.json")) + list((tmp_path / "cache").rglob("*.json"))
     entry = only_entry(tmp_path / "cache").name  # the cache key
     assert sorted(str(f.relative_to(tmp_path)) for f in files) == [
-        f"cache/{entry}/checksums.json", f"cache/{entry}/record.json", f"run/circuits/{NODE.name}.json"]
+        f"cache/{entry}/checksums.json",
+        f"cache/{entry}/record.json",
+        f"run/circuits/{NODE.name}.json",
+    ]
     for f in files:
         strict_json(f.read_text())
     record = strict_json((tmp_path / "run" / "circuits" / f"{NODE.name}.json").read_text())
@@ -228,8 +252,15 @@ print(json.dumps(run_setting(setting, config, run, cache)["from_cache"]))
 
 def test_two_concurrent_sweeps_compute_a_setting_once(tmp_path):
     run, cache, go = tmp_path / "run", tmp_path / "cache", tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(run), str(cache), str(tmp_path / f"ready{i}"), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(run), str(cache), str(tmp_path / f"ready{i}"), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
     deadline = time.time() + 120
     while not all((tmp_path / f"ready{i}").exists() for i in range(2)):
         assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
@@ -254,7 +285,9 @@ def test_records_are_strict_json_with_finite_numbers(tmp_path):
     model = load_model("toy-ioi")
     setup = P.prepare(model, TaskBatch.build(model, "ioi", CONFIG.prompts, seed=CONFIG.seed), "str", "logit_diff")
     circuit = Circuit.load(tmp_path / "run" / "circuits" / f"{EAP.name}.graphml")
-    assert record["faithfulness"] == pytest.approx(D.faithfulness(EdgePatcher(setup, circuit.graph, "noise"), circuit), abs=1e-5)
+    assert record["faithfulness"] == pytest.approx(
+        D.faithfulness(EdgePatcher(setup, circuit.graph, "noise"), circuit), abs=1e-5
+    )
 
 
 def test_a_broken_record_in_a_run_folder_is_named(tmp_path):

@@ -36,7 +36,11 @@ def short_run(tmp_path_factory):
 def test_checkpoints_are_deterministic_and_the_last_is_the_final_model(short_run):
     root, summaries, _ = short_run
     manifest = json.loads((root / "a" / "checkpoints" / "checkpoints.json").read_text())
-    assert manifest == {"model": "toy-ioi", "steps": 6, "checkpoints": [{"step": s, "folder": f"step-{s:05d}"} for s in (0, 2, 4, 6)]}
+    assert manifest == {
+        "model": "toy-ioi",
+        "steps": 6,
+        "checkpoints": [{"step": s, "folder": f"step-{s:05d}"} for s in (0, 2, 4, 6)],
+    }
     weights = {s: digest(root / "a" / "checkpoints" / f"step-{s:05d}" / "model.safetensors") for s in (0, 2, 4, 6)}
     assert len(set(weights.values())) == 4  # training moved the weights between checkpoints
     for s, d in weights.items():
@@ -53,7 +57,9 @@ def test_stopping_early_keeps_the_full_schedules_checkpoints(short_run):
     assert partial["stopped_at"] == 2 and [c["step"] for c in partial["checkpoints"]] == [0, 2]
     for s in (0, 2):
         name = f"step-{s:05d}"
-        assert digest(root / "partial" / "checkpoints" / name / "model.safetensors") == digest(root / "a" / "checkpoints" / name / "model.safetensors")
+        assert digest(root / "partial" / "checkpoints" / name / "model.safetensors") == digest(
+            root / "a" / "checkpoints" / name / "model.safetensors"
+        )
     assert not (root / "partial" / "model.safetensors").exists()
     with pytest.raises(ValueError, match="until must be in 0..6"):
         train("toy-ioi", root / "bad", log_every=0, steps=6, until=7)
@@ -71,8 +77,16 @@ def test_find_checkpoints(short_run, tmp_path):
 
 
 def test_edge_timeline_spans():
-    results = [{"step": s, "edges": edges} for s, edges in
-               [(0, []), (10, [["a", "b"]]), (20, [["a", "b"], ["c", "d"]]), (30, [["c", "d"]]), (40, [["a", "b"], ["c", "d"]])]]
+    results = [
+        {"step": s, "edges": edges}
+        for s, edges in [
+            (0, []),
+            (10, [["a", "b"]]),
+            (20, [["a", "b"], ["c", "d"]]),
+            (30, [["c", "d"]]),
+            (40, [["a", "b"], ["c", "d"]]),
+        ]
+    ]
     t = C.edge_timeline(results)
     assert t["edges"] == ["a->b", "c->d"]
     assert t["present"] == {"a->b": [False, True, True, False, True], "c->d": [False, False, True, True, True]}

@@ -21,8 +21,12 @@ def test_toy_induction_does_the_task(induction_model, induction_batch):
 
 
 def test_evaluate_command_prints_accuracy_and_logit_diffs():
-    out = subprocess.run([sys.executable, "-m", "circuitfind", "evaluate", "--model", "toy-ioi", "-n", "50", "--json"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "circuitfind", "evaluate", "--model", "toy-ioi", "-n", "50", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     report = json.loads(out)
     assert report["accuracy"] >= 0.95
     assert report["logit_diff"] > 3.0 > report["corrupted"]["str"]["logit_diff"]
@@ -41,7 +45,26 @@ def test_cli_errors_are_one_line(capsys, monkeypatch):
 
 def test_patch_command_writes_json(tmp_path, capsys):
     out = tmp_path / "heads.json"
-    assert main(["patch", "--what", "heads", "-n", "20", "--corruption", "gn", "--metric", "kl", "--direction", "noise", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "patch",
+                "--what",
+                "heads",
+                "-n",
+                "20",
+                "--corruption",
+                "gn",
+                "--metric",
+                "kl",
+                "--direction",
+                "noise",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["axes"] == ["layer", "head"] and len(data["values"]) == 3
     assert not list(tmp_path.glob(".*.tmp"))
@@ -65,7 +88,12 @@ def test_discover_compare_export_commands(tmp_path, capsys):
 
     acdc, eap = tmp_path / "acdc.graphml", tmp_path / "eap.json"
     assert main(["discover", "-n", "12", "--algorithm", "acdc", "--tau", "0.05", "--out", str(acdc)]) == 0
-    assert main(["discover", "-n", "12", "--algorithm", "eap", "--metric", "logit_diff", "--top-k", "15", "--out", str(eap)]) == 0
+    assert (
+        main(
+            ["discover", "-n", "12", "--algorithm", "eap", "--metric", "logit_diff", "--top-k", "15", "--out", str(eap)]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "faithfulness" in out and "eap: 15 of 262 edges" in out
     assert main(["compare", str(acdc), str(eap), "--reference", str(acdc)]) == 0
@@ -84,9 +112,25 @@ def test_ctrl_c_ends_with_one_line_and_no_output_file(tmp_path):
     import signal
 
     out = tmp_path / "c.graphml"
-    proc = subprocess.Popen([sys.executable, "-m", "circuitfind", "discover", "-n", "300", "--algorithm", "acdc",
-                             "--tau", "0", "--out", str(out)], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "circuitfind",
+            "discover",
+            "-n",
+            "300",
+            "--algorithm",
+            "acdc",
+            "--tau",
+            "0",
+            "--out",
+            str(out),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         seen = proc.stderr.read(1)  # the first progress output: the command is inside its work
         assert seen, "the command ended before printing progress"
@@ -99,8 +143,9 @@ def test_ctrl_c_ends_with_one_line_and_no_output_file(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.parametrize("device, message", [("banana", "'banana' is not a torch device"),
-                                             ("cuda:0", "no CUDA device is available here")])
+@pytest.mark.parametrize(
+    "device, message", [("banana", "'banana' is not a torch device"), ("cuda:0", "no CUDA device is available here")]
+)
 def test_a_bad_or_absent_device_is_one_line(device, message, capsys):
     import torch
 

@@ -51,7 +51,9 @@ def test_pairwise_consensus_and_stability():
 
 def test_bootstrap_ci():
     gen = torch.Generator().manual_seed(0)
-    per_prompt = torch.stack([torch.full((400,), 2.0), torch.randn(400, generator=gen) * 3 + 1, torch.randn(400, generator=gen)])
+    per_prompt = torch.stack(
+        [torch.full((400,), 2.0), torch.randn(400, generator=gen) * 3 + 1, torch.randn(400, generator=gen)]
+    )
     ci = compare.bootstrap_ci(per_prompt, n_boot=2000, seed=1)
     assert ci.low[0] == ci.high[0] == 2.0
     half_width = (ci.high[1] - ci.low[1]) / 2

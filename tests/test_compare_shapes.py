@@ -74,11 +74,28 @@ def test_scores_of_different_lengths_are_never_correlated():
 
 
 def _record(setting: str, graph: ModelGraph, circuit: Circuit, **extra) -> dict:
-    return {"setting": setting, "model": "toy-ioi", "task": "ioi", "algorithm": "eap", "corruption": "str",
-            "metric": "kl", "direction": "noise", "n_layers": graph.n_layers, "n_heads": graph.n_heads,
-            "n_kv_heads": graph.n_kv_heads, "graph_edges": graph.n_edges, "n_edges": circuit.n_edges,
-            "edges": [list(e) for e in circuit.edges], "nodes": sorted(circuit.nodes), "scores": circuit.scores.tolist(),
-            "faithfulness": 0.5, "curve": None, "clean": 1.0, "corrupt": 0.0, **extra}
+    return {
+        "setting": setting,
+        "model": "toy-ioi",
+        "task": "ioi",
+        "algorithm": "eap",
+        "corruption": "str",
+        "metric": "kl",
+        "direction": "noise",
+        "n_layers": graph.n_layers,
+        "n_heads": graph.n_heads,
+        "n_kv_heads": graph.n_kv_heads,
+        "graph_edges": graph.n_edges,
+        "n_edges": circuit.n_edges,
+        "edges": [list(e) for e in circuit.edges],
+        "nodes": sorted(circuit.nodes),
+        "scores": circuit.scores.tolist(),
+        "faithfulness": 0.5,
+        "curve": None,
+        "clean": 1.0,
+        "corrupt": 0.0,
+        **extra,
+    }
 
 
 def test_report_refuses_records_of_different_shapes_in_one_group():

@@ -22,8 +22,21 @@ from circuitfind.flows.sweep import SweepError, parse_args, run_from_args  # noq
 
 BIN = Path(sys.executable).parent
 # 8 settings of about a second each (toy-ioi, 8 prompts)
-GRID = ["--algorithms", "eap", "node", "--corruptions", "str", "gn", "--metrics", "logit_diff", "kl",
-        "--directions", "noise", "--prompts", "8"]
+GRID = [
+    "--algorithms",
+    "eap",
+    "node",
+    "--corruptions",
+    "str",
+    "gn",
+    "--metrics",
+    "logit_diff",
+    "kl",
+    "--directions",
+    "noise",
+    "--prompts",
+    "8",
+]
 
 
 def _free_port() -> int:
@@ -59,16 +72,41 @@ def dask_cluster(tmp_path: Path, workers: list[list[str]], scheduler_env: dict[s
 
     def start(name: str, command: list[str], extra_env: dict[str, str] | None = None) -> None:
         with open(logs / f"{name}.log", "wb") as log:
-            processes.append(subprocess.Popen(command, env={**env, **(extra_env or {})}, stdin=subprocess.DEVNULL,
-                                              stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            processes.append(
+                subprocess.Popen(
+                    command,
+                    env={**env, **(extra_env or {})},
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
 
     client = None
     try:
-        start("scheduler", [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                            "--no-dashboard"], scheduler_env)
+        start(
+            "scheduler",
+            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+            scheduler_env,
+        )
         for i, options in enumerate(workers):
-            start(f"worker{i}", [str(BIN / "dask"), "worker", address, "--nworkers", "1", "--nthreads", "1",
-                                 "--host", "127.0.0.1", "--no-dashboard", *options])
+            start(
+                f"worker{i}",
+                [
+                    str(BIN / "dask"),
+                    "worker",
+                    address,
+                    "--nworkers",
+                    "1",
+                    "--nthreads",
+                    "1",
+                    "--host",
+                    "127.0.0.1",
+                    "--no-dashboard",
+                    *options,
+                ],
+            )
         client = distributed.Client(address, timeout=120)
         client.wait_for_workers(len(workers), timeout=180)
         yield address, client
@@ -144,8 +182,9 @@ def test_a_worker_that_cannot_write_the_outputs_fails_clearly(prefect_harness, t
     from circuitfind.flows.sweep import discover_setting
     from circuitfind.sweep import SweepConfig, WorkerError, mark_run_folder
 
-    config = SweepConfig(algorithms=["node"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"],
-                         prompts=8)
+    config = SweepConfig(
+        algorithms=["node"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"], prompts=8
+    )
     (setting,) = config.settings()
     run, cache = tmp_path / "run", tmp_path / "cache"
     # a run folder this worker does not see (outputs not on a shared filesystem)
@@ -160,8 +199,21 @@ def test_a_worker_that_cannot_write_the_outputs_fails_clearly(prefect_harness, t
 
 
 # 8 settings of 1-9 s each: long enough that a worker can be killed in the middle of one
-LONG_GRID = ["--algorithms", "acdc", "eap_ig", "--corruptions", "gn", "str", "--metrics", "logit_diff", "kl",
-             "--directions", "noise", "--prompts", "32"]
+LONG_GRID = [
+    "--algorithms",
+    "acdc",
+    "eap_ig",
+    "--corruptions",
+    "gn",
+    "str",
+    "--metrics",
+    "logit_diff",
+    "kl",
+    "--directions",
+    "noise",
+    "--prompts",
+    "32",
+]
 
 
 @pytest.mark.slow  # 3 minutes on a loaded 2-core machine (load 8)
@@ -175,8 +227,14 @@ def test_a_killed_worker_is_reported_and_a_rerun_finishes_only_what_is_missing(p
     env = {**sweep_env(tmp_path / "home"), "PREFECT_API_URL": PREFECT_API_URL.value()}
     # Dask retries a task whose worker died (3 times by default): with 0 the kill fails the setting
     with dask_cluster(tmp_path, [[], []], {"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}) as (address, client):
-        sweep = subprocess.Popen([*command, "--dask-address", address], env=env, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, start_new_session=True)
+        sweep = subprocess.Popen(
+            [*command, "--dask-address", address],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             deadline = time.monotonic() + 300
             killed = None
@@ -204,8 +262,9 @@ def test_a_killed_worker_is_reported_and_a_rerun_finishes_only_what_is_missing(p
         assert not list(outputs.rglob("*.tmp"))
         # the rerun (the nanny has restarted the worker) computes the failed settings and copies the others
         client.wait_for_workers(2, timeout=120)
-        again = subprocess.run([*command, "--dask-address", address], env=env, capture_output=True, text=True,
-                               timeout=400)
+        again = subprocess.run(
+            [*command, "--dask-address", address], env=env, capture_output=True, text=True, timeout=400
+        )
     assert again.returncode == 0, again.stderr
     manifest = json.loads((outputs / run / "manifest.json").read_text())
     assert not manifest["failures"] and len(manifest["settings"]) == 8

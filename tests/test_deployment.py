@@ -59,33 +59,62 @@ def _wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
 def test_deployment_run_by_a_prefect_worker(tmp_path, sweep_env):
     port, pool, name = _free_port(), "circuitfind-test-pool", "nightly-toy-sweep"
     api = f"http://127.0.0.1:{port}/api"
-    env = {**sweep_env(tmp_path / "prefect-home"), "PREFECT_API_URL": api, "PREFECT_UI_ENABLED": "false",
-           "PREFECT_WORKER_QUERY_SECONDS": "2"}
+    env = {
+        **sweep_env(tmp_path / "prefect-home"),
+        "PREFECT_API_URL": api,
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_WORKER_QUERY_SECONDS": "2",
+    }
     logs = {n: open(tmp_path / f"{n}.log", "wb") for n in ("server", "worker")}
     processes: list[subprocess.Popen] = []
 
     def start(log: str, *command: str) -> subprocess.Popen:
-        processes.append(subprocess.Popen(command, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=logs[log],
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+        processes.append(
+            subprocess.Popen(
+                command,
+                env=env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=logs[log],
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         return processes[-1]
 
     def prefect(*args: str) -> str:
-        done = subprocess.run([str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                              timeout=300)
+        done = subprocess.run(
+            [str(BIN / "prefect"), *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+        )
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
     try:
         server = start("server", str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port))
         _wait_healthy(api, server, 600)  # the first start creates the database
-        deployed = subprocess.run([sys.executable, "flows/deploy.py", "--pool", pool, "--name", name], env=env, cwd=ROOT,
-                                  capture_output=True, text=True, timeout=300)
+        deployed = subprocess.run(
+            [sys.executable, "flows/deploy.py", "--pool", pool, "--name", name],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert deployed.returncode == 0 and f"work pool {pool!r}" in deployed.stdout, deployed.stderr
         assert 'type="process"' in prefect("work-pool", "inspect", pool).replace("'", '"')
         start("worker", str(BIN / "prefect"), "worker", "start", "--pool", pool)
         outputs = tmp_path / "outputs"
-        params = {"config": {"algorithms": ["eap"], "corruptions": ["str"], "metrics": ["logit_diff"],
-                             "directions": ["noise"], "prompts": 8}, "run": "from-worker", "outputs": str(outputs)}
+        params = {
+            "config": {
+                "algorithms": ["eap"],
+                "corruptions": ["str"],
+                "metrics": ["logit_diff"],
+                "directions": ["noise"],
+                "prompts": 8,
+            },
+            "run": "from-worker",
+            "outputs": str(outputs),
+        }
         triggered = prefect("deployment", "run", f"circuitfind-sweep/{name}", "--params", json.dumps(params))
         flow_run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", triggered).group(1)
         state = _wait_for_flow_run(api, flow_run_id, 600)

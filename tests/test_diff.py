@@ -19,11 +19,27 @@ DESCENDING = ASCENDING[::-1]
 
 def record(model: str, algorithm: str, edges: list, nodes: list, faithfulness=None, scores=None, n_heads=2) -> dict:
     setting = f"{model}__ioi__{algorithm}__str__kl__noise"
-    return {"setting": setting, "model": model, "task": "ioi", "algorithm": algorithm, "corruption": "str",
-            "metric": "kl", "direction": "noise", "n_layers": 1, "n_heads": n_heads, "n_kv_heads": n_heads,
-            "n_edges": len(edges), "edges": edges, "nodes": nodes, "scores": scores, "faithfulness": faithfulness,
-            "faithfulness_status": "ok" if faithfulness is not None else "empty circuit",
-            "graphml": f"circuits/{setting}.graphml", "json": f"circuits/{setting}.json", "per_prompt": None}
+    return {
+        "setting": setting,
+        "model": model,
+        "task": "ioi",
+        "algorithm": algorithm,
+        "corruption": "str",
+        "metric": "kl",
+        "direction": "noise",
+        "n_layers": 1,
+        "n_heads": n_heads,
+        "n_kv_heads": n_heads,
+        "n_edges": len(edges),
+        "edges": edges,
+        "nodes": nodes,
+        "scores": scores,
+        "faithfulness": faithfulness,
+        "faithfulness_status": "ok" if faithfulness is not None else "empty circuit",
+        "graphml": f"circuits/{setting}.graphml",
+        "json": f"circuits/{setting}.json",
+        "per_prompt": None,
+    }
 
 
 def make_run(folder: Path, records: list[dict], manifest: bool = True, failures: tuple[str, ...] = ()) -> Path:
@@ -33,24 +49,45 @@ def make_run(folder: Path, records: list[dict], manifest: bool = True, failures:
     if manifest:
         settings = [{"setting": r["setting"], "n_edges": r["n_edges"]} for r in records]
         failed = [{"setting": name, "error": "ValueError: ..."} for name in failures]
-        (folder / "manifest.json").write_text(json.dumps({"run": folder.name, "settings": settings, "failures": failed}))
+        (folder / "manifest.json").write_text(
+            json.dumps({"run": folder.name, "settings": settings, "failures": failed})
+        )
     return folder
 
 
 @pytest.fixture
 def runs(tmp_path) -> tuple[Path, Path]:
-    a = make_run(tmp_path / "monday", [
-        record("m1", "eap", [["input", "a0.0<q>"], ["a0.0", "m0"], ["m0", "logits"]], ["input", "a0.0", "m0", "logits"],
-               0.8, ASCENDING),
-        record("m1", "acdc", [["input", "m0"], ["m0", "logits"]], ["input", "m0", "logits"], 0.5),
-        record("m1", "node", [["a0.1", "logits"]], ["a0.1", "logits"], 0.25),
-    ])
-    b = make_run(tmp_path / "tuesday", [
-        record("m1", "eap", [["a0.0", "m0"], ["m0", "logits"], ["a0.1", "logits"]], ["a0.0", "a0.1", "m0", "logits"],
-               0.9, DESCENDING),
-        record("m1", "acdc", [["input", "m0"], ["m0", "logits"]], ["input", "m0", "logits"], None),
-        record("m1", "eap_ig", [["a0.1", "logits"]], ["a0.1", "logits"], 0.7, ASCENDING),
-    ], failures=("m1__ioi__node__str__kl__noise",))
+    a = make_run(
+        tmp_path / "monday",
+        [
+            record(
+                "m1",
+                "eap",
+                [["input", "a0.0<q>"], ["a0.0", "m0"], ["m0", "logits"]],
+                ["input", "a0.0", "m0", "logits"],
+                0.8,
+                ASCENDING,
+            ),
+            record("m1", "acdc", [["input", "m0"], ["m0", "logits"]], ["input", "m0", "logits"], 0.5),
+            record("m1", "node", [["a0.1", "logits"]], ["a0.1", "logits"], 0.25),
+        ],
+    )
+    b = make_run(
+        tmp_path / "tuesday",
+        [
+            record(
+                "m1",
+                "eap",
+                [["a0.0", "m0"], ["m0", "logits"], ["a0.1", "logits"]],
+                ["a0.0", "a0.1", "m0", "logits"],
+                0.9,
+                DESCENDING,
+            ),
+            record("m1", "acdc", [["input", "m0"], ["m0", "logits"]], ["input", "m0", "logits"], None),
+            record("m1", "eap_ig", [["a0.1", "logits"]], ["a0.1", "logits"], 0.7, ASCENDING),
+        ],
+        failures=("m1__ioi__node__str__kl__noise",),
+    )
     return a, b
 
 
@@ -79,8 +116,10 @@ def test_report_files_written_atomically(runs, tmp_path):
     paths = write_diff(*runs, tmp_path / "out")
     md = Path(paths["markdown"]).read_text()
     assert md.startswith("# Run diff: monday -> tuesday")
-    assert ("| m1__ioi__eap__str__kl__noise | 3 | 3 | 1 | 1 | 0.500 | 0.667 | -1.000 | 6.462 | 0.800 | 0.900 | 0.100 |"
-            in md)
+    assert (
+        "| m1__ioi__eap__str__kl__noise | 3 | 3 | 1 | 1 | 0.500 | 0.667 | -1.000 | 6.462 | 0.800 | 0.900 | 0.100 |"
+        in md
+    )
     assert "| m1__ioi__acdc__str__kl__noise | 2 | 2 | 0 | 0 | 1.000 | 1.000 | n/a | n/a | 0.500 | n/a | n/a |" in md
     table = [line for line in md.splitlines() if line.startswith("|")]
     assert len(table) == 4 and {line.count("|") for line in table} == {13}  # 12 columns: no stray "|" in a cell
@@ -99,8 +138,20 @@ def test_report_files_written_atomically(runs, tmp_path):
 def test_runs_of_two_models_of_different_shapes_compare_components(tmp_path):
     a = make_run(tmp_path / "small", [record("m1", "eap", [["a0.0", "logits"]], ["a0.0", "logits"], 0.5, ASCENDING)])
     big_scores = [1.0] * 23  # 1 layer, 4 heads: 12 edges into q/k/v, 5 into m0, 6 into the logits
-    b = make_run(tmp_path / "big", [record("m2", "eap", [["a0.0", "logits"], ["a0.3", "logits"]], ["a0.0", "a0.3", "logits"],
-                                          0.75, big_scores, n_heads=4)])
+    b = make_run(
+        tmp_path / "big",
+        [
+            record(
+                "m2",
+                "eap",
+                [["a0.0", "logits"], ["a0.3", "logits"]],
+                ["a0.0", "a0.3", "logits"],
+                0.75,
+                big_scores,
+                n_heads=4,
+            )
+        ],
+    )
     diff = diff_runs(a, b)
     assert diff["paired_by"] == "grid" and "model m1" in diff["note"] and "model m2" in diff["note"]
     (row,) = diff["settings"]
@@ -161,7 +212,9 @@ def test_diff_flow_writes_report_and_artifact(prefect_harness, runs, tmp_path):
     paths = diff_flow(str(runs[0]), str(runs[1]), str(tmp_path / "flow"))
     assert "| 1 | 1 | 0.500 |" in Path(paths["markdown"]).read_text()
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["circuit-run-diff"])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["circuit-run-diff"]))
+        )
     assert any("m1__ioi__eap__str__kl__noise | 3 | 3 | 1 | 1 | 0.500" in a.data for a in artifacts)
 
 
@@ -194,7 +247,9 @@ def test_scheduled_sweep_diffs_each_run_against_the_previous_one(prefect_harness
     from flows.sweep import sweep
 
     assert build_deployment(name="nightly-x").parameters["series"] == "nightly-x"
-    config = SweepConfig(algorithms=["eap"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"], prompts=8)
+    config = SweepConfig(
+        algorithms=["eap"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"], prompts=8
+    )
     first = sweep(config, run="n1", outputs=str(tmp_path), series="nightly-x")
     assert first["previous_run_diff"] is None
     assert json.loads((tmp_path / ".series" / "nightly-x.json").read_text()) == {"run": "n1"}
@@ -205,7 +260,11 @@ def test_scheduled_sweep_diffs_each_run_against_the_previous_one(prefect_harness
     saved = json.loads((tmp_path / "n2" / "diff-previous" / "diff.json").read_text())
     (row,) = saved["settings"]  # the same grid, cached: nothing moved
     assert row["edges_gained"] == [] and row["edges_lost"] == [] and row["edge_jaccard"] == 1.0
-    assert row["spearman"] == pytest.approx(1.0) and row["mean_abs_score_change"] == 0.0 and row["faithfulness_change"] == 0.0
+    assert (
+        row["spearman"] == pytest.approx(1.0)
+        and row["mean_abs_score_change"] == 0.0
+        and row["faithfulness_change"] == 0.0
+    )
     assert json.loads((tmp_path / ".series" / "nightly-x.json").read_text()) == {"run": "n2"}
     with pytest.raises(ValueError, match="not a plain name"):
         sweep(config, run="n3", outputs=str(tmp_path), series="../x")

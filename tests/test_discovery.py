@@ -52,8 +52,12 @@ def test_acdc_matches_the_one_edge_at_a_time_reference(kl_patcher, tau):
     assert circuit.settings["engine"] == "functional"
     # every engine and batching mode finds the same circuit
     hooks = EdgePatcher(kl_patcher.setup, engine="hooks")
-    for patcher, kw in [(hooks, {}), (hooks, {"reuse_prefix": False}), (kl_patcher, {"candidates": 1}),
-                        (kl_patcher, {"reuse_prefix": False})]:
+    for patcher, kw in [
+        (hooks, {}),
+        (hooks, {"reuse_prefix": False}),
+        (kl_patcher, {"candidates": 1}),
+        (kl_patcher, {"reuse_prefix": False}),
+    ]:
         assert torch.equal(D.acdc(patcher, tau, **kw).in_circuit, expected), (patcher.engine, kw)
 
 

@@ -80,8 +80,16 @@ def _reference_single_edge(setup, graph, e, direction="noise", position=None):
     return setup.metric(ans, setup.ctx).mean().item()
 
 
-EDGES = [("input", "a0.1<q>"), ("a0.2", "a1.3<k>"), ("m0", "a2.0<v>"), ("a1.2", "m1"), ("input", "m2"),
-         ("a1.2", "logits"), ("m2", "logits"), ("a0.0", "a2.3<q>")]
+EDGES = [
+    ("input", "a0.1<q>"),
+    ("a0.2", "a1.3<k>"),
+    ("m0", "a2.0<v>"),
+    ("a1.2", "m1"),
+    ("input", "m2"),
+    ("a1.2", "logits"),
+    ("m2", "logits"),
+    ("a0.0", "a2.3<q>"),
+]
 
 
 @pytest.mark.parametrize("corruption", ["str", "gn", "mean"])
@@ -96,7 +104,9 @@ def test_single_patched_edge_matches_plain_hooks(setups, corruption, direction):
         masks[row, e] = 0.0
     values = patcher.value(masks)  # all single-edge candidates in one batched run
     for row, e in enumerate(ids):
-        assert values[row].item() == pytest.approx(_reference_single_edge(setup, graph, e, direction), abs=1e-4), graph.edges[e]
+        assert values[row].item() == pytest.approx(_reference_single_edge(setup, graph, e, direction), abs=1e-4), (
+            graph.edges[e]
+        )
 
 
 def test_merged_qkv_edge_matches_plain_hooks(setups):
@@ -177,7 +187,9 @@ def test_starting_at_a_receiver_reuses_the_prefix_exactly(setups, corruption, en
         patcher.run(patcher.ones().requires_grad_(True), first_receiver=3)
 
 
-@pytest.mark.parametrize("corruption,direction", [("str", "noise"), ("gn", "denoise"), ("mean", "noise"), ("resample", "denoise")])
+@pytest.mark.parametrize(
+    "corruption,direction", [("str", "noise"), ("gn", "denoise"), ("mean", "noise"), ("resample", "denoise")]
+)
 def test_attribution_equals_the_mask_gradient(setups, corruption, direction):
     """EAP's pass without masks (differences dotted with receiver gradients) against the gradient of
     the masked forward at masks that keep every edge, per prompt, with live and fixed differences."""
@@ -186,9 +198,13 @@ def test_attribution_equals_the_mask_gradient(setups, corruption, direction):
         masks = patcher.ones(per_prompt=True).requires_grad_(True)
         patcher.run(masks, per_prompt=True, fixed_diff=fixed).sum().backward()
         expected = -masks.grad[0]
-        torch.testing.assert_close(patcher.attribution(per_prompt=True, fixed_diff=fixed), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            patcher.attribution(per_prompt=True, fixed_diff=fixed), expected, atol=1e-5, rtol=1e-5
+        )
         B = patcher.setup.size
-        torch.testing.assert_close(patcher.attribution(fixed_diff=fixed, scale=1 / B), expected.mean(-1), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            patcher.attribution(fixed_diff=fixed, scale=1 / B), expected.mean(-1), atol=1e-6, rtol=1e-5
+        )
 
 
 def test_attribution_on_grouped_query_attention_equals_the_mask_gradient(gqa_model):

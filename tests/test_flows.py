@@ -13,8 +13,14 @@ from circuitfind.circuit import Circuit
 from circuitfind.sweep import SweepConfig
 from flows.sweep import compare_run, sweep
 
-SMALL = dict(algorithms=["eap_ig", "acdc", "node"], corruptions=["str", "gn"], metrics=["kl"], directions=["noise"],
-             prompts=12, max_batch=256)
+SMALL = dict(
+    algorithms=["eap_ig", "acdc", "node"],
+    corruptions=["str", "gn"],
+    metrics=["kl"],
+    directions=["noise"],
+    prompts=12,
+    max_batch=256,
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +43,10 @@ def test_sweep_writes_circuits_report_and_manifest(first_run):
         if record["algorithm"] == "eap_ig":
             assert (run / record["per_prompt"]).is_file()  # paths relative to the run
             curve = record["curve"]
-            assert curve["cpr"] == pytest.approx(float(np.trapezoid(curve["faithfulness"], curve["fractions"]))) and curve["cpr"] > 0
+            assert (
+                curve["cpr"] == pytest.approx(float(np.trapezoid(curve["faithfulness"], curve["fractions"])))
+                and curve["cpr"] > 0
+            )
     algorithms = sorted(json.loads(Path(e["json"]).read_text())["algorithm"] for e in manifest["settings"])
     assert algorithms == ["acdc", "acdc", "eap_ig", "eap_ig", "node", "node"]  # the eap_ig checks above ran twice
     html = (run / "report.html").read_text()
@@ -76,8 +85,14 @@ def test_every_json_file_of_a_sweep_is_strict(prefect_harness, tmp_path):
         raise ValueError(f"non-standard JSON constant {constant}")
 
     # no head is 50 SD from the mean: the node circuit is empty and its faithfulness undefined
-    config = SweepConfig(algorithms=["eap", "node"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"],
-                         prompts=8, node_k=50.0)
+    config = SweepConfig(
+        algorithms=["eap", "node"],
+        corruptions=["str"],
+        metrics=["logit_diff"],
+        directions=["noise"],
+        prompts=8,
+        node_k=50.0,
+    )
     manifest = sweep(config, run="j", outputs=str(tmp_path))
     assert len(manifest["settings"]) == 2 and not manifest["failures"]
     files = list(tmp_path.rglob("*.json"))
@@ -85,21 +100,33 @@ def test_every_json_file_of_a_sweep_is_strict(prefect_harness, tmp_path):
     keys = sorted(p.name for p in (tmp_path / ".cache").iterdir() if p.is_dir())  # a cache entry per setting
     circuits = [f"j/circuits/toy-ioi__ioi__{a}__str__logit_diff__noise.json" for a in ("eap", "node")]
     assert len(keys) == 2 and sorted(str(f.relative_to(tmp_path)) for f in files) == sorted(
-        [f".cache/{k}/{name}" for k in keys for name in ("checksums.json", "record.json")] + circuits + ["j/manifest.json"])
+        [f".cache/{k}/{name}" for k in keys for name in ("checksums.json", "record.json")]
+        + circuits
+        + ["j/manifest.json"]
+    )
     for f in files:
         json.loads(f.read_text(), parse_constant=reject)
     node = next(s for s in manifest["settings"] if "__node__" in s["setting"])
     assert node["n_edges"] == 0 and node["faithfulness"] is None and node["faithfulness_status"] == "empty circuit"
     eap = next(s["setting"] for s in manifest["settings"] if "__eap__" in s["setting"])
-    assert manifest["health"] == {node["setting"]: {"flags": ["empty_circuit"], "notes": ["noising"]},
-                                  eap: {"flags": [], "notes": ["noising"]}}
+    assert manifest["health"] == {
+        node["setting"]: {"flags": ["empty_circuit"], "notes": ["noising"]},
+        eap: {"flags": [], "notes": ["noising"]},
+    }
     assert "empty circuit" in (tmp_path / "j" / "report.md").read_text()
 
 
 def test_failed_settings_are_reported_not_fatal(prefect_harness, tmp_path):
     # the induction task has no 'str:abc' variant: those settings fail with a clear message
-    config = SweepConfig(models=["toy-induction"], tasks=["induction"], algorithms=["node"], corruptions=["str", "str:abc"],
-                         metrics=["logit_diff"], directions=["noise"], prompts=12)
+    config = SweepConfig(
+        models=["toy-induction"],
+        tasks=["induction"],
+        algorithms=["node"],
+        corruptions=["str", "str:abc"],
+        metrics=["logit_diff"],
+        directions=["noise"],
+        prompts=12,
+    )
     manifest = sweep(config, run="f", outputs=str(tmp_path))
     assert len(manifest["settings"]) == 1
     (failure,) = manifest["failures"]
@@ -111,7 +138,9 @@ def test_dask_task_runner(prefect_harness, tmp_path):
     pytest.importorskip("prefect_dask")
     from flows.sweep import dask_runner
 
-    config = SweepConfig(algorithms=["eap"], corruptions=["str", "gn"], metrics=["logit_diff"], directions=["noise"], prompts=8)
+    config = SweepConfig(
+        algorithms=["eap"], corruptions=["str", "gn"], metrics=["logit_diff"], directions=["noise"], prompts=8
+    )
     # one worker process (each imports torch: tens of seconds under load); tests/test_dask_cluster.py runs two
     manifest = sweep.with_options(task_runner=dask_runner(1))(config, run="d", outputs=str(tmp_path))
     assert len(manifest["settings"]) == 2 and not manifest["failures"]
@@ -134,7 +163,9 @@ def test_prefect_yaml_points_at_the_sweep_flow():
     spec = yaml.safe_load((root / "prefect.yaml").read_text())
     (dep,) = spec["deployments"]
     assert dep["schedules"][0]["cron"] == "0 3 * * *"
-    flow = load_flow_from_entrypoint(str(root / dep["entrypoint"].split(":")[0]) + ":" + dep["entrypoint"].split(":")[1])
+    flow = load_flow_from_entrypoint(
+        str(root / dep["entrypoint"].split(":")[0]) + ":" + dep["entrypoint"].split(":")[1]
+    )
     assert flow.name == "circuitfind-sweep"
 
 
@@ -143,7 +174,9 @@ def test_settings_study_flow(prefect_harness, tmp_path):
 
     out = settings_study(ioi_models=["toy-ioi"], factual_models=[], ioi_prompts=16, run="s", outputs=str(tmp_path))
     (heads,) = out["heads"]
-    assert set(heads["settings"]) == {f"{c}/{m}" for c in ("str:s2_io", "gn") for m in ("prob", "logit_diff", "kl")} | {"str:s1_io/logit_diff"}
+    assert set(heads["settings"]) == {f"{c}/{m}" for c in ("str:s2_io", "gn") for m in ("prob", "logit_diff", "kl")} | {
+        "str:s1_io/logit_diff"
+    }
     for row in heads["settings"].values():
         low, high, eff = map(torch.tensor, (row["ci_low"], row["ci_high"], row["normalised"]))
         assert (low <= eff + 1e-6).all() and (eff <= high + 1e-6).all()
@@ -151,4 +184,3 @@ def test_settings_study_flow(prefect_harness, tmp_path):
     html = Path(out["html"]).read_text()
     assert "Jaccard overlap of the heads found" in html and "[" in html
     assert json.loads((tmp_path / "s" / "study.json").read_text())["heads"][0]["model"] == "toy-ioi"
-

@@ -38,8 +38,13 @@ def test_components_equal_the_bridge(models, name):
             rows = torch.arange(tokens.shape[0])
             at_end = fm.attention(layer, q[rows, end], k, v, q_pos=end)
             torch.testing.assert_close(at_end, out[rows, end], atol=1e-5, rtol=1e-5)
-            some = fm.attention(layer, q[:, :, [1, 3]], k[:, :, [1 * k.shape[2] // 4, 3 * k.shape[2] // 4]],
-                                v[:, :, [1 * k.shape[2] // 4, 3 * k.shape[2] // 4]], heads=[1, 3])
+            some = fm.attention(
+                layer,
+                q[:, :, [1, 3]],
+                k[:, :, [1 * k.shape[2] // 4, 3 * k.shape[2] // 4]],
+                v[:, :, [1 * k.shape[2] // 4, 3 * k.shape[2] // 4]],
+                heads=[1, 3],
+            )
             torch.testing.assert_close(some, out[:, :, [1, 3]], atol=1e-5, rtol=1e-5)
             mlp = fm.mlp(layer, cache[f"blocks.{layer}.hook_mlp_in"])
             torch.testing.assert_close(mlp, cache[f"blocks.{layer}.hook_mlp_out"], atol=1e-5, rtol=1e-5)
@@ -47,7 +52,9 @@ def test_components_equal_the_bridge(models, name):
         torch.testing.assert_close(fm.unembed(final), logits, atol=1e-4, rtol=1e-5)
 
 
-CASES = [("toy-ioi", c, d, s) for c in ("str", "gn", "resample", "mean") for d in ("noise", "denoise") for s in (True, False)]
+CASES = [
+    ("toy-ioi", c, d, s) for c in ("str", "gn", "resample", "mean") for d in ("noise", "denoise") for s in (True, False)
+]
 CASES += [("toy-induction", c, "noise", True) for c in ("gn", "zero")]
 CASES += [("gqa-llama", c, d, True) for c in ("str", "gn") for d in ("noise", "denoise")]
 
@@ -60,16 +67,24 @@ def test_masked_forward_equals_the_hooks_engine(models, name, corruption, direct
     hooks = EdgePatcher(setup, graph, direction, engine="hooks")
     fast = EdgePatcher(setup, graph, direction, engine="functional")
     gen = torch.Generator().manual_seed(2)
-    masks = torch.cat([hooks.ones(), (torch.rand(5, hooks.n_edges, generator=gen) > 0.4).float(),
-                       torch.zeros(1, hooks.n_edges)])
+    masks = torch.cat(
+        [hooks.ones(), (torch.rand(5, hooks.n_edges, generator=gen) > 0.4).float(), torch.zeros(1, hooks.n_edges)]
+    )
     expected = hooks.run(masks)
     assert expected.std() > 0.01  # the masks make a difference
     torch.testing.assert_close(fast.run(masks), expected, atol=5e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,split_qkv,direction,corruption", [
-    ("toy-ioi", True, "noise", "str"), ("toy-ioi", False, "denoise", "str"), ("toy-ioi", True, "noise", "mean"),
-    ("toy-induction", True, "noise", "gn"), ("gqa-llama", True, "noise", "str")])
+@pytest.mark.parametrize(
+    "name,split_qkv,direction,corruption",
+    [
+        ("toy-ioi", True, "noise", "str"),
+        ("toy-ioi", False, "denoise", "str"),
+        ("toy-ioi", True, "noise", "mean"),
+        ("toy-induction", True, "noise", "gn"),
+        ("gqa-llama", True, "noise", "str"),
+    ],
+)
 def test_incremental_passes_equal_full_passes(models, name, split_qkv, direction, corruption):
     """A random walk of edits into one or two receivers at a time, adopting one candidate per step."""
     model = models[name]
@@ -138,8 +153,17 @@ def test_unsupported_architecture_falls_back_to_hooks(tmp_path):
     from circuitfind.zoo.train import build_tokenizer, task_words
 
     tokenizer = build_tokenizer(task_words(load_task("ioi")))
-    config = GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = GPTNeoXConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     GPTNeoXForCausalLM(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -175,10 +199,16 @@ def test_both_engines_implement_the_engine_interface(models, name):
     model = models[name]
     setup = P.prepare(model, _batch(model, name), "str", "kl")
     direct, hooks = EdgePatcher(setup, engine="functional").backend, EdgePatcher(setup, engine="hooks").backend
-    assert isinstance(direct, Engine) and isinstance(hooks, Engine) and (direct.name, hooks.name) == ("functional", "hooks")
+    assert (
+        isinstance(direct, Engine)
+        and isinstance(hooks, Engine)
+        and (direct.name, hooks.name) == ("functional", "hooks")
+    )
     gen = torch.Generator().manual_seed(3)
     keep = (torch.rand(3, direct.patcher.n_edges, generator=gen) > 0.3).float()
-    keep[:, : direct.patcher.graph.upstream(direct.patcher.graph.receivers[0])] = 1.0  # agree on the first receiver's edges
+    keep[:, : direct.patcher.graph.upstream(direct.patcher.graph.receivers[0])] = (
+        1.0  # agree on the first receiver's edges
+    )
     everything, prompts = slice(0, setup.size), slice(2, 7)
     expected = hooks.logits(keep, everything)
     assert expected.shape == (3 * setup.size, model.cfg.d_vocab)

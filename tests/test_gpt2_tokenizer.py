@@ -7,8 +7,10 @@ from circuitfind.bpe import _split, bytes_to_unicode, merges_from_ranks, tokeniz
 from circuitfind.errors import TaskError
 from circuitfind.tasks import TaskBatch, load_task, single_token_id
 
-built = pytest.mark.skipif(not (tokenizer_dir() / "tokenizer.json").is_file(),
-                           reason="GPT-2 tokenizer not built: run `circuitfind models fetch gpt2-tokenizer`")
+built = pytest.mark.skipif(
+    not (tokenizer_dir() / "tokenizer.json").is_file(),
+    reason="GPT-2 tokenizer not built: run `circuitfind models fetch gpt2-tokenizer`",
+)
 
 
 def test_merges_are_recovered_from_ranks():

@@ -46,7 +46,9 @@ def test_node_patching_matches_transformer_lens(gqa_model, setup):
 @pytest.mark.parametrize("engine", ["hooks", "functional"])
 def test_edge_patching_invariants_and_a_shared_kv_edge(gqa_model, setup, engine):
     patcher = EdgePatcher(setup, engine=engine)
-    assert patcher.value(patcher.ones()).item() == pytest.approx(setup.clean_value, abs=0 if engine == "hooks" else 1e-5)
+    assert patcher.value(patcher.ones()).item() == pytest.approx(
+        setup.clean_value, abs=0 if engine == "hooks" else 1e-5
+    )
     assert patcher.value(torch.zeros_like(patcher.ones())).item() == pytest.approx(setup.corrupt_value, abs=1e-4)
     graph = patcher.graph
     e = graph.edge_lookup[("a0.1", "a1.g1<k>")]

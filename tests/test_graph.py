@@ -67,4 +67,3 @@ def test_round_trip_is_lossless(tmp_path, suffix, kind):
 def test_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="unknown graph format"):
         write_graph(nx.DiGraph(), tmp_path / "x.txt")
-

@@ -139,9 +139,13 @@ BILLION_LAUGHS = """<?xml version="1.0"?>
 @pytest.mark.parametrize("suffix", [".graphml", ".gexf"])
 def test_billion_laughs(tmp_path, capsys, suffix):
     path = tmp_path / f"laughs{suffix}"
-    text = BILLION_LAUGHS if suffix == ".graphml" else BILLION_LAUGHS.replace(
-        '<graphml xmlns="http://graphml.graphdrawing.org/xmlns">', '<gexf xmlns="http://www.gexf.net/1.2draft">').replace(
-        "</graphml>", "</gexf>")
+    text = (
+        BILLION_LAUGHS
+        if suffix == ".graphml"
+        else BILLION_LAUGHS.replace(
+            '<graphml xmlns="http://graphml.graphdrawing.org/xmlns">', '<gexf xmlns="http://www.gexf.net/1.2draft">'
+        ).replace("</graphml>", "</gexf>")
+    )
     path.write_text(text)
     refused(path, capsys, "DTD")
 
@@ -184,10 +188,21 @@ def _node_link(saved) -> dict:
     return json.loads(saved[".json"].read_text())
 
 
-@pytest.mark.parametrize("value, fragment", [
-    (1000, "n_layers"), (1e300, "n_layers"), (-1, "n_layers"), ("abc", "n_layers"), (0, "n_layers"),
-    (3.5, "n_layers"), (True, "n_layers"), (None, "n_layers"), ([3], "n_layers"), (int("9" * 400), "n_layers"),
-])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        (1000, "n_layers"),
+        (1e300, "n_layers"),
+        (-1, "n_layers"),
+        ("abc", "n_layers"),
+        (0, "n_layers"),
+        (3.5, "n_layers"),
+        (True, "n_layers"),
+        (None, "n_layers"),
+        ([3], "n_layers"),
+        (int("9" * 400), "n_layers"),
+    ],
+)
 def test_json_with_bad_layer_count(tmp_path, capsys, saved, value, fragment):
     data = _node_link(saved)
     data["graph"]["n_layers"] = value
@@ -196,9 +211,17 @@ def test_json_with_bad_layer_count(tmp_path, capsys, saved, value, fragment):
     refused(path, capsys, fragment, seconds=5.0)
 
 
-@pytest.mark.parametrize("key, value", [
-    ("n_heads", 1_000_000), ("n_heads", 0), ("n_kv_heads", 3), ("n_kv_heads", 0), ("n_pos", 10**12), ("n_pos", 0),
-])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("n_heads", 1_000_000),
+        ("n_heads", 0),
+        ("n_kv_heads", 3),
+        ("n_kv_heads", 0),
+        ("n_pos", 10**12),
+        ("n_pos", 0),
+    ],
+)
 def test_json_with_bad_shape_attribute(tmp_path, capsys, saved, key, value):
     data = _node_link(saved)
     data["graph"][key] = value
@@ -224,8 +247,19 @@ def test_missing_graph_attribute(tmp_path, capsys, saved):
     refused(path, capsys, "n_heads")
 
 
-@pytest.mark.parametrize("damage", ["no nodes key", "nodes not a list", "edge without target", "edge list of ints",
-                                    "graph not a dict", "top level list", "settings not JSON", "settings a list"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "no nodes key",
+        "nodes not a list",
+        "edge without target",
+        "edge list of ints",
+        "graph not a dict",
+        "top level list",
+        "settings not JSON",
+        "settings a list",
+    ],
+)
 def test_node_link_json_with_missing_keys_or_wrong_types(tmp_path, capsys, saved, damage):
     data = _node_link(saved)
     if damage == "no nodes key":
@@ -249,9 +283,14 @@ def test_node_link_json_with_missing_keys_or_wrong_types(tmp_path, capsys, saved
     refused(path, capsys)
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    ("score not a number", "score"), ("in_circuit missing", "in_circuit"), ("score missing", "score"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("score not a number", "score"),
+        ("in_circuit missing", "in_circuit"),
+        ("score missing", "score"),
+    ],
+)
 def test_edge_attributes_with_wrong_types(tmp_path, capsys, saved, damage, fragment):
     data = _node_link(saved)
     edge = next(e for e in data["edges"] if not e["structural"])
@@ -272,7 +311,9 @@ def test_edges_that_do_not_match_the_declared_shape(tmp_path, capsys, saved, dam
     if damage == "edge removed":
         data["edges"] = [e for e in data["edges"] if (e["source"], e["target"]) != ("a0.1", "a1.2<v>")]
     elif damage == "edge added":
-        data["edges"].append({"source": "a2.3", "target": "a0.0<q>", "score": 0.0, "in_circuit": True, "structural": False})
+        data["edges"].append(
+            {"source": "a2.3", "target": "a0.0<q>", "score": 0.0, "in_circuit": True, "structural": False}
+        )
     elif damage == "node added":
         data["nodes"].append({"id": "a9.9", "layer": 9, "head": 9, "kind": "head", "score": 0.0, "in_circuit": False})
     else:
@@ -342,7 +383,9 @@ def test_cli_subprocess_prints_no_traceback(tmp_path, saved):
     data = saved[".graphml"].read_bytes()
     bad.write_bytes(data[: len(data) // 3])
     for command in (["compare", str(bad), str(saved[".json"])], ["export", str(bad), str(tmp_path / "x.dot")]):
-        proc = subprocess.run([sys.executable, "-m", "circuitfind", *command], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "circuitfind", *command], capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
         assert proc.stderr.startswith("circuitfind: error: ") and proc.stderr.count("\n") == 1, proc.stderr

@@ -22,7 +22,8 @@ def _module_name(path: Path) -> str:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _imports(tree: ast.AST, package: str):
@@ -37,7 +38,9 @@ def _imports(tree: ast.AST, package: str):
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             yield base
             yield from (f"{base}.{a.name}" for a in node.names)
         yield from _imports(node, package)
@@ -66,7 +69,9 @@ def test_the_import_graph_is_read():
     assert graph.has_edge("circuitfind.edge_patching.patcher", "circuitfind.patching")
     assert graph.has_edge("circuitfind.catalogue", "circuitfind.zoo.known")  # a function-level import counts
     assert graph.has_edge("circuitfind.zoo.known", "circuitfind.tasks")
-    assert not graph.has_edge("circuitfind.edge_patching.direct", "circuitfind.edge_patching.incremental")  # TYPE_CHECKING only
+    assert not graph.has_edge(
+        "circuitfind.edge_patching.direct", "circuitfind.edge_patching.incremental"
+    )  # TYPE_CHECKING only
 
 
 def test_the_import_graph_has_no_cycle():

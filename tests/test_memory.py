@@ -50,7 +50,9 @@ def _pair(model, batch, corruption, metric, **kw):
 
 
 @pytest.mark.parametrize("engine", ["functional", "hooks"])
-@pytest.mark.parametrize("corruption,direction", [("str", "noise"), ("gn", "denoise"), ("mean", "denoise"), ("resample", "noise")])
+@pytest.mark.parametrize(
+    "corruption,direction", [("str", "noise"), ("gn", "denoise"), ("mean", "denoise"), ("resample", "noise")]
+)
 def test_split_passes_equal_one_pass(ioi_model, ioi_batch, engine, corruption, direction):
     one, split = _pair(ioi_model, ioi_batch, corruption, "kl", direction=direction, engine=engine)
     n = 3
@@ -79,8 +81,9 @@ def test_attributions_with_a_backward_per_pass_equal_one_pass(ioi_model, corrupt
     torch.testing.assert_close(D.eap(split), D.eap(one), atol=1e-5, rtol=0)
     torch.testing.assert_close(D.eap(split, per_prompt=True), D.eap(one, per_prompt=True), atol=1e-5, rtol=0)
     torch.testing.assert_close(D.eap_ig(split, steps=3), D.eap_ig(one, steps=3), atol=1e-5, rtol=0)
-    torch.testing.assert_close(D.eap_ig(split, steps=2, per_prompt=True), D.eap_ig(one, steps=2, per_prompt=True),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        D.eap_ig(split, steps=2, per_prompt=True), D.eap_ig(one, steps=2, per_prompt=True), atol=1e-5, rtol=0
+    )
 
 
 def test_acdc_within_a_one_candidate_budget_finds_the_same_circuit(ioi_model, ioi_batch):

@@ -76,8 +76,14 @@ TINY = """{
 """
 
 # The circuit of TINY in circuitfind's names.
-TINY_CIRCUIT = {("input", "a0.0<v>"), ("a0.0", "a1.1<k>"), ("m0", "a1.1<q>"), ("a0.0", "m0"), ("a1.1", "logits"),
-                ("m1", "logits")}
+TINY_CIRCUIT = {
+    ("input", "a0.0<v>"),
+    ("a0.0", "a1.1<k>"),
+    ("m0", "a1.1<q>"),
+    ("a0.0", "m0"),
+    ("a1.1", "logits"),
+    ("m1", "logits"),
+}
 
 
 def _circuitfind_name(mib_edge: str) -> tuple[str, str]:
@@ -113,8 +119,13 @@ def test_write_gives_the_exact_keys_and_names(tiny, tmp_path):
     assert list(written) == ["cfg", "nodes", "edges"]
     assert written["edges"] == original["edges"]  # names, scores and in_graph, exactly
     assert written["nodes"] == original["nodes"]
-    assert written["cfg"] == {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": False, "d_model": 8,
-                              "circuitfind_settings": {"source_format": "eap-ig/mib", "d_model": 8}}
+    assert written["cfg"] == {
+        "n_layers": 2,
+        "n_heads": 2,
+        "parallel_attn_mlp": False,
+        "d_model": 8,
+        "circuitfind_settings": {"source_format": "eap-ig/mib", "d_model": 8},
+    }
 
 
 def test_circuitfind_to_mib_to_circuitfind_is_the_identity(tmp_path):

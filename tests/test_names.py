@@ -17,12 +17,20 @@ def test_node_names_format_and_parse():
     for bad in ("a1", "m1<q>", "logits<q>", "x1.2", "a1.2<z>", "a1.2.3", ""):
         with pytest.raises(ValueError, match="not a node name"):
             parse_node(bad)
-    assert names.is_head("a10.3") and not names.is_head("a1.g0") and not names.is_head("m1") and not names.is_head("input")
+    assert (
+        names.is_head("a10.3") and not names.is_head("a1.g0") and not names.is_head("m1") and not names.is_head("input")
+    )
     assert sorted(["a10.0", "a2.11", "a2.3"], key=names.head_sort_key) == ["a2.3", "a2.11", "a10.0"]
 
 
-@pytest.mark.parametrize("shape", [dict(n_layers=3, n_heads=4), dict(n_layers=2, n_heads=4, n_kv_heads=2),
-                                   dict(n_layers=2, n_heads=3, split_qkv=False)])
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(n_layers=3, n_heads=4),
+        dict(n_layers=2, n_heads=4, n_kv_heads=2),
+        dict(n_layers=2, n_heads=3, split_qkv=False),
+    ],
+)
 def test_every_graph_name_parses_to_its_layer(shape):
     graph = ModelGraph(**shape)
     for sender in graph.senders:
@@ -35,8 +43,19 @@ def test_every_graph_name_parses_to_its_layer(shape):
 
 
 def test_hook_names_round_trip():
-    for what in ("resid_pre", "attn_out", "mlp_out", "resid_post", "z", "result", "pattern", "q_input", "k_input",
-                 "v_input", "mlp_in"):
+    for what in (
+        "resid_pre",
+        "attn_out",
+        "mlp_out",
+        "resid_post",
+        "z",
+        "result",
+        "pattern",
+        "q_input",
+        "k_input",
+        "v_input",
+        "mlp_in",
+    ):
         assert names.parse_hook(names.hook_name(5, what)) == (5, what)
     assert names.hook_name(0, "z") == "blocks.0.attn.hook_z" and names.hook_name(2, "mlp_in") == "blocks.2.hook_mlp_in"
     assert names.parse_hook("hook_embed") is None and names.parse_hook("blocks.0.attn.hook_resid_pre") is None

@@ -77,12 +77,18 @@ def test_top_k_larger_than_the_graph_is_refused_by_every_entry_point(setup, patc
     assert D.select_top_k(patcher.graph, scores, n).n_edges == n  # the whole graph, when asked for exactly
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(algorithm="acdc", acdc_tau=float("nan")), "tau"), (dict(algorithm="acdc", acdc_tau=-1.0), "tau"),
-    (dict(algorithm="eap_ig", ig_steps=0), "ig_steps"), (dict(algorithm="path_patching", path_depth=0), "path_depth"),
-    (dict(algorithm="path_patching", path_k=float("nan")), "path_k"), (dict(algorithm="node", node_k=-1.0), "node_k"),
-    (dict(algorithm="eap", top_k=0), "top_k"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(algorithm="acdc", acdc_tau=float("nan")), "tau"),
+        (dict(algorithm="acdc", acdc_tau=-1.0), "tau"),
+        (dict(algorithm="eap_ig", ig_steps=0), "ig_steps"),
+        (dict(algorithm="path_patching", path_depth=0), "path_depth"),
+        (dict(algorithm="path_patching", path_k=float("nan")), "path_k"),
+        (dict(algorithm="node", node_k=-1.0), "node_k"),
+        (dict(algorithm="eap", top_k=0), "top_k"),
+    ],
+)
 def test_discover_checks_every_option_up_front(setup, kwargs, name):
     with pytest.raises(ValueError, match=name):
         D.check_options(**kwargs)
@@ -146,28 +152,33 @@ def _one_line_error(capsys, argv, *fragments, seconds=60.0) -> str:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("argv, fragments", [
-    (["discover", "--tau", "-1"], ["tau"]),
-    (["discover", "--tau", "nan"], ["tau"]),
-    (["discover", "--tau", "inf"], ["tau"]),
-    (["discover", "--algorithm", "node", "-k", "nan"], ["node_k"]),
-    (["discover", "--algorithm", "path_patching", "-k", "0"], ["path_k"]),
-    (["discover", "--algorithm", "eap", "--top-k", "0"], ["top_k"]),
-    (["discover", "--algorithm", "eap_ig", "--ig-steps", "0"], ["ig_steps"]),
-    (["discover", "--algorithm", "path_patching", "--depth", "0"], ["path_depth"]),
-    (["patch", "-k", "nan"], ["k"]),
-    (["patch", "--what", "mlp_window", "--window", "0"], ["window"]),
-    (["evaluate", "-n", "100000000"], ["at most"]),
-    (["evaluate", "-n", "-1"], ["at least one prompt"]),
-    (["evaluate", "-n", "0"], ["at least one prompt"]),
-])
+@pytest.mark.parametrize(
+    "argv, fragments",
+    [
+        (["discover", "--tau", "-1"], ["tau"]),
+        (["discover", "--tau", "nan"], ["tau"]),
+        (["discover", "--tau", "inf"], ["tau"]),
+        (["discover", "--algorithm", "node", "-k", "nan"], ["node_k"]),
+        (["discover", "--algorithm", "path_patching", "-k", "0"], ["path_k"]),
+        (["discover", "--algorithm", "eap", "--top-k", "0"], ["top_k"]),
+        (["discover", "--algorithm", "eap_ig", "--ig-steps", "0"], ["ig_steps"]),
+        (["discover", "--algorithm", "path_patching", "--depth", "0"], ["path_depth"]),
+        (["patch", "-k", "nan"], ["k"]),
+        (["patch", "--what", "mlp_window", "--window", "0"], ["window"]),
+        (["evaluate", "-n", "100000000"], ["at most"]),
+        (["evaluate", "-n", "-1"], ["at least one prompt"]),
+        (["evaluate", "-n", "0"], ["at least one prompt"]),
+    ],
+)
 def test_cli_refuses_bad_numbers_fast(capsys, argv, fragments):
     """Checked before the model is loaded or anything runs: fast even on a loaded machine."""
     _one_line_error(capsys, argv + ["-n", "8"] if "-n" not in argv else argv, *fragments, seconds=60.0)
 
 
 def test_cli_top_k_larger_than_the_graph(capsys):
-    err = _one_line_error(capsys, ["discover", "--algorithm", "eap", "--top-k", "100000", "-n", "8"], "k must be in 1..262")
+    err = _one_line_error(
+        capsys, ["discover", "--algorithm", "eap", "--top-k", "100000", "-n", "8"], "k must be in 1..262"
+    )
     assert "262 edges" in err
 
 

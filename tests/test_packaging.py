@@ -48,8 +48,9 @@ def _imports(path: Path) -> tuple[set[str], set[str]]:
 def _declared(requirements: list[str]) -> set[str]:
     """Import names provided by the given requirements (through the installed distributions' metadata)."""
     dists = {_distribution(r) for r in requirements}
-    provided = {name for name, owners in packages_distributions().items()
-                if any(_distribution(o) in dists for o in owners)}
+    provided = {
+        name for name, owners in packages_distributions().items() if any(_distribution(o) in dists for o in owners)
+    }
     return provided | {d.replace("-", "_") for d in dists}  # extras not installed here: their usual import name
 
 
@@ -59,8 +60,12 @@ def test_every_import_is_declared():
     own = {"circuitfind", "flows", "__future__"}
     stdlib = set(sys.stdlib_module_names)
     problems = []
-    for folder, module_level_allowed in (("src", core), ("flows", core), ("tests", core | extras),
-                                         ("benchmarks", core | extras)):
+    for folder, module_level_allowed in (
+        ("src", core),
+        ("flows", core),
+        ("tests", core | extras),
+        ("benchmarks", core | extras),
+    ):
         for path in sorted((ROOT / folder).rglob("*.py")):
             local = {p.stem for p in path.parent.glob("*.py")}  # scripts importing their neighbours
             module_level, nested = _imports(path)
@@ -88,25 +93,57 @@ def installed_wheel(tmp_path_factory):
     files, so not the editable install that points at the checkout's ``src/``)."""
     tmp = tmp_path_factory.mktemp("wheel")
     source = tmp / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
-                    "-w", str(tmp / "dist"), str(source)], check=True, capture_output=True, timeout=300)
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "outputs", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"
+        ),
+    )
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-q",
+            "-w",
+            str(tmp / "dist"),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = (tmp / "dist").glob("circuitfind-*.whl")
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
-                    str(wheel)], check=True, capture_output=True, timeout=300)
-    site_packages = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-                                        check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    site_packages = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    )
     (site_packages / "test-environment.pth").write_text(sysconfig.get_path("purelib") + "\n")
     return wheel, venv, site_packages
 
 
 def _run(venv: Path, *args: str, cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [str(venv / "bin" / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_wheel_carries_tasks_flows_and_models(installed_wheel):
@@ -115,8 +152,13 @@ def test_wheel_carries_tasks_flows_and_models(installed_wheel):
     tasks = sorted(task.name for task in (ROOT / "tasks").glob("*.json"))
     assert tasks == ["factual.json", "induction.json", "ioi.json"]
     assert {f"circuitfind/task_specs/{task}" for task in tasks} <= names
-    assert {"circuitfind/flows/sweep.py", "circuitfind/flows/study.py", "circuitfind/flows/deploy.py",
-            "circuitfind/zoo/toy-ioi/model.safetensors", "circuitfind/py.typed"} <= names
+    assert {
+        "circuitfind/flows/sweep.py",
+        "circuitfind/flows/study.py",
+        "circuitfind/flows/deploy.py",
+        "circuitfind/zoo/toy-ioi/model.safetensors",
+        "circuitfind/py.typed",
+    } <= names
 
 
 @pytest.mark.slow  # 40 s with a busy core: `make test` stays under 5 minutes; CI runs the slow tests too
@@ -125,20 +167,57 @@ def test_installed_wheel_discovers_and_sweeps_outside_the_checkout(installed_whe
     work = tmp_path / "empty"
     work.mkdir()
     env = sweep_env(first_sweep.home)  # a Prefect home whose database exists
-    where = _run(venv, "python", "-c", "import circuitfind, circuitfind.paths as p; print(circuitfind.__file__); "
-                 "print(p.default_tasks_dir()); print(p.checkout_root())", cwd=work, env=env)
+    where = _run(
+        venv,
+        "python",
+        "-c",
+        "import circuitfind, circuitfind.paths as p; print(circuitfind.__file__); "
+        "print(p.default_tasks_dir()); print(p.checkout_root())",
+        cwd=work,
+        env=env,
+    )
     package, tasks, checkout = where.stdout.split()
     assert Path(package).is_relative_to(site_packages) and Path(tasks).is_relative_to(site_packages), where.stdout
     assert checkout == "None"
     assert sorted(p.name for p in Path(tasks).glob("*.json")) == sorted(p.name for p in (ROOT / "tasks").glob("*.json"))
 
-    found = _run(venv, "circuitfind", "discover", "-n", "8", "--algorithm", "eap", "--top-k", "10", "--out", "c.graphml",
-                 cwd=work, env=env)
+    found = _run(
+        venv,
+        "circuitfind",
+        "discover",
+        "-n",
+        "8",
+        "--algorithm",
+        "eap",
+        "--top-k",
+        "10",
+        "--out",
+        "c.graphml",
+        cwd=work,
+        env=env,
+    )
     assert found.returncode == 0, found.stderr[-3000:]
     assert "eap: 10 of 262 edges" in found.stdout and (work / "c.graphml").is_file()
 
-    swept = _run(venv, "circuitfind", "sweep", "--algorithms", "eap", "--corruptions", "str", "--metrics", "logit_diff",
-                 "--directions", "noise", "--prompts", "8", "--run", "w", cwd=work, env=env)
+    swept = _run(
+        venv,
+        "circuitfind",
+        "sweep",
+        "--algorithms",
+        "eap",
+        "--corruptions",
+        "str",
+        "--metrics",
+        "logit_diff",
+        "--directions",
+        "noise",
+        "--prompts",
+        "8",
+        "--run",
+        "w",
+        cwd=work,
+        env=env,
+    )
     assert swept.returncode == 0, swept.stderr[-3000:]
     # the installed package's default outputs folder is ./outputs of the current directory
     run = work / "outputs" / "w"

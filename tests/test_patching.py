@@ -30,7 +30,10 @@ TL_SWEEPS = {
     "attn_out": (tl_patching.get_act_patch_attn_out, lambda s, d: P.patch_block(s, "attn_out", d)),
     "mlp_out": (tl_patching.get_act_patch_mlp_out, lambda s, d: P.patch_block(s, "mlp_out", d)),
     "heads": (tl_patching.get_act_patch_attn_head_out_all_pos, lambda s, d: P.patch_heads(s, d)),
-    "heads_by_pos": (tl_patching.get_act_patch_attn_head_out_by_pos, lambda s, d: P.patch_heads(s, d, by_position=True)),
+    "heads_by_pos": (
+        tl_patching.get_act_patch_attn_head_out_by_pos,
+        lambda s, d: P.patch_heads(s, d, by_position=True),
+    ),
 }
 
 
@@ -55,7 +58,9 @@ def test_resample_matches_transformer_lens(ioi_model):
     setup = P.prepare(ioi_model, batch, "resample", "logit_diff")
     ours = P.patch_heads(setup, "noise")
     _, corrupt_cache = ioi_model.run_with_cache(setup.plan.corrupt.tokens)
-    expected = tl_patching.get_act_patch_attn_head_out_all_pos(ioi_model, batch.clean_tokens, corrupt_cache, _tl_metric(batch, "logit_diff"))
+    expected = tl_patching.get_act_patch_attn_head_out_all_pos(
+        ioi_model, batch.clean_tokens, corrupt_cache, _tl_metric(batch, "logit_diff")
+    )
     torch.testing.assert_close(ours.values, expected, atol=1e-5, rtol=1e-5)
 
 
@@ -110,8 +115,9 @@ def test_candidate_batching_does_not_change_results(ioi_model, ioi_batch):
     big = P.prepare(ioi_model, ioi_batch, "gn", "kl", max_batch=100_000)
     small = P.prepare(ioi_model, ioi_batch, "gn", "kl", max_batch=1)
     torch.testing.assert_close(P.patch_heads(big, "noise").values, P.patch_heads(small, "noise").values)
-    torch.testing.assert_close(P.patch_heads(big, "denoise", by_position=True).values,
-                               P.patch_heads(small, "denoise", by_position=True).values)
+    torch.testing.assert_close(
+        P.patch_heads(big, "denoise", by_position=True).values, P.patch_heads(small, "denoise", by_position=True).values
+    )
 
 
 def test_window_layers_clip_at_the_ends():
@@ -154,7 +160,9 @@ def test_mlp_windows_match_a_plain_hook_reference(ioi_model, small_batch, positi
         res = P.patch_mlp_windows(setup, window, "denoise", positions)
         for center in range(setup.n_layers):
             layers = list(P.window_layers(center, window, setup.n_layers))
-            assert res.values[center].item() == pytest.approx(_manual_mlp_patch(ioi_model, setup, layers, positions), abs=1e-5)
+            assert res.values[center].item() == pytest.approx(
+                _manual_mlp_patch(ioi_model, setup, layers, positions), abs=1e-5
+            )
 
 
 def test_summation_baseline(ioi_model, small_batch):
@@ -168,7 +176,9 @@ def test_summation_baseline(ioi_model, small_batch):
 
 def _reference_path_patch(model, setup, sender, receiver, direction):
     """One sender -> one receiver input at the end position, with plain hooks and three runs."""
-    base, other = (setup.plan.clean, setup.plan.corrupt) if direction == "noise" else (setup.plan.corrupt, setup.plan.clean)
+    base, other = (
+        (setup.plan.clean, setup.plan.corrupt) if direction == "noise" else (setup.plan.corrupt, setup.plan.clean)
+    )
     L = setup.n_layers
     z = [f"blocks.{l}.attn.hook_z" for l in range(L)]
     _, base_cache = model.run_with_cache(base.tokens)
@@ -215,7 +225,9 @@ def test_path_patching_matches_a_plain_hook_reference(ioi_model, small_batch, di
     # a sender in the receiver's own layer has no path to it
     assert res.values[2].sub(setup.base_value(direction)).abs().max().item() < 1e-5
     res_v = P.path_patch(setup, [receivers[1]], "end", direction, senders=[(1, 0)])
-    assert res_v.values[1, 0].item() == pytest.approx(_reference_path_patch(ioi_model, setup, (1, 0), (2, 3, "v"), direction), abs=1e-5)
+    assert res_v.values[1, 0].item() == pytest.approx(
+        _reference_path_patch(ioi_model, setup, (1, 0), (2, 3, "v"), direction), abs=1e-5
+    )
     assert torch.isnan(res_v.values[0]).all()
 
 

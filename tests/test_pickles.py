@@ -18,10 +18,17 @@ def _torch_load_calls_without_weights_only(path: Path) -> list[int]:
     tree = ast.parse(path.read_text(), filename=str(path))
     lines = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load" \
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-            safe = any(k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
-                       for k in node.keywords)
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "load"
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "torch"
+        ):
+            safe = any(
+                k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                for k in node.keywords
+            )
             if not safe:
                 lines.append(node.lineno)
     return lines
@@ -36,7 +43,9 @@ def test_every_torch_load_uses_weights_only():
 
 def test_the_ast_check_finds_an_unsafe_call(tmp_path):
     bad = tmp_path / "bad.py"
-    bad.write_text("import torch\nx = torch.load('a.pt')\ny = torch.load('b.pt', weights_only=False)\nz = torch.load('c.pt', weights_only=True)\n")
+    bad.write_text(
+        "import torch\nx = torch.load('a.pt')\ny = torch.load('b.pt', weights_only=False)\nz = torch.load('c.pt', weights_only=True)\n"
+    )
     assert _torch_load_calls_without_weights_only(bad) == [2, 3]
 
 
@@ -50,9 +59,18 @@ def tiny_llama(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("pickled-llama")
     tokenizer = build_tokenizer(task_words(load_task("ioi")))
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                         bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     # What save_pretrained(safe_serialization=False) wrote before transformers 5 (which always writes

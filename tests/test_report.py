@@ -38,11 +38,30 @@ def _record(algorithm, corruption, metric, edges, scores, run=None) -> dict:
     for edge, value in scores.items():
         vector[lookup[edge]] = float(value)
     nodes = sorted({n.split("<")[0] for e in edges for n in e})
-    record = {"setting": name, "model": "toy", "task": "ioi", "algorithm": algorithm, "corruption": corruption,
-              "metric": metric, "direction": "noise", "n_layers": 2, "n_heads": 2, "n_kv_heads": 2,
-              "graph_edges": GRAPH.n_edges, "n_edges": len(edges), "edges": [list(e) for e in edges], "nodes": nodes,
-              "scores": vector, "faithfulness": 0.9, "faithfulness_status": "ok", "curve": None, "seconds": 1.0,
-              "clean": 0.0 if metric == "kl" else 2.0, "corrupt": -0.5 if metric == "kl" else -1.0, "per_prompt": None}
+    record = {
+        "setting": name,
+        "model": "toy",
+        "task": "ioi",
+        "algorithm": algorithm,
+        "corruption": corruption,
+        "metric": metric,
+        "direction": "noise",
+        "n_layers": 2,
+        "n_heads": 2,
+        "n_kv_heads": 2,
+        "graph_edges": GRAPH.n_edges,
+        "n_edges": len(edges),
+        "edges": [list(e) for e in edges],
+        "nodes": nodes,
+        "scores": vector,
+        "faithfulness": 0.9,
+        "faithfulness_status": "ok",
+        "curve": None,
+        "seconds": 1.0,
+        "clean": 0.0 if metric == "kl" else 2.0,
+        "corrupt": -0.5 if metric == "kl" else -1.0,
+        "per_prompt": None,
+    }
     if algorithm == "eap" and run is not None:
         per = torch.zeros(GRAPH.n_edges, 4)
         if metric == "kl":  # rounding noise, the same sign everywhere: naively "significant" everywhere
@@ -76,11 +95,15 @@ def test_health_flags_exact():
     base = recs["logit_diffeapstr"]
     assert health.check_record({**base, "scores": [1.5] * GRAPH.n_edges}) == ["constant_scores"]
     assert health.check_record({**base, "faithfulness": None}) == ["nan_faithfulness"]
-    assert health.check_record({**base, "n_edges": 0, "edges": [], "faithfulness": None,
-                                "faithfulness_status": "empty circuit"}) == ["empty_circuit"]
+    assert health.check_record(
+        {**base, "n_edges": 0, "edges": [], "faithfulness": None, "faithfulness_status": "empty circuit"}
+    ) == ["empty_circuit"]
     assert health.check_record({**base, "corrupt": 2.0}) == ["clean_equals_corrupt"]
-    assert health.setting_notes({**base, "metric": "prob", "corruption": "gn", "direction": "denoise"}) == \
-        ["probability_metric", "gaussian_noise", "denoising"]
+    assert health.setting_notes({**base, "metric": "prob", "corruption": "gn", "direction": "denoise"}) == [
+        "probability_metric",
+        "gaussian_noise",
+        "denoising",
+    ]
     assert health.setting_notes({**base, "algorithm": "acdc", "direction": "denoise"}) == ["noising"]  # ACDC noises
     assert "gradient of the KL divergence" in health.explain(recs["kleapstr"], "zero_scores")
 
@@ -118,10 +141,14 @@ def test_robust_and_setting_dependent_exact():
     found = robust_and_dependent(healthy)
     assert found["n_settings"] == 4
     assert found["edges"]["robust"] == sorted([R1, R2])
-    assert [(d["axis"], d["value"], d["items"]) for d in found["edges"]["dependent"]] == \
-        [("algorithm", "eap", [X]), ("corruption", "gn", [G])]  # Y is in one setting only: not "exactly when"
+    assert [(d["axis"], d["value"], d["items"]) for d in found["edges"]["dependent"]] == [
+        ("algorithm", "eap", [X]),
+        ("corruption", "gn", [G]),
+    ]  # Y is in one setting only: not "exactly when"
     assert found["components"]["robust"] == ["a0.0", "a1.0"]
-    assert [(d["axis"], d["value"], d["items"]) for d in found["components"]["dependent"]] == [("corruption", "gn", ["m0"])]
+    assert [(d["axis"], d["value"], d["items"]) for d in found["components"]["dependent"]] == [
+        ("corruption", "gn", ["m0"])
+    ]
 
 
 def test_a_degenerate_setting_is_flagged_and_left_out_of_the_significance_tables(run):
@@ -143,8 +170,17 @@ def test_a_degenerate_setting_is_flagged_and_left_out_of_the_significance_tables
 
 def test_report_layout_answers_first(run):
     md = write_run_report(run)["markdown_text"]
-    order = [md.index(s) for s in ("**Contents:**", "## Which choice matters", "### Robust and setting-dependent edges",
-                                   "## Settings and health checks", "### Pitfalls of these settings", "## toy on ioi: 5 settings")]
+    order = [
+        md.index(s)
+        for s in (
+            "**Contents:**",
+            "## Which choice matters",
+            "### Robust and setting-dependent edges",
+            "## Settings and health checks",
+            "### Pitfalls of these settings",
+            "## toy on ioi: 5 settings",
+        )
+    ]
     assert order == sorted(order)
     assert "| corruption | gn, str | 2 | 0.375 | 0.625 [0.500, 0.750] |" in md
     assert "| algorithm | acdc, eap | 2 | 0.367 | 0.633 [0.600, 0.667] |" in md
@@ -161,7 +197,11 @@ def _lines(svg: str) -> list[tuple[str, tuple[float, float]]]:
     root = ET.fromstring(svg)
     ns = "{http://www.w3.org/2000/svg}"
     circles = {c.find(f"{ns}title").text: (float(c.get("cx")), float(c.get("cy"))) for c in root.iter(f"{ns}circle")}
-    ends = {(ln.find(f"{ns}title").text, (float(ln.get("x2")), float(ln.get("y2")))) for ln in root.iter(f"{ns}line") if ln.find(f"{ns}title") is not None}
+    ends = {
+        (ln.find(f"{ns}title").text, (float(ln.get("x2")), float(ln.get("y2"))))
+        for ln in root.iter(f"{ns}line")
+        if ln.find(f"{ns}title") is not None
+    }
     heads = {xy: name for name, xy in circles.items()}
     return sorted((tip, heads.get(xy, "?")) for tip, xy in ends)
 
@@ -171,8 +211,13 @@ def test_grouped_query_kv_edges_are_drawn_into_every_head_of_their_group(gqa_mod
     assert graph.n_kv_heads == 2 and ("a0.1", "a1.g0<k>") in graph.edge_lookup
     edges = [("a0.1", "a1.g0<k>"), ("input", "a1.g1<v>"), ("m0", "a1.2<q>")]
     svg = circuit_drawing(graph.n_layers, graph.n_heads, edges, set(), "gqa", n_kv_heads=graph.n_kv_heads)
-    assert _lines(svg) == [("a0.1 -> a1.g0<k>", "a1.0"), ("a0.1 -> a1.g0<k>", "a1.1"),
-                           ("input -> a1.g1<v>", "a1.2"), ("input -> a1.g1<v>", "a1.3"), ("m0 -> a1.2<q>", "a1.2")]
+    assert _lines(svg) == [
+        ("a0.1 -> a1.g0<k>", "a1.0"),
+        ("a0.1 -> a1.g0<k>", "a1.1"),
+        ("input -> a1.g1<v>", "a1.2"),
+        ("input -> a1.g1<v>", "a1.3"),
+        ("m0 -> a1.2<q>", "a1.2"),
+    ]
 
 
 def test_the_report_draws_a_discovered_gqa_circuit_completely(gqa_model, tmp_path):
@@ -182,13 +227,34 @@ def test_the_report_draws_a_discovered_gqa_circuit_completely(gqa_model, tmp_pat
 
     setup = P.prepare(gqa_model, TaskBatch.build(gqa_model, "ioi", 6, seed=0), "str", "logit_diff")
     graph = ModelGraph.from_model(gqa_model)
-    circuit = D.discover(setup, "eap", "noise", top_k=graph.n_edges, curve=False).circuit  # every edge: the k/v groups included
-    record = {"setting": "gqa", "model": "gqa", "task": "ioi", "algorithm": "eap", "corruption": "str", "metric": "logit_diff",
-              "direction": "noise", "n_layers": graph.n_layers, "n_heads": graph.n_heads, "n_kv_heads": graph.n_kv_heads,
-              "n_edges": circuit.n_edges, "edges": [list(e) for e in circuit.edges], "nodes": sorted(circuit.nodes),
-              "scores": circuit.scores.tolist(), "faithfulness": 1.0, "clean": setup.clean_value, "corrupt": setup.corrupt_value}
+    circuit = D.discover(
+        setup, "eap", "noise", top_k=graph.n_edges, curve=False
+    ).circuit  # every edge: the k/v groups included
+    record = {
+        "setting": "gqa",
+        "model": "gqa",
+        "task": "ioi",
+        "algorithm": "eap",
+        "corruption": "str",
+        "metric": "logit_diff",
+        "direction": "noise",
+        "n_layers": graph.n_layers,
+        "n_heads": graph.n_heads,
+        "n_kv_heads": graph.n_kv_heads,
+        "n_edges": circuit.n_edges,
+        "edges": [list(e) for e in circuit.edges],
+        "nodes": sorted(circuit.nodes),
+        "scores": circuit.scores.tolist(),
+        "faithfulness": 1.0,
+        "clean": setup.clean_value,
+        "corrupt": setup.corrupt_value,
+    }
     html = R.html_page("gqa", report_sections([record]))
-    (drawing,) = [m for m in re.findall(r"<svg.*?</svg>", html, re.S) if f"eap/str/logit_diff/noise ({circuit.n_edges} edges)" in m]
+    (drawing,) = [
+        m
+        for m in re.findall(r"<svg.*?</svg>", html, re.S)
+        if f"eap/str/logit_diff/noise ({circuit.n_edges} edges)" in m
+    ]
     drawn = {tip for tip, _ in _lines(drawing)}
     group_edges = {f"{s} -> {r}" for s, r in circuit.edges if ".g" in r}
     assert group_edges and group_edges <= drawn
@@ -196,28 +262,68 @@ def test_the_report_draws_a_discovered_gqa_circuit_completely(gqa_model, tmp_pat
 
 
 def test_render_page_has_contents_and_escapes():
-    sections = [R.section("First <one>", R.text("a & b"), R.table(["x", "y"], [["<b>", 1.23456], [None, float("nan")]])),
-                R.section("Sub", R.figure("<svg></svg>", "cap"), level=3), R.section("First <one>")]
+    sections = [
+        R.section("First <one>", R.text("a & b"), R.table(["x", "y"], [["<b>", 1.23456], [None, float("nan")]])),
+        R.section("Sub", R.figure("<svg></svg>", "cap"), level=3),
+        R.section("First <one>"),
+    ]
     html = R.html_page("T", sections)
-    assert "<li><a href='#first-one'>First &lt;one&gt;</a></li><ul><li><a href='#sub'>Sub</a></li></ul><li><a href='#first-one-2'>" in html
-    assert "<td>&lt;b&gt;</td><td class='n'>1.235</td>" in html and "<td>n/a</td><td class='n'>nan</td>" in html and "a &amp; b" in html
+    assert (
+        "<li><a href='#first-one'>First &lt;one&gt;</a></li><ul><li><a href='#sub'>Sub</a></li></ul><li><a href='#first-one-2'>"
+        in html
+    )
+    assert (
+        "<td>&lt;b&gt;</td><td class='n'>1.235</td>" in html
+        and "<td>n/a</td><td class='n'>nan</td>" in html
+        and "a &amp; b" in html
+    )
     marked = R.table(["flag"], [[R.Markup("<span class='flag'>x</span>", "x")]])
     assert "<td><span class='flag'>x</span></td>" in marked.html and marked.markdown.endswith("| x |")
     md = R.markdown_page("T", sections)
-    assert "| <b> | 1.235 |\n| n/a | nan |" in md and "### Sub" in md and "**Contents:** First <one> · First <one>" in md
+    assert (
+        "| <b> | 1.235 |\n| n/a | nan |" in md and "### Sub" in md and "**Contents:** First <one> · First <one>" in md
+    )
 
 
 def test_the_study_report_renders_with_the_shared_module_and_states_its_pitfalls(tmp_path):
     from circuitfind.study import study_report
 
     normalised = [[0.1, 0.9], [0.0, -0.2]]
-    setting = {"corruption": "gn", "metric": "prob", "heads": ["a0.1"], "normalised": normalised,
-               "ci_low": [[0.0, 0.8], [-0.1, -0.3]], "ci_high": [[0.2, 1.0], [0.1, -0.1]], "clean": 0.5, "corrupt": 0.1}
-    heads = [{"model": "toy", "prompts": 4, "direction": "denoise", "k": 2.0, "settings": {"gn/prob": setting},
-              "jaccard": [[1.0]], "names": ["gn/prob"], "stability": {"a0.1": 1.0}, "s2_vs_s1io": {}}]
-    mlps = [{"model": "toy", "prompts": 4, "corruption": "gn", "metric": "prob", "position": "subject_last",
-             "curves": {"window 1": [0.1, 0.5], "window 3": [0.3, 0.8], "sum of 3 single layers": [0.2, 0.6]},
-             "peaks": {"window 1": 1}, "agreement": {3: {"spearman": 1.0, "peak_window": 1, "peak_sum": 1, "max_window": 0.8, "max_sum": 0.6}}}]
+    setting = {
+        "corruption": "gn",
+        "metric": "prob",
+        "heads": ["a0.1"],
+        "normalised": normalised,
+        "ci_low": [[0.0, 0.8], [-0.1, -0.3]],
+        "ci_high": [[0.2, 1.0], [0.1, -0.1]],
+        "clean": 0.5,
+        "corrupt": 0.1,
+    }
+    heads = [
+        {
+            "model": "toy",
+            "prompts": 4,
+            "direction": "denoise",
+            "k": 2.0,
+            "settings": {"gn/prob": setting},
+            "jaccard": [[1.0]],
+            "names": ["gn/prob"],
+            "stability": {"a0.1": 1.0},
+            "s2_vs_s1io": {},
+        }
+    ]
+    mlps = [
+        {
+            "model": "toy",
+            "prompts": 4,
+            "corruption": "gn",
+            "metric": "prob",
+            "position": "subject_last",
+            "curves": {"window 1": [0.1, 0.5], "window 3": [0.3, 0.8], "sum of 3 single layers": [0.2, 0.6]},
+            "peaks": {"window 1": 1},
+            "agreement": {3: {"spearman": 1.0, "peak_window": 1, "peak_sum": 1, "max_window": 0.8, "max_sum": 0.6}},
+        }
+    ]
     paths = study_report(heads, mlps, tmp_path)
     html, md = (tmp_path / "study.html").read_text(), (tmp_path / "study.md").read_text()
     assert paths["html"].endswith("study.html") and "<nav class='contents'>" in html and html.count("<svg") == 2
@@ -233,8 +339,15 @@ def test_the_model_axis_is_ranked_when_the_grid_has_several_models():
     other = []
     for r in healthy:  # a second model of the same shape whose circuits never hold X
         edges = [e for e in r["edges"] if tuple(e) != X]
-        other.append({**r, "model": "other", "setting": r["setting"].replace("toy__", "other__"), "edges": edges,
-                      "n_edges": len(edges)})
+        other.append(
+            {
+                **r,
+                "model": "other",
+                "setting": r["setting"].replace("toy__", "other__"),
+                "edges": edges,
+                "n_edges": len(edges),
+            }
+        )
     effects = {e["axis"]: e for e in axis_effects(healthy + other)}
     assert set(effects) == {"model", "algorithm", "corruption"}
     # eap/str 2/3, eap/gn 3/4, the ACDC circuits are the same
@@ -255,7 +368,9 @@ def test_markdown_table_cells_escape_the_pipe():
     assert R.table(["a|b", "n"], [["x|y", 2]]).markdown == "| a\\|b | n |\n|---|---|\n| x\\|y | 2 |"
 
 
-@pytest.mark.parametrize("content, message", [("[1, 2]", "(not a JSON object)"), ('{"setting": "x"}', "(no n_layers, n_heads, n_edges)")])
+@pytest.mark.parametrize(
+    "content, message", [("[1, 2]", "(not a JSON object)"), ('{"setting": "x"}', "(no n_layers, n_heads, n_edges)")]
+)
 def test_a_file_that_is_not_a_setting_record_is_one_line(tmp_path, capsys, content, message):
     from circuitfind.cli import main
 

@@ -13,8 +13,9 @@ from circuitfind.evaluation import evaluate
 from circuitfind.models import load_model
 from circuitfind.tasks import TaskBatch
 
-pytestmark = pytest.mark.skipif(not fetch.is_fetched("smollm2-135m"),
-                                reason="SmolLM2 not in the cache: run `circuitfind models fetch smollm2-135m`")
+pytestmark = pytest.mark.skipif(
+    not fetch.is_fetched("smollm2-135m"), reason="SmolLM2 not in the cache: run `circuitfind models fetch smollm2-135m`"
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,15 +26,19 @@ def smol():
 def test_boots_through_the_bridge_with_grouped_query_attention(smol):
     cfg = smol.cfg
     assert (cfg.n_layers, cfg.n_heads, cfg.n_key_value_heads) == (30, 9, 3)
-    _, cache = smol.run_with_cache(torch.tensor([[1, 504, 414]]), names_filter=lambda n: n in ("blocks.3.hook_k_input", "blocks.3.hook_q_input"))
+    _, cache = smol.run_with_cache(
+        torch.tensor([[1, 504, 414]]), names_filter=lambda n: n in ("blocks.3.hook_k_input", "blocks.3.hook_q_input")
+    )
     assert cache["blocks.3.hook_k_input"].shape[2] == 3 and cache["blocks.3.hook_q_input"].shape[2] == 9
 
 
 def test_ioi_and_factual_recall_accuracy(smol):
     ioi = evaluate(smol, TaskBatch.build(smol, "ioi", 40, seed=0), corruptions=("str",))
     facts = evaluate(smol, TaskBatch.build(smol, "factual", 24, seed=0), corruptions=("str",))
-    print(f"\nSmolLM2-135M: IOI accuracy {ioi.accuracy:.3f}, logit diff {ioi.logit_diff:.2f}; "
-          f"factual accuracy {facts.accuracy:.3f}, logit diff {facts.logit_diff:.2f}")
+    print(
+        f"\nSmolLM2-135M: IOI accuracy {ioi.accuracy:.3f}, logit diff {ioi.logit_diff:.2f}; "
+        f"factual accuracy {facts.accuracy:.3f}, logit diff {facts.logit_diff:.2f}"
+    )
     assert ioi.accuracy >= 0.6 and ioi.logit_diff > 1.0 > ioi.corrupted["str"]["logit_diff"]
     assert facts.accuracy >= 0.4 and facts.logit_diff > 1.0
 

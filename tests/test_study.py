@@ -29,7 +29,13 @@ def test_one_recording_sweep_equals_a_sweep_per_metric_exactly(ioi_model, batch8
         got = recorded[metric]
         assert torch.equal(got.per_prompt, alone.per_prompt), metric
         assert torch.equal(got.values, alone.values), metric
-        assert (got.clean, got.corrupt, got.metric, got.direction, got.axes) == (alone.clean, alone.corrupt, metric, direction, alone.axes)
+        assert (got.clean, got.corrupt, got.metric, got.direction, got.axes) == (
+            alone.clean,
+            alone.corrupt,
+            metric,
+            direction,
+            alone.axes,
+        )
 
 
 def test_recording_sweep_refuses_an_ordinary_setup(ioi_model, batch8):
@@ -54,8 +60,9 @@ def test_gn_rows_are_averaged_per_prompt_before_the_bootstrap():
 
 
 def test_head_detection_bootstraps_gn_over_prompts(ioi_model):
-    out = study.head_detection(ioi_model, "toy-ioi", prompts=10, corruptions=("gn",), metrics=("logit_diff",), variants=(),
-                               n_boot=200)
+    out = study.head_detection(
+        ioi_model, "toy-ioi", prompts=10, corruptions=("gn",), metrics=("logit_diff",), variants=(), n_boot=200
+    )
     row = out["settings"]["gn/logit_diff"]
     assert row["noise_samples"] == 3
     batch = TaskBatch.build(ioi_model, "ioi", 10, seed=0)
@@ -105,8 +112,16 @@ def test_detect_says_when_a_sign_cannot_occur():
 
 
 def test_head_detection_reports_both_signs_and_stability(ioi_model):
-    out = study.head_detection(ioi_model, "toy-ioi", prompts=12, corruptions=("str:s2_io",), metrics=("logit_diff", "kl"),
-                               variants=(), n_boot=100, direction="noise")
+    out = study.head_detection(
+        ioi_model,
+        "toy-ioi",
+        prompts=12,
+        corruptions=("str:s2_io",),
+        metrics=("logit_diff", "kl"),
+        variants=(),
+        n_boot=100,
+        direction="noise",
+    )
     assert out["signs"] == {"heads": "negative", "negative_heads": "positive"}
     kl, ld = out["settings"]["str:s2_io/kl"], out["settings"]["str:s2_io/logit_diff"]
     assert kl["negative_heads"] == [] and "cannot occur when noising with the kl metric" in kl["negative_heads_reason"]

@@ -20,7 +20,9 @@ KINDS = {
     "resid_post": lambda s, d: P.patch_block(s, "resid_post", d),
     "mlp_window": lambda s, d: P.patch_mlp_windows(s, 3, d, ["S2"]),
     "path_logits": lambda s, d: P.path_patch(s, P.LOGITS, "end", d),
-    "path_qkv": lambda s, d: P.path_patch(s, [P.PathReceiver(2, 1, "q"), P.PathReceiver(1, 0, "k"), P.PathReceiver(2, 3, "v")], None, d),
+    "path_qkv": lambda s, d: P.path_patch(
+        s, [P.PathReceiver(2, 1, "q"), P.PathReceiver(1, 0, "k"), P.PathReceiver(2, 3, "v")], None, d
+    ),
 }
 
 
@@ -45,10 +47,22 @@ def _assert_same(fast: P.PatchResult, full: P.PatchResult) -> None:
 CORRUPTIONS = ("str", "gn", "mean", "resample")
 # every kind and every corruption in the default run; the whole product with -m slow
 QUICK = {("heads", c) for c in CORRUPTIONS} | {
-    ("heads_by_pos", "gn"), ("resid_pre", "str"), ("resid_pre", "mean"), ("attn_out", "resample"), ("mlp_out", "gn"),
-    ("resid_post", "mean"), ("mlp_window", "str"), ("mlp_window", "resample"), ("path_logits", "gn"),
-    ("path_logits", "resample"), ("path_qkv", "str"), ("path_qkv", "mean")}
-CASES = [pytest.param(k, c, marks=() if (k, c) in QUICK else pytest.mark.slow) for k in sorted(KINDS) for c in CORRUPTIONS]
+    ("heads_by_pos", "gn"),
+    ("resid_pre", "str"),
+    ("resid_pre", "mean"),
+    ("attn_out", "resample"),
+    ("mlp_out", "gn"),
+    ("resid_post", "mean"),
+    ("mlp_window", "str"),
+    ("mlp_window", "resample"),
+    ("path_logits", "gn"),
+    ("path_logits", "resample"),
+    ("path_qkv", "str"),
+    ("path_qkv", "mean"),
+}
+CASES = [
+    pytest.param(k, c, marks=() if (k, c) in QUICK else pytest.mark.slow) for k in sorted(KINDS) for c in CORRUPTIONS
+]
 
 
 @pytest.mark.parametrize("kind,corruption", CASES)
@@ -64,7 +78,11 @@ def test_suffix_passes_equal_full_forward_passes(ioi_model, batch, kind, corrupt
 def test_suffix_passes_on_grouped_query_attention(gqa_model, corruption):
     batch = TaskBatch.build(gqa_model, "ioi", 8, seed=2)
     fast, full = _engines(gqa_model, batch, corruption)
-    receivers = [P.PathReceiver(1, 3, "q"), P.PathReceiver(1, 1, "k"), P.PathReceiver(1, 0, "v")]  # k/v: key/value heads
+    receivers = [
+        P.PathReceiver(1, 3, "q"),
+        P.PathReceiver(1, 1, "k"),
+        P.PathReceiver(1, 0, "v"),
+    ]  # k/v: key/value heads
     for direction in ("noise", "denoise"):
         for kind in ("heads", "mlp_out", "path_logits"):
             _assert_same(KINDS[kind](fast, direction), KINDS[kind](full, direction))
@@ -75,10 +93,16 @@ def test_each_candidate_starts_at_its_first_patched_point(ioi_model, batch):
     """Candidates patching several hooks (and none) in one sweep, in scrambled order."""
     fast, full = _engines(ioi_model, batch, "str")
     T, gen = fast.n_pos, torch.Generator().manual_seed(0)
-    masks = {P.hook_name(layer, what): (torch.rand(9, 1, T, 1, generator=gen) > 0.6).float() * 0.7
-             for layer in range(3) for what in ("resid_pre", "attn_out", "mlp_out", "resid_post")}
+    masks = {
+        P.hook_name(layer, what): (torch.rand(9, 1, T, 1, generator=gen) > 0.6).float() * 0.7
+        for layer in range(3)
+        for what in ("resid_pre", "attn_out", "mlp_out", "resid_post")
+    }
     masks[P.hook_name(1, "z")] = torch.rand(9, 1, T, 4, 1, generator=gen) > 0.5
-    masks = {name: m * (torch.arange(9) % 4 == i % 4).reshape(9, *[1] * (m.dim() - 1)) for i, (name, m) in enumerate(masks.items())}
+    masks = {
+        name: m * (torch.arange(9) % 4 == i % 4).reshape(9, *[1] * (m.dim() - 1))
+        for i, (name, m) in enumerate(masks.items())
+    }
     for m in masks.values():
         m[8] = 0  # candidate 8 patches nothing
     for direction in ("noise", "denoise"):
@@ -98,7 +122,9 @@ class LateHookSTR(STR):
 
 def test_base_run_hooks_after_the_embeddings_still_fire(ioi_model, batch):
     auto = P.prepare(ioi_model, batch, LateHookSTR(), "logit_diff")
-    assert not suffix.supports(auto, "denoise", [P.hook_name(0, "z")]) and suffix.supports(auto, "noise", [P.hook_name(0, "z")])
+    assert not suffix.supports(auto, "denoise", [P.hook_name(0, "z")]) and suffix.supports(
+        auto, "noise", [P.hook_name(0, "z")]
+    )
     full = dataclasses.replace(auto, engine="hooks", _cache={})
     _assert_same(P.patch_heads(auto, "denoise"), P.patch_heads(full, "denoise"))
     with pytest.raises(Exception, match="embedding stage"):

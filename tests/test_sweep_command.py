@@ -55,8 +55,23 @@ def wait_for(condition, seconds: float, interval: float = 0.2):
 
 
 def test_sweep_command_takes_the_flow_options():
-    args = build_parser().parse_args(["sweep", "--algorithms", "eap", "acdc", "--run", "x", "--prompts", "12",
-                                      "--acdc-tau", "0.05", "--dask", "--workers", "3"])
+    args = build_parser().parse_args(
+        [
+            "sweep",
+            "--algorithms",
+            "eap",
+            "acdc",
+            "--run",
+            "x",
+            "--prompts",
+            "12",
+            "--acdc-tau",
+            "0.05",
+            "--dask",
+            "--workers",
+            "3",
+        ]
+    )
     assert args.algorithms == ["eap", "acdc"] and args.run == "x" and args.prompts == 12
     assert args.acdc_tau == 0.05 and args.dask and args.workers == 3
     assert build_parser().parse_args(["sweep", "--dask-address", "tcp://h:8786"]).dask_address == "tcp://h:8786"
@@ -69,8 +84,23 @@ def test_sweep_help_lists_the_flow_options(argv, capsys):
         main(argv)
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--models", "--tasks", "--algorithms", "--corruptions", "--metrics", "--directions", "--prompts",
-                   "--acdc-tau", "--top-k", "--run", "--outputs", "--reference", "--dask", "--dask-address", "--workers"):
+    for option in (
+        "--models",
+        "--tasks",
+        "--algorithms",
+        "--corruptions",
+        "--metrics",
+        "--directions",
+        "--prompts",
+        "--acdc-tau",
+        "--top-k",
+        "--run",
+        "--outputs",
+        "--reference",
+        "--dask",
+        "--dask-address",
+        "--workers",
+    ):
         assert option in out
 
 
@@ -131,8 +161,14 @@ def test_bad_grid_is_one_line_before_prefect_starts(options, message, capsys, mo
 def test_bad_grid_subprocess_exits_2_without_starting_prefect(tmp_path, sweep_env):
     home = tmp_path / "prefect-home"
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "circuitfind", "sweep", "--prompts", "0", "--outputs", str(tmp_path / "out")],
-                          env=sweep_env(home), cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "circuitfind", "sweep", "--prompts", "0", "--outputs", str(tmp_path / "out")],
+        env=sweep_env(home),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - start
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("circuitfind: error: --prompts") and proc.stderr.count("\n") == 1, proc.stderr
@@ -170,7 +206,11 @@ def own_servers() -> set[int]:
     for proc in Path("/proc").iterdir():
         try:
             stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(stat[1]) == os.getpid() and stat[0] != "Z" and SERVER_APP in (proc / "cmdline").read_bytes().split(b"\0"):
+            if (
+                int(stat[1]) == os.getpid()
+                and stat[0] != "Z"
+                and SERVER_APP in (proc / "cmdline").read_bytes().split(b"\0")
+            ):
                 found.add(int(proc.name))
         except (OSError, ValueError, IndexError):
             continue
@@ -196,7 +236,9 @@ def test_server_that_does_not_answer_in_time_is_stopped_with_a_clear_error():
 
     before = own_servers()
     server = LocalPrefectServer(timeout=0.5)  # far less than the server needs to start
-    with pytest.raises(PrefectServerError, match=r"did not answer within 0.5 s; set CIRCUITFIND_PREFECT_STARTUP_TIMEOUT"):
+    with pytest.raises(
+        PrefectServerError, match=r"did not answer within 0.5 s; set CIRCUITFIND_PREFECT_STARTUP_TIMEOUT"
+    ):
         server.start()
     assert server.process is None and own_servers() <= before
 
@@ -229,14 +271,30 @@ def test_first_sweep_on_a_fresh_prefect_home(first_sweep):
 
 
 @linux_only
-@pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)],
-                         ids=["SIGKILL", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM"]
+)
 def test_killed_sweep_leaves_no_prefect_server(first_sweep, sweep_env, tmp_path, sig):
     home = first_sweep.home  # its database exists: the server starts in seconds
     log = (tmp_path / "sweep.log").open("w")
-    sweep = subprocess.Popen([sys.executable, "-m", "circuitfind", "sweep", "--prompts", "8", "--run", "killed",
-                              "--outputs", str(tmp_path / "outputs")], env=sweep_env(home), cwd=tmp_path,
-                             stdout=log, stderr=subprocess.STDOUT)
+    sweep = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "circuitfind",
+            "sweep",
+            "--prompts",
+            "8",
+            "--run",
+            "killed",
+            "--outputs",
+            str(tmp_path / "outputs"),
+        ],
+        env=sweep_env(home),
+        cwd=tmp_path,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         running = wait_for(lambda: "Beginning flow run" in (tmp_path / "sweep.log").read_text(), 180)
         assert running, "the sweep did not start: " + (tmp_path / "sweep.log").read_text()[-3000:]
@@ -244,8 +302,9 @@ def test_killed_sweep_leaves_no_prefect_server(first_sweep, sweep_env, tmp_path,
         assert servers, "no Prefect server found for the running sweep"
         sweep.send_signal(sig)
         assert sweep.wait(timeout=120) == -sig  # killed while its flow ran (56 settings), not finished
-        assert wait_for(lambda: not set(servers) & set(prefect_servers(home)), 10), \
+        assert wait_for(lambda: not set(servers) & set(prefect_servers(home)), 10), (
             f"Prefect server {servers} outlived the sweep killed by {sig.name}"
+        )
     finally:
         if sweep.poll() is None:
             sweep.kill()
@@ -262,8 +321,24 @@ def test_a_run_folder_of_another_grid_is_refused(tmp_path, capsys):
     circuits = tmp_path / "w1" / "circuits"
     circuits.mkdir(parents=True)
     (circuits / "toy-ioi__ioi__eap__str__logit_diff__noise.json").write_text("{}")
-    grid = ["sweep", "--algorithms", "eap", "--metrics", "logit_diff", "--directions", "noise", "--prompts", "4",
-            "--outputs", str(tmp_path), "--run", "w1"]
+    grid = [
+        "sweep",
+        "--algorithms",
+        "eap",
+        "--metrics",
+        "logit_diff",
+        "--directions",
+        "noise",
+        "--prompts",
+        "4",
+        "--outputs",
+        str(tmp_path),
+        "--run",
+        "w1",
+    ]
     assert main([*grid, "--corruptions", "gn"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "holds settings of another grid (1, e.g. toy-ioi__ioi__eap__str__logit_diff__noise)" in err
+    assert (
+        err.count("\n") == 1
+        and "holds settings of another grid (1, e.g. toy-ioi__ioi__eap__str__logit_diff__noise)" in err
+    )

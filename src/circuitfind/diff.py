@@ -37,8 +37,19 @@ from circuitfind.names import INPUT, LOGITS
 from circuitfind.report import render as R
 
 GRID_AXES = ("task", "algorithm", "corruption", "metric", "direction")
-RECORD_FIELDS = {"setting": str, "model": str, "task": str, "algorithm": str, "corruption": str, "metric": str,
-                 "direction": str, "n_layers": int, "n_heads": int, "edges": list, "nodes": list}
+RECORD_FIELDS = {
+    "setting": str,
+    "model": str,
+    "task": str,
+    "algorithm": str,
+    "corruption": str,
+    "metric": str,
+    "direction": str,
+    "n_layers": int,
+    "n_heads": int,
+    "edges": list,
+    "nodes": list,
+}
 MANIFEST = "manifest.json"
 
 
@@ -78,7 +89,9 @@ def load_run(run_dir: str | Path) -> Run:
         records[name] = _load_record(path, name)
     if not records:
         raise ValueError(f"{manifest_path}: the run has no settings")
-    return Run(path, manifest.get("run") if isinstance(manifest.get("run"), str) else path.name, records, sorted(failed))
+    return Run(
+        path, manifest.get("run") if isinstance(manifest.get("run"), str) else path.name, records, sorted(failed)
+    )
 
 
 def _load_record(run_dir: Path, setting: str) -> dict:
@@ -137,9 +150,14 @@ def pairing(a: Run, b: Run) -> tuple[str, str | None]:
         return "setting", None
     if len(a.models) == 1 and len(b.models) == 1:
         (ma,), (mb,) = a.models, b.models
-        return "grid", f"run A holds model {ma}, run B model {mb}: settings are paired by task, algorithm, corruption, metric and direction"
-    raise ValueError(f"runs {a.name} and {b.name} hold different sets of models ({sorted(a.models)} vs {sorted(b.models)}): "
-                     f"settings cannot be paired; diff runs of the same models, or of one model each")
+        return (
+            "grid",
+            f"run A holds model {ma}, run B model {mb}: settings are paired by task, algorithm, corruption, metric and direction",
+        )
+    raise ValueError(
+        f"runs {a.name} and {b.name} hold different sets of models ({sorted(a.models)} vs {sorted(b.models)}): "
+        f"settings cannot be paired; diff runs of the same models, or of one model each"
+    )
 
 
 def _key(record: dict, by: str) -> str:
@@ -155,27 +173,48 @@ def compare_setting(ra: dict, rb: dict) -> dict:
     """The difference from ``ra`` (run A) to ``rb`` (run B) of one setting."""
     nodes_a, nodes_b = _components(ra), _components(rb)
     row = {
-        "setting_a": ra["setting"], "setting_b": rb["setting"],
-        "components_gained": sorted(nodes_b - nodes_a), "components_lost": sorted(nodes_a - nodes_b),
+        "setting_a": ra["setting"],
+        "setting_b": rb["setting"],
+        "components_gained": sorted(nodes_b - nodes_a),
+        "components_lost": sorted(nodes_a - nodes_b),
         "component_jaccard": compare.jaccard(nodes_a, nodes_b),
-        "faithfulness_a": ra.get("faithfulness"), "faithfulness_b": rb.get("faithfulness"),
-        "faithfulness_change": (rb["faithfulness"] - ra["faithfulness"]
-                                if ra.get("faithfulness") is not None and rb.get("faithfulness") is not None else None),
-        "n_edges_a": len(ra["edges"]), "n_edges_b": len(rb["edges"]),
+        "faithfulness_a": ra.get("faithfulness"),
+        "faithfulness_b": rb.get("faithfulness"),
+        "faithfulness_change": (
+            rb["faithfulness"] - ra["faithfulness"]
+            if ra.get("faithfulness") is not None and rb.get("faithfulness") is not None
+            else None
+        ),
+        "n_edges_a": len(ra["edges"]),
+        "n_edges_b": len(rb["edges"]),
     }
     if _shape(ra) != _shape(rb):
         la, ha, ka = _shape(ra)
         lb, hb, kb = _shape(rb)
-        row.update(level="components", note=(
-            f"graphs differ in shape (A: n_layers={la}, n_heads={ha}, n_kv_heads={ka}; B: n_layers={lb}, n_heads={hb}, "
-            f"n_kv_heads={kb}): compared on components by name only; a component of one model is not the same "
-            f"component of the other"),
-            edges_gained=None, edges_lost=None, edge_jaccard=None, spearman=None, mean_abs_score_change=None,
-            scored_edges=0)
+        row.update(
+            level="components",
+            note=(
+                f"graphs differ in shape (A: n_layers={la}, n_heads={ha}, n_kv_heads={ka}; B: n_layers={lb}, n_heads={hb}, "
+                f"n_kv_heads={kb}): compared on components by name only; a component of one model is not the same "
+                f"component of the other"
+            ),
+            edges_gained=None,
+            edges_lost=None,
+            edge_jaccard=None,
+            spearman=None,
+            mean_abs_score_change=None,
+            scored_edges=0,
+        )
         return row
     edges_a, edges_b = {tuple(e) for e in ra["edges"]}, {tuple(e) for e in rb["edges"]}
-    row.update(level="edges", note=None, edges_gained=sorted(edges_b - edges_a), edges_lost=sorted(edges_a - edges_b),
-               edge_jaccard=compare.jaccard(edges_a, edges_b), **_score_shift(ra.get("scores"), rb.get("scores")))
+    row.update(
+        level="edges",
+        note=None,
+        edges_gained=sorted(edges_b - edges_a),
+        edges_lost=sorted(edges_a - edges_b),
+        edge_jaccard=compare.jaccard(edges_a, edges_b),
+        **_score_shift(ra.get("scores"), rb.get("scores")),
+    )
     return row
 
 
@@ -189,8 +228,11 @@ def _score_shift(sa: list | None, sb: list | None) -> dict:
     if not both.any():
         return {"spearman": None, "mean_abs_score_change": None, "scored_edges": 0}
     rho = compare.rank_correlation(a[both], b[both])["spearman"] if both.sum() > 1 else math.nan
-    return {"spearman": None if math.isnan(rho) else rho, "mean_abs_score_change": float(np.abs(b[both] - a[both]).mean()),
-            "scored_edges": int(both.sum())}
+    return {
+        "spearman": None if math.isnan(rho) else rho,
+        "mean_abs_score_change": float(np.abs(b[both] - a[both]).mean()),
+        "scored_edges": int(both.sum()),
+    }
 
 
 def diff_runs(run_a: str | Path, run_b: str | Path) -> dict:
@@ -204,26 +246,58 @@ def diff_runs(run_a: str | Path, run_b: str | Path) -> dict:
     return {
         "run_a": {"name": a.name, "path": str(a.path), "models": sorted(a.models)},
         "run_b": {"name": b.name, "path": str(b.path), "models": sorted(b.models)},
-        "paired_by": by, "note": note, "settings": rows,
-        "only_in_a": sorted(keyed_a.keys() - keyed_b.keys()), "only_in_b": sorted(keyed_b.keys() - keyed_a.keys()),
-        "failed_in_a": [_failed_key(s, by) for s in a.failed], "failed_in_b": [_failed_key(s, by) for s in b.failed],
+        "paired_by": by,
+        "note": note,
+        "settings": rows,
+        "only_in_a": sorted(keyed_a.keys() - keyed_b.keys()),
+        "only_in_b": sorted(keyed_b.keys() - keyed_a.keys()),
+        "failed_in_a": [_failed_key(s, by) for s in a.failed],
+        "failed_in_b": [_failed_key(s, by) for s in b.failed],
     }
 
 
 # -- rendering ----------------------------------------------------------------------------------
 
-SUMMARY_HEADER = ["setting", "edges A", "edges B", "gained", "lost", "edge Jaccard", "component Jaccard",
-                  "Spearman of abs scores", "mean abs score change", "faithfulness A", "faithfulness B", "faithfulness change"]
+SUMMARY_HEADER = [
+    "setting",
+    "edges A",
+    "edges B",
+    "gained",
+    "lost",
+    "edge Jaccard",
+    "component Jaccard",
+    "Spearman of abs scores",
+    "mean abs score change",
+    "faithfulness A",
+    "faithfulness B",
+    "faithfulness change",
+]
 LIST_LIMIT = 30  # edges listed per setting in HTML and Markdown; diff.json has them all
 
 
 def _summary_rows(diff: dict) -> list[list]:
     rows = []
     for s in diff["settings"]:
-        gained = len(s["edges_gained"]) if s["edges_gained"] is not None else f"{len(s['components_gained'])} components"
+        gained = (
+            len(s["edges_gained"]) if s["edges_gained"] is not None else f"{len(s['components_gained'])} components"
+        )
         lost = len(s["edges_lost"]) if s["edges_lost"] is not None else f"{len(s['components_lost'])} components"
-        rows.append([s["key"], s["n_edges_a"], s["n_edges_b"], gained, lost, s["edge_jaccard"], s["component_jaccard"],
-                     s["spearman"], s["mean_abs_score_change"], s["faithfulness_a"], s["faithfulness_b"], s["faithfulness_change"]])
+        rows.append(
+            [
+                s["key"],
+                s["n_edges_a"],
+                s["n_edges_b"],
+                gained,
+                lost,
+                s["edge_jaccard"],
+                s["component_jaccard"],
+                s["spearman"],
+                s["mean_abs_score_change"],
+                s["faithfulness_a"],
+                s["faithfulness_b"],
+                s["faithfulness_change"],
+            ]
+        )
     return rows
 
 
@@ -248,18 +322,24 @@ def _title(diff: dict) -> str:
 
 
 def _intro(diff: dict) -> list[str]:
-    lines = [f"Run A: {diff['run_a']['path']} ({', '.join(diff['run_a']['models'])}); "
-             f"run B: {diff['run_b']['path']} ({', '.join(diff['run_b']['models'])}). "
-             f"{len(diff['settings'])} settings in both; gained and lost are from A to B. Score shift over the edges "
-             f"both runs score: Spearman rank correlation of |score|, mean |score B - score A|."]
+    lines = [
+        f"Run A: {diff['run_a']['path']} ({', '.join(diff['run_a']['models'])}); "
+        f"run B: {diff['run_b']['path']} ({', '.join(diff['run_b']['models'])}). "
+        f"{len(diff['settings'])} settings in both; gained and lost are from A to B. Score shift over the edges "
+        f"both runs score: Spearman rank correlation of |score|, mean |score B - score A|."
+    ]
     if diff["note"]:
         lines.append(diff["note"] + ".")
     return lines
 
 
 def _one_run_only(diff: dict) -> list[tuple[str, list[str]]]:
-    return [("Only in run A", diff["only_in_a"]), ("Only in run B", diff["only_in_b"]),
-            ("Failed in run A", diff["failed_in_a"]), ("Failed in run B", diff["failed_in_b"])]
+    return [
+        ("Only in run A", diff["only_in_a"]),
+        ("Only in run B", diff["only_in_b"]),
+        ("Failed in run A", diff["failed_in_a"]),
+        ("Failed in run B", diff["failed_in_b"]),
+    ]
 
 
 def _details_block(s: dict) -> R.Block:
@@ -270,9 +350,12 @@ def _details_block(s: dict) -> R.Block:
 
 def _sections(diff: dict) -> list[R.Section]:
     """The diff as report sections (rendered by the shared :mod:`circuitfind.report.render`)."""
-    summary = R.section("Summary", *(R.text(line) for line in _intro(diff)),
-                        R.table(SUMMARY_HEADER, _summary_rows(diff)),
-                        *(R.text(", ".join(items) or "none", bold=f"{label}:") for label, items in _one_run_only(diff)))
+    summary = R.section(
+        "Summary",
+        *(R.text(line) for line in _intro(diff)),
+        R.table(SUMMARY_HEADER, _summary_rows(diff)),
+        *(R.text(", ".join(items) or "none", bold=f"{label}:") for label, items in _one_run_only(diff)),
+    )
     settings = [R.section(s["key"], _details_block(s), level=3) for s in diff["settings"]]
     return [summary, R.section("Per setting", R.text("Edges gained and lost, from run A to run B.")), *settings]
 
@@ -291,8 +374,11 @@ def write_diff(run_a: str | Path, run_b: str | Path, out_dir: str | Path | None 
     diff = diff_runs(run_a, run_b)
     out = Path(out_dir) if out_dir is not None else Path(run_b) / f"diff-{Path(run_a).resolve().name}"
     markdown = to_markdown(diff)
-    paths = {"json": str(write_json(out / "diff.json", diff)), "html": str(write_text(out / "diff.html", to_html(diff))),
-             "markdown": str(write_text(out / "diff.md", markdown))}
+    paths = {
+        "json": str(write_json(out / "diff.json", diff)),
+        "html": str(write_text(out / "diff.html", to_html(diff))),
+        "markdown": str(write_text(out / "diff.md", markdown)),
+    }
     return {**paths, "markdown_text": markdown}
 
 

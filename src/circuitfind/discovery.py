@@ -47,9 +47,18 @@ class EmptyCircuitError(CircuitfindError, ValueError):
 
 def _settings(patcher: EdgePatcher, algorithm: str, **extra) -> dict:
     s = patcher.setup
-    return {"algorithm": algorithm, "corruption": s.plan.name, "metric": s.metric.name, "direction": patcher.direction,
-            "n_prompts": s.batch.size, "task": s.batch.task.name, "clean": s.clean_value, "corrupt": s.corrupt_value,
-            "d_model": s.model.cfg.d_model, **extra}  # d_model: EAP-IG / MIB files carry it
+    return {
+        "algorithm": algorithm,
+        "corruption": s.plan.name,
+        "metric": s.metric.name,
+        "direction": patcher.direction,
+        "n_prompts": s.batch.size,
+        "task": s.batch.task.name,
+        "clean": s.clean_value,
+        "corrupt": s.corrupt_value,
+        "d_model": s.model.cfg.d_model,
+        **extra,
+    }  # d_model: EAP-IG / MIB files carry it
 
 
 # -- gradient attributions ----------------------------------------------------------------
@@ -65,8 +74,10 @@ def eap(patcher: EdgePatcher, per_prompt: bool = False) -> torch.Tensor:
     """
     B = patcher.setup.size
     if patcher.graph.n_pos is None:  # sender differences dotted with receiver gradients, a pass at a time
-        parts = [patcher.attribution(per_prompt=per_prompt, prompts=prompts, scale=1.0 if per_prompt else 1.0 / B)
-                 for _, prompts in patcher.passes(1)]
+        parts = [
+            patcher.attribution(per_prompt=per_prompt, prompts=prompts, scale=1.0 if per_prompt else 1.0 / B)
+            for _, prompts in patcher.passes(1)
+        ]
         return torch.cat(parts, dim=1) if per_prompt else torch.stack(parts).sum(0)
     masks = patcher.ones(per_prompt=per_prompt).requires_grad_(True)  # per-position edges: the masks' gradient
     for _, prompts in patcher.passes(1, "grad"):
@@ -104,8 +115,14 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
         total = None
         for steps_part, prompts in patcher.passes(steps, extra_hooks=hooks):  # a backward per pass (memory budget)
             start = steps_part.start
-            part = patcher.attribution(fixed_diff=True, extra_hooks=hooks, n=steps_part.stop - steps_part.start,
-                                       per_prompt=per_prompt, prompts=prompts, scale=scale)
+            part = patcher.attribution(
+                fixed_diff=True,
+                extra_hooks=hooks,
+                n=steps_part.stop - steps_part.start,
+                per_prompt=per_prompt,
+                prompts=prompts,
+                scale=scale,
+            )
             if per_prompt:
                 total = torch.zeros(part.shape[0], B, device=part.device) if total is None else total
                 total[:, prompts] += part
@@ -115,7 +132,9 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
     masks = patcher.ones(steps, per_prompt=per_prompt).requires_grad_(True)  # per-position edges: the masks' gradient
     for steps_part, prompts in patcher.passes(steps, "grad", extra_hooks=hooks):
         start = steps_part.start
-        values = patcher.run(masks[steps_part], fixed_diff=True, extra_hooks=hooks, per_prompt=per_prompt, prompts=prompts)
+        values = patcher.run(
+            masks[steps_part], fixed_diff=True, extra_hooks=hooks, per_prompt=per_prompt, prompts=prompts
+        )
         (values.sum() * scale).backward()
     return -masks.grad.mean(0).detach()
 
@@ -157,8 +176,14 @@ def eap_circuit(patcher: EdgePatcher, k: int, ig_steps: int | None = None) -> Ci
 # -- ACDC ---------------------------------------------------------------------------------
 
 
-def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_prefix: bool = True,
-         progress: bool | None = None, max_passes: int | None = None) -> Circuit:
+def acdc(
+    patcher: EdgePatcher,
+    tau: float,
+    candidates: int | None = None,
+    reuse_prefix: bool = True,
+    progress: bool | None = None,
+    max_passes: int | None = None,
+) -> Circuit:
     """ACDC: prune edges whose removal changes the objective by less than ``tau``.
 
     The objective is the distance from the full model, ``d(S) = base - metric(S)`` (for the ``kl``
@@ -206,7 +231,9 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
     chunk, n_forward, n_evaluated = 1, 1, 1
     show = setup.progress if progress is None else progress
     complete = True
-    for r in tqdm(reversed(range(len(graph.receivers))), total=len(graph.receivers), desc="ACDC", disable=not show, leave=False):
+    for r in tqdm(
+        reversed(range(len(graph.receivers))), total=len(graph.receivers), desc="ACDC", disable=not show, leave=False
+    ):
         receiver = graph.receivers[r]
         incoming = (r_idx == r).nonzero().flatten().flip(0).tolist()  # latest sender first
         if receiver.node != LOGITS and not any(keep[outgoing[sender_of[node]]].any() for node in receiver.feeds):
@@ -239,16 +266,29 @@ def acdc(patcher: EdgePatcher, tau: float, candidates: int | None = None, reuse_
             i += consumed
         if not complete:
             break
-    settings = _settings(patcher, "acdc", tau=tau, forward_passes=n_forward, candidates_evaluated=n_evaluated,
-                         engine=patcher.engine, **({} if complete else {"complete": False}))
+    settings = _settings(
+        patcher,
+        "acdc",
+        tau=tau,
+        forward_passes=n_forward,
+        candidates_evaluated=n_evaluated,
+        engine=patcher.engine,
+        **({} if complete else {"complete": False}),
+    )
     return Circuit(graph, keep.cpu(), scores, settings)
 
 
 # -- iterative path patching --------------------------------------------------------------
 
 
-def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2.0, positions: str | None = "end",
-                            direction: P.Direction = "noise", kv_positions: str | None = None) -> Circuit:
+def iterative_path_patching(
+    setup: P.PatchingSetup,
+    depth: int = 2,
+    k: float = 2.0,
+    positions: str | None = "end",
+    direction: P.Direction = "noise",
+    kv_positions: str | None = None,
+) -> Circuit:
     """Path patching from the logits backwards (Wang et al. 2022), as an edge circuit.
 
     Level 1 patches the path from every head to the logits and keeps the heads passing the
@@ -293,9 +333,19 @@ def iterative_path_patching(setup: P.PatchingSetup, depth: int = 2, k: float = 2
                 nxt += mark(res, graph.receiver_name(layer, head, kind))
         frontier = [x for x in dict.fromkeys(nxt) if x not in seen]
         seen.update(frontier)
-    settings = {"algorithm": "path_patching", "corruption": setup.plan.name, "metric": setup.metric.name,
-                "direction": direction, "depth": depth, "k": k, "positions": positions, "kv_positions": kv_positions,
-                "n_prompts": setup.batch.size, "task": setup.batch.task.name, "d_model": setup.model.cfg.d_model}
+    settings = {
+        "algorithm": "path_patching",
+        "corruption": setup.plan.name,
+        "metric": setup.metric.name,
+        "direction": direction,
+        "depth": depth,
+        "k": k,
+        "positions": positions,
+        "kv_positions": kv_positions,
+        "n_prompts": setup.batch.size,
+        "task": setup.batch.task.name,
+        "d_model": setup.model.cfg.d_model,
+    }
     return Circuit(graph, keep, scores, settings)
 
 
@@ -391,8 +441,17 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
         if s in nodes and r is not None and found:
             keep[i] = True
             scores[i] = effect.get(r, effect.get(s, 0.0))
-    settings = {"algorithm": "node", "corruption": setup.plan.name, "metric": setup.metric.name, "direction": direction,
-                "k": k, "heads": sorted(found), "n_prompts": setup.batch.size, "task": setup.batch.task.name, "d_model": setup.model.cfg.d_model}
+    settings = {
+        "algorithm": "node",
+        "corruption": setup.plan.name,
+        "metric": setup.metric.name,
+        "direction": direction,
+        "k": k,
+        "heads": sorted(found),
+        "n_prompts": setup.batch.size,
+        "task": setup.batch.task.name,
+        "d_model": setup.model.cfg.d_model,
+    }
     return Circuit(graph, keep, scores, settings)
 
 
@@ -406,8 +465,17 @@ def allows_direction(algorithm: str, direction: str) -> bool:
     return algorithm not in NOISING_ONLY or direction == "noise"
 
 
-def check_options(algorithm: str, direction: str = "noise", *, acdc_tau: float = 0.02, top_k: int = 20,
-                  ig_steps: int = 5, path_depth: int = 2, path_k: float = 1.0, node_k: float = 2.0) -> None:
+def check_options(
+    algorithm: str,
+    direction: str = "noise",
+    *,
+    acdc_tau: float = 0.02,
+    top_k: int = 20,
+    ig_steps: int = 5,
+    path_depth: int = 2,
+    path_k: float = 1.0,
+    node_k: float = 2.0,
+) -> None:
     """Refuse bad :func:`discover` options before any work: an unknown algorithm or direction, and
     the numeric options the algorithm uses (``acdc_tau`` finite >= 0, ``path_k``/``node_k`` finite
     > 0, ``top_k``/``ig_steps``/``path_depth`` whole numbers >= 1). ``top_k`` is checked against the
@@ -448,17 +516,46 @@ class Discovery:
     curve: FaithfulnessCurve | None = None
 
 
-def discover(setup: P.PatchingSetup, algorithm: str, direction: P.Direction = "noise", *, acdc_tau: float = 0.02,
-             top_k: int = 20, ig_steps: int = 5, path_depth: int = 2, path_k: float = 1.0, node_k: float = 2.0,
-             per_prompt: bool = False, curve: bool = True) -> Discovery:
+def discover(
+    setup: P.PatchingSetup,
+    algorithm: str,
+    direction: P.Direction = "noise",
+    *,
+    acdc_tau: float = 0.02,
+    top_k: int = 20,
+    ig_steps: int = 5,
+    path_depth: int = 2,
+    path_k: float = 1.0,
+    node_k: float = 2.0,
+    per_prompt: bool = False,
+    curve: bool = True,
+) -> Discovery:
     """Run one discovery algorithm and measure the circuit's faithfulness (and, with ``curve``,
     the faithfulness curve of its scores). With ``per_prompt``, EAP/EAP-IG also return the
     per-prompt edge scores ``[n_edges, batch]``. Options are checked first (:func:`check_options`);
     a ``top_k`` larger than the graph is an error, as in :func:`select_top_k`."""
-    check_options(algorithm, direction, acdc_tau=acdc_tau, top_k=top_k, ig_steps=ig_steps, path_depth=path_depth,
-                  path_k=path_k, node_k=node_k)
-    circuit, per = _find(setup, algorithm, direction, acdc_tau=acdc_tau, top_k=top_k, ig_steps=ig_steps,
-                         path_depth=path_depth, path_k=path_k, node_k=node_k, per_prompt=per_prompt)
+    check_options(
+        algorithm,
+        direction,
+        acdc_tau=acdc_tau,
+        top_k=top_k,
+        ig_steps=ig_steps,
+        path_depth=path_depth,
+        path_k=path_k,
+        node_k=node_k,
+    )
+    circuit, per = _find(
+        setup,
+        algorithm,
+        direction,
+        acdc_tau=acdc_tau,
+        top_k=top_k,
+        ig_steps=ig_steps,
+        path_depth=path_depth,
+        path_k=path_k,
+        node_k=node_k,
+        per_prompt=per_prompt,
+    )
     found = Discovery(circuit, direction, per)
     patcher = EdgePatcher(setup, circuit.graph, direction=direction)
     if circuit.n_edges:
@@ -470,9 +567,19 @@ def discover(setup: P.PatchingSetup, algorithm: str, direction: P.Direction = "n
     return found
 
 
-def _find(setup: P.PatchingSetup, algorithm: str, direction: P.Direction, *, acdc_tau: float, top_k: int,
-          ig_steps: int, path_depth: int, path_k: float, node_k: float, per_prompt: bool
-          ) -> tuple[Circuit, torch.Tensor | None]:
+def _find(
+    setup: P.PatchingSetup,
+    algorithm: str,
+    direction: P.Direction,
+    *,
+    acdc_tau: float,
+    top_k: int,
+    ig_steps: int,
+    path_depth: int,
+    path_k: float,
+    node_k: float,
+    per_prompt: bool,
+) -> tuple[Circuit, torch.Tensor | None]:
     """The circuit of one algorithm (options checked) and, for EAP/EAP-IG with ``per_prompt``, the
     per-prompt edge scores."""
     if algorithm == "path_patching":

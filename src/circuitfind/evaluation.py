@@ -34,11 +34,15 @@ class TaskReport:
             f"  clean logit diff r - r'     {self.logit_diff:.3f}",
         ]
         for name, row in self.corrupted.items():
-            lines.append(f"  corrupted ({name:>10}) logit diff {row['logit_diff']:.3f}   KL(clean||corrupt) {-row['kl']:.3f}")
+            lines.append(
+                f"  corrupted ({name:>10}) logit diff {row['logit_diff']:.3f}   KL(clean||corrupt) {-row['kl']:.3f}"
+            )
         return "\n".join(lines)
 
 
-def evaluate(model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")) -> TaskReport:
+def evaluate(
+    model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")
+) -> TaskReport:
     """Accuracy of ``model`` on ``batch`` and the logit difference / KL under each corruption."""
     with torch.no_grad():
         logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()  # metrics in float32

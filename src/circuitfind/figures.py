@@ -12,8 +12,10 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def _svg(width: float, height: float, body: Iterable[str]) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
-            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="11">' + "".join(body) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+        f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="sans-serif" font-size="11">' + "".join(body) + "</svg>"
+    )
 
 
 def _blue(v: float) -> str:
@@ -29,7 +31,9 @@ def heatmap(values: Sequence[Sequence[float]], labels: Sequence[str], title: str
     left, top = max(8 * max((len(s) for s in labels), default=4), 60) + 30, 40
     body = [f'<text x="{left}" y="16" font-weight="bold">{escape(title)}</text>']
     for j in range(n):
-        body.append(f'<text x="{left + j * cell + cell / 2}" y="{top - 6}" text-anchor="middle" font-size="{9 if cell < 20 else 11}">{j}</text>')
+        body.append(
+            f'<text x="{left + j * cell + cell / 2}" y="{top - 6}" text-anchor="middle" font-size="{9 if cell < 20 else 11}">{j}</text>'
+        )
     for i, label in enumerate(labels):
         y = top + i * cell
         body.append(f'<text x="{left - 6}" y="{y + cell / 2 + 4}" text-anchor="end">{i}: {escape(label)}</text>')
@@ -38,10 +42,14 @@ def heatmap(values: Sequence[Sequence[float]], labels: Sequence[str], title: str
             x = left + j * cell
             colour = "white" if v > 0.55 else "black"
             text = "nan" if math.isnan(v) else f"{v:.2f}"
-            body.append(f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{_blue(v)}" stroke="#ddd">'
-                        f'<title>{escape(labels[i])} / {escape(labels[j])}: {text}</title></rect>')
+            body.append(
+                f'<rect x="{x}" y="{y}" width="{cell}" height="{cell}" fill="{_blue(v)}" stroke="#ddd">'
+                f"<title>{escape(labels[i])} / {escape(labels[j])}: {text}</title></rect>"
+            )
             if cell >= 26:  # values as text only where they fit; the tooltip always has them
-                body.append(f'<text x="{x + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle" fill="{colour}" font-size="9">{text}</text>')
+                body.append(
+                    f'<text x="{x + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle" fill="{colour}" font-size="9">{text}</text>'
+                )
     return _svg(left + n * cell + 10, top + n * cell + 10, body)
 
 
@@ -55,9 +63,16 @@ def _targets(receiver: str, n_heads: int, n_kv_heads: int) -> list[str]:
     return [head_name(node.layer, node.index) if node.kind == "head" else receiver]
 
 
-
-def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]], shared: set[tuple[str, str]],
-                    title: str = "", node_gap: int = 22, layer_gap: int = 90, n_kv_heads: int | None = None) -> str:
+def circuit_drawing(
+    n_layers: int,
+    n_heads: int,
+    edges: Iterable[tuple[str, str]],
+    shared: set[tuple[str, str]],
+    title: str = "",
+    node_gap: int = 22,
+    layer_gap: int = 90,
+    n_kv_heads: int | None = None,
+) -> str:
     """Heads and MLPs by layer (columns), circuit edges coloured: shared with the consensus (dark) or
     found only under this setting (orange). q/k/v receivers are drawn into their head; a grouped-query
     k/v receiver (``a1.g0<k>``, with ``n_kv_heads`` groups) into every head of its group. Each line
@@ -85,15 +100,20 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
                 continue
             used.update((s, target))
             (x1, y1), (x2, y2) = pos[s], pos[target]
-            lines.append(f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{stroke}" opacity="0.8"{dash}>'
-                         f'<title>{escape(s)} -&gt; {escape(r)}</title></line>')
+            lines.append(
+                f'<line x1="{x1}" y1="{y1}" x2="{x2}" y2="{y2}" stroke="{colour}" stroke-width="{stroke}" opacity="0.8"{dash}>'
+                f"<title>{escape(s)} -&gt; {escape(r)}</title></line>"
+            )
     body += lines
     for name, (x, y) in pos.items():
         fill = "#9ecae1" if name in used else "#f0f0f0"
         mlp = parse_node(name).kind == "mlp"  # MLPs are squares, the rest circles
-        shape = (f'<rect x="{x - 7}" y="{y - 7}" width="14" height="14" fill="{fill}" stroke="#555">' if mlp
-                 else f'<circle cx="{x}" cy="{y}" r="7" fill="{fill}" stroke="#555">')
-        body.append(shape + f'<title>{escape(name)}</title>' + ("</rect>" if mlp else "</circle>"))
+        shape = (
+            f'<rect x="{x - 7}" y="{y - 7}" width="14" height="14" fill="{fill}" stroke="#555">'
+            if mlp
+            else f'<circle cx="{x}" cy="{y}" r="7" fill="{fill}" stroke="#555">'
+        )
+        body.append(shape + f"<title>{escape(name)}</title>" + ("</rect>" if mlp else "</circle>"))
         if name in used or name in (INPUT, LOGITS):
             body.append(f'<text x="{x}" y="{y - 10}" text-anchor="middle" font-size="9">{escape(name)}</text>')
     width = 60 + layer_gap * (n_layers + 1)
@@ -101,8 +121,15 @@ def circuit_drawing(n_layers: int, n_heads: int, edges: Iterable[tuple[str, str]
     return _svg(width, height, body)
 
 
-def interval_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence[float], highs: Sequence[float],
-                  title: str = "", xlabel: str = "", width: int = 460) -> str:
+def interval_bars(
+    labels: Sequence[str],
+    values: Sequence[float],
+    lows: Sequence[float],
+    highs: Sequence[float],
+    title: str = "",
+    xlabel: str = "",
+    width: int = 460,
+) -> str:
     """Horizontal bars in [0, 1] with interval whiskers (NaN bounds: no whisker), one row per label."""
     left, top, row = max(60, 8 * max((len(s) for s in labels), default=4) + 10), 30, 24
     plot = width - left - 50
@@ -115,12 +142,16 @@ def interval_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence
         y = top + i * row
         body.append(f'<text x="{left - 6}" y="{y + 15}" text-anchor="end">{escape(label)}</text>')
         if not math.isnan(v):
-            body.append(f'<rect x="{left}" y="{y + 4}" width="{px(v) - left:.1f}" height="{row - 8}" fill="{PALETTE[0]}">'
-                        f'<title>{escape(label)}: {v:.3f}</title></rect>')
+            body.append(
+                f'<rect x="{left}" y="{y + 4}" width="{px(v) - left:.1f}" height="{row - 8}" fill="{PALETTE[0]}">'
+                f"<title>{escape(label)}: {v:.3f}</title></rect>"
+            )
             end = max(v, hi) if not math.isnan(hi) else v  # the value right of its whisker
             body.append(f'<text x="{px(end) + 4:.1f}" y="{y + 15}" font-size="9">{v:.2f}</text>')
         if not (math.isnan(lo) or math.isnan(hi)):
-            body.append(f'<line x1="{px(lo):.1f}" y1="{y + row / 2}" x2="{px(hi):.1f}" y2="{y + row / 2}" stroke="#222" stroke-width="1.5"/>')
+            body.append(
+                f'<line x1="{px(lo):.1f}" y1="{y + row / 2}" x2="{px(hi):.1f}" y2="{y + row / 2}" stroke="#222" stroke-width="1.5"/>'
+            )
     axis_y = top + len(labels) * row + 4
     body.append(f'<line x1="{left}" y1="{axis_y}" x2="{left + plot}" y2="{axis_y}" stroke="#999"/>')
     for v in (0.0, 0.5, 1.0):
@@ -129,8 +160,14 @@ def interval_bars(labels: Sequence[str], values: Sequence[float], lows: Sequence
     return _svg(width, axis_y + 34, body)
 
 
-def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
-               title: str = "", width: int = 560, height: int = 300) -> str:
+def line_chart(
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    title: str = "",
+    width: int = 560,
+    height: int = 300,
+) -> str:
     """Lines over a shared x axis, with a legend (x and y ranges from the data)."""
     xs = [x for xv, _ in series.values() for x in xv]
     ys = [y for _, yv in series.values() for y in yv if not math.isnan(y)]
@@ -147,21 +184,27 @@ def line_chart(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], xl
     def py(y):
         return top + ph - (y - y0) / ((y1 - y0) or 1) * ph
 
-    body = [f'<text x="{left}" y="16" font-weight="bold">{escape(title)}</text>',
-            f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
-            f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{escape(xlabel)}</text>',
-            f'<text x="12" y="{top + ph / 2}" transform="rotate(-90 12 {top + ph / 2})" text-anchor="middle">{escape(ylabel)}</text>']
+    body = [
+        f'<text x="{left}" y="16" font-weight="bold">{escape(title)}</text>',
+        f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>',
+        f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{escape(xlabel)}</text>',
+        f'<text x="12" y="{top + ph / 2}" transform="rotate(-90 12 {top + ph / 2})" text-anchor="middle">{escape(ylabel)}</text>',
+    ]
     for v in (y0, (y0 + y1) / 2, y1):
         body.append(f'<text x="{left - 4}" y="{py(v) + 4}" text-anchor="end" font-size="9">{v:.2f}</text>')
     for v in (x0, (x0 + x1) / 2, x1):
         body.append(f'<text x="{px(v)}" y="{top + ph + 14}" text-anchor="middle" font-size="9">{v:.2f}</text>')
     if y0 < 1 < y1 or y1 == 1:
-        body.append(f'<line x1="{left}" y1="{py(1)}" x2="{left + pw}" y2="{py(1)}" stroke="#ccc" stroke-dasharray="3,3"/>')
+        body.append(
+            f'<line x1="{left}" y1="{py(1)}" x2="{left + pw}" y2="{py(1)}" stroke="#ccc" stroke-dasharray="3,3"/>'
+        )
     for i, (name, (xv, yv)) in enumerate(series.items()):
         colour = PALETTE[i % len(PALETTE)]
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv, strict=True) if not math.isnan(y))
         body.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="1.5"/>')
         ly = top + 12 * i + 6
-        body.append(f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 25}" y2="{ly}" stroke="{colour}" stroke-width="2"/>'
-                    f'<text x="{left + pw + 30}" y="{ly + 4}" font-size="9">{escape(name)}</text>')
+        body.append(
+            f'<line x1="{left + pw + 10}" y1="{ly}" x2="{left + pw + 25}" y2="{ly}" stroke="{colour}" stroke-width="2"/>'
+            f'<text x="{left + pw + 30}" y="{ly + 4}" font-size="9">{escape(name)}</text>'
+        )
     return _svg(width, max(height, top + 12 * len(series) + 10), body)

@@ -67,8 +67,13 @@ def edge_count(n_layers: int, n_heads: int, split_qkv: bool = True, n_kv_heads: 
 
 def describe_shape(n_layers, n_heads, split_qkv=True, n_pos=None, n_kv_heads=None) -> str:
     """A graph shape as ``n_layers=3, n_heads=4, ...`` (for messages)."""
-    values = {"n_layers": n_layers, "n_heads": n_heads, "n_kv_heads": n_kv_heads or n_heads, "split_qkv": split_qkv,
-              "n_pos": n_pos}
+    values = {
+        "n_layers": n_layers,
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads or n_heads,
+        "split_qkv": split_qkv,
+        "n_pos": n_pos,
+    }
     return ", ".join(f"{k}={_short_repr(v)}" for k, v in values.items())
 
 
@@ -77,8 +82,9 @@ def _short_repr(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def check_shape(n_layers: int, n_heads: int, split_qkv: bool = True, n_pos: int | None = None,
-                n_kv_heads: int | None = None) -> int:
+def check_shape(
+    n_layers: int, n_heads: int, split_qkv: bool = True, n_pos: int | None = None, n_kv_heads: int | None = None
+) -> int:
     """Check a graph shape (types, ranges, size bounds) without building it; return its edge count."""
     for name, value in (("n_layers", n_layers), ("n_heads", n_heads)):
         positive_int(name, value)
@@ -91,17 +97,22 @@ def check_shape(n_layers: int, n_heads: int, split_qkv: bool = True, n_pos: int 
     if kv > n_heads or n_heads % kv:
         raise ValueError(f"n_heads ({n_heads}) must be a multiple of n_kv_heads ({kv})")
     if kv != n_heads and not split_qkv:
-        raise ValueError("merged q/k/v receivers need one k/v input per head; use split_qkv=True "
-                         "for grouped-query attention")
+        raise ValueError(
+            "merged q/k/v receivers need one k/v input per head; use split_qkv=True for grouped-query attention"
+        )
     shape = describe_shape(n_layers, n_heads, split_qkv, n_pos, n_kv_heads)
     if n_layers > MAX_EDGES or n_heads > MAX_EDGES:  # keeps the arithmetic below on small numbers
         raise ValueError(f"graph too large: {shape} (at most {MAX_EDGES} edges, circuitfind.graph.MAX_EDGES)")
     edges = edge_count(n_layers, n_heads, split_qkv, kv)
     if edges > MAX_EDGES:
-        raise ValueError(f"graph too large: {shape} has {edges} edges (at most {MAX_EDGES}, circuitfind.graph.MAX_EDGES)")
+        raise ValueError(
+            f"graph too large: {shape} has {edges} edges (at most {MAX_EDGES}, circuitfind.graph.MAX_EDGES)"
+        )
     if n_pos is not None and edges * n_pos > MAX_EDGE_POSITIONS:
-        raise ValueError(f"graph too large: {shape} has {edges} edges x n_pos={n_pos} positions "
-                         f"(at most {MAX_EDGE_POSITIONS}, circuitfind.graph.MAX_EDGE_POSITIONS)")
+        raise ValueError(
+            f"graph too large: {shape} has {edges} edges x n_pos={n_pos} positions "
+            f"(at most {MAX_EDGE_POSITIONS}, circuitfind.graph.MAX_EDGE_POSITIONS)"
+        )
     return edges
 
 
@@ -192,8 +203,13 @@ class ModelGraph:
     @property
     def shape(self) -> dict:
         """What makes two graphs the same: layers, heads, key/value heads, split q/k/v, positions."""
-        return {"n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
-                "split_qkv": self.split_qkv, "n_pos": self.n_pos}
+        return {
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads,
+            "split_qkv": self.split_qkv,
+            "n_pos": self.n_pos,
+        }
 
     @cached_property
     def edges(self) -> list[tuple[str, str]]:
@@ -225,16 +241,24 @@ class ModelGraph:
         return self.edges[i][0], self.receivers[self.edge_index[1][i]].feeds
 
     # -- networkx ---------------------------------------------------------------------------
-    def to_networkx(self, scores: torch.Tensor | None = None, in_circuit: torch.Tensor | None = None,
-                    **graph_attrs) -> nx.DiGraph:
+    def to_networkx(
+        self, scores: torch.Tensor | None = None, in_circuit: torch.Tensor | None = None, **graph_attrs
+    ) -> nx.DiGraph:
         """The graph as a ``networkx.DiGraph`` with ``layer``, ``head``, ``kind``, ``score``, ``in_circuit``.
 
         With ``n_pos`` set, edge attributes ``score`` and ``in_circuit`` are summed / any-ed over
         positions and per-position values are kept as ``score_pos`` (a JSON list).
         """
         g = nx.DiGraph()
-        g.graph.update({"n_layers": self.n_layers, "n_heads": self.n_heads, "split_qkv": self.split_qkv,
-                        "n_pos": -1 if self.n_pos is None else self.n_pos, "n_kv_heads": self.n_kv_heads})
+        g.graph.update(
+            {
+                "n_layers": self.n_layers,
+                "n_heads": self.n_heads,
+                "split_qkv": self.split_qkv,
+                "n_pos": -1 if self.n_pos is None else self.n_pos,
+                "n_kv_heads": self.n_kv_heads,
+            }
+        )
         g.graph.update({k: v if isinstance(v, (int, float, bool)) else str(v) for k, v in graph_attrs.items()})
         keep = torch.ones(self.n_edges, dtype=torch.bool) if in_circuit is None else in_circuit.bool().cpu()
         edge_scores = torch.zeros(self.n_edges) if scores is None else scores.detach().float().cpu()
@@ -249,10 +273,20 @@ class ModelGraph:
         g.add_node(LOGITS, layer=self.n_layers, head=-1, kind="logits", score=0.0, in_circuit=False)
         for receiver in self.receivers:
             if receiver.kind in QKV:
-                g.add_node(receiver.name, layer=receiver.layer, head=receiver.head, kind=f"input_{receiver.kind}", score=0.0,
-                           in_circuit=False)
+                g.add_node(
+                    receiver.name,
+                    layer=receiver.layer,
+                    head=receiver.head,
+                    kind=f"input_{receiver.kind}",
+                    score=0.0,
+                    in_circuit=False,
+                )
         for i, (s, r) in enumerate(self.edges):
-            attrs: dict[str, float | bool | str] = {"score": float(flat_score[i]), "in_circuit": bool(flat_keep[i]), "structural": False}
+            attrs: dict[str, float | bool | str] = {
+                "score": float(flat_score[i]),
+                "in_circuit": bool(flat_keep[i]),
+                "structural": False,
+            }
             if per_pos:
                 attrs["score_pos"] = json.dumps([float(x) for x in edge_scores[i]])
             if keep.dim() == 2:

@@ -31,7 +31,13 @@ from circuitfind.graph import _short_repr
 from circuitfind.io import write_bytes, write_text
 
 FORMATS = {".graphml": "graphml", ".gexf": "gexf", ".json": "json", ".dot": "dot", ".gv": "dot"}
-FORMAT_NAMES = {"graphml": "GraphML", "gexf": "GEXF", "json": "node-link JSON", "dot": "DOT", "mib": "EAP-IG / MIB graph JSON"}
+FORMAT_NAMES = {
+    "graphml": "GraphML",
+    "gexf": "GEXF",
+    "json": "node-link JSON",
+    "dot": "DOT",
+    "mib": "EAP-IG / MIB graph JSON",
+}
 # EAP-IG / MIB circuit JSON: the suffix ``.mib.json`` (or fmt="mib"); a plain ``.json`` stays node-link JSON.
 MIB_SUFFIX = ".mib.json"
 NODE_TYPES = {"layer": int, "head": int, "kind": str, "score": float, "in_circuit": bool}
@@ -46,8 +52,17 @@ MAX_DOT_FILE_BYTES = 4 * 2**20
 MAX_DOT_NESTING = 16
 
 # What the parsers raise on malformed input (defusedxml's refusals are ValueErrors).
-_PARSE_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, SyntaxError, RecursionError,
-                 ArithmeticError, nx.NetworkXError)
+_PARSE_ERRORS = (
+    ValueError,
+    TypeError,
+    KeyError,
+    IndexError,
+    AttributeError,
+    SyntaxError,
+    RecursionError,
+    ArithmeticError,
+    nx.NetworkXError,
+)
 _DOT_LOCK = threading.Lock()  # pydot's parser is not thread-safe
 
 
@@ -58,10 +73,11 @@ def graph_format(path: str | os.PathLike, fmt: str | None = None) -> str:
         fmt = "mib"
     fmt = fmt or FORMATS.get(path.suffix.lower())
     if fmt not in FORMAT_NAMES:
-        raise ValueError(f"unknown graph format for {path.name!r}: use one of {sorted(FORMAT_NAMES)} "
-                         f"(suffixes {sorted(FORMATS) + [MIB_SUFFIX]})")
+        raise ValueError(
+            f"unknown graph format for {path.name!r}: use one of {sorted(FORMAT_NAMES)} "
+            f"(suffixes {sorted(FORMATS) + [MIB_SUFFIX]})"
+        )
     return fmt
-
 
 
 def write_graph(graph: nx.DiGraph, path: str | os.PathLike, fmt: str | None = None) -> Path:
@@ -107,8 +123,10 @@ def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
     except GraphFileError:
         raise
     except DefusedXmlException as err:
-        raise GraphFileError(f"{path}: refused: XML with a DTD or entity declarations (entities can expand "
-                             f"without limit or read other files): {_one_line(err)}") from err
+        raise GraphFileError(
+            f"{path}: refused: XML with a DTD or entity declarations (entities can expand "
+            f"without limit or read other files): {_one_line(err)}"
+        ) from err
     except _PARSE_ERRORS as err:
         raise GraphFileError(f"{path}: not a valid {name} file: {_one_line(err)}") from err
     try:
@@ -279,8 +297,10 @@ def _from_dot(text: str, path: Path | str = "DOT text") -> nx.DiGraph:
 
     depth = dot_nesting(text)
     if depth > MAX_DOT_NESTING:
-        raise GraphFileError(f"{path}: brackets nested {depth} deep (more than {MAX_DOT_NESTING}): "
-                             f"refused, deeply nested DOT exhausts the parser")
+        raise GraphFileError(
+            f"{path}: brackets nested {depth} deep (more than {MAX_DOT_NESTING}): "
+            f"refused, deeply nested DOT exhausts the parser"
+        )
     with _DOT_LOCK, contextlib.redirect_stdout(io.StringIO()) as printed:  # pydot prints parse errors
         graphs = pydot.graph_from_dot_data(text)
     if not graphs:
@@ -291,8 +311,10 @@ def _from_dot(text: str, path: Path | str = "DOT text") -> nx.DiGraph:
     (dot,) = graphs
 
     def clean(attrs: dict) -> dict:
-        return {k: v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if isinstance(v, str) and v.startswith('"') else v
-                for k, v in attrs.items()}
+        return {
+            k: v[1:-1].replace('\\"', '"').replace("\\\\", "\\") if isinstance(v, str) and v.startswith('"') else v
+            for k, v in attrs.items()
+        }
 
     g = nx.DiGraph()
     g.graph.update(clean(dot.get_attributes()))

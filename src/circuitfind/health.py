@@ -28,28 +28,38 @@ FLAGS = {
 }
 
 PITFALLS = {
-    "probability_metric": ("probability metric: cannot show components that push the answer down",
-                           "a patch can lower the answer's probability p by at most p (the metric is bounded below by -p), "
-                           "while it can raise it by up to 1 - p; when p is small, components that suppress the answer "
-                           "(negative heads) show next to no effect"),
-    "gaussian_noise": ("Gaussian noise can make early components look important",
-                       "noise added to the embeddings gives the model inputs it never saw in training; "
-                       "restoring early layers then repairs that out-of-distribution damage, not the task's mechanism"),
-    "sliding_mlp_window": ("a sliding MLP window inflates peaks compared with single layers",
-                           "restoring several adjacent layers at once adds their effects (and their interactions), "
-                           "so a window's curve peaks higher and wider than any single layer's effect"),
-    "noising": ("noising measures necessity",
-                "corrupting a component in the clean run asks whether the behaviour needs it; "
-                "a component can be necessary without being sufficient"),
-    "denoising": ("denoising measures sufficiency",
-                  "restoring a component in the corrupted run asks whether it is enough to bring the behaviour back; "
-                  "noising and denoising answer different questions and need not find the same circuit"),
+    "probability_metric": (
+        "probability metric: cannot show components that push the answer down",
+        "a patch can lower the answer's probability p by at most p (the metric is bounded below by -p), "
+        "while it can raise it by up to 1 - p; when p is small, components that suppress the answer "
+        "(negative heads) show next to no effect",
+    ),
+    "gaussian_noise": (
+        "Gaussian noise can make early components look important",
+        "noise added to the embeddings gives the model inputs it never saw in training; "
+        "restoring early layers then repairs that out-of-distribution damage, not the task's mechanism",
+    ),
+    "sliding_mlp_window": (
+        "a sliding MLP window inflates peaks compared with single layers",
+        "restoring several adjacent layers at once adds their effects (and their interactions), "
+        "so a window's curve peaks higher and wider than any single layer's effect",
+    ),
+    "noising": (
+        "noising measures necessity",
+        "corrupting a component in the clean run asks whether the behaviour needs it; "
+        "a component can be necessary without being sufficient",
+    ),
+    "denoising": (
+        "denoising measures sufficiency",
+        "restoring a component in the corrupted run asks whether it is enough to bring the behaviour back; "
+        "noising and denoising answer different questions and need not find the same circuit",
+    ),
 }
 
 # Why a flag appears under a particular setting, where the reason is known.
 KNOWN_CAUSES = {
     ("zero_scores", "kl", "noise"): "attribution patching linearises the metric at the clean run, and the gradient of "
-                                    "the KL divergence to the clean distribution is zero there (its minimum)",
+    "the KL divergence to the clean distribution is zero there (its minimum)",
 }
 
 
@@ -74,7 +84,11 @@ def check_record(record: dict) -> list[str]:
     """Codes of :data:`FLAGS` that a setting record raises (empty: healthy)."""
     flags = []
     clean, corrupt = record.get("clean"), record.get("corrupt")
-    if _number(clean) and _number(corrupt) and abs(clean - corrupt) <= SAME_VALUE_TOLERANCE * max(1.0, abs(clean), abs(corrupt)):
+    if (
+        _number(clean)
+        and _number(corrupt)
+        and abs(clean - corrupt) <= SAME_VALUE_TOLERANCE * max(1.0, abs(clean), abs(corrupt))
+    ):
         flags.append("clean_equals_corrupt")
     scores = record.get("scores")
     if scores is not None and record.get("algorithm") != "node":

@@ -42,10 +42,14 @@ class Metric:
     def __call__(self, logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
         values = self.score(logits.float(), ctx)
         if values.shape != logits.shape[:1]:
-            raise MetricError(f"metric {self.name!r} must return one value per prompt {tuple(logits.shape[:1])}, got {tuple(values.shape)}")
+            raise MetricError(
+                f"metric {self.name!r} must return one value per prompt {tuple(logits.shape[:1])}, got {tuple(values.shape)}"
+            )
         if not torch.isfinite(values).all():
             bad = (~torch.isfinite(values)).nonzero().flatten()[:5].tolist()
-            raise MetricError(f"metric {self.name!r} returned NaN or inf (prompts {bad}); check the model output and the metric")
+            raise MetricError(
+                f"metric {self.name!r} returned NaN or inf (prompts {bad}); check the model output and the metric"
+            )
         return values
 
     def __repr__(self) -> str:

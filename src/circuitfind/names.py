@@ -29,7 +29,12 @@ INPUT, LOGITS = "input", "logits"
 QKV = ("q", "k", "v")
 
 EMBEDDING_STAGE = ("hook_embed", "hook_pos_embed")  # hooks below block 0: their effect is in its residual input
-BLOCK_HOOKS = {"resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out", "resid_post": "hook_resid_post"}
+BLOCK_HOOKS = {
+    "resid_pre": "hook_resid_pre",
+    "attn_out": "hook_attn_out",
+    "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post",
+}
 _ATTN_HOOKS = ("z", "result", "pattern")
 _INPUT_HOOKS = ("q_input", "k_input", "v_input", "mlp_in")
 

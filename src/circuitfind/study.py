@@ -29,6 +29,7 @@ from circuitfind.tasks import TaskBatch
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
+
 class MetricRecorder(Metric):
     """Several metrics from the same forward passes of one sweep.
 
@@ -77,8 +78,9 @@ def patch_heads_metrics(setup: P.PatchingSetup, direction: P.Direction = "denois
     for metric in recorder.metrics:
         clean, corrupt = setup.baselines(metric)
         per_prompt = values[metric.name]
-        out[metric.name] = P.PatchResult(per_prompt.mean(-1), per_prompt, ids.axes, metric.name, ids.corruption,
-                                         direction, clean, corrupt, ids.kind)
+        out[metric.name] = P.PatchResult(
+            per_prompt.mean(-1), per_prompt, ids.axes, metric.name, ids.corruption, direction, clean, corrupt, ids.kind
+        )
     return out
 
 
@@ -114,9 +116,18 @@ def detection_masks(means: torch.Tensor, k: float, sign: str) -> torch.Tensor:
     return z.abs() >= k
 
 
-def head_detection(model: TransformerBridge, model_name: str, prompts: int = 40, seed: int = 0, k: float = 2.0,
-                   direction: P.Direction = "denoise", corruptions=("str:s2_io", "gn"), metrics=("prob", "logit_diff", "kl"),
-                   variants=("str:s2_io", "str:s1_io"), n_boot: int = 500) -> dict:
+def head_detection(
+    model: TransformerBridge,
+    model_name: str,
+    prompts: int = 40,
+    seed: int = 0,
+    k: float = 2.0,
+    direction: P.Direction = "denoise",
+    corruptions=("str:s2_io", "gn"),
+    metrics=("prob", "logit_diff", "kl"),
+    variants=("str:s2_io", "str:s1_io"),
+    n_boot: int = 500,
+) -> dict:
     """Heads >= ``k`` SD from the mean patching effect under each setting, with bootstrap intervals.
 
     Each corruption is one sweep recording every metric (:func:`patch_heads_metrics`). Per setting:
@@ -148,9 +159,18 @@ def head_detection(model: TransformerBridge, model_name: str, prompts: int = 40,
             normalised = (per_prompt - res.base) / (res.clean - res.corrupt)
             ci = compare.bootstrap_ci(normalised, n_boot=n_boot, seed=seed)
             frequencies: dict[str, dict[str, float]] = {}
-            row: dict[str, Any] = {"corruption": corruption, "metric": metric, "direction": direction, "noise_samples": copies,
-                   "normalised": res.normalised.tolist(), "ci_low": ci.low.tolist(), "ci_high": ci.high.tolist(),
-                   "clean": res.clean, "corrupt": res.corrupt, "detection_frequency": frequencies}
+            row: dict[str, Any] = {
+                "corruption": corruption,
+                "metric": metric,
+                "direction": direction,
+                "noise_samples": copies,
+                "normalised": res.normalised.tolist(),
+                "ci_low": ci.low.tolist(),
+                "ci_high": ci.high.tolist(),
+                "clean": res.clean,
+                "corrupt": res.corrupt,
+                "detection_frequency": frequencies,
+            }
             resampled = (weights @ (per_prompt - res.base).reshape(-1, per_prompt.shape[-1]).double().T).float()
             for key, sign in signs.items():
                 try:
@@ -162,16 +182,31 @@ def head_detection(model: TransformerBridge, model_name: str, prompts: int = 40,
                 masks = detection_masks(resampled, k, sign)
                 boot_masks[(name, key)] = masks
                 frequency = masks.double().mean(0).reshape(res.effect.shape)
-                frequencies[key] = {head_name(l, h): float(frequency[l, h]) for l in range(frequency.shape[0])
-                                                   for h in range(frequency.shape[1]) if frequency[l, h] > 0}
+                frequencies[key] = {
+                    head_name(l, h): float(frequency[l, h])
+                    for l in range(frequency.shape[0])
+                    for h in range(frequency.shape[1])
+                    if frequency[l, h] > 0
+                }
             rows[name] = row
     heads = {name: set(r["heads"]) for name, r in rows.items()}
     names = list(rows)
-    return {"model": model_name, "prompts": batch.size, "direction": direction, "k": k, "n_boot": n_boot, "signs": signs,
-            "settings": rows, "jaccard": compare.matrix(compare.pairwise(heads), names).tolist(), "names": names,
-            "jaccard_ci": jaccard_intervals({n: boot_masks[(n, "heads")] for n in names if (n, "heads") in boot_masks}, heads),
-            "stability": {h: f for h, f in compare.stability(heads).items()},
-            "s2_vs_s1io": {v: rows[f"{v}/logit_diff"]["heads"] for v in variants if f"{v}/logit_diff" in rows}}
+    return {
+        "model": model_name,
+        "prompts": batch.size,
+        "direction": direction,
+        "k": k,
+        "n_boot": n_boot,
+        "signs": signs,
+        "settings": rows,
+        "jaccard": compare.matrix(compare.pairwise(heads), names).tolist(),
+        "names": names,
+        "jaccard_ci": jaccard_intervals(
+            {n: boot_masks[(n, "heads")] for n in names if (n, "heads") in boot_masks}, heads
+        ),
+        "stability": {h: f for h, f in compare.stability(heads).items()},
+        "s2_vs_s1io": {v: rows[f"{v}/logit_diff"]["heads"] for v in variants if f"{v}/logit_diff" in rows},
+    }
 
 
 def jaccard_intervals(masks: dict[str, torch.Tensor], found: dict[str, set], level: float = 0.95) -> dict[str, dict]:
@@ -182,17 +217,31 @@ def jaccard_intervals(masks: dict[str, torch.Tensor], found: dict[str, set], lev
     alpha = (1 - level) / 2
     out = {}
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             both = (masks[a] & masks[b]).sum(-1).double()
             either = (masks[a] | masks[b]).sum(-1).double()
             j = torch.where(either > 0, both / either.clamp(min=1), torch.ones_like(both))  # two empty sets agree
             low, high = torch.quantile(j, torch.tensor([alpha, 1 - alpha], dtype=torch.float64)).tolist()
-            out[f"{a} | {b}"] = {"a": a, "b": b, "jaccard": compare.jaccard(found[a], found[b]), "low": low, "high": high}
+            out[f"{a} | {b}"] = {
+                "a": a,
+                "b": b,
+                "jaccard": compare.jaccard(found[a], found[b]),
+                "low": low,
+                "high": high,
+            }
     return out
 
 
-def mlp_localisation(model: TransformerBridge, model_name: str, prompts: int = 16, seed: int = 0, windows=(1, 3, 5), corruption: str = "gn",
-                     metric: str = "prob", position: str = "subject_last") -> dict:
+def mlp_localisation(
+    model: TransformerBridge,
+    model_name: str,
+    prompts: int = 16,
+    seed: int = 0,
+    windows=(1, 3, 5),
+    corruption: str = "gn",
+    metric: str = "prob",
+    position: str = "subject_last",
+) -> dict:
     """Per-layer restoration by MLP windows at the subject's last token, and the summation baseline."""
     batch = TaskBatch.build(model, "factual", prompts, seed=seed)
     setup = P.prepare(model, batch, corruption, metric)
@@ -212,11 +261,25 @@ def mlp_localisation(model: TransformerBridge, model_name: str, prompts: int = 1
     for w in windows:
         if w > 1:
             a, b = torch.tensor(curves[f"window {w}"]), torch.tensor(curves[f"sum of {w} single layers"])
-            agreement[w] = {"spearman": compare.rank_correlation(a, b, absolute=False)["spearman"],
-                            "peak_window": peaks[f"window {w}"], "peak_sum": peaks[f"sum of {w} single layers"],
-                            "max_window": float(a.max()), "max_sum": float(b.max())}
-    return {"model": model_name, "prompts": batch.size, "corruption": corruption, "metric": metric, "position": position,
-            "clean": setup.clean_value, "corrupt": setup.corrupt_value, "curves": curves, "peaks": peaks, "agreement": agreement}
+            agreement[w] = {
+                "spearman": compare.rank_correlation(a, b, absolute=False)["spearman"],
+                "peak_window": peaks[f"window {w}"],
+                "peak_sum": peaks[f"sum of {w} single layers"],
+                "max_window": float(a.max()),
+                "max_sum": float(b.max()),
+            }
+    return {
+        "model": model_name,
+        "prompts": batch.size,
+        "corruption": corruption,
+        "metric": metric,
+        "position": position,
+        "clean": setup.clean_value,
+        "corrupt": setup.corrupt_value,
+        "curves": curves,
+        "peaks": peaks,
+        "agreement": agreement,
+    }
 
 
 def _pitfalls(codes) -> R.Block:
@@ -237,14 +300,27 @@ def _signs_and_stability(h: dict) -> list[R.Section]:
         return ", ".join(f"{x} ({freq.get(x, 0.0):.2f})" for x in row[key]) or "(none)"
 
     signs = h["signs"]
-    header = ["corruption/metric", f"heads ({signs['heads']} effects)", f"negative heads ({signs['negative_heads']} effects)"]
+    header = [
+        "corruption/metric",
+        f"heads ({signs['heads']} effects)",
+        f"negative heads ({signs['negative_heads']} effects)",
+    ]
     rows = [[n, listed(r, "heads"), listed(r, "negative_heads")] for n, r in h["settings"].items()]
     pairs = [[p["a"], p["b"], p["jaccard"], f"[{p['low']:.2f}, {p['high']:.2f}]"] for p in h["jaccard_ci"].values()]
-    note = (f"In brackets: the fraction of {h['n_boot']} resamples of the prompts in which the head is detected "
-            "(noise samples averaged per prompt first).")
-    return [R.section("Heads of both signs, and how stable they are", R.text(note), R.table(header, rows),
-                      R.text("Jaccard of the heads found, with a 95% interval over the same prompt resamples:"),
-                      R.table(["setting A", "setting B", "Jaccard", "95% interval"], pairs), level=3)]
+    note = (
+        f"In brackets: the fraction of {h['n_boot']} resamples of the prompts in which the head is detected "
+        "(noise samples averaged per prompt first)."
+    )
+    return [
+        R.section(
+            "Heads of both signs, and how stable they are",
+            R.text(note),
+            R.table(header, rows),
+            R.text("Jaccard of the heads found, with a 95% interval over the same prompt resamples:"),
+            R.table(["setting A", "setting B", "Jaccard", "95% interval"], pairs),
+            level=3,
+        )
+    ]
 
 
 def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> dict[str, str]:
@@ -257,31 +333,86 @@ def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> di
             eff = torch.tensor(r["normalised"])
             top = int(eff.flatten().abs().argmax())
             l, hd = divmod(top, eff.shape[1])
-            rows.append([n, ", ".join(r["heads"]) or "(none)",
-                         f"a{l}.{hd}: {eff[l, hd]:.3f} [{r['ci_low'][l][hd]:.3f}, {r['ci_high'][l][hd]:.3f}]"])
-        blocks = [R.table(["corruption/metric", "heads found", "top head: normalised effect [95% CI]"], rows),
-                  R.text(", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])),
-                         bold="Heads by the fraction of settings that find them:")]
+            rows.append(
+                [
+                    n,
+                    ", ".join(r["heads"]) or "(none)",
+                    f"a{l}.{hd}: {eff[l, hd]:.3f} [{r['ci_low'][l][hd]:.3f}, {r['ci_high'][l][hd]:.3f}]",
+                ]
+            )
+        blocks = [
+            R.table(["corruption/metric", "heads found", "top head: normalised effect [95% CI]"], rows),
+            R.text(
+                ", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])),
+                bold="Heads by the fraction of settings that find them:",
+            ),
+        ]
         if h["s2_vs_s1io"]:
-            blocks.append(R.text("; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()), bold="Corrupting S2 vs S1+IO:"))
-        blocks.append(R.figure(figures.heatmap(h["jaccard"], h["names"], "Jaccard overlap of the heads found"), "Jaccard overlap of the heads found"))
-        settings = [{"metric": r["metric"], "corruption": r["corruption"], "direction": h["direction"]} for r in h["settings"].values()]
+            blocks.append(
+                R.text(
+                    "; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()),
+                    bold="Corrupting S2 vs S1+IO:",
+                )
+            )
+        blocks.append(
+            R.figure(
+                figures.heatmap(h["jaccard"], h["names"], "Jaccard overlap of the heads found"),
+                "Jaccard overlap of the heads found",
+            )
+        )
+        settings = [
+            {"metric": r["metric"], "corruption": r["corruption"], "direction": h["direction"]}
+            for r in h["settings"].values()
+        ]
         codes = [c for c in health.PITFALLS if any(c in health.setting_notes(x) for x in settings)]
-        sections += [R.section(title, *blocks), *_signs_and_stability(h),
-                     R.section("Pitfalls of these settings", _pitfalls(codes), level=3)]
+        sections += [
+            R.section(title, *blocks),
+            *_signs_and_stability(h),
+            R.section("Pitfalls of these settings", _pitfalls(codes), level=3),
+        ]
     for m in mlps:
         title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']})"
-        rows = [[w, a["peak_window"], a["peak_sum"], a["max_window"], a["max_sum"], a["spearman"]] for w, a in m["agreement"].items()]
+        rows = [
+            [w, a["peak_window"], a["peak_sum"], a["max_window"], a["max_sum"], a["spearman"]]
+            for w, a in m["agreement"].items()
+        ]
         layers = list(range(len(next(iter(m["curves"].values())))))
-        chart = figures.line_chart({k: (layers, v) for k, v in m["curves"].items()}, "layer (window centre)",
-                                   "normalised restoration", "MLP windows vs summation of single layers", 760, 340)
-        setting = {"metric": m["metric"], "corruption": m["corruption"], "direction": "denoise",
-                   "mlp_window": max([int(w) for w in m["agreement"]] or [1])}
-        sections += [R.section(title, R.text(str(m["peaks"].get("window 1")), bold="Peak layer of single-layer patching:"),
-                               R.table(["window", "peak layer (window)", "peak layer (sum)", "max restored (window)", "max restored (sum)", "Spearman"], rows),
-                               R.figure(chart, "MLP windows vs summation of single layers")),
-                     R.section("Pitfalls of this setting", _pitfalls(health.setting_notes(setting)), level=3)]
+        chart = figures.line_chart(
+            {k: (layers, v) for k, v in m["curves"].items()},
+            "layer (window centre)",
+            "normalised restoration",
+            "MLP windows vs summation of single layers",
+            760,
+            340,
+        )
+        setting = {
+            "metric": m["metric"],
+            "corruption": m["corruption"],
+            "direction": "denoise",
+            "mlp_window": max([int(w) for w in m["agreement"]] or [1]),
+        }
+        sections += [
+            R.section(
+                title,
+                R.text(str(m["peaks"].get("window 1")), bold="Peak layer of single-layer patching:"),
+                R.table(
+                    [
+                        "window",
+                        "peak layer (window)",
+                        "peak layer (sum)",
+                        "max restored (window)",
+                        "max restored (sum)",
+                        "Spearman",
+                    ],
+                    rows,
+                ),
+                R.figure(chart, "MLP windows vs summation of single layers"),
+            ),
+            R.section("Pitfalls of this setting", _pitfalls(health.setting_notes(setting)), level=3),
+        ]
     out = Path(out_dir)
     title = "Settings-sensitivity study"
-    return {"html": str(write_text(out / "study.html", R.html_page(title, sections))),
-            "markdown": str(write_text(out / "study.md", R.markdown_page(title, sections)))}
+    return {
+        "html": str(write_text(out / "study.html", R.html_page(title, sections))),
+        "markdown": str(write_text(out / "study.md", R.markdown_page(title, sections))),
+    }

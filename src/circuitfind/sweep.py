@@ -158,14 +158,20 @@ class SweepConfig(BaseModel):
                 if not spec.str_variants:
                     raise TaskError(f"corruption {c!r}: task {spec.name!r} defines no STR variants")
                 if (variant or spec.default_str) not in spec.str_variants:
-                    raise TaskError(f"corruption {c!r}: task {spec.name!r} has no STR variant {variant or spec.default_str!r} "
-                                    f"(its variants: {', '.join(spec.str_variants)})")
+                    raise TaskError(
+                        f"corruption {c!r}: task {spec.name!r} has no STR variant {variant or spec.default_str!r} "
+                        f"(its variants: {', '.join(spec.str_variants)})"
+                    )
         device_type = torch.device(self.device).type if self.device is not None else None
         if not device_here:
             return self
         if device_type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r}: no CUDA device is available here")
-        if self.dtype == "float16" and device_type != "cuda" and not (device_type is None and torch.cuda.is_available()):
+        if (
+            self.dtype == "float16"
+            and device_type != "cuda"
+            and not (device_type is None and torch.cuda.is_available())
+        ):
             raise ValueError("dtype 'float16' runs on a GPU only (on CPU use bfloat16 or float32)")
         return self
 
@@ -175,12 +181,17 @@ class SweepConfig(BaseModel):
             if a not in D.ALGORITHMS:
                 raise ValueError(f"unknown algorithm {a!r}; choose from {D.ALGORITHMS}")
         grid = product(self.models, self.tasks, self.algorithms, self.corruptions, self.metrics, self.directions)
-        return [Setting(model=m, task=t, algorithm=a, corruption=c, metric=mt, direction=d)
-                for m, t, a, c, mt, d in grid if D.allows_direction(a, d)]
+        return [
+            Setting(model=m, task=t, algorithm=a, corruption=c, metric=mt, direction=d)
+            for m, t, a, c, mt, d in grid
+            if D.allows_direction(a, d)
+        ]
 
     def shared(self) -> dict:
         """Parameters that change results (everything but the grid and the device)."""
-        return self.model_dump(exclude={"models", "tasks", "algorithms", "corruptions", "metrics", "directions", "device"})
+        return self.model_dump(
+            exclude={"models", "tasks", "algorithms", "corruptions", "metrics", "directions", "device"}
+        )
 
 
 def _file_sha256(path: Path) -> str:
@@ -249,9 +260,17 @@ def package_fingerprint() -> str:
 def cache_key(setting: Setting, config: SweepConfig) -> str:
     """A hash of everything that changes a setting's result: the setting, the shared parameters,
     the model's files, the task spec and the package's code."""
-    blob = json.dumps({"setting": setting.model_dump(), "shared": config.shared(), "model": model_fingerprint(setting.model),
-                       "task": task_fingerprint(setting.task), "code": package_fingerprint(),
-                       "version": circuitfind.__version__}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "setting": setting.model_dump(),
+            "shared": config.shared(),
+            "model": model_fingerprint(setting.model),
+            "task": task_fingerprint(setting.task),
+            "code": package_fingerprint(),
+            "version": circuitfind.__version__,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -303,8 +322,15 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
     batch = TaskBatch.build(model, task, config.prompts, seed=config.seed)
     setup = P.prepare(model, batch, setting.corruption, setting.metric, max_batch=config.max_batch)
     found = D.discover(
-        setup, setting.algorithm, setting.direction, acdc_tau=config.acdc_tau, top_k=config.top_k,
-        ig_steps=config.ig_steps, path_depth=config.path_depth, path_k=config.path_k, node_k=config.node_k,
+        setup,
+        setting.algorithm,
+        setting.direction,
+        acdc_tau=config.acdc_tau,
+        top_k=config.top_k,
+        ig_steps=config.ig_steps,
+        path_depth=config.path_depth,
+        path_k=config.path_k,
+        node_k=config.node_k,
         per_prompt=setting.algorithm in ("eap", "eap_ig"),
     )
     circuit, per_prompt = found.circuit, found.per_prompt
@@ -313,13 +339,23 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
     curve = found.curve.as_dict() if found.curve else None
     circuit.settings.update(setting.model_dump())
     record = {
-        "setting": setting.name, **setting.model_dump(), "n_prompts": setup.batch.size,
-        "clean": setup.clean_value, "corrupt": setup.corrupt_value,
-        "n_layers": setup.n_layers, "n_heads": setup.n_heads, "n_kv_heads": circuit.graph.n_kv_heads,
+        "setting": setting.name,
+        **setting.model_dump(),
+        "n_prompts": setup.batch.size,
+        "clean": setup.clean_value,
+        "corrupt": setup.corrupt_value,
+        "n_layers": setup.n_layers,
+        "n_heads": setup.n_heads,
+        "n_kv_heads": circuit.graph.n_kv_heads,
         "graph_edges": circuit.graph.n_edges,
-        "n_edges": circuit.n_edges, "edges": [list(e) for e in circuit.edges], "nodes": sorted(circuit.nodes),
+        "n_edges": circuit.n_edges,
+        "edges": [list(e) for e in circuit.edges],
+        "nodes": sorted(circuit.nodes),
         "scores": circuit.scores.tolist() if circuit.scores is not None else None,
-        "faithfulness": faith, "faithfulness_status": faith_status, "curve": curve, "seconds": round(time.time() - start, 2),
+        "faithfulness": faith,
+        "faithfulness_status": faith_status,
+        "curve": curve,
+        "seconds": round(time.time() - start, 2),
     }
     return record, circuit, per_prompt
 
@@ -348,11 +384,15 @@ def check_worker(setting: Setting, config: SweepConfig, run_dir: str | Path, cac
     the cache cannot be written, or the setting asks for a CUDA device this machine does not have."""
     run_dir, cache_dir = Path(run_dir), Path(cache_dir)
     if config.device is not None and torch.device(config.device).type == "cuda" and not torch.cuda.is_available():
-        raise WorkerError(f"setting {setting.name} runs on {config.device!r} but {_where()} has no CUDA device: "
-                          "give the GPU resource only to workers on machines with a GPU (dask worker --resources GPU=1)")
+        raise WorkerError(
+            f"setting {setting.name} runs on {config.device!r} but {_where()} has no CUDA device: "
+            "give the GPU resource only to workers on machines with a GPU (dask worker --resources GPU=1)"
+        )
     if not (run_dir / RUN_MARKER).is_file():
-        raise WorkerError(f"{_where()} does not see the run folder {run_dir} that the flow created: outputs and "
-                          "cache must be on a filesystem every worker shares, at the same path (--outputs)")
+        raise WorkerError(
+            f"{_where()} does not see the run folder {run_dir} that the flow created: outputs and "
+            "cache must be on a filesystem every worker shares, at the same path (--outputs)"
+        )
     for folder in (run_dir / "circuits", cache_dir):
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -360,8 +400,10 @@ def check_worker(setting: Setting, config: SweepConfig, run_dir: str | Path, cac
             os.close(fd)
             os.unlink(probe)
         except OSError as err:
-            raise WorkerError(f"{_where()} cannot write {folder} ({err.strerror or err}): outputs and cache must be "
-                              "writable by every worker") from None
+            raise WorkerError(
+                f"{_where()} cannot write {folder} ({err.strerror or err}): outputs and cache must be "
+                "writable by every worker"
+            ) from None
 
 
 def worker_info() -> dict:
@@ -393,8 +435,11 @@ def run_setting(setting: Setting, config: SweepConfig, run_dir: str | Path, cach
             if files is None:
                 files = _compute_entry(setting, config, entry, key)
     record = json.loads(files["record.json"])
-    names = {"graphml": f"{setting.name}.graphml", "json": f"{setting.name}.json",
-             "per_prompt": f"{setting.name}.per_prompt.pt" if "per_prompt.pt" in files else None}
+    names = {
+        "graphml": f"{setting.name}.graphml",
+        "json": f"{setting.name}.json",
+        "per_prompt": f"{setting.name}.per_prompt.pt" if "per_prompt.pt" in files else None,
+    }
     run_dir = Path(run_dir)
     out = run_dir / "circuits"
     write_bytes(out / names["graphml"], files["circuit.graphml"])
@@ -410,7 +455,9 @@ def run_setting(setting: Setting, config: SweepConfig, run_dir: str | Path, cach
 def describe(summary: dict) -> str:
     """One line for the log: edges, faithfulness (or why there is none), cached or not."""
     faith = summary.get("faithfulness")
-    text = f"faithfulness {faith:.3f}" if faith is not None else f"no faithfulness ({summary.get('faithfulness_status')})"
+    text = (
+        f"faithfulness {faith:.3f}" if faith is not None else f"no faithfulness ({summary.get('faithfulness_status')})"
+    )
     return f"{summary['n_edges']} edges, {text}{' (cached)' if summary['from_cache'] else ''}"
 
 
@@ -433,6 +480,7 @@ def _compute_entry(setting: Setting, config: SweepConfig, entry: Path, key: str)
 
 def _read_entry(entry: Path, setting_name: str, quiet: bool = False) -> dict[str, bytes] | None:
     """The files of a complete cache entry whose checksums match, or None (logged unless ``quiet``)."""
+
     def damaged(problem: str) -> None:
         if not quiet:
             log.warning("cache entry %s of setting %s: %s; recomputing the setting", entry, setting_name, problem)
@@ -489,8 +537,10 @@ def check_run_folder(run_dir: str | Path, settings: list[Setting]) -> None:
     existing = {f.stem for f in (Path(run_dir) / "circuits").glob("*.json")}
     foreign = sorted(existing - {s.name for s in settings})
     if foreign:
-        raise ValueError(f"run folder {run_dir} holds settings of another grid ({len(foreign)}, e.g. {foreign[0]}); "
-                         "reuse a run name only to resume the same grid, or choose another --run")
+        raise ValueError(
+            f"run folder {run_dir} holds settings of another grid ({len(foreign)}, e.g. {foreign[0]}); "
+            "reuse a run name only to resume the same grid, or choose another --run"
+        )
 
 
 def _manifest_settings(run_dir: Path) -> set[str] | None:
@@ -521,8 +571,10 @@ def load_records(run_dir: str | Path) -> list[dict]:
             raise ValueError(f"setting record {f} is not valid JSON ({err})") from err
         missing = [k for k in RECORD_FIELDS if k not in record] if isinstance(record, dict) else None
         if missing is None or missing:
-            raise ValueError(f"setting record {f} is not a circuitfind setting record "
-                             + ("(not a JSON object)" if missing is None else f"(no {', '.join(missing)})"))
+            raise ValueError(
+                f"setting record {f} is not a circuitfind setting record "
+                + ("(not a JSON object)" if missing is None else f"(no {', '.join(missing)})")
+            )
         if listed is None or record["setting"] in listed:
             records.append(record)
     if not records:

@@ -95,8 +95,7 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
         path = tasks_dir() / f"{name_or_path}.json"
     if not path.is_file():
         raise TaskError(
-            f"unknown task {str(name_or_path)!r}: no such file and not one of {available_tasks()} "
-            f"in {tasks_dir()}"
+            f"unknown task {str(name_or_path)!r}: no such file and not one of {available_tasks()} in {tasks_dir()}"
         )
     data = json.loads(path.read_text())
     kind = data.get("kind")
@@ -170,8 +169,9 @@ def _factual_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]
         text, off = _fill(d["templates"][t], {"SUBJECT": subject})
         start, end = off["SUBJECT"], off["SUBJECT"] + len(subject)
         last_word = start + subject.rfind(" ") + 1
-        prompts.append(Prompt(text, answer, "", {"subject_swap": None}, {"subject_last": last_word}, t,
-                              {"subject": (start, end)}))
+        prompts.append(
+            Prompt(text, answer, "", {"subject_swap": None}, {"subject_last": last_word}, t, {"subject": (start, end)})
+        )
     return prompts
 
 
@@ -194,17 +194,21 @@ def _subject_swaps(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]
         subject = p.text[start:end]
         partners = [(s, a) for s, a in facts if a != p.answer and lengths[s] == lengths[subject]]
         if not partners:
-            raise TaskError(f"no other subject has the token length of {subject!r} ({lengths[subject]} tokens) "
-                            f"for this tokenizer: add facts to {spec.name}.json")
+            raise TaskError(
+                f"no other subject has the token length of {subject!r} ({lengths[subject]} tokens) "
+                f"for this tokenizer: add facts to {spec.name}.json"
+            )
         other, other_answer = partners[hash_index(subject, len(partners))]
         corrupted = _fill(template[p.template], {"SUBJECT": other})[0]
-        out.append(Prompt(p.text, p.answer, other_answer, {"subject_swap": corrupted}, p.key_chars, p.template, p.key_spans))
+        out.append(
+            Prompt(p.text, p.answer, other_answer, {"subject_swap": corrupted}, p.key_chars, p.template, p.key_spans)
+        )
     return out
 
 
 def hash_index(text: str, n: int) -> int:
     """A deterministic index in ``range(n)`` from a string (Python's hash() is salted per process)."""
-    return sum(ord(c) * 31 ** i for i, c in enumerate(text)) % n
+    return sum(ord(c) * 31**i for i, c in enumerate(text)) % n
 
 
 GENERATORS: dict[str, Callable[[TaskSpec, int, random.Random], list[Prompt]]] = {
@@ -221,8 +225,10 @@ def check_prompt_count(n: int) -> int:
     if n < 1:
         raise TaskError(f"need at least one prompt, got n={n}")
     if n > MAX_PROMPTS:
-        raise TaskError(f"n={n} prompts is too many: at most {MAX_PROMPTS} prompts in one batch "
-                        f"(circuitfind.tasks.MAX_PROMPTS; every patching run holds the whole batch in memory)")
+        raise TaskError(
+            f"n={n} prompts is too many: at most {MAX_PROMPTS} prompts in one batch "
+            f"(circuitfind.tasks.MAX_PROMPTS; every patching run holds the whole batch in memory)"
+        )
     return int(n)
 
 
@@ -319,11 +325,15 @@ class TaskBatch:
     def corrupted(self, variant: str | None = None) -> torch.Tensor:
         variant = variant or self.task.default_str
         if variant not in self.corrupted_tokens:
-            raise TaskError(f"task {self.task.name!r} has no STR variant {variant!r}; choose from {list(self.corrupted_tokens)}")
+            raise TaskError(
+                f"task {self.task.name!r} has no STR variant {variant!r}; choose from {list(self.corrupted_tokens)}"
+            )
         return self.corrupted_tokens[variant]
 
     @classmethod
-    def build(cls, model: TransformerBridge, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0) -> TaskBatch:
+    def build(
+        cls, model: TransformerBridge, task: TaskSpec | str, prompts: Sequence[Prompt] | int, seed: int = 0
+    ) -> TaskBatch:
         """Tokenise ``prompts`` (or sample that many, at most :data:`MAX_PROMPTS`) for ``model``,
         checking STR lengths and answers."""
         if isinstance(task, str):
@@ -391,5 +401,7 @@ class TaskBatch:
             elif name in self.positions:
                 out[rows, self.positions[name]] = True
             else:
-                raise TaskError(f"unknown key token {name!r}; task {self.task.name!r} has {list(self.positions) + list(self.spans)}")
+                raise TaskError(
+                    f"unknown key token {name!r}; task {self.task.name!r} has {list(self.positions) + list(self.spans)}"
+                )
         return out

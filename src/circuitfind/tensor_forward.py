@@ -44,8 +44,14 @@ def supports(model: TransformerBridge) -> bool:
     if getattr(cfg, "model_type", None) not in SUPPORTED or not getattr(model.cfg, "use_split_qkv_input", False):
         return False
     block = model.blocks[0]
-    return all(x is not None for x in (getattr(block.attn, "_ln1_module", None), getattr(block.ln2, "original_component", None),
-                                        getattr(model.ln_final, "original_component", None)))
+    return all(
+        x is not None
+        for x in (
+            getattr(block.attn, "_ln1_module", None),
+            getattr(block.ln2, "original_component", None),
+            getattr(model.ln_final, "original_component", None),
+        )
+    )
 
 
 def _tensor(obj, name: str) -> torch.Tensor | None:
@@ -79,7 +85,9 @@ class TensorModel:
     def __init__(self, model: TransformerBridge):
         if not supports(model):
             arch = getattr(getattr(getattr(model, "original_model", None), "config", None), "model_type", "?")
-            raise UnsupportedModelError(f"no functional forward pass for architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
+            raise UnsupportedModelError(
+                f"no functional forward pass for architecture {arch!r} (supported: {', '.join(SUPPORTED)})"
+            )
         hf: Any = model.original_model.config  # a transformers config: its fields differ by architecture
         cfg = model.cfg
         self.n_heads = cfg.n_heads
@@ -95,12 +103,26 @@ class TensorModel:
             if norm1 is None:
                 raise UnsupportedModelError("the bridge does not expose the attention's input norm")
             d_head = a.W_Q.shape[-1]
-            self.layers.append(_Layer(
-                norm1, _tensor(a, "W_Q"), _tensor(a, "W_K"), _tensor(a, "W_V"), _tensor(a, "W_O"),
-                _tensor(a, "b_Q"), _tensor(a, "b_K"), _tensor(a, "b_V"), _tensor(a, "b_O"),
-                block.ln2.original_component, _tensor(m, "W_in"), _tensor(m, "b_in"), _tensor(m, "W_gate"),
-                _tensor(m, "W_out"), _tensor(m, "b_out"), d_head**-0.5 / ((layer + 1) if by_layer else 1),
-            ))
+            self.layers.append(
+                _Layer(
+                    norm1,
+                    _tensor(a, "W_Q"),
+                    _tensor(a, "W_K"),
+                    _tensor(a, "W_V"),
+                    _tensor(a, "W_O"),
+                    _tensor(a, "b_Q"),
+                    _tensor(a, "b_K"),
+                    _tensor(a, "b_V"),
+                    _tensor(a, "b_O"),
+                    block.ln2.original_component,
+                    _tensor(m, "W_in"),
+                    _tensor(m, "b_in"),
+                    _tensor(m, "W_gate"),
+                    _tensor(m, "W_out"),
+                    _tensor(m, "b_out"),
+                    d_head**-0.5 / ((layer + 1) if by_layer else 1),
+                )
+            )
         self.final_norm = model.ln_final.original_component
         self.W_U, self.b_U = _tensor(model, "W_U"), _tensor(model, "b_U")
         rotary = [mod for name, mod in model.original_model.named_modules() if name.endswith("rotary_emb")]
@@ -127,8 +149,15 @@ class TensorModel:
         out = torch.einsum("...hd,hde->...he", norm(x), W)
         return out if b is None else out + b
 
-    def attention(self, layer: int, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
-                  q_pos: torch.Tensor | None = None, heads: list[int] | None = None) -> torch.Tensor:
+    def attention(
+        self,
+        layer: int,
+        q_in: torch.Tensor,
+        k_in: torch.Tensor,
+        v_in: torch.Tensor,
+        q_pos: torch.Tensor | None = None,
+        heads: list[int] | None = None,
+    ) -> torch.Tensor:
         """Per-head outputs (``hook_result``) from the residual inputs of the heads' q, k and v.
 
         ``k_in``/``v_in`` are ``[N, pos, KV, d_model]``. ``q_in`` is ``[N, pos, H, d_model]``, or, with
@@ -152,8 +181,9 @@ class TensorModel:
         out = torch.einsum("nhte,hed->nthd", z, W_O)
         return out[:, 0] if q_pos is not None else out
 
-    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None,
-                group: int) -> torch.Tensor:
+    def _attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None, group: int
+    ) -> torch.Tensor:
         """Causal attention of projected queries ``[N, T, H, e]`` (``[N, H, e]`` at ``q_pos``) over
         keys and values ``[N, T, KV, e]`` (rotary positions applied here): ``z`` as ``[N, H, Tq, e]``."""
         T = k.shape[1]
@@ -163,7 +193,11 @@ class TensorModel:
         if self.rotary is not None:
             cos, sin = self._rope(T, k)
             k = self._rotate(k, cos, sin)
-            q = self._rotate(q, cos, sin) if q_pos is None else self._rotate(q, cos[q_pos][:, None, None], sin[q_pos][:, None, None])
+            q = (
+                self._rotate(q, cos, sin)
+                if q_pos is None
+                else self._rotate(q, cos[q_pos][:, None, None], sin[q_pos][:, None, None])
+            )
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = (q @ k.transpose(-2, -1)) * self.layers[layer].scale  # [N, H, Tq, T]

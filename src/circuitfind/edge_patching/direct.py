@@ -45,8 +45,9 @@ class DirectEngine:
                 self._model = TensorModel(p.model)
             base = {name: t[prompts] for name, t in p.base_outputs().items()}
             sources = {name: t[prompts] for name, t in p.sources.items()}
-            self._masked[key] = MaskedForward(self._model, p.graph, base, sources, p.setup.plan.end_pos[prompts],
-                                              p.sender_hooks)
+            self._masked[key] = MaskedForward(
+                self._model, p.graph, base, sources, p.setup.plan.end_pos[prompts], p.sender_hooks
+            )
         return self._masked[key]
 
     def logits(self, keep: torch.Tensor, prompts: slice, first_receiver: int = 0) -> torch.Tensor:
@@ -76,8 +77,15 @@ class MaskedForward:
         sender_hooks: the senders' hooks in graph order (the input's first).
     """
 
-    def __init__(self, fm: TensorModel, graph: ModelGraph, base: dict[str, torch.Tensor],
-                 sources: dict[str, torch.Tensor], end_pos: torch.Tensor, sender_hooks: list[str]):
+    def __init__(
+        self,
+        fm: TensorModel,
+        graph: ModelGraph,
+        base: dict[str, torch.Tensor],
+        sources: dict[str, torch.Tensor],
+        end_pos: torch.Tensor,
+        sender_hooks: list[str],
+    ):
         if graph.n_pos is not None:
             raise ValueError("the functional engine needs a graph without per-position edges")
         self.fm, self.graph = fm, graph
@@ -155,8 +163,15 @@ class MaskedForward:
 class _Run:
     """One pass of :meth:`MaskedForward.logits` over ``n`` candidates (state kept for a prefix)."""
 
-    def __init__(self, mf: MaskedForward, patched: torch.Tensor, shared: torch.Tensor, resid: torch.Tensor,
-                 first_stage: int, stop: int | None = None):
+    def __init__(
+        self,
+        mf: MaskedForward,
+        patched: torch.Tensor,
+        shared: torch.Tensor,
+        resid: torch.Tensor,
+        first_stage: int,
+        stop: int | None = None,
+    ):
         self.mf, self.patched = mf, patched.to(resid.dtype)
         n, S = patched.shape[0], patched.shape[1]
         self.n, self.S0 = n, shared.shape[1]
@@ -188,7 +203,11 @@ class _Run:
                 corr = torch.matmul(ws.reshape(n * R, -1), shared).view(-1, n, R, mf.d).transpose(0, 1)
         first = max(lo, self.S0)
         if up > first:  # senders this pass computed, per candidate
-            new = self.diffs[:, mf.end_tokens, first - self.S0 : up - self.S0] if end else self.diffs[:, :, first - self.S0 : up - self.S0]
+            new = (
+                self.diffs[:, mf.end_tokens, first - self.S0 : up - self.S0]
+                if end
+                else self.diffs[:, :, first - self.S0 : up - self.S0]
+            )
             new = torch.matmul(self.patched[:, first:up, rows].transpose(1, 2)[:, None], new)  # [n, M, R, d]
             corr = new if corr is None else corr + new
         return corr.reshape(n, mf.B, R, mf.d) if end else corr.reshape(n, mf.B, mf.T, R, mf.d)

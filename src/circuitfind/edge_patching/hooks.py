@@ -30,7 +30,12 @@ class HooksEngine:
 
     def __init__(self, patcher: EdgePatcher):
         self.patcher = patcher
-        self.setup, self.graph, self.model, self.direction = patcher.setup, patcher.graph, patcher.model, patcher.direction
+        self.setup, self.graph, self.model, self.direction = (
+            patcher.setup,
+            patcher.graph,
+            patcher.model,
+            patcher.direction,
+        )
         self.sources, self.sender_hooks = patcher.sources, patcher.sender_hooks
         self._prefixes: PrefixCache[tuple[torch.Tensor, torch.Tensor]] = PrefixCache()
         L = self.graph.n_layers
@@ -53,11 +58,34 @@ class HooksEngine:
             for kind in ("q", "k", "v"):
                 self.groups.append((hook_name(layer, f"{kind}_input"), shared, up, True, bounds[kind]))
             idx = self.graph.receiver_slices(layer, "mlp")
-            self.groups.append((hook_name(layer, "mlp_in"), torch.tensor(idx), self.graph.upstream(self.graph.receivers[idx[0]]), False, (0, 1)))
-        self.groups.append((hook_name(L - 1, "resid_post"), torch.tensor([len(self.graph.receivers) - 1]), len(self.graph.senders), False, (0, 1)))
+            self.groups.append(
+                (
+                    hook_name(layer, "mlp_in"),
+                    torch.tensor(idx),
+                    self.graph.upstream(self.graph.receivers[idx[0]]),
+                    False,
+                    (0, 1),
+                )
+            )
+        self.groups.append(
+            (
+                hook_name(L - 1, "resid_post"),
+                torch.tensor([len(self.graph.receivers) - 1]),
+                len(self.graph.senders),
+                False,
+                (0, 1),
+            )
+        )
 
-    def hooks(self, dense: torch.Tensor, n: int, fixed_diff: bool, per_prompt: bool = False,
-               prefix: torch.Tensor | None = None, prompts: slice | None = None) -> tuple[list[Hook], dict]:
+    def hooks(
+        self,
+        dense: torch.Tensor,
+        n: int,
+        fixed_diff: bool,
+        per_prompt: bool = False,
+        prefix: torch.Tensor | None = None,
+        prompts: slice | None = None,
+    ) -> tuple[list[Hook], dict]:
         """Forward hooks for ``n`` stacked candidates with dense keep-masks ``[n, S, R(, pos)]``
         (per-prompt masks: ``[n, S, R, prompts]``) on the prompts ``prompts`` (default: all).
 
@@ -132,7 +160,9 @@ class HooksEngine:
             grouped = parse_hook(name)[1] == "result"  # per-head outputs
             hooks.append((name, lambda a, hook, _n=name, _g=grouped: store(a, hook, _n, _g)))
         for hname, idx, up, per_head, bounds in self.groups:
-            hooks.append((hname, lambda a, hook, _i=idx, _u=up, _p=per_head, _b=bounds: correct(a, hook, _i, _u, _p, _b)))
+            hooks.append(
+                (hname, lambda a, hook, _i=idx, _u=up, _p=per_head, _b=bounds: correct(a, hook, _i, _u, _p, _b))
+            )
         return hooks, state
 
     def _prefix(self, keep: torch.Tensor, first_layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +174,9 @@ class HooksEngine:
             base = self.setup.base_run(self.direction)
             hooks, state = self.hooks(self.graph.dense(keep.float()), 1, fixed_diff=False)
             with torch.no_grad():  # runs only the blocks below `first_layer`
-                resid = self.model.run_with_hooks(base.tokens, fwd_hooks=list(base.hooks) + hooks, stop_at_layer=first_layer)
+                resid = self.model.run_with_hooks(
+                    base.tokens, fwd_hooks=list(base.hooks) + hooks, stop_at_layer=first_layer
+                )
             return resid.detach(), state["buffer"][:, : self.graph.senders_before(first_layer)].clone()
 
         return self._prefixes.get(first_layer, keep[0, below.to(keep.device)], compute)
@@ -152,8 +184,16 @@ class HooksEngine:
     def _receivers_below(self, layer: int) -> int:
         return sum(r.layer < layer for r in self.graph.receivers)
 
-    def logits(self, keep: torch.Tensor, prompts: slice, first_receiver: int = 0, *, fixed_diff: bool = False,
-               extra_hooks: list[Hook] | None = None, per_prompt: bool = False) -> torch.Tensor:
+    def logits(
+        self,
+        keep: torch.Tensor,
+        prompts: slice,
+        first_receiver: int = 0,
+        *,
+        fixed_diff: bool = False,
+        extra_hooks: list[Hook] | None = None,
+        per_prompt: bool = False,
+    ) -> torch.Tensor:
         """Answer-position logits of one pass (keep-masks ``keep`` on ``prompts``) through the bridge's
         forward hooks (see :meth:`EdgePatcher.run` for the options)."""
         n = keep.shape[0]
@@ -168,7 +208,9 @@ class HooksEngine:
         hooks, _ = self.hooks(dense, n, fixed_diff, per_prompt, None if prefix is None else prefix[1], prompts)
         with torch.set_grad_enabled(keep.requires_grad):
             if prefix is not None:  # embedding-stage and lower-layer hooks are skipped by the bridge
-                logits = self.model.run_with_hooks(prefix[0].repeat(n, 1, 1), start_at_layer=first_layer, fwd_hooks=hooks)
+                logits = self.model.run_with_hooks(
+                    prefix[0].repeat(n, 1, 1), start_at_layer=first_layer, fwd_hooks=hooks
+                )
             elif whole:
                 hooks = list(base.hooks) + list(extra_hooks or []) + hooks
                 logits = self.model.run_with_hooks(base.tokens.repeat(n, 1), fwd_hooks=hooks)
@@ -183,11 +225,20 @@ class HooksEngine:
         run's hooks and ``extra_hooks`` (embedding-stage hooks that see the whole stacked batch)."""
         base = self.setup.base_run(self.direction)
         with torch.no_grad():
-            return self.model.run_with_hooks(base.tokens.repeat(n, 1), fwd_hooks=list(base.hooks) + list(extra_hooks or []),
-                                             stop_at_layer=0)
+            return self.model.run_with_hooks(
+                base.tokens.repeat(n, 1), fwd_hooks=list(base.hooks) + list(extra_hooks or []), stop_at_layer=0
+            )
 
-    def attribution(self, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None, n: int = 1,
-                    per_prompt: bool = False, prompts: slice | None = None, scale: float = 1.0) -> torch.Tensor:
+    def attribution(
+        self,
+        *,
+        fixed_diff: bool = False,
+        extra_hooks: list[Hook] | None = None,
+        n: int = 1,
+        per_prompt: bool = False,
+        prompts: slice | None = None,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
         """Edge attributions of one pass: ``-d metric / d mask`` at masks that keep every edge.
 
         That gradient is, for each edge, the dot product of the sender's difference
@@ -216,7 +267,10 @@ class HooksEngine:
         first = self.sender_hooks[0]
         if fixed_diff:  # [1, b, S, T, d], prompt-major: a receiver's dot products are one batched matmul
             base = self.patcher.base_outputs()
-            parts = [(sources[name] - base[name][prompts]).reshape(b, T, -1, sources[name].shape[-1]) for name in self.sender_hooks]
+            parts = [
+                (sources[name] - base[name][prompts]).reshape(b, T, -1, sources[name].shape[-1])
+                for name in self.sender_hooks
+            ]
             diffs = torch.cat(parts, dim=2).permute(0, 2, 1, 3).contiguous()[None]
         else:
             diffs = None
@@ -230,7 +284,9 @@ class HooksEngine:
                 if diffs is None:
                     diffs = act.new_empty(n, b, S, T, act.shape[-1])
                 k, g = state["count"], view.shape[3]
-                diffs[:, :, k : k + g].copy_((sources[name].reshape(b, T, g, -1) - view.detach()).permute(0, 1, 3, 2, 4))
+                diffs[:, :, k : k + g].copy_(
+                    (sources[name].reshape(b, T, g, -1) - view.detach()).permute(0, 1, 3, 2, 4)
+                )
                 state["count"] = k + g
             return act.detach().requires_grad_(True) if name == first else act  # the leaf autograd starts from
 
@@ -263,7 +319,9 @@ class HooksEngine:
                 logits = self.model.run_with_hooks(base_run.tokens.repeat(n, 1), fwd_hooks=hooks)
             else:
                 if not self.patcher.embedding_stage_only(extra_hooks):
-                    raise ValueError("a pass over part of the prompts needs base-run and extra hooks on the embedding stage only")
+                    raise ValueError(
+                        "a pass over part of the prompts needs base-run and extra hooks on the embedding stage only"
+                    )
                 resid = self.embedding_stage(n, extra_hooks)
                 resid = resid.reshape(n, self.setup.size, *resid.shape[1:])[:, prompts].flatten(0, 1)
                 logits = self.model.run_with_hooks(resid, start_at_layer=0, fwd_hooks=hooks)

@@ -44,7 +44,9 @@ class IncrementalSearch:
         self._kept_from = 0  # candidates of the last call from here on ran in the pass whose state is kept
         B = patcher.setup.size
         per_candidate = patcher.row_bytes(patcher.engine) * B
-        self.max_candidates = memory.rows_per_pass(patcher.budget(), per_candidate, max(1, patcher.setup.max_batch // B))
+        self.max_candidates = memory.rows_per_pass(
+            patcher.budget(), per_candidate, max(1, patcher.setup.max_batch // B)
+        )
         self.forward: IncrementalForward | None = None
         if isinstance(patcher.backend, DirectEngine):
             inputs = patcher.setup.base_activations(patcher.direction, IncrementalForward.hooks(patcher.graph.n_layers))
@@ -128,7 +130,9 @@ class IncrementalForward:
             for h in range(H):  # views of the cached runs (the last layer at the answer positions)
                 src, out = result[:, :, h], base_result[:, :, h]
                 self.src[first + h], self.out[first + h] = (src[rows, end], out[rows, end]) if last else (src, out)
-            self.src[first + H], self.out[first + H] = (mlp_src[rows, end], mlp_out[rows, end]) if last else (mlp_src, mlp_out)
+            self.src[first + H], self.out[first + H] = (
+                (mlp_src[rows, end], mlp_out[rows, end]) if last else (mlp_src, mlp_out)
+            )
         self.inp[mf.logit_recv] = inputs[hook_name(L - 1, "resid_post")][rows, end]
         self._head_recv_idx = [torch.tensor(per, device=end.device) for per in self.head_recv]  # [H, 3] per layer
         self._last: tuple | None = None
@@ -195,8 +199,14 @@ class IncrementalForward:
                     for i, r in enumerate(k_r + v_r):  # a merged receiver keeps its every-position input
                         new_in[r] = (kv, i)
                     T = kv.shape[2]
-                    out = mf.fm.attention(layer, q.reshape(n * B, *q.shape[2:]), k.reshape(n * B, T, -1, mf.d),
-                                          v.reshape(n * B, T, -1, mf.d), q_pos=mf.end_pos.repeat(n) if end else None, heads=heads)
+                    out = mf.fm.attention(
+                        layer,
+                        q.reshape(n * B, *q.shape[2:]),
+                        k.reshape(n * B, T, -1, mf.d),
+                        v.reshape(n * B, T, -1, mf.d),
+                        q_pos=mf.end_pos.repeat(n) if end else None,
+                        heads=heads,
+                    )
                     out = out.reshape(n, B, *out.shape[1:])  # [n, B, (T,) h, d]
                     first = g.senders_before(layer)
                     for i, h in enumerate(heads):

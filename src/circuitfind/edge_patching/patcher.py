@@ -34,8 +34,13 @@ class EdgePatcher:
     and per-position masks). Masks follow the convention of :mod:`circuitfind.edge_patching`.
     """
 
-    def __init__(self, setup: PatchingSetup, graph: ModelGraph | None = None, direction: Direction = "noise",
-                 engine: str = "auto"):
+    def __init__(
+        self,
+        setup: PatchingSetup,
+        graph: ModelGraph | None = None,
+        direction: Direction = "noise",
+        engine: str = "auto",
+    ):
         check_direction(direction)
         if engine not in ("auto", "hooks", "functional"):
             raise ValueError(f"engine must be 'auto', 'hooks' or 'functional', got {engine!r}")
@@ -55,7 +60,8 @@ class EdgePatcher:
         usable = tensor_forward.supports(self.model) and self.graph.n_pos is None
         if engine == "functional" and not usable:
             raise UnsupportedModelError(
-                "the functional engine needs a GPT-2 or Llama-style model and a graph without per-position edges")
+                "the functional engine needs a GPT-2 or Llama-style model and a graph without per-position edges"
+            )
         self.engine = "functional" if usable and engine != "hooks" else "hooks"
         self._budget: int | None = None
         self.hooks = HooksEngine(self)  # gradients, attribution and per-prompt or per-position masks
@@ -93,7 +99,9 @@ class EdgePatcher:
         elif kind == "hooks":  # the buffer and each hook's differences, per-head inputs, logits at every position
             floats = T * d * (2 * S + 4 * inputs + 8) + layer + 3 * T * cfg.d_vocab
         elif kind == "grad":  # differences (parts, concatenation, gradient), corrections, every layer's activations
-            floats = T * d * (4 * S + 2 * R + L * (11 * (H + 2 * KV) + 8)) + L * (layer + T * d_mlp) + 3 * T * cfg.d_vocab
+            floats = (
+                T * d * (4 * S + 2 * R + L * (11 * (H + 2 * KV) + 8)) + L * (layer + T * d_mlp) + 3 * T * cfg.d_vocab
+            )
         else:  # differences, every layer's activations for the backward
             floats = T * d * (S + L * (2 * (H + 2 * KV) + 8)) + L * (layer + T * d_mlp) + 3 * T * cfg.d_vocab
         return floats * memory.element_size(self.setup.dtype)
@@ -116,7 +124,9 @@ class EdgePatcher:
         plan = memory.schedule(n_candidates, prompts.stop - prompts.start, rows, split_prompts)
         return [(c, slice(prompts.start + p.start, prompts.start + p.stop)) for c, p in plan]
 
-    def passes(self, n_candidates: int, kind: str = "attribution", extra_hooks: list[Hook] | None = None) -> list[tuple[slice, slice]]:
+    def passes(
+        self, n_candidates: int, kind: str = "attribution", extra_hooks: list[Hook] | None = None
+    ) -> list[tuple[slice, slice]]:
         """The ``(candidates, prompts)`` passes of an attribution (or ``kind``, see :meth:`row_bytes`)
         within the memory budget.
 
@@ -126,8 +136,17 @@ class EdgePatcher:
         return self._passes(n_candidates, kind, self.embedding_stage_only(extra_hooks), slice(0, self.setup.size))
 
     # -- runs -------------------------------------------------------------------------------
-    def run(self, keep: torch.Tensor, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None,
-            per_prompt: bool = False, first_receiver: int = 0, desc: str | None = None, prompts: slice | None = None) -> torch.Tensor:
+    def run(
+        self,
+        keep: torch.Tensor,
+        *,
+        fixed_diff: bool = False,
+        extra_hooks: list[Hook] | None = None,
+        per_prompt: bool = False,
+        first_receiver: int = 0,
+        desc: str | None = None,
+        prompts: slice | None = None,
+    ) -> torch.Tensor:
         """Per-prompt metric ``[candidates, batch]`` with each candidate's edges patched where ``mask == 0``.
 
         Candidates (and, when even one candidate's prompts do not fit, prompts) are split into
@@ -156,24 +175,31 @@ class EdgePatcher:
         expected = (self.n_edges,) if self.graph.n_pos is None else (self.n_edges, self.graph.n_pos)
         expected = (self.n_edges, self.setup.size) if per_prompt else expected
         if tuple(keep.shape[1:]) != expected:
-            raise ValueError(f"edge masks must be [candidates, {', '.join(map(str, expected))}], got {tuple(keep.shape)}")
+            raise ValueError(
+                f"edge masks must be [candidates, {', '.join(map(str, expected))}], got {tuple(keep.shape)}"
+            )
         plain = not (keep.requires_grad or per_prompt or fixed_diff or extra_hooks)
         if first_receiver and not (plain and self.graph.n_pos is None):
-            raise ValueError("first_receiver (where a pass starts) works for plain (no-gradient, position-free) edge masks only")
+            raise ValueError(
+                "first_receiver (where a pass starts) works for plain (no-gradient, position-free) edge masks only"
+            )
         prompts = prompts or slice(0, self.setup.size)
         functional_engine = plain and self.engine == "functional"
         split = functional_engine or (not first_receiver and self.embedding_stage_only(extra_hooks))
         kind = "functional" if functional_engine else "grad" if keep.requires_grad else "hooks"
         passes = self._passes(keep.shape[0], kind, split, prompts)
         pieces: dict[int, list[torch.Tensor]] = {}
-        for cands, rows in tqdm(passes, desc=desc or "edge patching", disable=not self.setup.progress or len(passes) < 2, leave=False):
+        for cands, rows in tqdm(
+            passes, desc=desc or "edge patching", disable=not self.setup.progress or len(passes) < 2, leave=False
+        ):
             part = keep[cands]
             part = part.to(torch.float32) if part.dtype == torch.bool else part
             if functional_engine:
                 answer = self.backend.logits(part, rows, first_receiver)
             else:
-                answer = self.hooks.logits(part, rows, first_receiver, fixed_diff=fixed_diff, extra_hooks=extra_hooks,
-                                           per_prompt=per_prompt)
+                answer = self.hooks.logits(
+                    part, rows, first_receiver, fixed_diff=fixed_diff, extra_hooks=extra_hooks, per_prompt=per_prompt
+                )
             pieces.setdefault(cands.start, []).append(self.score(answer, rows))
         return torch.cat([torch.cat(parts, dim=1) for _, parts in sorted(pieces.items())])
 
@@ -185,8 +211,16 @@ class EdgePatcher:
         n = answer.shape[0] // b
         return self.setup.metric(answer, repeat_ctx(slice_ctx(self.setup.ctx, prompts), n)).reshape(n, b)
 
-    def attribution(self, *, fixed_diff: bool = False, extra_hooks: list[Hook] | None = None, n: int = 1,
-                    per_prompt: bool = False, prompts: slice | None = None, scale: float = 1.0) -> torch.Tensor:
+    def attribution(
+        self,
+        *,
+        fixed_diff: bool = False,
+        extra_hooks: list[Hook] | None = None,
+        n: int = 1,
+        per_prompt: bool = False,
+        prompts: slice | None = None,
+        scale: float = 1.0,
+    ) -> torch.Tensor:
         """Edge attributions of one pass: ``-d metric / d mask`` at masks that keep every edge.
 
         That gradient is, for each edge, the dot product of the sender's difference
@@ -206,8 +240,9 @@ class EdgePatcher:
 
         Returns ``[n_edges]``, or ``[n_edges, prompts]`` with ``per_prompt``.
         """
-        return self.hooks.attribution(fixed_diff=fixed_diff, extra_hooks=extra_hooks, n=n, per_prompt=per_prompt,
-                                      prompts=prompts, scale=scale)
+        return self.hooks.attribution(
+            fixed_diff=fixed_diff, extra_hooks=extra_hooks, n=n, per_prompt=per_prompt, prompts=prompts, scale=scale
+        )
 
     def incremental(self) -> IncrementalSearch:
         """Values of candidates relative to a reference mask set that moves with a search (ACDC)."""

@@ -33,10 +33,23 @@ def checkpoint_task(folder: str, step: int, setting: dict) -> dict:
 
 
 @flow(name="circuitfind-checkpoints", log_prints=True)
-def circuits_over_training(checkpoints: str, steps: list[int] | None = None, task: str = "ioi", prompts: int = 40,
-                           seed: int = 0, algorithm: str = "acdc", corruption: str = "str", metric: str = "kl",
-                           direction: str = "noise", tau: float = 0.02, top_k: int = 20, ig_steps: int = 5,
-                           device: str | None = None, run: str | None = None, outputs: str | None = None) -> dict:
+def circuits_over_training(
+    checkpoints: str,
+    steps: list[int] | None = None,
+    task: str = "ioi",
+    prompts: int = 40,
+    seed: int = 0,
+    algorithm: str = "acdc",
+    corruption: str = "str",
+    metric: str = "kl",
+    direction: str = "noise",
+    tau: float = 0.02,
+    top_k: int = 20,
+    ig_steps: int = 5,
+    device: str | None = None,
+    run: str | None = None,
+    outputs: str | None = None,
+) -> dict:
     """The circuit of every checkpoint in ``checkpoints`` (or of ``steps`` only) under one setting, and
     the report of when each edge appears and disappears."""
     from circuitfind import discovery
@@ -46,17 +59,31 @@ def circuits_over_training(checkpoints: str, steps: list[int] | None = None, tas
     check_prompt_count(prompts)
     load_task(task)
     found = C.find_checkpoints(checkpoints, steps)
-    by_algorithm: dict[str, dict[str, object]] = {"acdc": {"acdc_tau": tau}, "eap": {"top_k": top_k},
-                                                  "eap_ig": {"top_k": top_k, "ig_steps": ig_steps}}
+    by_algorithm: dict[str, dict[str, object]] = {
+        "acdc": {"acdc_tau": tau},
+        "eap": {"top_k": top_k},
+        "eap_ig": {"top_k": top_k, "ig_steps": ig_steps},
+    }
     options = by_algorithm.get(algorithm, {})
-    setting = {"task": task, "prompts": prompts, "seed": seed, "algorithm": algorithm, "corruption": corruption,
-               "metric": metric, "direction": direction, "device": device, **options}
+    setting = {
+        "task": task,
+        "prompts": prompts,
+        "seed": seed,
+        "algorithm": algorithm,
+        "corruption": corruption,
+        "metric": metric,
+        "direction": direction,
+        "device": device,
+        **options,
+    }
     run_dir = Path(outputs or default_outputs()) / (run or time.strftime("checkpoints-%Y%m%d-%H%M%S"))
     results = [checkpoint_task(str(c.folder), c.step, setting) for c in found]
     shown = {"model": str(checkpoints), **{k: v for k, v in setting.items() if v is not None}}
     paths = C.write_report(results, shown, run_dir)
     timeline = C.edge_timeline(results)
-    write_json(run_dir / "checkpoints.json", {"setting": shown, "checkpoints": results, "timeline": timeline, "report": paths})
+    write_json(
+        run_dir / "checkpoints.json", {"setting": shown, "checkpoints": results, "timeline": timeline, "report": paths}
+    )
     create_markdown_artifact(Path(paths["markdown"]).read_text(), key="circuits-over-training")
     print(f"circuits over training: {paths['html']}")
     return {"checkpoints": results, "timeline": timeline, **paths}
@@ -64,8 +91,23 @@ def circuits_over_training(checkpoints: str, steps: list[int] | None = None, tas
 
 def run_from_args(a: argparse.Namespace) -> dict:
     with prefect_api():
-        return circuits_over_training(a.checkpoints, a.steps, a.task, a.prompts, a.seed, a.algorithm, a.corruption, a.metric,
-                                      a.direction, a.tau, a.top_k, a.ig_steps, a.device, a.run, a.outputs)
+        return circuits_over_training(
+            a.checkpoints,
+            a.steps,
+            a.task,
+            a.prompts,
+            a.seed,
+            a.algorithm,
+            a.corruption,
+            a.metric,
+            a.direction,
+            a.tau,
+            a.top_k,
+            a.ig_steps,
+            a.device,
+            a.run,
+            a.outputs,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,8 +32,9 @@ DEFAULT_CRON = "0 3 * * *"
 POOL_TYPE = "process"  # the worker runs each flow run in a subprocess on its own machine
 
 
-def build_deployment(name: str = "nightly-toy-sweep", cron: str = DEFAULT_CRON, config: SweepConfig | None = None,
-                     timezone: str = "UTC"):
+def build_deployment(
+    name: str = "nightly-toy-sweep", cron: str = DEFAULT_CRON, config: SweepConfig | None = None, timezone: str = "UTC"
+):
     """The sweep as a deployment with a cron schedule (``flow.to_deployment``). Its entrypoint is the
     module path ``circuitfind.flows.sweep.sweep``, so it runs wherever circuitfind is installed."""
     from prefect.deployments.runner import EntrypointType
@@ -41,13 +42,23 @@ def build_deployment(name: str = "nightly-toy-sweep", cron: str = DEFAULT_CRON, 
 
     # series: each scheduled run is diffed against the deployment's last completed run (circuitfind.flows.diff)
     params = {"config": (config or SweepConfig()).model_dump(), "series": name}
-    return sweep.to_deployment(name=name, schedule=Cron(cron, timezone=timezone), parameters=params,
-                               tags=["circuitfind", "sweep"], description="Scheduled circuit discovery sweep",
-                               entrypoint_type=EntrypointType.MODULE_PATH)
+    return sweep.to_deployment(
+        name=name,
+        schedule=Cron(cron, timezone=timezone),
+        parameters=params,
+        tags=["circuitfind", "sweep"],
+        description="Scheduled circuit discovery sweep",
+        entrypoint_type=EntrypointType.MODULE_PATH,
+    )
 
 
-def deploy_to_pool(pool: str, name: str = "nightly-toy-sweep", cron: str = DEFAULT_CRON, timezone: str = "UTC",
-                   config: SweepConfig | None = None) -> str:
+def deploy_to_pool(
+    pool: str,
+    name: str = "nightly-toy-sweep",
+    cron: str = DEFAULT_CRON,
+    timezone: str = "UTC",
+    config: SweepConfig | None = None,
+) -> str:
     """Register the deployment in the work pool ``pool``, creating the pool (type ``process``) when it does not
     exist; return the deployment's id. A ``prefect worker start --pool <pool>`` then runs its flow runs."""
     from prefect.client.orchestration import get_client
@@ -61,8 +72,10 @@ def deploy_to_pool(pool: str, name: str = "nightly-toy-sweep", cron: str = DEFAU
             client.create_work_pool(WorkPoolCreate(name=pool, type=POOL_TYPE))
         else:
             if found.type != POOL_TYPE:
-                raise SystemExit(f"work pool {pool!r} has type {found.type!r}; the sweep needs one of type "
-                                 f"{POOL_TYPE!r} (choose another --pool)")
+                raise SystemExit(
+                    f"work pool {pool!r} has type {found.type!r}; the sweep needs one of type "
+                    f"{POOL_TYPE!r} (choose another --pool)"
+                )
     return str(build_deployment(name, cron, config, timezone).apply(work_pool_name=pool))
 
 
@@ -71,16 +84,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="nightly-toy-sweep")
     p.add_argument("--cron", default=DEFAULT_CRON, help=f"cron expression (default {DEFAULT_CRON!r})")
     p.add_argument("--timezone", default="UTC")
-    p.add_argument("--pool", default=None, help="register the deployment in this work pool (created, type process, "
-                   "when missing) for `prefect worker start --pool POOL`, instead of serving it from this process")
+    p.add_argument(
+        "--pool",
+        default=None,
+        help="register the deployment in this work pool (created, type process, "
+        "when missing) for `prefect worker start --pool POOL`, instead of serving it from this process",
+    )
     args = p.parse_args(argv)
     if not os.environ.get("PREFECT_API_URL"):
-        raise SystemExit("set PREFECT_API_URL to a running Prefect server (prefect server start --host 127.0.0.1); "
-                         "schedules need a server")
+        raise SystemExit(
+            "set PREFECT_API_URL to a running Prefect server (prefect server start --host 127.0.0.1); "
+            "schedules need a server"
+        )
     if args.pool:
         deployment_id = deploy_to_pool(args.pool, args.name, args.cron, args.timezone)
-        print(f"deployment circuitfind-sweep/{args.name} ({deployment_id}) in work pool {args.pool!r}; "
-              f"start a worker: prefect worker start --pool {args.pool}")
+        print(
+            f"deployment circuitfind-sweep/{args.name} ({deployment_id}) in work pool {args.pool!r}; "
+            f"start a worker: prefect worker start --pool {args.pool}"
+        )
         return
     from prefect import serve
 

@@ -33,8 +33,11 @@ PREVIOUS_DIFF = "diff-previous"
 @task(name="run-diff", persist_result=False)
 def diff_task(run_a: str, run_b: str, out: str | None) -> dict:
     paths = write_diff(run_a, run_b, out)
-    create_markdown_artifact(paths.pop("markdown_text"), key="circuit-run-diff",
-                             description=f"Run diff: {Path(run_a).name} -> {Path(run_b).name}")
+    create_markdown_artifact(
+        paths.pop("markdown_text"),
+        key="circuit-run-diff",
+        description=f"Run diff: {Path(run_a).name} -> {Path(run_b).name}",
+    )
     return paths
 
 
@@ -86,7 +89,9 @@ def diff_with_previous(outputs: str | Path, series: str, run_dir: str | Path) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flows/diff.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="flows/diff.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("run_a")
     p.add_argument("run_b")
     p.add_argument("--out", default=None)

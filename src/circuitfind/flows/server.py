@@ -113,9 +113,23 @@ class LocalPrefectServer:
         """The command Prefect uses for its temporary server (``SubprocessASGIServer``)."""
         import prefect
 
-        return [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).resolve().parents[1]),
-                "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-                "--log-level", "error", "--lifespan", "on"]
+        return [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(prefect.__file__).resolve().parents[1]),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ]
 
     @staticmethod
     def environment() -> dict[str, str]:
@@ -135,14 +149,23 @@ class LocalPrefectServer:
         env = self.environment()
         for _ in range(3):  # a port found free can be taken before uvicorn binds it: try another
             port = _free_port()
-            self.process = subprocess.Popen(self.command(port), env=env, stdin=subprocess.DEVNULL,
-                                            preexec_fn=_die_with_parent(), **_OWN_PROCESS_GROUP)
+            self.process = subprocess.Popen(
+                self.command(port),
+                env=env,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=_die_with_parent(),
+                **_OWN_PROCESS_GROUP,
+            )
             atexit.register(self.stop)
             url = f"http://127.0.0.1:{port}/api"
             if self._wait_healthy(url, deadline):
                 self.api_url = url
-                print(f"circuitfind: local Prefect server at {url} (ready after {time.monotonic() - began:.1f} s; "
-                      "stopped when this command ends)", file=sys.stderr, flush=True)
+                print(
+                    f"circuitfind: local Prefect server at {url} (ready after {time.monotonic() - began:.1f} s; "
+                    "stopped when this command ends)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 return url
             code = self.process.poll()
             self.stop()
@@ -151,9 +174,12 @@ class LocalPrefectServer:
         if code is None:
             raise PrefectServerError(
                 f"the local Prefect server did not answer within {self.timeout:g} s; set {STARTUP_TIMEOUT_ENV} "
-                "to wait longer, or PREFECT_API_URL to use a running server")
-        raise PrefectServerError(f"the local Prefect server exited with code {code} before answering (its messages "
-                                 "are above); set PREFECT_API_URL to use a running server instead")
+                "to wait longer, or PREFECT_API_URL to use a running server"
+            )
+        raise PrefectServerError(
+            f"the local Prefect server exited with code {code} before answering (its messages "
+            "are above); set PREFECT_API_URL to use a running server instead"
+        )
 
     def _wait_healthy(self, api_url: str, deadline: float) -> bool:
         direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never through an HTTP proxy

@@ -31,7 +31,9 @@ from circuitfind.paths import default_outputs
 
 @task(name="ioi-head-detection", task_run_name="heads-{model_name}", persist_result=False)
 def heads_task(model_name: str, prompts: int, seed: int, direction: P.Direction = "denoise", n_boot: int = 500) -> dict:
-    return study.head_detection(load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot)
+    return study.head_detection(
+        load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot
+    )
 
 
 @task(name="factual-mlp-localisation", task_run_name="mlps-{model_name}", persist_result=False)
@@ -40,9 +42,17 @@ def mlps_task(model_name: str, prompts: int, seed: int) -> dict:
 
 
 @flow(name="circuitfind-study", log_prints=True)
-def settings_study(ioi_models: list[str] | None = None, factual_models: list[str] | None = None, ioi_prompts: int = 40,
-                   factual_prompts: int = 12, seed: int = 0, run: str | None = None, outputs: str | None = None,
-                   direction: P.Direction = "denoise", n_boot: int = 500) -> dict:
+def settings_study(
+    ioi_models: list[str] | None = None,
+    factual_models: list[str] | None = None,
+    ioi_prompts: int = 40,
+    factual_prompts: int = 12,
+    seed: int = 0,
+    run: str | None = None,
+    outputs: str | None = None,
+    direction: P.Direction = "denoise",
+    n_boot: int = 500,
+) -> dict:
     """IOI head detection and factual-recall MLP localisation under many settings, and where they disagree.
 
     ``ioi_models`` defaults to ``["toy-ioi"]``; ``factual_models`` to none (the toy models know no facts);
@@ -76,8 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         with prefect_api():
-            settings_study(a.ioi_models, a.factual_models, a.ioi_prompts, a.factual_prompts, a.seed, a.run, a.outputs,
-                           a.direction, a.n_boot)
+            settings_study(
+                a.ioi_models,
+                a.factual_models,
+                a.ioi_prompts,
+                a.factual_prompts,
+                a.seed,
+                a.run,
+                a.outputs,
+                a.direction,
+                a.n_boot,
+            )
     except USER_ERRORS as err:
         print(f"circuitfind: error: {err}", file=sys.stderr)
         return 2

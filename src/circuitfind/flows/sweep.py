@@ -109,9 +109,11 @@ def check_gpu_workers(config: SweepConfig) -> None:
         return
     workers = runner.client.scheduler_info().get("workers", {})
     if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
-        raise SweepError(f"the settings run on {config.device!r} and ask Dask for a GPU, but none of the "
-                         f"{len(workers)} workers of the cluster offers one: start GPU workers with "
-                         "`dask worker SCHEDULER --resources GPU=1` (one per GPU)")
+        raise SweepError(
+            f"the settings run on {config.device!r} and ask Dask for a GPU, but none of the "
+            f"{len(workers)} workers of the cluster offers one: start GPU workers with "
+            "`dask worker SCHEDULER --resources GPU=1` (one per GPU)"
+        )
 
 
 @task(name="diff-report", persist_result=False)
@@ -129,8 +131,13 @@ def compare_run(run_dir: str, reference: str | None = None, title: str | None = 
 
 
 @flow(name="circuitfind-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
-def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: str | None = None,
-          reference: str | None = None, series: str | None = None) -> dict:
+def sweep(
+    config: SweepConfig | None = None,
+    run: str | None = None,
+    outputs: str | None = None,
+    reference: str | None = None,
+    series: str | None = None,
+) -> dict:
     """Discover circuits over the grid of ``config`` (default: :class:`SweepConfig`'s) and compare them.
 
     ``outputs`` defaults to :func:`circuitfind.paths.default_outputs`. With ``series`` (the scheduled
@@ -169,8 +176,15 @@ def sweep(config: SweepConfig | None = None, run: str | None = None, outputs: st
     if not results:
         raise SweepError(f"every setting failed; first error: {failures[0]['error'] if failures else 'none'}")
     report = compare_run(str(run_dir), reference)
-    manifest = {"run": run, "version": circuitfind.__version__, "config": config.model_dump(), "settings": sorted(results, key=lambda r: r["setting"]),
-                "failures": failures, "report": report, "health": check_run(run_dir)}  # per setting: its flags and pitfalls
+    manifest = {
+        "run": run,
+        "version": circuitfind.__version__,
+        "config": config.model_dump(),
+        "settings": sorted(results, key=lambda r: r["setting"]),
+        "failures": failures,
+        "report": report,
+        "health": check_run(run_dir),
+    }  # per setting: its flags and pitfalls
     write_json(run_dir / "manifest.json", manifest)
     if series is not None:  # after the manifest: the diff reads it, and only a completed run becomes the baseline
         manifest["previous_run_diff"] = diff_with_previous(outputs, series, run_dir)
@@ -197,8 +211,15 @@ def dask_runner(workers: int = 2, address: str | None = None, torch_threads: int
     env = {THREADS_ENV: str(torch_threads or threads_per_worker(workers))}
     if os.environ.get("PREFECT_API_URL"):
         env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
-                                          "dashboard_address": None, "env": env})
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "dashboard_address": None,
+            "env": env,
+        }
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,35 +235,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     defaults = SweepConfig()
     grid = parser.add_argument_group("grid (every combination is one setting; ACDC runs noising only)")
     for name, choices in GRID_HELP.items():
-        grid.add_argument(_option(name), nargs="+", default=getattr(defaults, name), metavar=name.upper().rstrip("S"),
-                          help=f"{choices} (default: {' '.join(getattr(defaults, name))})")
+        grid.add_argument(
+            _option(name),
+            nargs="+",
+            default=getattr(defaults, name),
+            metavar=name.upper().rstrip("S"),
+            help=f"{choices} (default: {' '.join(getattr(defaults, name))})",
+        )
     shared = parser.add_argument_group("parameters shared by every setting")
     for names, kind in ((INT_OPTIONS, int), (FLOAT_OPTIONS, float)):
         for name in names:
-            shared.add_argument(_option(name), dest=name, type=kind, default=getattr(defaults, name),
-                                help=f"{SweepConfig.model_fields[name].description} (default: {getattr(defaults, name)})")
+            shared.add_argument(
+                _option(name),
+                dest=name,
+                type=kind,
+                default=getattr(defaults, name),
+                help=f"{SweepConfig.model_fields[name].description} (default: {getattr(defaults, name)})",
+            )
     shared.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
-    shared.add_argument("--dtype", default=defaults.dtype, choices=("float32", "bfloat16", "float16"),
-                        help=f"model weights and activations (default: {defaults.dtype}; float16 needs a GPU)")
+    shared.add_argument(
+        "--dtype",
+        default=defaults.dtype,
+        choices=("float32", "bfloat16", "float16"),
+        help=f"model weights and activations (default: {defaults.dtype}; float16 needs a GPU)",
+    )
     run = parser.add_argument_group("the run")
     run.add_argument("--run", default=None, help="run name (default: a timestamp); reuse one to resume")
-    run.add_argument("--outputs", default=None,
-                     help="folder of runs and of the cache (default: the checkout's outputs/, else ./outputs)")
+    run.add_argument(
+        "--outputs",
+        default=None,
+        help="folder of runs and of the cache (default: the checkout's outputs/, else ./outputs)",
+    )
     run.add_argument("--reference", default=None, help="setting name whose circuit is the reference")
-    run.add_argument("--dask", action="store_true", help="run settings on a local Dask cluster of --workers processes "
-                     "(prefect-dask)")
-    run.add_argument("--dask-address", default=os.environ.get(DASK_ADDRESS_ENV) or None, metavar="ADDRESS",
-                     help=f"run settings on the existing Dask scheduler at ADDRESS, e.g. tcp://host:8786 "
-                          f"(default: ${DASK_ADDRESS_ENV}); outputs must be on a filesystem every worker shares")
+    run.add_argument(
+        "--dask", action="store_true", help="run settings on a local Dask cluster of --workers processes (prefect-dask)"
+    )
+    run.add_argument(
+        "--dask-address",
+        default=os.environ.get(DASK_ADDRESS_ENV) or None,
+        metavar="ADDRESS",
+        help=f"run settings on the existing Dask scheduler at ADDRESS, e.g. tcp://host:8786 "
+        f"(default: ${DASK_ADDRESS_ENV}); outputs must be on a filesystem every worker shares",
+    )
     run.add_argument("--workers", type=int, default=2, help="parallel settings on this machine (default: 2)")
-    run.add_argument("--torch-threads", type=int, default=None, metavar="N",
-                     help="torch intra-op threads of each parallel setting on this machine (default: cores // --workers)")
+    run.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="torch intra-op threads of each parallel setting on this machine (default: cores // --workers)",
+    )
     return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="circuitfind sweep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="circuitfind sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     return add_arguments(parser)
 
 
@@ -280,7 +329,9 @@ def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
         raise ValueError(f"--workers: must be at least 1 (got {args.workers})")
     if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
         raise ValueError(f"--torch-threads: must be at least 1 (got {args.torch_threads})")
-    if args.run is not None and (not args.run.strip() or args.run in (".", "..") or "/" in args.run or os.sep in args.run):
+    if args.run is not None and (
+        not args.run.strip() or args.run in (".", "..") or "/" in args.run or os.sep in args.run
+    ):
         raise ValueError(f"--run: {args.run!r} is not a folder name (the run is a folder of --outputs)")
     if args.run is not None:
         check_run_folder((Path(args.outputs) if args.outputs else default_outputs()) / args.run, config.settings())
@@ -304,13 +355,22 @@ def run_from_args(args: argparse.Namespace) -> dict:
             threads = torch_threads(getattr(args, "torch_threads", None) or threads_per_worker(args.workers))
         with threads:
             manifest = sweep.with_options(task_runner=runner)(config, args.run, args.outputs, args.reference)
-    print(json.dumps({"report": manifest["report"]["html"], "settings": len(manifest["settings"]),
-                      "failures": len(manifest["failures"])}))
+    print(
+        json.dumps(
+            {
+                "report": manifest["report"]["html"],
+                "settings": len(manifest["settings"]),
+                "failures": len(manifest["failures"]),
+            }
+        )
+    )
     if manifest["failures"]:
         names = ", ".join(f["setting"] for f in manifest["failures"])
-        print(f"circuitfind: warning: {len(manifest['failures'])} of {len(manifest['failures']) + len(manifest['settings'])} "
-              f"settings failed ({names}); run again with --run {manifest['run']} to compute only those",
-              file=sys.stderr)
+        print(
+            f"circuitfind: warning: {len(manifest['failures'])} of {len(manifest['failures']) + len(manifest['settings'])} "
+            f"settings failed ({names}); run again with --run {manifest['run']} to compute only those",
+            file=sys.stderr,
+        )
     return manifest
 
 

@@ -26,14 +26,22 @@ def impossible_sign(metric: str, direction: str, sign: str) -> str | None:
     or ``None`` when they can. The ``kl`` metric scores ``-KL(clean || patched) <= 0``, which is 0 on
     the clean run: noising starts from the clean run, so no patch can raise the score."""
     if metric == "kl" and direction == "noise" and sign == "positive":
-        return ("positive effects cannot occur when noising with the kl metric: the score -KL(clean || patched) "
-                "is at most 0, its value on the clean (unpatched) run, so every noising effect is <= 0; "
-                "use sign='negative', or denoise, or another metric to find components that push the answer down")
+        return (
+            "positive effects cannot occur when noising with the kl metric: the score -KL(clean || patched) "
+            "is at most 0, its value on the clean (unpatched) run, so every noising effect is <= 0; "
+            "use sign='negative', or denoise, or another metric to find components that push the answer down"
+        )
     return None
 
 
-def detect(scores: torch.Tensor, k: float = 2.0, sign: Literal["positive", "negative", "both"] = "positive", *,
-           metric: str | None = None, direction: str | None = None) -> list[tuple[int, ...]]:
+def detect(
+    scores: torch.Tensor,
+    k: float = 2.0,
+    sign: Literal["positive", "negative", "both"] = "positive",
+    *,
+    metric: str | None = None,
+    direction: str | None = None,
+) -> list[tuple[int, ...]]:
     """Components whose score is at least ``k`` standard deviations from the mean.
 
     ``sign="positive"`` keeps scores >= mean + k*sd, ``"negative"`` those <= mean - k*sd (e.g. noising

@@ -20,8 +20,21 @@ import re
 import torch
 
 FALLBACK_AVAILABLE = 16 * 2**30  # when the available memory cannot be read (the default budget is a quarter)
-_UNITS = {"": 1, "b": 1, "kb": 2**10, "mb": 2**20, "gb": 2**30, "tb": 2**40, "k": 2**10, "m": 2**20, "g": 2**30,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 2**10,
+    "mb": 2**20,
+    "gb": 2**30,
+    "tb": 2**40,
+    "k": 2**10,
+    "m": 2**20,
+    "g": 2**30,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_memory(value: str | int | float | None) -> int | None:
@@ -74,7 +87,11 @@ def schedule(n_candidates: int, n_prompts: int, rows: int, split_prompts: bool =
     if rows >= n_prompts or not split_prompts:
         per = max(1, rows // n_prompts)
         return [(slice(c, min(c + per, n_candidates)), slice(0, n_prompts)) for c in range(0, n_candidates, per)]
-    return [(slice(c, c + 1), slice(p, min(p + rows, n_prompts))) for c in range(n_candidates) for p in range(0, n_prompts, rows)]
+    return [
+        (slice(c, c + 1), slice(p, min(p + rows, n_prompts)))
+        for c in range(n_candidates)
+        for p in range(0, n_prompts, rows)
+    ]
 
 
 def element_size(dtype: torch.dtype) -> int:

@@ -76,7 +76,9 @@ def run_patched(
     return torch.cat(out)
 
 
-def one_hot_masks(setup: PatchingSetup, what: str, act_shape: Sequence[int], grid: Sequence[int], place) -> dict[str, torch.Tensor]:
+def one_hot_masks(
+    setup: PatchingSetup, what: str, act_shape: Sequence[int], grid: Sequence[int], place
+) -> dict[str, torch.Tensor]:
     """Masks with one candidate per cell of ``grid`` (the first grid axis is the layer)."""
     device = setup.plan.clean.tokens.device
     n_cand = int(torch.tensor(grid).prod())
@@ -164,6 +166,13 @@ def window_sum_baseline(single_layer: PatchResult, window: int) -> PatchResult:
     effect = single_layer.per_prompt - single_layer.base
     summed = torch.stack([effect[list(window_layers(c, window, L))].sum(0) for c in range(L)]) + single_layer.base
     return PatchResult(
-        summed.mean(-1), summed, single_layer.axes, single_layer.metric, single_layer.corruption,
-        single_layer.direction, single_layer.clean, single_layer.corrupt, f"mlp_window_sum_{window}",
+        summed.mean(-1),
+        summed,
+        single_layer.axes,
+        single_layer.metric,
+        single_layer.corruption,
+        single_layer.direction,
+        single_layer.clean,
+        single_layer.corrupt,
+        f"mlp_window_sum_{window}",
     )

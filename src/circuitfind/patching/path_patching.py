@@ -83,13 +83,26 @@ def path_patch(
     for (l, h), row in zip(senders, per_sender, strict=True):
         grid[l, h] = row
     return PatchResult(
-        grid.mean(-1), grid, ("layer", "head"), setup.metric.name, setup.plan.name, direction,
-        setup.clean_value, setup.corrupt_value, "path",
+        grid.mean(-1),
+        grid,
+        ("layer", "head"),
+        setup.metric.name,
+        setup.plan.name,
+        direction,
+        setup.clean_value,
+        setup.corrupt_value,
+        "path",
     )
 
 
-def _pathpatch_hooks(setup: PatchingSetup, direction: Direction, senders: Sequence[tuple[int, int]],
-                      recv_hooks: dict[str, torch.Tensor | None], pos: torch.Tensor, chunk: int) -> torch.Tensor:
+def _pathpatch_hooks(
+    setup: PatchingSetup,
+    direction: Direction,
+    senders: Sequence[tuple[int, int]],
+    recv_hooks: dict[str, torch.Tensor | None],
+    pos: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
     """Path patching with two full forward passes of the bridge per chunk of senders:
     per-prompt values ``[senders, batch]`` (see :func:`path_patch`)."""
     L, H, B = setup.n_layers, setup.n_heads, setup.size

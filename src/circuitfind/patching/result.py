@@ -46,15 +46,29 @@ class PatchResult:
 
     def as_dict(self) -> dict:
         return {
-            "kind": self.kind, "axes": list(self.axes), "metric": self.metric, "corruption": self.corruption,
-            "direction": self.direction, "clean": self.clean, "corrupt": self.corrupt,
+            "kind": self.kind,
+            "axes": list(self.axes),
+            "metric": self.metric,
+            "corruption": self.corruption,
+            "direction": self.direction,
+            "clean": self.clean,
+            "corrupt": self.corrupt,
             "values": self.values.tolist(),
         }
 
 
-def sweep_result(setup: PatchingSetup, direction: str, per_prompt: torch.Tensor, shape: Sequence[int], axes, kind) -> PatchResult:
+def sweep_result(
+    setup: PatchingSetup, direction: str, per_prompt: torch.Tensor, shape: Sequence[int], axes, kind
+) -> PatchResult:
     per_prompt = per_prompt.reshape(*shape, setup.size).cpu()
     return PatchResult(
-        per_prompt.mean(-1), per_prompt, tuple(axes), setup.metric.name, setup.plan.name, direction,
-        setup.clean_value, setup.corrupt_value, kind,
+        per_prompt.mean(-1),
+        per_prompt,
+        tuple(axes),
+        setup.metric.name,
+        setup.plan.name,
+        direction,
+        setup.clean_value,
+        setup.corrupt_value,
+        kind,
     )

@@ -149,6 +149,7 @@ class PatchingSetup:
 
 def bind_hook(fn, **kw):
     """A forward hook ``(act, hook)`` that calls ``fn(act, hook, **kw)``."""
+
     def hook(act, hook):
         return fn(act, hook, **kw)
 
@@ -186,12 +187,26 @@ def prepare(
     plan = corruption.plan(model, batch)
     with torch.no_grad():
         clean_logits = answer_logits(model.run_with_hooks(plan.clean.tokens, fwd_hooks=plan.clean.hooks), plan.end_pos)
-        corrupt_logits = answer_logits(model.run_with_hooks(plan.corrupt.tokens, fwd_hooks=plan.corrupt.hooks), plan.end_pos)
+        corrupt_logits = answer_logits(
+            model.run_with_hooks(plan.corrupt.tokens, fwd_hooks=plan.corrupt.hooks), plan.end_pos
+        )
     ctx = MetricContext(plan.answers, plan.counter_answers, clean_logits.float().log_softmax(-1))
     clean_value = metric(clean_logits, ctx).mean().item()
     corrupt_value = metric(corrupt_logits, ctx).mean().item()
-    return PatchingSetup(model, plan, metric, ctx, clean_value, corrupt_value, max_batch=max_batch, progress=progress,
-                         engine=engine, max_memory=max_memory, clean_logits=clean_logits, corrupt_logits=corrupt_logits)
+    return PatchingSetup(
+        model,
+        plan,
+        metric,
+        ctx,
+        clean_value,
+        corrupt_value,
+        max_batch=max_batch,
+        progress=progress,
+        engine=engine,
+        max_memory=max_memory,
+        clean_logits=clean_logits,
+        corrupt_logits=corrupt_logits,
+    )
 
 
 def slice_ctx(ctx: MetricContext, prompts: slice) -> MetricContext:

@@ -48,7 +48,9 @@ def receiver_input(name: str) -> tuple[int, str] | None:
     return None if hook is None or hook[1] not in ("q_input", "k_input", "v_input") else (hook[0], hook[1][0])
 
 
-def supports(setup: PatchingSetup, direction: Direction, names: Sequence[str] = (), receivers: Sequence[str] = ()) -> bool:
+def supports(
+    setup: PatchingSetup, direction: Direction, names: Sequence[str] = (), receivers: Sequence[str] = ()
+) -> bool:
     """Whether suffix passes serve these patched hooks (``names``) or path-patching receiver hooks:
     the setup allows it, the functional engine implements the model, every hook is one it knows,
     and the base run's own hooks act on the embedding stage only."""
@@ -62,11 +64,13 @@ def supports(setup: PatchingSetup, direction: Direction, names: Sequence[str] = 
 
 def use_suffix(setup: PatchingSetup, direction: Direction, names=(), receivers=()) -> bool:
     """Whether suffix passes serve this sweep under the setup's engine (an error where the setup
-asks for the ``functional`` engine and they cannot)."""
+    asks for the ``functional`` engine and they cannot)."""
     usable = supports(setup, direction, names, receivers)
     if setup.engine == "functional" and not usable:
-        raise UnsupportedModelError("suffix passes need a GPT-2 or Llama-style model, block/head hooks and "
-                                    "base-run hooks on the embedding stage only")
+        raise UnsupportedModelError(
+            "suffix passes need a GPT-2 or Llama-style model, block/head hooks and "
+            "base-run hooks on the embedding stage only"
+        )
     return usable
 
 
@@ -150,8 +154,9 @@ class SuffixForward:
             x = patch(layer, "resid_post", x + patch(layer, "mlp_out", mlp))
         return self._answer_logits(x, n)
 
-    def run(self, masks: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], chunk: int,
-            progress=None) -> torch.Tensor:
+    def run(
+        self, masks: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], chunk: int, progress=None
+    ) -> torch.Tensor:
         """Per-prompt metric ``[candidates, batch]`` of candidate patches (the arguments of
         :func:`circuitfind.patching.run_patched`), ``chunk`` candidates per stacked pass."""
         C = next(iter(masks.values())).shape[0]
@@ -186,8 +191,14 @@ class SuffixForward:
         return out
 
     # -- path patching ----------------------------------------------------------------------
-    def path_values(self, senders: Sequence[tuple[int, int]], receivers: dict[str, torch.Tensor | None],
-                    pos: torch.Tensor, chunk: int, progress=None) -> torch.Tensor:
+    def path_values(
+        self,
+        senders: Sequence[tuple[int, int]],
+        receivers: dict[str, torch.Tensor | None],
+        pos: torch.Tensor,
+        chunk: int,
+        progress=None,
+    ) -> torch.Tensor:
         """Path patching (see :func:`circuitfind.patching.path_patch`): per-prompt metric
         ``[senders, batch]`` with the paths from each sender head to the receivers patched.
 
@@ -230,8 +241,9 @@ class SuffixForward:
                     progress.update(len(part))
         return out
 
-    def _path_step1(self, layer: int, heads: list[int], top: int, source_z: dict, by_layer: dict,
-                    to_logits: bool) -> dict[int, torch.Tensor]:
+    def _path_step1(
+        self, layer: int, heads: list[int], top: int, source_z: dict, by_layer: dict, to_logits: bool
+    ) -> dict[int, torch.Tensor]:
         """Residual streams ``[n * batch, pos, d]`` entering each receiver layer (key ``L``: the final
         one) with every head frozen to the base run except the senders (one per candidate)."""
         fm, n, B = self.fm, len(heads), self.size
@@ -250,8 +262,9 @@ class SuffixForward:
                 recorded[lay + 1] = x
         return recorded
 
-    def _path_step2(self, layer: int, n: int, recorded: dict[int, torch.Tensor], by_layer: dict, to_logits: bool,
-                    pos: torch.Tensor) -> torch.Tensor:
+    def _path_step2(
+        self, layer: int, n: int, recorded: dict[int, torch.Tensor], by_layer: dict, to_logits: bool, pos: torch.Tensor
+    ) -> torch.Tensor:
         """Answer-position logits of the base run with the receivers' inputs (at ``pos``) replaced
         by the recorded ones, for the receivers after the senders' ``layer``."""
         fm, L = self.fm, self.n_layers

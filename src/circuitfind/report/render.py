@@ -89,6 +89,7 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]]) -> Block:
 
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(cell(c) for c in row) + "</tr>" for row in rows)
+
     def md_cell(v) -> str:  # a '|' inside a cell would end it
         return (v.text if isinstance(v, Markup) else fmt(v)).replace("|", "\\|")
 
@@ -158,8 +159,12 @@ def contents(sections: Sequence[Section]) -> str:
 
 def html_page(title: str, sections: Sequence[Section], intro: Sequence[Block] = ()) -> str:
     """A self-contained HTML page: title, ``intro`` blocks, the contents list, then the sections."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{CSS}</style></head><body>",
-             f"<h1>{escape(title)}</h1>", *(b.html for b in intro), contents(sections)]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title><style>{CSS}</style></head><body>",
+        f"<h1>{escape(title)}</h1>",
+        *(b.html for b in intro),
+        contents(sections),
+    ]
     for s, anchor in zip(sections, _unique_anchors(sections), strict=True):
         level = min(max(s.level, 2), 4)
         parts.append(f"<h{level} id='{anchor}'>{escape(s.title)}</h{level}>")

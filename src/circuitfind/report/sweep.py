@@ -23,10 +23,28 @@ from circuitfind.io import write_text
 from circuitfind.report import render as R
 from circuitfind.threads import torch_threads
 
-SETTINGS_HEADER = ["setting (algorithm/corruption/metric/direction)", "edges", "components", "faithfulness", "CPR", "CMD",
-                   "clean", "corrupt", "seconds", "health flags", "pitfalls (see below)"]
-AXES_HEADER = ["axis", "values", "pairs", "moves the circuit (1 - edge Jaccard)", "edge Jaccard [95% CI]",
-               "component Jaccard [95% CI]", "Spearman of |score| [95% CI]"]
+SETTINGS_HEADER = [
+    "setting (algorithm/corruption/metric/direction)",
+    "edges",
+    "components",
+    "faithfulness",
+    "CPR",
+    "CMD",
+    "clean",
+    "corrupt",
+    "seconds",
+    "health flags",
+    "pitfalls (see below)",
+]
+AXES_HEADER = [
+    "axis",
+    "values",
+    "pairs",
+    "moves the circuit (1 - edge Jaccard)",
+    "edge Jaccard [95% CI]",
+    "component Jaccard [95% CI]",
+    "Spearman of |score| [95% CI]",
+]
 STABILITY_HEADER = ["component", "fraction of settings"]
 APPEAR_HEADER = ["setting", "appear", "vanish"]
 REFERENCE_HEADER = ["setting", "edge precision", "edge recall", "edge F1", "component F1", "ROC AUC"]
@@ -52,19 +70,38 @@ def _edge_text(edge) -> str:
 
 
 def _axes_sections(effects: list[dict], groups: list[dict]) -> list[R.Section]:
-    intro = R.text("Each axis of the grid is judged by the pairs of healthy settings that differ on that axis only "
-                   "(every other choice equal). For each pair: the Jaccard overlap of the circuits' edges and of their "
-                   "components, and the Spearman correlation of |edge score| over the edges in either circuit. "
-                   "Intervals: 95% percentile bootstrap over those pairs (not over prompts); with few pairs they are rough. "
-                   "Flagged settings (see the health checks) are left out.")
+    intro = R.text(
+        "Each axis of the grid is judged by the pairs of healthy settings that differ on that axis only "
+        "(every other choice equal). For each pair: the Jaccard overlap of the circuits' edges and of their "
+        "components, and the Spearman correlation of |edge score| over the edges in either circuit. "
+        "Intervals: 95% percentile bootstrap over those pairs (not over prompts); with few pairs they are rough. "
+        "Flagged settings (see the health checks) are left out."
+    )
     blocks = [intro]
     if effects:
-        rows = [[e["axis"], ", ".join(e["values"]), f"{len(e['pairs'])} ({e['skipped_pairs']} across graph shapes skipped)" if e["skipped_pairs"] else len(e["pairs"]),
-                 e["movement"], _interval(e["edge_jaccard"]), _interval(e["node_jaccard"]), _interval(e["spearman"])] for e in effects]
+        rows = [
+            [
+                e["axis"],
+                ", ".join(e["values"]),
+                f"{len(e['pairs'])} ({e['skipped_pairs']} across graph shapes skipped)"
+                if e["skipped_pairs"]
+                else len(e["pairs"]),
+                e["movement"],
+                _interval(e["edge_jaccard"]),
+                _interval(e["node_jaccard"]),
+                _interval(e["spearman"]),
+            ]
+            for e in effects
+        ]
         blocks.append(R.table(AXES_HEADER, rows))
-        svg = figures.interval_bars([e["axis"] for e in effects], [e["movement"] for e in effects],
-                                    [e["movement_low"] for e in effects], [e["movement_high"] for e in effects],
-                                    "How much each choice moves the circuit", "1 - mean edge Jaccard (95% CI over pairs)")
+        svg = figures.interval_bars(
+            [e["axis"] for e in effects],
+            [e["movement"] for e in effects],
+            [e["movement_low"] for e in effects],
+            [e["movement_high"] for e in effects],
+            "How much each choice moves the circuit",
+            "1 - mean edge Jaccard (95% CI over pairs)",
+        )
         blocks.append(R.figure(svg, f"Largest first: {effects[0]['axis']} moves the circuit most."))
     else:
         blocks.append(R.text("No axis takes two values among the healthy settings: nothing to rank."))
@@ -72,16 +109,27 @@ def _axes_sections(effects: list[dict], groups: list[dict]) -> list[R.Section]:
     for g in groups:
         rob = g["robust"]
         where = f" ({g['model']} on {g['task']})" if len(groups) > 1 else ""
-        items = [R.text(f"Over the {rob['n_settings']} healthy settings. Robust: found in every one of them. "
-                        "Setting-dependent: found in every setting where the axis takes this value and in none where it does not.")]
+        items = [
+            R.text(
+                f"Over the {rob['n_settings']} healthy settings. Robust: found in every one of them. "
+                "Setting-dependent: found in every setting where the axis takes this value and in none where it does not."
+            )
+        ]
         for kind in ("edges", "components"):
             fmt = _edge_text if kind == "edges" else str
             robust = rob[kind]["robust"]
             items.append(R.text(", ".join(fmt(x) for x in robust) or "none", bold=f"Robust {kind} ({len(robust)}):"))
             dep = rob[kind]["dependent"]
             if dep:
-                items.append(R.table(["only when", "settings with that value", f"setting-dependent {kind}"],
-                                     [[f"{d['axis']} = {d['value']}", d["n_settings"], ", ".join(fmt(x) for x in d["items"])] for d in dep]))
+                items.append(
+                    R.table(
+                        ["only when", "settings with that value", f"setting-dependent {kind}"],
+                        [
+                            [f"{d['axis']} = {d['value']}", d["n_settings"], ", ".join(fmt(x) for x in d["items"])]
+                            for d in dep
+                        ],
+                    )
+                )
             else:
                 items.append(R.text("none", bold=f"Setting-dependent {kind}:"))
         sections.append(R.section(f"Robust and setting-dependent edges{where}", *items, level=3))
@@ -95,9 +143,21 @@ def _settings_rows(group: dict) -> list[list]:
         checks = group["health"][r["setting"]]
         faith = r["faithfulness"] if r["faithfulness"] is not None else r.get("faithfulness_status", "n/a")
         flags = ", ".join(checks["flags"]) or "ok"
-        rows.append([_label(r), r["n_edges"], len(record_components(r)), faith, curve.get("cpr", float("nan")),
-                     curve.get("cmd", float("nan")), r["clean"], r["corrupt"], r.get("seconds", float("nan")), flags,
-                     ", ".join(checks["notes"]) or "-"])
+        rows.append(
+            [
+                _label(r),
+                r["n_edges"],
+                len(record_components(r)),
+                faith,
+                curve.get("cpr", float("nan")),
+                curve.get("cmd", float("nan")),
+                r["clean"],
+                r["corrupt"],
+                r.get("seconds", float("nan")),
+                flags,
+                ", ".join(checks["notes"]) or "-",
+            ]
+        )
     return rows
 
 
@@ -112,20 +172,39 @@ def _health_sections(groups: list[dict]) -> list[R.Section]:
         blocks.append(R.table(SETTINGS_HEADER, rows))
     flagged = [(r, f) for g in groups for r in g["records"] for f in g["health"][r["setting"]]["flags"]]
     if flagged:
-        blocks.append(R.text(f"{len({r['setting'] for r, _ in flagged})} settings are flagged. Their results cannot be read as "
-                             "circuits: they are left out of the axis comparison, the consensus, the faithfulness curves and "
-                             "every significance table.", bold="Health flags.", css_class="flag"))
+        blocks.append(
+            R.text(
+                f"{len({r['setting'] for r, _ in flagged})} settings are flagged. Their results cannot be read as "
+                "circuits: they are left out of the axis comparison, the consensus, the faithfulness curves and "
+                "every significance table.",
+                bold="Health flags.",
+                css_class="flag",
+            )
+        )
         blocks.append(R.bullets(f"{_label(r)}: {flag}: {health.explain(r, flag)}" for r, flag in flagged))
     else:
-        blocks.append(R.text("No setting is flagged (degenerate scores, NaN faithfulness, empty circuit, clean = corrupt).",
-                             bold="Health flags."))
-    notes = sorted({n for g in groups for c in g["health"].values() for n in c["notes"]}, key=list(health.PITFALLS).index)
+        blocks.append(
+            R.text(
+                "No setting is flagged (degenerate scores, NaN faithfulness, empty circuit, clean = corrupt).",
+                bold="Health flags.",
+            )
+        )
+    notes = sorted(
+        {n for g in groups for c in g["health"].values() for n in c["notes"]}, key=list(health.PITFALLS).index
+    )
     sections = [R.section("Settings and health checks", *blocks)]
     if notes:
-        sections.append(R.section("Pitfalls of these settings", R.text("Facts about what each choice in this grid can show, "
-                                  "with the reason; they do not make a result wrong, they say how to read it."),
-                                  R.bullets(f"{code}: {health.PITFALLS[code][0]}. Why: {health.PITFALLS[code][1]}." for code in notes),
-                                  level=3))
+        sections.append(
+            R.section(
+                "Pitfalls of these settings",
+                R.text(
+                    "Facts about what each choice in this grid can show, "
+                    "with the reason; they do not make a result wrong, they say how to read it."
+                ),
+                R.bullets(f"{code}: {health.PITFALLS[code][0]}. Why: {health.PITFALLS[code][1]}." for code in notes),
+                level=3,
+            )
+        )
     return sections
 
 
@@ -138,15 +217,26 @@ def _curve_panels(group: dict) -> list[str]:
     for r in recs:
         by_algorithm[r["algorithm"]].append(r)
     for _algorithm, members in sorted(by_algorithm.items()):
-        split = next((keys for keys in CURVE_SPLITS if _largest_panel(members, keys) <= MAX_LINES_PER_PANEL), CURVE_SPLITS[-1])
+        split = next(
+            (keys for keys in CURVE_SPLITS if _largest_panel(members, keys) <= MAX_LINES_PER_PANEL), CURVE_SPLITS[-1]
+        )
         panel_members: dict[tuple, list[dict]] = defaultdict(list)
         for r in members:
             panel_members[tuple(r[k] for k in split)].append(r)
         for key, rs in sorted(panel_members.items()):
             rest = [k for k in ("corruption", "metric", "direction") if k not in split]
-            series = {"/".join(str(r[k]) for k in rest) or _label(r): (r["curve"]["fractions"], nan_for_null(r["curve"]["faithfulness"]))
-                      for r in sorted(rs, key=_label)}
-            panels.append(figures.line_chart(series, "fraction of edges kept", "faithfulness", " / ".join(map(str, key)), 420, 240))
+            series = {
+                "/".join(str(r[k]) for k in rest) or _label(r): (
+                    r["curve"]["fractions"],
+                    nan_for_null(r["curve"]["faithfulness"]),
+                )
+                for r in sorted(rs, key=_label)
+            }
+            panels.append(
+                figures.line_chart(
+                    series, "fraction of edges kept", "faithfulness", " / ".join(map(str, key)), 420, 240
+                )
+            )
     return panels
 
 
@@ -161,49 +251,134 @@ def _group_sections(g: dict, several: bool) -> list[R.Section]:
     where = f" ({g['model']} on {g['task']})" if several else ""
     sections = []
     consensus = f"{g['consensus_fraction']:.0%}"
-    summary = [R.text(", ".join(g["unanimous_nodes"]) or "none", bold="Components in every setting (healthy ones):"),
-               R.text(", ".join(g["consensus_nodes"]) or "none", bold=f"Components in >= {consensus} of healthy settings:"),
-               R.text(str(len(g["consensus_edges"])), bold=f"Edges in >= {consensus} of healthy settings:"),
-               R.text(f"Mean pairwise edge Jaccard {_off_diagonal_mean(g['edge_jaccard']):.3f}, "
-                      f"component Jaccard {_off_diagonal_mean(g['node_jaccard']):.3f} (all settings).")]
+    summary = [
+        R.text(", ".join(g["unanimous_nodes"]) or "none", bold="Components in every setting (healthy ones):"),
+        R.text(", ".join(g["consensus_nodes"]) or "none", bold=f"Components in >= {consensus} of healthy settings:"),
+        R.text(str(len(g["consensus_edges"])), bold=f"Edges in >= {consensus} of healthy settings:"),
+        R.text(
+            f"Mean pairwise edge Jaccard {_off_diagonal_mean(g['edge_jaccard']):.3f}, "
+            f"component Jaccard {_off_diagonal_mean(g['node_jaccard']):.3f} (all settings)."
+        ),
+    ]
     cell = max(12, min(34, 900 // max(1, len(g["names"]))))
     label = dict(zip(g["names"], g["labels"], strict=True))
-    maps = [figures.heatmap(g["edge_jaccard"], g["labels"], "edge Jaccard", cell),
-            figures.heatmap(g["node_jaccard"], g["labels"], "component Jaccard", cell)]
+    maps = [
+        figures.heatmap(g["edge_jaccard"], g["labels"], "edge Jaccard", cell),
+        figures.heatmap(g["node_jaccard"], g["labels"], "component Jaccard", cell),
+    ]
     if g["score_names"]:
-        maps.append(figures.heatmap(g["spearman"], [label[n] for n in g["score_names"]], "Spearman rank correlation of |edge scores|", cell))
-    sections.append(R.section(f"Overlap between settings{where}", *summary, R.figures(maps, "Pairwise overlaps (rows named, columns numbered)"), level=3))
+        maps.append(
+            figures.heatmap(
+                g["spearman"], [label[n] for n in g["score_names"]], "Spearman rank correlation of |edge scores|", cell
+            )
+        )
+    sections.append(
+        R.section(
+            f"Overlap between settings{where}",
+            *summary,
+            R.figures(maps, "Pairwise overlaps (rows named, columns numbered)"),
+            level=3,
+        )
+    )
     panels = _curve_panels(g)
     if panels:
-        sections.append(R.section(f"Faithfulness curves{where}", R.figures(
-            panels, "Faithfulness of the top-scoring edges, one panel per algorithm (healthy settings; the dashed line is the full model)"), level=3))
+        sections.append(
+            R.section(
+                f"Faithfulness curves{where}",
+                R.figures(
+                    panels,
+                    "Faithfulness of the top-scoring edges, one panel per algorithm (healthy settings; the dashed line is the full model)",
+                ),
+                level=3,
+            )
+        )
     shared = {tuple(e) for e in g["consensus_edges"]}
     first = g["records"][0]
     kv = first.get("n_kv_heads")
-    legend = R.text(f"Dark: edge in >= {consensus} of the healthy settings; orange: found only in some. Solid q, dashed k, dotted v input.")
-    consensus_drawing = figures.circuit_drawing(first["n_layers"], first["n_heads"], sorted(shared), shared,
-                                                f"consensus circuit ({len(shared)} edges)", n_kv_heads=kv)
-    drawings = [figures.circuit_drawing(r["n_layers"], r["n_heads"], record_edges(r), shared,
-                                        f"{lab} ({r['n_edges']} edges{', flagged' if g['health'][r['setting']]['flags'] else ''})",
-                                        n_kv_heads=r.get("n_kv_heads"))
-                for lab, r in zip(g["labels"], g["records"], strict=True)]
-    sections.append(R.section(f"Circuits{where}", legend, R.figure(consensus_drawing, "The consensus circuit"),
-                              R.figures(drawings, collapsed=f"The circuit of each setting ({len(drawings)} drawings)"), level=3))
+    legend = R.text(
+        f"Dark: edge in >= {consensus} of the healthy settings; orange: found only in some. Solid q, dashed k, dotted v input."
+    )
+    consensus_drawing = figures.circuit_drawing(
+        first["n_layers"],
+        first["n_heads"],
+        sorted(shared),
+        shared,
+        f"consensus circuit ({len(shared)} edges)",
+        n_kv_heads=kv,
+    )
+    drawings = [
+        figures.circuit_drawing(
+            r["n_layers"],
+            r["n_heads"],
+            record_edges(r),
+            shared,
+            f"{lab} ({r['n_edges']} edges{', flagged' if g['health'][r['setting']]['flags'] else ''})",
+            n_kv_heads=r.get("n_kv_heads"),
+        )
+        for lab, r in zip(g["labels"], g["records"], strict=True)
+    ]
+    sections.append(
+        R.section(
+            f"Circuits{where}",
+            legend,
+            R.figure(consensus_drawing, "The consensus circuit"),
+            R.figures(drawings, collapsed=f"The circuit of each setting ({len(drawings)} drawings)"),
+            level=3,
+        )
+    )
     av = g["appear_vanish"]
-    sections.append(R.section(f"Components that appear or vanish, against the consensus{where}", R.table(
-        APPEAR_HEADER, [[lab, ", ".join(av[n]["appear"]) or "-", ", ".join(av[n]["vanish"]) or "-"] for lab, n in zip(g["labels"], g["names"], strict=True)]), level=3))
-    sections.append(R.section(f"How often each component is found{where}", R.table(
-        STABILITY_HEADER, [[c, f] for c, f in sorted(g["node_stability"].items(), key=lambda kv: -kv[1])]), level=3))
+    sections.append(
+        R.section(
+            f"Components that appear or vanish, against the consensus{where}",
+            R.table(
+                APPEAR_HEADER,
+                [
+                    [lab, ", ".join(av[n]["appear"]) or "-", ", ".join(av[n]["vanish"]) or "-"]
+                    for lab, n in zip(g["labels"], g["names"], strict=True)
+                ],
+            ),
+            level=3,
+        )
+    )
+    sections.append(
+        R.section(
+            f"How often each component is found{where}",
+            R.table(STABILITY_HEADER, [[c, f] for c, f in sorted(g["node_stability"].items(), key=lambda kv: -kv[1])]),
+            level=3,
+        )
+    )
     if "reference" in g:
         ref = g["reference"]
-        rows = [[lab, s["edges"]["precision"], s["edges"]["recall"], s["edges"]["f1"], s["nodes"]["f1"], s.get("roc_auc", float("nan"))]
-                for lab, s in zip(g["labels"], ref["scores"].values(), strict=True)]
-        sections.append(R.section(f"Against the reference `{ref['setting']}`{where}", R.table(REFERENCE_HEADER, rows), level=3))
+        rows = [
+            [
+                lab,
+                s["edges"]["precision"],
+                s["edges"]["recall"],
+                s["edges"]["f1"],
+                s["nodes"]["f1"],
+                s.get("roc_auc", float("nan")),
+            ]
+            for lab, s in zip(g["labels"], ref["scores"].values(), strict=True)
+        ]
+        sections.append(
+            R.section(f"Against the reference `{ref['setting']}`{where}", R.table(REFERENCE_HEADER, rows), level=3)
+        )
     if g["bootstrap"] or g["bootstrap_skipped"]:
-        blocks = [R.text("95% percentile bootstrap over prompts of each edge's mean score; flagged settings are not summarised.")]
+        blocks = [
+            R.text(
+                "95% percentile bootstrap over prompts of each edge's mean score; flagged settings are not summarised."
+            )
+        ]
         for name, b in g["bootstrap"].items():
-            blocks.append(R.text(f"{b['excluding_zero']} edges with a {b['level']:.0%} interval excluding 0. Top edges:", bold=label[name] + ":"))
-            blocks.append(R.table(BOOTSTRAP_HEADER, [[_edge_text(t["edge"]), t["mean"], t["low"], t["high"]] for t in b["top"]]))
+            blocks.append(
+                R.text(
+                    f"{b['excluding_zero']} edges with a {b['level']:.0%} interval excluding 0. Top edges:",
+                    bold=label[name] + ":",
+                )
+            )
+            blocks.append(
+                R.table(BOOTSTRAP_HEADER, [[_edge_text(t["edge"]), t["mean"], t["low"], t["high"]] for t in b["top"]])
+            )
         for name, reason in g["bootstrap_skipped"].items():
             blocks.append(R.text(f"no intervals: {reason}.", bold=label[name] + ":"))
         sections.append(R.section(f"Bootstrap intervals of edge scores (over prompts){where}", *blocks, level=3))
@@ -216,7 +391,9 @@ def _off_diagonal_mean(m: list[list[float]]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def report_sections(records: list[dict], reference: dict | None = None, consensus_fraction: float = 0.5) -> list[R.Section]:
+def report_sections(
+    records: list[dict], reference: dict | None = None, consensus_fraction: float = 0.5
+) -> list[R.Section]:
     """The report's sections (statistics computed here)."""
     with torch_threads(1):  # small tensors only: extra intra-op threads just wait for busy cores
         groups = compare_records(records, reference, consensus_fraction)
@@ -228,8 +405,13 @@ def report_sections(records: list[dict], reference: dict | None = None, consensu
     return sections
 
 
-def write_report(records: list[dict], out_dir: str | Path, title: str = "Circuit diff report", reference: dict | None = None,
-                 consensus_fraction: float = 0.5) -> dict[str, str]:
+def write_report(
+    records: list[dict],
+    out_dir: str | Path,
+    title: str = "Circuit diff report",
+    reference: dict | None = None,
+    consensus_fraction: float = 0.5,
+) -> dict[str, str]:
     """Write ``report.html`` and ``report.md`` into ``out_dir`` (atomically); return their paths and the Markdown."""
     if not records:
         raise ValueError("no settings to compare")

@@ -58,9 +58,22 @@ def build_induction_model(folder: str | Path, sharpness: float = 2.0, unembed_sc
     JUNK = [OUT + V + i * V for i in range(2 * n_distract)]
     if JUNK[-1] + V > d_model:
         raise ValueError("subspaces do not fit: increase d_head")
-    config = GPT2Config(vocab_size=V, n_positions=P, n_embd=d_model, n_layer=2, n_head=H, n_inner=4,
-                        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    config = GPT2Config(
+        vocab_size=V,
+        n_positions=P,
+        n_embd=d_model,
+        n_layer=2,
+        n_head=H,
+        n_inner=4,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     model = GPT2LMHeadModel(config)
     with torch.no_grad():
         for p in model.parameters():
@@ -105,6 +118,16 @@ def build_induction_model(folder: str | Path, sharpness: float = 2.0, unembed_sc
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    (folder / "known_circuit.json").write_text(json.dumps(
-        {"task": "induction", "truth": INDUCTION_TRUTH, "structural": INDUCTION_STRUCTURAL, "distractors": DISTRACTOR_HEADS}, indent=2) + "\n")
+    (folder / "known_circuit.json").write_text(
+        json.dumps(
+            {
+                "task": "induction",
+                "truth": INDUCTION_TRUTH,
+                "structural": INDUCTION_STRUCTURAL,
+                "distractors": DISTRACTOR_HEADS,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return folder

@@ -116,7 +116,9 @@ def checkpoint_steps(total_steps: int, n: int) -> list[int]:
     """``n`` evenly spaced step counts from 0 (the initialisation) to ``total_steps`` (``n=1``: the end only)."""
     positive_int("checkpoints", n)
     if n > total_steps + 1:
-        raise ValueError(f"checkpoints must be at most {total_steps + 1} (one per step count 0..{total_steps}), got {n}")
+        raise ValueError(
+            f"checkpoints must be at most {total_steps + 1} (one per step count 0..{total_steps}), got {n}"
+        )
     if n == 1:
         return [total_steps]
     return [round(i * total_steps / (n - 1)) for i in range(n)]
@@ -146,8 +148,14 @@ def save_atomically(model, tokenizer, folder: Path, extra: dict | None = None) -
     return folder
 
 
-def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoints: int = 0,
-          steps: int | None = None, until: int | None = None) -> dict:
+def train(
+    name: str,
+    out_dir: Path | None = None,
+    log_every: int = 250,
+    checkpoints: int = 0,
+    steps: int | None = None,
+    until: int | None = None,
+) -> dict:
     """Train toy model ``name`` and save it as an HF folder; return its evaluation summary.
 
     ``checkpoints``: also save that many evenly spaced checkpoints (:func:`checkpoint_steps`) under
@@ -173,9 +181,19 @@ def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoi
 
     tokenizer = build_tokenizer(task_words(spec))
     config = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=32, n_embd=recipe.n_embd, n_layer=recipe.n_layer,
-        n_head=recipe.n_head, n_inner=4 * recipe.n_embd, activation_function="gelu_new",
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        vocab_size=len(tokenizer),
+        n_positions=32,
+        n_embd=recipe.n_embd,
+        n_layer=recipe.n_layer,
+        n_head=recipe.n_head,
+        n_inner=4 * recipe.n_embd,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
     )
     model = GPT2LMHeadModel(config)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
@@ -184,8 +202,12 @@ def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoi
     saved: list[dict] = []
 
     def checkpoint(done: int) -> None:
-        folder = save_atomically(model, tokenizer, out_dir / "checkpoints" / f"step-{done:05d}",
-                                 {"step": done, "of_steps": recipe.steps, "recipe": asdict(recipe)})
+        folder = save_atomically(
+            model,
+            tokenizer,
+            out_dir / "checkpoints" / f"step-{done:05d}",
+            {"step": done, "of_steps": recipe.steps, "recipe": asdict(recipe)},
+        )
         saved.append({"step": done, "folder": folder.name})
 
     try:
@@ -209,14 +231,20 @@ def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoi
             if step + 1 in save_at:
                 checkpoint(step + 1)
             if log_every and (step % log_every == 0 or step == recipe.steps - 1):
-                print(f"[{name}] step {step:5d}  lm {lm.item():.3f}  answer {ans.item():.4f}  {time.time() - start:.0f}s", flush=True)
+                print(
+                    f"[{name}] step {step:5d}  lm {lm.item():.3f}  answer {ans.item():.4f}  {time.time() - start:.0f}s",
+                    flush=True,
+                )
         model.eval()
         summary = evaluate_hf(model, spec, tokenizer) if until is None else {"stopped_at": stop}
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
     if until is not None:
         if saved:
-            write_json(out_dir / "checkpoints" / "checkpoints.json", {"model": name, "steps": recipe.steps, "checkpoints": saved})
+            write_json(
+                out_dir / "checkpoints" / "checkpoints.json",
+                {"model": name, "steps": recipe.steps, "checkpoints": saved},
+            )
         return {**summary, "checkpoints": saved}
     summary.update(recipe=asdict(recipe), train_seconds=round(time.time() - start, 1), torch=torch.__version__)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +259,9 @@ def train(name: str, out_dir: Path | None = None, log_every: int = 250, checkpoi
         shutil.rmtree(tmp, ignore_errors=True)
     write_text(out_dir / "training.json", json.dumps(summary, indent=2) + "\n")
     if saved:
-        write_json(out_dir / "checkpoints" / "checkpoints.json", {"model": name, "steps": recipe.steps, "checkpoints": saved})
+        write_json(
+            out_dir / "checkpoints" / "checkpoints.json", {"model": name, "steps": recipe.steps, "checkpoints": saved}
+        )
     print(f"[{name}] saved to {out_dir}: {json.dumps({k: summary[k] for k in ('accuracy', 'logit_diff')})}")
     return summary
 
@@ -255,16 +285,30 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", choices=[*RECIPES, "all"])
     parser.add_argument("--out", type=Path, default=None, help="parent folder (default: the package's zoo/)")
-    parser.add_argument("--checkpoints", type=int, default=0,
-                        help="also save N evenly spaced checkpoints, step 0 to the last, in <out>/<model>/checkpoints/")
+    parser.add_argument(
+        "--checkpoints",
+        type=int,
+        default=0,
+        help="also save N evenly spaced checkpoints, step 0 to the last, in <out>/<model>/checkpoints/",
+    )
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
-    parser.add_argument("--until", type=int, default=None,
-                        help="stop after this many steps of the schedule (checkpoints only, no final model)")
+    parser.add_argument(
+        "--until",
+        type=int,
+        default=None,
+        help="stop after this many steps of the schedule (checkpoints only, no final model)",
+    )
     args = parser.parse_args(argv)
     if args.checkpoints:
         positive_int("checkpoints", args.checkpoints)
     for name in RECIPES if args.model == "all" else [args.model]:
-        train(name, (args.out / name) if args.out else None, checkpoints=args.checkpoints, steps=args.steps, until=args.until)
+        train(
+            name,
+            (args.out / name) if args.out else None,
+            checkpoints=args.checkpoints,
+            steps=args.steps,
+            until=args.until,
+        )
 
 
 if __name__ == "__main__":
