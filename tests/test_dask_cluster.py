@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,8 @@ import pytest
 
 pytest.importorskip("prefect_dask")
 distributed = pytest.importorskip("distributed")
+
+from _processes import free_port, stop  # noqa: E402
 
 from circuitfind.flows.sweep import SweepError, parse_args, run_from_args  # noqa: E402
 
@@ -39,31 +40,11 @@ GRID = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """Stop a process and its group (SIGTERM, then SIGKILL after 10 s)."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    except ProcessLookupError:
-        pass
-
-
 @contextmanager
 def dask_cluster(tmp_path: Path, workers: list[list[str]], scheduler_env: dict[str, str] | None = None):
     """A `dask scheduler` and one `dask worker --nworkers 1 --nthreads 1` per entry of ``workers`` (its extra
     options); yields (address, client). The workers get no PREFECT_API_URL: the task's context carries it."""
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     logs = tmp_path / "dask-logs"
@@ -114,7 +95,7 @@ def dask_cluster(tmp_path: Path, workers: list[list[str]], scheduler_env: dict[s
         if client is not None:
             client.close()
         for process in reversed(processes):
-            _stop(process)
+            stop(process)
         text = "".join(p.read_text(errors="replace") for p in logs.glob("worker*.log"))
         assert "Starting temporary server" not in text, "a Dask worker started a Prefect server of its own"
 
@@ -247,7 +228,7 @@ def test_a_killed_worker_is_reported_and_a_rerun_finishes_only_what_is_missing(p
                 time.sleep(0.05)
             out, err = sweep.communicate(timeout=400)
         finally:
-            _stop(sweep)
+            stop(sweep)
         assert sweep.returncode == 1, err  # reported, not fatal: the report covers the other settings
         manifest = json.loads((outputs / run / "manifest.json").read_text())
         failed = [f["setting"] for f in manifest["failures"]]

@@ -5,10 +5,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,26 +15,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+from _processes import free_port, stop  # noqa: E402
+
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
-    except ProcessLookupError:
-        pass
 
 
 def _wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
@@ -57,7 +37,7 @@ def _wait_healthy(url: str, server: subprocess.Popen, seconds: float) -> None:
 
 @pytest.mark.slow  # 1-2 minutes on a loaded 2-core machine (a fresh server database, three Prefect processes)
 def test_deployment_run_by_a_prefect_worker(tmp_path, sweep_env):
-    port, pool, name = _free_port(), "circuitfind-test-pool", "nightly-toy-sweep"
+    port, pool, name = free_port(), "circuitfind-test-pool", "nightly-toy-sweep"
     api = f"http://127.0.0.1:{port}/api"
     env = {
         **sweep_env(tmp_path / "prefect-home"),
@@ -125,7 +105,7 @@ def test_deployment_run_by_a_prefect_worker(tmp_path, sweep_env):
         assert len(manifest["settings"]) == 1 and not manifest["failures"]
     finally:
         for process in reversed(processes):
-            _stop(process)
+            stop(process)
         for log in logs.values():
             log.close()
 

@@ -221,25 +221,8 @@ class EdgePatcher:
         prompts: slice | None = None,
         scale: float = 1.0,
     ) -> torch.Tensor:
-        """Edge attributions of one pass: ``-d metric / d mask`` at masks that keep every edge.
-
-        That gradient is, for each edge, the dot product of the sender's difference
-        ``source - output`` with the gradient of the metric at the receiver's input (the corrections
-        vanish when every edge is kept), so this pass needs no masks: it runs the base run
-        (``n`` stacked copies, with ``extra_hooks``), keeps the senders' differences (or, with
-        ``fixed_diff``, takes ``source - base run``), and the receivers' inputs add their gradient's
-        dot products into the scores as the backward reaches them. Same result as the mask
-        gradient of :meth:`run`, in less time and memory (no corrections, nothing of the
-        differences kept for autograd). Graphs without per-position edges only.
-
-        Args:
-            n: stacked copies of the batch (EAP-IG's steps); their attributions add up.
-            per_prompt: one column per prompt.
-            prompts: this pass's prompts (default: all).
-            scale: factor of the summed metric (``1 / batch`` for the gradient of the mean).
-
-        Returns ``[n_edges]``, or ``[n_edges, prompts]`` with ``per_prompt``.
-        """
+        """Edge attributions of one pass, ``-d metric / d mask`` at masks that keep every edge,
+        without masks: see :meth:`~circuitfind.edge_patching.hooks.HooksEngine.attribution`."""
         return self.hooks.attribution(
             fixed_diff=fixed_diff, extra_hooks=extra_hooks, n=n, per_prompt=per_prompt, prompts=prompts, scale=scale
         )
