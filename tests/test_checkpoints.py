@@ -171,3 +171,20 @@ def test_checkpoints_flow_entry_point_loads():
     root = Path(__file__).resolve().parents[1]
     flow = load_flow_from_entrypoint(f"{root / 'flows' / 'checkpoints.py'}:circuits_over_training")
     assert flow.name == "circuitfind-checkpoints"
+
+
+@pytest.mark.parametrize("n", ["0", "-1"])
+def test_train_refuses_a_checkpoint_count_below_one(tmp_path, capsys, n):
+    from circuitfind.cli import main
+
+    assert main(["train", "toy-ioi", "--out", str(tmp_path), "--checkpoints", n, "--steps", "3"]) == 2
+    assert "checkpoints" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("run", ["../escape", "..", "", "a/b"])
+def test_run_folders_stay_inside_the_outputs(tmp_path, run):
+    from circuitfind.paths import run_folder
+
+    with pytest.raises(ValueError, match="is not a folder name"):
+        run_folder(tmp_path, run)
+    assert run_folder(tmp_path, "ok") == tmp_path / "ok"

@@ -252,3 +252,25 @@ def test_a_killed_worker_is_reported_and_a_rerun_finishes_only_what_is_missing(p
     assert sorted(s["setting"] for s in manifest["settings"] if not s["from_cache"]) == sorted(failed)
     assert _graphs(outputs, run) == _graphs(tmp_path / "ref", "ref")
     assert not list(outputs.rglob("*.tmp"))
+
+
+def test_an_unreachable_scheduler_is_one_line_and_leaves_no_run_folder(tmp_path, capsys):
+    from circuitfind.cli import main
+
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    assert main(["sweep", *GRID, "--dask-address", address, "--outputs", str(tmp_path), "--run", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot reach a Dask scheduler at '{address}'" in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_cluster_without_workers_is_refused(tmp_path, capsys):
+    from distributed import LocalCluster
+
+    from circuitfind.cli import main
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:  # a real scheduler, no worker
+        argv = ["sweep", *GRID, "--dask-address", cluster.scheduler_address, "--outputs", str(tmp_path), "--run", "x"]
+        assert main(argv) == 2
+    assert "has no workers" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

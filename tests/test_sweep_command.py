@@ -1,6 +1,7 @@
 """`circuitfind sweep` as a user runs it: its options, bad grids refused up front, the first run on a
 fresh Prefect home, and no Prefect server left behind when the sweep is killed."""
 
+import json
 import math
 import os
 import signal
@@ -342,3 +343,17 @@ def test_a_run_folder_of_another_grid_is_refused(tmp_path, capsys):
         err.count("\n") == 1
         and "holds settings of another grid (1, e.g. toy-ioi__ioi__eap__str__logit_diff__noise)" in err
     )
+
+
+def test_a_finished_run_of_other_parameters_is_refused(tmp_path, capsys):
+    """Reusing a finished run's name with other shared parameters would silently replace its results."""
+    from circuitfind.cli import main
+    from circuitfind.sweep import SweepConfig
+
+    (tmp_path / "w2").mkdir()
+    earlier = SweepConfig(prompts=8).model_dump()
+    (tmp_path / "w2" / "manifest.json").write_text(json.dumps({"config": earlier, "settings": []}))
+    grid = ["sweep", "--algorithms", "eap", "--corruptions", "str", "--metrics", "logit_diff", "--directions", "noise"]
+    assert main([*grid, "--prompts", "16", "--outputs", str(tmp_path), "--run", "w2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was made with other parameters (prompts 8 -> 16)" in err

@@ -248,7 +248,7 @@ def cmd_train(args) -> None:
     train.main(
         [args.model]
         + (["--out", args.out] if args.out else [])
-        + (["--checkpoints", str(args.checkpoints)] if args.checkpoints else [])
+        + (["--checkpoints", str(args.checkpoints)] if args.checkpoints is not None else [])
         + (["--steps", str(args.steps)] if args.steps is not None else [])
         + (["--until", str(args.until)] if args.until is not None else [])
     )
@@ -358,7 +358,7 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("model", help="toy-ioi, toy-induction or all")
     p.add_argument("--out", default=None, help="parent folder (default: the package's zoo/)")
     p.add_argument(
-        "--checkpoints", type=int, default=0, help="also save N evenly spaced checkpoints (step 0 to the last)"
+        "--checkpoints", type=int, default=None, help="also save N >= 1 evenly spaced checkpoints (step 0 to the last)"
     )
     p.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
     p.add_argument(

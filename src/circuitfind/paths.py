@@ -34,3 +34,18 @@ def default_outputs() -> Path:
     """Where runs are written by default: the checkout's ``outputs/``, else ``./outputs`` of the current directory."""
     root = checkout_root()
     return (root if root is not None else Path.cwd()) / "outputs"
+
+
+def check_run_name(run: str) -> str:
+    """A run name is one folder of the outputs: never empty, ``.``/``..`` or a path that leads elsewhere."""
+    if not run.strip() or run in (".", "..") or "/" in run or "\\" in run:
+        raise ValueError(f"--run: {run!r} is not a folder name (the run is a folder of --outputs)")
+    return run
+
+
+def run_folder(outputs: str | Path | None, run: str | None, prefix: str = "") -> Path:
+    """The folder of a run: ``<outputs>/<run>``, by default ``<default outputs>/<prefix><timestamp>``."""
+    import time
+
+    name = check_run_name(run) if run is not None else prefix + time.strftime("%Y%m%d-%H%M%S")
+    return Path(outputs or default_outputs()) / name

@@ -531,9 +531,23 @@ def _entry_lock(cache_dir: Path, key: str, setting_name: str) -> Iterator[None]:
 RECORD_FIELDS = ("setting", "n_layers", "n_heads", "n_edges")
 
 
-def check_run_folder(run_dir: str | Path, settings: list[Setting]) -> None:
-    """Refuse to sweep into a run folder that holds settings of another grid: reusing a run name
-    resumes that run (same grid), it never mixes two grids in one folder and one report."""
+def check_run_folder(run_dir: str | Path, settings: list[Setting], config: SweepConfig | None = None) -> None:
+    """Refuse to sweep into a run folder that holds settings of another grid, or (with ``config``)
+    a finished run made with other shared parameters: reusing a run name resumes that run, it never
+    mixes two grids in one folder and one report, nor silently replaces a finished run."""
+    if config is not None:
+        try:
+            earlier = json.loads((Path(run_dir) / "manifest.json").read_text())["config"]
+        except (OSError, ValueError, KeyError, TypeError):
+            earlier = None
+        if isinstance(earlier, dict):
+            changed = sorted(k for k, v in config.shared().items() if k in earlier and earlier[k] != v)
+            if changed:
+                raise ValueError(
+                    f"run folder {run_dir} was made with other parameters "
+                    f"({', '.join(f'{k} {earlier[k]!r} -> {config.shared()[k]!r}' for k in changed)}); "
+                    "choose another --run"
+                )
     existing = {f.stem for f in (Path(run_dir) / "circuits").glob("*.json")}
     foreign = sorted(existing - {s.name for s in settings})
     if foreign:

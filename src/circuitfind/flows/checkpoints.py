@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -24,7 +23,7 @@ from circuitfind import checkpoints as C
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
 from circuitfind.io import write_json
-from circuitfind.paths import default_outputs
+from circuitfind.paths import run_folder
 
 
 @task(name="checkpoint-circuit", task_run_name="step-{step}", persist_result=False)
@@ -76,7 +75,7 @@ def circuits_over_training(
         "device": device,
         **options,
     }
-    run_dir = Path(outputs or default_outputs()) / (run or time.strftime("checkpoints-%Y%m%d-%H%M%S"))
+    run_dir = run_folder(outputs, run, "checkpoints-")
     results = [checkpoint_task(str(c.folder), c.step, setting) for c in found]
     shown = {"model": str(checkpoints), **{k: v for k, v in setting.items() if v is not None}}
     paths = C.write_report(results, shown, run_dir)

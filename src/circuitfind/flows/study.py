@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 from prefect import flow, task
@@ -26,7 +25,7 @@ from circuitfind.checks import positive_int
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
 from circuitfind.io import write_json
-from circuitfind.paths import default_outputs
+from circuitfind.paths import run_folder
 
 
 @task(name="ioi-head-detection", task_run_name="heads-{model_name}", persist_result=False)
@@ -62,7 +61,7 @@ def settings_study(
     positive_int("n_boot", n_boot)
     ioi_models = ["toy-ioi"] if ioi_models is None else ioi_models
     factual_models = factual_models or []
-    run_dir = Path(outputs or default_outputs()) / (run or time.strftime("study-%Y%m%d-%H%M%S"))
+    run_dir = run_folder(outputs, run, "study-")
     heads = [heads_task(m, ioi_prompts, seed, direction, n_boot) for m in ioi_models]
     mlps = [mlps_task(m, factual_prompts, seed) for m in factual_models]
     paths = study.study_report(heads, mlps, run_dir)

@@ -48,7 +48,7 @@ from circuitfind.flows.server import prefect_api
 from circuitfind.health import check_run
 from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
-from circuitfind.paths import default_outputs
+from circuitfind.paths import check_run_name, default_outputs
 from circuitfind.report import write_run_report
 from circuitfind.sweep import (
     Setting,
@@ -100,14 +100,22 @@ def gpu_resources(config: SweepConfig):
 
 
 def check_gpu_workers(config: SweepConfig) -> None:
-    """With CUDA settings on Dask, some worker must offer the ``GPU`` resource, else Dask would hold them forever."""
+    """On Dask, the cluster must have workers, and with CUDA settings some worker must offer the
+    ``GPU`` resource: else Dask would hold the settings forever."""
     from prefect.context import FlowRunContext
 
     context = FlowRunContext.get()
     runner = context.task_runner if context else None
-    if config.device is None or not config.device.startswith("cuda") or not hasattr(runner, "client"):
+    if not hasattr(runner, "client"):
         return
     workers = runner.client.scheduler_info().get("workers", {})
+    if not workers:  # Dask would hold every setting until a worker joins: a sweep that never ends
+        raise SweepError(
+            f"the Dask cluster at {runner.client.scheduler.address} has no workers: start some with "
+            "`dask worker SCHEDULER --nworkers 1 --nthreads 1`"
+        )
+    if config.device is None or not config.device.startswith("cuda"):
+        return
     if not any(w.get("resources", {}).get("GPU", 0) >= 1 for w in workers.values()):
         raise SweepError(
             f"the settings run on {config.device!r} and ask Dask for a GPU, but none of the "
@@ -147,11 +155,11 @@ def sweep(
     if series is not None:
         check_series(series)
     config = config or SweepConfig()
-    run = run or time.strftime("%Y%m%d-%H%M%S")
+    run = check_run_name(run) if run is not None else time.strftime("%Y%m%d-%H%M%S")
     outputs = outputs or str(default_outputs())
     run_dir, cache_dir = Path(outputs) / run, Path(outputs) / ".cache"
     settings = config.settings()
-    check_run_folder(run_dir, settings)
+    check_run_folder(run_dir, settings, config)
     log.info("%d settings -> %s", len(settings), run_dir)
     check_gpu_workers(config)
     mark_run_folder(run_dir, cache_dir)
@@ -220,6 +228,24 @@ def dask_runner(workers: int = 2, address: str | None = None, torch_threads: int
             "env": env,
         }
     )
+
+
+def check_dask_cluster(address: str, timeout: float = 10) -> None:
+    """Reach the scheduler at ``address`` before the run starts: an unreachable address or a cluster
+    without workers is one clear error in seconds, not a traceback after Dask's 30 s or a sweep that
+    waits forever for a worker."""
+    from distributed import Client
+
+    try:
+        with Client(address, timeout=timeout) as client:
+            workers = client.scheduler_info().get("workers", {})
+    except (OSError, TimeoutError, ValueError) as err:
+        raise ValueError(f"--dask-address: cannot reach a Dask scheduler at {address!r} ({err})") from None
+    if not workers:
+        raise ValueError(
+            f"--dask-address: the Dask cluster at {address!r} has no workers: start some with "
+            "`dask worker SCHEDULER --nworkers 1 --nthreads 1`"
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,12 +355,12 @@ def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
         raise ValueError(f"--workers: must be at least 1 (got {args.workers})")
     if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
         raise ValueError(f"--torch-threads: must be at least 1 (got {args.torch_threads})")
-    if args.run is not None and (
-        not args.run.strip() or args.run in (".", "..") or "/" in args.run or os.sep in args.run
-    ):
-        raise ValueError(f"--run: {args.run!r} is not a folder name (the run is a folder of --outputs)")
     if args.run is not None:
-        check_run_folder((Path(args.outputs) if args.outputs else default_outputs()) / args.run, config.settings())
+        check_run_name(args.run)
+    if args.run is not None:
+        check_run_folder(
+            (Path(args.outputs) if args.outputs else default_outputs()) / args.run, config.settings(), config
+        )
     if args.reference is not None:
         names = {s.name for s in config.settings()}
         if args.reference not in names:
@@ -346,6 +372,8 @@ def run_from_args(args: argparse.Namespace) -> dict:
     address = getattr(args, "dask_address", None)
     config = config_from_args(args, device_here=not address)
     check_run_options(args, config)
+    if address:
+        check_dask_cluster(address)
     with prefect_api():
         if address or args.dask:
             runner = dask_runner(args.workers, address, getattr(args, "torch_threads", None))

@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--checkpoints",
         type=int,
-        default=0,
+        default=None,
         help="also save N evenly spaced checkpoints, step 0 to the last, in <out>/<model>/checkpoints/",
     )
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of the recipe's")
@@ -299,13 +299,13 @@ def main(argv: list[str] | None = None) -> None:
         help="stop after this many steps of the schedule (checkpoints only, no final model)",
     )
     args = parser.parse_args(argv)
-    if args.checkpoints:
+    if args.checkpoints is not None:
         positive_int("checkpoints", args.checkpoints)
     for name in RECIPES if args.model == "all" else [args.model]:
         train(
             name,
             (args.out / name) if args.out else None,
-            checkpoints=args.checkpoints,
+            checkpoints=args.checkpoints or 0,
             steps=args.steps,
             until=args.until,
         )
