@@ -188,3 +188,21 @@ def test_run_folders_stay_inside_the_outputs(tmp_path, run):
     with pytest.raises(ValueError, match="is not a folder name"):
         run_folder(tmp_path, run)
     assert run_folder(tmp_path, "ok") == tmp_path / "ok"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--corruption", "bogus"], "bogus"),
+        (["-n", "0"], "need at least one prompt"),
+        (["--tau", "nan"], "tau"),
+        (["--run", "../escape"], "is not a folder name"),
+    ],
+)
+def test_checkpoints_options_are_checked_before_prefect_starts(tmp_path, capsys, argv, message):
+    from circuitfind.cli import main
+
+    assert main(["checkpoints", str(tmp_path / "none"), *argv, "--outputs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

@@ -142,3 +142,22 @@ def test_patch_command_says_when_a_sign_cannot_occur(capsys):
     assert last_line.startswith("circuitfind: error: positive effects cannot occur when noising with the kl metric")
     assert main(args + ["negative"]) == 0
     assert "components >= 2.0 SD from the mean (negative)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ioi-models"], "nothing to study"),
+        (["--ioi-prompts", "0"], "need at least one prompt"),
+        (["--n-boot", "0"], "n_boot"),
+        (["--ioi-models", "no-such-model"], "no-such-model"),
+        (["--run", "../escape"], "is not a folder name"),
+    ],
+)
+def test_study_options_are_checked_before_prefect_starts(tmp_path, capsys, argv, message):
+    from circuitfind.flows.study import main
+
+    assert main([*argv, "--outputs", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())

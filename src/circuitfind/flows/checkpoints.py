@@ -88,7 +88,27 @@ def circuits_over_training(
     return {"checkpoints": results, "timeline": timeline, **paths}
 
 
+def check_arguments(a: argparse.Namespace) -> None:
+    """Every option checked before Prefect starts: a bad one is one line, not a flow's traceback."""
+    from circuitfind import discovery
+    from circuitfind.corruptions import get_corruption
+    from circuitfind.metrics import get_metric
+    from circuitfind.models import check_device
+    from circuitfind.tasks import check_prompt_count, load_task
+
+    discovery.check_options(a.algorithm, a.direction, acdc_tau=a.tau, top_k=a.top_k, ig_steps=a.ig_steps)
+    check_prompt_count(a.prompts)
+    load_task(a.task)
+    get_corruption(a.corruption)
+    get_metric(a.metric)
+    if a.device is not None:
+        check_device(a.device)
+    run_folder(a.outputs, a.run)
+    C.find_checkpoints(a.checkpoints, a.steps)
+
+
 def run_from_args(a: argparse.Namespace) -> dict:
+    check_arguments(a)
     with prefect_api():
         return circuits_over_training(
             a.checkpoints,

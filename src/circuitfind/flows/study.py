@@ -71,6 +71,21 @@ def settings_study(
     return {"heads": heads, "mlps": mlps, **paths}
 
 
+def check_arguments(a: argparse.Namespace) -> None:
+    """Every option checked before Prefect starts: a bad one is one line, not a flow's traceback."""
+    from circuitfind.catalogue import locate_model
+    from circuitfind.tasks import check_prompt_count
+
+    if not a.ioi_models and not a.factual_models:
+        raise ValueError("nothing to study: give --ioi-models and/or --factual-models")
+    for name in [*a.ioi_models, *a.factual_models]:
+        locate_model(name)
+    check_prompt_count(a.ioi_prompts)
+    check_prompt_count(a.factual_prompts)
+    positive_int("n_boot", a.n_boot)
+    run_folder(a.outputs, a.run)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ioi-models", nargs="*", default=["toy-ioi"])
@@ -84,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")
     a = p.parse_args(argv)
     try:
+        check_arguments(a)
         with prefect_api():
             settings_study(
                 a.ioi_models,
