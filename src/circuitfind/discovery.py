@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -534,28 +535,11 @@ def discover(
     the faithfulness curve of its scores). With ``per_prompt``, EAP/EAP-IG also return the
     per-prompt edge scores ``[n_edges, batch]``. Options are checked first (:func:`check_options`);
     a ``top_k`` larger than the graph is an error, as in :func:`select_top_k`."""
-    check_options(
-        algorithm,
-        direction,
-        acdc_tau=acdc_tau,
-        top_k=top_k,
-        ig_steps=ig_steps,
-        path_depth=path_depth,
-        path_k=path_k,
-        node_k=node_k,
+    options: dict[str, Any] = dict(
+        acdc_tau=acdc_tau, top_k=top_k, ig_steps=ig_steps, path_depth=path_depth, path_k=path_k, node_k=node_k
     )
-    circuit, per = _find(
-        setup,
-        algorithm,
-        direction,
-        acdc_tau=acdc_tau,
-        top_k=top_k,
-        ig_steps=ig_steps,
-        path_depth=path_depth,
-        path_k=path_k,
-        node_k=node_k,
-        per_prompt=per_prompt,
-    )
+    check_options(algorithm, direction, **options)
+    circuit, per = _find(setup, algorithm, direction, **options, per_prompt=per_prompt)
     found = Discovery(circuit, direction, per)
     patcher = EdgePatcher(setup, circuit.graph, direction=direction)
     if circuit.n_edges:
