@@ -296,3 +296,19 @@ def test_a_broken_record_in_a_run_folder_is_named(tmp_path):
     record.write_text(record.read_text()[:50])
     with pytest.raises(ValueError, match=f"setting record .*{NODE.name}.json is not valid JSON"):
         write_run_report(tmp_path / "run")
+
+
+def test_the_report_of_an_unfinished_run_says_so(tmp_path, capsys):
+    """A run folder without manifest.json (a sweep killed or still running): `circuitfind report` says
+    the report covers only the settings found, on stderr and at the top of the report."""
+    from circuitfind.cli import main
+
+    run = tmp_path / "unfinished"
+    run_setting(EAP, CONFIG, run, tmp_path / "cache")
+    assert main(["report", str(run)]) == 0
+    assert "circuitfind: note: this run has no manifest.json" in capsys.readouterr().err
+    assert "**Note:** this run has no manifest.json" in (run / "report.md").read_text()
+    assert "<p class='flag'><b>Note:</b> this run has no manifest.json" in (run / "report.html").read_text()
+    (run / "manifest.json").write_text("{}")
+    assert main(["report", str(run)]) == 0
+    assert "no manifest.json" not in (run / "report.md").read_text()

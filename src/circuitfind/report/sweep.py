@@ -411,18 +411,23 @@ def write_report(
     title: str = "Circuit diff report",
     reference: dict | None = None,
     consensus_fraction: float = 0.5,
+    note: str | None = None,
 ) -> dict[str, str]:
-    """Write ``report.html`` and ``report.md`` into ``out_dir`` (atomically); return their paths and the Markdown."""
+    """Write ``report.html`` and ``report.md`` into ``out_dir`` (atomically); return their paths and the
+    Markdown. ``note``: a warning shown above the contents (e.g. that the run is unfinished)."""
     if not records:
         raise ValueError("no settings to compare")
     sections = report_sections(records, reference, consensus_fraction)
-    markdown = R.markdown_page(title, sections)
-    html = write_text(Path(out_dir) / "report.html", R.html_page(title, sections))
+    intro = [R.text(note, bold="Note:", css_class="flag")] if note else []
+    markdown = R.markdown_page(title, sections, intro)
+    html = write_text(Path(out_dir) / "report.html", R.html_page(title, sections, intro))
     md = write_text(Path(out_dir) / "report.md", markdown)
     return {"html": str(html), "markdown": str(md), "markdown_text": markdown}
 
 
-def write_run_report(run_dir: str | Path, reference: str | None = None, title: str | None = None) -> dict[str, str]:
+def write_run_report(
+    run_dir: str | Path, reference: str | None = None, title: str | None = None, note: str | None = None
+) -> dict[str, str]:
     """The diff report of a sweep's run folder; ``reference`` names the setting taken as the truth."""
     from circuitfind.sweep import load_records
 
@@ -432,4 +437,5 @@ def write_run_report(run_dir: str | Path, reference: str | None = None, title: s
         ref = next((r for r in records if r["setting"] == reference), None)
         if ref is None:
             raise ValueError(f"reference setting {reference!r} is not in {run_dir}")
-    return write_report(records, run_dir, title or f"Circuit diff report: {Path(run_dir).name}", reference=ref)
+    title = title or f"Circuit diff report: {Path(run_dir).name}"
+    return write_report(records, run_dir, title, reference=ref, note=note)
