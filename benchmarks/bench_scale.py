@@ -102,7 +102,7 @@ def bench_batch(model, n: int, tokens: int):
     """``n`` induction prompts of exactly ``tokens`` tokens (BOS, 16+ words, their repeat up to the answer)."""
     import random
 
-    from circuitfind.tasks import Prompt, TaskBatch, load_task
+    from circuitfind.tasks import TaskBatch, induction_prompt, load_task
 
     spec = load_task("induction")
     vocab = list(spec.data["vocab"])
@@ -113,14 +113,7 @@ def bench_batch(model, n: int, tokens: int):
     prompts = []
     for _ in range(n):
         seq = rng.sample(vocab, length + 1)
-        spare, seq = seq[-1], seq[:-1]
-        k = tokens - 1 - length
-        words = seq + seq[:k]
-        swapped = list(words)
-        swapped[k] = spare
-        starts = [sum(len(w) + 1 for w in words[:i]) for i in range(len(words))]
-        keys = {"A": starts[k - 1], "B": starts[k], "A2": starts[-1]}
-        prompts.append(Prompt(" ".join(words), seq[k], spare, {"swap_next": " ".join(swapped)}, keys, length))
+        prompts.append(induction_prompt(seq[:-1], seq[-1], tokens - 1 - length))
     batch = TaskBatch.build(model, spec, prompts)
     assert batch.n_pos == tokens, batch.n_pos
     return batch

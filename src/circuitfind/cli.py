@@ -232,9 +232,10 @@ def cmd_report(args) -> None:
     from pathlib import Path
 
     from circuitfind.report import write_run_report
+    from circuitfind.sweep import MANIFEST
 
     note = None
-    if not (Path(args.run_dir) / "manifest.json").is_file():  # the sweep writes it last
+    if not (Path(args.run_dir) / MANIFEST).is_file():  # the sweep writes it last
         note = "this run has no manifest.json: its sweep did not finish, so the report covers only the settings found"
     paths = write_run_report(args.run_dir, args.reference, args.title, note=note)
     if note:

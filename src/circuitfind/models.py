@@ -55,13 +55,18 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
     return DTYPES[dtype]
 
 
+def device_type(device: str | torch.device) -> str:
+    """The kind of a device name (``cpu``, ``cuda``, ...); ``ValueError`` when torch does not know it."""
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+
+
 def check_device(device: str | torch.device) -> str:
     """``device`` if torch knows it and it is present here; ``ValueError`` naming the problem otherwise
     (torch would fail later, deep inside a model load)."""
-    try:
-        kind = torch.device(device).type
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    kind = device_type(device)
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"device {str(device)!r}: no CUDA device is available here (torch "

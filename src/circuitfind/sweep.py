@@ -47,6 +47,7 @@ from circuitfind.corruptions import get_corruption
 from circuitfind.errors import CircuitfindError, TaskError
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric
+from circuitfind.models import check_device, device_type
 from circuitfind.tasks import MAX_PROMPTS, TaskBatch, load_task
 
 log = logging.getLogger(__name__)
@@ -136,10 +137,7 @@ class SweepConfig(BaseModel):
     @classmethod
     def _known_device(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                torch.device(value)
-            except RuntimeError:
-                raise ValueError(f"{value!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+            device_type(value)  # a name torch knows; whether it is present is check()'s question
         return value
 
     def check(self, device_here: bool = True) -> SweepConfig:
@@ -162,16 +160,10 @@ class SweepConfig(BaseModel):
                         f"corruption {c!r}: task {spec.name!r} has no STR variant {variant or spec.default_str!r} "
                         f"(its variants: {', '.join(spec.str_variants)})"
                     )
-        device_type = torch.device(self.device).type if self.device is not None else None
         if not device_here:
             return self
-        if device_type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r}: no CUDA device is available here")
-        if (
-            self.dtype == "float16"
-            and device_type != "cuda"
-            and not (device_type is None and torch.cuda.is_available())
-        ):
+        kind = device_type(check_device(self.device)) if self.device is not None else None
+        if self.dtype == "float16" and kind != "cuda" and not (kind is None and torch.cuda.is_available()):
             raise ValueError("dtype 'float16' runs on a GPU only (on CPU use bfloat16 or float32)")
         return self
 
@@ -529,25 +521,31 @@ def _entry_lock(cache_dir: Path, key: str, setting_name: str) -> Iterator[None]:
 
 
 RECORD_FIELDS = ("setting", "n_layers", "n_heads", "n_edges")
+MANIFEST = "manifest.json"  # written last by the sweep: a run folder with one is a finished run
+
+
+def read_manifest(run_dir: str | Path) -> dict | None:
+    """The run's manifest, or ``None`` when it has none that reads as a JSON object (unfinished, damaged)."""
+    try:
+        manifest = json.loads((Path(run_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def check_run_folder(run_dir: str | Path, settings: list[Setting], config: SweepConfig | None = None) -> None:
     """Refuse to sweep into a run folder that holds settings of another grid, or (with ``config``)
     a finished run made with other shared parameters: reusing a run name resumes that run, it never
     mixes two grids in one folder and one report, nor silently replaces a finished run."""
-    if config is not None:
-        try:
-            earlier = json.loads((Path(run_dir) / "manifest.json").read_text())["config"]
-        except (OSError, ValueError, KeyError, TypeError):
-            earlier = None
-        if isinstance(earlier, dict):
-            changed = sorted(k for k, v in config.shared().items() if k in earlier and earlier[k] != v)
-            if changed:
-                raise ValueError(
-                    f"run folder {run_dir} was made with other parameters "
-                    f"({', '.join(f'{k} {earlier[k]!r} -> {config.shared()[k]!r}' for k in changed)}); "
-                    "choose another --run"
-                )
+    earlier = (read_manifest(run_dir) or {}).get("config") if config is not None else None
+    if config is not None and isinstance(earlier, dict):
+        now = config.shared()
+        changed = sorted(k for k, v in now.items() if k in earlier and earlier[k] != v)
+        if changed:
+            raise ValueError(
+                f"run folder {run_dir} was made with other parameters "
+                f"({', '.join(f'{k} {earlier[k]!r} -> {now[k]!r}' for k in changed)}); choose another --run"
+            )
     existing = {f.stem for f in (Path(run_dir) / "circuits").glob("*.json")}
     foreign = sorted(existing - {s.name for s in settings})
     if foreign:
@@ -561,10 +559,10 @@ def _manifest_settings(run_dir: Path) -> set[str] | None:
     """The settings the run's manifest lists (a finished sweep), or ``None`` without a readable one.
     A run folder reused with another grid keeps the old grid's records beside the new ones: the
     manifest says which belong to the last sweep."""
+    manifest = read_manifest(run_dir)
     try:
-        manifest = json.loads((run_dir / "manifest.json").read_text())
         return {r["setting"] for r in manifest["settings"]} | {f["setting"] for f in manifest.get("failures", [])}
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):  # no manifest, or not one the sweep wrote
         return None
 
 
@@ -592,7 +590,7 @@ def load_records(run_dir: str | Path) -> list[dict]:
         if listed is None or record["setting"] in listed:
             records.append(record)
     if not records:
-        raise FileNotFoundError(f"none of the circuit records in {run_dir / 'circuits'} is listed in its manifest.json")
+        raise FileNotFoundError(f"none of the circuit records in {run_dir / 'circuits'} is listed in its {MANIFEST}")
     for record in records:
         for field in ("graphml", "json", "per_prompt"):
             if record.get(field):

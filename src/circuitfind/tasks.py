@@ -149,15 +149,19 @@ def _induction_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Promp
     for _ in range(n):
         length = rng.randint(d["min_length"], d["max_length"])
         seq = rng.sample(vocab, length + 1)
-        spare, seq = seq[-1], seq[:-1]
-        k = rng.randint(1, length - 1)
-        words = seq + seq[:k]
-        swapped = list(words)
-        swapped[k] = spare
-        starts = [sum(len(w) + 1 for w in words[:i]) for i in range(len(words))]
-        keys = {"A": starts[k - 1], "B": starts[k], "A2": starts[-1]}
-        prompts.append(Prompt(" ".join(words), seq[k], spare, {"swap_next": " ".join(swapped)}, keys, length))
+        prompts.append(induction_prompt(seq[:-1], seq[-1], rng.randint(1, length - 1)))
     return prompts
+
+
+def induction_prompt(seq: list[str], spare: str, k: int) -> Prompt:
+    """``seq`` then its first ``k`` words again: the answer is ``seq[k]``; the ``swap_next`` corruption
+    puts ``spare`` (a word not in ``seq``) where the answer's first occurrence was."""
+    words = seq + seq[:k]
+    swapped = list(words)
+    swapped[k] = spare
+    starts = [sum(len(w) + 1 for w in words[:i]) for i in range(len(words))]
+    keys = {"A": starts[k - 1], "B": starts[k], "A2": starts[-1]}
+    return Prompt(" ".join(words), seq[k], spare, {"swap_next": " ".join(swapped)}, keys, len(seq))
 
 
 def _factual_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:

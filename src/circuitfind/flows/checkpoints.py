@@ -13,6 +13,7 @@ the sweep's defaults.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
@@ -51,13 +52,22 @@ def circuits_over_training(
 ) -> dict:
     """The circuit of every checkpoint in ``checkpoints`` (or of ``steps`` only) under one setting, and
     the report of when each edge appears and disappears."""
-    from circuitfind import discovery
-    from circuitfind.tasks import check_prompt_count, load_task
-
-    discovery.check_options(algorithm, direction, acdc_tau=tau, top_k=top_k, ig_steps=ig_steps)
-    check_prompt_count(prompts)
-    load_task(task)
-    found = C.find_checkpoints(checkpoints, steps)
+    found = check_inputs(
+        checkpoints,
+        steps,
+        task,
+        prompts,
+        algorithm,
+        corruption,
+        metric,
+        direction,
+        tau,
+        top_k,
+        ig_steps,
+        device,
+        run,
+        outputs,
+    )
     by_algorithm: dict[str, dict[str, object]] = {
         "acdc": {"acdc_tau": tau},
         "eap": {"top_k": top_k},
@@ -88,45 +98,47 @@ def circuits_over_training(
     return {"checkpoints": results, "timeline": timeline, **paths}
 
 
-def check_arguments(a: argparse.Namespace) -> None:
-    """Every option checked before Prefect starts: a bad one is one line, not a flow's traceback."""
+def check_inputs(
+    checkpoints: str,
+    steps: list[int] | None,
+    task: str,
+    prompts: int,
+    algorithm: str,
+    corruption: str,
+    metric: str,
+    direction: str,
+    tau: float,
+    top_k: int,
+    ig_steps: int,
+    device: str | None,
+    run: str | None,
+    outputs: str | None,
+) -> list[C.Checkpoint]:
+    """Every input of :func:`circuits_over_training` checked (a bad one is one line, not a flow's
+    traceback); returns the checkpoints to analyse. The command calls it before Prefect starts."""
     from circuitfind import discovery
     from circuitfind.corruptions import get_corruption
     from circuitfind.metrics import get_metric
     from circuitfind.models import check_device
     from circuitfind.tasks import check_prompt_count, load_task
 
-    discovery.check_options(a.algorithm, a.direction, acdc_tau=a.tau, top_k=a.top_k, ig_steps=a.ig_steps)
-    check_prompt_count(a.prompts)
-    load_task(a.task)
-    get_corruption(a.corruption)
-    get_metric(a.metric)
-    if a.device is not None:
-        check_device(a.device)
-    run_folder(a.outputs, a.run)
-    C.find_checkpoints(a.checkpoints, a.steps)
+    discovery.check_options(algorithm, direction, acdc_tau=tau, top_k=top_k, ig_steps=ig_steps)
+    check_prompt_count(prompts)
+    load_task(task)
+    get_corruption(corruption)
+    get_metric(metric)
+    if device is not None:
+        check_device(device)
+    run_folder(outputs, run)
+    return C.find_checkpoints(checkpoints, steps)
 
 
 def run_from_args(a: argparse.Namespace) -> dict:
-    check_arguments(a)
+    # the flow's parameters are the command's options, by name; every one but the seed is checked first
+    params = {name: getattr(a, name) for name in inspect.signature(circuits_over_training.fn).parameters}
+    check_inputs(**{k: v for k, v in params.items() if k != "seed"})
     with prefect_api():
-        return circuits_over_training(
-            a.checkpoints,
-            a.steps,
-            a.task,
-            a.prompts,
-            a.seed,
-            a.algorithm,
-            a.corruption,
-            a.metric,
-            a.direction,
-            a.tau,
-            a.top_k,
-            a.ig_steps,
-            a.device,
-            a.run,
-            a.outputs,
-        )
+        return circuits_over_training(**params)
 
 
 def main(argv: list[str] | None = None) -> int:
