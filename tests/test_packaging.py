@@ -12,6 +12,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
+from conftest import TINY_SWEEP
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
@@ -203,16 +204,7 @@ def test_installed_wheel_discovers_and_sweeps_outside_the_checkout(installed_whe
         venv,
         "circuitfind",
         "sweep",
-        "--algorithms",
-        "eap",
-        "--corruptions",
-        "str",
-        "--metrics",
-        "logit_diff",
-        "--directions",
-        "noise",
-        "--prompts",
-        "8",
+        *TINY_SWEEP,
         "--run",
         "w",
         cwd=work,
