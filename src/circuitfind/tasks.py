@@ -67,6 +67,11 @@ class Prompt:
     word starts in ``text``; it becomes a token position when the prompt is tokenised.
     ``key_spans`` maps a multi-token key (``subject``) to its character range. A corrupted text of
     ``None`` is chosen when the batch is tokenised (it depends on the tokenizer).
+
+    ``answer`` and ``counter_answer`` are the first answer of each side; ``answers`` and
+    ``counter_answers`` hold whole answer sets where a behaviour has several correct or wrong
+    continuations (empty means the set of that one answer). ``extra`` carries a dataset row's other
+    columns, for metrics that need per-prompt data.
     """
 
     text: str
@@ -76,6 +81,19 @@ class Prompt:
     key_chars: Mapping[str, int]
     template: int = 0
     key_spans: Mapping[str, tuple[int, int]] = field(default_factory=dict)
+    answers: tuple[str, ...] = ()
+    counter_answers: tuple[str, ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def answer_set(self) -> tuple[str, ...]:
+        """Every correct answer (``answers``, or just ``answer``)."""
+        return self.answers or (self.answer,)
+
+    @property
+    def counter_answer_set(self) -> tuple[str, ...]:
+        """Every wrong (counterfactual) answer (``counter_answers``, or just ``counter_answer``)."""
+        return self.counter_answers or ((self.counter_answer,) if self.counter_answer else ())
 
 
 def tasks_dir() -> Path:
