@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from circuitfind import compare, errors
+from circuitfind import agreement, errors
 from circuitfind.circuit import Circuit
 from circuitfind.cli import main
 from circuitfind.graph import ModelGraph
@@ -60,17 +60,17 @@ def test_compare_command_warns_about_different_models(tmp_path, capsys):
 def test_check_comparable_names_the_shapes():
     circuits = {"a": _circuit(ModelGraph(3, 4)), "b": _circuit(ModelGraph(2, 4))}
     with pytest.raises(errors.GraphMismatchError, match=r"n_layers=3.*n_layers=2|n_layers=2.*n_layers=3"):
-        compare.check_comparable(circuits)
-    assert compare.check_comparable({"a": circuits["a"], "c": _circuit(ModelGraph(3, 4), seed=2)}) == []
+        agreement.check_comparable(circuits)
+    assert agreement.check_comparable({"a": circuits["a"], "c": _circuit(ModelGraph(3, 4), seed=2)}) == []
 
 
 def test_scores_of_different_lengths_are_never_correlated():
     with pytest.raises(ValueError, match="differ"):
-        compare.rank_correlation(np.arange(5.0), np.arange(6.0))
+        agreement.rank_correlation(np.arange(5.0), np.arange(6.0))
     with pytest.raises(ValueError, match="differ"):
-        compare.roc_auc(np.arange(6.0), np.array([True, False, True, False, True]))
+        agreement.roc_auc(np.arange(6.0), np.array([True, False, True, False, True]))
     with pytest.raises(ValueError, match="differ"):
-        compare.roc_auc(np.arange(4.0), np.array([True, False, True, False, True]))
+        agreement.roc_auc(np.arange(4.0), np.array([True, False, True, False, True]))
 
 
 def _record(setting: str, graph: ModelGraph, circuit: Circuit, **extra) -> dict:

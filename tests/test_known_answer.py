@@ -5,7 +5,7 @@ from collections import Counter
 import pytest
 import torch
 
-from circuitfind import compare
+from circuitfind import agreement
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model
@@ -56,7 +56,7 @@ def test_node_patching_finds_exactly_the_circuit_heads(known):
 def test_acdc_recovers_the_circuit(known, truth):
     model, batch = known
     circuit = D.acdc(EdgePatcher(P.prepare(model, batch, "resample", "kl")), tau=0.05)
-    assert compare.precision_recall_f1(circuit.edges, INDUCTION_TRUTH) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
+    assert agreement.precision_recall_f1(circuit.edges, INDUCTION_TRUTH) == {"precision": 1.0, "recall": 1.0, "f1": 1.0}
 
 
 @pytest.mark.parametrize("algorithm, steps, min_auc", [("eap", None, 0.8), ("eap_ig", 5, 0.9), ("eap_ig", 10, 1.0)])
@@ -66,9 +66,9 @@ def test_attribution_ranks_the_circuit_first(known, truth, algorithm, steps, min
     model, batch = known
     patcher = EdgePatcher(P.prepare(model, batch, "resample", "logit_diff"))
     scores = D.eap(patcher) if steps is None else D.eap_ig(patcher, steps=steps)
-    assert compare.roc_auc(scores, truth).auc >= min_auc
+    assert agreement.roc_auc(scores, truth).auc >= min_auc
     top = D.select_top_k(patcher.graph, scores, len(INDUCTION_TRUTH))
-    recall = compare.precision_recall_f1(top.edges, INDUCTION_TRUTH)["recall"]
+    recall = agreement.precision_recall_f1(top.edges, INDUCTION_TRUTH)["recall"]
     assert recall >= (1.0 if min_auc == 1.0 else 0.4)
     assert {("a1.0", "logits"), ("input", "a1.0<v>")} <= set(top.edges)
 
@@ -78,7 +78,7 @@ def test_path_patching_finds_the_head_to_head_path(known):
     setup = P.prepare(model, batch, "resample", "logit_diff")
     circuit = D.iterative_path_patching(setup, depth=2, k=1.0)
     assert set(circuit.edges) == {("a0.0", "a1.0<k>"), ("a1.0", "logits")}
-    assert compare.precision_recall_f1(circuit.edges, INDUCTION_TRUTH)["precision"] == 1.0
+    assert agreement.precision_recall_f1(circuit.edges, INDUCTION_TRUTH)["precision"] == 1.0
 
 
 def test_known_model_loads_by_name(tmp_path, monkeypatch):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from circuitfind import health
-from circuitfind.comparison import axis_effects, compare_records, pair_statistics, robust_and_dependent
 from circuitfind.figures import circuit_drawing
 from circuitfind.graph import ModelGraph
 from circuitfind.report import render as R
 from circuitfind.report import report_sections, write_run_report
+from circuitfind.run_statistics import axis_effects, compare_records, pair_statistics, robust_and_dependent
 
 GRAPH = ModelGraph(2, 2)
 R1, R2 = ("a0.0", "a1.0<q>"), ("a1.0", "logits")  # in every circuit

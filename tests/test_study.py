@@ -4,7 +4,7 @@ GN's prompt x noise-sample rows), stability of the detected heads, and signs a s
 import pytest
 import torch
 
-from circuitfind import compare, study
+from circuitfind import agreement, study
 from circuitfind import patching as P
 from circuitfind.errors import ImpossibleSignError
 from circuitfind.tasks import TaskBatch
@@ -50,8 +50,8 @@ def test_gn_rows_are_averaged_per_prompt_before_the_bootstrap():
     rows = prompts.repeat(1, 3)
     assert torch.equal(study.per_prompt_means(rows, 3), prompts)
     assert torch.equal(study.per_prompt_means(torch.tensor([[1.0, 2.0, 3.0, 5.0]]), 2), torch.tensor([[2.0, 3.5]]))
-    fair = compare.bootstrap_ci(study.per_prompt_means(rows, 3), n_boot=2000)
-    rows_as_independent = compare.bootstrap_ci(rows, n_boot=2000)
+    fair = agreement.bootstrap_ci(study.per_prompt_means(rows, 3), n_boot=2000)
+    rows_as_independent = agreement.bootstrap_ci(rows, n_boot=2000)
     width = lambda ci: float(ci.high - ci.low)  # noqa: E731
     # treating correlated rows as independent shrinks the interval by about sqrt(3)
     assert width(rows_as_independent) < 0.7 * width(fair)
@@ -69,9 +69,9 @@ def test_head_detection_bootstraps_gn_over_prompts(ioi_model):
     res = P.patch_heads(P.prepare(ioi_model, batch, "gn", "logit_diff"), "denoise")
     assert res.per_prompt.shape[-1] == 30  # 10 prompts x 3 noise samples
     per_prompt = (res.per_prompt.reshape(3, 4, 3, 10).mean(-2) - res.base) / (res.clean - res.corrupt)
-    expected = compare.bootstrap_ci(per_prompt, n_boot=200, seed=0)
+    expected = agreement.bootstrap_ci(per_prompt, n_boot=200, seed=0)
     assert row["ci_low"] == expected.low.tolist() and row["ci_high"] == expected.high.tolist()
-    rows = compare.bootstrap_ci((res.per_prompt - res.base) / (res.clean - res.corrupt), n_boot=200)
+    rows = agreement.bootstrap_ci((res.per_prompt - res.base) / (res.clean - res.corrupt), n_boot=200)
     assert (expected.high - expected.low).mean() > (rows.high - rows.low).mean()  # the old, too narrow intervals
 
 
@@ -86,7 +86,7 @@ def test_detection_masks_follow_detect():
 def test_bootstrap_weights_are_those_of_bootstrap_ci():
     x = torch.arange(12.0).reshape(2, 6) ** 2
     means = study.bootstrap_weights(6, 300, seed=4) @ x.double().T
-    ci = compare.bootstrap_ci(x, n_boot=300, seed=4)
+    ci = agreement.bootstrap_ci(x, n_boot=300, seed=4)
     q = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64), dim=0).float()
     assert torch.equal(q[0], ci.low) and torch.equal(q[1], ci.high)
 
@@ -130,7 +130,7 @@ def test_head_detection_reports_both_signs_and_stability(ioi_model):
         freq = row["detection_frequency"]["heads"]
         assert set(row["heads"]) <= set(freq) and all(0 < f <= 1 for f in freq.values())
     (pair,) = out["jaccard_ci"].values()
-    assert pair["jaccard"] == compare.jaccard(kl["heads"], ld["heads"]) and 0 <= pair["low"] <= pair["high"] <= 1
+    assert pair["jaccard"] == agreement.jaccard(kl["heads"], ld["heads"]) and 0 <= pair["low"] <= pair["high"] <= 1
 
 
 def test_patch_command_says_when_a_sign_cannot_occur(capsys):

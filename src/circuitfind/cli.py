@@ -179,7 +179,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from circuitfind import compare
+    from circuitfind import agreement
     from circuitfind.circuit import Circuit
     from circuitfind.names import INPUT, LOGITS
 
@@ -187,7 +187,7 @@ def cmd_compare(args) -> None:
         raise ValueError("compare needs at least two circuits, or one and --reference")
     circuits = {path: Circuit.load(path, args.format) for path in args.circuits}
     ref = Circuit.load(args.reference, args.format) if args.reference else None
-    for warning in compare.check_comparable({**circuits, **({args.reference: ref} if ref else {})}):
+    for warning in agreement.check_comparable({**circuits, **({args.reference: ref} if ref else {})}):
         print(f"circuitfind: warning: {warning}", file=sys.stderr)
     names = list(circuits)
     edges = {n: set(c.edges) for n, c in circuits.items()}
@@ -198,22 +198,22 @@ def cmd_compare(args) -> None:
             rho = float("nan")
             sa, sb = circuits[a].scores, circuits[b].scores
             if sa is not None and sb is not None and sa.shape == sb.shape:
-                rho = compare.rank_correlation(sa, sb)["spearman"]
+                rho = agreement.rank_correlation(sa, sb)["spearman"]
             print(
-                f"{a[-40:]:<40} {b[-40:]:<40} {compare.jaccard(edges[a], edges[b]):>7.3f} "
-                f"{compare.jaccard(nodes[a], nodes[b]):>7.3f} {compare.overlap_coefficient(edges[a], edges[b]):>7.3f} {rho:>8.3f}"
+                f"{a[-40:]:<40} {b[-40:]:<40} {agreement.jaccard(edges[a], edges[b]):>7.3f} "
+                f"{agreement.jaccard(nodes[a], nodes[b]):>7.3f} {agreement.overlap_coefficient(edges[a], edges[b]):>7.3f} {rho:>8.3f}"
             )
     if ref is not None:
         print(f"\nagainst reference {args.reference}:")
         for n, c in circuits.items():
-            prf = compare.precision_recall_f1(c.edges, ref.edges)
+            prf = agreement.precision_recall_f1(c.edges, ref.edges)
             auc = float("nan")
             if (
                 c.scores is not None
                 and c.scores.shape == ref.in_circuit.shape
                 and 0 < ref.n_edges < ref.in_circuit.numel()
             ):
-                auc = compare.roc_auc(c.scores, ref.in_circuit).auc
+                auc = agreement.roc_auc(c.scores, ref.in_circuit).auc
             print(
                 f"  {n}: precision {prf['precision']:.3f} recall {prf['recall']:.3f} F1 {prf['f1']:.3f} ROC AUC {auc:.3f}"
             )

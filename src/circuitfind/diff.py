@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from circuitfind import compare
+from circuitfind import agreement
 from circuitfind.graph import check_shape
 from circuitfind.io import write_json, write_text
 from circuitfind.names import INPUT, LOGITS
@@ -177,7 +177,7 @@ def compare_setting(ra: dict, rb: dict) -> dict:
         "setting_b": rb["setting"],
         "components_gained": sorted(nodes_b - nodes_a),
         "components_lost": sorted(nodes_a - nodes_b),
-        "component_jaccard": compare.jaccard(nodes_a, nodes_b),
+        "component_jaccard": agreement.jaccard(nodes_a, nodes_b),
         "faithfulness_a": ra.get("faithfulness"),
         "faithfulness_b": rb.get("faithfulness"),
         "faithfulness_change": (
@@ -212,7 +212,7 @@ def compare_setting(ra: dict, rb: dict) -> dict:
         note=None,
         edges_gained=sorted(edges_b - edges_a),
         edges_lost=sorted(edges_a - edges_b),
-        edge_jaccard=compare.jaccard(edges_a, edges_b),
+        edge_jaccard=agreement.jaccard(edges_a, edges_b),
         **_score_shift(ra.get("scores"), rb.get("scores")),
     )
     return row
@@ -227,7 +227,7 @@ def _score_shift(sa: list | None, sb: list | None) -> dict:
     both = np.isfinite(a) & np.isfinite(b)
     if not both.any():
         return {"spearman": None, "mean_abs_score_change": None, "scored_edges": 0}
-    rho = compare.rank_correlation(a[both], b[both])["spearman"] if both.sum() > 1 else math.nan
+    rho = agreement.rank_correlation(a[both], b[both])["spearman"] if both.sum() > 1 else math.nan
     return {
         "spearman": None if math.isnan(rho) else rho,
         "mean_abs_score_change": float(np.abs(b[both] - a[both]).mean()),

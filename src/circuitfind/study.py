@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from circuitfind import compare, figures, health
+from circuitfind import agreement, figures, health
 from circuitfind import patching as P
 from circuitfind.errors import ImpossibleSignError
 from circuitfind.io import write_text
@@ -96,7 +96,7 @@ def per_prompt_means(per_prompt: torch.Tensor, copies: int) -> torch.Tensor:
 
 def bootstrap_weights(n_prompts: int, n_boot: int, seed: int = 0) -> torch.Tensor:
     """``[n_boot, n_prompts]`` resampling weights (how often each prompt is drawn, over ``n_prompts``),
-    drawn as :func:`circuitfind.compare.bootstrap_ci` draws them."""
+    drawn as :func:`circuitfind.agreement.bootstrap_ci` draws them."""
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, n_prompts, (n_boot, n_prompts), generator=gen)
     ones = torch.ones(n_boot, n_prompts, dtype=torch.float64)
@@ -157,7 +157,7 @@ def head_detection(
             name = f"{corruption}/{metric}"
             per_prompt = per_prompt_means(res.per_prompt, copies)  # [layer, head, prompts]
             normalised = (per_prompt - res.base) / (res.clean - res.corrupt)
-            ci = compare.bootstrap_ci(normalised, n_boot=n_boot, seed=seed)
+            ci = agreement.bootstrap_ci(normalised, n_boot=n_boot, seed=seed)
             frequencies: dict[str, dict[str, float]] = {}
             row: dict[str, Any] = {
                 "corruption": corruption,
@@ -199,12 +199,12 @@ def head_detection(
         "n_boot": n_boot,
         "signs": signs,
         "settings": rows,
-        "jaccard": compare.matrix(compare.pairwise(heads), names).tolist(),
+        "jaccard": agreement.matrix(agreement.pairwise(heads), names).tolist(),
         "names": names,
         "jaccard_ci": jaccard_intervals(
             {n: boot_masks[(n, "heads")] for n in names if (n, "heads") in boot_masks}, heads
         ),
-        "stability": {h: f for h, f in compare.stability(heads).items()},
+        "stability": {h: f for h, f in agreement.stability(heads).items()},
         "s2_vs_s1io": {v: rows[f"{v}/logit_diff"]["heads"] for v in variants if f"{v}/logit_diff" in rows},
     }
 
@@ -225,7 +225,7 @@ def jaccard_intervals(masks: dict[str, torch.Tensor], found: dict[str, set], lev
             out[f"{a} | {b}"] = {
                 "a": a,
                 "b": b,
-                "jaccard": compare.jaccard(found[a], found[b]),
+                "jaccard": agreement.jaccard(found[a], found[b]),
                 "low": low,
                 "high": high,
             }
@@ -257,12 +257,12 @@ def mlp_localisation(
             curves[f"sum of {w} single layers"] = P.window_sum_baseline(single, w).normalised.tolist()
     for name, curve in curves.items():
         peaks[name] = int(torch.tensor(curve).argmax())
-    agreement = {}
+    window_agreement = {}
     for w in windows:
         if w > 1:
             a, b = torch.tensor(curves[f"window {w}"]), torch.tensor(curves[f"sum of {w} single layers"])
-            agreement[w] = {
-                "spearman": compare.rank_correlation(a, b, absolute=False)["spearman"],
+            window_agreement[w] = {
+                "spearman": agreement.rank_correlation(a, b, absolute=False)["spearman"],
                 "peak_window": peaks[f"window {w}"],
                 "peak_sum": peaks[f"sum of {w} single layers"],
                 "max_window": float(a.max()),
@@ -278,7 +278,7 @@ def mlp_localisation(
         "corrupt": setup.corrupt_value,
         "curves": curves,
         "peaks": peaks,
-        "agreement": agreement,
+        "agreement": window_agreement,
     }
 
 

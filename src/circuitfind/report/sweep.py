@@ -6,7 +6,7 @@ pairs; the robust and the setting-dependent edges and components); the settings 
 flags and the pitfalls of their choices (:mod:`circuitfind.health`); then per (model, task): overlaps
 between settings, faithfulness curves as small multiples, circuit drawings, component stability,
 agreement with a reference, and bootstrap intervals of edge scores over prompts (flagged settings
-left out). Statistics come from :mod:`circuitfind.comparison`; rendering from
+left out). Statistics come from :mod:`circuitfind.run_statistics`; rendering from
 :mod:`circuitfind.report.render` (HTML with inline SVG, and the same as Markdown).
 """
 
@@ -18,9 +18,9 @@ from html import escape
 from pathlib import Path
 
 from circuitfind import figures, health
-from circuitfind.comparison import axis_effects, compare_records, nan_for_null, record_components, record_edges
 from circuitfind.io import write_text
 from circuitfind.report import render as R
+from circuitfind.run_statistics import axis_effects, compare_records, nan_for_null, record_components, record_edges
 from circuitfind.threads import torch_threads
 
 SETTINGS_HEADER = [

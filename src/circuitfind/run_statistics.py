@@ -1,4 +1,4 @@
-"""Statistics over a sweep's setting records (see :mod:`circuitfind.sweep`), built on :mod:`circuitfind.compare`.
+"""Statistics over a sweep's setting records (see :mod:`circuitfind.sweep`), built on :mod:`circuitfind.agreement`.
 
 :func:`compare_records`: per (model, task) group, overlaps between every pair of settings, consensus
 and stability of components, agreement with a reference circuit, bootstrap intervals of edge scores
@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from circuitfind import compare, health
+from circuitfind import agreement, health
 from circuitfind.errors import GraphMismatchError
 from circuitfind.graph import ModelGraph, check_shape
 from circuitfind.names import INPUT, LOGITS
@@ -82,33 +82,33 @@ def compare_records(
         scored = {
             r["setting"]: _tensor(r["scores"]) for r in recs if r.get("scores") is not None and r["algorithm"] != "node"
         }
-        ranks = compare.pairwise(scored, compare.rank_correlation)  # Spearman and Kendall together, once per pair
+        ranks = agreement.pairwise(scored, agreement.rank_correlation)  # Spearman and Kendall together, once per pair
         checks = health.check_records(recs)
         healthy = [n for n in names if not checks[n]["flags"]] or names  # consensus over the healthy settings
-        stab_nodes = compare.stability({n: nodes[n] for n in healthy})
-        consensus_edges = compare.consensus({n: edges[n] for n in healthy}, consensus_fraction)
-        consensus_nodes = compare.consensus({n: nodes[n] for n in healthy}, consensus_fraction)
+        stab_nodes = agreement.stability({n: nodes[n] for n in healthy})
+        consensus_edges = agreement.consensus({n: edges[n] for n in healthy}, consensus_fraction)
+        consensus_nodes = agreement.consensus({n: nodes[n] for n in healthy}, consensus_fraction)
         group = {
             "model": model,
             "task": task,
             "records": recs,
             "names": names,
             "labels": labels,
-            "edge_jaccard": compare.matrix(compare.pairwise(edges, compare.jaccard), names).tolist(),
-            "node_jaccard": compare.matrix(compare.pairwise(nodes, compare.jaccard), names).tolist(),
-            "edge_overlap": compare.matrix(compare.pairwise(edges, compare.overlap_coefficient), names).tolist(),
+            "edge_jaccard": agreement.matrix(agreement.pairwise(edges, agreement.jaccard), names).tolist(),
+            "node_jaccard": agreement.matrix(agreement.pairwise(nodes, agreement.jaccard), names).tolist(),
+            "edge_overlap": agreement.matrix(agreement.pairwise(edges, agreement.overlap_coefficient), names).tolist(),
             "score_names": list(scored),
-            "spearman": compare.matrix({k: v["spearman"] for k, v in ranks.items()}, list(scored)).tolist()
+            "spearman": agreement.matrix({k: v["spearman"] for k, v in ranks.items()}, list(scored)).tolist()
             if scored
             else [],
-            "kendall": compare.matrix({k: v["kendall"] for k, v in ranks.items()}, list(scored)).tolist()
+            "kendall": agreement.matrix({k: v["kendall"] for k, v in ranks.items()}, list(scored)).tolist()
             if scored
             else [],
             "node_stability": stab_nodes,
             "consensus_fraction": consensus_fraction,
             "consensus_edges": sorted(consensus_edges),
             "consensus_nodes": sorted(consensus_nodes),
-            "unanimous_nodes": sorted(compare.consensus({n: nodes[n] for n in healthy}, 1.0)),
+            "unanimous_nodes": sorted(agreement.consensus({n: nodes[n] for n in healthy}, 1.0)),
             "health": checks,
             "healthy": [n for n in names if not checks[n]["flags"]],
             "robust": robust_and_dependent([r for r in recs if not checks[r["setting"]]["flags"]]),
@@ -123,15 +123,15 @@ def compare_records(
             rows = {}
             for r in recs:
                 row: dict[str, Any] = {
-                    "edges": compare.precision_recall_f1(edges[r["setting"]], ref_edges),
-                    "nodes": compare.precision_recall_f1(nodes[r["setting"]], ref_nodes),
+                    "edges": agreement.precision_recall_f1(edges[r["setting"]], ref_edges),
+                    "nodes": agreement.precision_recall_f1(nodes[r["setting"]], ref_nodes),
                 }
                 if r["setting"] in scored:
                     if truth is None:
                         graph = ModelGraph(r["n_layers"], r["n_heads"], n_kv_heads=r.get("n_kv_heads"))
                         truth = torch.tensor([e in ref_edges for e in graph.edges])
                     if 0 < truth.sum() < truth.numel() and len(scored[r["setting"]]) == truth.numel():
-                        row["roc_auc"] = compare.roc_auc(scored[r["setting"]], truth).auc
+                        row["roc_auc"] = agreement.roc_auc(scored[r["setting"]], truth).auc
                 rows[r["setting"]] = row
             group["reference"] = {"setting": reference["setting"], "scores": rows}
         boots, skipped = {}, {}
@@ -169,7 +169,7 @@ def _bootstrap(record: dict, n_boot: int) -> dict:
     if not isinstance(per, torch.Tensor) or per.dim() != 2 or per.shape[0] != graph.n_edges or per.shape[1] < 2:
         shape = list(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
         raise _Unusable(f"{path.name} holds {shape}, not scores [{graph.n_edges} edges, >= 2 prompts]")
-    ci = compare.bootstrap_ci(per, n_boot=n_boot)
+    ci = agreement.bootstrap_ci(per, n_boot=n_boot)
     top = ci.mean.abs().topk(min(8, ci.mean.numel())).indices.tolist()
     return {
         "level": ci.level,
@@ -228,8 +228,8 @@ def pair_statistics(a: dict, b: dict, lookups: dict | None = None) -> dict:
     out = {
         "a": a["setting"],
         "b": b["setting"],
-        "edge_jaccard": compare.jaccard(ea, eb),
-        "node_jaccard": compare.jaccard(record_components(a), record_components(b)),
+        "edge_jaccard": agreement.jaccard(ea, eb),
+        "node_jaccard": agreement.jaccard(record_components(a), record_components(b)),
         "spearman": float("nan"),
     }
     if _scored(a) and _scored(b) and _record_shape(a) == _record_shape(b):
@@ -238,7 +238,7 @@ def pair_statistics(a: dict, b: dict, lookups: dict | None = None) -> dict:
         if len(index) >= 3:
             sa, sb = _tensor(a["scores"])[index], _tensor(b["scores"])[index]
             if torch.isfinite(sa).all() and torch.isfinite(sb).all():
-                out["spearman"] = compare.rank_correlation(sa, sb)["spearman"]
+                out["spearman"] = agreement.rank_correlation(sa, sb)["spearman"]
     return out
 
 
