@@ -401,3 +401,78 @@ def test_model_graph_refuses_shapes_too_large_to_build():
         with pytest.raises(ValueError):
             ModelGraph(**bad)
     assert time.monotonic() - start < 2.0
+
+
+# -- non-finite and oversized numbers, and counts checked while scanning (issue 19) -----------------
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_node_link_json_with_a_non_finite_score_is_refused(tmp_path, capsys, saved, value):
+    obj = _node_link(saved)
+    obj["edges"][0]["score"] = value  # json.dumps writes NaN / Infinity, which json.loads accepts
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(obj))
+    refused(path, capsys, "score", "not a finite number")
+
+
+def test_graphml_score_that_overflows_to_inf_is_refused(tmp_path, capsys, saved):
+    text = saved[".graphml"].read_text()
+    score_key = re.search(r'<key id="(d\d+)" for="edge" attr.name="score"', text).group(1)
+    text = re.sub(rf'(<data key="{score_key}">)[^<]*(</data>)', r"\g<1>1e400\g<2>", text, count=1)
+    path = tmp_path / "bad.graphml"
+    path.write_text(text)
+    refused(path, capsys, "attribute score: inf is not a finite number")
+
+
+def test_a_4001_digit_integer_score_is_one_line(tmp_path, capsys, saved):
+    obj = _node_link(saved)
+    obj["edges"][0]["score"] = 0
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(obj).replace('"score": 0,', '"score": ' + "9" * 4001 + ",", 1))
+    refused(path, capsys, "score", "not a finite number")
+
+
+def _padded_graphml(saved, extra: int) -> str:
+    """The saved GraphML with ``extra`` nodes beyond its declared 3x4 shape, before its edges."""
+    text = saved[".graphml"].read_text()
+    first_edge = text.index("<edge ")
+    padding = "".join(f'<node id="x{i}"/>\n' for i in range(extra))
+    return text[:first_edge] + padding + text[first_edge:]
+
+
+def test_graphml_with_nodes_beyond_its_declared_shape_stops_early(tmp_path, capsys, saved):
+    path = tmp_path / "big.graphml"
+    path.write_text(_padded_graphml(saved, 200_000))
+    err = refused(path, capsys, "more than 53 <node> elements", "declared shape has 53 nodes", seconds=2.0)
+    at = int(re.search(r"refused at byte (\d+) of (\d+)", err).group(1))
+    assert at < path.stat().st_size / 10  # stopped at the first node beyond the shape, not at the end
+
+
+def test_graphml_with_one_node_too_many_is_refused(tmp_path, capsys, saved):
+    path = tmp_path / "big.graphml"
+    path.write_text(_padded_graphml(saved, 1))
+    refused(path, capsys, "more than 53 <node> elements")
+
+
+def test_dot_with_statements_beyond_its_declared_shape_is_refused_before_pydot(tmp_path, capsys, saved):
+    text = saved[".dot"].read_text()
+    padded = text.replace("\n}", "\n" + "".join(f'  "x{i}" [kind="head"];\n' for i in range(50_000)) + "}")
+    path = tmp_path / "big.dot"
+    path.write_text(padded)
+    assert len(padded) < 4 * 2**20  # within the DOT size limit: pydot alone would take about a minute
+    refused(path, capsys, "statements, more than the", "refused before parsing", seconds=2.0)
+
+
+def test_dot_with_edges_beyond_its_declared_shape_is_refused(tmp_path, capsys, saved):
+    text = saved[".dot"].read_text()
+    path = tmp_path / "big.dot"
+    path.write_text(text.replace("\n}", '\n  "m0" -> "x" [score="0.0"];\n}'))
+    refused(path, capsys, "edge arrows, more than the")
+
+
+def test_node_link_json_with_nodes_beyond_its_declared_shape(tmp_path, capsys, saved):
+    obj = _node_link(saved)
+    obj["nodes"] += [{"id": f"x{i}"} for i in range(10)]
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(obj))
+    refused(path, capsys, "63 nodes: more than the 53 of the declared shape")

@@ -7,6 +7,7 @@ edges ``parent->child`` with ``<q>``/``<k>``/``<v>`` into heads, every edge with
 
 import json
 import re
+import time
 
 import pytest
 import torch
@@ -284,3 +285,21 @@ def test_a_bad_d_model_in_a_file_is_refused(tmp_path, d_model):
     path.write_text(json.dumps(obj))
     with pytest.raises(GraphFileError, match="cfg 'd_model' must be a whole number between 1 and 1,000,000"):
         Circuit.load(path)
+
+
+def test_a_small_file_declaring_a_huge_shape_is_refused_before_building(tmp_path, capsys):
+    """400 layers x 8 heads is 18 million edges (under MAX_EDGES): building it took 5 minutes and
+    5.1 GB before the edge check refused a 100 KB file."""
+    obj = to_mib(Circuit(ModelGraph(2, 2), torch.zeros(ModelGraph(2, 2).n_edges, dtype=torch.bool)), d_model=8)
+    obj["cfg"].update(n_layers=400, n_heads=8)
+    start = time.monotonic()
+    _hostile(json.dumps(obj), tmp_path, capsys, "refused before building it", "n_layers=400")
+    assert time.monotonic() - start < 2.0
+
+
+@pytest.mark.parametrize("score", ["NaN", "Infinity", "9" * 4001])
+def test_non_finite_or_huge_edge_scores_are_one_line(tmp_path, capsys, score):
+    obj = to_mib(Circuit(ModelGraph(2, 2), torch.zeros(ModelGraph(2, 2).n_edges, dtype=torch.bool)), d_model=8)
+    obj["edges"]["m0->m1"]["score"] = 0
+    text = json.dumps(obj).replace('"m0->m1": {"score": 0,', '"m0->m1": {"score": ' + score + ",")
+    _hostile(text, tmp_path, capsys, "'m0->m1'", "not a finite number")

@@ -11,7 +11,7 @@ import networkx as nx
 import torch
 
 from circuitfind.errors import GraphFileError
-from circuitfind.graph import ModelGraph, check_shape, describe_shape
+from circuitfind.graph import ModelGraph, declared_shape, describe_shape, networkx_size
 from circuitfind.graph_io import graph_format, read_graph, write_graph
 from circuitfind.names import INPUT, LOGITS, head_sort_key, is_head
 
@@ -91,19 +91,14 @@ class Circuit:
             GraphFileError: naming ``source`` and the problem.
         """
         try:
-            shape = _declared_shape(g)
-            n_edges = check_shape(**shape)
+            shape = declared_shape(g.graph)
+            n_nodes, n_all = networkx_size(**shape)
         except (KeyError, ValueError) as err:
             raise GraphFileError(f"{source}: {err}") from None
-        L, H, kv = shape["n_layers"], shape["n_heads"], shape["n_kv_heads"] or shape["n_heads"]
-        split = shape["split_qkv"]
-        # q/k/v input nodes (one per head, k/v per key/value head) and their structural edges to heads
-        input_nodes, structural = (L * (H + 2 * kv), 3 * L * H) if split else (0, 0)
-        n_nodes = 2 + L * (H + 1) + input_nodes
-        if (g.number_of_nodes(), g.number_of_edges()) != (n_nodes, n_edges + structural):
+        if (g.number_of_nodes(), g.number_of_edges()) != (n_nodes, n_all):
             raise GraphFileError(
                 f"{source}: the declared shape ({describe_shape(**shape)}) has {n_nodes} nodes and "
-                f"{n_edges + structural} edges, the file holds {g.number_of_nodes()} nodes and "
+                f"{n_all} edges, the file holds {g.number_of_nodes()} nodes and "
                 f"{g.number_of_edges()} edges"
             )
         graph = ModelGraph(**shape)
@@ -139,22 +134,6 @@ class Circuit:
             f"{self.settings.get('algorithm', 'circuit')}: {self.n_edges} of {self.graph.n_edges} edges, "
             f"{len(self.nodes - {INPUT, LOGITS})} components; heads {', '.join(heads) or '(none)'}"
         )
-
-
-def _declared_shape(g: nx.DiGraph) -> dict:
-    """The graph attributes that define the model graph's shape, type-checked."""
-    attrs = g.graph
-    missing = [k for k in ("n_layers", "n_heads", "split_qkv") if k not in attrs]
-    if missing:
-        raise ValueError(f"graph attribute {', '.join(missing)} missing: not a circuit written by circuitfind")
-    n_pos = attrs.get("n_pos", -1)
-    return {
-        "n_layers": attrs["n_layers"],
-        "n_heads": attrs["n_heads"],
-        "split_qkv": attrs["split_qkv"],
-        "n_pos": None if n_pos in (-1, None) else n_pos,
-        "n_kv_heads": attrs.get("n_kv_heads"),
-    }
 
 
 def _edge_values(g: nx.DiGraph, graph: ModelGraph) -> tuple[torch.Tensor, torch.Tensor]:

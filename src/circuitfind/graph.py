@@ -17,9 +17,10 @@ Graph sizes are bounded before anything is allocated (:func:`check_shape`, :data
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import torch
@@ -114,6 +115,38 @@ def check_shape(
             f"(at most {MAX_EDGE_POSITIONS}, circuitfind.graph.MAX_EDGE_POSITIONS)"
         )
     return edges
+
+
+def networkx_size(
+    n_layers: int, n_heads: int, split_qkv: bool = True, n_pos: int | None = None, n_kv_heads: int | None = None
+) -> tuple[int, int]:
+    """Nodes and edges of :meth:`ModelGraph.to_networkx` of this shape, by arithmetic (checked first).
+
+    Graph files are checked against these counts (while they are read, and again before the model
+    graph is built), so a file cannot make the reader build more than its declared shape holds.
+    """
+    edges = check_shape(n_layers, n_heads, split_qkv, n_pos, n_kv_heads)
+    kv = n_kv_heads or n_heads
+    # q/k/v input nodes (one q per head, k/v per key/value head) and their structural edges to heads
+    input_nodes, structural = (n_layers * (n_heads + 2 * kv), 3 * n_layers * n_heads) if split_qkv else (0, 0)
+    return 2 + n_layers * (n_heads + 1) + input_nodes, edges + structural
+
+
+def declared_shape(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The shape a graph file declares in its graph attributes (as :meth:`ModelGraph.to_networkx`
+    writes them): ``n_layers``, ``n_heads``, ``split_qkv``, ``n_pos`` (-1: none), ``n_kv_heads``.
+    ``ValueError`` when one is missing; the values are checked by :func:`check_shape`."""
+    missing = [k for k in ("n_layers", "n_heads", "split_qkv") if k not in attrs]
+    if missing:
+        raise ValueError(f"graph attribute {', '.join(missing)} missing: not a circuit written by circuitfind")
+    n_pos = attrs.get("n_pos", -1)
+    return {
+        "n_layers": attrs["n_layers"],
+        "n_heads": attrs["n_heads"],
+        "split_qkv": attrs["split_qkv"],
+        "n_pos": None if n_pos in (-1, None) else n_pos,
+        "n_kv_heads": attrs.get("n_kv_heads"),
+    }
 
 
 @dataclass

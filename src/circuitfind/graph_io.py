@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import threading
@@ -27,7 +28,7 @@ from networkx.readwrite.gexf import GEXFReader
 from networkx.readwrite.graphml import GraphMLReader
 
 from circuitfind.errors import GraphFileError
-from circuitfind.graph import _short_repr
+from circuitfind.graph import _short_repr, declared_shape, networkx_size
 from circuitfind.io import write_bytes, write_text
 
 FORMATS = {".graphml": "graphml", ".gexf": "gexf", ".json": "json", ".dot": "dot", ".gv": "dot"}
@@ -108,9 +109,11 @@ def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
     fmt = graph_format(path, fmt)
     if fmt == "mib":
         raise ValueError(f"{path.name}: EAP-IG / MIB files hold circuits: read them with Circuit.load")
-    data = _read_limited(path, fmt)
+    data = read_limited(path, fmt)
     name = FORMAT_NAMES[fmt]
     try:
+        if fmt in ("graphml", "dot"):
+            _check_counts(path, data, fmt)  # before the parser builds anything
         if fmt == "graphml":
             g = _graphml(data)
         elif fmt == "gexf":
@@ -125,23 +128,23 @@ def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
     except DefusedXmlException as err:
         raise GraphFileError(
             f"{path}: refused: XML with a DTD or entity declarations (entities can expand "
-            f"without limit or read other files): {_one_line(err)}"
+            f"without limit or read other files): {one_line(err)}"
         ) from err
     except _PARSE_ERRORS as err:
-        raise GraphFileError(f"{path}: not a valid {name} file: {_one_line(err)}") from err
+        raise GraphFileError(f"{path}: not a valid {name} file: {one_line(err)}") from err
     try:
         return _retype(g)
     except ValueError as err:
         raise GraphFileError(f"{path}: {err}") from err
 
 
-def _one_line(err: BaseException, limit: int = 200) -> str:
+def one_line(err: BaseException, limit: int = 200) -> str:
     """An exception as one short line (parser messages can span lines or quote whole inputs)."""
     text = " ".join(str(err).split()) or type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _read_limited(path: Path, fmt: str) -> bytes:
+def read_limited(path: Path, fmt: str) -> bytes:
     """The file's bytes: at most the format's size limit, not empty, not binary."""
     limit = MAX_DOT_FILE_BYTES if fmt == "dot" else MAX_GRAPH_FILE_BYTES
     name = FORMAT_NAMES[fmt]
@@ -168,6 +171,86 @@ def _read_limited(path: Path, fmt: str) -> bytes:
     except UnicodeDecodeError as err:
         raise GraphFileError(f"{path}: binary content (byte {err.start} is not UTF-8 text): not a {name} file") from err
     return data
+
+
+def _declared_size(raw: dict) -> tuple[int, int] | None:
+    """Nodes and edges of the shape the graph attributes ``raw`` declare, or ``None`` when they do not
+    declare a valid one (then the full parse and :meth:`Circuit.from_networkx` report the problem)."""
+    try:
+        attrs = {k: _parse(raw[k], typ, k) for k, typ in GRAPH_TYPES.items() if k in raw}
+        return networkx_size(**declared_shape(attrs))
+    except (ValueError, TypeError):
+        return None
+
+
+_XML_ATTR = re.compile(r"""([\w.:-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
+_GRAPHML_KEY = re.compile(rb"<key\b[^>]*>")
+_GRAPHML_DATA = re.compile(rb"<data\b([^>]*)>([^<]*)</data>")
+_GRAPHML_GRAPH = re.compile(rb"<graph[\s>]")
+_GRAPHML_ITEM = re.compile(rb"<(node|edge)[\s/>]")
+_DOT_GRAPH_ATTR = re.compile(r"\bgraph\s*\[\s*(\w+)\s*=\s*(?:\"([^\"]*)\"|([\w.+-]+))\s*\]")
+
+
+def _graphml_declared(data: bytes) -> dict[str, str]:
+    """The graph attributes of a GraphML file as networkx writes it (keys first, the graph's
+    ``<data>`` after its last node and edge), found without parsing the file."""
+    found_graph = _GRAPHML_GRAPH.search(data)
+    start = found_graph.start() if found_graph else -1
+    keys = {}
+    for tag in _GRAPHML_KEY.findall(data, 0, start if start >= 0 else 0):
+        attrs = {m[0]: m[1] or m[2] for m in _XML_ATTR.findall(tag.decode("utf-8", "replace"))}
+        if attrs.get("for") == "graph" and "id" in attrs and "attr.name" in attrs:
+            keys[attrs["id"]] = attrs["attr.name"]
+    tail = max(data.rfind(b"</node>"), data.rfind(b"</edge>"), data.rfind(b"<node"), data.rfind(b"<edge"))
+    tail = data.find(b">", tail) if tail >= 0 else start
+    found: dict[str, str] = {}
+    for attrs_text, value in _GRAPHML_DATA.findall(data, max(tail, 0)):
+        attrs = {m[0]: m[1] or m[2] for m in _XML_ATTR.findall(attrs_text.decode("utf-8", "replace"))}
+        if attrs.get("key") in keys:
+            found[keys[attrs["key"]]] = value.decode("utf-8", "replace").strip()
+    return found
+
+
+def _check_counts(path: Path, data: bytes, fmt: str) -> None:
+    """Count the nodes and edges of a GraphML or DOT file while scanning it, and stop at the first
+    one beyond its declared shape: a small declared graph cannot make the parser build millions of
+    nodes (or pydot spend minutes on them). Files without comments, CDATA or a readable declared
+    shape are left to the parser and to :meth:`Circuit.from_networkx`'s exact count."""
+    if fmt == "graphml":
+        if b"<!--" in data or b"<![CDATA[" in data:  # tags in comments would be counted
+            return
+        bound = _declared_size(_graphml_declared(data))
+        if bound is None:
+            return
+        most = {b"node": bound[0], b"edge": bound[1]}
+        seen = {b"node": 0, b"edge": 0}
+        for match in _GRAPHML_ITEM.finditer(data):
+            kind = match.group(1)
+            seen[kind] += 1
+            if seen[kind] > most[kind]:
+                raise GraphFileError(
+                    f"{path}: more than {most[kind]} <{kind.decode()}> elements: the declared shape has "
+                    f"{bound[0]} nodes and {bound[1]} edges (refused at byte {match.start()} of {len(data)})"
+                )
+        return
+    text = _DOT_QUOTED.sub('""', data.decode("utf-8"))  # arrows and semicolons inside names do not count
+    raw = {}
+    for m in _DOT_GRAPH_ATTR.finditer(data.decode("utf-8")):
+        raw[m.group(1)] = m.group(2) if m.group(2) is not None else m.group(3)
+    bound = _declared_size(raw)
+    if bound is None:
+        return
+    # every edge statement holds at least one arrow; each statement (graph attribute, node, edge) ends in ';'
+    for token, allowed, what in (
+        ("->", bound[1], "edge arrows"),
+        (";", bound[0] + bound[1] + len(raw) + 16, "statements"),
+    ):
+        found = text.count(token)
+        if found > allowed:
+            raise GraphFileError(
+                f"{path}: {found} {what}, more than the {allowed} of the declared shape "
+                f"({bound[0]} nodes and {bound[1]} edges): refused before parsing"
+            )
 
 
 def _graphml(data: bytes) -> nx.Graph:
@@ -211,6 +294,11 @@ def _node_link(data: bytes) -> nx.Graph:
             raise ValueError(f"{key!r} must be a list")
     if not isinstance(obj.get("graph", {}), dict):
         raise ValueError("'graph' must be an object")
+    bound = _declared_size(obj.get("graph", {}))
+    if bound is not None:
+        for key, found, most in (("nodes", len(obj["nodes"]), bound[0]), ("edges", len(obj["edges"]), bound[1])):
+            if found > most:
+                raise ValueError(f"{found} {key}: more than the {most} of the declared shape")
     return nx.node_link_graph(obj, directed=True, edges="edges")
 
 
@@ -249,14 +337,19 @@ def _parse(value, typ, what: str):
             return int(value)
         raise ValueError(f"{what}: {_short_repr(value)} is not a whole number")
     if typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+        number = None
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"{what}: {_short_repr(value)} is not a number")
+                number = float(value)
+            except (ValueError, OverflowError):  # OverflowError: an integer of thousands of digits
+                number = math.inf if isinstance(value, int) else None
+        if number is None:
+            raise ValueError(f"{what}: {_short_repr(value)} is not a number")
+        if not math.isfinite(number):  # NaN, inf, or a literal like 1e400 that overflows to inf
+            raise ValueError(
+                f"{what}: {_short_repr(value)} is not a finite number (NaN and infinite scores are refused)"
+            )
+        return number
     if not isinstance(value, str):
         raise ValueError(f"{what}: {_short_repr(value)} is not a string")
     return value

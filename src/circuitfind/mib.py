@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 
 from circuitfind.errors import GraphFileError
-from circuitfind.graph import ModelGraph, check_shape, describe_shape
+from circuitfind.graph import ModelGraph, check_shape, describe_shape, edge_count
+from circuitfind.graph_io import one_line, read_limited
 from circuitfind.io import write_text
 from circuitfind.names import INPUT, LOGITS, QKV, head_name, is_head, mlp_name, parse_node
 
@@ -128,14 +129,12 @@ def write_mib(circuit: Circuit, path: str | os.PathLike, d_model: int | None = N
 def read_mib(path: str | os.PathLike) -> CircuitParts:
     """Read an EAP-IG / MIB graph JSON file as a circuit's parts (``Circuit.load`` builds the circuit);
     ``GraphFileError`` naming the file and the problem."""
-    from circuitfind.graph_io import _one_line, _read_limited
-
     path = Path(path)
-    data = _read_limited(path, "mib")
+    data = read_limited(path, "mib")
     try:
         obj = json.loads(data)
     except (ValueError, RecursionError) as err:
-        raise GraphFileError(f"{path}: not a valid EAP-IG / MIB graph JSON file: {_one_line(err)}") from None
+        raise GraphFileError(f"{path}: not a valid EAP-IG / MIB graph JSON file: {one_line(err)}") from None
     try:
         return parse_mib(obj)
     except ValueError as err:
@@ -172,7 +171,17 @@ def parse_mib(obj) -> CircuitParts:
     if "d_model" in cfg and not (_is_int(cfg["d_model"]) and 0 < cfg["d_model"] <= 1_000_000):
         raise ValueError(f"cfg 'd_model' must be a whole number between 1 and 1,000,000 (got {_short(cfg['d_model'])})")
     shape = {"n_layers": cfg["n_layers"], "n_heads": cfg["n_heads"], "split_qkv": True, "n_kv_heads": kv}
-    check_shape(**shape)  # bounded before anything is built
+    check_shape(**shape)
+    # Bounded before anything is built. EAP-IG names a k/v edge per query head, so the file holds the
+    # edges of the shape without grouped k/v. A file far smaller than its declared shape is refused
+    # here (building the graph costs time and memory in the declared size); one close to it is built
+    # and checked edge by edge below, so the message names the missing or unknown edge.
+    n_edges = edge_count(cfg["n_layers"], cfg["n_heads"])
+    held = len(obj["edges"])
+    if n_edges > 2 * held + 1000:
+        raise ValueError(
+            f"{held} edges, the declared shape ({describe_shape(**shape)}) has {n_edges}: refused before building it"
+        )
     graph = ModelGraph(**shape)
     _check_nodes(obj["nodes"], graph)
     names = mib_edge_names(graph)
@@ -192,7 +201,7 @@ def parse_mib(obj) -> CircuitParts:
         if not isinstance(value, dict):
             raise ValueError(f"edge {_short(name)}: not an object with score and in_graph")
         score, member = value.get("score"), value.get("in_graph")
-        if not (_is_number(score) and math.isfinite(score)):
+        if not (_is_number(score) and _finite(score)):
             raise ValueError(f"edge {_short(name)}: score missing or not a finite number (got {_short(score)})")
         if not isinstance(member, bool):
             raise ValueError(f"edge {_short(name)}: in_graph missing or not true/false (got {_short(member)})")
@@ -243,6 +252,14 @@ def _check_nodes(nodes: dict, graph: ModelGraph) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value: float) -> bool:
+    """A finite number; an integer too large for a float (JSON allows 4,000 digits) is not."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _is_number(value) -> bool:
