@@ -13,6 +13,7 @@ import torch
 from circuitfind.errors import GraphFileError
 from circuitfind.graph import ModelGraph, declared_shape, describe_shape, networkx_size
 from circuitfind.graph_io import graph_format, read_graph, write_graph
+from circuitfind.mib import parse_mib, read_mib, write_mib
 from circuitfind.names import INPUT, LOGITS, head_sort_key, is_head
 
 
@@ -75,8 +76,6 @@ class Circuit:
         ``.mib.json`` for MIB), atomically. MIB files need the model's ``d_model``: the argument, else
         ``settings["d_model"]`` (discovery records it; :mod:`circuitfind.mib`)."""
         if graph_format(path, fmt) == "mib":
-            from circuitfind.mib import write_mib
-
             return write_mib(self, path, d_model)
         return write_graph(self.to_networkx(), path, fmt)
 
@@ -115,16 +114,12 @@ class Circuit:
     def from_mib(cls, obj: dict) -> Circuit:
         """A circuit from a parsed EAP-IG / MIB graph object (:mod:`circuitfind.mib`); ``ValueError``
         naming the problem."""
-        from circuitfind.mib import parse_mib
-
         return cls(*parse_mib(obj))
 
     @classmethod
     def load(cls, path: str | os.PathLike, fmt: str | None = None) -> Circuit:
         """Read a circuit file (GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON); raises ``GraphFileError``."""
         if graph_format(path, fmt) == "mib":
-            from circuitfind.mib import read_mib
-
             return cls(*read_mib(path))
         return cls.from_networkx(read_graph(path, fmt), source=str(path))
 

@@ -43,7 +43,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
@@ -52,9 +52,6 @@ from circuitfind.graph import ModelGraph, check_shape, describe_shape, edge_coun
 from circuitfind.graph_io import one_line, read_limited
 from circuitfind.io import write_text
 from circuitfind.names import INPUT, LOGITS, QKV, head_name, is_head, mlp_name, parse_node
-
-if TYPE_CHECKING:
-    from circuitfind.circuit import Circuit
 
 SUFFIX = ".mib.json"
 
@@ -67,6 +64,20 @@ class CircuitParts(NamedTuple):
     in_circuit: torch.Tensor
     scores: torch.Tensor
     settings: dict
+
+
+class EdgeSubset(Protocol):
+    """What writing a MIB file reads from a circuit: a :class:`~circuitfind.circuit.Circuit` or a
+    :class:`CircuitParts` (structural, so the file format never depends on ``circuit``)."""
+
+    @property
+    def graph(self) -> ModelGraph: ...
+    @property
+    def in_circuit(self) -> torch.Tensor: ...
+    @property
+    def scores(self) -> torch.Tensor | None: ...
+    @property
+    def settings(self) -> dict: ...
 
 
 SETTINGS_KEY = "circuitfind_settings"
@@ -95,7 +106,7 @@ def mib_edge_names(graph: ModelGraph) -> list[list[str]]:
     return names
 
 
-def to_mib(circuit: Circuit, d_model: int | None = None) -> dict:
+def to_mib(circuit: EdgeSubset, d_model: int | None = None) -> dict:
     """The circuit as an EAP-IG / MIB graph object (see the module docstring for the mapping)."""
     graph = circuit.graph
     d_model = d_model if d_model is not None else circuit.settings.get("d_model")
@@ -115,12 +126,15 @@ def to_mib(circuit: Circuit, d_model: int | None = None) -> dict:
     for names, score, in_graph in zip(mib_edge_names(graph), scores.tolist(), keep.tolist(), strict=True):
         for name in names:
             edges[name] = {"score": score, "in_graph": in_graph}
-    in_nodes = {mib_node(n) for n in circuit.nodes} | {LOGITS}
+    in_nodes = {LOGITS}
+    for i in keep.nonzero().flatten().tolist():  # the components an in-circuit edge touches
+        sender, feeds = graph.edge_nodes(i)
+        in_nodes.update(mib_node(n) for n in (sender, *feeds))
     nodes = {name: {"in_graph": name in in_nodes} for name in _node_names(graph.n_layers, graph.n_heads)}
     return {"cfg": cfg, "nodes": nodes, "edges": edges}
 
 
-def write_mib(circuit: Circuit, path: str | os.PathLike, d_model: int | None = None) -> Path:
+def write_mib(circuit: EdgeSubset, path: str | os.PathLike, d_model: int | None = None) -> Path:
     """Write the circuit as an EAP-IG / MIB graph JSON file, atomically (strict JSON: no NaN)."""
     obj = to_mib(circuit, d_model)
     return write_text(path, json.dumps(obj, allow_nan=False))

@@ -11,17 +11,13 @@ position, computing the last layer's queries, MLP and logits there only. :class:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from circuitfind.edge_patching.engine import Patcher
 from circuitfind.edge_patching.prefix import PrefixCache
 from circuitfind.graph import ModelGraph
 from circuitfind.names import hook_name
 from circuitfind.tensor_forward import TensorModel
-
-if TYPE_CHECKING:
-    from circuitfind.edge_patching.patcher import EdgePatcher
 
 
 class DirectEngine:
@@ -30,7 +26,7 @@ class DirectEngine:
 
     name = "functional"
 
-    def __init__(self, patcher: EdgePatcher):
+    def __init__(self, patcher: Patcher):
         self.patcher = patcher
         self._model: TensorModel | None = None
         self._masked: dict[tuple[int, int], MaskedForward] = {}  # by prompt range

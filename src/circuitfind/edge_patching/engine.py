@@ -10,9 +10,15 @@ and Llama-style models, faster for plain evaluations).
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
+
+from circuitfind.graph import ModelGraph
+from circuitfind.patching.setup import Direction, PatchingSetup
+
+if TYPE_CHECKING:
+    from transformer_lens.model_bridge import TransformerBridge
 
 
 @runtime_checkable
@@ -30,3 +36,26 @@ class Engine(Protocol):
         into the receivers before ``first_receiver`` (graph order), so the pass below it can run
         once and be shared (:class:`~circuitfind.edge_patching.prefix.PrefixCache`)."""
         ...
+
+
+class Patcher(Protocol):
+    """What the engines and the incremental search read from their
+    :class:`~circuitfind.edge_patching.EdgePatcher`: a structural type below both, so that neither
+    imports the patcher that imports them (not even for annotations)."""
+
+    setup: PatchingSetup
+    model: TransformerBridge
+    graph: ModelGraph
+    direction: Direction
+    sender_hooks: list[str]
+    sources: dict[str, torch.Tensor]
+    engine: str  # "hooks" or "functional"
+    backend: Engine
+
+    def base_outputs(self) -> dict[str, torch.Tensor]: ...
+    def row_bytes(self, kind: str) -> int: ...
+    def budget(self) -> int: ...
+    def embedding_stage_only(self, extra_hooks) -> bool: ...
+    def score(self, answer: torch.Tensor, prompts: slice | None = None) -> torch.Tensor: ...
+    def value(self, keep: torch.Tensor, **kw) -> torch.Tensor: ...
+    def ones(self, n: int = 1, dtype=torch.float32, per_prompt: bool = False) -> torch.Tensor: ...

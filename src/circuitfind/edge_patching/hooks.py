@@ -9,16 +9,13 @@ corrections); see :mod:`circuitfind.edge_patching` for the formula and the mask 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import torch
 
+from circuitfind.edge_patching.engine import Patcher
 from circuitfind.edge_patching.prefix import PrefixCache
 from circuitfind.names import hook_name, parse_hook
 from circuitfind.patching.setup import answer_logits
-
-if TYPE_CHECKING:
-    from circuitfind.edge_patching.patcher import EdgePatcher
 
 Hook = tuple[str | Callable, Callable]  # (hook name or name filter, hook function), as run_with_hooks takes them
 
@@ -28,7 +25,7 @@ class HooksEngine:
 
     name = "hooks"
 
-    def __init__(self, patcher: EdgePatcher):
+    def __init__(self, patcher: Patcher):
         self.patcher = patcher
         self.setup, self.graph, self.model, self.direction = (
             patcher.setup,

@@ -13,16 +13,12 @@ receiver instead. Tests pin both to full passes of the hooks engine.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from circuitfind.edge_patching.direct import DirectEngine, MaskedForward
+from circuitfind.edge_patching.engine import Patcher
 from circuitfind.names import hook_name
 from circuitfind.patching import memory
-
-if TYPE_CHECKING:
-    from circuitfind.edge_patching.patcher import EdgePatcher
 
 
 class IncrementalSearch:
@@ -37,7 +33,7 @@ class IncrementalSearch:
     memory budget (every prompt, at least one candidate); :meth:`values` splits larger sets.
     """
 
-    def __init__(self, patcher: EdgePatcher):
+    def __init__(self, patcher: Patcher):
         self.patcher = patcher
         self.reference = patcher.ones()
         self._last: torch.Tensor | None = None
