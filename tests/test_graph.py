@@ -67,3 +67,12 @@ def test_round_trip_is_lossless(tmp_path, suffix, kind):
 def test_unknown_format(tmp_path):
     with pytest.raises(ValueError, match="unknown graph format"):
         write_graph(nx.DiGraph(), tmp_path / "x.txt")
+
+
+def test_a_circuit_refuses_scores_of_the_wrong_shape():
+    graph = ModelGraph(2, 2)
+    keep = torch.zeros(graph.n_edges, dtype=torch.bool)
+    for scores in (torch.ones(3), torch.ones(graph.n_edges, 2), torch.ones(graph.n_edges + 1)):
+        with pytest.raises(ValueError, match="scores must have shape"):
+            Circuit(graph, keep, scores)
+    assert Circuit(graph, keep, torch.ones(graph.n_edges)).scores.shape == (graph.n_edges,)

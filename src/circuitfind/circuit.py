@@ -40,6 +40,8 @@ class Circuit:
         expected = (self.graph.n_edges,) if self.graph.n_pos is None else (self.graph.n_edges, self.graph.n_pos)
         if tuple(self.in_circuit.shape) != expected:
             raise ValueError(f"in_circuit must have shape {expected}, got {tuple(self.in_circuit.shape)}")
+        if self.scores is not None and tuple(self.scores.shape) != expected:  # one score per edge (and position)
+            raise ValueError(f"scores must have shape {expected} like in_circuit, got {tuple(self.scores.shape)}")
 
     @property
     def n_edges(self) -> int:
