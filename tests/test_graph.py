@@ -76,3 +76,39 @@ def test_a_circuit_refuses_scores_of_the_wrong_shape():
         with pytest.raises(ValueError, match="scores must have shape"):
             Circuit(graph, keep, scores)
     assert Circuit(graph, keep, torch.ones(graph.n_edges)).scores.shape == (graph.n_edges,)
+
+
+def test_circuit_only_networkx_holds_just_the_circuit_edges():
+    graph = ModelGraph(3, 4)
+    scores = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(3))
+    circuit = Circuit(graph, scores.abs() > 1.5, scores)
+    whole = circuit.to_networkx()
+    structural_in = [(u, v) for u, v, d in whole.edges(data=True) if d["in_circuit"] and d["structural"]]
+    assert structural_in  # what a user filtering by in_circuit alone also keeps
+    only = circuit.to_networkx(circuit_only=True)
+    assert set(only.edges) == set(circuit.edges) and only.number_of_edges() == circuit.n_edges
+    assert not any(d["structural"] for _, _, d in only.edges(data=True))
+    assert all(d["in_circuit"] for _, _, d in only.edges(data=True))
+    assert set(only.nodes) == {n for e in circuit.edges for n in e}
+    assert only.graph["n_layers"] == 3  # the shape and settings travel with it
+
+
+def test_compare_command_names_its_component_jaccard(tmp_path, capsys):
+    from circuitfind import agreement
+    from circuitfind.cli import main
+
+    graph = ModelGraph(3, 4)
+    circuits = []
+    for seed in (1, 2):
+        scores = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(seed))
+        circuits.append(Circuit(graph, scores.abs() > 2.0, scores))
+    paths = [c.save(tmp_path / f"c{i}.graphml") for i, c in enumerate(circuits)]
+    assert main(["compare", *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    header, row = out.splitlines()[:2]
+    assert header.split()[-3] == "J" and "comp" in header
+    component_j = float(row.split()[-3])
+    a, b = circuits
+    assert component_j == pytest.approx(agreement.jaccard(a.components, b.components), abs=5e-4)
+    assert agreement.jaccard(a.nodes, b.nodes) != pytest.approx(component_j, abs=5e-4)  # the two differ here
+    assert "input and logits" in out

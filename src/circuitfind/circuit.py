@@ -65,13 +65,26 @@ class Circuit:
         return out
 
     @property
+    def components(self) -> set[str]:
+        """:attr:`nodes` without ``input`` and ``logits``, which every non-empty circuit touches: the
+        set ``circuitfind compare``'s component Jaccard is taken over."""
+        return self.nodes - {INPUT, LOGITS}
+
+    @property
     def heads(self) -> set[str]:
         return {n for n in self.nodes if is_head(n)}
 
-    def to_networkx(self) -> nx.DiGraph:
-        """The circuit as a ``networkx.DiGraph`` (all model edges, with ``in_circuit`` and ``score``)."""
+    def to_networkx(self, circuit_only: bool = False) -> nx.DiGraph:
+        """The circuit as a ``networkx.DiGraph``: every model edge with ``in_circuit`` and ``score``
+        (what the graph files hold), or with ``circuit_only`` just the circuit's edges and the nodes
+        they touch. The structural q/k/v input -> head edges are left out then: they are ACDC's
+        drawing convention, not edges a discovery chose (one is ``in_circuit`` when its input is)."""
         attrs = {"settings": json.dumps(self.settings, default=str)}
-        return self.graph.to_networkx(self.scores, self.in_circuit, **attrs)
+        g = self.graph.to_networkx(self.scores, self.in_circuit, **attrs)
+        if not circuit_only:
+            return g
+        kept = [(u, v) for u, v, d in g.edges(data=True) if d["in_circuit"] and not d["structural"]]
+        return g.edge_subgraph(kept).copy()
 
     def save(self, path: str | os.PathLike, fmt: str | None = None, d_model: int | None = None) -> Path:
         """Write the circuit as GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON (by suffix:

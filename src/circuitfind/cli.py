@@ -181,7 +181,6 @@ def cmd_sweep(args) -> None:
 def cmd_compare(args) -> None:
     from circuitfind import agreement
     from circuitfind.circuit import Circuit
-    from circuitfind.names import INPUT, LOGITS
 
     if len(args.circuits) < 2 and not args.reference:
         raise ValueError("compare needs at least two circuits, or one and --reference")
@@ -191,8 +190,8 @@ def cmd_compare(args) -> None:
         print(f"circuitfind: warning: {warning}", file=sys.stderr)
     names = list(circuits)
     edges = {n: set(c.edges) for n, c in circuits.items()}
-    nodes = {n: c.nodes - {INPUT, LOGITS} for n, c in circuits.items()}
-    print(f"{'circuit A':<40} {'circuit B':<40} {'edge J':>7} {'node J':>7} {'overlap':>7} {'spearman':>8}")
+    nodes = {n: c.components for n, c in circuits.items()}
+    print(f"{'circuit A':<40} {'circuit B':<40} {'edge J':>7} {'comp J':>7} {'overlap':>7} {'spearman':>8}")
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
             rho = float("nan")
@@ -203,6 +202,10 @@ def cmd_compare(args) -> None:
                 f"{a[-40:]:<40} {b[-40:]:<40} {agreement.jaccard(edges[a], edges[b]):>7.3f} "
                 f"{agreement.jaccard(nodes[a], nodes[b]):>7.3f} {agreement.overlap_coefficient(edges[a], edges[b]):>7.3f} {rho:>8.3f}"
             )
+    print(
+        "comp J: Jaccard of the components (Circuit.components: heads and MLPs; "
+        "input and logits, in every circuit, left out)"
+    )
     if ref is not None:
         print(f"\nagainst reference {args.reference}:")
         for n, c in circuits.items():
