@@ -112,3 +112,25 @@ def test_compare_command_names_its_component_jaccard(tmp_path, capsys):
     assert component_j == pytest.approx(agreement.jaccard(a.components, b.components), abs=5e-4)
     assert agreement.jaccard(a.nodes, b.nodes) != pytest.approx(component_j, abs=5e-4)  # the two differ here
     assert "input and logits" in out
+
+
+def test_draw_command_writes_an_svg_naming_the_circuit_nodes(tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+
+    from circuitfind.cli import main
+
+    graph = ModelGraph(3, 4)
+    scores = torch.randn(graph.n_edges, generator=torch.Generator().manual_seed(5))
+    circuit = Circuit(graph, scores.abs() > 2.2, scores, {"algorithm": "test"})
+    path = circuit.save(tmp_path / "c.graphml")
+    out = tmp_path / "c.svg"
+    assert main(["draw", str(path), "--out", str(out)]) == 0
+    root = ET.fromstring(out.read_text())
+    assert root.tag.endswith("svg")
+    labels = {el.text for el in root.iter() if el.tag.endswith("text")}
+    assert circuit.components and circuit.components <= labels  # every head and MLP of the circuit is named
+    assert not (labels & ({f"a{l}.{h}" for l in range(3) for h in range(4)} - circuit.nodes))  # and no other head
+    lines = [el for el in root.iter() if el.tag.endswith("line")]
+    assert len(lines) >= circuit.n_edges
+    assert main(["draw", str(path), "--out", str(tmp_path / "c.png")]) == 2
+    assert "--out" in capsys.readouterr().err

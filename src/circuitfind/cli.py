@@ -11,6 +11,7 @@ circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep f
 circuitfind compare a.graphml b.graphml [--reference truth.graphml]
 circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
 circuitfind export circuit.graphml circuit.mib.json      # EAP-IG / MIB circuit JSON (or --format mib)
+circuitfind draw circuit.graphml --out circuit.svg       # the circuit as SVG (heads and MLPs by layer)
 circuitfind report outputs/<run>                         # rewrite a run's diff report
 circuitfind diff outputs/<run A> outputs/<run B>         # run against run: edges gained and lost per setting
 circuitfind train toy-ioi                # rebuild a shipped toy model
@@ -231,6 +232,22 @@ def cmd_export(args) -> None:
     print(f"wrote {circuit.save(args.target, args.format)}")
 
 
+def cmd_draw(args) -> None:
+    """The circuit as a dependency-free SVG (:func:`circuitfind.figures.circuit_drawing`)."""
+    from circuitfind import figures
+    from circuitfind.circuit import Circuit
+    from circuitfind.io import write_text
+
+    if not args.out.lower().endswith(".svg"):
+        raise ValueError(f"--out {args.out!r}: the drawing is SVG, name the file *.svg")
+    circuit = Circuit.load(args.circuit, args.format)
+    g, edges = circuit.graph, circuit.edges
+    svg = figures.circuit_drawing(
+        g.n_layers, g.n_heads, edges, set(edges), title=args.title or circuit.summary(), n_kv_heads=g.n_kv_heads
+    )
+    print(f"wrote {write_text(args.out, svg)}")
+
+
 def cmd_report(args) -> None:
     from pathlib import Path
 
@@ -353,6 +370,14 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
         help="the model's d_model, written into EAP-IG / MIB files (default: the circuit's settings)",
     )
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("draw", help="draw a circuit file as SVG (no plotting library needed)")
+    p.add_argument("circuit", help="circuit file (GraphML, GEXF, node-link JSON, DOT, .mib.json)")
+    p.add_argument("--out", required=True, help="the SVG file to write (*.svg)")
+    p.add_argument(
+        "--format", default=None, choices=GRAPH_FORMATS, help="format of the circuit file (default: by suffix)"
+    )
+    p.add_argument("--title", default=None, help="title above the drawing (default: the circuit's summary)")
+    p.set_defaults(fn=cmd_draw)
     p = sub.add_parser("report", help="write the diff report of a sweep run folder")
     p.add_argument("run_dir")
     p.add_argument("--reference", default=None, help="setting name taken as the reference circuit")
