@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -45,6 +46,7 @@ from circuitfind import patching as P
 from circuitfind.catalogue import load_model, locate_model, resolve_model_path
 from circuitfind.corruptions import get_corruption
 from circuitfind.errors import CircuitfindError, TaskError
+from circuitfind.graph import edge_count
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric
 from circuitfind.models import check_device, device_type
@@ -65,8 +67,22 @@ class Setting(BaseModel):
 
     @property
     def name(self) -> str:
+        """The setting's file name: its parts joined by ``__``. A part that is not a plain name (a path, a hub
+        name, ``str:<variant>``, one with ``__``) is made readable and given a short hash of its exact text,
+        so two distinct inputs (``col/a_b`` and ``col/a/b``) never share a name and lose a result."""
         parts = [self.model, self.task, self.algorithm, self.corruption, self.metric, self.direction]
-        return "__".join(p.replace(":", "-").replace("/", "_") for p in parts)
+        return "__".join(map(name_part, parts))
+
+
+_PLAIN_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*(?:_[A-Za-z0-9.+-]+)*")
+
+
+def name_part(text: str) -> str:
+    """``text`` itself when it is a plain name, else a readable form of it plus ``-`` and 8 hex digits of its sha256."""
+    if _PLAIN_PART.fullmatch(text):
+        return text
+    readable = re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", text.replace(":", "-"))).strip("_.")
+    return f"{readable or 'x'}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 class SweepConfig(BaseModel):
@@ -89,8 +105,8 @@ class SweepConfig(BaseModel):
     top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG")
     ig_steps: int = Field(5, ge=1, description="EAP-IG integration steps")
     path_depth: int = Field(2, ge=1, description="path patching depth")
-    path_k: float = Field(1.0, ge=0, allow_inf_nan=False, description="path patching detection rule in SDs")
-    node_k: float = Field(2.0, ge=0, allow_inf_nan=False, description="node patching detection rule in SDs")
+    path_k: float = Field(1.0, gt=0, allow_inf_nan=False, description="path patching detection rule in SDs")
+    node_k: float = Field(2.0, gt=0, allow_inf_nan=False, description="node patching detection rule in SDs")
     max_batch: int = Field(512, ge=1, description="prompts x copies per forward pass")
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -146,8 +162,15 @@ class SweepConfig(BaseModel):
         device exists (on this machine, unless ``device_here`` is False: the settings run on other machines,
         whose workers check it). Raises the first problem (``ModelNotFoundError``, ``TaskError``,
         ``ValueError``); returns the config."""
+        self.settings()  # two settings that would share a name are refused here, before any starts
         for name in self.models:
-            locate_model(name)
+            located = locate_model(name)
+            if {"eap", "eap_ig"} & set(self.algorithms):
+                edges = model_edge_count(located)
+                if edges is not None and self.top_k > edges:
+                    raise ValueError(
+                        f"--top-k: must be at most the {edges} edges of model {name!r}'s graph (got {self.top_k})"
+                    )
         for spec in map(load_task, self.tasks):
             for c in self.corruptions:
                 kind, _, variant = c.partition(":")
@@ -173,17 +196,52 @@ class SweepConfig(BaseModel):
             if a not in D.ALGORITHMS:
                 raise ValueError(f"unknown algorithm {a!r}; choose from {D.ALGORITHMS}")
         grid = product(self.models, self.tasks, self.algorithms, self.corruptions, self.metrics, self.directions)
-        return [
+        settings = [
             Setting(model=m, task=t, algorithm=a, corruption=c, metric=mt, direction=d)
             for m, t, a, c, mt, d in grid
             if D.allows_direction(a, d)
         ]
+        seen: dict[str, Setting] = {}
+        for s in settings:  # names are files of the run folder: two settings with one name would lose a result
+            other = seen.setdefault(s.name, s)
+            if other is not s:
+                raise ValueError(
+                    f"settings {other.model_dump()} and {s.model_dump()} would share the name {s.name!r}; "
+                    "rename a model folder or a task file"
+                )
+        return settings
 
     def shared(self) -> dict:
         """Parameters that change results (everything but the grid and the device)."""
         return self.model_dump(
             exclude={"models", "tasks", "algorithms", "corruptions", "metrics", "directions", "device"}
         )
+
+
+def model_edge_count(located: str) -> int | None:
+    """The edge count of a model's graph from its ``config.json`` (GPT-2 and Llama-style names), without
+    loading it; ``None`` when the config is not here (a hub model not yet cached) or names no shape."""
+    path = Path(located) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(located, "config.json")
+        except Exception:  # a malformed repo id is simply "not cached"
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        config = json.loads(path.read_text())
+        layers = config.get("n_layer", config.get("num_hidden_layers"))
+        heads = config.get("n_head", config.get("num_attention_heads"))
+        kv = config.get("num_key_value_heads") or heads
+    except (OSError, ValueError, AttributeError):
+        return None  # the model loader names a damaged config; this check only bounds top_k
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (layers, heads, kv)):
+        return None
+    return edge_count(layers, heads, n_kv_heads=kv)
 
 
 def _file_sha256(path: Path) -> str:
