@@ -255,8 +255,9 @@ def cmd_report(args) -> None:
     if not (Path(args.run_dir) / MANIFEST).is_file():  # the sweep writes it last
         note = "this run has no manifest.json: its sweep did not finish, so the report covers only the settings found"
     paths = write_run_report(args.run_dir, args.reference, args.title, note=note)
-    if note:
-        print(f"circuitfind: note: {note}", file=sys.stderr)
+    if paths["note"]:
+        kind = "note" if paths["note"] == note else "warning"  # a finished run that lost records is a warning
+        print(f"circuitfind: {kind}: {paths['note']}", file=sys.stderr)
     print(f"wrote {paths['html']} and {paths['markdown']}")
 
 

@@ -578,7 +578,27 @@ def _entry_lock(cache_dir: Path, key: str, setting_name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-RECORD_FIELDS = ("setting", "n_layers", "n_heads", "n_edges")
+RECORD_FIELDS = (
+    "setting",
+    "n_layers",
+    "n_heads",
+    "n_edges",
+    "model",
+    "task",
+    "algorithm",
+    "corruption",
+    "metric",
+    "direction",
+)
+TEXT_FIELDS = (
+    "setting",
+    "model",
+    "task",
+    "algorithm",
+    "corruption",
+    "metric",
+    "direction",
+)  # the report groups by these
 MANIFEST = "manifest.json"  # written last by the sweep: a run folder with one is a finished run
 
 
@@ -645,6 +665,9 @@ def load_records(run_dir: str | Path) -> list[dict]:
                 f"setting record {f} is not a circuitfind setting record "
                 + ("(not a JSON object)" if missing is None else f"(no {', '.join(missing)})")
             )
+        not_text = [k for k in TEXT_FIELDS if not isinstance(record[k], str)]
+        if not_text:
+            raise ValueError(f"setting record {f}: {', '.join(not_text)} not a string")
         if listed is None or record["setting"] in listed:
             records.append(record)
     if not records:
@@ -654,6 +677,17 @@ def load_records(run_dir: str | Path) -> list[dict]:
             if record.get(field):
                 record[field] = str(resolve_in_run(run_dir, record[field]))
     return records
+
+
+def missing_records(run_dir: str | Path) -> list[str]:
+    """The settings a finished run's manifest lists as done whose record file is gone (deleted or moved)."""
+    manifest = read_manifest(run_dir)
+    try:
+        listed = [r["setting"] for r in manifest["settings"]]  # type: ignore[index]
+    except (KeyError, TypeError):
+        return []
+    circuits = Path(run_dir) / "circuits"
+    return sorted(n for n in listed if isinstance(n, str) and not (circuits / f"{Path(n).name}.json").is_file())
 
 
 def resolve_in_run(run_dir: str | Path, recorded: str) -> Path:
