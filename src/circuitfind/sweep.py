@@ -514,6 +514,9 @@ def describe(summary: dict) -> str:
 def _compute_entry(setting: Setting, config: SweepConfig, entry: Path, key: str) -> dict[str, bytes]:
     """Compute the setting and write its cache entry: the files, then their checksums last."""
     record, circuit, per_prompt = compute_setting(setting, config)
+    if entry.is_symlink() or (entry.exists() and not entry.is_dir()):  # damage like any other: replaced, not fatal
+        log.warning("cache entry %s of setting %s is not a folder; replacing it", entry, setting.name)
+        entry.unlink()
     (entry / CHECKSUMS).unlink(missing_ok=True)  # the entry is incomplete until its files are rewritten
     circuit.save(entry / "circuit.graphml")
     files = {"circuit.graphml": (entry / "circuit.graphml").read_bytes()}

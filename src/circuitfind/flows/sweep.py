@@ -48,7 +48,7 @@ from circuitfind.flows.server import prefect_api
 from circuitfind.health import check_run
 from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
-from circuitfind.paths import check_run_name, default_outputs
+from circuitfind.paths import check_run_name, check_writable_folder, default_outputs
 from circuitfind.report import write_run_report
 from circuitfind.sweep import (
     Setting,
@@ -355,12 +355,15 @@ def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
         raise ValueError(f"--workers: must be at least 1 (got {args.workers})")
     if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
         raise ValueError(f"--torch-threads: must be at least 1 (got {args.torch_threads})")
+    outputs = Path(args.outputs) if args.outputs else default_outputs()
+    check_writable_folder(outputs)  # before Prefect starts: else every setting fails on it
+    if outputs.is_dir():
+        for name in (".cache", *([args.run] if args.run is not None else [])):
+            if (outputs / name).exists() and not (outputs / name).is_dir():
+                raise ValueError(f"--outputs: {outputs / name} is a file, not a folder")
     if args.run is not None:
         check_run_name(args.run)
-    if args.run is not None:
-        check_run_folder(
-            (Path(args.outputs) if args.outputs else default_outputs()) / args.run, config.settings(), config
-        )
+        check_run_folder(outputs / args.run, config.settings(), config)
     if args.reference is not None:
         names = {s.name for s in config.settings()}
         if args.reference not in names:
