@@ -265,6 +265,8 @@ def cmd_diff(args) -> None:
     from circuitfind.diff import write_diff
 
     paths = write_diff(args.run_a, args.run_b, args.out)
+    if paths["warning"]:
+        print(f"circuitfind: warning: {paths['warning']}", file=sys.stderr)
     print(f"wrote {paths['html']}, {paths['markdown']} and {paths['json']}")
 
 
