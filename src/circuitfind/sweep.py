@@ -581,6 +581,85 @@ def _entry_lock(cache_dir: Path, key: str, setting_name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+RUN_LOCK = ".circuitfind-lock"  # in the run folder: who sweeps into it now, with which grid and parameters
+
+
+class RunLockedError(CircuitfindError, ValueError):
+    """Another live sweep with a different grid or other parameters writes into the run folder."""
+
+
+def _lock_content(config: SweepConfig) -> dict:
+    """What two sweeps must share to write into one run folder at once: the grid and the shared parameters."""
+    return json.loads(to_json(config.model_dump(exclude={"device"})))
+
+
+def _refuse_holder(run_dir: Path, fh, config: SweepConfig) -> None:
+    """Raise when the lock file's holder sweeps another grid or other parameters than ``config``."""
+    fh.seek(0)
+    try:
+        holder = json.loads(fh.read() or b"{}")
+    except ValueError:
+        holder = {}
+    if not isinstance(holder, dict) or holder.get("config") != _lock_content(config):
+        theirs = holder.get("config") if isinstance(holder, dict) and isinstance(holder.get("config"), dict) else {}
+        ours = _lock_content(config)
+        changed = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
+        what = f" ({', '.join(f'{k} {theirs[k]!r}, here {ours[k]!r}' for k in changed)})" if changed else ""
+        pid = holder.get("pid", "?") if isinstance(holder, dict) else "?"
+        raise RunLockedError(
+            f"run folder {run_dir} is being written by another sweep (process {pid}) with other parameters{what}; "
+            "wait for it or choose another --run"
+        )
+
+
+def check_run_lock(run_dir: str | Path, config: SweepConfig) -> None:
+    """Refuse, before anything starts, a run folder a live sweep with other parameters holds (:func:`run_lock`)."""
+    path = Path(run_dir) / RUN_LOCK
+    try:
+        fh = open(path, "rb")
+    except OSError:  # no lock file (or no run folder yet): nobody holds it
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held by a live sweep
+            _refuse_holder(Path(run_dir), fh, config)
+        else:
+            fcntl.flock(fh, fcntl.LOCK_UN)  # a stale file of a finished or dead sweep: free
+
+
+@contextmanager
+def run_lock(run_dir: str | Path, config: SweepConfig) -> Iterator[None]:
+    """Hold the run folder for this sweep: ``<run>/.circuitfind-lock`` records its pid, grid and parameters.
+
+    Sweeps of the same grid and parameters share the folder (they resume one run, and the cache computes
+    each setting once); one with a different grid or other parameters is refused (:class:`RunLockedError`),
+    else it would replace the first run's manifest and report. Liveness is the kernel's ``flock``: a lock
+    file left by a dead sweep is not held, so it is taken over. The first holder writes the file under an
+    exclusive lock, then every holder keeps a shared one and checks the content it holds."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOCK, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live holder: wait until it has written the file, then compare
+            fcntl.flock(fh, fcntl.LOCK_SH)
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(
+                to_json({"pid": os.getpid(), "host": socket.gethostname(), "config": _lock_content(config)}).encode()
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+            fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            _refuse_holder(run_dir, fh, config)  # also catches one that took the lock over while we converted ours
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 RECORD_FIELDS = (
     "setting",
     "n_layers",

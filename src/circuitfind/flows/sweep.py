@@ -54,9 +54,11 @@ from circuitfind.sweep import (
     Setting,
     SweepConfig,
     check_run_folder,
+    check_run_lock,
     check_worker,
     describe,
     mark_run_folder,
+    run_lock,
     run_setting,
     worker_info,
 )
@@ -151,7 +153,6 @@ def sweep(
     ``outputs`` defaults to :func:`circuitfind.paths.default_outputs`. With ``series`` (the scheduled
     deployment passes its name), the run is then diffed against the series' last completed run
     (:func:`circuitfind.flows.diff.diff_with_previous`) and becomes that run."""
-    log = get_run_logger()
     if series is not None:
         check_series(series)
     config = config or SweepConfig()
@@ -159,7 +160,23 @@ def sweep(
     outputs = outputs or str(default_outputs())
     run_dir, cache_dir = Path(outputs) / run, Path(outputs) / ".cache"
     settings = config.settings()
-    check_run_folder(run_dir, settings, config)
+    with run_lock(run_dir, config):  # a concurrent sweep with other parameters would replace this run's manifest
+        check_run_folder(run_dir, settings, config)
+        return _sweep(config, run, outputs, reference, series, run_dir, cache_dir, settings)
+
+
+def _sweep(
+    config: SweepConfig,
+    run: str,
+    outputs: str,
+    reference: str | None,
+    series: str | None,
+    run_dir: Path,
+    cache_dir: Path,
+    settings: list[Setting],
+) -> dict:
+    """The sweep's body, run while it holds the run folder (:func:`circuitfind.sweep.run_lock`)."""
+    log = get_run_logger()
     log.info("%d settings -> %s", len(settings), run_dir)
     check_gpu_workers(config)
     mark_run_folder(run_dir, cache_dir)
@@ -364,6 +381,7 @@ def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
     if args.run is not None:
         check_run_name(args.run)
         check_run_folder(outputs / args.run, config.settings(), config)
+        check_run_lock(outputs / args.run, config)
     if args.reference is not None:
         names = {s.name for s in config.settings()}
         if args.reference not in names:
