@@ -44,7 +44,7 @@ from circuitfind.corruptions import CORRUPTIONS
 from circuitfind.discovery import ALGORITHMS
 from circuitfind.errors import USER_ERRORS, CircuitfindError
 from circuitfind.flows.diff import check_series, diff_with_previous, record_completed
-from circuitfind.flows.server import prefect_api
+from circuitfind.flows.server import prefect_api, probe_dask_scheduler
 from circuitfind.health import check_run
 from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
@@ -248,17 +248,10 @@ def dask_runner(workers: int = 2, address: str | None = None, torch_threads: int
 
 
 def check_dask_cluster(address: str, timeout: float = 10) -> None:
-    """Reach the scheduler at ``address`` before the run starts: an unreachable address or a cluster
-    without workers is one clear error in seconds, not a traceback after Dask's 30 s or a sweep that
-    waits forever for a worker."""
-    from distributed import Client
-
-    try:
-        with Client(address, timeout=timeout) as client:
-            workers = client.scheduler_info().get("workers", {})
-    except (OSError, TimeoutError, ValueError) as err:
-        raise ValueError(f"--dask-address: cannot reach a Dask scheduler at {address!r} ({err})") from None
-    if not workers:
+    """Reach the scheduler at ``address`` before the run starts: an unreachable address, a service that is
+    not Dask, or a cluster without workers is one clear error in seconds
+    (:func:`circuitfind.flows.server.probe_dask_scheduler`), not a traceback or a sweep that waits forever."""
+    if not probe_dask_scheduler(address, timeout):
         raise ValueError(
             f"--dask-address: the Dask cluster at {address!r} has no workers: start some with "
             "`dask worker SCHEDULER --nworkers 1 --nthreads 1`"
