@@ -765,7 +765,7 @@ def missing_records(run_dir: str | Path) -> list[str]:
     """The settings a finished run's manifest lists as done whose record file is gone (deleted or moved)."""
     manifest = read_manifest(run_dir)
     try:
-        listed = [r["setting"] for r in manifest["settings"]]  # type: ignore[index]
+        listed = [r["setting"] for r in manifest["settings"]]
     except (KeyError, TypeError):
         return []
     circuits = Path(run_dir) / "circuits"

@@ -340,7 +340,7 @@ def probe_dask_scheduler(address: str, timeout: float = 10.0) -> int:
         env=env,
     )
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)  # type: ignore[arg-type]
+    reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
     reader.start()
     started = time.monotonic()
     while not lines and child.poll() is None and time.monotonic() - started < 120:  # importing distributed
