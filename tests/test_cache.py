@@ -312,3 +312,16 @@ def test_the_report_of_an_unfinished_run_says_so(tmp_path, capsys):
     (run / "manifest.json").write_text("{}")
     assert main(["report", str(run)]) == 0
     assert "no manifest.json" not in (run / "report.md").read_text()
+
+
+def test_a_cache_entry_replaced_by_a_file_is_healed(tmp_path, caplog):
+    first = run_setting(NODE, CONFIG, tmp_path / "a", tmp_path / "cache")
+    entry = only_entry(tmp_path / "cache")
+    shutil.rmtree(entry)
+    entry.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="circuitfind.sweep"):
+        again = run_setting(NODE, CONFIG, tmp_path / "b", tmp_path / "cache")
+    assert not again["from_cache"] and entry.is_dir()
+    assert any("is not a folder" in m for m in caplog.messages), caplog.messages
+    assert Path(again["graphml"]).read_bytes() == Path(first["graphml"]).read_bytes()
+    assert run_setting(NODE, CONFIG, tmp_path / "c", tmp_path / "cache")["from_cache"]  # healed for good

@@ -42,7 +42,9 @@ def record(model: str, algorithm: str, edges: list, nodes: list, faithfulness=No
     }
 
 
-def make_run(folder: Path, records: list[dict], manifest: bool = True, failures: tuple[str, ...] = ()) -> Path:
+def make_run(
+    folder: Path, records: list[dict], manifest: bool = True, failures: tuple[str, ...] = (), config: dict | None = None
+) -> Path:
     (folder / "circuits").mkdir(parents=True)
     for r in records:
         (folder / "circuits" / f"{r['setting']}.json").write_text(json.dumps(r))
@@ -50,7 +52,7 @@ def make_run(folder: Path, records: list[dict], manifest: bool = True, failures:
         settings = [{"setting": r["setting"], "n_edges": r["n_edges"]} for r in records]
         failed = [{"setting": name, "error": "ValueError: ..."} for name in failures]
         (folder / "manifest.json").write_text(
-            json.dumps({"run": folder.name, "settings": settings, "failures": failed})
+            json.dumps({"run": folder.name, "settings": settings, "failures": failed, "config": config})
         )
     return folder
 
@@ -268,3 +270,40 @@ def test_scheduled_sweep_diffs_each_run_against_the_previous_one(prefect_harness
     assert json.loads((tmp_path / ".series" / "nightly-x.json").read_text()) == {"run": "n2"}
     with pytest.raises(ValueError, match="not a plain name"):
         sweep(config, run="n3", outputs=str(tmp_path), series="../x")
+
+
+EAP_RECORD = dict(model="m1", algorithm="eap", edges=[["a0.0", "logits"]], nodes=["a0.0", "logits"])
+
+
+def test_runs_with_different_parameters_are_compared_with_a_warning(tmp_path, capsys):
+    shared = {"models": ["m1"], "prompts": 8, "seed": 0, "top_k": 20}
+    a = make_run(tmp_path / "a", [record(**EAP_RECORD)], config=shared)
+    b = make_run(tmp_path / "b", [record(**EAP_RECORD)], config={**shared, "models": ["m1"], "prompts": 16})
+    diff = diff_runs(a, b)
+    assert diff["parameter_changes"] == {"prompts": [8, 16]}
+    assert main(["diff", str(a), str(b)]) == 0
+    err = capsys.readouterr().err
+    assert "circuitfind: warning: the runs were made with different parameters (prompts 8 in A, 16 in B)" in err
+    md = (b / "diff-a" / "diff.md").read_text()
+    assert md.index("Warning: the runs were made with different parameters") < md.index("| setting |")
+    same = make_run(tmp_path / "c", [record(**EAP_RECORD)], config=shared)
+    assert diff_runs(a, same)["parameter_changes"] == {}
+
+
+def test_runs_that_share_no_setting_are_refused(tmp_path, capsys):
+    a = make_run(tmp_path / "a", [record(**EAP_RECORD)])
+    b = make_run(tmp_path / "b", [record(**{**EAP_RECORD, "algorithm": "acdc"})])
+    assert main(["diff", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("circuitfind: error: runs a and b share no setting") and err.count("\n") == 1, err
+
+
+def test_a_symlinked_default_diff_folder_is_replaced_not_written_through(tmp_path):
+    a = make_run(tmp_path / "a", [record(**EAP_RECORD)])
+    b = make_run(tmp_path / "b", [record(**EAP_RECORD)])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (b / "diff-a").symlink_to(elsewhere)
+    paths = write_diff(a, b)
+    assert not (b / "diff-a").is_symlink() and (b / "diff-a" / "diff.html").is_file()
+    assert Path(paths["html"]) == b / "diff-a" / "diff.html" and not list(elsewhere.iterdir())

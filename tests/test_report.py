@@ -369,7 +369,11 @@ def test_markdown_table_cells_escape_the_pipe():
 
 
 @pytest.mark.parametrize(
-    "content, message", [("[1, 2]", "(not a JSON object)"), ('{"setting": "x"}', "(no n_layers, n_heads, n_edges)")]
+    "content, message",
+    [
+        ("[1, 2]", "(not a JSON object)"),
+        ('{"setting": "x"}', "(no n_layers, n_heads, n_edges, model, task, algorithm, corruption, metric, direction)"),
+    ],
 )
 def test_a_file_that_is_not_a_setting_record_is_one_line(tmp_path, capsys, content, message):
     from circuitfind.cli import main
@@ -379,3 +383,47 @@ def test_a_file_that_is_not_a_setting_record_is_one_line(tmp_path, capsys, conte
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a circuitfind setting record " + message in err
+
+
+def test_a_record_without_its_model_is_one_line(run, capsys):
+    from circuitfind.cli import main
+
+    file = next((run / "circuits").glob("*.json"))
+    record = json.loads(file.read_text())
+    del record["model"]
+    file.write_text(json.dumps(record))
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(no model)" in err and file.name in err
+    record["model"] = 7
+    file.write_text(json.dumps(record))
+    assert main(["report", str(run)]) == 2
+    assert "model not a string" in capsys.readouterr().err
+
+
+def test_a_finished_run_with_a_deleted_record_is_reported_with_a_warning(run, capsys):
+    from circuitfind.cli import main
+
+    files = sorted((run / "circuits").glob("*.json"))
+    settings = [{"setting": f.stem} for f in files]
+    (run / "manifest.json").write_text(json.dumps({"run": "r", "settings": settings, "failures": []}))
+    files[0].unlink()
+    assert main(["report", str(run)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("circuitfind: warning: 1 of 5 settings") and files[0].stem in err, err
+    assert f"1 of 5 settings of this run have no record ({files[0].stem})" in (run / "report.md").read_text()
+
+
+def test_report_html_is_byte_for_byte_reproducible(run, tmp_path):
+    """Two renders in processes with different hash seeds (set order) give the same bytes."""
+    import os
+    import subprocess
+    import sys
+
+    pages = []
+    for seed in ("1", "2", "3"):
+        code = "import sys; from circuitfind.report import write_run_report; write_run_report(sys.argv[1])"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        subprocess.run([sys.executable, "-c", code, str(run)], env=env, check=True, timeout=120)
+        pages.append(((run / "report.html").read_bytes(), (run / "report.md").read_bytes()))
+    assert pages[0] == pages[1] == pages[2]

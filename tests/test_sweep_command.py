@@ -137,11 +137,16 @@ BAD_GRIDS = [
     (["--ig-steps", "0"], "--ig-steps"),
     (["--path-depth", "0"], "--path-depth"),
     (["--max-batch", "0"], "--max-batch"),
+    (["--top-k", "100000"], "--top-k: must be at most the 262 edges"),
+    (["--node-k", "0"], "--node-k"),
+    (["--path-k", "0"], "--path-k"),
     (["--node-k", "nan"], "--node-k"),
     (["--path-k=-inf"], "--path-k"),
     (["--workers", "0"], "--workers"),
     (["--device", "gpu7"], "device"),
     (["--run", "../escape"], "--run"),
+    (["--run", ".cache"], "--run: '.cache' is reserved"),
+    (["--run", ".series"], "--run: '.series' is reserved"),
     (["--reference", "no-such-setting"], "reference"),
 ]
 
@@ -157,6 +162,25 @@ def test_bad_grid_is_one_line_before_prefect_starts(options, message, capsys, mo
     assert err.startswith("circuitfind: error: ") and err.count("\n") == 1, err
     assert message in err
     assert not list(tmp_path.iterdir())
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_prefect_starts(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    for outputs, message in [
+        (tmp_path / "file", "is a file, not a folder"),
+        (tmp_path / "file" / "below", "is a file, not a folder"),
+    ]:
+        assert main(["sweep", "--outputs", str(outputs)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("circuitfind: error: --outputs: ") and message in err and err.count("\n") == 1, err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".cache").write_text("x")
+    assert main(["sweep", "--outputs", str(tmp_path / "out")]) == 2
+    assert ".cache is a file" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        assert main(["sweep", "--outputs", str(tmp_path / "ro" / "runs")]) == 2
+        assert "--outputs: cannot write into" in capsys.readouterr().err
 
 
 def test_bad_grid_subprocess_exits_2_without_starting_prefect(tmp_path, sweep_env):

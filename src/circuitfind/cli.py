@@ -147,6 +147,25 @@ def torch_print(t) -> None:
     print(t)
 
 
+def _check_discover_options(args) -> None:
+    """Every numeric option of ``discover``, named as on the command line, whether or not the algorithm uses
+    it (a given option is never ignored silently), and ``--top-k`` against the model's graph, from its
+    ``config.json`` before the model loads."""
+    from circuitfind.catalogue import locate_model
+    from circuitfind.checks import finite_number, positive_int
+    from circuitfind.sweep import model_edge_count
+    from circuitfind.tasks import load_task
+
+    finite_number("--tau", args.tau, minimum=0.0)
+    for option, value in (("--top-k", args.top_k), ("--ig-steps", args.ig_steps), ("--depth", args.depth)):
+        positive_int(option, value)
+    finite_number("-k", args.k, positive=True)
+    name = args.model or load_task(args.task).default_model or "toy-ioi"
+    edges = model_edge_count(locate_model(name))
+    if edges is not None and args.top_k > edges:
+        raise ValueError(f"--top-k: must be at most the {edges} edges of model {name!r}'s graph (got {args.top_k})")
+
+
 def cmd_discover(args) -> None:
     from circuitfind import discovery, patching
 
@@ -154,9 +173,7 @@ def cmd_discover(args) -> None:
         acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k, node_k=args.k
     )
     discovery.check_options(args.algorithm, args.direction, **options)  # before the model loads
-    patching.check_k(
-        args.k
-    )  # checked even where the algorithm does not use it: a given option is never ignored silently
+    _check_discover_options(args)
     if args.out:
         from circuitfind.graph_io import graph_format
 
@@ -258,8 +275,9 @@ def cmd_report(args) -> None:
     if not (Path(args.run_dir) / MANIFEST).is_file():  # the sweep writes it last
         note = "this run has no manifest.json: its sweep did not finish, so the report covers only the settings found"
     paths = write_run_report(args.run_dir, args.reference, args.title, note=note)
-    if note:
-        print(f"circuitfind: note: {note}", file=sys.stderr)
+    if paths["note"]:
+        kind = "note" if paths["note"] == note else "warning"  # a finished run that lost records is a warning
+        print(f"circuitfind: {kind}: {paths['note']}", file=sys.stderr)
     print(f"wrote {paths['html']} and {paths['markdown']}")
 
 
@@ -267,6 +285,8 @@ def cmd_diff(args) -> None:
     from circuitfind.diff import write_diff
 
     paths = write_diff(args.run_a, args.run_b, args.out)
+    if paths["warning"]:
+        print(f"circuitfind: warning: {paths['warning']}", file=sys.stderr)
     print(f"wrote {paths['html']}, {paths['markdown']} and {paths['json']}")
 
 

@@ -5,7 +5,8 @@ by setting: :func:`diff_runs` gives, for each setting present in both, the edges
 (from run A to run B), the edge Jaccard, the shift of the edge scores (Spearman rank correlation of
 ``|score|`` and mean ``|score_B - score_A|`` over the edges both runs score) and the change of
 faithfulness; settings found in only one run, and those that failed in either (the manifest's
-``failures``), are listed. :func:`write_diff` writes it as
+``failures``), are listed, and shared parameters that differ between the manifests (``prompts``,
+``seed``, ...) are a warning at the top. Runs that share no setting are refused. :func:`write_diff` writes it as
 ``diff.html``, ``diff.md`` and ``diff.json``, atomically.
 
 Pairing: settings pair by their full name when both runs hold the same models; when each run holds
@@ -51,6 +52,14 @@ RECORD_FIELDS = {
     "nodes": list,
 }
 MANIFEST = "manifest.json"
+GRID_LISTS = (
+    "models",
+    "tasks",
+    "algorithms",
+    "corruptions",
+    "metrics",
+    "directions",
+)  # the config's grid, not parameters
 
 
 @dataclass
@@ -62,6 +71,7 @@ class Run:
     name: str
     records: dict[str, dict]
     failed: list[str]
+    parameters: dict | None = None  # the manifest's shared parameters (prompts, seed, ...), when it records them
 
     @property
     def models(self) -> set[str]:
@@ -89,9 +99,27 @@ def load_run(run_dir: str | Path) -> Run:
         records[name] = _load_record(path, name)
     if not records:
         raise ValueError(f"{manifest_path}: the run has no settings")
+    config = manifest.get("config")
+    parameters = {k: v for k, v in config.items() if k not in GRID_LISTS} if isinstance(config, dict) else None
     return Run(
-        path, manifest.get("run") if isinstance(manifest.get("run"), str) else path.name, records, sorted(failed)
+        path,
+        manifest.get("run") if isinstance(manifest.get("run"), str) else path.name,
+        records,
+        sorted(failed),
+        parameters,
     )
+
+
+def parameter_changes(a: Run, b: Run) -> dict[str, list]:
+    """The shared parameters both manifests record with different values (``{name: [A's, B's]}``): a circuit
+    that changes between runs of 8 and 16 prompts may change because of them, not of the model or the code."""
+    if a.parameters is None or b.parameters is None:
+        return {}
+    return {
+        k: [a.parameters[k], b.parameters[k]]
+        for k in sorted(a.parameters.keys() & b.parameters.keys())
+        if a.parameters[k] != b.parameters[k]
+    }
 
 
 def _load_record(run_dir: Path, setting: str) -> dict:
@@ -242,12 +270,18 @@ def diff_runs(run_a: str | Path, run_b: str | Path) -> dict:
     keyed_a = {_key(r, by): r for r in a.records.values()}
     keyed_b = {_key(r, by): r for r in b.records.values()}
     shared = sorted(keyed_a.keys() & keyed_b.keys())
+    if not shared:  # an empty table would read as "no differences"
+        raise ValueError(
+            f"runs {a.name} and {b.name} share no setting (A has e.g. {min(keyed_a)}, B {min(keyed_b)}): "
+            "nothing to compare; diff runs of overlapping grids"
+        )
     rows = [{"key": k, **compare_setting(keyed_a[k], keyed_b[k])} for k in shared]
     return {
         "run_a": {"name": a.name, "path": str(a.path), "models": sorted(a.models)},
         "run_b": {"name": b.name, "path": str(b.path), "models": sorted(b.models)},
         "paired_by": by,
         "note": note,
+        "parameter_changes": parameter_changes(a, b),
         "settings": rows,
         "only_in_a": sorted(keyed_a.keys() - keyed_b.keys()),
         "only_in_b": sorted(keyed_b.keys() - keyed_a.keys()),
@@ -321,8 +355,19 @@ def _title(diff: dict) -> str:
     return f"Run diff: {diff['run_a']['name']} -> {diff['run_b']['name']}"
 
 
+def parameter_note(diff: dict) -> str | None:
+    """A warning that the runs were made with different shared parameters, or None."""
+    changes = diff.get("parameter_changes") or {}
+    if not changes:
+        return None
+    listed = ", ".join(f"{k} {a!r} in A, {b!r} in B" for k, (a, b) in changes.items())
+    return f"the runs were made with different parameters ({listed}): differences may come from these"
+
+
 def _intro(diff: dict) -> list[str]:
-    lines = [
+    warning = parameter_note(diff)
+    lines = [f"Warning: {warning}."] if warning else []
+    lines += [
         f"Run A: {diff['run_a']['path']} ({', '.join(diff['run_a']['models'])}); "
         f"run B: {diff['run_b']['path']} ({', '.join(diff['run_b']['models'])}). "
         f"{len(diff['settings'])} settings in both; gained and lost are from A to B. Score shift over the edges "
@@ -370,16 +415,19 @@ def to_html(diff: dict) -> str:
 
 def write_diff(run_a: str | Path, run_b: str | Path, out_dir: str | Path | None = None) -> dict:
     """Diff two runs and write ``diff.html``, ``diff.md`` and ``diff.json`` into ``out_dir`` (default:
-    ``<run B>/diff-<run A's name>``), atomically; return their paths and the Markdown."""
+    ``<run B>/diff-<run A's name>``; a symbolic link there is replaced by a folder, never written through),
+    atomically; return their paths, the Markdown and the ``warning`` that the runs' parameters differ (or None)."""
     diff = diff_runs(run_a, run_b)
     out = Path(out_dir) if out_dir is not None else Path(run_b) / f"diff-{Path(run_a).resolve().name}"
+    if out_dir is None and out.is_symlink():  # the default folder is the run's own: never write through a link
+        out.unlink()
     markdown = to_markdown(diff)
     paths = {
         "json": str(write_json(out / "diff.json", diff)),
         "html": str(write_text(out / "diff.html", to_html(diff))),
         "markdown": str(write_text(out / "diff.md", markdown)),
     }
-    return {**paths, "markdown_text": markdown}
+    return {**paths, "markdown_text": markdown, "warning": parameter_note(diff)}
 
 
 __all__ = ["Run", "compare_setting", "diff_runs", "load_run", "pairing", "write_diff"]

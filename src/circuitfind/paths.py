@@ -37,10 +37,36 @@ def default_outputs() -> Path:
 
 
 def check_run_name(run: str) -> str:
-    """A run name is one folder of the outputs: never empty, ``.``/``..`` or a path that leads elsewhere."""
+    """A run name is one folder of the outputs: never empty, ``.``/``..`` or a path that leads elsewhere, and
+    never hidden: names starting with ``.`` are the outputs' own (``.cache``, ``.series``)."""
     if not run.strip() or run in (".", "..") or "/" in run or "\\" in run:
         raise ValueError(f"--run: {run!r} is not a folder name (the run is a folder of --outputs)")
+    if run.startswith("."):
+        raise ValueError(f"--run: {run!r} is reserved (names starting with '.' hold the cache and the series)")
     return run
+
+
+def check_writable_folder(folder: str | Path, option: str = "--outputs") -> Path:
+    """``folder`` is, or can be made, a folder this process writes into: refused up front (one line naming
+    ``option``) when it or a parent is a file, or the nearest existing folder is not writable."""
+    import os
+    import tempfile
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        if existing.is_symlink():  # a dangling link
+            raise ValueError(f"{option}: {existing} is a broken symbolic link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option}: {existing} is a file, not a folder")
+    try:  # a probe, not os.access: it also sees read-only mounts and ACLs
+        fd, probe = tempfile.mkstemp(dir=existing, prefix=".write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{option}: cannot write into {existing} ({err.strerror or err})") from None
+    return folder
 
 
 def run_folder(outputs: str | Path | None, run: str | None, prefix: str = "") -> Path:

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import socket
 import tempfile
 import threading
@@ -45,6 +46,7 @@ from circuitfind import patching as P
 from circuitfind.catalogue import load_model, locate_model, resolve_model_path
 from circuitfind.corruptions import get_corruption
 from circuitfind.errors import CircuitfindError, TaskError
+from circuitfind.graph import edge_count
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric
 from circuitfind.models import check_device, device_type
@@ -65,8 +67,22 @@ class Setting(BaseModel):
 
     @property
     def name(self) -> str:
+        """The setting's file name: its parts joined by ``__``. A part that is not a plain name (a path, a hub
+        name, ``str:<variant>``, one with ``__``) is made readable and given a short hash of its exact text,
+        so two distinct inputs (``col/a_b`` and ``col/a/b``) never share a name and lose a result."""
         parts = [self.model, self.task, self.algorithm, self.corruption, self.metric, self.direction]
-        return "__".join(p.replace(":", "-").replace("/", "_") for p in parts)
+        return "__".join(map(name_part, parts))
+
+
+_PLAIN_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+-]*(?:_[A-Za-z0-9.+-]+)*")
+
+
+def name_part(text: str) -> str:
+    """``text`` itself when it is a plain name, else a readable form of it plus ``-`` and 8 hex digits of its sha256."""
+    if _PLAIN_PART.fullmatch(text):
+        return text
+    readable = re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9.+-]", "_", text.replace(":", "-"))).strip("_.")
+    return f"{readable or 'x'}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 class SweepConfig(BaseModel):
@@ -89,8 +105,8 @@ class SweepConfig(BaseModel):
     top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG")
     ig_steps: int = Field(5, ge=1, description="EAP-IG integration steps")
     path_depth: int = Field(2, ge=1, description="path patching depth")
-    path_k: float = Field(1.0, ge=0, allow_inf_nan=False, description="path patching detection rule in SDs")
-    node_k: float = Field(2.0, ge=0, allow_inf_nan=False, description="node patching detection rule in SDs")
+    path_k: float = Field(1.0, gt=0, allow_inf_nan=False, description="path patching detection rule in SDs")
+    node_k: float = Field(2.0, gt=0, allow_inf_nan=False, description="node patching detection rule in SDs")
     max_batch: int = Field(512, ge=1, description="prompts x copies per forward pass")
     device: str | None = None
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -146,8 +162,15 @@ class SweepConfig(BaseModel):
         device exists (on this machine, unless ``device_here`` is False: the settings run on other machines,
         whose workers check it). Raises the first problem (``ModelNotFoundError``, ``TaskError``,
         ``ValueError``); returns the config."""
+        self.settings()  # two settings that would share a name are refused here, before any starts
         for name in self.models:
-            locate_model(name)
+            located = locate_model(name)
+            if {"eap", "eap_ig"} & set(self.algorithms):
+                edges = model_edge_count(located)
+                if edges is not None and self.top_k > edges:
+                    raise ValueError(
+                        f"--top-k: must be at most the {edges} edges of model {name!r}'s graph (got {self.top_k})"
+                    )
         for spec in map(load_task, self.tasks):
             for c in self.corruptions:
                 kind, _, variant = c.partition(":")
@@ -173,17 +196,52 @@ class SweepConfig(BaseModel):
             if a not in D.ALGORITHMS:
                 raise ValueError(f"unknown algorithm {a!r}; choose from {D.ALGORITHMS}")
         grid = product(self.models, self.tasks, self.algorithms, self.corruptions, self.metrics, self.directions)
-        return [
+        settings = [
             Setting(model=m, task=t, algorithm=a, corruption=c, metric=mt, direction=d)
             for m, t, a, c, mt, d in grid
             if D.allows_direction(a, d)
         ]
+        seen: dict[str, Setting] = {}
+        for s in settings:  # names are files of the run folder: two settings with one name would lose a result
+            other = seen.setdefault(s.name, s)
+            if other is not s:
+                raise ValueError(
+                    f"settings {other.model_dump()} and {s.model_dump()} would share the name {s.name!r}; "
+                    "rename a model folder or a task file"
+                )
+        return settings
 
     def shared(self) -> dict:
         """Parameters that change results (everything but the grid and the device)."""
         return self.model_dump(
             exclude={"models", "tasks", "algorithms", "corruptions", "metrics", "directions", "device"}
         )
+
+
+def model_edge_count(located: str) -> int | None:
+    """The edge count of a model's graph from its ``config.json`` (GPT-2 and Llama-style names), without
+    loading it; ``None`` when the config is not here (a hub model not yet cached) or names no shape."""
+    path = Path(located) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            found = try_to_load_from_cache(located, "config.json")
+        except Exception:  # a malformed repo id is simply "not cached"
+            return None
+        if not isinstance(found, str):
+            return None
+        path = Path(found)
+    try:
+        config = json.loads(path.read_text())
+        layers = config.get("n_layer", config.get("num_hidden_layers"))
+        heads = config.get("n_head", config.get("num_attention_heads"))
+        kv = config.get("num_key_value_heads") or heads
+    except (OSError, ValueError, AttributeError):
+        return None  # the model loader names a damaged config; this check only bounds top_k
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (layers, heads, kv)):
+        return None
+    return edge_count(layers, heads, n_kv_heads=kv)
 
 
 def _file_sha256(path: Path) -> str:
@@ -456,6 +514,9 @@ def describe(summary: dict) -> str:
 def _compute_entry(setting: Setting, config: SweepConfig, entry: Path, key: str) -> dict[str, bytes]:
     """Compute the setting and write its cache entry: the files, then their checksums last."""
     record, circuit, per_prompt = compute_setting(setting, config)
+    if entry.is_symlink() or (entry.exists() and not entry.is_dir()):  # damage like any other: replaced, not fatal
+        log.warning("cache entry %s of setting %s is not a folder; replacing it", entry, setting.name)
+        entry.unlink()
     (entry / CHECKSUMS).unlink(missing_ok=True)  # the entry is incomplete until its files are rewritten
     circuit.save(entry / "circuit.graphml")
     files = {"circuit.graphml": (entry / "circuit.graphml").read_bytes()}
@@ -520,7 +581,106 @@ def _entry_lock(cache_dir: Path, key: str, setting_name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-RECORD_FIELDS = ("setting", "n_layers", "n_heads", "n_edges")
+RUN_LOCK = ".circuitfind-lock"  # in the run folder: who sweeps into it now, with which grid and parameters
+
+
+class RunLockedError(CircuitfindError, ValueError):
+    """Another live sweep with a different grid or other parameters writes into the run folder."""
+
+
+def _lock_content(config: SweepConfig) -> dict:
+    """What two sweeps must share to write into one run folder at once: the grid and the shared parameters."""
+    return json.loads(to_json(config.model_dump(exclude={"device"})))
+
+
+def _refuse_holder(run_dir: Path, fh, config: SweepConfig) -> None:
+    """Raise when the lock file's holder sweeps another grid or other parameters than ``config``."""
+    fh.seek(0)
+    try:
+        holder = json.loads(fh.read() or b"{}")
+    except ValueError:
+        holder = {}
+    if not isinstance(holder, dict) or holder.get("config") != _lock_content(config):
+        theirs = holder.get("config") if isinstance(holder, dict) and isinstance(holder.get("config"), dict) else {}
+        ours = _lock_content(config)
+        changed = sorted(k for k in ours if k in theirs and theirs[k] != ours[k])
+        what = f" ({', '.join(f'{k} {theirs[k]!r}, here {ours[k]!r}' for k in changed)})" if changed else ""
+        pid = holder.get("pid", "?") if isinstance(holder, dict) else "?"
+        raise RunLockedError(
+            f"run folder {run_dir} is being written by another sweep (process {pid}) with other parameters{what}; "
+            "wait for it or choose another --run"
+        )
+
+
+def check_run_lock(run_dir: str | Path, config: SweepConfig) -> None:
+    """Refuse, before anything starts, a run folder a live sweep with other parameters holds (:func:`run_lock`)."""
+    path = Path(run_dir) / RUN_LOCK
+    try:
+        fh = open(path, "rb")
+    except OSError:  # no lock file (or no run folder yet): nobody holds it
+        return
+    with fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # held by a live sweep
+            _refuse_holder(Path(run_dir), fh, config)
+        else:
+            fcntl.flock(fh, fcntl.LOCK_UN)  # a stale file of a finished or dead sweep: free
+
+
+@contextmanager
+def run_lock(run_dir: str | Path, config: SweepConfig) -> Iterator[None]:
+    """Hold the run folder for this sweep: ``<run>/.circuitfind-lock`` records its pid, grid and parameters.
+
+    Sweeps of the same grid and parameters share the folder (they resume one run, and the cache computes
+    each setting once); one with a different grid or other parameters is refused (:class:`RunLockedError`),
+    else it would replace the first run's manifest and report. Liveness is the kernel's ``flock``: a lock
+    file left by a dead sweep is not held, so it is taken over. The first holder writes the file under an
+    exclusive lock, then every holder keeps a shared one and checks the content it holds."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / RUN_LOCK, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live holder: wait until it has written the file, then compare
+            fcntl.flock(fh, fcntl.LOCK_SH)
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(
+                to_json({"pid": os.getpid(), "host": socket.gethostname(), "config": _lock_content(config)}).encode()
+            )
+            fh.flush()
+            os.fsync(fh.fileno())
+            fcntl.flock(fh, fcntl.LOCK_SH)
+        try:
+            _refuse_holder(run_dir, fh, config)  # also catches one that took the lock over while we converted ours
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+RECORD_FIELDS = (
+    "setting",
+    "n_layers",
+    "n_heads",
+    "n_edges",
+    "model",
+    "task",
+    "algorithm",
+    "corruption",
+    "metric",
+    "direction",
+)
+TEXT_FIELDS = (
+    "setting",
+    "model",
+    "task",
+    "algorithm",
+    "corruption",
+    "metric",
+    "direction",
+)  # the report groups by these
 MANIFEST = "manifest.json"  # written last by the sweep: a run folder with one is a finished run
 
 
@@ -587,6 +747,9 @@ def load_records(run_dir: str | Path) -> list[dict]:
                 f"setting record {f} is not a circuitfind setting record "
                 + ("(not a JSON object)" if missing is None else f"(no {', '.join(missing)})")
             )
+        not_text = [k for k in TEXT_FIELDS if not isinstance(record[k], str)]
+        if not_text:
+            raise ValueError(f"setting record {f}: {', '.join(not_text)} not a string")
         if listed is None or record["setting"] in listed:
             records.append(record)
     if not records:
@@ -596,6 +759,17 @@ def load_records(run_dir: str | Path) -> list[dict]:
             if record.get(field):
                 record[field] = str(resolve_in_run(run_dir, record[field]))
     return records
+
+
+def missing_records(run_dir: str | Path) -> list[str]:
+    """The settings a finished run's manifest lists as done whose record file is gone (deleted or moved)."""
+    manifest = read_manifest(run_dir)
+    try:
+        listed = [r["setting"] for r in manifest["settings"]]
+    except (KeyError, TypeError):
+        return []
+    circuits = Path(run_dir) / "circuits"
+    return sorted(n for n in listed if isinstance(n, str) and not (circuits / f"{Path(n).name}.json").is_file())
 
 
 def resolve_in_run(run_dir: str | Path, recorded: str) -> Path:

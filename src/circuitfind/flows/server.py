@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import json
 import math
 import os
 import signal
@@ -293,3 +294,71 @@ class _stop_on_sigterm:
         if self.installed and signal.getsignal(signal.SIGTERM) == self.handle:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if self.previous is None else self.previous)
         self.installed = False
+
+
+# --------------------------------------------------------------------------------------------
+# A Dask scheduler, reached before a sweep starts
+
+DASK_SCHEMES = ("tcp", "tls", "ws", "wss")  # the transports distributed ships without extra packages
+_PROBE = (
+    "import json, sys\n"
+    "from distributed import Client\n"
+    "print('ready', flush=True)\n"
+    "try:\n"
+    "    with Client(sys.argv[1], timeout=float(sys.argv[2])) as client:\n"
+    "        print(json.dumps({'workers': len(client.scheduler_info().get('workers', {}))}), flush=True)\n"
+    "except BaseException as err:\n"
+    "    print(json.dumps({'error': f'{type(err).__name__}: {err}'}), flush=True)\n"
+)
+
+
+def probe_dask_scheduler(address: str, timeout: float = 10.0) -> int:
+    """The number of workers of the Dask scheduler at ``address``; ``ValueError`` (one line) when there is none.
+
+    The connection is tried in a child process that is killed after ``timeout`` seconds (counted once it has
+    started): distributed's own timeout covers only the TCP connect, so a silent service would hang the sweep,
+    and one that answers first with other bytes makes it try to allocate exabytes. An unsupported scheme
+    (``ucx://`` needs ucx-py) is refused without connecting."""
+    scheme = address.split("://", 1)[0] if "://" in address else "tcp"
+    if scheme not in DASK_SCHEMES:
+        raise ValueError(
+            f"--dask-address: {address!r} uses the {scheme!r} transport; use one of {', '.join(DASK_SCHEMES)} "
+            "(e.g. tcp://host:8786)"
+        )
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    child = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, address, str(timeout)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(child.stdout), daemon=True)
+    reader.start()
+    started = time.monotonic()
+    while not lines and child.poll() is None and time.monotonic() - started < 120:  # importing distributed
+        time.sleep(0.05)
+    reader.join(timeout + 2)  # the child's own timeout first: its message says more
+    if reader.is_alive():
+        child.kill()
+        child.wait()
+        raise ValueError(
+            f"--dask-address: nothing at {address!r} answered as a Dask scheduler within {timeout:g} s "
+            "(is it the scheduler's port? the default is 8786)"
+        )
+    child.wait()
+    try:
+        answer = json.loads(lines[-1])
+    except (IndexError, ValueError):
+        answer = {"error": f"the check exited with code {child.returncode} (is distributed installed?)"}
+    if "error" in answer:
+        problem = " ".join(str(answer["error"]).split())[:300]
+        raise ValueError(f"--dask-address: cannot reach a Dask scheduler at {address!r} ({problem})")
+    return int(answer["workers"])

@@ -44,19 +44,21 @@ from circuitfind.corruptions import CORRUPTIONS
 from circuitfind.discovery import ALGORITHMS
 from circuitfind.errors import USER_ERRORS, CircuitfindError
 from circuitfind.flows.diff import check_series, diff_with_previous, record_completed
-from circuitfind.flows.server import prefect_api
+from circuitfind.flows.server import prefect_api, probe_dask_scheduler
 from circuitfind.health import check_run
 from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
-from circuitfind.paths import check_run_name, default_outputs
+from circuitfind.paths import check_run_name, check_writable_folder, default_outputs
 from circuitfind.report import write_run_report
 from circuitfind.sweep import (
     Setting,
     SweepConfig,
     check_run_folder,
+    check_run_lock,
     check_worker,
     describe,
     mark_run_folder,
+    run_lock,
     run_setting,
     worker_info,
 )
@@ -151,7 +153,6 @@ def sweep(
     ``outputs`` defaults to :func:`circuitfind.paths.default_outputs`. With ``series`` (the scheduled
     deployment passes its name), the run is then diffed against the series' last completed run
     (:func:`circuitfind.flows.diff.diff_with_previous`) and becomes that run."""
-    log = get_run_logger()
     if series is not None:
         check_series(series)
     config = config or SweepConfig()
@@ -159,7 +160,23 @@ def sweep(
     outputs = outputs or str(default_outputs())
     run_dir, cache_dir = Path(outputs) / run, Path(outputs) / ".cache"
     settings = config.settings()
-    check_run_folder(run_dir, settings, config)
+    with run_lock(run_dir, config):  # a concurrent sweep with other parameters would replace this run's manifest
+        check_run_folder(run_dir, settings, config)
+        return _sweep(config, run, outputs, reference, series, run_dir, cache_dir, settings)
+
+
+def _sweep(
+    config: SweepConfig,
+    run: str,
+    outputs: str,
+    reference: str | None,
+    series: str | None,
+    run_dir: Path,
+    cache_dir: Path,
+    settings: list[Setting],
+) -> dict:
+    """The sweep's body, run while it holds the run folder (:func:`circuitfind.sweep.run_lock`)."""
+    log = get_run_logger()
     log.info("%d settings -> %s", len(settings), run_dir)
     check_gpu_workers(config)
     mark_run_folder(run_dir, cache_dir)
@@ -231,17 +248,10 @@ def dask_runner(workers: int = 2, address: str | None = None, torch_threads: int
 
 
 def check_dask_cluster(address: str, timeout: float = 10) -> None:
-    """Reach the scheduler at ``address`` before the run starts: an unreachable address or a cluster
-    without workers is one clear error in seconds, not a traceback after Dask's 30 s or a sweep that
-    waits forever for a worker."""
-    from distributed import Client
-
-    try:
-        with Client(address, timeout=timeout) as client:
-            workers = client.scheduler_info().get("workers", {})
-    except (OSError, TimeoutError, ValueError) as err:
-        raise ValueError(f"--dask-address: cannot reach a Dask scheduler at {address!r} ({err})") from None
-    if not workers:
+    """Reach the scheduler at ``address`` before the run starts: an unreachable address, a service that is
+    not Dask, or a cluster without workers is one clear error in seconds
+    (:func:`circuitfind.flows.server.probe_dask_scheduler`), not a traceback or a sweep that waits forever."""
+    if not probe_dask_scheduler(address, timeout):
         raise ValueError(
             f"--dask-address: the Dask cluster at {address!r} has no workers: start some with "
             "`dask worker SCHEDULER --nworkers 1 --nthreads 1`"
@@ -355,12 +365,16 @@ def check_run_options(args: argparse.Namespace, config: SweepConfig) -> None:
         raise ValueError(f"--workers: must be at least 1 (got {args.workers})")
     if getattr(args, "torch_threads", None) is not None and args.torch_threads < 1:
         raise ValueError(f"--torch-threads: must be at least 1 (got {args.torch_threads})")
+    outputs = Path(args.outputs) if args.outputs else default_outputs()
+    check_writable_folder(outputs)  # before Prefect starts: else every setting fails on it
+    if outputs.is_dir():
+        for name in (".cache", *([args.run] if args.run is not None else [])):
+            if (outputs / name).exists() and not (outputs / name).is_dir():
+                raise ValueError(f"--outputs: {outputs / name} is a file, not a folder")
     if args.run is not None:
         check_run_name(args.run)
-    if args.run is not None:
-        check_run_folder(
-            (Path(args.outputs) if args.outputs else default_outputs()) / args.run, config.settings(), config
-        )
+        check_run_folder(outputs / args.run, config.settings(), config)
+        check_run_lock(outputs / args.run, config)
     if args.reference is not None:
         names = {s.name for s in config.settings()}
         if args.reference not in names:

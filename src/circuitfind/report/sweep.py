@@ -310,7 +310,7 @@ def _group_sections(g: dict, several: bool) -> list[R.Section]:
         figures.circuit_drawing(
             r["n_layers"],
             r["n_heads"],
-            record_edges(r),
+            sorted(record_edges(r)),  # a set: drawn in a fixed order, so the report is byte-for-byte reproducible
             shared,
             f"{lab} ({r['n_edges']} edges{', flagged' if g['health'][r['setting']]['flags'] else ''})",
             n_kv_heads=r.get("n_kv_heads"),
@@ -427,15 +427,23 @@ def write_report(
 
 def write_run_report(
     run_dir: str | Path, reference: str | None = None, title: str | None = None, note: str | None = None
-) -> dict[str, str]:
-    """The diff report of a sweep's run folder; ``reference`` names the setting taken as the truth."""
-    from circuitfind.sweep import load_records
+) -> dict[str, str | None]:
+    """The diff report of a sweep's run folder; ``reference`` names the setting taken as the truth. The
+    returned ``note`` is the warning shown in the report (``note``, and records the manifest lists that are gone)."""
+    from circuitfind.sweep import load_records, missing_records
 
     records = load_records(run_dir)
+    missing = missing_records(run_dir)
+    if missing:  # a finished run that lost records: say so, as `diff` refuses such a folder
+        lost = (
+            f"{len(missing)} of {len(records) + len(missing)} settings of this run have no record "
+            f"({', '.join(missing)}): the report covers the other {len(records)}"
+        )
+        note = f"{note}; {lost}" if note else lost
     ref = None
     if reference is not None:
         ref = next((r for r in records if r["setting"] == reference), None)
         if ref is None:
             raise ValueError(f"reference setting {reference!r} is not in {run_dir}")
     title = title or f"Circuit diff report: {Path(run_dir).name}"
-    return write_report(records, run_dir, title, reference=ref, note=note)
+    return {**write_report(records, run_dir, title, reference=ref, note=note), "note": note}
