@@ -163,3 +163,18 @@ def test_an_unknown_output_format_is_refused_before_the_work(tmp_path, capsys, m
     assert main(["discover", "-n", "4", "--algorithm", "eap", "--out", str(tmp_path / "c.xyz")]) == 2
     assert "unknown graph format for 'c.xyz'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_discovered_circuits_record_the_model(tmp_path, capsys):
+    from circuitfind.circuit import Circuit
+    from circuitfind.models import resolve_model_path
+
+    out = tmp_path / "eap.graphml"
+    argv = ["discover", "-n", "8", "--algorithm", "eap", "--metric", "logit_diff", "--top-k", "5", "--out", str(out)]
+    assert main(argv) == 0
+    settings = Circuit.load(out).settings
+    assert settings["model"] == "toy-ioi" and settings["task"] == "ioi" and settings["prompts"] == 8
+    folder = resolve_model_path("toy-ioi")
+    assert main([*argv, "--model", folder]) == 0
+    assert Circuit.load(out).settings["model"] == folder
+    capsys.readouterr()

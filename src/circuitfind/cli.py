@@ -54,13 +54,20 @@ def _memory(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _model_name(args) -> str:
+    """The model a command loads: ``--model``, else the task's default model, else toy-ioi."""
+    from circuitfind.tasks import load_task
+
+    return args.model or load_task(args.task).default_model or "toy-ioi"
+
+
 def _load(args):
     from circuitfind.catalogue import load_model
     from circuitfind.tasks import TaskBatch, check_prompt_count, load_task
 
     check_prompt_count(args.prompts)  # before the model loads
     task = load_task(args.task)
-    model = load_model(args.model or task.default_model or "toy-ioi", device=args.device, dtype=args.dtype)
+    model = load_model(_model_name(args), device=args.device, dtype=args.dtype)
     return model, TaskBatch.build(model, task, args.prompts, seed=args.seed)
 
 
@@ -164,6 +171,8 @@ def cmd_discover(args) -> None:
     setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True, max_memory=args.max_memory)
     found = discovery.discover(setup, args.algorithm, args.direction, curve=False, **options)
     circuit = found.circuit
+    # what the sweep's circuits record too: which model and prompts the circuit is of
+    circuit.settings.update(model=_model_name(args), task=args.task, prompts=args.prompts, seed=args.seed)
     print(circuit.summary())
     if found.faithfulness is not None:
         print(f"faithfulness {found.faithfulness:.3f}")
