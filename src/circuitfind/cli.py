@@ -167,8 +167,13 @@ def cmd_discover(args) -> None:
         from circuitfind.graph_io import graph_format
 
         graph_format(args.out)  # an unknown suffix is refused before the work, not after
-    model, batch = _load(args)
-    setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True, max_memory=args.max_memory)
+    from circuitfind import progress
+
+    show = progress.enabled()  # on stderr, when it is a terminal (CIRCUITFIND_PROGRESS=0/1 overrides)
+    with progress.bar(show=show, desc="loading the model and prompts", total=1):
+        model, batch = _load(args)
+    with progress.bar(show=show, desc="baselines (clean and corrupted runs)", total=1):
+        setup = patching.prepare(model, batch, args.corruption, args.metric, progress=show, max_memory=args.max_memory)
     found = discovery.discover(setup, args.algorithm, args.direction, curve=False, **options)
     circuit = found.circuit
     # what the sweep's circuits record too: which model and prompts the circuit is of
