@@ -371,7 +371,7 @@ class TaskBatch:
             task = load_task(task)
         if isinstance(prompts, numbers.Integral):
             # checked before any conversion: int(True) would quietly be one prompt
-            prompts = generate_prompts(task, check_prompt_count(prompts), seed)
+            prompts = generate_prompts(task, check_prompt_count(prompts), seed)  # type: ignore[arg-type]
         prompts = list(prompts)  # type: ignore[arg-type]  # mypy does not narrow Sequence | int by Integral
         if not prompts:
             raise TaskError("cannot build a batch from zero prompts")
