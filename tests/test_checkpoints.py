@@ -206,3 +206,73 @@ def test_checkpoints_options_are_checked_before_prefect_starts(tmp_path, capsys,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_train_until_without_checkpoints_is_refused(tmp_path, capsys):
+    from circuitfind.cli import main
+
+    assert main(["train", "toy-ioi", "--out", str(tmp_path), "--until", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--checkpoints" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def _copied_run(short_run, tmp_path) -> Path:
+    import shutil
+
+    root, _, _ = short_run
+    shutil.copytree(root / "a" / "checkpoints", tmp_path / "checkpoints")
+    return tmp_path / "checkpoints"
+
+
+@pytest.mark.parametrize(
+    "manifest, message",
+    [
+        ("{not json", "unreadable"),
+        ("[]", '"checkpoints" list'),
+        ('{"checkpoints": {"step": 0}}', '"checkpoints" list'),
+        ('{"checkpoints": [3]}', r"checkpoints\[0\] must be an object"),
+        ('{"checkpoints": [{"folder": "step-00000"}]}', "step must be a whole number"),
+        ('{"checkpoints": [{"step": "0", "folder": "step-00000"}]}', "step must be a whole number"),
+        ('{"checkpoints": [{"step": 0, "folder": 7}]}', "folder must be a folder name"),
+        ('{"checkpoints": [{"step": 0, "folder": "step-00000"}, {"step": 0, "folder": "step-00002"}]}', "twice"),
+        ('{"checkpoints": [{"step": 0, "folder": "../../outside"}]}', "outside the checkpoints folder"),
+        ('{"checkpoints": [{"step": 0, "folder": "/tmp"}]}', "outside the checkpoints folder"),
+        ('{"checkpoints": [{"step": 0, "folder": "."}]}', "outside the checkpoints folder"),
+    ],
+)
+def test_malformed_checkpoints_manifest_is_one_line(short_run, tmp_path, capsys, manifest, message):
+    from circuitfind.cli import main
+
+    folder = _copied_run(short_run, tmp_path)
+    (folder / "checkpoints.json").write_text(manifest)
+    with pytest.raises(ValueError, match=message):
+        C.find_checkpoints(folder)
+    assert main(["checkpoints", str(folder), "--outputs", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "checkpoints.json" in err and "Traceback" not in err
+
+
+def test_a_folder_outside_the_checkpoints_is_refused_even_when_it_is_a_model(short_run, tmp_path):
+    root, _, _ = short_run
+    folder = _copied_run(short_run, tmp_path)
+    outside = str(root / "b" / "checkpoints" / "step-00006")  # a real model folder, but not this run's
+    (folder / "checkpoints.json").write_text(json.dumps({"checkpoints": [{"step": 6, "folder": outside}]}))
+    with pytest.raises(ValueError, match="outside the checkpoints folder"):
+        C.find_checkpoints(folder)
+
+
+def test_a_damaged_checkpoint_is_flagged_and_the_rest_reported(prefect_harness, short_run, tmp_path, capsys):
+    from flows.checkpoints import circuits_over_training
+
+    folder = _copied_run(short_run, tmp_path)
+    weights = folder / "step-00002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    out = circuits_over_training(str(folder), steps=[0, 2, 6], prompts=8, run="r", outputs=str(tmp_path / "o"))
+    assert [r["step"] for r in out["checkpoints"]] == [0, 6]
+    assert [r["step"] for r in out["skipped"]] == [2] and "truncated" in out["skipped"][0]["error"]
+    markdown = Path(out["markdown"]).read_text()
+    assert "Skipped checkpoints" in markdown and "truncated" in markdown
+    saved = json.loads((tmp_path / "o" / "r" / "checkpoints.json").read_text())
+    assert [r["step"] for r in saved["skipped"]] == [2] and saved["timeline"]["steps"] == [0, 6]
+    assert "SafetensorError" not in capsys.readouterr().err  # flagged, not a task's traceback

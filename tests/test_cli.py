@@ -163,3 +163,36 @@ def test_an_unknown_output_format_is_refused_before_the_work(tmp_path, capsys, m
     assert main(["discover", "-n", "4", "--algorithm", "eap", "--out", str(tmp_path / "c.xyz")]) == 2
     assert "unknown graph format for 'c.xyz'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_discovered_circuits_record_the_model(tmp_path, capsys):
+    from circuitfind.circuit import Circuit
+    from circuitfind.models import resolve_model_path
+
+    out = tmp_path / "eap.graphml"
+    argv = ["discover", "-n", "8", "--algorithm", "eap", "--metric", "logit_diff", "--top-k", "5", "--out", str(out)]
+    assert main(argv) == 0
+    settings = Circuit.load(out).settings
+    assert settings["model"] == "toy-ioi" and settings["task"] == "ioi" and settings["prompts"] == 8
+    folder = resolve_model_path("toy-ioi")
+    assert main([*argv, "--model", folder]) == 0
+    assert Circuit.load(out).settings["model"] == folder
+    capsys.readouterr()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["acdc", "eap_ig"])
+def test_discover_shows_progress_on_stderr_and_leaves_stdout_alone(tmp_path, algorithm):
+    import os
+
+    argv = [sys.executable, "-m", "circuitfind", "discover", "-n", "8", "--algorithm", algorithm, "--top-k", "5"]
+    runs = {}
+    for setting in ("1", "0"):
+        env = {**os.environ, "CIRCUITFIND_PROGRESS": setting, "OMP_NUM_THREADS": "1"}
+        runs[setting] = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120, check=True)
+    shown, quiet = runs["1"], runs["0"]
+    assert shown.stdout == quiet.stdout and "edges" in shown.stdout
+    assert "baselines" in shown.stderr and f"{algorithm}: faithfulness" in shown.stderr
+    if algorithm == "acdc":
+        assert "ACDC edges" in shown.stderr and "evaluated=" in shown.stderr
+    assert "baselines" not in quiet.stderr and "it/s" not in quiet.stderr

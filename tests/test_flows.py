@@ -184,3 +184,35 @@ def test_settings_study_flow(prefect_harness, tmp_path):
     html = Path(out["html"]).read_text()
     assert "Jaccard overlap of the heads found" in html and "[" in html
     assert json.loads((tmp_path / "s" / "study.json").read_text())["heads"][0]["model"] == "toy-ioi"
+
+
+@pytest.mark.slow
+def test_sweep_attaches_link_and_table_artifacts(first_run):
+    """Read back from the flow's Prefect server: the report's link, the axis ranking, each setting's summary."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    outputs, manifest = first_run
+    keys = ["circuit-diff-report-link", "axis-ranking", "circuit-summary"]
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    latest = {}
+    for a in sorted(found, key=lambda a: a.created):
+        latest[a.key] = a
+    assert set(latest) == set(keys)
+    # Prefect stores a link artifact as Markdown: [text](link)
+    assert (outputs / "r1" / "report.html").resolve().as_uri() in latest["circuit-diff-report-link"].data
+
+    def table(key):
+        data = latest[key].data
+        return json.loads(data) if isinstance(data, str) else data
+
+    assert latest["axis-ranking"].type == "table"
+    assert {row["axis"] for row in table("axis-ranking")} == {"algorithm", "corruption"}
+    summary = {row["setting"]: row for row in table("circuit-summary")}
+    records = {json.loads(Path(e["json"]).read_text())["setting"]: e for e in manifest["settings"]}
+    assert set(summary) == set(records)
+    for name, row in summary.items():
+        record = json.loads(Path(records[name]["json"]).read_text())
+        assert row["edges"] == record["n_edges"] and row["faithfulness"] == record["faithfulness"]
+        assert "flags" in row

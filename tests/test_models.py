@@ -53,3 +53,61 @@ def test_folder_without_config_is_a_clear_error(tmp_path):
 def test_local_folder_loads_by_path():
     model = load_model(resolve_model_path("toy-induction"), device="cpu")
     assert model.cfg.n_layers == 2
+
+
+def _copy_model(tmp_path, name="toy-ioi", **config):
+    """A copy of a shipped model's folder with ``config`` written over its config.json."""
+    import json
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(resolve_model_path(name), folder)
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, **config}))
+    return folder
+
+
+def _cli_error(capsys, *argv) -> str:
+    from circuitfind.cli import main
+
+    assert main(list(argv)) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("circuitfind: error: "), out.err
+    assert "Traceback" not in out.err
+    return lines[0]
+
+
+def test_truncated_weights_are_one_line(tmp_path, capsys):
+    folder = _copy_model(tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    line = _cli_error(capsys, "evaluate", "--model", str(folder), "--task", "ioi", "-n", "4")
+    assert "model.safetensors" in line and "truncated" in line
+    weights.write_bytes(b"\x05\x00")  # not even a header
+    assert "model.safetensors" in _cli_error(capsys, "evaluate", "--model", str(folder), "--task", "ioi", "-n", "4")
+
+
+@pytest.mark.parametrize("n_layer", [100000, -1, 0, 2.5, True, "3"])
+def test_config_shape_out_of_bounds_is_refused_before_allocating(tmp_path, capsys, n_layer):
+    from circuitfind.models import SHAPE_LIMITS
+
+    folder = _copy_model(tmp_path, n_layer=n_layer)
+    start = time.time()
+    line = _cli_error(capsys, "evaluate", "--model", str(folder), "--task", "ioi", "-n", "4")
+    assert time.time() - start < 5
+    assert "config.json" in line and "n_layer" in line and str(SHAPE_LIMITS["layers"]) in line
+
+
+def test_config_layers_must_match_the_weights(tmp_path, capsys):
+    folder = _copy_model(tmp_path, n_layer=5)  # within bounds, but the weights hold 3 layers
+    line = _cli_error(capsys, "evaluate", "--model", str(folder), "--task", "ioi", "-n", "4")
+    assert "5 layers" in line and "hold 3" in line
+
+
+def test_config_that_is_not_json_is_one_line(tmp_path, capsys):
+    folder = _copy_model(tmp_path)
+    (folder / "config.json").write_text('{"n_layer": 3,')
+    assert "config.json" in _cli_error(capsys, "evaluate", "--model", str(folder), "--task", "ioi", "-n", "4")
+    (folder / "config.json").write_text("[1, 2]")
+    assert "JSON object" in _cli_error(capsys, "evaluate", "--model", str(folder), "--task", "ioi", "-n", "4")

@@ -256,3 +256,20 @@ def test_path_patching_names_a_bad_receiver(ioi_model, small_batch):
         P.path_patch(setup, "logit")
     with pytest.raises(ValueError, match="at least one receiver"):
         P.path_patch(setup, [])
+
+
+def test_path_patching_names_a_bad_input_kind(ioi_model, small_batch):
+    from circuitfind.patching import PathReceiver
+
+    setup = P.prepare(ioi_model, small_batch, "str", "logit_diff", max_batch=16)
+    with pytest.raises(ValueError, match="input must be 'q', 'k' or 'v', got 'z'") as err:
+        P.path_patch(setup, [PathReceiver(1, 0, "z")])  # type: ignore[arg-type]
+    assert "layer must be" not in str(err.value)
+
+
+@pytest.mark.parametrize("window", [0, 4, 100, True, 1.5])
+def test_mlp_window_must_fit_the_model(ioi_model, small_batch, window):
+    setup = P.prepare(ioi_model, small_batch, "str", "logit_diff", max_batch=16)
+    with pytest.raises(ValueError, match=r"window must be a whole number of layers from 1 to 3"):
+        P.patch_mlp_windows(setup, window=window)
+    assert P.patch_mlp_windows(setup, window=3).values.shape == (3,)  # the whole model is allowed

@@ -70,3 +70,16 @@ def test_unknown_task_and_variant(ioi_batch):
         load_task("no-such-task")
     with pytest.raises(TaskError, match="no STR variant"):
         ioi_batch.corrupted("nope")
+
+
+@pytest.mark.parametrize("at", [-1, -5, 14, 1.0, True])
+def test_prompt_key_offsets_must_lie_in_the_text(at):
+    with pytest.raises(TaskError, match=r"key_chars\['IO'\] must be a character offset in 0..13"):
+        Prompt("Mary gave John", " Mary", " John", {}, {"IO": at})
+    assert Prompt("Mary gave John", " Mary", " John", {}, {"IO": 10}).key_chars["IO"] == 10
+
+
+@pytest.mark.parametrize("n", [True, False])
+def test_batch_size_as_a_bool_is_refused(ioi_model, n):
+    with pytest.raises(TaskError, match="whole number"):
+        TaskBatch.build(ioi_model, "ioi", n)

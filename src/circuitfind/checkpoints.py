@@ -32,9 +32,42 @@ class Checkpoint:
     folder: Path
 
 
+def _read_manifest(manifest: Path) -> list[tuple[int, Path]]:
+    """The (step, folder) entries of ``checkpoints.json``, checked: a JSON object whose ``checkpoints``
+    is a list of ``{"step": int >= 0, "folder": name}`` with distinct steps, each folder inside the
+    checkpoints folder (an entry pointing elsewhere would analyse a model the run never wrote)."""
+    root = manifest.parent
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{manifest}: unreadable ({err})") from None
+    entries = data.get("checkpoints") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise ValueError(f'{manifest}: must be a JSON object with a "checkpoints" list')
+    out: dict[int, Path] = {}
+    inside = root.resolve()
+    for i, entry in enumerate(entries):
+        where = f"{manifest}: checkpoints[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f'{where} must be an object {{"step": N, "folder": "step-NNNNN"}}, got {entry!r}')
+        step, name = entry.get("step"), entry.get("folder")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}: step must be a whole number >= 0, got {step!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{where}: folder must be a folder name, got {name!r}")
+        folder = root / name
+        if not folder.resolve().is_relative_to(inside) or folder.resolve() == inside:
+            raise ValueError(f"{where}: folder {name!r} lies outside the checkpoints folder {root}: refused")
+        if step in out:
+            raise ValueError(f"{where}: step {step} is listed twice")
+        out[step] = folder
+    return sorted(out.items())
+
+
 def find_checkpoints(folder: str | Path, steps: list[int] | None = None) -> list[Checkpoint]:
     """The checkpoints in ``folder`` (a ``checkpoints/`` folder or the model folder holding one), by
-    step; ``steps`` picks some of them (each must exist)."""
+    step; ``steps`` picks some of them (each must exist). A malformed ``checkpoints.json``, or one
+    naming folders outside the checkpoints folder, is a ``ValueError`` naming the entry."""
     root = Path(folder)
     if (root / "checkpoints").is_dir():
         root = root / "checkpoints"
@@ -44,7 +77,7 @@ def find_checkpoints(folder: str | Path, steps: list[int] | None = None) -> list
         )
     manifest = root / "checkpoints.json"
     if manifest.is_file():
-        entries = [(int(c["step"]), root / c["folder"]) for c in json.loads(manifest.read_text())["checkpoints"]]
+        entries = _read_manifest(manifest)
     else:
         entries = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_FOLDER.match(p.name))]
     found = {step: Checkpoint(step, path) for step, path in entries if (path / "config.json").is_file()}
@@ -103,6 +136,20 @@ def analyse_checkpoint(
         "edges": [list(e) for e in edges],
         "scores": {f"{s}->{r}": float(scores[index[(s, r)]]) for s, r in edges} if scores is not None else {},
     }
+
+
+def analyse_or_flag(folder: str | Path, step: int, **setting) -> dict:
+    """:func:`analyse_checkpoint`, or, when the checkpoint cannot be analysed (a damaged or truncated
+    model file, ...), ``{"step", "folder", "error"}``: one bad checkpoint of a long training run is
+    flagged and skipped, not the end of the whole analysis."""
+    from circuitfind.models import check_model_folder
+
+    try:
+        check_model_folder(folder)
+        return analyse_checkpoint(folder, step, **setting)
+    except Exception as err:  # any failure of this one checkpoint: flagged in the report, the rest go on
+        message = " ".join(str(err).split()) or type(err).__name__
+        return {"step": step, "folder": str(folder), "error": f"{type(err).__name__}: {message}"}
 
 
 def edge_timeline(results: list[dict]) -> dict:
@@ -199,8 +246,11 @@ def _fmt_spans(spans: list[list]) -> str:
     return ", ".join(f"{a}-{'end' if b is None else b}" for a, b in spans)
 
 
-def write_report(results: list[dict], settings: dict, out_dir: str | Path) -> dict[str, str]:
-    """Write ``checkpoints.html`` and ``checkpoints.md`` in ``out_dir``; returns their paths."""
+def write_report(
+    results: list[dict], settings: dict, out_dir: str | Path, skipped: list[dict] | None = None
+) -> dict[str, str]:
+    """Write ``checkpoints.html`` and ``checkpoints.md`` in ``out_dir``; returns their paths.
+    ``skipped``: the checkpoints that could not be analysed (:func:`analyse_or_flag`), listed with why."""
     timeline = edge_timeline(results)
     title = f"Circuits over training: {settings.get('model', '')}".rstrip(": ")
     setting = ", ".join(f"{k} {v}" for k, v in settings.items() if k != "model")
@@ -232,6 +282,15 @@ def write_report(results: list[dict], settings: dict, out_dir: str | Path) -> di
         ),
         R.section("When each edge is in the circuit", R.table(["edge", "present (from step - until step)"], edge_rows)),
     ]
+    if skipped:
+        sections.insert(
+            0,
+            R.section(
+                "Skipped checkpoints",
+                R.text(f"{len(skipped)} checkpoint(s) could not be analysed and are left out of every table below."),
+                R.table(["step", "folder", "why"], [[r["step"], r["folder"], r["error"]] for r in skipped]),
+            ),
+        )
     out = Path(out_dir)
     return {
         "html": str(write_text(out / "checkpoints.html", R.html_page(title, sections))),

@@ -55,13 +55,20 @@ def _memory(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _model_name(args) -> str:
+    """The model a command loads: ``--model``, else the task's default model, else toy-ioi."""
+    from circuitfind.tasks import load_task
+
+    return args.model or load_task(args.task).default_model or "toy-ioi"
+
+
 def _load(args):
     from circuitfind.catalogue import load_model
     from circuitfind.tasks import TaskBatch, check_prompt_count, load_task
 
     check_prompt_count(args.prompts)  # before the model loads
     task = load_task(args.task)
-    model = load_model(args.model or task.default_model or "toy-ioi", device=args.device, dtype=args.dtype)
+    model = load_model(_model_name(args), device=args.device, dtype=args.dtype)
     return model, TaskBatch.build(model, task, args.prompts, seed=args.seed)
 
 
@@ -178,10 +185,17 @@ def cmd_discover(args) -> None:
         from circuitfind.graph_io import graph_format
 
         graph_format(args.out)  # an unknown suffix is refused before the work, not after
-    model, batch = _load(args)
-    setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True, max_memory=args.max_memory)
+    from circuitfind import progress
+
+    show = progress.enabled()  # on stderr, when it is a terminal (CIRCUITFIND_PROGRESS=0/1 overrides)
+    with progress.bar(show=show, desc="loading the model and prompts", total=1):
+        model, batch = _load(args)
+    with progress.bar(show=show, desc="baselines (clean and corrupted runs)", total=1):
+        setup = patching.prepare(model, batch, args.corruption, args.metric, progress=show, max_memory=args.max_memory)
     found = discovery.discover(setup, args.algorithm, args.direction, curve=False, **options)
     circuit = found.circuit
+    # what the sweep's circuits record too: which model and prompts the circuit is of
+    circuit.settings.update(model=_model_name(args), task=args.task, prompts=args.prompts, seed=args.seed)
     print(circuit.summary())
     if found.faithfulness is not None:
         print(f"faithfulness {found.faithfulness:.3f}")

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from circuitfind import patching as P
 from circuitfind.checks import finite_number, positive_int
@@ -40,6 +39,7 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.graph import ModelGraph
 from circuitfind.metrics import normalise
 from circuitfind.names import INPUT, LOGITS, head_name
+from circuitfind.progress import bar as progress_bar
 
 
 class EmptyCircuitError(CircuitfindError, ValueError):
@@ -232,11 +232,12 @@ def acdc(
     chunk, n_forward, n_evaluated = 1, 1, 1
     show = setup.progress if progress is None else progress
     complete = True
-    for r in tqdm(
-        reversed(range(len(graph.receivers))), total=len(graph.receivers), desc="ACDC", disable=not show, leave=False
-    ):
+    edges_bar = progress_bar(show=show, desc="ACDC edges", total=E, unit="edge")
+    for r in reversed(range(len(graph.receivers))):
         receiver = graph.receivers[r]
         incoming = (r_idx == r).nonzero().flatten().flip(0).tolist()  # latest sender first
+        edges_bar.set_postfix(evaluated=n_evaluated, kept=int(keep.sum()), refresh=False)
+        edges_bar.update(len(incoming))  # visited (evaluated or cut off); the bar's remainder is what is left
         if receiver.node != LOGITS and not any(keep[outgoing[sender_of[node]]].any() for node in receiver.feeds):
             keep[incoming] = False  # the component it feeds reaches nothing any more
             continue
@@ -267,6 +268,7 @@ def acdc(
             i += consumed
         if not complete:
             break
+    edges_bar.close()
     settings = _settings(
         patcher,
         "acdc",
@@ -411,7 +413,10 @@ def faithfulness_curve(patcher: EdgePatcher, scores: torch.Tensor, fractions=MIB
     masks = torch.zeros(len(sizes), total)
     for i, n in enumerate(sizes):
         masks[i, order[:n]] = 1.0
-    values = patcher.value(circuit_masks(patcher, masks.reshape(len(sizes), *scores.shape))).cpu()
+    values = patcher.value(
+        circuit_masks(patcher, masks.reshape(len(sizes), *scores.shape)),
+        desc=f"faithfulness curve ({len(sizes)} points)",
+    ).cpu()
     faith = normalise(values, patcher.setup.clean_value, patcher.setup.corrupt_value).tolist()
     x = torch.tensor(fractions)
     f = torch.tensor(faith)
@@ -539,15 +544,21 @@ def discover(
         acdc_tau=acdc_tau, top_k=top_k, ig_steps=ig_steps, path_depth=path_depth, path_k=path_k, node_k=node_k
     )
     check_options(algorithm, direction, **options)
-    circuit, per = _find(setup, algorithm, direction, **options, per_prompt=per_prompt)
-    found = Discovery(circuit, direction, per)
-    patcher = EdgePatcher(setup, circuit.graph, direction=direction)
-    if circuit.n_edges:
-        found.faithfulness = faithfulness(patcher, circuit)
-    else:
-        found.faithfulness_status = "empty circuit"
-    if curve and algorithm in SCORED and circuit.scores is not None:
-        found.curve = faithfulness_curve(patcher, circuit.scores)
+    with progress_bar(show=setup.progress, desc=f"{algorithm}: searching", total=2 + curve, unit="stage") as stages:
+        circuit, per = _find(setup, algorithm, direction, **options, per_prompt=per_prompt)
+        found = Discovery(circuit, direction, per)
+        patcher = EdgePatcher(setup, circuit.graph, direction=direction)
+        stages.update()
+        stages.set_description(f"{algorithm}: faithfulness")
+        if circuit.n_edges:
+            found.faithfulness = faithfulness(patcher, circuit)
+        else:
+            found.faithfulness_status = "empty circuit"
+        stages.update()
+        if curve and algorithm in SCORED and circuit.scores is not None:
+            stages.set_description(f"{algorithm}: faithfulness curve")
+            found.curve = faithfulness_curve(patcher, circuit.scores)
+        stages.update(stages.total - stages.n)
     return found
 
 

@@ -9,8 +9,10 @@ through :func:`circuitfind.catalogue.load_model`.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import threading
 import warnings
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from circuitfind.errors import ModelNotFoundError, UnsafeModelError
+from circuitfind.errors import CircuitfindError, ModelNotFoundError, UnsafeModelError
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -126,6 +128,103 @@ def check_safe_weights(folder: str | os.PathLike) -> None:
         )
 
 
+class ModelFileError(CircuitfindError, ValueError):
+    """A model folder's config.json or weight files are unreadable, damaged or out of bounds."""
+
+
+# Documented bounds on a model's shape, checked from config.json before anything is allocated (a
+# hostile or mistyped config would otherwise allocate for minutes and gigabytes, then fail). They are
+# far above any model circuit discovery runs on today (Llama-3-405B has 126 layers, 128 heads, width
+# 16384, 128256 tokens).
+SHAPE_LIMITS: dict[str, int] = {
+    "layers": 1024,
+    "heads": 1024,
+    "width": 65536,
+    "mlp width": 1 << 20,
+    "vocabulary": 1 << 22,
+    "positions": 1 << 22,
+}
+# config.json's names for each bounded quantity, across the architectures transformers knows.
+_SHAPE_KEYS: dict[str, tuple[str, ...]] = {
+    "layers": ("n_layer", "num_hidden_layers", "n_layers", "num_layers"),
+    "heads": ("n_head", "num_attention_heads", "num_key_value_heads"),
+    "width": ("n_embd", "hidden_size", "d_model", "head_dim"),
+    "mlp width": ("n_inner", "intermediate_size"),
+    "vocabulary": ("vocab_size",),
+    "positions": ("n_positions", "max_position_embeddings"),
+}
+# The layer index in a weight name (``transformer.h.3.attn``, ``model.layers.3.mlp``, ``blocks.3``).
+_LAYER_IN_NAME = re.compile(r"(?:^|\.)(?:h|layers|blocks|layer)\.(\d+)\.")
+_MAX_HEADER = 100 << 20  # safetensors' own limit on a header
+
+
+def _safetensors_layers(path: Path) -> int | None:
+    """The number of layers a ``.safetensors`` file holds weights for (``None`` when its names carry no
+    layer index); :class:`ModelFileError` when the file is damaged: shorter than its header says
+    (truncated), or a header that is not the format's (8-byte length, JSON, offsets within the file).
+    Only the header is read (format: https://github.com/huggingface/safetensors#format)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or n > _MAX_HEADER or 8 + n > size:
+            raise ModelFileError(
+                f"{path}: not a safetensors file, or truncated ({size} bytes; its header is unreadable)"
+            )
+        try:
+            header = json.loads(f.read(n))
+            ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            raise ModelFileError(f"{path}: damaged safetensors header (not the format's JSON)") from None
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        raise ModelFileError(f"{path}: truncated: {size} bytes, its header needs {need} (copy the file again)")
+    layers = [int(m.group(1)) for k in header if (m := _LAYER_IN_NAME.search(k))]
+    return max(layers) + 1 if layers else None
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Check a model folder before loading it: config.json is a JSON object whose shape (layers,
+    heads, widths, vocabulary, positions) is whole numbers >= 1 within :data:`SHAPE_LIMITS`, its
+    safetensors files are whole, and they hold weights for as many layers as config.json says.
+
+    Raises:
+        ModelFileError: naming the file and the field.
+    """
+    folder = Path(folder)
+    path = folder / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ModelFileError(f"{path}: unreadable config ({err})") from None
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: must hold a JSON object, got {type(config).__name__}")
+    configs = [config] + [v for k, v in config.items() if k.endswith("_config") and isinstance(v, dict)]
+    layers = None
+    for quantity, keys in _SHAPE_KEYS.items():
+        limit = SHAPE_LIMITS[quantity]
+        for c in configs:
+            for key in keys:
+                value = c.get(key)
+                if value is None and key in ("n_inner", "head_dim", "num_key_value_heads"):
+                    continue  # optional: derived from the others
+                if key not in c:
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                    raise ModelFileError(
+                        f"{path}: {key} must be a whole number from 1 to {limit} (circuitfind's limit on a "
+                        f"model's {quantity}), got {value!r}"
+                    )
+                if quantity == "layers" and c is config:
+                    layers = value
+    held = [n for p in sorted(folder.glob("*.safetensors")) if (n := _safetensors_layers(p)) is not None]
+    if layers is not None and held and max(held) != layers:
+        raise ModelFileError(
+            f"{path}: says {layers} layers, but the weights in {folder} hold {max(held)}: the config does not "
+            f"match the weights"
+        )
+
+
 def _hub_snapshot(name: str) -> Path | None:
     """The local snapshot folder of a hub model in the Hugging Face cache, if its config is there."""
     try:
@@ -194,6 +293,8 @@ def load_model(
     Raises:
         ModelNotFoundError: the name is unknown here and the hub cannot be reached.
         UnsafeModelError: a local (or cached hub) folder holds its weights only as a pickle.
+        ModelFileError: a local (or cached hub) folder's config.json or weights are damaged or out of
+            bounds (:func:`check_model_folder`).
     """
     from transformer_lens.model_bridge import TransformerBridge
     from transformers.utils import logging as hf_logging
@@ -202,6 +303,7 @@ def load_model(
     snapshot = Path(path) if Path(path).is_dir() else _hub_snapshot(path)
     if snapshot is not None:
         check_safe_weights(snapshot)
+        check_model_folder(snapshot)
     device = check_device(device or default_device())
     torch_dtype = resolve_dtype(dtype, device)
     with _LOAD_LOCK, warnings.catch_warnings():

@@ -85,6 +85,15 @@ class Prompt:
     counter_answers: tuple[str, ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # an offset outside the text would silently become some other token's position when tokenised
+        for name, at in self.key_chars.items():
+            if isinstance(at, bool) or not isinstance(at, numbers.Integral) or not 0 <= at < len(self.text):
+                raise TaskError(
+                    f"Prompt key_chars[{name!r}] must be a character offset in 0..{len(self.text) - 1} "
+                    f"of the prompt's text, got {at!r}"
+                )
+
     @property
     def answer_set(self) -> tuple[str, ...]:
         """Every correct answer (``answers``, or just ``answer``)."""
@@ -361,7 +370,8 @@ class TaskBatch:
         if isinstance(task, str):
             task = load_task(task)
         if isinstance(prompts, numbers.Integral):
-            prompts = generate_prompts(task, int(prompts), seed)  # checks the count before generating
+            # checked before any conversion: int(True) would quietly be one prompt
+            prompts = generate_prompts(task, check_prompt_count(prompts), seed)  # type: ignore[arg-type]
         prompts = list(prompts)  # type: ignore[arg-type]  # mypy does not narrow Sequence | int by Integral
         if not prompts:
             raise TaskError("cannot build a batch from zero prompts")

@@ -17,7 +17,7 @@ import inspect
 import sys
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from circuitfind import checkpoints as C
@@ -29,7 +29,10 @@ from circuitfind.paths import run_folder
 
 @task(name="checkpoint-circuit", task_run_name="step-{step}", persist_result=False)
 def checkpoint_task(folder: str, step: int, setting: dict) -> dict:
-    return C.analyse_checkpoint(folder, step, **setting)
+    result = C.analyse_or_flag(folder, step, **setting)
+    if "error" in result:
+        get_run_logger().warning("checkpoint step %s skipped: %s", step, result["error"])
+    return result
 
 
 @flow(name="circuitfind-checkpoints", log_prints=True)
@@ -86,16 +89,26 @@ def circuits_over_training(
         **options,
     }
     run_dir = run_folder(outputs, run, "checkpoints-")
-    results = [checkpoint_task(str(c.folder), c.step, setting) for c in found]
+    analysed = [checkpoint_task(str(c.folder), c.step, setting) for c in found]
+    results = [r for r in analysed if "error" not in r]
+    skipped = [r for r in analysed if "error" in r]
+    if not results:
+        raise ValueError(
+            f"no checkpoint in {checkpoints} could be analysed: "
+            + "; ".join(f"step {r['step']}: {r['error']}" for r in skipped)
+        )
     shown = {"model": str(checkpoints), **{k: v for k, v in setting.items() if v is not None}}
-    paths = C.write_report(results, shown, run_dir)
+    paths = C.write_report(results, shown, run_dir, skipped=skipped)
     timeline = C.edge_timeline(results)
     write_json(
-        run_dir / "checkpoints.json", {"setting": shown, "checkpoints": results, "timeline": timeline, "report": paths}
+        run_dir / "checkpoints.json",
+        {"setting": shown, "checkpoints": results, "skipped": skipped, "timeline": timeline, "report": paths},
     )
     create_markdown_artifact(Path(paths["markdown"]).read_text(), key="circuits-over-training")
+    for r in skipped:
+        print(f"skipped checkpoint step {r['step']}: {r['error']}")
     print(f"circuits over training: {paths['html']}")
-    return {"checkpoints": results, "timeline": timeline, **paths}
+    return {"checkpoints": results, "skipped": skipped, "timeline": timeline, **paths}
 
 
 def check_inputs(

@@ -130,7 +130,45 @@ def check_gpu_workers(config: SweepConfig) -> None:
 def report_task(run_dir: str, reference: str | None, title: str) -> dict:
     paths = write_run_report(run_dir, reference, title)
     create_markdown_artifact(paths.pop("markdown_text"), key="circuit-diff-report", description=title)
+    create_report_artifacts(run_dir, paths["html"])
     return paths
+
+
+def create_report_artifacts(run_dir: str, html: str) -> None:
+    """What a scheduled run's reader needs in the Prefect UI: the report's location (a link artifact),
+    the axis ranking and each setting's circuit summary (edges, faithfulness, health flags) as tables."""
+    from prefect.artifacts import create_link_artifact, create_table_artifact
+
+    from circuitfind.comparison import axis_effects
+    from circuitfind.health import check_records
+    from circuitfind.sweep import load_records
+
+    create_link_artifact(
+        Path(html).resolve().as_uri(), link_text=str(Path(html).resolve()), key="circuit-diff-report-link"
+    )
+    records = load_records(run_dir)
+    ranking = [
+        {
+            "axis": e["axis"],
+            "values": ", ".join(e["values"]),
+            "pairs": len(e["pairs"]),
+            "moves the circuit (1 - edge Jaccard)": e["movement"],
+        }
+        for e in axis_effects(records)
+    ]
+    create_table_artifact(ranking or [{"axis": "(no axis takes two values)"}], key="axis-ranking")
+    health = check_records(records)
+    summary = [
+        {
+            "setting": r["setting"],
+            "edges": r["n_edges"],
+            "faithfulness": r.get("faithfulness"),
+            "faithfulness status": r.get("faithfulness_status") or "ok",
+            "flags": ", ".join(health[r["setting"]]["flags"]) or "none",
+        }
+        for r in records
+    ]
+    create_table_artifact(summary, key="circuit-summary")
 
 
 @flow(name="circuitfind-compare", log_prints=True)

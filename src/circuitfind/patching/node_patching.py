@@ -145,6 +145,9 @@ def patch_mlp_windows(
     every position. Returns ``[layer]`` (the window centre).
     """
     L = setup.n_layers
+    # a window wider than the model is every layer at every centre: a flat sweep that reads as a result
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= L:
+        raise ValueError(f"window must be a whole number of layers from 1 to {L} (the model's layers), got {window!r}")
     pos = setup.position_mask(positions)[None, :, :, None]  # [1, batch, pos, 1]
     inside = torch.zeros(L, L, device=pos.device)
     for center in range(L):

@@ -60,8 +60,10 @@ def path_patch(
             raise ValueError("path_patch needs at least one receiver (or 'logits')")
         kv = getattr(setup.model.cfg, "n_key_value_heads", None) or H
         for r in path_receivers:
+            if r.input not in ("q", "k", "v"):
+                raise ValueError(f"invalid receiver {r}: input must be 'q', 'k' or 'v', got {r.input!r}")
             n = H if r.input == "q" else kv  # k/v inputs are per key/value head (grouped-query attention)
-            if r.input not in ("q", "k", "v") or not (0 <= r.layer < L and 0 <= r.head < n):
+            if not (0 <= r.layer < L and 0 <= r.head < n):
                 raise ValueError(f"invalid receiver {r}: layer must be < {L}, head < {n} for {r.input} inputs")
     recv_hooks: dict[str, torch.Tensor | None]
     if path_receivers is None:

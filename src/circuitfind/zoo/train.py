@@ -170,6 +170,11 @@ def train(
     save_at = checkpoint_steps(recipe.steps, checkpoints) if checkpoints else []
     if until is not None and not 0 <= until <= recipe.steps:
         raise ValueError(f"until must be in 0..{recipe.steps} (the recipe's steps), got {until}")
+    if until is not None and not checkpoints:
+        raise ValueError(
+            "--until stops before the final model and saves only checkpoints: give --checkpoints N too "
+            "(without it nothing would be written)"
+        )
     stop = recipe.steps if until is None else until
     spec = load_task(recipe.task)
     out_dir = Path(out_dir or ZOO / name)
