@@ -1,6 +1,8 @@
 """The settings study's computations: several metrics from one sweep, bootstrap over prompts (not
 GN's prompt x noise-sample rows), stability of the detected heads, and signs a setting cannot show."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,12 +68,16 @@ def test_head_detection_bootstraps_gn_over_prompts(ioi_model):
     row = out["settings"]["gn/logit_diff"]
     assert row["noise_samples"] == 3
     batch = TaskBatch.build(ioi_model, "ioi", 10, seed=0)
-    res = P.patch_heads(P.prepare(ioi_model, batch, "gn", "logit_diff"), "denoise")
+    setup = P.prepare(ioi_model, batch, "gn", "logit_diff")
+    res = P.patch_heads(setup, "denoise")
     assert res.per_prompt.shape[-1] == 30  # 10 prompts x 3 noise samples
-    per_prompt = (res.per_prompt.reshape(3, 4, 3, 10).mean(-2) - res.base) / (res.clean - res.corrupt)
+    base = study.base_rows(setup, "logit_diff", "denoise")  # each row's own base run (paired)
+    gap = res.clean - res.corrupt
+    per_prompt = ((res.per_prompt - base).reshape(3, 4, 3, 10).mean(-2) / gap).float()
     expected = compare.bootstrap_ci(per_prompt, n_boot=200, seed=0)
-    assert row["ci_low"] == expected.low.tolist() and row["ci_high"] == expected.high.tolist()
-    rows = compare.bootstrap_ci((res.per_prompt - res.base) / (res.clean - res.corrupt), n_boot=200)
+    assert torch.allclose(torch.tensor(row["ci_low"]), expected.low, atol=1e-6)
+    assert torch.allclose(torch.tensor(row["ci_high"]), expected.high, atol=1e-6)
+    rows = compare.bootstrap_ci((res.per_prompt - base) / gap, n_boot=200)
     assert (expected.high - expected.low).mean() > (rows.high - rows.low).mean()  # the old, too narrow intervals
 
 
@@ -161,3 +167,128 @@ def test_study_options_are_checked_before_prefect_starts(tmp_path, capsys, argv,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module", params=["denoise", "noise"])
+def detection(request, ioi_model):
+    """The study's head detection in one direction, every metric, STR and GN (the flow's settings, fewer prompts)."""
+    return study.head_detection(
+        ioi_model,
+        "toy-ioi",
+        prompts=10,
+        direction=request.param,
+        corruptions=("str:s2_io", "gn"),
+        metrics=("prob", "logit_diff", "kl", "logprob"),
+        variants=(),
+        n_boot=200,
+    )
+
+
+def test_every_point_lies_inside_its_interval_in_both_directions(detection):
+    # the point was (patched - corrupt) / gap while noising, the interval (patched - clean) / gap: none inside
+    for name, row in detection["settings"].items():
+        eff, low, high = (torch.tensor(row[k]) for k in ("effect", "ci_low", "ci_high"))
+        assert ((low <= eff + 1e-6) & (eff <= high + 1e-6)).all(), name
+        res = torch.tensor(row["normalised"])
+        expected = res if row["direction"] == "denoise" else res - 1  # the effect against the base run
+        assert torch.allclose(eff, expected, atol=1e-5), name
+
+
+def test_top_head_has_the_largest_effect_and_the_report_names_the_quantity(detection, tmp_path):
+    for name, row in detection["settings"].items():
+        eff = torch.tensor(row["effect"])
+        layer, head = divmod(int(eff.abs().flatten().argmax()), eff.shape[1])
+        shown = study.top_head(row)
+        assert shown.startswith(f"a{layer}.{head}: {eff[layer, head]:.3f} ["), name
+        assert abs(eff[layer, head]) == eff.abs().max()
+    md = Path(study.study_report([detection], [], tmp_path)["markdown"]).read_text()
+    assert "Effect = (patched - base) / (clean - corrupt)" in md and "paired per prompt" in md
+    assert study.SIGN_CONVENTION[detection["direction"]] in md
+    assert "top head by \\|effect\\|: effect [95% interval]" in md  # Markdown escapes the bars
+
+
+def test_a_zero_effect_head_gets_a_zero_width_interval():
+    # prompts whose base run varies a lot; head 0 changes nothing, head 1 adds 0.5 to every prompt
+    base = torch.tensor([0.1, 0.9, 0.4, 0.7, 0.2, 0.8])
+    per_prompt = torch.stack([base, base + 0.5])
+    paired = study.paired_effects(per_prompt, base, 1, 2.0)
+    ci = compare.bootstrap_ci(paired, n_boot=500)
+    assert ci.low[0] == ci.high[0] == ci.mean[0] == 0  # the unpaired (per_prompt - mean base) was [-0.16, 0.16]
+    assert torch.allclose(torch.stack([ci.low[1], ci.mean[1], ci.high[1]]), torch.tensor(0.25))
+    unpaired = compare.bootstrap_ci((per_prompt - base.mean()) / 2.0, n_boot=500)
+    assert unpaired.high[0] - unpaired.low[0] > 0.1
+    # GN: 2 noise samples of 3 prompts, sample-major; each row against its own base row
+    rows = torch.tensor([[1.0, 2.0, 3.0, 1.5, 2.5, 3.5]])
+    assert torch.allclose(study.paired_effects(rows + 1, rows[0], 2, 1.0), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="base rows"):
+        study.paired_effects(rows, torch.zeros(5), 1, 1.0)
+
+
+@pytest.fixture(scope="module")
+def silent_head_model():
+    """toy-ioi with head a1.2's output weights zeroed: patching it can change nothing, on any prompt."""
+    from circuitfind.catalogue import load_model
+
+    model = load_model("toy-ioi", device="cpu")
+    weight = dict(model.named_parameters())["transformer.h.1._original_component.attn.o._original_component.weight"]
+    d_head = model.cfg.d_head
+    with torch.no_grad():
+        weight[2 * d_head : 3 * d_head].zero_()  # GPT-2's Conv1D: rows are the heads' inputs to W_O
+    assert model.W_O[1, 2].abs().sum() == 0 and model.W_O[1, 1].abs().sum() > 0
+    return model
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_a_head_that_does_nothing_gets_a_zero_width_interval_in_the_study(silent_head_model, direction):
+    out = study.head_detection(
+        silent_head_model, "toy-ioi", prompts=10, direction=direction, corruptions=("str:s2_io",),
+        metrics=("logit_diff", "kl"), variants=(), n_boot=200,
+    )  # fmt: skip
+    for name, row in out["settings"].items():
+        eff, low, high = (torch.tensor(row[k])[1, 2].item() for k in ("effect", "ci_low", "ci_high"))
+        # the suffix engine recomputes the rest of the model in another order: rounding only
+        assert abs(eff) < 1e-5 and high - low < 1e-5, (name, eff, low, high)
+        assert "a1.2" not in row["heads"]
+    setup = P.prepare(silent_head_model, TaskBatch.build(silent_head_model, "ioi", 8, seed=5), "str", "logit_diff")
+    setup.engine = "hooks"  # full forward passes: the patched run is the base run, bit for bit
+    base = study.base_rows(setup, "logit_diff", direction)
+    assert base.std() > 0  # the prompts differ, so an unpaired interval would not be zero-width
+    paired = study.paired_effects(P.patch_heads(setup, direction).per_prompt, base, 1, 1.0)
+    assert (paired[1, 2] == 0).all() and (paired[1, 1] != 0).any()
+
+
+def _row(corruption, metric, direction, effect, heads, **extra):
+    zeros = [[0.0] * 2 for _ in range(3)]
+    return {"corruption": corruption, "metric": metric, "direction": direction, "effect": effect, "heads": heads,
+            "ci_low": zeros, "ci_high": zeros, "clean": 1.0, "corrupt": 0.0, **extra}  # fmt: skip
+
+
+def test_warnings_for_kl_noising_negative_heads_and_tiny_found_heads():
+    kl = _row("str", "kl", "noise", [[0.0, -0.5], [-0.3, 0.0], [0.0, 0.0]], ["a0.1", "a1.0"])
+    ld = _row("str", "logit_diff", "noise", [[0.0, -0.4], [0.2, 0.0], [0.0, 0.0]], ["a0.1"])
+    rows = {"str/kl": kl, "str/logit_diff": ld}
+    assert study.kl_negative_heads(rows, "str") == {"a1.0": 0.2}  # removing a1.0 raises the logit difference
+    kl["kl_negative_heads"] = study.kl_negative_heads(rows, "str")
+    prob = _row("gn", "prob", "noise", [[0.0, -0.009], [0.0, 0.0], [0.0, 0.0]], ["a0.1"], small_heads=["a0.1"])
+    warnings = study.head_warnings({"settings": {**rows, "gn/prob": prob}})
+    assert len(warnings) == 2
+    assert warnings[0].startswith("str/kl: a1.0 (+0.200) are listed as needed")
+    assert warnings[1].startswith("gn/prob: 1 found head(s) (a0.1) have effects under 1% of the gap (largest 0.009)")
+    kl["kl_negative_heads"] = {}
+    assert study.head_warnings({"settings": rows}) == []  # nothing to warn about: no warning
+    kl_denoise = {**kl, "direction": "denoise"}
+    assert study.kl_negative_heads({"str/kl": kl_denoise, "str/logit_diff": ld}, "str") == {}
+
+
+def test_pitfalls_state_the_runs_own_evidence(tmp_path):
+    small_p = _row("str", "prob", "noise", [[0.0, -0.05], [0.0, 0.0], [0.0, 0.0]], ["a0.1"], base_prob=0.05)
+    gn = _row("gn", "logit_diff", "noise", [[0.0, -0.5], [0.0, 0.0], [0.0, -0.4]], ["a0.1", "a2.1"])
+    h = {"settings": {"str/prob": small_p, "gn/logit_diff": gn}}
+    text = str(study._head_pitfalls(h, ["probability_metric", "gaussian_noise"]))
+    assert "str/prob: p = 0.050 on the base run, so no effect can go below -0.050 (p < 0.1: the bound binds" in text
+    assert "early heads (layers 0-0) found under Gaussian noise: gn/logit_diff: a0.1" in text
+    gn["heads"] = ["a2.1"]
+    small_p["base_prob"] = 0.35
+    text = str(study._head_pitfalls(h, ["probability_metric", "gaussian_noise"]))
+    assert "p = 0.350" in text and "does not bind" in text
+    assert "no early head (layers 0-0) was found under Gaussian noise" in text

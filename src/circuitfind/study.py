@@ -94,6 +94,62 @@ def per_prompt_means(per_prompt: torch.Tensor, copies: int) -> torch.Tensor:
     return per_prompt.reshape(*per_prompt.shape[:-1], copies, n // copies).mean(-2)
 
 
+def paired_effects(per_prompt: torch.Tensor, base_rows: torch.Tensor, copies: int, gap: float) -> torch.Tensor:
+    """Each prompt's own normalised effect ``(patched_i - base_i) / (clean - corrupt)``, GN's noise
+    samples averaged per prompt (``[..., prompts]``).
+
+    Paired per prompt: each row is compared with the base run of *that* row, so a component that
+    leaves every prompt unchanged gets exactly zero on every prompt (and a zero-width interval),
+    whatever the base run's spread between prompts. Its mean over prompts is the point reported
+    (``effect / gap``), so a point and its bootstrap interval are of the same quantity.
+    """
+    if base_rows.shape[-1] != per_prompt.shape[-1]:
+        raise ValueError(f"{per_prompt.shape[-1]} patched rows but {base_rows.shape[-1]} base rows")
+    diff = per_prompt.double() - base_rows.double().cpu()
+    return (per_prompt_means(diff, copies) / gap).float()
+
+
+def base_rows(setup: P.PatchingSetup, metric: str | Metric, direction: P.Direction) -> torch.Tensor:
+    """The metric on each row of the unpatched run that the patch starts from (corrupt when
+    denoising, clean when noising): ``[rows]``, from the baselines' logits (no new forward)."""
+    logits = setup.corrupt_logits if direction == "denoise" else setup.clean_logits
+    if logits is None:
+        raise ValueError("the setup holds no baseline logits")
+    return get_metric(metric)(logits, setup.ctx).detach().cpu()
+
+
+def base_probability(setup: P.PatchingSetup, direction: P.Direction) -> float:
+    """The answer's mean probability on the base run: a patch can lower it by at most this much,
+    which is what the probability pitfall (:data:`circuitfind.health.PITFALLS`) is about."""
+    return float(base_rows(setup, "prob", direction).mean())
+
+
+def early_layers(n_layers: int) -> int:
+    """How many first layers count as "early" for the Gaussian-noise pitfall: the first third, at least one."""
+    return max(1, n_layers // 3)
+
+
+def kl_negative_heads(rows: dict[str, dict], corruption: str) -> dict[str, float]:
+    """Heads found needed by noising with KL that push the answer *up* when removed under logit
+    difference (or probability) with the same corruption: KL counts any change of the output
+    distribution, so heads that suppress the answer look needed too. Head -> that metric's effect."""
+    kl = rows.get(f"{corruption}/kl")
+    signed = rows.get(f"{corruption}/logit_diff") or rows.get(f"{corruption}/prob")
+    if kl is None or signed is None or kl["direction"] != "noise":
+        return {}
+    out = {}
+    for name in kl["heads"]:
+        layer, head = (int(x) for x in name[1:].split("."))
+        value = signed["effect"][layer][head]
+        if value > 0:
+            out[name] = value
+    return out
+
+
+# A "found" head whose largest mean effect is under this fraction of the clean - corrupt gap is flagged.
+SMALL_EFFECT = 0.01
+
+
 def bootstrap_weights(n_prompts: int, n_boot: int, seed: int = 0) -> torch.Tensor:
     """``[n_boot, n_prompts]`` resampling weights (how often each prompt is drawn, over ``n_prompts``),
     drawn as :func:`circuitfind.compare.bootstrap_ci` draws them."""
@@ -155,9 +211,9 @@ def head_detection(
         results = patch_heads_metrics(setup, direction)
         for metric, res in results.items():
             name = f"{corruption}/{metric}"
-            per_prompt = per_prompt_means(res.per_prompt, copies)  # [layer, head, prompts]
-            normalised = (per_prompt - res.base) / (res.clean - res.corrupt)
-            ci = compare.bootstrap_ci(normalised, n_boot=n_boot, seed=seed)
+            gap = res.clean - res.corrupt
+            paired = paired_effects(res.per_prompt, base_rows(setup, metric, direction), copies, gap)
+            ci = compare.bootstrap_ci(paired, n_boot=n_boot, seed=seed)
             frequencies: dict[str, dict[str, float]] = {}
             row: dict[str, Any] = {
                 "corruption": corruption,
@@ -165,13 +221,15 @@ def head_detection(
                 "direction": direction,
                 "noise_samples": copies,
                 "normalised": res.normalised.tolist(),
+                "effect": ci.mean.tolist(),
                 "ci_low": ci.low.tolist(),
                 "ci_high": ci.high.tolist(),
                 "clean": res.clean,
                 "corrupt": res.corrupt,
+                "base_prob": base_probability(setup, direction),
                 "detection_frequency": frequencies,
             }
-            resampled = (weights @ (per_prompt - res.base).reshape(-1, per_prompt.shape[-1]).double().T).float()
+            resampled = (weights @ paired.reshape(-1, paired.shape[-1]).double().T).float()
             for key, sign in signs.items():
                 try:
                     found = P.detect(res.effect, k=k, sign=sign, metric=metric, direction=direction)
@@ -179,6 +237,9 @@ def head_detection(
                     row[key], row[f"{key}_reason"] = [], str(err)
                     continue
                 row[key] = [head_name(l, h) for l, h in found]
+                if key == "heads":
+                    small = [head_name(l, h) for l, h in found if abs(float(ci.mean[l, h])) < SMALL_EFFECT]
+                    row["small_heads"] = small
                 masks = detection_masks(resampled, k, sign)
                 boot_masks[(name, key)] = masks
                 frequency = masks.double().mean(0).reshape(res.effect.shape)
@@ -189,6 +250,8 @@ def head_detection(
                     if frequency[l, h] > 0
                 }
             rows[name] = row
+    for row in rows.values():
+        row["kl_negative_heads"] = kl_negative_heads(rows, row["corruption"]) if row["metric"] == "kl" else {}
     heads = {name: set(r["heads"]) for name, r in rows.items()}
     names = list(rows)
     return {
@@ -282,6 +345,99 @@ def mlp_localisation(
     }
 
 
+SIGN_CONVENTION = {
+    "denoise": "denoising patches one head's clean activation into the corrupted run: a positive effect "
+    "means the head restores the answer (a needed head), a negative one that it pushes the answer down",
+    "noise": "noising patches one head's corrupted activation into the clean run: a negative effect "
+    "means the answer needs the head (a needed head), a positive one that the head pushes the answer down",
+}
+
+
+def quantity_note(direction: str) -> str:
+    """What the study's points and intervals are, and the direction's sign convention."""
+    return (
+        "Effect = (patched - base) / (clean - corrupt), the change from the unpatched base run "
+        f"({'corrupted' if direction == 'denoise' else 'clean'} here) as a fraction of the clean - corrupt gap; "
+        "0 means no effect. Intervals: 95% percentile bootstrap of the per-prompt effect "
+        "(patched_i - base_i) / gap, paired per prompt (noise samples averaged per prompt first). "
+        f"Sign convention: {SIGN_CONVENTION[direction]}."
+    )
+
+
+def setting_effect(row: dict) -> torch.Tensor:
+    """A setting's effect per head (``[layer, head]``); a study.json from before the paired
+    effects holds only the normalised values, from which the effect follows."""
+    if "effect" in row:
+        return torch.tensor(row["effect"])
+    normalised = torch.tensor(row["normalised"])
+    return normalised if row["direction"] == "denoise" else normalised - 1
+
+
+def top_head(row: dict) -> str:
+    """The head of the largest |effect|, with its effect and interval."""
+    eff = setting_effect(row)
+    layer, head = divmod(int(eff.flatten().abs().argmax()), eff.shape[1])
+    return (
+        f"a{layer}.{head}: {eff[layer, head]:.3f} [{row['ci_low'][layer][head]:.3f}, {row['ci_high'][layer][head]:.3f}]"
+    )
+
+
+def head_warnings(h: dict) -> list[str]:
+    """Warnings the data calls for: heads found needed under KL noising that push the answer down
+    under a signed metric, and found heads whose largest effect is under 1% of the gap."""
+    out = []
+    for name, row in h["settings"].items():
+        negative = row.get("kl_negative_heads") or {}
+        if negative:
+            listed = ", ".join(f"{x} ({v:+.3f})" for x, v in negative.items())
+            out.append(
+                f"{name}: {listed} are listed as needed, but removing them raises the answer under "
+                f"{row['corruption']}/logit_diff (effect in brackets): KL counts any change of the output, "
+                "so heads that push the answer down look needed too"
+            )
+        small = row.get("small_heads") or []
+        if small:
+            largest = max(abs(float(setting_effect(row)[tuple(int(x) for x in s[1:].split("."))])) for s in small)
+            out.append(
+                f"{name}: {len(small)} found head(s) ({', '.join(small)}) have effects under "
+                f"{SMALL_EFFECT:.0%} of the gap (largest {largest:.3f}): they stand out from the other heads, "
+                "not from zero"
+            )
+    return out
+
+
+def _head_pitfalls(h: dict, codes: Sequence[str]) -> R.Block:
+    """Each pitfall of the head study, with what this run shows about it."""
+    items = []
+    for code in codes:
+        text = f"{health.PITFALLS[code][0]}. Why: {health.PITFALLS[code][1]}."
+        if code == "probability_metric":
+            evidence = []
+            for name, row in h["settings"].items():
+                if row["metric"] == "prob" and "base_prob" in row:
+                    p = row["base_prob"]
+                    gap = row["clean"] - row["corrupt"]
+                    floor = -p / gap if gap else float("nan")
+                    evidence.append(
+                        f"{name}: p = {p:.3f} on the base run, so no effect can go below {floor:.3f} "
+                        f"({'p < 0.1: the bound binds' if p < 0.1 else 'p >= 0.1: the bound does not bind'} here)"
+                    )
+            text += " In this run: " + ("; ".join(evidence) or "no base-run p recorded") + "."
+        elif code == "gaussian_noise":
+            gn = {n: r for n, r in h["settings"].items() if str(r["corruption"]).split(":")[0] == "gn"}
+            n_layers = len(next(iter(h["settings"].values()))["ci_low"])
+            early = early_layers(n_layers)
+            flagged = {n: [x for x in r["heads"] if int(x[1:].split(".")[0]) < early] for n, r in gn.items()}
+            found = "; ".join(f"{n}: {', '.join(x)}" for n, x in flagged.items() if x)
+            text += (
+                f" In this run: early heads (layers 0-{early - 1}) found under Gaussian noise: {found}."
+                if found
+                else f" In this run: no early head (layers 0-{early - 1}) was found under Gaussian noise."
+            )
+        items.append(text)
+    return R.bullets(items)
+
+
 def _pitfalls(codes) -> R.Block:
     """The pitfalls (:data:`circuitfind.health.PITFALLS`) of the settings shown in a section, as facts with reasons."""
     return R.bullets(f"{health.PITFALLS[c][0]}. Why: {health.PITFALLS[c][1]}." for c in codes)
@@ -328,20 +484,10 @@ def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> di
     sections = []
     for h in heads:
         title = f"IOI head detection on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
-        rows = []
-        for n, r in h["settings"].items():
-            eff = torch.tensor(r["normalised"])
-            top = int(eff.flatten().abs().argmax())
-            l, hd = divmod(top, eff.shape[1])
-            rows.append(
-                [
-                    n,
-                    ", ".join(r["heads"]) or "(none)",
-                    f"a{l}.{hd}: {eff[l, hd]:.3f} [{r['ci_low'][l][hd]:.3f}, {r['ci_high'][l][hd]:.3f}]",
-                ]
-            )
+        rows = [[n, ", ".join(r["heads"]) or "(none)", top_head(r)] for n, r in h["settings"].items()]
         blocks = [
-            R.table(["corruption/metric", "heads found", "top head: normalised effect [95% CI]"], rows),
+            R.text(quantity_note(h["direction"])),
+            R.table(["corruption/metric", "heads found", "top head by |effect|: effect [95% interval]"], rows),
             R.text(
                 ", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])),
                 bold="Heads by the fraction of settings that find them:",
@@ -365,10 +511,12 @@ def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> di
             for r in h["settings"].values()
         ]
         codes = [c for c in health.PITFALLS if any(c in health.setting_notes(x) for x in settings)]
+        warnings = head_warnings(h)
         sections += [
             R.section(title, *blocks),
             *_signs_and_stability(h),
-            R.section("Pitfalls of these settings", _pitfalls(codes), level=3),
+            *([R.section("Warnings", R.bullets(warnings), level=3)] if warnings else []),
+            R.section("Pitfalls of these settings, with this run's evidence", _head_pitfalls(h, codes), level=3),
         ]
     for m in mlps:
         title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']})"
