@@ -158,6 +158,12 @@ def test_patch_command_says_when_a_sign_cannot_occur(capsys):
         (["--n-boot", "0"], "n_boot"),
         (["--ioi-models", "no-such-model"], "no-such-model"),
         (["--run", "../escape"], "is not a folder name"),
+        (["--metrics", "nope"], "nope"),
+        (["--corruptions", "bogus"], "unknown corruption 'bogus'"),
+        (["--variants", "gn:x"], "takes no ':' argument"),
+        (["--k", "0"], "--k must be a finite number > 0"),
+        (["--gn-scale", "nan"], "--gn-scale must be a finite number > 0"),
+        (["--gn-samples", "0"], "--gn-samples"),
     ],
 )
 def test_study_options_are_checked_before_prefect_starts(tmp_path, capsys, argv, message):
@@ -292,3 +298,66 @@ def test_pitfalls_state_the_runs_own_evidence(tmp_path):
     text = str(study._head_pitfalls(h, ["probability_metric", "gaussian_noise"]))
     assert "p = 0.350" in text and "does not bind" in text
     assert "no early head (layers 0-0) was found under Gaussian noise" in text
+
+
+def test_every_grid_option_has_help_and_its_default(capsys):
+    from circuitfind.flows.study import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [
+        ("--metrics", "default prob logit_diff kl"), ("--corruptions", "default str:s2_io gn"),
+        ("--variants", "default str:s2_io str:s1_io"), ("--k", "default 2.0"), ("--gn-scale", "default 3.0"),
+        ("--gn-samples", "default 3"), ("--noise-seed", "default: --seed"), ("--direction", "default denoise"),
+        ("--n-boot", "default 500"), ("--seed", "default 0"),
+    ]:  # fmt: skip
+        assert option in text and default in text, option
+
+
+def test_gn_options_reach_the_noise_and_the_noise_seed_follows_seed(ioi_model):
+    grid = dict(corruptions=("gn",), metrics=("logit_diff",), variants=(), n_boot=50, prompts=6)
+    a = study.head_detection(ioi_model, "toy-ioi", seed=1, **grid)
+    b = study.head_detection(ioi_model, "toy-ioi", seed=1, noise_seed=7, **grid)
+    c = study.head_detection(ioi_model, "toy-ioi", seed=1, gn_samples=2, gn_scale=1.0, **grid)
+    assert a["noise_seed"] == 1 and b["noise_seed"] == 7  # tied to --seed unless given (it was fixed at 0)
+    ra, rb, rc = (x["settings"]["gn/logit_diff"] for x in (a, b, c))
+    assert ra["effect"] != rb["effect"] and rc["noise_samples"] == 2 and c["gn_scale"] == 1.0
+    batch = TaskBatch.build(ioi_model, "ioi", 6, seed=1)
+    from circuitfind.corruptions import GaussianNoise
+
+    setup = P.prepare(ioi_model, batch, GaussianNoise(factor=1.0, samples=2, seed=1), "logit_diff")
+    assert torch.allclose(torch.tensor(rc["normalised"]), P.patch_heads(setup, "denoise").normalised, atol=1e-6)
+
+
+def test_both_directions_with_their_jaccard_and_the_ranked_first_screen(ioi_model, tmp_path):
+    out = study.head_detection(
+        ioi_model, "toy-ioi", prompts=10, direction="both", corruptions=("str:s2_io", "gn"),
+        metrics=("logit_diff", "kl"), variants=("str:s2_io", "str:s1_io"), n_boot=100,
+    )  # fmt: skip
+    den, noi = out["by_direction"]
+    assert (den["direction"], noi["direction"]) == ("denoise", "noise")
+    for name, agree in out["directions"].items():
+        a, b = set(den["settings"][name]["heads"]), set(noi["settings"][name]["heads"])
+        assert agree["jaccard"] == compare.jaccard(a, b) and 0 <= agree["low"] <= agree["high"] <= 1
+    assert set(out["directions"]) == set(den["settings"])
+    ranking = study.axis_ranking(out)
+    assert {r["axis"] for r in ranking} == {"corruption", "STR variant", "metric", "direction"}
+    assert [r["change"] for r in ranking] == sorted((r["change"] for r in ranking), reverse=True)
+    direction = next(r for r in ranking if r["axis"] == "direction")
+    assert direction["pairs"] == len(den["settings"])  # each setting once in each direction
+    expected = sum(1 - a["jaccard"] for a in out["directions"].values()) / direction["pairs"]
+    assert direction["change"] == pytest.approx(expected)
+    md = Path(study.study_report([out], [], tmp_path)["markdown"]).read_text()
+    first = md.split("## ")[1]
+    assert first.startswith("Which choice moves the detected heads most") and study.ranking_summary(ranking) in first
+    assert "Denoising vs noising on toy-ioi" in md and md.count("IOI head detection on toy-ioi") >= 2
+
+
+def test_ranking_summary_in_one_sentence():
+    ranking = [{"axis": "metric", "pairs": 3, "change": 0.75}, {"axis": "direction", "pairs": 2, "change": 0.0}]
+    assert study.ranking_summary(ranking) == (
+        "The metric moves the detected heads most: settings that differ only in it share 25% of their heads "
+        "on average (Jaccard), over 3 pair(s)."
+    )
+    assert "no choice moves" in study.ranking_summary([{"axis": "metric", "pairs": 1, "change": 0.0}])

@@ -19,6 +19,7 @@ import torch
 
 from circuitfind import compare, figures, health
 from circuitfind import patching as P
+from circuitfind.corruptions import Corruption, GaussianNoise, get_corruption
 from circuitfind.errors import ImpossibleSignError
 from circuitfind.io import write_text
 from circuitfind.metrics import Metric, MetricContext, get_metric
@@ -61,7 +62,9 @@ class MetricRecorder(Metric):
         return {m.name: picked[..., i].contiguous() for i, m in enumerate(self.metrics)}
 
 
-def prepare_recording(model, batch: TaskBatch, corruption: str, metrics: Sequence[str | Metric]) -> P.PatchingSetup:
+def prepare_recording(
+    model, batch: TaskBatch, corruption: str | Corruption, metrics: Sequence[str | Metric]
+) -> P.PatchingSetup:
     """A patching setup whose sweeps record every metric in ``metrics`` (:class:`MetricRecorder`)."""
     return P.prepare(model, batch, corruption, MetricRecorder(metrics))
 
@@ -178,11 +181,14 @@ def head_detection(
     prompts: int = 40,
     seed: int = 0,
     k: float = 2.0,
-    direction: P.Direction = "denoise",
+    direction: P.Direction | Literal["both"] = "denoise",
     corruptions=("str:s2_io", "gn"),
     metrics=("prob", "logit_diff", "kl"),
     variants=("str:s2_io", "str:s1_io"),
     n_boot: int = 500,
+    gn_scale: float = 3.0,
+    gn_samples: int = 3,
+    noise_seed: int | None = None,
 ) -> dict:
     """Heads >= ``k`` SD from the mean patching effect under each setting, with bootstrap intervals.
 
@@ -193,7 +199,45 @@ def head_detection(
     Intervals and stability resample prompts (GN's noise samples are averaged per prompt first):
     ``detection_frequency`` is how often each head is detected over ``n_boot`` resamples, and
     ``jaccard_ci`` a paired interval for the Jaccard between two settings' detected heads.
+    GN draws ``gn_samples`` noise samples of ``gn_scale`` embedding SDs from ``noise_seed``
+    (default: ``seed``). ``direction="both"`` runs both directions (:func:`both_directions`).
     """
+    if direction == "both":
+        return both_directions(
+            model,
+            model_name,
+            prompts,
+            seed,
+            k,
+            corruptions,
+            metrics,
+            variants,
+            n_boot,
+            gn_scale,
+            gn_samples,
+            noise_seed,
+        )
+    return _head_detection(
+        model, model_name, prompts, seed, k, direction, corruptions, metrics, variants, n_boot, gn_scale, gn_samples,
+        noise_seed,
+    )[0]  # fmt: skip
+
+
+def study_corruption(spec: str, gn_scale: float, gn_samples: int, noise_seed: int) -> str | Corruption:
+    """``gn`` as the study's Gaussian noise (scale, samples, seed); other names as they are."""
+    if spec.split(":")[0] != "gn":
+        return spec
+    if spec != "gn":
+        get_corruption(spec)  # the library's message for a ':' argument
+    return GaussianNoise(factor=gn_scale, samples=gn_samples, seed=noise_seed)
+
+
+def _head_detection(
+    model, model_name, prompts, seed, k, direction, corruptions, metrics, variants, n_boot, gn_scale, gn_samples,
+    noise_seed,
+) -> tuple[dict, dict]:  # fmt: skip
+    """:func:`head_detection` in one direction, and its resampled detection masks (per setting)."""
+    noise_seed = seed if noise_seed is None else noise_seed
     batch = TaskBatch.build(model, "ioi", prompts, seed=seed)
     sign = P.effect_sign(direction)  # the sign of a needed head's effect; the other sign pushes the answer down
     other: Literal["positive", "negative"] = "positive" if sign == "negative" else "negative"
@@ -206,7 +250,7 @@ def head_detection(
     weights = bootstrap_weights(batch.size, n_boot, seed)
     rows, boot_masks = {}, {}
     for corruption, wanted in by_corruption.items():
-        setup = prepare_recording(model, batch, corruption, wanted)
+        setup = prepare_recording(model, batch, study_corruption(corruption, gn_scale, gn_samples, noise_seed), wanted)
         copies = setup.plan.size // batch.size  # GN stacks its noise samples: rows = copies x prompts
         results = patch_heads_metrics(setup, direction)
         for metric, res in results.items():
@@ -260,6 +304,9 @@ def head_detection(
         "direction": direction,
         "k": k,
         "n_boot": n_boot,
+        "gn_scale": gn_scale,
+        "gn_samples": gn_samples,
+        "noise_seed": noise_seed,
         "signs": signs,
         "settings": rows,
         "jaccard": compare.matrix(compare.pairwise(heads), names).tolist(),
@@ -269,7 +316,62 @@ def head_detection(
         ),
         "stability": {h: f for h, f in compare.stability(heads).items()},
         "s2_vs_s1io": {v: rows[f"{v}/logit_diff"]["heads"] for v in variants if f"{v}/logit_diff" in rows},
+    }, {n: boot_masks[(n, "heads")] for n in names if (n, "heads") in boot_masks}
+
+
+def both_directions(
+    model, model_name, prompts, seed, k, corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed
+) -> dict:
+    """Head detection denoising and noising on the same prompts and resamples, and per corruption and
+    metric the Jaccard between the two directions' needed heads, with a 95% interval over the same
+    prompt resamples (Zhang & Nanda 2023 sec. 5: noising and denoising can find different circuits)."""
+    args = (prompts, seed, k)
+    rest = (corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed)
+    den, den_masks = _head_detection(model, model_name, *args, "denoise", *rest)
+    noi, noi_masks = _head_detection(model, model_name, *args, "noise", *rest)
+    agreement = {}
+    for name in den["settings"]:
+        if name in den_masks and name in noi_masks:
+            a, b = f"denoise {name}", f"noise {name}"
+            found = {a: set(den["settings"][name]["heads"]), b: set(noi["settings"][name]["heads"])}
+            (pair,) = jaccard_intervals({a: den_masks[name], b: noi_masks[name]}, found).values()
+            agreement[name] = {"jaccard": pair["jaccard"], "low": pair["low"], "high": pair["high"]}
+    return {"model": model_name, "direction": "both", "by_direction": [den, noi], "directions": agreement}
+
+
+def axis_ranking(h: dict) -> list[dict]:
+    """Which choice moves the detected heads most: for each axis (corruption, STR variant, metric,
+    direction), the mean 1 - Jaccard over pairs of settings that differ in that choice only; largest first."""
+    studies = h["by_direction"] if h.get("direction") == "both" else [h]
+    found = {
+        (d["direction"], r["corruption"], r["metric"]): set(r["heads"]) for d in studies for r in d["settings"].values()
     }
+    moves: dict[str, list[float]] = {"corruption": [], "STR variant": [], "metric": [], "direction": []}
+    keys = list(found)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            differ = [j for j in range(3) if a[j] != b[j]]
+            if len(differ) != 1:
+                continue
+            axis = ("direction", "corruption", "metric")[differ[0]]
+            if axis == "corruption" and a[1].startswith("str") and b[1].startswith("str"):
+                axis = "STR variant"
+            moves[axis].append(1 - compare.jaccard(found[a], found[b]))
+    ranked = [{"axis": x, "pairs": len(v), "change": sum(v) / len(v)} for x, v in moves.items() if v]
+    return sorted(ranked, key=lambda r: -r["change"])
+
+
+def ranking_summary(ranking: list[dict]) -> str:
+    """One sentence: which choice changes the detected heads most."""
+    if not ranking:
+        return "No two settings differ in one choice only, so no choice can be ranked."
+    top = ranking[0]
+    if top["change"] == 0:
+        return "Every choice finds the same heads: no choice moves the detected heads."
+    return (
+        f"The {top['axis']} moves the detected heads most: settings that differ only in it share "
+        f"{1 - top['change']:.0%} of their heads on average (Jaccard), over {top['pairs']} pair(s)."
+    )
 
 
 def jaccard_intervals(masks: dict[str, torch.Tensor], found: dict[str, set], level: float = 0.95) -> dict[str, dict]:
@@ -479,45 +581,78 @@ def _signs_and_stability(h: dict) -> list[R.Section]:
     ]
 
 
-def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> dict[str, str]:
-    """Write ``study.html`` and ``study.md``: the settings' disagreements, with figures."""
-    sections = []
+def _first_screen(heads: list[dict]) -> R.Section:
+    """Which choice moves the detected heads most, ranked, with one sentence, per model."""
+    blocks: list[R.Block] = []
     for h in heads:
-        title = f"IOI head detection on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
-        rows = [[n, ", ".join(r["heads"]) or "(none)", top_head(r)] for n, r in h["settings"].items()]
-        blocks = [
-            R.text(quantity_note(h["direction"])),
-            R.table(["corruption/metric", "heads found", "top head by |effect|: effect [95% interval]"], rows),
-            R.text(
-                ", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])),
-                bold="Heads by the fraction of settings that find them:",
+        ranking = axis_ranking(h)
+        blocks += [
+            R.text(ranking_summary(ranking), bold=f"{h['model']}:"),
+            R.table(
+                ["choice", "pairs of settings differing only in it", "mean 1 - Jaccard of the heads found"],
+                [[r["axis"], r["pairs"], r["change"]] for r in ranking],
             ),
         ]
-        if h["s2_vs_s1io"]:
-            blocks.append(
-                R.text(
-                    "; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()),
-                    bold="Corrupting S2 vs S1+IO:",
-                )
-            )
+    return R.section("Which choice moves the detected heads most", *blocks)
+
+
+def _directions_section(h: dict) -> R.Section:
+    """Denoising vs noising: the Jaccard of their needed heads per corruption and metric, with intervals."""
+    rows = [[n, a["jaccard"], f"[{a['low']:.2f}, {a['high']:.2f}]"] for n, a in h["directions"].items()]
+    return R.section(
+        f"Denoising vs noising on {h['model']}",
+        R.text(
+            "Jaccard of the needed heads found by denoising and by noising, with a 95% interval over the same "
+            "prompt resamples in both directions."
+        ),
+        R.table(["corruption/metric", "Jaccard", "95% interval"], rows),
+    )
+
+
+def _head_sections(h: dict) -> list[R.Section]:
+    """The sections of one direction's head detection."""
+    sections: list[R.Section] = []
+    title = f"IOI head detection on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
+    rows = [[n, ", ".join(r["heads"]) or "(none)", top_head(r)] for n, r in h["settings"].items()]
+    blocks = [
+        R.text(quantity_note(h["direction"])),
+        R.table(["corruption/metric", "heads found", "top head by |effect|: effect [95% interval]"], rows),
+        R.text(
+            ", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])),
+            bold="Heads by the fraction of settings that find them:",
+        ),
+    ]
+    if h["s2_vs_s1io"]:
         blocks.append(
-            R.figure(
-                figures.heatmap(h["jaccard"], h["names"], "Jaccard overlap of the heads found"),
-                "Jaccard overlap of the heads found",
+            R.text(
+                "; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()),
+                bold="Corrupting S2 vs S1+IO:",
             )
         )
-        settings = [
-            {"metric": r["metric"], "corruption": r["corruption"], "direction": h["direction"]}
-            for r in h["settings"].values()
-        ]
-        codes = [c for c in health.PITFALLS if any(c in health.setting_notes(x) for x in settings)]
-        warnings = head_warnings(h)
-        sections += [
-            R.section(title, *blocks),
-            *_signs_and_stability(h),
-            *([R.section("Warnings", R.bullets(warnings), level=3)] if warnings else []),
-            R.section("Pitfalls of these settings, with this run's evidence", _head_pitfalls(h, codes), level=3),
-        ]
+    blocks.append(
+        R.figure(
+            figures.heatmap(h["jaccard"], h["names"], "Jaccard overlap of the heads found"),
+            "Jaccard overlap of the heads found",
+        )
+    )
+    settings = [
+        {"metric": r["metric"], "corruption": r["corruption"], "direction": h["direction"]}
+        for r in h["settings"].values()
+    ]
+    codes = [c for c in health.PITFALLS if any(c in health.setting_notes(x) for x in settings)]
+    warnings = head_warnings(h)
+    sections += [
+        R.section(title, *blocks),
+        *_signs_and_stability(h),
+        *([R.section("Warnings", R.bullets(warnings), level=3)] if warnings else []),
+        R.section("Pitfalls of these settings, with this run's evidence", _head_pitfalls(h, codes), level=3),
+    ]
+    return sections
+
+
+def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
+    """The sections of the MLP localisation."""
+    sections: list[R.Section] = []
     for m in mlps:
         title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']})"
         rows = [
@@ -558,6 +693,18 @@ def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> di
             ),
             R.section("Pitfalls of this setting", _pitfalls(health.setting_notes(setting)), level=3),
         ]
+    return sections
+
+
+def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> dict[str, str]:
+    """Write ``study.html`` and ``study.md``: the settings' disagreements, with figures."""
+    sections = [_first_screen(heads)] if heads else []
+    for study_ in heads:
+        if study_.get("direction") == "both":
+            sections.append(_directions_section(study_))
+        for h in study_["by_direction"] if study_.get("direction") == "both" else [study_]:
+            sections += _head_sections(h)
+    sections += _mlp_sections(mlps)
     out = Path(out_dir)
     title = "Settings-sensitivity study"
     return {
