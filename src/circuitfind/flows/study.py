@@ -1,8 +1,9 @@
 """The settings-sensitivity study as a Prefect flow.
 
     python flows/study.py                                  # IOI head detection on toy-ioi (about a minute)
+    python flows/study.py --direction both                 # both directions, and the Jaccard between them
     python flows/study.py --ioi-models toy-ioi smollm2-135m --factual-models smollm2-135m   # needs the fetched model;
-                                                           # about 15 minutes on 2 CPUs
+                                                           # 16-30 minutes per SmolLM2 model (16 prompts, 2 CPUs)
 
 (``python -m circuitfind.flows.study`` when installed.) Writes ``<outputs>/<run>/study.html``,
 ``study.md`` and ``study.json``; ``<outputs>`` defaults to the checkout's ``outputs/``, or
