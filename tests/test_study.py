@@ -1,6 +1,7 @@
 """The settings study's computations: several metrics from one sweep, bootstrap over prompts (not
 GN's prompt x noise-sample rows), stability of the detected heads, and signs a setting cannot show."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -361,3 +362,44 @@ def test_ranking_summary_in_one_sentence():
         "on average (Jaccard), over 3 pair(s)."
     )
     assert "no choice moves" in study.ranking_summary([{"axis": "metric", "pairs": 1, "change": 0.0}])
+
+
+def test_the_mlp_chart_fits_its_y_axis_and_ticks_whole_layers():
+    from circuitfind import figures
+
+    curves = {"window 1": (list(range(30)), [0.001 * i for i in range(30)])}  # below 0.09, as on SmolLM2
+    svg = figures.line_chart(curves, "layer", "effect", "t", fit_y=True, integer_x=True)
+    yticks = re.findall(r'text-anchor="end" font-size="9">([^<]*)</text>', svg)
+    xticks = re.findall(r'text-anchor="middle" font-size="9">([^<]*)</text>', svg)
+    assert "1.00" not in yticks and "0.03" in yticks  # the axis ends near the data's 0.029, not at 1
+    assert xticks == [str(i) for i in range(0, 30, 3)]  # whole layers (not 0.00 / 14.50 / 29.00)
+    default = figures.line_chart(curves, "layer", "effect", "t")
+    assert "1.00" in re.findall(r'font-size="9">([^<]*)</text>', default)  # other charts keep 0-1
+
+
+@pytest.fixture(scope="module")
+def random_gpt2(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from circuitfind.bpe import tokenizer_dir
+    from circuitfind.models import load_model
+
+    if not (tokenizer_dir() / "tokenizer.json").is_file():
+        pytest.skip("GPT-2 tokenizer not built: run `circuitfind models fetch gpt2-tokenizer`")
+    folder = tmp_path_factory.mktemp("gpt2-random")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64)).save_pretrained(folder)
+    return load_model(folder, device="cpu", tokenizer="gpt2")
+
+
+def test_the_mlp_part_honours_its_direction(random_gpt2):
+    out = {d: study.mlp_localisation(random_gpt2, "g", prompts=6, windows=(1, 3), direction=d) for d in P.DIRECTIONS}
+    batch = TaskBatch.build(random_gpt2, "factual", 6, seed=0)
+    setup = P.prepare(random_gpt2, batch, "gn", "prob")
+    for d, got in out.items():
+        res = P.patch_mlp_windows(setup, 1, d, ["subject_last"])
+        expected = res.effect / (setup.clean_value - setup.corrupt_value)
+        assert got["direction"] == d and torch.allclose(torch.tensor(got["curves"]["window 1"]), expected, atol=1e-6)
+    assert out["denoise"]["curves"] != out["noise"]["curves"]
+    with pytest.raises(ValueError, match="direction"):
+        study.mlp_localisation(random_gpt2, "g", prompts=6, direction="sideways")  # type: ignore[arg-type]

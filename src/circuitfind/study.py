@@ -406,22 +406,28 @@ def mlp_localisation(
     corruption: str = "gn",
     metric: str = "prob",
     position: str = "subject_last",
+    direction: P.Direction = "denoise",
 ) -> dict:
-    """Per-layer restoration by MLP windows at the subject's last token, and the summation baseline."""
+    """Per-layer effect of MLP windows at the subject's last token (Meng et al. 2022's restoration when
+    denoising; the damage of noising them when noising), and the summation baseline. The curves are
+    the effect against the base run, ``(patched - base) / (clean - corrupt)``."""
+    P.check_direction(direction)
     batch = TaskBatch.build(model, "factual", prompts, seed=seed)
     setup = P.prepare(model, batch, corruption, metric)
+    gap = setup.clean_value - setup.corrupt_value
+    sign = 1 if direction == "denoise" else -1  # a needed MLP's effect: restoring raises, noising lowers
     curves, peaks = {}, {}
     single = None
     for w in sorted(set(windows) | {1}):
-        res = P.patch_mlp_windows(setup, w, "denoise", [position])
+        res = P.patch_mlp_windows(setup, w, direction, [position])
         if w == 1:
             single = res
-        curves[f"window {w}"] = res.normalised.tolist()
+        curves[f"window {w}"] = (res.effect / gap).tolist()
     for w in windows:
         if w > 1:
-            curves[f"sum of {w} single layers"] = P.window_sum_baseline(single, w).normalised.tolist()
+            curves[f"sum of {w} single layers"] = (P.window_sum_baseline(single, w).effect / gap).tolist()
     for name, curve in curves.items():
-        peaks[name] = int(torch.tensor(curve).argmax())
+        peaks[name] = int((sign * torch.tensor(curve)).argmax())
     agreement = {}
     for w in windows:
         if w > 1:
@@ -430,8 +436,8 @@ def mlp_localisation(
                 "spearman": compare.rank_correlation(a, b, absolute=False)["spearman"],
                 "peak_window": peaks[f"window {w}"],
                 "peak_sum": peaks[f"sum of {w} single layers"],
-                "max_window": float(a.max()),
-                "max_sum": float(b.max()),
+                "max_window": float(a[(sign * a).argmax()]),
+                "max_sum": float(b[(sign * b).argmax()]),
             }
     return {
         "model": model_name,
@@ -439,6 +445,7 @@ def mlp_localisation(
         "corruption": corruption,
         "metric": metric,
         "position": position,
+        "direction": direction,
         "clean": setup.clean_value,
         "corrupt": setup.corrupt_value,
         "curves": curves,
@@ -654,7 +661,7 @@ def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
     """The sections of the MLP localisation."""
     sections: list[R.Section] = []
     for m in mlps:
-        title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']})"
+        title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']}, {m.get('direction', 'denoise')})"
         rows = [
             [w, a["peak_window"], a["peak_sum"], a["max_window"], a["max_sum"], a["spearman"]]
             for w, a in m["agreement"].items()
@@ -663,15 +670,17 @@ def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
         chart = figures.line_chart(
             {k: (layers, v) for k, v in m["curves"].items()},
             "layer (window centre)",
-            "normalised restoration",
+            "effect / (clean - corrupt)",
             "MLP windows vs summation of single layers",
             760,
             340,
+            fit_y=True,
+            integer_x=True,
         )
         setting = {
             "metric": m["metric"],
             "corruption": m["corruption"],
-            "direction": "denoise",
+            "direction": m.get("direction", "denoise"),
             "mlp_window": max([int(w) for w in m["agreement"]] or [1]),
         }
         sections += [
@@ -683,8 +692,8 @@ def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
                         "window",
                         "peak layer (window)",
                         "peak layer (sum)",
-                        "max restored (window)",
-                        "max restored (sum)",
+                        "largest effect (window)",
+                        "largest effect (sum)",
                         "Spearman",
                     ],
                     rows,

@@ -13,10 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -48,8 +50,36 @@ def heads_task(
 
 
 @task(name="factual-mlp-localisation", task_run_name="mlps-{model_name}", persist_result=False)
-def mlps_task(model_name: str, prompts: int, seed: int) -> dict:
-    return study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed)
+def mlps_task(model_name: str, prompts: int, seed: int, cache_dir: str | None = None, **options) -> dict:
+    """The MLP localisation, read from ``cache_dir`` when the same model files, task, code and options
+    were studied before (it does not depend on the head study's choices)."""
+    from circuitfind.sweep import model_fingerprint, package_fingerprint, task_fingerprint
+
+    blob: dict[str, Any] = {
+        "model": model_fingerprint(model_name),
+        "task": task_fingerprint("factual"),
+        "code": package_fingerprint(),
+    }
+    blob |= {
+        "name": model_name,
+        "prompts": prompts,
+        "seed": seed,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+    }
+    entry = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / (hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+        if entry.is_file():
+            try:
+                cached = json.loads(entry.read_text())
+                print(f"MLP localisation of {model_name}: from the cache ({entry})")
+                return {**cached, "cached": True}
+            except (OSError, ValueError):  # a damaged entry is recomputed and replaced
+                pass
+    out = study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed, **options)
+    if entry is not None:
+        write_json(entry, out)
+    return out
 
 
 @flow(name="circuitfind-study", log_prints=True)
@@ -64,6 +94,7 @@ def settings_study(
     direction: P.Direction | Literal["both"] = "denoise",
     n_boot: int = 500,
     grid: dict | None = None,
+    mlp: dict | None = None,
 ) -> dict:
     """IOI head detection and factual-recall MLP localisation under many settings, and where they disagree.
 
@@ -71,7 +102,8 @@ def settings_study(
     ``outputs`` to :func:`circuitfind.paths.default_outputs`. Head detection patches in ``direction``
     (``denoise``, ``noise`` or ``both``) and resamples prompts ``n_boot`` times for intervals and stability;
     ``grid`` holds :func:`circuitfind.study.head_detection`'s other choices (metrics, corruptions, variants,
-    k, gn_scale, gn_samples, noise_seed)."""
+    k, gn_scale, gn_samples, noise_seed), ``mlp`` :func:`circuitfind.study.mlp_localisation`'s (windows,
+    corruption, metric, position, direction), cached in ``<outputs>/.cache/study-mlp/``."""
     if direction != "both":
         P.check_direction(direction)
     positive_int("n_boot", n_boot)
@@ -79,7 +111,8 @@ def settings_study(
     factual_models = factual_models or []
     run_dir = run_folder(outputs, run, "study-")
     heads = [heads_task(m, ioi_prompts, seed, direction, n_boot, **(grid or {})) for m in ioi_models]
-    mlps = [mlps_task(m, factual_prompts, seed) for m in factual_models]
+    cache = str(run_dir.parent / ".cache" / "study-mlp")
+    mlps = [mlps_task(m, factual_prompts, seed, cache, **(mlp or {})) for m in factual_models]
     paths = study.study_report(heads, mlps, run_dir)
     write_json(run_dir / "study.json", {"heads": heads, "mlps": mlps, "report": paths})
     create_markdown_artifact(Path(paths["markdown"]).read_text(), key="settings-study")
@@ -102,6 +135,17 @@ def grid_of(a: argparse.Namespace) -> dict:
         "gn_scale": a.gn_scale,
         "gn_samples": a.gn_samples,
         "noise_seed": a.noise_seed,
+    }
+
+
+def mlp_of(a: argparse.Namespace) -> dict:
+    """The MLP localisation's options from the command line."""
+    return {
+        "windows": tuple(a.windows),
+        "corruption": a.mlp_corruption,
+        "metric": a.mlp_metric,
+        "position": a.mlp_position,
+        "direction": a.mlp_direction,
     }
 
 
@@ -128,6 +172,10 @@ def check_arguments(a: argparse.Namespace) -> None:
         raise ValueError(f"--k must be a finite number > 0, got {a.k}")
     if not (math.isfinite(a.gn_scale) and a.gn_scale > 0):
         raise ValueError(f"--gn-scale must be a finite number > 0, got {a.gn_scale}")
+    for w in a.windows:
+        positive_int("--windows", w)
+    get_corruption(a.mlp_corruption)
+    get_metric(a.mlp_metric)
     run_folder(a.outputs, a.run)
 
 
@@ -162,6 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gn-scale", type=float, default=3.0, help="GN noise in embedding SDs (default 3.0)")
     p.add_argument("--gn-samples", type=int, default=3, help="GN noise samples per prompt (default 3)")
     p.add_argument("--noise-seed", type=int, default=None, help="GN noise seed (default: --seed)")
+    p.add_argument("--windows", nargs="+", type=int, default=[1, 3, 5], help="MLP window sizes (default 1 3 5)")
+    p.add_argument("--mlp-corruption", default="gn", help="the MLP part's corruption (default gn)")
+    p.add_argument("--mlp-metric", default="prob", help="the MLP part's metric (default prob)")
+    p.add_argument(
+        "--mlp-position", default="subject_last", help="token position the MLPs are patched at (default subject_last)"
+    )
+    p.add_argument(
+        "--mlp-direction", choices=("denoise", "noise"), default="denoise",
+        help="the MLP part's direction, independent of --direction (default denoise: restoration, as Meng et al.)",
+    )  # fmt: skip
     p.add_argument("--run", default=None, help="run folder name (default: a new study-<time>)")
     p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")
     a = p.parse_args(argv)
@@ -179,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 a.direction,
                 a.n_boot,
                 grid_of(a),
+                mlp_of(a),
             )
     except USER_ERRORS as err:
         print(f"circuitfind: error: {err}", file=sys.stderr)
