@@ -1,6 +1,7 @@
 """The settings study's computations: several metrics from one sweep, bootstrap over prompts (not
 GN's prompt x noise-sample rows), stability of the detected heads, and signs a setting cannot show."""
 
+import json
 import re
 from pathlib import Path
 
@@ -403,3 +404,30 @@ def test_the_mlp_part_honours_its_direction(random_gpt2):
     assert out["denoise"]["curves"] != out["noise"]["curves"]
     with pytest.raises(ValueError, match="direction"):
         study.mlp_localisation(random_gpt2, "g", prompts=6, direction="sideways")  # type: ignore[arg-type]
+
+
+def test_the_mlp_part_is_cached_by_model_files_and_options(tmp_path):
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from circuitfind.bpe import tokenizer_dir
+    from circuitfind.flows.study import mlps_task
+
+    if not (tokenizer_dir() / "tokenizer.json").is_file():
+        pytest.skip("GPT-2 tokenizer not built")
+    folder = tmp_path / "gpt2-random"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64)).save_pretrained(folder)
+    for f in tokenizer_dir().iterdir():
+        shutil.copy(f, folder / f.name)
+    cache = tmp_path / "cache"
+    first = mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3))
+    assert "cached" not in first and len(list(cache.iterdir())) == 1
+    again = mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3))
+    assert again.pop("cached") is True and again == json.loads(json.dumps(first))
+    noised = mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3), direction="noise")
+    assert "cached" not in noised and noised["direction"] == "noise" and len(list(cache.iterdir())) == 2
+    for entry in cache.iterdir():
+        entry.write_text("{ damaged")  # a damaged entry is recomputed, not an error
+    assert mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3))["curves"] == first["curves"]
