@@ -403,7 +403,7 @@ def test_the_mlp_part_honours_its_direction(random_gpt2):
         assert got["direction"] == d and torch.allclose(torch.tensor(got["curves"]["window 1"]), expected, atol=1e-6)
     assert out["denoise"]["curves"] != out["noise"]["curves"]
     with pytest.raises(ValueError, match="direction"):
-        study.mlp_localisation(random_gpt2, "g", prompts=6, direction="sideways")  # type: ignore[arg-type]
+        study.mlp_localisation(random_gpt2, "g", prompts=6, direction="sideways")
 
 
 def test_the_mlp_part_is_cached_by_model_files_and_options(tmp_path):
