@@ -178,7 +178,7 @@ def test_settings_study_flow(prefect_harness, tmp_path):
         "str:s1_io/logit_diff"
     }
     for row in heads["settings"].values():
-        low, high, eff = map(torch.tensor, (row["ci_low"], row["ci_high"], row["normalised"]))
+        low, high, eff = map(torch.tensor, (row["ci_low"], row["ci_high"], row["effect"]))
         assert (low <= eff + 1e-6).all() and (eff <= high + 1e-6).all()
     assert len(heads["jaccard"]) == 7 and set(heads["s2_vs_s1io"]) == {"str:s2_io", "str:s1_io"}
     html = Path(out["html"]).read_text()

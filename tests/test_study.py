@@ -1,6 +1,10 @@
 """The settings study's computations: several metrics from one sweep, bootstrap over prompts (not
 GN's prompt x noise-sample rows), stability of the detected heads, and signs a setting cannot show."""
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -66,12 +70,16 @@ def test_head_detection_bootstraps_gn_over_prompts(ioi_model):
     row = out["settings"]["gn/logit_diff"]
     assert row["noise_samples"] == 3
     batch = TaskBatch.build(ioi_model, "ioi", 10, seed=0)
-    res = P.patch_heads(P.prepare(ioi_model, batch, "gn", "logit_diff"), "denoise")
+    setup = P.prepare(ioi_model, batch, "gn", "logit_diff")
+    res = P.patch_heads(setup, "denoise")
     assert res.per_prompt.shape[-1] == 30  # 10 prompts x 3 noise samples
-    per_prompt = (res.per_prompt.reshape(3, 4, 3, 10).mean(-2) - res.base) / (res.clean - res.corrupt)
+    base = study.base_rows(setup, "logit_diff", "denoise")  # each row's own base run (paired)
+    gap = res.clean - res.corrupt
+    per_prompt = ((res.per_prompt - base).reshape(3, 4, 3, 10).mean(-2) / gap).float()
     expected = agreement.bootstrap_ci(per_prompt, n_boot=200, seed=0)
-    assert row["ci_low"] == expected.low.tolist() and row["ci_high"] == expected.high.tolist()
-    rows = agreement.bootstrap_ci((res.per_prompt - res.base) / (res.clean - res.corrupt), n_boot=200)
+    assert torch.allclose(torch.tensor(row["ci_low"]), expected.low, atol=1e-6)
+    assert torch.allclose(torch.tensor(row["ci_high"]), expected.high, atol=1e-6)
+    rows = agreement.bootstrap_ci((res.per_prompt - base) / gap, n_boot=200)
     assert (expected.high - expected.low).mean() > (rows.high - rows.low).mean()  # the old, too narrow intervals
 
 
@@ -152,6 +160,12 @@ def test_patch_command_says_when_a_sign_cannot_occur(capsys):
         (["--n-boot", "0"], "n_boot"),
         (["--ioi-models", "no-such-model"], "no-such-model"),
         (["--run", "../escape"], "is not a folder name"),
+        (["--metrics", "nope"], "nope"),
+        (["--corruptions", "bogus"], "unknown corruption 'bogus'"),
+        (["--variants", "gn:x"], "takes no ':' argument"),
+        (["--k", "0"], "--k must be a finite number > 0"),
+        (["--gn-scale", "nan"], "--gn-scale must be a finite number > 0"),
+        (["--gn-samples", "0"], "--gn-samples"),
     ],
 )
 def test_study_options_are_checked_before_prefect_starts(tmp_path, capsys, argv, message):
@@ -161,3 +175,259 @@ def test_study_options_are_checked_before_prefect_starts(tmp_path, capsys, argv,
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module", params=["denoise", "noise"])
+def detection(request, ioi_model):
+    """The study's head detection in one direction, every metric, STR and GN (the flow's settings, fewer prompts)."""
+    return study.head_detection(
+        ioi_model,
+        "toy-ioi",
+        prompts=10,
+        direction=request.param,
+        corruptions=("str:s2_io", "gn"),
+        metrics=("prob", "logit_diff", "kl", "logprob"),
+        variants=(),
+        n_boot=200,
+    )
+
+
+def test_every_point_lies_inside_its_interval_in_both_directions(detection):
+    # the point was (patched - corrupt) / gap while noising, the interval (patched - clean) / gap: none inside
+    for name, row in detection["settings"].items():
+        eff, low, high = (torch.tensor(row[k]) for k in ("effect", "ci_low", "ci_high"))
+        assert ((low <= eff + 1e-6) & (eff <= high + 1e-6)).all(), name
+        res = torch.tensor(row["normalised"])
+        expected = res if row["direction"] == "denoise" else res - 1  # the effect against the base run
+        assert torch.allclose(eff, expected, atol=1e-5), name
+
+
+def test_top_head_has_the_largest_effect_and_the_report_names_the_quantity(detection, tmp_path):
+    for name, row in detection["settings"].items():
+        eff = torch.tensor(row["effect"])
+        layer, head = divmod(int(eff.abs().flatten().argmax()), eff.shape[1])
+        shown = study.top_head(row)
+        assert shown.startswith(f"a{layer}.{head}: {eff[layer, head]:.3f} ["), name
+        assert abs(eff[layer, head]) == eff.abs().max()
+    md = Path(study.study_report([detection], [], tmp_path)["markdown"]).read_text()
+    assert "Effect = (patched - base) / (clean - corrupt)" in md and "paired per prompt" in md
+    assert study.SIGN_CONVENTION[detection["direction"]] in md
+    assert "top head by \\|effect\\|: effect [95% interval]" in md  # Markdown escapes the bars
+
+
+def test_a_zero_effect_head_gets_a_zero_width_interval():
+    # prompts whose base run varies a lot; head 0 changes nothing, head 1 adds 0.5 to every prompt
+    base = torch.tensor([0.1, 0.9, 0.4, 0.7, 0.2, 0.8])
+    per_prompt = torch.stack([base, base + 0.5])
+    paired = study.paired_effects(per_prompt, base, 1, 2.0)
+    ci = agreement.bootstrap_ci(paired, n_boot=500)
+    assert ci.low[0] == ci.high[0] == ci.mean[0] == 0  # the unpaired (per_prompt - mean base) was [-0.16, 0.16]
+    assert torch.allclose(torch.stack([ci.low[1], ci.mean[1], ci.high[1]]), torch.tensor(0.25))
+    unpaired = agreement.bootstrap_ci((per_prompt - base.mean()) / 2.0, n_boot=500)
+    assert unpaired.high[0] - unpaired.low[0] > 0.1
+    # GN: 2 noise samples of 3 prompts, sample-major; each row against its own base row
+    rows = torch.tensor([[1.0, 2.0, 3.0, 1.5, 2.5, 3.5]])
+    assert torch.allclose(study.paired_effects(rows + 1, rows[0], 2, 1.0), torch.ones(1, 3))
+    with pytest.raises(ValueError, match="base rows"):
+        study.paired_effects(rows, torch.zeros(5), 1, 1.0)
+
+
+@pytest.fixture(scope="module")
+def silent_head_model():
+    """toy-ioi with head a1.2's output weights zeroed: patching it can change nothing, on any prompt."""
+    from circuitfind.catalogue import load_model
+
+    model = load_model("toy-ioi", device="cpu")
+    weight = dict(model.named_parameters())["transformer.h.1._original_component.attn.o._original_component.weight"]
+    d_head = model.cfg.d_head
+    with torch.no_grad():
+        weight[2 * d_head : 3 * d_head].zero_()  # GPT-2's Conv1D: rows are the heads' inputs to W_O
+    assert model.W_O[1, 2].abs().sum() == 0 and model.W_O[1, 1].abs().sum() > 0
+    return model
+
+
+@pytest.mark.parametrize("direction", ["denoise", "noise"])
+def test_a_head_that_does_nothing_gets_a_zero_width_interval_in_the_study(silent_head_model, direction):
+    out = study.head_detection(
+        silent_head_model, "toy-ioi", prompts=10, direction=direction, corruptions=("str:s2_io",),
+        metrics=("logit_diff", "kl"), variants=(), n_boot=200,
+    )  # fmt: skip
+    for name, row in out["settings"].items():
+        eff, low, high = (torch.tensor(row[k])[1, 2].item() for k in ("effect", "ci_low", "ci_high"))
+        # the suffix engine recomputes the rest of the model in another order: rounding only
+        assert abs(eff) < 1e-5 and high - low < 1e-5, (name, eff, low, high)
+        assert "a1.2" not in row["heads"]
+    setup = P.prepare(silent_head_model, TaskBatch.build(silent_head_model, "ioi", 8, seed=5), "str", "logit_diff")
+    setup.engine = "hooks"  # full forward passes: the patched run is the base run, bit for bit
+    base = study.base_rows(setup, "logit_diff", direction)
+    assert base.std() > 0  # the prompts differ, so an unpaired interval would not be zero-width
+    paired = study.paired_effects(P.patch_heads(setup, direction).per_prompt, base, 1, 1.0)
+    assert (paired[1, 2] == 0).all() and (paired[1, 1] != 0).any()
+
+
+def _row(corruption, metric, direction, effect, heads, **extra):
+    zeros = [[0.0] * 2 for _ in range(3)]
+    return {"corruption": corruption, "metric": metric, "direction": direction, "effect": effect, "heads": heads,
+            "ci_low": zeros, "ci_high": zeros, "clean": 1.0, "corrupt": 0.0, **extra}  # fmt: skip
+
+
+def test_warnings_for_kl_noising_negative_heads_and_tiny_found_heads():
+    kl = _row("str", "kl", "noise", [[0.0, -0.5], [-0.3, 0.0], [0.0, 0.0]], ["a0.1", "a1.0"])
+    ld = _row("str", "logit_diff", "noise", [[0.0, -0.4], [0.2, 0.0], [0.0, 0.0]], ["a0.1"])
+    rows = {"str/kl": kl, "str/logit_diff": ld}
+    assert study.kl_negative_heads(rows, "str") == {"a1.0": 0.2}  # removing a1.0 raises the logit difference
+    kl["kl_negative_heads"] = study.kl_negative_heads(rows, "str")
+    prob = _row("gn", "prob", "noise", [[0.0, -0.009], [0.0, 0.0], [0.0, 0.0]], ["a0.1"], small_heads=["a0.1"])
+    warnings = study.head_warnings({"settings": {**rows, "gn/prob": prob}})
+    assert len(warnings) == 2
+    assert warnings[0].startswith("str/kl: a1.0 (+0.200) are listed as needed")
+    assert warnings[1].startswith("gn/prob: 1 found head(s) (a0.1) have effects under 1% of the gap (largest 0.009)")
+    kl["kl_negative_heads"] = {}
+    assert study.head_warnings({"settings": rows}) == []  # nothing to warn about: no warning
+    kl_denoise = {**kl, "direction": "denoise"}
+    assert study.kl_negative_heads({"str/kl": kl_denoise, "str/logit_diff": ld}, "str") == {}
+
+
+def test_pitfalls_state_the_runs_own_evidence(tmp_path):
+    small_p = _row("str", "prob", "noise", [[0.0, -0.05], [0.0, 0.0], [0.0, 0.0]], ["a0.1"], base_prob=0.05)
+    gn = _row("gn", "logit_diff", "noise", [[0.0, -0.5], [0.0, 0.0], [0.0, -0.4]], ["a0.1", "a2.1"])
+    h = {"settings": {"str/prob": small_p, "gn/logit_diff": gn}}
+    text = str(study._head_pitfalls(h, ["probability_metric", "gaussian_noise"]))
+    assert "str/prob: p = 0.050 on the base run, so no effect can go below -0.050 (p < 0.1: the bound binds" in text
+    assert "early heads (layers 0-0) found under Gaussian noise: gn/logit_diff: a0.1" in text
+    gn["heads"] = ["a2.1"]
+    small_p["base_prob"] = 0.35
+    text = str(study._head_pitfalls(h, ["probability_metric", "gaussian_noise"]))
+    assert "p = 0.350" in text and "does not bind" in text
+    assert "no early head (layers 0-0) was found under Gaussian noise" in text
+
+
+def test_every_grid_option_has_help_and_its_default(capsys):
+    from circuitfind.flows.study import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [
+        ("--metrics", "default prob logit_diff kl"), ("--corruptions", "default str:s2_io gn"),
+        ("--variants", "default str:s2_io str:s1_io"), ("--k", "default 2.0"), ("--gn-scale", "default 3.0"),
+        ("--gn-samples", "default 3"), ("--noise-seed", "default: --seed"), ("--direction", "default denoise"),
+        ("--n-boot", "default 500"), ("--seed", "default 0"),
+    ]:  # fmt: skip
+        assert option in text and default in text, option
+
+
+def test_gn_options_reach_the_noise_and_the_noise_seed_follows_seed(ioi_model):
+    grid = dict(corruptions=("gn",), metrics=("logit_diff",), variants=(), n_boot=50, prompts=6)
+    a = study.head_detection(ioi_model, "toy-ioi", seed=1, **grid)
+    b = study.head_detection(ioi_model, "toy-ioi", seed=1, noise_seed=7, **grid)
+    c = study.head_detection(ioi_model, "toy-ioi", seed=1, gn_samples=2, gn_scale=1.0, **grid)
+    assert a["noise_seed"] == 1 and b["noise_seed"] == 7  # tied to --seed unless given (it was fixed at 0)
+    ra, rb, rc = (x["settings"]["gn/logit_diff"] for x in (a, b, c))
+    assert ra["effect"] != rb["effect"] and rc["noise_samples"] == 2 and c["gn_scale"] == 1.0
+    batch = TaskBatch.build(ioi_model, "ioi", 6, seed=1)
+    from circuitfind.corruptions import GaussianNoise
+
+    setup = P.prepare(ioi_model, batch, GaussianNoise(factor=1.0, samples=2, seed=1), "logit_diff")
+    assert torch.allclose(torch.tensor(rc["normalised"]), P.patch_heads(setup, "denoise").normalised, atol=1e-6)
+
+
+def test_both_directions_with_their_jaccard_and_the_ranked_first_screen(ioi_model, tmp_path):
+    out = study.head_detection(
+        ioi_model, "toy-ioi", prompts=10, direction="both", corruptions=("str:s2_io", "gn"),
+        metrics=("logit_diff", "kl"), variants=("str:s2_io", "str:s1_io"), n_boot=100,
+    )  # fmt: skip
+    den, noi = out["by_direction"]
+    assert (den["direction"], noi["direction"]) == ("denoise", "noise")
+    for name, agree in out["directions"].items():
+        a, b = set(den["settings"][name]["heads"]), set(noi["settings"][name]["heads"])
+        assert agree["jaccard"] == agreement.jaccard(a, b) and 0 <= agree["low"] <= agree["high"] <= 1
+    assert set(out["directions"]) == set(den["settings"])
+    ranking = study.axis_ranking(out)
+    assert {r["axis"] for r in ranking} == {"corruption", "STR variant", "metric", "direction"}
+    assert [r["change"] for r in ranking] == sorted((r["change"] for r in ranking), reverse=True)
+    direction = next(r for r in ranking if r["axis"] == "direction")
+    assert direction["pairs"] == len(den["settings"])  # each setting once in each direction
+    expected = sum(1 - a["jaccard"] for a in out["directions"].values()) / direction["pairs"]
+    assert direction["change"] == pytest.approx(expected)
+    md = Path(study.study_report([out], [], tmp_path)["markdown"]).read_text()
+    first = md.split("## ")[1]
+    assert first.startswith("Which choice moves the detected heads most") and study.ranking_summary(ranking) in first
+    assert "Denoising vs noising on toy-ioi" in md and md.count("IOI head detection on toy-ioi") >= 2
+
+
+def test_ranking_summary_in_one_sentence():
+    ranking = [{"axis": "metric", "pairs": 3, "change": 0.75}, {"axis": "direction", "pairs": 2, "change": 0.0}]
+    assert study.ranking_summary(ranking) == (
+        "The metric moves the detected heads most: settings that differ only in it share 25% of their heads "
+        "on average (Jaccard), over 3 pair(s)."
+    )
+    assert "no choice moves" in study.ranking_summary([{"axis": "metric", "pairs": 1, "change": 0.0}])
+
+
+def test_the_mlp_chart_fits_its_y_axis_and_ticks_whole_layers():
+    from circuitfind import figures
+
+    curves = {"window 1": (list(range(30)), [0.001 * i for i in range(30)])}  # below 0.09, as on SmolLM2
+    svg = figures.line_chart(curves, "layer", "effect", "t", fit_y=True, integer_x=True)
+    yticks = re.findall(r'text-anchor="end" font-size="9">([^<]*)</text>', svg)
+    xticks = re.findall(r'text-anchor="middle" font-size="9">([^<]*)</text>', svg)
+    assert "1.00" not in yticks and "0.03" in yticks  # the axis ends near the data's 0.029, not at 1
+    assert xticks == [str(i) for i in range(0, 30, 3)]  # whole layers (not 0.00 / 14.50 / 29.00)
+    default = figures.line_chart(curves, "layer", "effect", "t")
+    assert "1.00" in re.findall(r'font-size="9">([^<]*)</text>', default)  # other charts keep 0-1
+
+
+@pytest.fixture(scope="module")
+def random_gpt2(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from circuitfind.bpe import tokenizer_dir
+    from circuitfind.models import load_model
+
+    if not (tokenizer_dir() / "tokenizer.json").is_file():
+        pytest.skip("GPT-2 tokenizer not built: run `circuitfind models fetch gpt2-tokenizer`")
+    folder = tmp_path_factory.mktemp("gpt2-random")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64)).save_pretrained(folder)
+    return load_model(folder, device="cpu", tokenizer="gpt2")
+
+
+def test_the_mlp_part_honours_its_direction(random_gpt2):
+    out = {d: study.mlp_localisation(random_gpt2, "g", prompts=6, windows=(1, 3), direction=d) for d in P.DIRECTIONS}
+    batch = TaskBatch.build(random_gpt2, "factual", 6, seed=0)
+    setup = P.prepare(random_gpt2, batch, "gn", "prob")
+    for d, got in out.items():
+        res = P.patch_mlp_windows(setup, 1, d, ["subject_last"])
+        expected = res.effect / (setup.clean_value - setup.corrupt_value)
+        assert got["direction"] == d and torch.allclose(torch.tensor(got["curves"]["window 1"]), expected, atol=1e-6)
+    assert out["denoise"]["curves"] != out["noise"]["curves"]
+    with pytest.raises(ValueError, match="direction"):
+        study.mlp_localisation(random_gpt2, "g", prompts=6, direction="sideways")
+
+
+def test_the_mlp_part_is_cached_by_model_files_and_options(tmp_path):
+    import shutil
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from circuitfind.bpe import tokenizer_dir
+    from circuitfind.flows.study import mlps_task
+
+    if not (tokenizer_dir() / "tokenizer.json").is_file():
+        pytest.skip("GPT-2 tokenizer not built")
+    folder = tmp_path / "gpt2-random"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64)).save_pretrained(folder)
+    for f in tokenizer_dir().iterdir():
+        shutil.copy(f, folder / f.name)
+    cache = tmp_path / "cache"
+    first = mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3))
+    assert "cached" not in first and len(list(cache.iterdir())) == 1
+    again = mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3))
+    assert again.pop("cached") is True and again == json.loads(json.dumps(first))
+    noised = mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3), direction="noise")
+    assert "cached" not in noised and noised["direction"] == "noise" and len(list(cache.iterdir())) == 2
+    for entry in cache.iterdir():
+        entry.write_text("{ damaged")  # a damaged entry is recomputed, not an error
+    assert mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3))["curves"] == first["curves"]

@@ -167,14 +167,25 @@ def line_chart(
     title: str = "",
     width: int = 560,
     height: int = 300,
+    *,
+    fit_y: bool = False,
+    integer_x: bool = False,
 ) -> str:
-    """Lines over a shared x axis, with a legend (x and y ranges from the data)."""
+    """Lines over a shared x axis, with a legend (x and y ranges from the data).
+
+    By default the y axis spans at least 0-1 (normalised scores); ``fit_y`` fits it to the data
+    (with 5% margins), so small curves stay readable. ``integer_x`` puts ticks on whole numbers
+    (layers), at most about ten of them."""
     xs = [x for xv, _ in series.values() for x in xv]
     ys = [y for _, yv in series.values() for y in yv if not math.isnan(y)]
     if not xs or not ys:
         return _svg(width, 40, [f'<text x="10" y="20">{escape(title)}: no data</text>'])
     x0, x1 = min(xs), max(xs)
-    y0, y1 = min(min(ys), 0.0), max(max(ys), 1.0)
+    if fit_y:
+        margin = 0.05 * ((max(ys) - min(ys)) or abs(max(ys)) or 1.0)
+        y0, y1 = min(ys) - margin, max(ys) + margin
+    else:
+        y0, y1 = min(min(ys), 0.0), max(max(ys), 1.0)
     left, right, top, bottom = 50, 190, 30, 40
     pw, ph = width - left - right, height - top - bottom
 
@@ -192,8 +203,15 @@ def line_chart(
     ]
     for v in (y0, (y0 + y1) / 2, y1):
         body.append(f'<text x="{left - 4}" y="{py(v) + 4}" text-anchor="end" font-size="9">{v:.2f}</text>')
-    for v in (x0, (x0 + x1) / 2, x1):
-        body.append(f'<text x="{px(v)}" y="{top + ph + 14}" text-anchor="middle" font-size="9">{v:.2f}</text>')
+    if integer_x:
+        step = max(1, math.ceil((x1 - x0) / 10))
+        xticks = [f"{v}" for v in range(math.ceil(x0), math.floor(x1) + 1, step)]
+    else:
+        xticks = [f"{v:.2f}" for v in (x0, (x0 + x1) / 2, x1)]
+    for label in xticks:
+        body.append(
+            f'<text x="{px(float(label))}" y="{top + ph + 14}" text-anchor="middle" font-size="9">{label}</text>'
+        )
     if y0 < 1 < y1 or y1 == 1:
         body.append(
             f'<line x1="{left}" y1="{py(1)}" x2="{left + pw}" y2="{py(1)}" stroke="#ccc" stroke-dasharray="3,3"/>'

@@ -19,6 +19,7 @@ import torch
 
 from circuitfind import agreement, figures, health
 from circuitfind import patching as P
+from circuitfind.corruptions import Corruption, GaussianNoise, get_corruption
 from circuitfind.errors import ImpossibleSignError
 from circuitfind.io import write_text
 from circuitfind.metrics import Metric, MetricContext, get_metric
@@ -61,7 +62,9 @@ class MetricRecorder(Metric):
         return {m.name: picked[..., i].contiguous() for i, m in enumerate(self.metrics)}
 
 
-def prepare_recording(model, batch: TaskBatch, corruption: str, metrics: Sequence[str | Metric]) -> P.PatchingSetup:
+def prepare_recording(
+    model, batch: TaskBatch, corruption: str | Corruption, metrics: Sequence[str | Metric]
+) -> P.PatchingSetup:
     """A patching setup whose sweeps record every metric in ``metrics`` (:class:`MetricRecorder`)."""
     return P.prepare(model, batch, corruption, MetricRecorder(metrics))
 
@@ -94,6 +97,62 @@ def per_prompt_means(per_prompt: torch.Tensor, copies: int) -> torch.Tensor:
     return per_prompt.reshape(*per_prompt.shape[:-1], copies, n // copies).mean(-2)
 
 
+def paired_effects(per_prompt: torch.Tensor, base_rows: torch.Tensor, copies: int, gap: float) -> torch.Tensor:
+    """Each prompt's own normalised effect ``(patched_i - base_i) / (clean - corrupt)``, GN's noise
+    samples averaged per prompt (``[..., prompts]``).
+
+    Paired per prompt: each row is compared with the base run of *that* row, so a component that
+    leaves every prompt unchanged gets exactly zero on every prompt (and a zero-width interval),
+    whatever the base run's spread between prompts. Its mean over prompts is the point reported
+    (``effect / gap``), so a point and its bootstrap interval are of the same quantity.
+    """
+    if base_rows.shape[-1] != per_prompt.shape[-1]:
+        raise ValueError(f"{per_prompt.shape[-1]} patched rows but {base_rows.shape[-1]} base rows")
+    diff = per_prompt.double() - base_rows.double().cpu()
+    return (per_prompt_means(diff, copies) / gap).float()
+
+
+def base_rows(setup: P.PatchingSetup, metric: str | Metric, direction: P.Direction) -> torch.Tensor:
+    """The metric on each row of the unpatched run that the patch starts from (corrupt when
+    denoising, clean when noising): ``[rows]``, from the baselines' logits (no new forward)."""
+    logits = setup.corrupt_logits if direction == "denoise" else setup.clean_logits
+    if logits is None:
+        raise ValueError("the setup holds no baseline logits")
+    return get_metric(metric)(logits, setup.ctx).detach().cpu()
+
+
+def base_probability(setup: P.PatchingSetup, direction: P.Direction) -> float:
+    """The answer's mean probability on the base run: a patch can lower it by at most this much,
+    which is what the probability pitfall (:data:`circuitfind.health.PITFALLS`) is about."""
+    return float(base_rows(setup, "prob", direction).mean())
+
+
+def early_layers(n_layers: int) -> int:
+    """How many first layers count as "early" for the Gaussian-noise pitfall: the first third, at least one."""
+    return max(1, n_layers // 3)
+
+
+def kl_negative_heads(rows: dict[str, dict], corruption: str) -> dict[str, float]:
+    """Heads found needed by noising with KL that push the answer *up* when removed under logit
+    difference (or probability) with the same corruption: KL counts any change of the output
+    distribution, so heads that suppress the answer look needed too. Head -> that metric's effect."""
+    kl = rows.get(f"{corruption}/kl")
+    signed = rows.get(f"{corruption}/logit_diff") or rows.get(f"{corruption}/prob")
+    if kl is None or signed is None or kl["direction"] != "noise":
+        return {}
+    out = {}
+    for name in kl["heads"]:
+        layer, head = (int(x) for x in name[1:].split("."))
+        value = signed["effect"][layer][head]
+        if value > 0:
+            out[name] = value
+    return out
+
+
+# A "found" head whose largest mean effect is under this fraction of the clean - corrupt gap is flagged.
+SMALL_EFFECT = 0.01
+
+
 def bootstrap_weights(n_prompts: int, n_boot: int, seed: int = 0) -> torch.Tensor:
     """``[n_boot, n_prompts]`` resampling weights (how often each prompt is drawn, over ``n_prompts``),
     drawn as :func:`circuitfind.agreement.bootstrap_ci` draws them."""
@@ -122,11 +181,14 @@ def head_detection(
     prompts: int = 40,
     seed: int = 0,
     k: float = 2.0,
-    direction: P.Direction = "denoise",
+    direction: P.Direction | Literal["both"] = "denoise",
     corruptions=("str:s2_io", "gn"),
     metrics=("prob", "logit_diff", "kl"),
     variants=("str:s2_io", "str:s1_io"),
     n_boot: int = 500,
+    gn_scale: float = 3.0,
+    gn_samples: int = 3,
+    noise_seed: int | None = None,
 ) -> dict:
     """Heads >= ``k`` SD from the mean patching effect under each setting, with bootstrap intervals.
 
@@ -137,7 +199,45 @@ def head_detection(
     Intervals and stability resample prompts (GN's noise samples are averaged per prompt first):
     ``detection_frequency`` is how often each head is detected over ``n_boot`` resamples, and
     ``jaccard_ci`` a paired interval for the Jaccard between two settings' detected heads.
+    GN draws ``gn_samples`` noise samples of ``gn_scale`` embedding SDs from ``noise_seed``
+    (default: ``seed``). ``direction="both"`` runs both directions (:func:`both_directions`).
     """
+    if direction == "both":
+        return both_directions(
+            model,
+            model_name,
+            prompts,
+            seed,
+            k,
+            corruptions,
+            metrics,
+            variants,
+            n_boot,
+            gn_scale,
+            gn_samples,
+            noise_seed,
+        )
+    return _head_detection(
+        model, model_name, prompts, seed, k, direction, corruptions, metrics, variants, n_boot, gn_scale, gn_samples,
+        noise_seed,
+    )[0]  # fmt: skip
+
+
+def study_corruption(spec: str, gn_scale: float, gn_samples: int, noise_seed: int) -> str | Corruption:
+    """``gn`` as the study's Gaussian noise (scale, samples, seed); other names as they are."""
+    if spec.split(":")[0] != "gn":
+        return spec
+    if spec != "gn":
+        get_corruption(spec)  # the library's message for a ':' argument
+    return GaussianNoise(factor=gn_scale, samples=gn_samples, seed=noise_seed)
+
+
+def _head_detection(
+    model, model_name, prompts, seed, k, direction, corruptions, metrics, variants, n_boot, gn_scale, gn_samples,
+    noise_seed,
+) -> tuple[dict, dict]:  # fmt: skip
+    """:func:`head_detection` in one direction, and its resampled detection masks (per setting)."""
+    noise_seed = seed if noise_seed is None else noise_seed
     batch = TaskBatch.build(model, "ioi", prompts, seed=seed)
     sign = P.effect_sign(direction)  # the sign of a needed head's effect; the other sign pushes the answer down
     other: Literal["positive", "negative"] = "positive" if sign == "negative" else "negative"
@@ -150,14 +250,14 @@ def head_detection(
     weights = bootstrap_weights(batch.size, n_boot, seed)
     rows, boot_masks = {}, {}
     for corruption, wanted in by_corruption.items():
-        setup = prepare_recording(model, batch, corruption, wanted)
+        setup = prepare_recording(model, batch, study_corruption(corruption, gn_scale, gn_samples, noise_seed), wanted)
         copies = setup.plan.size // batch.size  # GN stacks its noise samples: rows = copies x prompts
         results = patch_heads_metrics(setup, direction)
         for metric, res in results.items():
             name = f"{corruption}/{metric}"
-            per_prompt = per_prompt_means(res.per_prompt, copies)  # [layer, head, prompts]
-            normalised = (per_prompt - res.base) / (res.clean - res.corrupt)
-            ci = agreement.bootstrap_ci(normalised, n_boot=n_boot, seed=seed)
+            gap = res.clean - res.corrupt
+            paired = paired_effects(res.per_prompt, base_rows(setup, metric, direction), copies, gap)
+            ci = agreement.bootstrap_ci(paired, n_boot=n_boot, seed=seed)
             frequencies: dict[str, dict[str, float]] = {}
             row: dict[str, Any] = {
                 "corruption": corruption,
@@ -165,13 +265,15 @@ def head_detection(
                 "direction": direction,
                 "noise_samples": copies,
                 "normalised": res.normalised.tolist(),
+                "effect": ci.mean.tolist(),
                 "ci_low": ci.low.tolist(),
                 "ci_high": ci.high.tolist(),
                 "clean": res.clean,
                 "corrupt": res.corrupt,
+                "base_prob": base_probability(setup, direction),
                 "detection_frequency": frequencies,
             }
-            resampled = (weights @ (per_prompt - res.base).reshape(-1, per_prompt.shape[-1]).double().T).float()
+            resampled = (weights @ paired.reshape(-1, paired.shape[-1]).double().T).float()
             for key, sign in signs.items():
                 try:
                     found = P.detect(res.effect, k=k, sign=sign, metric=metric, direction=direction)
@@ -179,6 +281,9 @@ def head_detection(
                     row[key], row[f"{key}_reason"] = [], str(err)
                     continue
                 row[key] = [head_name(l, h) for l, h in found]
+                if key == "heads":
+                    small = [head_name(l, h) for l, h in found if abs(float(ci.mean[l, h])) < SMALL_EFFECT]
+                    row["small_heads"] = small
                 masks = detection_masks(resampled, k, sign)
                 boot_masks[(name, key)] = masks
                 frequency = masks.double().mean(0).reshape(res.effect.shape)
@@ -189,6 +294,8 @@ def head_detection(
                     if frequency[l, h] > 0
                 }
             rows[name] = row
+    for row in rows.values():
+        row["kl_negative_heads"] = kl_negative_heads(rows, row["corruption"]) if row["metric"] == "kl" else {}
     heads = {name: set(r["heads"]) for name, r in rows.items()}
     names = list(rows)
     return {
@@ -197,6 +304,9 @@ def head_detection(
         "direction": direction,
         "k": k,
         "n_boot": n_boot,
+        "gn_scale": gn_scale,
+        "gn_samples": gn_samples,
+        "noise_seed": noise_seed,
         "signs": signs,
         "settings": rows,
         "jaccard": agreement.matrix(agreement.pairwise(heads), names).tolist(),
@@ -206,7 +316,62 @@ def head_detection(
         ),
         "stability": {h: f for h, f in agreement.stability(heads).items()},
         "s2_vs_s1io": {v: rows[f"{v}/logit_diff"]["heads"] for v in variants if f"{v}/logit_diff" in rows},
+    }, {n: boot_masks[(n, "heads")] for n in names if (n, "heads") in boot_masks}
+
+
+def both_directions(
+    model, model_name, prompts, seed, k, corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed
+) -> dict:
+    """Head detection denoising and noising on the same prompts and resamples, and per corruption and
+    metric the Jaccard between the two directions' needed heads, with a 95% interval over the same
+    prompt resamples (Zhang & Nanda 2023 sec. 5: noising and denoising can find different circuits)."""
+    args = (prompts, seed, k)
+    rest = (corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed)
+    den, den_masks = _head_detection(model, model_name, *args, "denoise", *rest)
+    noi, noi_masks = _head_detection(model, model_name, *args, "noise", *rest)
+    between = {}
+    for name in den["settings"]:
+        if name in den_masks and name in noi_masks:
+            a, b = f"denoise {name}", f"noise {name}"
+            found = {a: set(den["settings"][name]["heads"]), b: set(noi["settings"][name]["heads"])}
+            (pair,) = jaccard_intervals({a: den_masks[name], b: noi_masks[name]}, found).values()
+            between[name] = {"jaccard": pair["jaccard"], "low": pair["low"], "high": pair["high"]}
+    return {"model": model_name, "direction": "both", "by_direction": [den, noi], "directions": between}
+
+
+def axis_ranking(h: dict) -> list[dict]:
+    """Which choice moves the detected heads most: for each axis (corruption, STR variant, metric,
+    direction), the mean 1 - Jaccard over pairs of settings that differ in that choice only; largest first."""
+    studies = h["by_direction"] if h.get("direction") == "both" else [h]
+    found = {
+        (d["direction"], r["corruption"], r["metric"]): set(r["heads"]) for d in studies for r in d["settings"].values()
     }
+    moves: dict[str, list[float]] = {"corruption": [], "STR variant": [], "metric": [], "direction": []}
+    keys = list(found)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1 :]:
+            differ = [j for j in range(3) if a[j] != b[j]]
+            if len(differ) != 1:
+                continue
+            axis = ("direction", "corruption", "metric")[differ[0]]
+            if axis == "corruption" and a[1].startswith("str") and b[1].startswith("str"):
+                axis = "STR variant"
+            moves[axis].append(1 - agreement.jaccard(found[a], found[b]))
+    ranked = [{"axis": x, "pairs": len(v), "change": sum(v) / len(v)} for x, v in moves.items() if v]
+    return sorted(ranked, key=lambda r: -r["change"])
+
+
+def ranking_summary(ranking: list[dict]) -> str:
+    """One sentence: which choice changes the detected heads most."""
+    if not ranking:
+        return "No two settings differ in one choice only, so no choice can be ranked."
+    top = ranking[0]
+    if top["change"] == 0:
+        return "Every choice finds the same heads: no choice moves the detected heads."
+    return (
+        f"The {top['axis']} moves the detected heads most: settings that differ only in it share "
+        f"{1 - top['change']:.0%} of their heads on average (Jaccard), over {top['pairs']} pair(s)."
+    )
 
 
 def jaccard_intervals(masks: dict[str, torch.Tensor], found: dict[str, set], level: float = 0.95) -> dict[str, dict]:
@@ -241,22 +406,28 @@ def mlp_localisation(
     corruption: str = "gn",
     metric: str = "prob",
     position: str = "subject_last",
+    direction: P.Direction = "denoise",
 ) -> dict:
-    """Per-layer restoration by MLP windows at the subject's last token, and the summation baseline."""
+    """Per-layer effect of MLP windows at the subject's last token (Meng et al. 2022's restoration when
+    denoising; the damage of noising them when noising), and the summation baseline. The curves are
+    the effect against the base run, ``(patched - base) / (clean - corrupt)``."""
+    P.check_direction(direction)
     batch = TaskBatch.build(model, "factual", prompts, seed=seed)
     setup = P.prepare(model, batch, corruption, metric)
+    gap = setup.clean_value - setup.corrupt_value
+    sign = 1 if direction == "denoise" else -1  # a needed MLP's effect: restoring raises, noising lowers
     curves, peaks = {}, {}
     single = None
     for w in sorted(set(windows) | {1}):
-        res = P.patch_mlp_windows(setup, w, "denoise", [position])
+        res = P.patch_mlp_windows(setup, w, direction, [position])
         if w == 1:
             single = res
-        curves[f"window {w}"] = res.normalised.tolist()
+        curves[f"window {w}"] = (res.effect / gap).tolist()
     for w in windows:
         if w > 1:
-            curves[f"sum of {w} single layers"] = P.window_sum_baseline(single, w).normalised.tolist()
+            curves[f"sum of {w} single layers"] = (P.window_sum_baseline(single, w).effect / gap).tolist()
     for name, curve in curves.items():
-        peaks[name] = int(torch.tensor(curve).argmax())
+        peaks[name] = int((sign * torch.tensor(curve)).argmax())
     window_agreement = {}
     for w in windows:
         if w > 1:
@@ -265,8 +436,8 @@ def mlp_localisation(
                 "spearman": agreement.rank_correlation(a, b, absolute=False)["spearman"],
                 "peak_window": peaks[f"window {w}"],
                 "peak_sum": peaks[f"sum of {w} single layers"],
-                "max_window": float(a.max()),
-                "max_sum": float(b.max()),
+                "max_window": float(a[(sign * a).argmax()]),
+                "max_sum": float(b[(sign * b).argmax()]),
             }
     return {
         "model": model_name,
@@ -274,12 +445,106 @@ def mlp_localisation(
         "corruption": corruption,
         "metric": metric,
         "position": position,
+        "direction": direction,
         "clean": setup.clean_value,
         "corrupt": setup.corrupt_value,
         "curves": curves,
         "peaks": peaks,
         "agreement": window_agreement,
     }
+
+
+SIGN_CONVENTION = {
+    "denoise": "denoising patches one head's clean activation into the corrupted run: a positive effect "
+    "means the head restores the answer (a needed head), a negative one that it pushes the answer down",
+    "noise": "noising patches one head's corrupted activation into the clean run: a negative effect "
+    "means the answer needs the head (a needed head), a positive one that the head pushes the answer down",
+}
+
+
+def quantity_note(direction: str) -> str:
+    """What the study's points and intervals are, and the direction's sign convention."""
+    return (
+        "Effect = (patched - base) / (clean - corrupt), the change from the unpatched base run "
+        f"({'corrupted' if direction == 'denoise' else 'clean'} here) as a fraction of the clean - corrupt gap; "
+        "0 means no effect. Intervals: 95% percentile bootstrap of the per-prompt effect "
+        "(patched_i - base_i) / gap, paired per prompt (noise samples averaged per prompt first). "
+        f"Sign convention: {SIGN_CONVENTION[direction]}."
+    )
+
+
+def setting_effect(row: dict) -> torch.Tensor:
+    """A setting's effect per head (``[layer, head]``); a study.json from before the paired
+    effects holds only the normalised values, from which the effect follows."""
+    if "effect" in row:
+        return torch.tensor(row["effect"])
+    normalised = torch.tensor(row["normalised"])
+    return normalised if row["direction"] == "denoise" else normalised - 1
+
+
+def top_head(row: dict) -> str:
+    """The head of the largest |effect|, with its effect and interval."""
+    eff = setting_effect(row)
+    layer, head = divmod(int(eff.flatten().abs().argmax()), eff.shape[1])
+    return (
+        f"a{layer}.{head}: {eff[layer, head]:.3f} [{row['ci_low'][layer][head]:.3f}, {row['ci_high'][layer][head]:.3f}]"
+    )
+
+
+def head_warnings(h: dict) -> list[str]:
+    """Warnings the data calls for: heads found needed under KL noising that push the answer down
+    under a signed metric, and found heads whose largest effect is under 1% of the gap."""
+    out = []
+    for name, row in h["settings"].items():
+        negative = row.get("kl_negative_heads") or {}
+        if negative:
+            listed = ", ".join(f"{x} ({v:+.3f})" for x, v in negative.items())
+            out.append(
+                f"{name}: {listed} are listed as needed, but removing them raises the answer under "
+                f"{row['corruption']}/logit_diff (effect in brackets): KL counts any change of the output, "
+                "so heads that push the answer down look needed too"
+            )
+        small = row.get("small_heads") or []
+        if small:
+            largest = max(abs(float(setting_effect(row)[tuple(int(x) for x in s[1:].split("."))])) for s in small)
+            out.append(
+                f"{name}: {len(small)} found head(s) ({', '.join(small)}) have effects under "
+                f"{SMALL_EFFECT:.0%} of the gap (largest {largest:.3f}): they stand out from the other heads, "
+                "not from zero"
+            )
+    return out
+
+
+def _head_pitfalls(h: dict, codes: Sequence[str]) -> R.Block:
+    """Each pitfall of the head study, with what this run shows about it."""
+    items = []
+    for code in codes:
+        text = f"{health.PITFALLS[code][0]}. Why: {health.PITFALLS[code][1]}."
+        if code == "probability_metric":
+            evidence = []
+            for name, row in h["settings"].items():
+                if row["metric"] == "prob" and "base_prob" in row:
+                    p = row["base_prob"]
+                    gap = row["clean"] - row["corrupt"]
+                    floor = -p / gap if gap else float("nan")
+                    evidence.append(
+                        f"{name}: p = {p:.3f} on the base run, so no effect can go below {floor:.3f} "
+                        f"({'p < 0.1: the bound binds' if p < 0.1 else 'p >= 0.1: the bound does not bind'} here)"
+                    )
+            text += " In this run: " + ("; ".join(evidence) or "no base-run p recorded") + "."
+        elif code == "gaussian_noise":
+            gn = {n: r for n, r in h["settings"].items() if str(r["corruption"]).split(":")[0] == "gn"}
+            n_layers = len(next(iter(h["settings"].values()))["ci_low"])
+            early = early_layers(n_layers)
+            flagged = {n: [x for x in r["heads"] if int(x[1:].split(".")[0]) < early] for n, r in gn.items()}
+            found = "; ".join(f"{n}: {', '.join(x)}" for n, x in flagged.items() if x)
+            text += (
+                f" In this run: early heads (layers 0-{early - 1}) found under Gaussian noise: {found}."
+                if found
+                else f" In this run: no early head (layers 0-{early - 1}) was found under Gaussian noise."
+            )
+        items.append(text)
+    return R.bullets(items)
 
 
 def _pitfalls(codes) -> R.Block:
@@ -323,55 +588,80 @@ def _signs_and_stability(h: dict) -> list[R.Section]:
     ]
 
 
-def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> dict[str, str]:
-    """Write ``study.html`` and ``study.md``: the settings' disagreements, with figures."""
-    sections = []
+def _first_screen(heads: list[dict]) -> R.Section:
+    """Which choice moves the detected heads most, ranked, with one sentence, per model."""
+    blocks: list[R.Block] = []
     for h in heads:
-        title = f"IOI head detection on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
-        rows = []
-        for n, r in h["settings"].items():
-            eff = torch.tensor(r["normalised"])
-            top = int(eff.flatten().abs().argmax())
-            l, hd = divmod(top, eff.shape[1])
-            rows.append(
-                [
-                    n,
-                    ", ".join(r["heads"]) or "(none)",
-                    f"a{l}.{hd}: {eff[l, hd]:.3f} [{r['ci_low'][l][hd]:.3f}, {r['ci_high'][l][hd]:.3f}]",
-                ]
-            )
-        blocks = [
-            R.table(["corruption/metric", "heads found", "top head: normalised effect [95% CI]"], rows),
-            R.text(
-                ", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])),
-                bold="Heads by the fraction of settings that find them:",
+        ranking = axis_ranking(h)
+        blocks += [
+            R.text(ranking_summary(ranking), bold=f"{h['model']}:"),
+            R.table(
+                ["choice", "pairs of settings differing only in it", "mean 1 - Jaccard of the heads found"],
+                [[r["axis"], r["pairs"], r["change"]] for r in ranking],
             ),
         ]
-        if h["s2_vs_s1io"]:
-            blocks.append(
-                R.text(
-                    "; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()),
-                    bold="Corrupting S2 vs S1+IO:",
-                )
-            )
+    return R.section("Which choice moves the detected heads most", *blocks)
+
+
+def _directions_section(h: dict) -> R.Section:
+    """Denoising vs noising: the Jaccard of their needed heads per corruption and metric, with intervals."""
+    rows = [[n, a["jaccard"], f"[{a['low']:.2f}, {a['high']:.2f}]"] for n, a in h["directions"].items()]
+    return R.section(
+        f"Denoising vs noising on {h['model']}",
+        R.text(
+            "Jaccard of the needed heads found by denoising and by noising, with a 95% interval over the same "
+            "prompt resamples in both directions."
+        ),
+        R.table(["corruption/metric", "Jaccard", "95% interval"], rows),
+    )
+
+
+def _head_sections(h: dict) -> list[R.Section]:
+    """The sections of one direction's head detection."""
+    sections: list[R.Section] = []
+    title = f"IOI head detection on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
+    rows = [[n, ", ".join(r["heads"]) or "(none)", top_head(r)] for n, r in h["settings"].items()]
+    blocks = [
+        R.text(quantity_note(h["direction"])),
+        R.table(["corruption/metric", "heads found", "top head by |effect|: effect [95% interval]"], rows),
+        R.text(
+            ", ".join(f"{k} {v:.2f}" for k, v in sorted(h["stability"].items(), key=lambda kv: -kv[1])),
+            bold="Heads by the fraction of settings that find them:",
+        ),
+    ]
+    if h["s2_vs_s1io"]:
         blocks.append(
-            R.figure(
-                figures.heatmap(h["jaccard"], h["names"], "Jaccard overlap of the heads found"),
-                "Jaccard overlap of the heads found",
+            R.text(
+                "; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()),
+                bold="Corrupting S2 vs S1+IO:",
             )
         )
-        settings = [
-            {"metric": r["metric"], "corruption": r["corruption"], "direction": h["direction"]}
-            for r in h["settings"].values()
-        ]
-        codes = [c for c in health.PITFALLS if any(c in health.setting_notes(x) for x in settings)]
-        sections += [
-            R.section(title, *blocks),
-            *_signs_and_stability(h),
-            R.section("Pitfalls of these settings", _pitfalls(codes), level=3),
-        ]
+    blocks.append(
+        R.figure(
+            figures.heatmap(h["jaccard"], h["names"], "Jaccard overlap of the heads found"),
+            "Jaccard overlap of the heads found",
+        )
+    )
+    settings = [
+        {"metric": r["metric"], "corruption": r["corruption"], "direction": h["direction"]}
+        for r in h["settings"].values()
+    ]
+    codes = [c for c in health.PITFALLS if any(c in health.setting_notes(x) for x in settings)]
+    warnings = head_warnings(h)
+    sections += [
+        R.section(title, *blocks),
+        *_signs_and_stability(h),
+        *([R.section("Warnings", R.bullets(warnings), level=3)] if warnings else []),
+        R.section("Pitfalls of these settings, with this run's evidence", _head_pitfalls(h, codes), level=3),
+    ]
+    return sections
+
+
+def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
+    """The sections of the MLP localisation."""
+    sections: list[R.Section] = []
     for m in mlps:
-        title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']})"
+        title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']}, {m.get('direction', 'denoise')})"
         rows = [
             [w, a["peak_window"], a["peak_sum"], a["max_window"], a["max_sum"], a["spearman"]]
             for w, a in m["agreement"].items()
@@ -380,15 +670,17 @@ def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> di
         chart = figures.line_chart(
             {k: (layers, v) for k, v in m["curves"].items()},
             "layer (window centre)",
-            "normalised restoration",
+            "effect / (clean - corrupt)",
             "MLP windows vs summation of single layers",
             760,
             340,
+            fit_y=True,
+            integer_x=True,
         )
         setting = {
             "metric": m["metric"],
             "corruption": m["corruption"],
-            "direction": "denoise",
+            "direction": m.get("direction", "denoise"),
             "mlp_window": max([int(w) for w in m["agreement"]] or [1]),
         }
         sections += [
@@ -400,8 +692,8 @@ def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> di
                         "window",
                         "peak layer (window)",
                         "peak layer (sum)",
-                        "max restored (window)",
-                        "max restored (sum)",
+                        "largest effect (window)",
+                        "largest effect (sum)",
                         "Spearman",
                     ],
                     rows,
@@ -410,6 +702,18 @@ def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> di
             ),
             R.section("Pitfalls of this setting", _pitfalls(health.setting_notes(setting)), level=3),
         ]
+    return sections
+
+
+def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> dict[str, str]:
+    """Write ``study.html`` and ``study.md``: the settings' disagreements, with figures."""
+    sections = [_first_screen(heads)] if heads else []
+    for study_ in heads:
+        if study_.get("direction") == "both":
+            sections.append(_directions_section(study_))
+        for h in study_["by_direction"] if study_.get("direction") == "both" else [study_]:
+            sections += _head_sections(h)
+    sections += _mlp_sections(mlps)
     out = Path(out_dir)
     title = "Settings-sensitivity study"
     return {

@@ -1,8 +1,9 @@
 """The settings-sensitivity study as a Prefect flow.
 
     python flows/study.py                                  # IOI head detection on toy-ioi (about a minute)
+    python flows/study.py --direction both                 # both directions, and the Jaccard between them
     python flows/study.py --ioi-models toy-ioi smollm2-135m --factual-models smollm2-135m   # needs the fetched model;
-                                                           # about 15 minutes on 2 CPUs
+                                                           # 16-30 minutes per SmolLM2 model (16 prompts, 2 CPUs)
 
 (``python -m circuitfind.flows.study`` when installed.) Writes ``<outputs>/<run>/study.html``,
 ``study.md`` and ``study.json``; ``<outputs>`` defaults to the checkout's ``outputs/``, or
@@ -12,8 +13,12 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
 import sys
 from pathlib import Path
+from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -22,22 +27,59 @@ from circuitfind import patching as P
 from circuitfind import study
 from circuitfind.catalogue import load_model
 from circuitfind.checks import positive_int
+from circuitfind.corruptions import get_corruption
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
 from circuitfind.io import write_json
+from circuitfind.metrics import get_metric
 from circuitfind.paths import run_folder
 
 
 @task(name="ioi-head-detection", task_run_name="heads-{model_name}", persist_result=False)
-def heads_task(model_name: str, prompts: int, seed: int, direction: P.Direction = "denoise", n_boot: int = 500) -> dict:
+def heads_task(
+    model_name: str,
+    prompts: int,
+    seed: int,
+    direction: P.Direction | Literal["both"] = "denoise",
+    n_boot: int = 500,
+    **grid,
+) -> dict:
     return study.head_detection(
-        load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot
+        load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot, **grid
     )
 
 
 @task(name="factual-mlp-localisation", task_run_name="mlps-{model_name}", persist_result=False)
-def mlps_task(model_name: str, prompts: int, seed: int) -> dict:
-    return study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed)
+def mlps_task(model_name: str, prompts: int, seed: int, cache_dir: str | None = None, **options) -> dict:
+    """The MLP localisation, read from ``cache_dir`` when the same model files, task, code and options
+    were studied before (it does not depend on the head study's choices)."""
+    from circuitfind.sweep import model_fingerprint, package_fingerprint, task_fingerprint
+
+    blob: dict[str, Any] = {
+        "model": model_fingerprint(model_name),
+        "task": task_fingerprint("factual"),
+        "code": package_fingerprint(),
+    }
+    blob |= {
+        "name": model_name,
+        "prompts": prompts,
+        "seed": seed,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
+    }
+    entry = None
+    if cache_dir is not None:
+        entry = Path(cache_dir) / (hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20] + ".json")
+        if entry.is_file():
+            try:
+                cached = json.loads(entry.read_text())
+                print(f"MLP localisation of {model_name}: from the cache ({entry})")
+                return {**cached, "cached": True}
+            except (OSError, ValueError):  # a damaged entry is recomputed and replaced
+                pass
+    out = study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed, **options)
+    if entry is not None:
+        write_json(entry, out)
+    return out
 
 
 @flow(name="circuitfind-study", log_prints=True)
@@ -49,26 +91,62 @@ def settings_study(
     seed: int = 0,
     run: str | None = None,
     outputs: str | None = None,
-    direction: P.Direction = "denoise",
+    direction: P.Direction | Literal["both"] = "denoise",
     n_boot: int = 500,
+    grid: dict | None = None,
+    mlp: dict | None = None,
 ) -> dict:
     """IOI head detection and factual-recall MLP localisation under many settings, and where they disagree.
 
     ``ioi_models`` defaults to ``["toy-ioi"]``; ``factual_models`` to none (the toy models know no facts);
     ``outputs`` to :func:`circuitfind.paths.default_outputs`. Head detection patches in ``direction``
-    (``denoise`` or ``noise``) and resamples prompts ``n_boot`` times for intervals and stability."""
-    P.check_direction(direction)
+    (``denoise``, ``noise`` or ``both``) and resamples prompts ``n_boot`` times for intervals and stability;
+    ``grid`` holds :func:`circuitfind.study.head_detection`'s other choices (metrics, corruptions, variants,
+    k, gn_scale, gn_samples, noise_seed), ``mlp`` :func:`circuitfind.study.mlp_localisation`'s (windows,
+    corruption, metric, position, direction), cached in ``<outputs>/.cache/study-mlp/``."""
+    if direction != "both":
+        P.check_direction(direction)
     positive_int("n_boot", n_boot)
     ioi_models = ["toy-ioi"] if ioi_models is None else ioi_models
     factual_models = factual_models or []
     run_dir = run_folder(outputs, run, "study-")
-    heads = [heads_task(m, ioi_prompts, seed, direction, n_boot) for m in ioi_models]
-    mlps = [mlps_task(m, factual_prompts, seed) for m in factual_models]
+    heads = [heads_task(m, ioi_prompts, seed, direction, n_boot, **(grid or {})) for m in ioi_models]
+    cache = str(run_dir.parent / ".cache" / "study-mlp")
+    mlps = [mlps_task(m, factual_prompts, seed, cache, **(mlp or {})) for m in factual_models]
     paths = study.study_report(heads, mlps, run_dir)
     write_json(run_dir / "study.json", {"heads": heads, "mlps": mlps, "report": paths})
     create_markdown_artifact(Path(paths["markdown"]).read_text(), key="settings-study")
     print(f"study report: {paths['html']}")
     return {"heads": heads, "mlps": mlps, **paths}
+
+
+METRICS = ("prob", "logit_diff", "kl")
+CORRUPTIONS = ("str:s2_io", "gn")
+VARIANTS = ("str:s2_io", "str:s1_io")
+
+
+def grid_of(a: argparse.Namespace) -> dict:
+    """The head study's grid from the command line."""
+    return {
+        "metrics": tuple(a.metrics),
+        "corruptions": tuple(a.corruptions),
+        "variants": tuple(a.variants),
+        "k": a.k,
+        "gn_scale": a.gn_scale,
+        "gn_samples": a.gn_samples,
+        "noise_seed": a.noise_seed,
+    }
+
+
+def mlp_of(a: argparse.Namespace) -> dict:
+    """The MLP localisation's options from the command line."""
+    return {
+        "windows": tuple(a.windows),
+        "corruption": a.mlp_corruption,
+        "metric": a.mlp_metric,
+        "position": a.mlp_position,
+        "direction": a.mlp_direction,
+    }
 
 
 def check_arguments(a: argparse.Namespace) -> None:
@@ -83,6 +161,21 @@ def check_arguments(a: argparse.Namespace) -> None:
     check_prompt_count(a.ioi_prompts)
     check_prompt_count(a.factual_prompts)
     positive_int("n_boot", a.n_boot)
+    positive_int("--gn-samples", a.gn_samples)
+    for name in a.metrics:
+        get_metric(name)
+    for spec in [*a.corruptions, *a.variants]:
+        get_corruption(spec)
+    if not a.metrics or not a.corruptions:
+        raise ValueError("--metrics and --corruptions need at least one value")
+    if not (math.isfinite(a.k) and a.k > 0):
+        raise ValueError(f"--k must be a finite number > 0, got {a.k}")
+    if not (math.isfinite(a.gn_scale) and a.gn_scale > 0):
+        raise ValueError(f"--gn-scale must be a finite number > 0, got {a.gn_scale}")
+    for w in a.windows:
+        positive_int("--windows", w)
+    get_corruption(a.mlp_corruption)
+    get_metric(a.mlp_metric)
     run_folder(a.outputs, a.run)
 
 
@@ -92,10 +185,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--factual-models", nargs="*", default=[])
     p.add_argument("--ioi-prompts", type=int, default=40)
     p.add_argument("--factual-prompts", type=int, default=12)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--direction", choices=("denoise", "noise"), default="denoise", help="head patching direction")
-    p.add_argument("--n-boot", type=int, default=500, help="prompt resamples for intervals and stability")
-    p.add_argument("--run", default=None)
+    p.add_argument(
+        "--seed", type=int, default=0, help="prompts, bootstrap resamples and (unless --noise-seed) GN noise; default 0"
+    )
+    p.add_argument(
+        "--direction",
+        choices=("denoise", "noise", "both"),
+        default="denoise",
+        help="head patching direction; both: each, and the Jaccard between them per setting (default denoise)",
+    )
+    p.add_argument("--n-boot", type=int, default=500, help="prompt resamples for intervals and stability (default 500)")
+    p.add_argument("--metrics", nargs="+", default=list(METRICS), help=f"head metrics (default {' '.join(METRICS)})")
+    p.add_argument(
+        "--corruptions",
+        nargs="+",
+        default=list(CORRUPTIONS),
+        help=f"head corruptions (default {' '.join(CORRUPTIONS)})",
+    )
+    p.add_argument(
+        "--variants", nargs="*", default=list(VARIANTS),
+        help=f"STR variants compared under logit_diff (default {' '.join(VARIANTS)}; none: no comparison)",
+    )  # fmt: skip
+    p.add_argument("--k", type=float, default=2.0, help="SD threshold: heads >= k SD from the mean (default 2.0)")
+    p.add_argument("--gn-scale", type=float, default=3.0, help="GN noise in embedding SDs (default 3.0)")
+    p.add_argument("--gn-samples", type=int, default=3, help="GN noise samples per prompt (default 3)")
+    p.add_argument("--noise-seed", type=int, default=None, help="GN noise seed (default: --seed)")
+    p.add_argument("--windows", nargs="+", type=int, default=[1, 3, 5], help="MLP window sizes (default 1 3 5)")
+    p.add_argument("--mlp-corruption", default="gn", help="the MLP part's corruption (default gn)")
+    p.add_argument("--mlp-metric", default="prob", help="the MLP part's metric (default prob)")
+    p.add_argument(
+        "--mlp-position", default="subject_last", help="token position the MLPs are patched at (default subject_last)"
+    )
+    p.add_argument(
+        "--mlp-direction", choices=("denoise", "noise"), default="denoise",
+        help="the MLP part's direction, independent of --direction (default denoise: restoration, as Meng et al.)",
+    )  # fmt: skip
+    p.add_argument("--run", default=None, help="run folder name (default: a new study-<time>)")
     p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")
     a = p.parse_args(argv)
     try:
@@ -111,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                 a.outputs,
                 a.direction,
                 a.n_boot,
+                grid_of(a),
+                mlp_of(a),
             )
     except USER_ERRORS as err:
         print(f"circuitfind: error: {err}", file=sys.stderr)
