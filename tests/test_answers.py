@@ -163,3 +163,26 @@ def test_multi_token_answers_are_refused_by_patching(ioi_model):
     assert batch.answer_sequences == [[batch.answers[0].item()]]
     with pytest.raises(TaskError, match="multi-token answers"):
         P.prepare(ioi_model, batch)
+
+
+@pytest.mark.slow  # a Prefect sweep: about 55 s on a shared 2-core machine
+def test_sweep_with_a_metric_by_import_path(prefect_harness, tmp_path, monkeypatch):
+    from circuitfind.sweep import SweepConfig, cache_key
+    from flows.sweep import sweep
+
+    module = tmp_path / "sweep_metric_mod.py"
+    module.write_text(
+        "from circuitfind.metrics import get_metric\n"
+        "def scaled_ld(logits, ctx):\n    return 0.5 * get_metric('logit_diff')(logits, ctx)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("sweep_metric_mod", None)
+    config = SweepConfig(
+        algorithms=["eap"], corruptions=["str"], metrics=["sweep_metric_mod:scaled_ld"], directions=["noise"], prompts=8
+    )
+    manifest = sweep(config, run="m", outputs=str(tmp_path / "out"))
+    assert len(manifest["settings"]) == 1 and not manifest["failures"]
+    (setting,) = config.settings()
+    key = cache_key(setting, config)
+    module.write_text(module.read_text().replace("0.5", "0.25"))
+    assert cache_key(setting, config) != key  # the metric's source is in the cache key
