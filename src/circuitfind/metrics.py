@@ -97,7 +97,9 @@ class MetricContext:
         def pick(t):
             return None if t is None else t[rows]
 
-        extra = {k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows.tolist()] for k, v in self.extra.items()}
+        extra = {
+            k: v[rows] if isinstance(v, torch.Tensor) else [v[i] for i in rows.tolist()] for k, v in self.extra.items()
+        }
         return MetricContext(
             self.answers[rows],
             self.counter_answers[rows],
@@ -269,7 +271,7 @@ def _import(spec: str) -> Any:
     return getattr(module, attr)
 
 
-def get_metric(spec: str | Metric | Callable) -> Metric:
+def get_metric(spec: str | Metric | type[Metric] | Callable[[torch.Tensor, MetricContext], torch.Tensor]) -> Metric:
     """A metric from its name (``prob``, ``logprob``, ``logit_diff``, ``prob_diff``, ``kl``), an import
     path ``package.module:function`` (a function ``fn(logits, ctx) -> [batch]`` or a :class:`Metric`
     subclass), or a callable."""
@@ -277,7 +279,7 @@ def get_metric(spec: str | Metric | Callable) -> Metric:
         return spec
     if isinstance(spec, type) and issubclass(spec, Metric):
         return spec()
-    if callable(spec):
+    if callable(spec) and not isinstance(spec, type):
         return CallableMetric(spec)
     if isinstance(spec, str) and is_import_path(spec):
         obj = _import(spec)

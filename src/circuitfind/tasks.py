@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuitfind.errors import TaskError
-from circuitfind.metrics import MetricContext, pad_answer_sets, extra_columns
+from circuitfind.metrics import MetricContext, extra_columns, pad_answer_sets
 from circuitfind.models import model_device
 from circuitfind.paths import default_tasks_dir
 
@@ -202,7 +202,15 @@ def _factual_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]
         start, end = off["SUBJECT"], off["SUBJECT"] + len(subject)
         last_word = start + subject.rfind(" ") + 1
         prompts.append(
-            Prompt(text, " " + answer, "", {"subject_swap": None}, {"subject_last": last_word}, t, {"subject": (start, end)})
+            Prompt(
+                text,
+                " " + answer,
+                "",
+                {"subject_swap": None},
+                {"subject_last": last_word},
+                t,
+                {"subject": (start, end)},
+            )
         )
     return prompts
 
@@ -333,7 +341,7 @@ def single_token_id(model: TransformerBridge, word: str, prompt: str = "") -> in
         pieces = model.tokenizer.convert_ids_to_tokens(ids)
         raise TaskError(
             f"{where}answer {word!r} is {len(ids)} tokens {pieces} for this tokenizer; answers must be a "
-            f"single token (or declare \"answer_tokens\": \"multi\" in the task). Choose single-token answers "
+            f'single token (or declare "answer_tokens": "multi" in the task). Choose single-token answers '
             f"for this model."
         )
     return ids[0]
@@ -483,7 +491,9 @@ class TaskBatch:
         )
 
     @classmethod
-    def from_prompts(cls, model: TransformerBridge, prompts: Sequence[Prompt], name: str = "custom", **data) -> TaskBatch:
+    def from_prompts(
+        cls, model: TransformerBridge, prompts: Sequence[Prompt], name: str = "custom", **data
+    ) -> TaskBatch:
         """A batch from :class:`Prompt` objects made in Python, with no spec file.
 
         ``data`` becomes the task's spec data (e.g. ``key_tokens=[...]``, ``answer_tokens="multi"``); the
@@ -498,7 +508,7 @@ class TaskBatch:
             missing = [v for v, text in p.corrupted.items() if text is None]
             if missing:
                 raise TaskError(f"prompt {i} ({p.text!r}): corrupted text of {missing} is None; give the text")
-        corruptions = {"str_variants": {v: v for v in variants}}
+        corruptions: dict[str, Any] = {"str_variants": {v: v for v in variants}}
         if variants:
             corruptions["str"] = variants[0]
         spec = TaskSpec(name=name, kind="python", data={"name": name, "corruptions": corruptions, **data})

@@ -20,9 +20,9 @@ import torch
 
 from circuitfind.checks import positive_int
 from circuitfind.corruptions import Corruption, CorruptionPlan, Run, get_corruption
+from circuitfind.errors import TaskError
 from circuitfind.metrics import Metric, MetricContext, get_metric
 from circuitfind.patching.memory import parse_memory
-from circuitfind.errors import TaskError
 from circuitfind.tasks import TaskBatch
 
 if TYPE_CHECKING:
@@ -220,7 +220,9 @@ def plan_context(plan: CorruptionPlan, clean_logprobs: torch.Tensor | None = Non
     columns, repeated the way the plan stacks copies of the batch (e.g. one per Gaussian-noise sample)."""
     batch = plan.batch
     if plan.size % batch.size:
-        raise ValueError(f"corruption plan of {plan.size} rows is not a stack of copies of the {batch.size}-prompt batch")
+        raise ValueError(
+            f"corruption plan of {plan.size} rows is not a stack of copies of the {batch.size}-prompt batch"
+        )
     ctx = batch.metric_context().take(torch.arange(plan.size, device=batch.answers.device) % batch.size)
     if not (torch.equal(ctx.answers, plan.answers) and torch.equal(ctx.counter_answers, plan.counter_answers)):
         raise ValueError(f"corruption {plan.name!r} reorders the batch's answers; its plan must stack copies of it")
