@@ -186,3 +186,17 @@ def test_sweep_with_a_metric_by_import_path(prefect_harness, tmp_path, monkeypat
     key = cache_key(setting, config)
     module.write_text(module.read_text().replace("0.5", "0.25"))
     assert cache_key(setting, config) != key  # the metric's source is in the cache key
+
+
+def hard_accuracy(logits, ctx):
+    """Not differentiable: EAP cannot use it."""
+    return (logits.argmax(-1) == ctx.answers).float()
+
+
+def test_a_metric_without_gradient_under_eap_names_the_metric(ioi_model, ioi_batch):
+    from circuitfind import discovery as D
+
+    setup = P.prepare(ioi_model, ioi_batch, "str", lambda lg, ctx: hard_accuracy(lg, ctx) + get_metric("kl")(lg, ctx))
+    setup.metric = get_metric(hard_accuracy)  # baselines need distinct values; the EAP pass sees the hard metric
+    with pytest.raises(MetricError, match="'hard_accuracy' has no gradient"):
+        D.eap(EdgePatcher(setup))
