@@ -65,9 +65,9 @@ def test_gpt2_family_tasks_are_exact(random_gpt2):
     GPT-2 tokens, STR pairs have equal lengths, a multi-token answer is refused."""
     model = random_gpt2
     for name in load_task("ioi").data["names"]:
-        single_token_id(model, name)
+        single_token_id(model, " " + name)
     batch = TaskBatch.build(model, "ioi", 20, seed=0)
     assert batch.clean_tokens[0, 0].item() == 50256  # BOS
     assert torch.equal(batch.clean_tokens[torch.arange(20), batch.positions["IO"]], batch.answers)
-    with pytest.raises(TaskError, match=r"'Eiffel' is 3 tokens \['ĠE', 'iff', 'el'\]"):
-        single_token_id(model, "Eiffel")
+    with pytest.raises(TaskError, match=r"' Eiffel' is 3 tokens \['ĠE', 'iff', 'el'\]"):
+        single_token_id(model, " Eiffel")

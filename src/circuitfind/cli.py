@@ -31,6 +31,18 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 
 GRAPH_FORMATS = ("graphml", "gexf", "json", "dot", "mib")  # circuitfind.graph_io.FORMAT_NAMES, without the import
 PATCH_KINDS = ("heads", "heads_by_pos", "resid_pre", "attn_out", "mlp_out", "mlp_window", "path")
+METRIC_HELP = "logit_diff, prob, logprob, prob_diff, kl, or package.module:function (a metric of your own)"
+
+
+def _metric(value: str) -> str:
+    """``--metric``: a built-in name or an importable ``package.module:function``, checked before any model loads."""
+    from circuitfind.metrics import get_metric
+
+    try:
+        get_metric(value)
+    except ValueError as exc:  # MetricError is a ValueError
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -340,7 +352,7 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--what", choices=PATCH_KINDS, default="heads")
     p.add_argument("--corruption", default="str", help="str, str:<variant>, gn, mean, zero, resample")
-    p.add_argument("--metric", default="logit_diff", help="logit_diff, prob, logprob, kl")
+    p.add_argument("--metric", default="logit_diff", type=_metric, help=METRIC_HELP)
     p.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
     p.add_argument("--window", type=int, default=1, help="MLP window size (mlp_window)")
     p.add_argument("--positions", nargs="*", default=None, help="key token names to patch at (mlp_window, path)")
@@ -358,7 +370,7 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--algorithm", default="acdc", choices=("acdc", "eap", "eap_ig", "path_patching", "node"))
     p.add_argument("--corruption", default="str")
-    p.add_argument("--metric", default="kl")
+    p.add_argument("--metric", default="kl", type=_metric, help=METRIC_HELP)
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
     p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
     p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG")

@@ -48,7 +48,7 @@ from circuitfind.corruptions import get_corruption
 from circuitfind.errors import CircuitfindError, TaskError
 from circuitfind.graph import edge_count
 from circuitfind.io import to_json, write_bytes, write_json
-from circuitfind.metrics import get_metric
+from circuitfind.metrics import get_metric, metric_fingerprint
 from circuitfind.models import check_device, device_type
 from circuitfind.tasks import MAX_PROMPTS, TaskBatch, load_task
 
@@ -309,13 +309,14 @@ def package_fingerprint() -> str:
 
 def cache_key(setting: Setting, config: SweepConfig) -> str:
     """A hash of everything that changes a setting's result: the setting, the shared parameters,
-    the model's files, the task spec and the package's code."""
+    the model's files, the task spec, the source of a metric given by import path and the package's code."""
     blob = json.dumps(
         {
             "setting": setting.model_dump(),
             "shared": config.shared(),
             "model": model_fingerprint(setting.model),
             "task": task_fingerprint(setting.task),
+            "metric": metric_fingerprint(setting.metric),  # a metric given by import path: its source
             "code": package_fingerprint(),
             "version": circuitfind.__version__,
         },

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from circuitfind.errors import TaskError
+from circuitfind.metrics import MetricContext, extra_columns, pad_answer_sets
 from circuitfind.models import model_device
 from circuitfind.paths import default_tasks_dir
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 # memory at once, so a larger batch exhausts memory long before it finishes; checked before any
 # prompt is generated.
 MAX_PROMPTS = 10_000
+ANSWER_TOKENS = ("single", "multi")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,14 @@ class TaskSpec:
     @property
     def default_model(self) -> str | None:
         return self.data.get("default_model")
+
+    @property
+    def answer_tokens(self) -> str:
+        """``single`` (every answer is one token, the default) or ``multi`` (answers may be several tokens)."""
+        value = self.data.get("answer_tokens", "single")
+        if value not in ANSWER_TOKENS:
+            raise TaskError(f"task {self.name}: answer_tokens must be one of {ANSWER_TOKENS}, got {value!r}")
+        return value
 
 
 @dataclass(frozen=True)
@@ -165,7 +175,7 @@ def _ioi_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
             "s1_io": _fill(templates[t], {**base, "X": a, "Y": b, "S": s})[0],
         }
         keys = {"IO": off["X"] if abba else off["Y"], "S1": off["Y"] if abba else off["X"], "S2": off["S"]}
-        prompts.append(Prompt(text, io, s, corrupted, keys, t))
+        prompts.append(Prompt(text, " " + io, " " + s, corrupted, keys, t))
     return prompts
 
 
@@ -188,7 +198,7 @@ def induction_prompt(seq: list[str], spare: str, k: int) -> Prompt:
     swapped[k] = spare
     starts = [sum(len(w) + 1 for w in words[:i]) for i in range(len(words))]
     keys = {"A": starts[k - 1], "B": starts[k], "A2": starts[-1]}
-    return Prompt(" ".join(words), seq[k], spare, {"swap_next": " ".join(swapped)}, keys, len(seq))
+    return Prompt(" ".join(words), " " + seq[k], " " + spare, {"swap_next": " ".join(swapped)}, keys, len(seq))
 
 
 def _factual_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
@@ -201,7 +211,15 @@ def _factual_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]
         start, end = off["SUBJECT"], off["SUBJECT"] + len(subject)
         last_word = start + subject.rfind(" ") + 1
         prompts.append(
-            Prompt(text, answer, "", {"subject_swap": None}, {"subject_last": last_word}, t, {"subject": (start, end)})
+            Prompt(
+                text,
+                " " + answer,
+                "",
+                {"subject_swap": None},
+                {"subject_last": last_word},
+                t,
+                {"subject": (start, end)},
+            )
         )
     return prompts
 
@@ -223,7 +241,7 @@ def _subject_swaps(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]
             continue
         start, end = p.key_spans["subject"]
         subject = p.text[start:end]
-        partners = [(s, a) for s, a in facts if a != p.answer and lengths[s] == lengths[subject]]
+        partners = [(s, a) for s, a in facts if " " + a != p.answer and lengths[s] == lengths[subject]]
         if not partners:
             raise TaskError(
                 f"no other subject has the token length of {subject!r} ({lengths[subject]} tokens) "
@@ -232,7 +250,9 @@ def _subject_swaps(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]
         other, other_answer = partners[hash_index(subject, len(partners))]
         corrupted = _fill(template[p.template], {"SUBJECT": other})[0]
         out.append(
-            Prompt(p.text, p.answer, other_answer, {"subject_swap": corrupted}, p.key_chars, p.template, p.key_spans)
+            Prompt(
+                p.text, p.answer, " " + other_answer, {"subject_swap": corrupted}, p.key_chars, p.template, p.key_spans
+            )
         )
     return out
 
@@ -286,17 +306,52 @@ def encode(model: TransformerBridge, text: str) -> list[int]:
     return _bos_ids(tok, model) + tok(text, add_special_tokens=False)["input_ids"]
 
 
-def single_token_id(model: TransformerBridge, word: str) -> int:
-    """The id of ``word`` as a continuation (with its leading space); error if it is not one token."""
+def continuation_ids(model: TransformerBridge, prompt: str, answer: str) -> list[int]:
+    """The token ids of ``answer`` as the continuation of ``prompt``: ``prompt + answer`` tokenised, minus
+    the prompt's tokens (no space added or dropped; a shipped task's answers carry their own leading space)."""
     tok = model.tokenizer
-    ids = tok(" " + word.strip(), add_special_tokens=False)["input_ids"]
+    if not answer:
+        raise TaskError(f"prompt {prompt!r}: the answer is empty")
+    head = tok(prompt, add_special_tokens=False)["input_ids"]
+    full = tok(prompt + answer, add_special_tokens=False)["input_ids"]
+    if not full or (prompt and not head):
+        raise TaskError(
+            f"the tokenizer gives no tokens for {prompt + answer!r}: its files are missing or broken "
+            "(fetch the model again: circuitfind fetch)"
+        )
+    if full[: len(head)] != head or len(full) == len(head):
+        raise TaskError(
+            f"prompt {prompt!r}: answer {answer!r} does not start at a token boundary (this tokenizer merges it "
+            f"with the prompt's last token); move the boundary, e.g. end the prompt before a space"
+        )
+    return full[len(head) :]
+
+
+def single_token_id(model: TransformerBridge, word: str, prompt: str = "") -> int:
+    """The id of ``word`` as the one-token continuation of ``prompt``; error if it is not one token.
+
+    With no prompt the word is tokenised on its own (give it its leading space, ``" Mary"``)."""
+    tok = model.tokenizer
+    if prompt:
+        ids = continuation_ids(model, prompt, word)
+    else:
+        if not word:
+            raise TaskError("the answer is empty")
+        ids = tok(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise TaskError(
+                f"the tokenizer gives no tokens for {word!r}: its files are missing or broken "
+                "(fetch the model again: circuitfind fetch)"
+            )
+    where = f"prompt {prompt!r}: " if prompt else ""
     if len(ids) == 1 and ids[0] == tok.unk_token_id and word.strip() != tok.unk_token:
-        raise TaskError(f"answer {word!r} is not in this model's vocabulary (it maps to the unknown token)")
+        raise TaskError(f"{where}answer {word!r} is not in this model's vocabulary (it maps to the unknown token)")
     if len(ids) != 1:
         pieces = model.tokenizer.convert_ids_to_tokens(ids)
         raise TaskError(
-            f"answer {word!r} is {len(ids)} tokens {pieces} for this tokenizer; answers must be a "
-            f"single token. Choose single-token answers (e.g. other names) for this model."
+            f"{where}answer {word!r} is {len(ids)} tokens {pieces} for this tokenizer; answers must be a "
+            f'single token (or declare "answer_tokens": "multi" in the task). Choose single-token answers '
+            f"for this model."
         )
     return ids[0]
 
@@ -332,6 +387,10 @@ class TaskBatch:
         positions: key token name -> ``[batch]`` positions (``end`` is always present).
         mask: ``[batch, pos]`` True on real (non-padding) tokens.
         spans: multi-token key name (``subject``) -> ``[batch, pos]`` bool mask of its tokens.
+        answer_sets / answer_mask: ``[batch, k]`` ids of every correct answer (0-padded) and the mask of
+            real entries; ``counter_sets`` / ``counter_mask`` likewise for the wrong answers.
+        answer_sequences: with ``answer_tokens: multi``, each prompt's first answer as its token ids
+            (``answers`` then holds their first tokens); ``None`` for single-token tasks.
     """
 
     task: TaskSpec
@@ -344,6 +403,11 @@ class TaskBatch:
     positions: dict[str, torch.Tensor]
     mask: torch.Tensor
     spans: dict[str, torch.Tensor] = field(default_factory=dict)
+    answer_sets: torch.Tensor | None = None
+    answer_mask: torch.Tensor | None = None
+    counter_sets: torch.Tensor | None = None
+    counter_mask: torch.Tensor | None = None
+    answer_sequences: list[list[int]] | None = None
 
     @property
     def size(self) -> int:
@@ -391,8 +455,17 @@ class TaskBatch:
                         f"token lengths ({len(c)} vs {len(x)}): {prompts[i].text!r} vs "
                         f"{prompts[i].corrupted[v]!r}. Symmetric token replacement needs equal lengths."
                     )
-        answers = [single_token_id(model, p.answer) for p in prompts]
-        counters = [single_token_id(model, p.counter_answer) for p in prompts]
+        multi = task.answer_tokens == "multi"
+        sequences = None
+        if multi:
+            sequences = [continuation_ids(model, p.text, p.answer_set[0]) for p in prompts]
+            answer_sets = [[seq[0]] for seq in sequences]
+            counter_sets = [[continuation_ids(model, p.text, a)[0] for a in p.counter_answer_set] for p in prompts]
+        else:
+            answer_sets = [[single_token_id(model, a, p.text) for a in p.answer_set] for p in prompts]
+            counter_sets = [[single_token_id(model, a, p.text) for a in p.counter_answer_set] for p in prompts]
+        answers = [ids[0] for ids in answer_sets]
+        counters = [ids[0] if ids else answers[i] for i, ids in enumerate(counter_sets)]
         positions, spans = zip(*[_key_positions(model, p, n_bos) for p in prompts], strict=True)
         n_pos = max(len(c) for c in clean)
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -420,7 +493,51 @@ class TaskBatch:
             positions=key_pos,
             mask=torch.arange(n_pos, device=device)[None, :] < lengths[:, None],
             spans=span_masks,
+            answer_sets=pad_answer_sets(answer_sets, device)[0],
+            answer_mask=pad_answer_sets(answer_sets, device)[1],
+            counter_sets=pad_answer_sets(counter_sets, device)[0],
+            counter_mask=pad_answer_sets(counter_sets, device)[1],
+            answer_sequences=sequences,
         )
+
+    @classmethod
+    def from_prompts(
+        cls, model: TransformerBridge, prompts: Sequence[Prompt], name: str = "custom", **data
+    ) -> TaskBatch:
+        """A batch from :class:`Prompt` objects made in Python, with no spec file.
+
+        ``data`` becomes the task's spec data (e.g. ``key_tokens=[...]``, ``answer_tokens="multi"``); the
+        STR variants are the prompts' ``corrupted`` keys, the first being the default corruption."""
+        prompts = list(prompts)
+        if not prompts:
+            raise TaskError("cannot build a batch from zero prompts")
+        variants = list(prompts[0].corrupted)
+        for i, p in enumerate(prompts):
+            if list(p.corrupted) != variants:
+                raise TaskError(f"prompt {i} ({p.text!r}) has corruptions {list(p.corrupted)}, prompt 0 has {variants}")
+            missing = [v for v, text in p.corrupted.items() if text is None]
+            if missing:
+                raise TaskError(f"prompt {i} ({p.text!r}): corrupted text of {missing} is None; give the text")
+        corruptions: dict[str, Any] = {"str_variants": {v: v for v in variants}}
+        if variants:
+            corruptions["str"] = variants[0]
+        spec = TaskSpec(name=name, kind="python", data={"name": name, "corruptions": corruptions, **data})
+        return cls.build(model, spec, prompts)
+
+    def metric_context(self) -> MetricContext:
+        """The metric context of this batch: answers, answer sets and the prompts' ``extra`` columns."""
+        device = self.answers.device
+        ctx = MetricContext(
+            self.answers,
+            self.counter_answers,
+            answer_sets=self.answer_sets,
+            answer_mask=self.answer_mask,
+            counter_sets=self.counter_sets,
+            counter_mask=self.counter_mask,
+            extra=extra_columns([dict(p.extra) for p in self.prompts], device),
+            prompt_index=torch.arange(self.size, device=device),
+        )
+        return ctx
 
     def key_position_mask(self, names: Sequence[str] | None = None) -> torch.Tensor:
         """``[batch, pos]`` bool mask of the named key tokens (all task key tokens by default)."""

@@ -69,7 +69,7 @@ GRID_HELP = {
     "tasks": "task name (circuitfind tasks) or JSON file",
     "algorithms": ", ".join(ALGORITHMS),
     "corruptions": ", ".join(c if c != "str" else "str, str:<variant>" for c in CORRUPTIONS),
-    "metrics": ", ".join(METRICS),
+    "metrics": ", ".join(METRICS) + ", package.module:function",
     "directions": "noise, denoise",
 }
 DASK_ADDRESS_ENV = "CIRCUITFIND_DASK_ADDRESS"

@@ -20,6 +20,7 @@ import torch
 
 from circuitfind.checks import positive_int
 from circuitfind.corruptions import Corruption, CorruptionPlan, Run, get_corruption
+from circuitfind.errors import TaskError
 from circuitfind.metrics import Metric, MetricContext, get_metric
 from circuitfind.patching.memory import parse_memory
 from circuitfind.tasks import TaskBatch
@@ -182,6 +183,11 @@ def prepare(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     parse_memory(max_memory)  # a clear error now rather than in the first edge-patching pass
     positive_int("max_batch", max_batch)
+    if batch.answer_sequences is not None:
+        raise TaskError(
+            f"task {batch.task.name!r} has multi-token answers (answer_tokens: multi); patching and circuit "
+            "discovery score one next token, so they need single-token answers"
+        )
     corruption = get_corruption(corruption)
     metric = get_metric(metric)
     plan = corruption.plan(model, batch)
@@ -190,7 +196,7 @@ def prepare(
         corrupt_logits = answer_logits(
             model.run_with_hooks(plan.corrupt.tokens, fwd_hooks=plan.corrupt.hooks), plan.end_pos
         )
-    ctx = MetricContext(plan.answers, plan.counter_answers, clean_logits.float().log_softmax(-1))
+    ctx = plan_context(plan, clean_logits.float().log_softmax(-1))
     clean_value = metric(clean_logits, ctx).mean().item()
     corrupt_value = metric(corrupt_logits, ctx).mean().item()
     return PatchingSetup(
@@ -209,16 +215,29 @@ def prepare(
     )
 
 
+def plan_context(plan: CorruptionPlan, clean_logprobs: torch.Tensor | None = None) -> MetricContext:
+    """The metric context of a corruption plan's rows: the batch's answers, answer sets and extra
+    columns, repeated the way the plan stacks copies of the batch (e.g. one per Gaussian-noise sample)."""
+    batch = plan.batch
+    if plan.size % batch.size:
+        raise ValueError(
+            f"corruption plan of {plan.size} rows is not a stack of copies of the {batch.size}-prompt batch"
+        )
+    ctx = batch.metric_context().take(torch.arange(plan.size, device=batch.answers.device) % batch.size)
+    if not (torch.equal(ctx.answers, plan.answers) and torch.equal(ctx.counter_answers, plan.counter_answers)):
+        raise ValueError(f"corruption {plan.name!r} reorders the batch's answers; its plan must stack copies of it")
+    ctx.clean_logprobs = clean_logprobs
+    return ctx
+
+
 def slice_ctx(ctx: MetricContext, prompts: slice) -> MetricContext:
-    """The metric context of a slice of the prompts."""
-    lp = ctx.clean_logprobs
-    return MetricContext(ctx.answers[prompts], ctx.counter_answers[prompts], None if lp is None else lp[prompts])
+    """The metric context of a slice of the prompts (every per-prompt field, ``extra`` included)."""
+    return ctx.take(torch.arange(ctx.answers.shape[0], device=ctx.answers.device)[prompts])
 
 
 def repeat_ctx(ctx: MetricContext, n: int) -> MetricContext:
-    """The metric context of ``n`` stacked copies of the batch."""
-    lp = ctx.clean_logprobs
-    return MetricContext(ctx.answers.repeat(n), ctx.counter_answers.repeat(n), None if lp is None else lp.repeat(n, 1))
+    """The metric context of ``n`` stacked copies of the batch (every per-prompt field, ``extra`` included)."""
+    return ctx.take(torch.arange(ctx.answers.shape[0], device=ctx.answers.device).repeat(n))
 
 
 def patch_hook(act: torch.Tensor, hook, source: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -102,7 +102,7 @@ def _training_batch(spec: TaskSpec, tokenizer, n: int, seed: int) -> tuple[torch
     else:
         rows, answer_mask = [], []
         for p in prompts:
-            ids = [0] + tokenizer(p.text + " " + p.answer, add_special_tokens=False)["input_ids"]
+            ids = [0] + tokenizer(p.text + " " + p.answer.strip(), add_special_tokens=False)["input_ids"]
             rows.append(ids)
             answer_mask.append([0] * (len(ids) - 2) + [1, 0])
     width = max(len(r) for r in rows)
@@ -279,8 +279,8 @@ def evaluate_hf(model, spec: TaskSpec, tokenizer, n: int = 500, seed: int = 1234
     for p in prompts:
         ids = torch.tensor([[0] + tokenizer(p.text, add_special_tokens=False)["input_ids"]])
         logits = model(ids).logits[0, -1]
-        r = tokenizer.convert_tokens_to_ids(p.answer)
-        r2 = tokenizer.convert_tokens_to_ids(p.counter_answer)
+        r = tokenizer.convert_tokens_to_ids(p.answer.strip())
+        r2 = tokenizer.convert_tokens_to_ids(p.counter_answer.strip())
         correct += int(logits.argmax().item() == r)
         diffs.append((logits[r] - logits[r2]).item())
     return {"accuracy": correct / n, "logit_diff": sum(diffs) / n, "n_eval": n}
