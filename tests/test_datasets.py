@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,3 +238,101 @@ def test_a_non_dataset_file_is_still_a_clear_error(tmp_path):
     spec_file.write_text(json.dumps({"kind": "dataset", "file": "missing.jsonl"}))
     with pytest.raises(TaskError, match=r"s.json: dataset file 'missing.jsonl' not found"):
         load_task(str(spec_file))
+
+
+def test_sweep_names_a_dataset_by_file_name_and_hash_and_caches_by_content(tmp_path, capsys):
+    from circuitfind.sweep import SweepConfig, cache_key
+
+    rows = _ioi_rows(8)
+    (tmp_path / "a").mkdir()
+    path = _jsonl(tmp_path / "a" / "pairs.jsonl", rows)
+    grid = dict(algorithms=["eap"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"], prompts=8)
+    config = SweepConfig(tasks=[str(path)], **grid).check()
+    (setting,) = config.settings()
+    label = f"pairs.jsonl-{load_task(str(path)).data['sha256'][:10]}"
+    assert setting.name == f"toy-ioi__{label}__eap__str__logit_diff__noise"
+    key = cache_key(setting, config)
+    (tmp_path / "b").mkdir()
+    moved = _jsonl(tmp_path / "b" / "pairs.jsonl", rows)  # the same content elsewhere: the same result
+    (moved_setting,) = SweepConfig(tasks=[str(moved)], **grid).check().settings()
+    assert cache_key(moved_setting, config) == key
+    _jsonl(moved, rows[::-1])  # other content: another result
+    (changed,) = SweepConfig(tasks=[str(moved)], **grid).check().settings()
+    assert changed.name != setting.name and cache_key(changed, config) != key
+
+    # a bad row is refused by the grid check, before anything starts
+    _jsonl(path, rows[:3] + [rows[1]])
+    with pytest.raises(TaskError, match=r"pairs.jsonl:4: duplicate row: the same as line 2"):
+        SweepConfig(tasks=[str(path)], **grid).check()
+    assert main(["sweep", "--tasks", str(path), "--outputs", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("circuitfind: error: ") and err.count("\n") == 1 and "pairs.jsonl:4" in err
+
+
+@pytest.mark.slow
+def test_a_dataset_setting_records_its_label_and_examples_for_the_report(tmp_path):
+    from circuitfind.report.sweep import write_report
+    from circuitfind.sweep import SweepConfig, compute_setting
+
+    rows = _ioi_rows(8)
+    path = _jsonl(tmp_path / "pairs.jsonl", rows)
+    grid = dict(algorithms=["eap"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"], prompts=8)
+    config = SweepConfig(tasks=[str(path)], **grid).check()
+    (setting,) = config.settings()
+    label = f"pairs.jsonl-{load_task(str(path)).data['sha256'][:10]}"
+    record, circuit, _ = compute_setting(setting, config)
+    assert record["task"] == label and record["n_prompts"] == 8 and circuit.n_edges > 0
+    assert record["examples"][0] == {
+        "clean": rows[0]["clean"],
+        "corrupted": rows[0]["corrupted.s2_io"],
+        "answers": [rows[0]["answers"]],
+        "counter_answers": rows[0]["counter_answers"],
+    }
+    md = write_report([record], tmp_path / "report")["markdown_text"]
+    assert "Example prompts" in md and rows[0]["clean"] in md
+
+
+@pytest.mark.slow
+def test_discover_and_sweep_commands_take_a_dataset(tmp_path, first_sweep, sweep_env):
+    import subprocess
+    import sys
+
+    path = _jsonl(tmp_path / "pairs.jsonl", _ioi_rows(8))
+    out = tmp_path / "c.graphml"
+    assert main(["discover", "--task", str(path), "-n", "8", "--algorithm", "eap", "--out", str(out)]) == 0
+    assert out.is_file()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "circuitfind",
+            "sweep",
+            "--tasks",
+            str(path),
+            "--algorithms",
+            "eap",
+            "--corruptions",
+            "str",
+            "--metrics",
+            "logit_diff",
+            "--directions",
+            "noise",
+            "--prompts",
+            "8",
+            "--run",
+            "ds",
+            "--outputs",
+            str(tmp_path / "outputs"),
+        ],
+        # the package under test, wherever it is imported from (the worktree or the install)
+        env={**sweep_env(first_sweep.home), "PYTHONPATH": str(Path(datasets.__file__).parents[1])},
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    label = f"pairs.jsonl-{load_task(str(path)).data['sha256'][:10]}"
+    circuits = sorted(p.name for p in (tmp_path / "outputs" / "ds" / "circuits").glob("*.graphml"))
+    assert circuits == [f"toy-ioi__{label}__eap__str__logit_diff__noise.graphml"]
+    assert "Example prompts" in (tmp_path / "outputs" / "ds" / "report.md").read_text()
