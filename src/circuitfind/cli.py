@@ -34,8 +34,12 @@ PATCH_KINDS = ("heads", "heads_by_pos", "resid_pre", "attn_out", "mlp_out", "mlp
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="shipped model, HF folder or hub name (default: the task's)")
-    p.add_argument("--task", default="ioi", help="task name in tasks/, a spec JSON, or a dataset file of prompt pairs (.jsonl, .csv, auto-circuit .json; "
-        "see circuitfind.datasets) (default: ioi)")
+    p.add_argument(
+        "--task",
+        default="ioi",
+        help="task name in tasks/, a spec JSON, or a dataset file of prompt pairs (.jsonl, .csv, auto-circuit .json; "
+        "see circuitfind.datasets) (default: ioi)",
+    )
     p.add_argument("-n", "--prompts", type=int, default=100, help="number of prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
