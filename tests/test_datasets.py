@@ -336,3 +336,15 @@ def test_discover_and_sweep_commands_take_a_dataset(tmp_path, first_sweep, sweep
     circuits = sorted(p.name for p in (tmp_path / "outputs" / "ds" / "circuits").glob("*.graphml"))
     assert circuits == [f"toy-ioi__{label}__eap__str__logit_diff__noise.graphml"]
     assert "Example prompts" in (tmp_path / "outputs" / "ds" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_cli_drop_unequal_and_sample_options(tmp_path, capsys):
+    rows = _ioi_rows(40)
+    rows[2]["corrupted.s2_io"] = rows[2]["corrupted.s2_io"].replace(" gave", " gave quickly")
+    path = _jsonl(tmp_path / "uneq.jsonl", rows)
+    assert main(["evaluate", "--task", str(path), "-n", "40"]) == 2
+    assert "lines 3 (s2_io)" in capsys.readouterr().err
+    assert main(["evaluate", "--task", str(path), "-n", "40", "--drop-unequal", "--sample", "--seed", "3"]) == 0
+    assert main(["evaluate", "--task", "ioi", "--sample"]) == 2
+    assert "--sample and --drop-unequal take a dataset file" in capsys.readouterr().err
