@@ -42,6 +42,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_patching.py
 	$(BIN)/python benchmarks/bench_edges.py
 	$(BIN)/python benchmarks/bench_scale.py
+	$(BIN)/python benchmarks/bench_datasets.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

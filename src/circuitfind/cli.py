@@ -47,9 +47,20 @@ def _metric(value: str) -> str:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="shipped model, HF folder or hub name (default: the task's)")
-    p.add_argument("--task", default="ioi", help="task name in tasks/ or a JSON path (default: ioi)")
+    p.add_argument(
+        "--task",
+        default="ioi",
+        help="task name in tasks/, a spec JSON, or a dataset file of prompt pairs (.jsonl, .csv, auto-circuit .json; "
+        "see circuitfind.datasets) (default: ioi)",
+    )
     p.add_argument("-n", "--prompts", type=int, default=100, help="number of prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
+    p.add_argument(
+        "--sample", action="store_true", help="dataset task: a sample of the rows seeded by --seed, not the first N"
+    )
+    p.add_argument(
+        "--drop-unequal", action="store_true", help="dataset task: drop rows whose clean/corrupted token lengths differ"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument(
         "--dtype",
@@ -76,11 +87,22 @@ def _model_name(args) -> str:
 
 def _load(args):
     from circuitfind.catalogue import load_model
-    from circuitfind.tasks import TaskBatch, check_prompt_count, load_task
+    from circuitfind.errors import TaskError
+    from circuitfind.tasks import TaskBatch, TaskSpec, check_prompt_count, load_task
 
     check_prompt_count(args.prompts)  # before the model loads
     task = load_task(args.task)
-    model = load_model(_model_name(args), device=args.device, dtype=args.dtype)
+    if args.sample or args.drop_unequal:
+        if task.kind != "dataset":
+            raise TaskError(
+                f"--sample and --drop-unequal take a dataset file; task {task.name!r} is a {task.kind!r} spec"
+            )
+        options = {
+            "sample": args.sample or task.data["sample"],
+            "drop_unequal": args.drop_unequal or task.data["drop_unequal"],
+        }
+        task = TaskSpec(task.name, task.kind, {**task.data, **options})
+    model = load_model(args.model or task.default_model or "toy-ioi", device=args.device, dtype=args.dtype)
     return model, TaskBatch.build(model, task, args.prompts, seed=args.seed)
 
 

@@ -41,6 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import circuitfind
+from circuitfind import datasets
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model, locate_model, resolve_model_path
@@ -50,7 +51,7 @@ from circuitfind.graph import edge_count
 from circuitfind.io import to_json, write_bytes, write_json
 from circuitfind.metrics import get_metric, metric_fingerprint
 from circuitfind.models import check_device, device_type
-from circuitfind.tasks import MAX_PROMPTS, TaskBatch, load_task
+from circuitfind.tasks import MAX_PROMPTS, TaskBatch, generate_prompts, load_task
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class Setting(BaseModel):
         """The setting's file name: its parts joined by ``__``. A part that is not a plain name (a path, a hub
         name, ``str:<variant>``, one with ``__``) is made readable and given a short hash of its exact text,
         so two distinct inputs (``col/a_b`` and ``col/a/b``) never share a name and lose a result."""
-        parts = [self.model, self.task, self.algorithm, self.corruption, self.metric, self.direction]
+        parts = [self.model, task_label(self.task), self.algorithm, self.corruption, self.metric, self.direction]
         return "__".join(map(name_part, parts))
 
 
@@ -172,6 +173,8 @@ class SweepConfig(BaseModel):
                         f"--top-k: must be at most the {edges} edges of model {name!r}'s graph (got {self.top_k})"
                     )
         for spec in map(load_task, self.tasks):
+            if spec.kind == "dataset":  # its rows are read and checked now, before anything starts
+                generate_prompts(spec, self.prompts, self.seed)
             for c in self.corruptions:
                 kind, _, variant = c.partition(":")
                 if kind != "str":
@@ -295,9 +298,27 @@ def _hub_revision(name: str) -> str | None:
 
 
 def task_fingerprint(task_name: str) -> str:
-    """A hash of the task spec's content (as parsed: layout changes do not count)."""
+    """A hash of the task spec's content (as parsed: layout changes do not count); for a dataset file,
+    of its bytes (``sha256`` in the spec) and options, not of where it lies."""
     spec = load_task(task_name)
-    return hashlib.sha256(json.dumps(spec.data, sort_keys=True).encode()).hexdigest()
+    data = {k: v for k, v in spec.data.items() if not (spec.kind == "dataset" and k == "file")}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+def task_label(task: str) -> str:
+    """How records and setting names call a task: its name, or for a dataset file its file name and
+    the start of its content hash (``pairs.jsonl-1a2b3c4d5e``), never a mangled path."""
+    path = Path(task)
+    if not datasets.is_dataset_file(path):
+        return task
+    stat = path.stat()
+    return _dataset_label(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _dataset_label(path: str, mtime_ns: int, size: int) -> str:
+    spec = load_task(path)
+    return f"{Path(path).name}-{spec.data['sha256'][:10]}"
 
 
 @functools.cache
@@ -312,7 +333,7 @@ def cache_key(setting: Setting, config: SweepConfig) -> str:
     the model's files, the task spec, the source of a metric given by import path and the package's code."""
     blob = json.dumps(
         {
-            "setting": setting.model_dump(),
+            "setting": {**setting.model_dump(), "task": task_label(setting.task)},  # a dataset by content
             "shared": config.shared(),
             "model": model_fingerprint(setting.model),
             "task": task_fingerprint(setting.task),
@@ -392,6 +413,16 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
     record = {
         "setting": setting.name,
         **setting.model_dump(),
+        "task": task_label(setting.task),
+        "examples": [  # a few of the task's rows, shown by the report
+            {
+                "clean": q.text,
+                "corrupted": q.corrupted.get(batch.task.default_str) if batch.task.str_variants else None,
+                "answers": list(q.answer_set),
+                "counter_answers": list(q.counter_answer_set),
+            }
+            for q in batch.prompts[:3]
+        ],
         "n_prompts": setup.batch.size,
         "clean": setup.clean_value,
         "corrupt": setup.corrupt_value,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from circuitfind import datasets
 from circuitfind.errors import TaskError
 from circuitfind.metrics import MetricContext, extra_columns, pad_answer_sets
 from circuitfind.models import model_device
@@ -128,6 +129,8 @@ def available_tasks() -> list[str]:
 def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
     """Load a task spec by name (``ioi``) or by path to a JSON file."""
     path = Path(name_or_path)
+    if datasets.is_dataset_file(path):  # a .jsonl/.csv/auto-circuit file of prompt pairs, or a spec pointing at one
+        return TaskSpec(**datasets.dataset_spec(path))
     if not path.is_file():
         path = tasks_dir() / f"{name_or_path}.json"
     if not path.is_file():
@@ -262,7 +265,14 @@ def hash_index(text: str, n: int) -> int:
     return sum(ord(c) * 31**i for i, c in enumerate(text)) % n
 
 
+def _dataset_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
+    """The first ``n`` rows of a dataset file, or a sample seeded from ``rng`` (:mod:`circuitfind.datasets`)."""
+    rows = datasets.read_rows(spec.data["file"], n, sample=spec.data["sample"], seed=rng.randrange(2**32))
+    return [Prompt(**row.prompt_fields(spec.data["file"])) for row in rows]
+
+
 GENERATORS: dict[str, Callable[[TaskSpec, int, random.Random], list[Prompt]]] = {
+    "dataset": _dataset_prompts,
     "ioi": _ioi_prompts,
     "induction": _induction_prompts,
     "factual": _factual_prompts,
@@ -442,6 +452,8 @@ class TaskBatch:
         check_prompt_count(len(prompts))
         if task.kind == "factual":
             prompts = _subject_swaps(model, task, prompts)
+        if task.kind == "dataset":  # token-id answers decoded; unequal clean/corrupted lengths refused or dropped
+            prompts = datasets.resolve_for_model(task.data, prompts, lambda t: encode(model, t), model.tokenizer)
         tok = model.tokenizer
         n_bos = len(_bos_ids(tok, model))
         clean = [encode(model, p.text) for p in prompts]

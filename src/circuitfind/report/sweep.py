@@ -247,6 +247,30 @@ def _largest_panel(members: list[dict], keys: tuple[str, ...]) -> int:
     return max(counts.values())
 
 
+def _examples_section(records: list[dict], g: dict, several: bool) -> list[R.Section]:
+    """A few example rows of the group's task (records written before examples were recorded have none)."""
+    rows = next(
+        (r["examples"] for r in records if (r["model"], r["task"]) == (g["model"], g["task"]) and r.get("examples")),
+        None,
+    )
+    if not rows:
+        return []
+    where = f" ({g['model']} on {g['task']})" if several else ""
+    table = R.table(
+        ["clean", "corrupted", "answers", "counterfactual"],
+        [
+            [
+                e["clean"],
+                e["corrupted"] or "",
+                " | ".join(map(repr, e["answers"])),
+                " | ".join(map(repr, e["counter_answers"])),
+            ]
+            for e in rows
+        ],
+    )
+    return [R.section(f"Example prompts{where}", table, level=3)]
+
+
 def _group_sections(g: dict, several: bool) -> list[R.Section]:
     where = f" ({g['model']} on {g['task']})" if several else ""
     sections = []
@@ -401,7 +425,7 @@ def report_sections(
     sections = _axes_sections(effects, groups) + _health_sections(groups)
     for g in groups:
         sections.append(R.section(f"{g['model']} on {g['task']}: {len(g['names'])} settings"))
-        sections += _group_sections(g, len(groups) > 1)
+        sections += _examples_section(records, g, len(groups) > 1) + _group_sections(g, len(groups) > 1)
     return sections
 
 
