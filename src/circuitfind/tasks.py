@@ -289,8 +289,11 @@ def _check_template(c: _Checker, d: dict) -> None:
     vocab = c.get("vocab", dict, "an object: vocabulary name -> list of strings")
     if not vocab:
         raise c.fail("vocab", "'vocab' must define at least one vocabulary")
-    for name in vocab:
-        c.strings(name, within=vocab)
+    for name, words in vocab.items():
+        if not (isinstance(words, list) and words and all(isinstance(w, list) for w in words)):
+            c.strings(name, within=vocab)  # a list of words, or of records (lists of words) for 'fields'
+        elif not all(w and all(isinstance(x, str) for x in w) for w in words):
+            raise c.fail(name, f"vocabulary {name!r} of records: every entry must be a list of strings")
     draws = c.get("draw", list, "a list of {'vars': [...], 'from': vocabulary}")
     drawn: list[str] = []
     for i, draw in enumerate(draws):
@@ -304,7 +307,15 @@ def _check_template(c: _Checker, d: dict) -> None:
             raise c.fail(
                 "draw", f"draw[{i}] needs {len(names)} distinct words from {source!r}, which has {len(vocab[source])}"
             )
-        drawn += names
+        fields = c.get("fields", list, "a list of field names", required=False, within=draw)
+        if fields is not None:
+            if any(not isinstance(w, list) or len(w) != len(fields) for w in vocab[source]):
+                raise c.fail("fields", f"draw[{i}]: every entry of {source!r} must be a list of {len(fields)} strings")
+            drawn += [f"{v}_{f}" for v in names for f in fields]
+        else:
+            if any(not isinstance(w, str) for w in vocab[source]):
+                raise c.fail("from", f"draw[{i}]: {source!r} holds records: name them with 'fields'")
+            drawn += names
     let = c.get("let", dict, "an object: variable -> text with [VARIABLE]s", required=False) or {}
     cycle = c.get("cycle", list, "a non-empty list of per-prompt overrides", required=False)
     if cycle is not None and not cycle:
@@ -533,7 +544,8 @@ def _answer_set(rule: Any, values: Mapping[str, str], vocab: Mapping[str, list[s
 def _template_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
     """The generic kind: per prompt, pick a template (``rng.randrange``), draw each ``draw`` group's
     variables (``rng.sample`` for a group of distinct words, ``rng.choice`` for one), then apply
-    ``let`` and the ``cycle`` entry ``i % len(cycle)``. This is the draw order of the ``ioi`` generator,
+    ``let`` and the ``cycle`` entry ``i % len(cycle)``. A draw with ``fields`` picks records (lists)
+    and binds ``VAR_FIELD`` for each field. This is the draw order of the ``ioi`` generator,
     so ``tasks/ioi_template.json`` gives the same prompts as ``ioi`` for the same seed."""
     d = spec.data
     vocab, templates, cycle = d["vocab"], d["templates"], d.get("cycle") or [{}]
@@ -544,7 +556,16 @@ def _template_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt
         for draw in d["draw"]:
             names, pool = draw["vars"], vocab[draw["from"]]
             picked = [rng.choice(pool)] if len(names) == 1 else rng.sample(pool, len(names))
-            values.update(zip(names, picked, strict=True))
+            if "fields" in draw:  # records: VAR_FIELD for each field of the drawn entry
+                values.update(
+                    {
+                        f"{v}_{f}": x
+                        for v, rec in zip(names, picked, strict=True)
+                        for f, x in zip(draw["fields"], rec, strict=True)
+                    }
+                )
+            else:
+                values.update(zip(names, picked, strict=True))
         entry = cycle[i % len(cycle)]
         alias: dict[str, str] = {}
         for name, expr in {**d.get("let", {}), **entry.get("let", {})}.items():
@@ -555,7 +576,7 @@ def _template_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt
         keys = {}
         for key, ref in d["key_tokens"].items():
             var, _, nth = ref.partition("#")
-            hits = [off for slot, off in slots if alias.get(slot, slot) == var]
+            hits = [off for slot, off in slots if var in (slot, alias.get(slot, slot))]
             if len(hits) < int(nth or 1):
                 raise TaskError(f"task {spec.name}: key token {key!r} ({ref}) is not in template {t}: {templates[t]!r}")
             keys[key] = hits[int(nth or 1) - 1]
@@ -573,7 +594,7 @@ def _template_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt
         counter = counter or (counters[0] if counters else "")
         spans = {}
         for var in d.get("single_token", []):
-            off = next((o for s, o in slots if alias.get(s, s) == var), None)
+            off = next((o for s, o in slots if var in (s, alias.get(s, s))), None)
             if off is not None:
                 spans[var] = (off, off + len(values[var]))
         prompts.append(Prompt(text, answer, counter, corrupted, keys, t, spans, answers, counters))
