@@ -137,9 +137,11 @@ def cmd_models(args) -> None:
 
 
 def cmd_tasks(args) -> None:
-    from circuitfind.tasks import available_tasks
+    """One line per task spec (shipped and ``$CIRCUITFIND_TASKS_DIR``); an invalid one says why."""
+    from circuitfind.tasks import task_problems
 
-    print("\n".join(available_tasks()))
+    for name, problem in task_problems().items():
+        print(name if problem is None else f"{name}  INVALID: {' '.join(problem.split())}")
 
 
 def cmd_evaluate(args) -> None:

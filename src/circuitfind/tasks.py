@@ -116,32 +116,298 @@ class Prompt:
         return self.counter_answers or ((self.counter_answer,) if self.counter_answer else ())
 
 
+def tasks_dirs() -> list[Path]:
+    """Where task specs are looked up, first match winning: ``$CIRCUITFIND_TASKS_DIR`` (if set), then the
+    shipped ``tasks/`` (the copy in the package when installed from a wheel). A user's folder adds to the
+    shipped tasks; its spec wins on a name clash."""
+    extra = os.environ.get("CIRCUITFIND_TASKS_DIR")
+    shipped = Path(default_tasks_dir())
+    return [Path(extra), shipped] if extra and Path(extra).resolve() != shipped.resolve() else [shipped]
+
+
 def tasks_dir() -> Path:
-    """Where task specs are looked up: ``$CIRCUITFIND_TASKS_DIR``, else the checkout's ``tasks/`` (the copy in
-    the package when installed from a wheel)."""
-    return Path(os.environ.get("CIRCUITFIND_TASKS_DIR") or default_tasks_dir())
+    """The first folder of :func:`tasks_dirs` (``$CIRCUITFIND_TASKS_DIR`` if set, else the shipped one)."""
+    return tasks_dirs()[0]
+
+
+def task_files() -> dict[str, Path]:
+    """Task name -> spec file, over :func:`tasks_dirs` (earlier folders win on a name clash)."""
+    found: dict[str, Path] = {}
+    for folder in reversed(tasks_dirs()):
+        found.update({p.stem: p for p in folder.glob("*.json")})
+    return dict(sorted(found.items()))
 
 
 def available_tasks() -> list[str]:
-    return sorted(p.stem for p in tasks_dir().glob("*.json"))
+    return list(task_files())
+
+
+def task_problems() -> dict[str, str | None]:
+    """Task name -> why its spec is invalid (``None`` when it loads): for ``circuitfind tasks``."""
+    out: dict[str, str | None] = {}
+    for name, path in task_files().items():
+        try:
+            load_task(path)
+            out[name] = None
+        except TaskError as err:
+            out[name] = str(err)
+    return out
 
 
 def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
-    """Load a task spec by name (``ioi``) or by path to a JSON file."""
+    """Load a task spec by name (``ioi``) or by path to a JSON file, and check it against its kind's
+    schema, so a bad spec is a :class:`TaskError` naming the file (and line) before anything runs."""
     path = Path(name_or_path)
     if datasets.is_dataset_file(path):  # a .jsonl/.csv/auto-circuit file of prompt pairs, or a spec pointing at one
         return TaskSpec(**datasets.dataset_spec(path))
     if not path.is_file():
-        path = tasks_dir() / f"{name_or_path}.json"
+        path = task_files().get(str(name_or_path), Path(f"{name_or_path}.json"))
     if not path.is_file():
         raise TaskError(
-            f"unknown task {str(name_or_path)!r}: no such file and not one of {available_tasks()} in {tasks_dir()}"
+            f"unknown task {str(name_or_path)!r}: no such file and not one of {available_tasks()} in "
+            f"{', '.join(map(str, tasks_dirs()))}"
         )
-    data = json.loads(path.read_text())
-    kind = data.get("kind")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise TaskError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    check_spec(data, path, text)
+    return TaskSpec(name=data.get("name", path.stem), kind=data["kind"], data=data)
+
+
+# --------------------------------------------------------------------------------------------
+# Spec validation
+
+
+def _where(path: Path, text: str, key: str | None) -> str:
+    """``FILE:LINE`` of the first ``"key":`` in the spec's text (``FILE`` alone when not found)."""
+    if key is not None:
+        match = re.search(r'"' + re.escape(key) + r'"\s*:', text)
+        if match:
+            return f"{path}:{text.count(chr(10), 0, match.start()) + 1}"
+    return str(path)
+
+
+_SLOT = re.compile(r"\[([A-Za-z_][A-Za-z0-9_]*)\]")
+
+
+class _Checker:
+    """Type checks of a spec's fields, each failure a TaskError naming the file, line and key."""
+
+    def __init__(self, data: Any, path: Path, text: str) -> None:
+        self.data, self.path, self.text = data, path, text
+
+    def fail(self, key: str | None, message: str) -> TaskError:
+        return TaskError(f"{_where(self.path, self.text, key)}: {message}")
+
+    def get(self, key: str, types: type | tuple[type, ...], what: str, required: bool = True, within=None) -> Any:
+        obj = self.data if within is None else within
+        if key not in obj:
+            if required:
+                raise self.fail(None, f"missing key {key!r} ({what})")
+            return None
+        value = obj[key]
+        if not isinstance(value, types) or isinstance(value, bool) and bool not in _as_tuple(types):
+            raise self.fail(key, f"{key!r} must be {what}, got {type(value).__name__} {_short(value)}")
+        return value
+
+    def strings(self, key: str, what: str = "a non-empty list of strings", within=None, at_least: int = 1) -> list:
+        value = self.get(key, list, what, within=within)
+        if len(value) < at_least:
+            raise self.fail(key, f"{key!r} must have at least {at_least} entries, got {len(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise self.fail(key, f"{key}[{i}] must be a string, got {type(item).__name__} {_short(item)}")
+        return value
+
+    def slots_known(self, key: str, templates: list[str], known: set[str]) -> None:
+        for i, t in enumerate(templates):
+            for slot in _SLOT.findall(t):
+                if slot not in known:
+                    raise self.fail(
+                        key, f"{key}[{i}] has slot [{slot}], which has no vocabulary (known: {sorted(known)})"
+                    )
+
+
+def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_spec(data: Any, path: Path, text: str = "") -> None:
+    """Check a parsed spec: the common keys (``kind``, ``key_tokens``, ``corruptions``) and its kind's own."""
+    c = _Checker(data, path, text)
+    if not isinstance(data, dict):
+        raise c.fail(None, f"a task spec must be a JSON object, got {type(data).__name__}")
+    kind = c.get("kind", str, f"the task kind, one of {sorted(GENERATORS)}")
     if kind not in GENERATORS:
-        raise TaskError(f"task {path.name}: kind {kind!r} is not one of {sorted(GENERATORS)}")
-    return TaskSpec(name=data.get("name", path.stem), kind=kind, data=data)
+        raise c.fail("kind", f"kind {kind!r} is not one of {sorted(GENERATORS)}")
+    c.get("name", str, "a string", required=False)
+    corruptions = c.get("corruptions", dict, "an object with 'str' and 'str_variants'")
+    if corruptions is not None:
+        variants = c.get("str_variants", dict, "an object: variant name -> description", within=corruptions)
+        if not variants:
+            raise c.fail("str_variants", "'str_variants' must name at least one STR variant")
+        default = c.get("str", str, "the default STR variant's name", required=False, within=corruptions)
+        if default is not None and default not in variants:
+            raise c.fail("str", f"default STR variant {default!r} is not one of {list(variants)}")
+    if kind in SCHEMAS:  # a dataset spec is checked by circuitfind.datasets when its rows are read
+        SCHEMAS[kind](c, data)
+
+
+def _check_ioi(c: _Checker, d: dict) -> None:
+    c.strings("names", at_least=5)
+    c.strings("places")
+    c.strings("objects")
+    c.slots_known("templates", c.strings("templates"), {"X", "Y", "S", "PLACE", "OBJECT"})
+    c.strings("key_tokens")
+
+
+def _check_induction(c: _Checker, d: dict) -> None:
+    vocab = c.strings("vocab", at_least=3)
+    lo = c.get("min_length", int, "a whole number >= 2")
+    hi = c.get("max_length", int, "a whole number >= min_length")
+    if lo < 2 or hi < lo or hi >= len(vocab):
+        raise c.fail("min_length", f"need 2 <= min_length <= max_length < len(vocab) (got {lo}, {hi}, {len(vocab)})")
+    c.strings("key_tokens")
+
+
+def _check_factual(c: _Checker, d: dict) -> None:
+    facts = c.get("facts", list, "a non-empty list of [subject, answer] pairs")
+    if len(facts) < 2:
+        raise c.fail(
+            "facts", f"'facts' needs at least 2 [subject, answer] pairs (for the subject swap), got {len(facts)}"
+        )
+    for i, fact in enumerate(facts):
+        if not (isinstance(fact, list) and len(fact) == 2 and all(isinstance(x, str) and x for x in fact)):
+            raise c.fail("facts", f"facts[{i}] must be a [subject, answer] pair of strings, got {_short(fact)}")
+    templates = c.strings("templates")
+    c.slots_known("templates", templates, {"SUBJECT"})
+    for i, t in enumerate(templates):
+        if "[SUBJECT]" not in t:
+            raise c.fail("templates", f"templates[{i}] has no [SUBJECT] slot: {t!r}")
+    c.strings("key_tokens")
+
+
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+}
+_CYCLE_KEYS = {"let", "answer", "counter_answer", "answers", "counter_answers"}
+
+
+def _check_template(c: _Checker, d: dict) -> None:
+    vocab = c.get("vocab", dict, "an object: vocabulary name -> list of strings")
+    if not vocab:
+        raise c.fail("vocab", "'vocab' must define at least one vocabulary")
+    for name, words in vocab.items():
+        if not (isinstance(words, list) and words and all(isinstance(w, list) for w in words)):
+            c.strings(name, within=vocab)  # a list of words, or of records (lists of words) for 'fields'
+        elif not all(w and all(isinstance(x, str) for x in w) for w in words):
+            raise c.fail(name, f"vocabulary {name!r} of records: every entry must be a list of strings")
+    draws = c.get("draw", list, "a list of {'vars': [...], 'from': vocabulary}")
+    drawn: list[str] = []
+    for i, draw in enumerate(draws):
+        if not isinstance(draw, dict):
+            raise c.fail("draw", f"draw[{i}] must be an object with 'vars' and 'from', got {_short(draw)}")
+        names = c.strings("vars", within=draw)
+        source = c.get("from", str, "a vocabulary name", within=draw)
+        if source not in vocab:
+            raise c.fail("from", f"draw[{i}] draws from {source!r}, which is not in 'vocab' ({sorted(vocab)})")
+        if len(names) > len(vocab[source]):
+            raise c.fail(
+                "draw", f"draw[{i}] needs {len(names)} distinct words from {source!r}, which has {len(vocab[source])}"
+            )
+        fields = c.get("fields", list, "a list of field names", required=False, within=draw)
+        if fields is not None:
+            if any(not isinstance(w, list) or len(w) != len(fields) for w in vocab[source]):
+                raise c.fail("fields", f"draw[{i}]: every entry of {source!r} must be a list of {len(fields)} strings")
+            drawn += [f"{v}_{f}" for v in names for f in fields]
+        else:
+            if any(not isinstance(w, str) for w in vocab[source]):
+                raise c.fail("from", f"draw[{i}]: {source!r} holds records: name them with 'fields'")
+            drawn += names
+    let = c.get("let", dict, "an object: variable -> text with [VARIABLE]s", required=False) or {}
+    cycle = c.get("cycle", list, "a non-empty list of per-prompt overrides", required=False)
+    if cycle is not None and not cycle:
+        raise c.fail("cycle", "'cycle' must not be empty")
+    cycle_lets: set[str] = set()
+    for i, entry in enumerate(cycle or []):
+        if not isinstance(entry, dict) or not set(entry) <= _CYCLE_KEYS:
+            raise c.fail(
+                "cycle", f"cycle[{i}] must be an object with keys among {sorted(_CYCLE_KEYS)}, got {_short(entry)}"
+            )
+        cycle_lets |= set(c.get("let", dict, "an object", required=False, within=entry) or {})
+    known = set(drawn) | set(let) | cycle_lets
+    templates = c.strings("templates")
+    c.slots_known("templates", templates, known)
+    for key in ("let",):
+        c.slots_known(key, [str(v) for v in let.values()], set(drawn))
+    sides = [d] + list(cycle or [])
+    if not any("answer" in s or "answers" in s for s in sides):
+        raise c.fail(None, "missing key 'answer' (text of the correct continuation, e.g. ' [IO]') or 'answers'")
+    for side in sides:
+        for key in ("answer", "counter_answer"):
+            if key in side:
+                c.slots_known(key, [c.get(key, str, "a text with [VARIABLE]s", within=side)], known)
+        for key in ("answers", "counter_answers"):
+            value = side.get(key)
+            if value is None:
+                continue
+            if isinstance(value, list):
+                c.slots_known(key, c.strings(key, within=side), known)
+            elif isinstance(value, dict):
+                source = c.get("from", str, "a vocabulary name", within=value)
+                if source not in vocab:
+                    raise c.fail(key, f"{key!r} takes its set from {source!r}, which is not in 'vocab'")
+                op = c.get("compare", str, f"one of {sorted(_COMPARE)}", within=value)
+                if op not in _COMPARE:
+                    raise c.fail(key, f"{key!r}: compare {op!r} is not one of {sorted(_COMPARE)}")
+                c.slots_known(key, [c.get("to", str, "a text with [VARIABLE]s", within=value)], known)
+            else:
+                raise c.fail(
+                    key, f"{key!r} must be a list of texts or {{'from', 'compare', 'to'}}, got {_short(value)}"
+                )
+    keys = c.get("key_tokens", dict, "an object: key name -> variable (VAR, or VAR#n for its n-th slot)")
+    for name, ref in keys.items():
+        if not isinstance(ref, str) or ref.partition("#")[0] not in known:
+            raise c.fail("key_tokens", f"key token {name!r} must name a variable ({sorted(known)}), got {_short(ref)}")
+    corruptions = c.get("corruptions", dict, "an object with 'str' and 'str_variants'")
+    for name, variant in corruptions["str_variants"].items():
+        if not isinstance(variant, dict):
+            raise c.fail(name, f"STR variant {name!r} must be an object with 'substitute' (slot -> text)")
+        sub = c.get("substitute", dict, "an object: slot -> replacement text", within=variant)
+        if not sub:
+            raise c.fail(name, f"STR variant {name!r} substitutes nothing")
+        for slot, value in sub.items():
+            if slot not in known or not isinstance(value, str):
+                raise c.fail(
+                    name, f"STR variant {name!r}: substitute {slot!r} -> {_short(value)} must map a slot to a text"
+                )
+            c.slots_known(name, [value], known)
+    for var in c.get("single_token", list, "a list of variables", required=False) or []:
+        if var not in known:
+            raise c.fail("single_token", f"single_token names {var!r}, which is not a variable ({sorted(known)})")
+
+
+SCHEMAS: dict[str, Callable[[_Checker, dict], None]] = {
+    "ioi": _check_ioi,
+    "induction": _check_induction,
+    "factual": _check_factual,
+    "template": _check_template,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,11 +498,15 @@ def _subject_swaps(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]
     this tokenizer) and a different answer, whose answer becomes the counterfactual ``r'``."""
     facts = list(spec.data["facts"])
 
-    def n_tokens(subject: str) -> int:
-        return len(model.tokenizer(" " + subject, add_special_tokens=False)["input_ids"])
-
-    lengths = {subject: n_tokens(subject) for subject, _ in facts}
     template = spec.data["templates"]
+    lengths: dict[tuple[int, str], int] = {}
+
+    def n_tokens(t: int, subject: str) -> int:  # in context: the subject need not follow a space
+        if (t, subject) not in lengths:
+            text = _fill(template[t], {"SUBJECT": subject})[0]
+            lengths[t, subject] = len(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return lengths[t, subject]
+
     out = []
     for p in prompts:
         if p.corrupted.get("subject_swap") is not None:
@@ -244,10 +514,14 @@ def _subject_swaps(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]
             continue
         start, end = p.key_spans["subject"]
         subject = p.text[start:end]
-        partners = [(s, a) for s, a in facts if " " + a != p.answer and lengths[s] == lengths[subject]]
+        partners = [
+            (s, a)
+            for s, a in facts
+            if " " + a != p.answer and n_tokens(p.template, s) == n_tokens(p.template, subject)
+        ]
         if not partners:
             raise TaskError(
-                f"no other subject has the token length of {subject!r} ({lengths[subject]} tokens) "
+                f"no other subject has the token length of {subject!r} ({n_tokens(p.template, subject)} tokens in template {p.template}) "
                 f"for this tokenizer: add facts to {spec.name}.json"
             )
         other, other_answer = partners[hash_index(subject, len(partners))]
@@ -271,11 +545,139 @@ def _dataset_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]
     return [Prompt(**row.prompt_fields(spec.data["file"])) for row in rows]
 
 
+def _render(text: str, values: Mapping[str, str]) -> str:
+    """``text`` with every ``[VAR]`` replaced by that variable's value."""
+    return _SLOT.sub(lambda m: values[m.group(1)], text)
+
+
+def _fill_slots(template: str, values: Mapping[str, str]) -> tuple[str, list[tuple[str, int]]]:
+    """Fill a template's ``[SLOT]``s; return the text and every slot's (name, character offset), in order."""
+    out, slots, last, length = [], [], 0, 0
+    for match in _SLOT.finditer(template):
+        piece = template[last : match.start()]
+        length += len(piece)
+        slots.append((match.group(1), length))
+        value = values[match.group(1)]
+        out += [piece, value]
+        length += len(value)
+        last = match.end()
+    out.append(template[last:])
+    return "".join(out), slots
+
+
+def _answer_set(rule: Any, values: Mapping[str, str], vocab: Mapping[str, list[str]], spec: str) -> tuple[str, ...]:
+    """A list of texts, or ``{"from": vocab, "compare": op, "to": text}``: the vocabulary's words that
+    compare (as numbers) with ``to`` -- e.g. the years after ``[YY]`` for greater-than."""
+    if rule is None:
+        return ()
+    if isinstance(rule, list):
+        return tuple(_render(r, values) for r in rule)
+    bound, test = float(_render(rule["to"], values)), _COMPARE[rule["compare"]]
+    try:
+        words = tuple(w for w in vocab[rule["from"]] if test(float(w), bound))
+    except ValueError as err:
+        raise TaskError(f"task {spec}: answer set from {rule['from']!r} compares numbers: {err}") from None
+    if not words:
+        raise TaskError(f"task {spec}: no word of {rule['from']!r} is {rule['compare']} {bound:g}: an empty answer set")
+    return words
+
+
+def _template_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
+    """The generic kind: per prompt, pick a template (``rng.randrange``), draw each ``draw`` group's
+    variables (``rng.sample`` for a group of distinct words, ``rng.choice`` for one), then apply
+    ``let`` and the ``cycle`` entry ``i % len(cycle)``. A draw with ``fields`` picks records (lists)
+    and binds ``VAR_FIELD`` for each field. This is the draw order of the ``ioi`` generator,
+    so ``tasks/ioi_template.json`` gives the same prompts as ``ioi`` for the same seed."""
+    d = spec.data
+    vocab, templates, cycle = d["vocab"], d["templates"], d.get("cycle") or [{}]
+    prompts = []
+    for i in range(n):
+        t = rng.randrange(len(templates))
+        values: dict[str, str] = {}
+        for draw in d["draw"]:
+            names, pool = draw["vars"], vocab[draw["from"]]
+            picked = [rng.choice(pool)] if len(names) == 1 else rng.sample(pool, len(names))
+            if "fields" in draw:  # records: VAR_FIELD for each field of the drawn entry
+                values.update(
+                    {
+                        f"{v}_{f}": x
+                        for v, rec in zip(names, picked, strict=True)
+                        for f, x in zip(draw["fields"], rec, strict=True)
+                    }
+                )
+            else:
+                values.update(zip(names, picked, strict=True))
+        entry = cycle[i % len(cycle)]
+        alias: dict[str, str] = {}
+        for name, expr in {**d.get("let", {}), **entry.get("let", {})}.items():
+            values[name] = _render(expr, values)
+            if m := re.fullmatch(r"\[(\w+)\]", expr):
+                alias[name] = alias.get(m.group(1), m.group(1))
+        text, slots = _fill_slots(templates[t], values)
+        keys = {}
+        for key, ref in d["key_tokens"].items():
+            var, _, nth = ref.partition("#")
+            hits = [off for slot, off in slots if var in (slot, alias.get(slot, slot))]
+            if len(hits) < int(nth or 1):
+                raise TaskError(f"task {spec.name}: key token {key!r} ({ref}) is not in template {t}: {templates[t]!r}")
+            keys[key] = hits[int(nth or 1) - 1]
+        corrupted: dict[str, str | None] = {
+            name: _fill_slots(
+                templates[t], {**values, **{s: _render(v, values) for s, v in var["substitute"].items()}}
+            )[0]
+            for name, var in d["corruptions"]["str_variants"].items()
+        }
+        side = {k: entry.get(k, d.get(k)) for k in ("answer", "counter_answer", "answers", "counter_answers")}
+        answers = _answer_set(side["answers"], values, vocab, spec.name)
+        counters = _answer_set(side["counter_answers"], values, vocab, spec.name)
+        answer = _render(side["answer"], values) if side["answer"] is not None else answers[0]
+        counter = _render(side["counter_answer"], values) if side["counter_answer"] is not None else ""
+        counter = counter or (counters[0] if counters else "")
+        spans = {}
+        for var in d.get("single_token", []):
+            off = next((o for s, o in slots if var in (s, alias.get(s, s))), None)
+            if off is not None:
+                spans[var] = (off, off + len(values[var]))
+        prompts.append(Prompt(text, answer, counter, corrupted, keys, t, spans, answers, counters))
+    return prompts
+
+
+def _single_token_slots(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]:
+    """The template kind's per-model rule: each ``single_token`` variable is one token of the prompt for
+    this tokenizer (greater-than's ``YY``: Hanna et al. 2023 keep only years that are one token)."""
+    for p in prompts:
+        if not p.key_spans:
+            continue
+        offsets = model.tokenizer(p.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        for var, (lo, hi) in p.key_spans.items():
+            n = sum(1 for a, b in offsets if b > lo and a < hi)
+            if n != 1:
+                raise TaskError(
+                    f"task {spec.name}: [{var}] = {p.text[lo:hi]!r} is {n} tokens in {p.text!r} for this tokenizer; "
+                    f"the spec's 'single_token' needs one (this behaviour cannot be posed this way to this model)"
+                )
+    return prompts
+
+
+def _dataset_rows_for_model(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]:
+    """A dataset's per-model step: token-id answers decoded; unequal clean/corrupted lengths refused or dropped."""
+    return datasets.resolve_for_model(spec.data, prompts, lambda t: encode(model, t), model.tokenizer)
+
+
 GENERATORS: dict[str, Callable[[TaskSpec, int, random.Random], list[Prompt]]] = {
     "dataset": _dataset_prompts,
     "ioi": _ioi_prompts,
     "induction": _induction_prompts,
     "factual": _factual_prompts,
+    "template": _template_prompts,
+}
+
+
+# Per-kind steps that need the model's tokenizer, run by TaskBatch.build before tokenising.
+RESOLVERS: dict[str, Callable[[Any, TaskSpec, list[Prompt]], list[Prompt]]] = {
+    "dataset": _dataset_rows_for_model,
+    "factual": _subject_swaps,
+    "template": _single_token_slots,
 }
 
 
@@ -450,10 +852,8 @@ class TaskBatch:
         if not prompts:
             raise TaskError("cannot build a batch from zero prompts")
         check_prompt_count(len(prompts))
-        if task.kind == "factual":
-            prompts = _subject_swaps(model, task, prompts)
-        if task.kind == "dataset":  # token-id answers decoded; unequal clean/corrupted lengths refused or dropped
-            prompts = datasets.resolve_for_model(task.data, prompts, lambda t: encode(model, t), model.tokenizer)
+        if task.kind in RESOLVERS:
+            prompts = RESOLVERS[task.kind](model, task, prompts)
         tok = model.tokenizer
         n_bos = len(_bos_ids(tok, model))
         clean = [encode(model, p.text) for p in prompts]
