@@ -213,7 +213,13 @@ def cmd_discover(args) -> None:
     from circuitfind import discovery, patching
 
     options = dict(
-        acdc_tau=args.tau, top_k=args.top_k, ig_steps=args.ig_steps, path_depth=args.depth, path_k=args.k, node_k=args.k
+        acdc_tau=args.tau,
+        top_k=args.top_k,
+        ig_steps=args.ig_steps,
+        path_depth=args.depth,
+        path_k=args.k,
+        node_k=args.k,
+        prune_steps=args.prune_steps,
     )
     discovery.check_options(args.algorithm, args.direction, **options)  # before the model loads
     _check_discover_options(args)
@@ -390,15 +396,20 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the result as JSON here")
     _memory(p)
     p.set_defaults(fn=cmd_patch)
-    p = sub.add_parser("discover", help="discover one circuit (ACDC, EAP, EAP-IG, path patching, node patching)")
+    p = sub.add_parser(
+        "discover", help="discover one circuit (ACDC, EAP, EAP-IG, edge pruning, path patching, node patching)"
+    )
     _common(p)
-    p.add_argument("--algorithm", default="acdc", choices=("acdc", "eap", "eap_ig", "path_patching", "node"))
+    p.add_argument(
+        "--algorithm", default="acdc", choices=("acdc", "eap", "eap_ig", "edge_pruning", "path_patching", "node")
+    )  # discovery.ALGORITHMS, spelled out so that --help does not import torch (tested)
     p.add_argument("--corruption", default="str")
     p.add_argument("--metric", default="kl", type=_metric, help=METRIC_HELP)
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
     p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
-    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG")
+    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / edge pruning")
     p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--prune-steps", type=int, default=200, help="edge pruning optimisation steps")
     p.add_argument("--depth", type=int, default=2, help="path patching depth")
     p.add_argument("-k", type=float, default=2.0, help="detection rule SDs (path patching, node)")
     p.add_argument("--out", default=None, help="write the circuit (.graphml, .gexf, .json, .dot)")

@@ -7,6 +7,8 @@
   respect to every edge mask at once (clean and corrupted forwards + one forward/backward).
 * :func:`eap_ig`: EAP with integrated gradients (Hanna et al. 2024): gradients averaged over
   ``steps`` inputs interpolated between the corrupted and clean embeddings.
+* :func:`edge_pruning_circuit`: Edge Pruning (Bhaskar et al. 2024): hard-concrete edge masks
+  optimised for faithfulness under a Lagrangian sparsity target (:mod:`circuitfind.pruning`).
 * :func:`iterative_path_patching`: IOI-style path patching (Wang et al. 2022) from the logits
   backwards through the q/k/v inputs of the heads found at each step.
 
@@ -40,6 +42,7 @@ from circuitfind.graph import ModelGraph
 from circuitfind.metrics import normalise
 from circuitfind.names import INPUT, LOGITS, head_name
 from circuitfind.progress import bar as progress_bar
+from circuitfind.pruning import edge_pruning
 
 
 class EmptyCircuitError(CircuitfindError, ValueError):
@@ -172,6 +175,17 @@ def eap_circuit(patcher: EdgePatcher, k: int, ig_steps: int | None = None) -> Ci
     scores = eap(patcher) if ig_steps is None else eap_ig(patcher, ig_steps)
     name = "eap" if ig_steps is None else "eap_ig"
     return select_top_k(patcher.graph, scores, k, _settings(patcher, name, k=k, ig_steps=ig_steps))
+
+
+def edge_pruning_circuit(patcher: EdgePatcher, k: int, steps: int = 200, seed: int = 0) -> Circuit:
+    """The ``k`` edges with the largest keep probability after :func:`circuitfind.pruning.edge_pruning`
+    (hard-concrete masks, ``steps`` optimisation steps, noise seeded by ``seed``)."""
+    check_top_k(k, patcher.graph)
+    scores, trace = edge_pruning(patcher, k, steps=steps, seed=seed)
+    settings = _settings(
+        patcher, "edge_pruning", k=k, steps=steps, seed=seed, final_faithfulness=trace.faithfulness[-1]
+    )
+    return select_top_k(patcher.graph, scores, k, settings)
 
 
 # -- ACDC ---------------------------------------------------------------------------------
@@ -461,9 +475,14 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
     return Circuit(graph, keep, scores, settings)
 
 
-ALGORITHMS = ("acdc", "eap", "eap_ig", "path_patching", "node")
+ALGORITHMS = ("acdc", "eap", "eap_ig", "edge_pruning", "path_patching", "node")
 NOISING_ONLY = ("acdc",)  # ACDC prunes from the full (clean) model: it runs in the noising direction only
-SCORED = ("eap", "eap_ig", "acdc")  # algorithms whose edge scores rank every edge (a faithfulness curve applies)
+SCORED = (
+    "eap",
+    "eap_ig",
+    "edge_pruning",
+    "acdc",
+)  # algorithms whose edge scores rank every edge (a faithfulness curve applies)
 
 
 def allows_direction(algorithm: str, direction: str) -> bool:
@@ -481,11 +500,13 @@ def check_options(
     path_depth: int = 2,
     path_k: float = 1.0,
     node_k: float = 2.0,
+    prune_steps: int = 200,
 ) -> None:
     """Refuse bad :func:`discover` options before any work: an unknown algorithm or direction, and
     the numeric options the algorithm uses (``acdc_tau`` finite >= 0, ``path_k``/``node_k`` finite
     > 0, ``top_k``/``ig_steps``/``path_depth`` whole numbers >= 1). ``top_k`` is checked against the
-    graph's size when the graph is known (:func:`check_top_k`)."""
+    graph's size when the graph is known (:func:`check_top_k`); ``prune_steps`` (edge pruning) a whole
+    number >= 1."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
     P.check_direction(direction)
@@ -493,8 +514,10 @@ def check_options(
         raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
     if algorithm == "acdc":
         finite_number("acdc_tau", acdc_tau, minimum=0.0)
-    if algorithm in ("eap", "eap_ig"):
+    if algorithm in ("eap", "eap_ig", "edge_pruning"):
         positive_int("top_k", top_k)
+    if algorithm == "edge_pruning":
+        positive_int("prune_steps", prune_steps)
     if algorithm == "eap_ig":
         positive_int("ig_steps", ig_steps)
     if algorithm == "path_patching":
@@ -533,6 +556,7 @@ def discover(
     path_depth: int = 2,
     path_k: float = 1.0,
     node_k: float = 2.0,
+    prune_steps: int = 200,
     per_prompt: bool = False,
     curve: bool = True,
 ) -> Discovery:
@@ -541,7 +565,13 @@ def discover(
     per-prompt edge scores ``[n_edges, batch]``. Options are checked first (:func:`check_options`);
     a ``top_k`` larger than the graph is an error, as in :func:`select_top_k`."""
     options: dict[str, Any] = dict(
-        acdc_tau=acdc_tau, top_k=top_k, ig_steps=ig_steps, path_depth=path_depth, path_k=path_k, node_k=node_k
+        acdc_tau=acdc_tau,
+        top_k=top_k,
+        ig_steps=ig_steps,
+        path_depth=path_depth,
+        path_k=path_k,
+        node_k=node_k,
+        prune_steps=prune_steps,
     )
     check_options(algorithm, direction, **options)
     with progress_bar(show=setup.progress, desc=f"{algorithm}: searching", total=2 + curve, unit="stage") as stages:
@@ -573,6 +603,7 @@ def _find(
     path_depth: int,
     path_k: float,
     node_k: float,
+    prune_steps: int,
     per_prompt: bool,
 ) -> tuple[Circuit, torch.Tensor | None]:
     """The circuit of one algorithm (options checked) and, for EAP/EAP-IG with ``per_prompt``, the
@@ -584,6 +615,8 @@ def _find(
     if algorithm == "acdc":
         return acdc(EdgePatcher(setup, direction=direction), acdc_tau), None
     patcher = EdgePatcher(setup, direction=direction)
+    if algorithm == "edge_pruning":
+        return edge_pruning_circuit(patcher, top_k, prune_steps), None
     k = check_top_k(top_k, patcher.graph)
     steps = ig_steps if algorithm == "eap_ig" else None
     if per_prompt:

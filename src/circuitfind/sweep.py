@@ -103,8 +103,9 @@ class SweepConfig(BaseModel):
     prompts: int = Field(32, ge=1, le=MAX_PROMPTS, description="prompts per setting")
     seed: int = Field(0, description="prompt sampling seed")
     acdc_tau: float = Field(0.02, ge=0, allow_inf_nan=False, description="ACDC threshold")
-    top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG")
+    top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG / edge pruning")
     ig_steps: int = Field(5, ge=1, description="EAP-IG integration steps")
+    prune_steps: int = Field(200, ge=1, description="edge pruning optimisation steps")
     path_depth: int = Field(2, ge=1, description="path patching depth")
     path_k: float = Field(1.0, gt=0, allow_inf_nan=False, description="path patching detection rule in SDs")
     node_k: float = Field(2.0, gt=0, allow_inf_nan=False, description="node patching detection rule in SDs")
@@ -403,6 +404,7 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
         path_depth=config.path_depth,
         path_k=config.path_k,
         node_k=config.node_k,
+        prune_steps=config.prune_steps,
         per_prompt=setting.algorithm in ("eap", "eap_ig"),
     )
     circuit, per_prompt = found.circuit, found.per_prompt

@@ -73,7 +73,7 @@ GRID_HELP = {
     "directions": "noise, denoise",
 }
 DASK_ADDRESS_ENV = "CIRCUITFIND_DASK_ADDRESS"
-INT_OPTIONS = ("prompts", "seed", "top_k", "ig_steps", "path_depth", "max_batch")
+INT_OPTIONS = ("prompts", "seed", "top_k", "ig_steps", "prune_steps", "path_depth", "max_batch")
 FLOAT_OPTIONS = ("acdc_tau", "path_k", "node_k")
 
 

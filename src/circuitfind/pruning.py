@@ -1,0 +1,150 @@
+"""Edge pruning: circuit discovery by optimising hard-concrete edge masks (Bhaskar et al. 2024).
+
+Bhaskar, Wettig, Friedman & Chen, "Finding Transformer Circuits with Edge Pruning" (NeurIPS 2024):
+each edge gets a learned mask ``z`` in [0, 1]; an edge with ``z = 1`` carries the clean run's value, one
+with ``z = 0`` the corrupted run's. The masks are optimised for faithfulness plus a sparsity
+constraint driven by a Lagrangian, then binarised. The masks are hard-concrete (L0) variables
+(Louizos, Welling & Kingma 2018, "Learning Sparse Neural Networks through L0 Regularization"):
+
+    u ~ U(0, 1),  s = sigmoid((log u - log(1 - u) + log_alpha) / beta),
+    z = clamp(s * (zeta - gamma) + gamma, 0, 1),
+    P(z != 0) = sigmoid(log_alpha - beta * log(-gamma / zeta)),
+
+with the paper's constants ``beta = 2/3``, ``gamma = -0.1``, ``zeta = 1.1``. The expected fraction of
+edges kept is the mean of ``P(z != 0)``; with a target fraction ``t`` the loss is
+
+    loss = |1 - faithfulness(z)| + lambda_1 (kept - t) + lambda_2 (kept - t)^2
+
+minimised over ``log_alpha`` and maximised over the multipliers ``lambda`` (gradient ascent), with
+``t`` moved linearly from 1 (every edge) to the target over the first half of the steps (the paper's
+sparsity warm-up).
+
+Choices where the paper leaves the detail to its code or to the task:
+* Faithfulness: the paper minimises KL(full model || circuit). Here the loss is ``|1 - f|`` with
+  ``f = (metric(circuit) - corrupt) / (clean - corrupt)`` of the setup's metric: under the ``kl``
+  metric ``1 - f`` is KL(clean || circuit) / KL(clean || corrupted), the paper's loss up to a constant;
+  under other metrics it is MIB's CMD integrand, so overshooting the clean value is penalised too.
+* The target is an edge count ``k`` (``top_k``), and the circuit is the ``k`` edges with the largest
+  keep probability ``P(z != 0)``, so its size is exactly ``k``; those probabilities are the scores (a
+  ranking of every edge, hence a faithfulness curve, CPR and CMD).
+* One mask sample per step, shared by the prompts; Adam on ``log_alpha`` and the multipliers;
+  ``log_alpha`` starts at 3 (every edge kept with probability ~0.98). Deterministic for a seed: the
+  uniform noise comes from its own seeded generator.
+* Denoising (base = corrupted run): the circuit's edges are patched to clean values, so the keep-masks
+  passed to the patcher are ``1 - z`` (the convention of :func:`circuitfind.discovery.circuit_masks`).
+
+Passes follow the patcher's memory budget (``setup.max_memory``): when the prompts do not fit in one
+pass, a no-gradient pass first gives the sign of ``1 - f`` and each pass then runs its own backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from circuitfind.checks import finite_number, positive_int
+from circuitfind.edge_patching import EdgePatcher
+from circuitfind.metrics import normalise
+from circuitfind.progress import bar as progress_bar
+
+BETA, GAMMA, ZETA = 2.0 / 3.0, -0.1, 1.1  # Louizos et al. 2018, as in Bhaskar et al. 2024
+INIT_LOG_ALPHA = 3.0
+LAMBDA_LR = 1.0  # the multipliers' step size: they must outgrow the faithfulness term to bind
+
+
+def hard_concrete(log_alpha: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+    """A hard-concrete sample ``z`` in [0, 1] for uniform noise ``u`` (``None``: the deterministic
+    mask at ``u = 1/2``, ``clamp(sigmoid(log_alpha) * (zeta - gamma) + gamma, 0, 1)``). A large
+    ``|log_alpha|`` gives exactly 0 or 1."""
+    if u is None:
+        s = torch.sigmoid(log_alpha)
+    else:
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return (s * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
+
+
+def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
+    """``P(z != 0)`` of each hard-concrete mask (the expected L0 norm, per edge)."""
+    return torch.sigmoid(log_alpha - BETA * math.log(-GAMMA / ZETA))
+
+
+@dataclass
+class PruningTrace:
+    """What the optimisation did, step by step: the loss, the faithfulness of the sampled masks and
+    the expected fraction of edges kept (against the target of that step)."""
+
+    loss: list[float]
+    faithfulness: list[float]
+    kept: list[float]
+    target: list[float]
+
+
+def edge_pruning(
+    patcher: EdgePatcher,
+    k: int,
+    *,
+    steps: int = 200,
+    lr: float = 0.1,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> tuple[torch.Tensor, PruningTrace]:
+    """Optimise hard-concrete edge masks towards ``k`` kept edges (1 to the number of edges);
+    returns each edge's keep probability (the scores, shaped like one edge mask) and the trace. See
+    the module docstring; :func:`circuitfind.discovery.edge_pruning_circuit` makes the circuit."""
+    setup = patcher.setup
+    device = setup.plan.clean.tokens.device
+    shape = patcher.ones().shape[1:]
+    n_total = patcher.ones().numel()
+    if positive_int("k", k) > n_total:
+        raise ValueError(f"k must be in 1..{n_total} (the number of edges), got {k}")
+    positive_int("steps", steps)
+    finite_number("lr", lr, positive=True)
+    target = k / n_total
+    log_alpha = torch.full(shape, INIT_LOG_ALPHA, device=device, requires_grad=True)
+    lambdas = torch.zeros(2, device=device, requires_grad=True)
+    opt = torch.optim.Adam([log_alpha], lr=lr)
+    opt_lambda = torch.optim.Adam([lambdas], lr=LAMBDA_LR, maximize=True)
+    noise = torch.Generator(device="cpu").manual_seed(seed)
+    clean, corrupt, B = setup.clean_value, setup.corrupt_value, setup.size
+    gap = clean - corrupt
+    passes = patcher.passes(1, "grad")
+    warmup = max(1, steps // 2)
+    trace = PruningTrace([], [], [], [])
+    show = setup.progress if progress is None else progress
+    bar = progress_bar(range(steps), show=show, desc="edge pruning", unit="step")
+    for step in bar:
+        t = 1.0 - (1.0 - target) * min(1.0, (step + 1) / warmup)
+        u = torch.rand(shape, generator=noise).clamp(1e-6, 1 - 1e-6).to(device)
+        opt.zero_grad()
+        opt_lambda.zero_grad()
+        z = hard_concrete(log_alpha, u)
+        masks = (z if patcher.direction == "noise" else 1.0 - z)[None]
+        if len(passes) > 1:
+            with torch.no_grad():
+                value = patcher.value(masks.detach()).item()
+            sign = math.copysign(1.0, 1.0 - normalise(value, clean, corrupt))
+            for _, prompts in passes:  # d|1 - f| = -sign * df, a backward per pass
+                part = patcher.run(masks, prompts=prompts).sum() / B
+                (-sign * part / gap).backward(retain_graph=True)
+            faith = normalise(value, clean, corrupt)
+            faith_loss = abs(1.0 - faith)
+        else:
+            value_t = patcher.value(masks)[0]
+            faith_t = (value_t - corrupt) / gap
+            (1.0 - faith_t).abs().backward(retain_graph=True)
+            faith = float(faith_t.detach())
+            faith_loss = abs(1.0 - faith)
+        kept = keep_probability(log_alpha).mean()
+        excess = kept - t
+        penalty = lambdas[0] * excess + lambdas[1] * excess**2
+        penalty.backward()
+        opt.step()
+        opt_lambda.step()
+        trace.loss.append(faith_loss + float(penalty.detach()))
+        trace.faithfulness.append(faith)
+        trace.kept.append(float(kept.detach()))
+        trace.target.append(t)
+        bar.set_postfix(loss=f"{trace.loss[-1]:.3f}", faith=f"{faith:.3f}", kept=f"{trace.kept[-1] * n_total:.0f}")
+    return keep_probability(log_alpha.detach()).cpu(), trace
