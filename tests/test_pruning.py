@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from circuitfind import compare
+from circuitfind import agreement
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model
@@ -102,7 +102,7 @@ def test_edge_pruning_recovers_the_known_induction_circuit(tmp_path_factory, met
     patcher = EdgePatcher(P.prepare(model, batch, "resample", metric))
     truth = torch.tensor([e in INDUCTION_TRUTH for e in patcher.graph.edges])
     scores, _ = edge_pruning(patcher, len(INDUCTION_TRUTH), steps=120)
-    assert compare.roc_auc(scores, truth).auc == pytest.approx(1.0)
+    assert agreement.roc_auc(scores, truth).auc == pytest.approx(1.0)
     top = D.select_top_k(patcher.graph, scores, len(INDUCTION_TRUTH))
     assert set(top.edges) == set(INDUCTION_TRUTH)
 

@@ -515,9 +515,7 @@ def _subject_swaps(model, spec: TaskSpec, prompts: list[Prompt]) -> list[Prompt]
         start, end = p.key_spans["subject"]
         subject = p.text[start:end]
         partners = [
-            (s, a)
-            for s, a in facts
-            if " " + a != p.answer and n_tokens(p.template, s) == n_tokens(p.template, subject)
+            (s, a) for s, a in facts if " " + a != p.answer and n_tokens(p.template, s) == n_tokens(p.template, subject)
         ]
         if not partners:
             raise TaskError(
