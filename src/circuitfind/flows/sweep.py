@@ -139,8 +139,8 @@ def create_report_artifacts(run_dir: str, html: str) -> None:
     the axis ranking and each setting's circuit summary (edges, faithfulness, health flags) as tables."""
     from prefect.artifacts import create_link_artifact, create_table_artifact
 
-    from circuitfind.run_statistics import axis_effects
     from circuitfind.health import check_records
+    from circuitfind.run_statistics import axis_effects
     from circuitfind.sweep import load_records
 
     create_link_artifact(
