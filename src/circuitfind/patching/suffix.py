@@ -5,9 +5,10 @@ A candidate that first patches layer ``l`` at one of the points ``resid_pre``, `
 the unpatched base run. :class:`SuffixForward` starts each candidate there, from the base run's
 cached activations, and runs only the rest of the model, on the components of
 :class:`circuitfind.tensor_forward.TensorModel` (GPT-2 and Llama-style models); candidates are
-grouped by their starting point and stacked along the batch, and the logits are computed at the
-answer positions only. Over a sweep of every layer that is about half a forward pass per
-candidate.
+sorted by their starting point and stacked along the batch, each joining the pass at its own
+layer (one batched operation per layer and pass, whatever the mix of starting points), and the
+logits are computed at the answer positions only. Over a sweep of every layer that is about half
+a forward pass per candidate.
 
 ``TransformerBridge.forward(start_at_layer=k)`` swaps in the residual stream at block ``k`` but
 still runs the blocks below it (their output is discarded), so it saves no work; hence the
