@@ -1,8 +1,14 @@
 """Node patching speed against the plain forward pass and against transformer_lens.patching.
 
-    python benchmarks/bench_patching.py [--models toy-ioi smollm2-135m] [--prompts 8] [--repeats 3] [--quick]
+    python benchmarks/bench_patching.py [--models toy-ioi smollm2-135m] [--grid 4 8 32] [--prompts 8]
+        [--repeats 3] [--threads N] [--quick]
 
-For each model, one row per operation: wall time (best of ``repeats``), the number of patched
+For each model, first the goal grid: head patching at all positions by the default path
+(``patch_heads(setup, direction)`` on a fresh default ``prepare``, from an empty activation cache)
+against ``get_act_patch_attn_head_out_all_pos``, at each prompt count of ``--grid`` and in both
+directions, with the plain forward pass over the same batch as yardstick. transformer_lens is timed
+once per prompt count (denoising: the corrupted tokens with the clean cache); noising costs it the
+same forward passes with the roles swapped. Then, at ``--prompts``, one row per operation: wall time (best of ``repeats``), the number of patched
 candidates, time per candidate in units of one plain forward pass over the same batch, and the
 same sweep through ``transformer_lens.patching`` where it has one. The goal line compares head
 patching (all positions) with ``get_act_patch_attn_head_out_all_pos``: <= 0.55x its time.
@@ -11,8 +17,10 @@ forward pass of the bridge per candidate), for reference. Peak memory: CUDA peak
 GPU, the process's max RSS on CPU. Operations over 20 s are timed once. On models other than the
 toy ones the sweeps of one full forward pass per candidate (per-position transformer_lens sweeps,
 the full-pass references, heads x positions) are left out. SmolLM2 rows need
-``circuitfind models fetch smollm2-135m``; ``--quick`` runs toy-ioi only, with 4 prompts and one
-timing each (a smoke test).
+``circuitfind models fetch smollm2-135m``; ``--quick`` runs toy-ioi only, with a grid of 4 and 8
+prompts, 4 prompts for the table and one timing each (a smoke test). ``--threads`` sets torch's
+thread count (default: torch's own); on a CPU shared with other jobs, one thread per process times
+more steadily.
 """
 
 from __future__ import annotations
@@ -55,6 +63,44 @@ def cold(setup: P.PatchingSetup, sweep, *args, **kwargs):
         return sweep(setup, *args, **kwargs)
 
     return run
+
+
+def heads_grid(name: str, counts: list[int], repeats: int) -> float:
+    """Print the goal grid of one model; return its worst circuitfind / transformer_lens ratio."""
+    model = load_model(name)
+    print(f"\nmodel {name}: head patching, all positions, default path vs transformer_lens (goal <= {GOAL}x)\n")
+    print(
+        f"{'prompts':>7} {'direction':>9} {'forward s':>10} {'circuitfind s':>14} {'tl s':>9} {'ratio':>6} {'goal':>8}"
+    )
+    print("-" * 70)
+    worst = 0.0
+    for n in counts:
+        batch = TaskBatch.build(model, load_task("ioi"), n, seed=0)
+        clean, corrupt = batch.clean_tokens, batch.corrupted()
+        with torch.no_grad():
+            forward, _ = best_of(lambda: model(corrupt), repeats)  # noqa: B023
+        _, clean_cache = model.run_with_cache(clean)
+
+        def tl_metric(logits, batch=batch):
+            ans = P.answer_logits(logits, batch.end_pos)
+            return (ans.gather(1, batch.answers[:, None]) - ans.gather(1, batch.counter_answers[:, None])).mean()
+
+        tl, _ = best_of(
+            lambda: tl_patching.get_act_patch_attn_head_out_all_pos(model, corrupt, clean_cache, tl_metric),  # noqa: B023
+            repeats,
+            once_after=LONG,
+        )
+        for direction in P.DIRECTIONS:
+            setup = P.prepare(model, batch)  # the default options
+            secs, _ = best_of(cold(setup, P.patch_heads, direction), repeats, once_after=LONG)
+            ratio = secs / tl
+            worst = max(worst, ratio)
+            print(
+                f"{n:>7} {direction:>9} {forward:>10.4f} {secs:>14.3f} {tl:>9.3f} {ratio:>6.2f} "
+                f"{'met' if ratio <= GOAL else 'NOT met':>8}",
+                flush=True,
+            )
+    return worst
 
 
 def bench_model(name: str, prompts: int, repeats: int, max_batch: int, full: bool) -> float:
@@ -124,23 +170,31 @@ def main() -> None:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["toy-ioi", "smollm2-135m"])
+    p.add_argument("--grid", nargs="+", type=int, default=[4, 8, 32], help="prompt counts of the goal grid")
     p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--grid-only", action="store_true", help="only the goal grid, not the table of operations")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--quick", action="store_true", help="toy-ioi only, 4 prompts, one timing each")
     args = p.parse_args()
     if args.quick:
-        args.models, args.prompts, args.repeats = ["toy-ioi"], 4, 1
+        args.models, args.grid, args.prompts, args.repeats = ["toy-ioi"], [4, 8], 4, 1
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     load = os.getloadavg()
     print(
         f"CPU cores {os.cpu_count()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}; "
-        f"GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not measured, no device lent'}"
+        f"torch threads {torch.get_num_threads()}; GPU: {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'not measured, no device lent'}"
     )
     for name in args.models:
         if name in fetch.FETCHABLE and not fetch.is_fetched(name):
             print(f"\nmodel {name}: skipped, not fetched (circuitfind models fetch {name})")
             continue
-        bench_model(name, args.prompts, args.repeats, args.max_batch, full=name.startswith("toy"))
+        worst = heads_grid(name, args.grid, args.repeats)
+        print(f"\nworst ratio over the grid: {worst:.2f}x ({'met' if worst <= GOAL else 'NOT met'})")
+        if not args.grid_only:
+            bench_model(name, args.prompts, args.repeats, args.max_batch, full=name.startswith("toy"))
     print(f"\npeak memory: {peak_memory_mb():.0f} MB")
 
 

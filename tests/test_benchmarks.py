@@ -32,8 +32,11 @@ def test_bench_patching_quick(tmp_path):
         "heads, all pos (transformer_lens)",
         "path patching -> logits (circuitfind)",
         "transformer_lens.patching's time (goal <= 0.55x)",
+        "worst ratio over the grid",
     ):
         assert row in out, row
+    grid = re.findall(r"^\s+(\d+)\s+(denoise|noise)\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+[\d.]+\s+(?:met|NOT met)$", out, re.M)
+    assert sorted(grid) == sorted((n, d) for n in ("4", "8") for d in ("denoise", "noise")), out
 
 
 def test_bench_edges_quick(tmp_path):

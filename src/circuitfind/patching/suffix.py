@@ -5,9 +5,10 @@ A candidate that first patches layer ``l`` at one of the points ``resid_pre``, `
 the unpatched base run. :class:`SuffixForward` starts each candidate there, from the base run's
 cached activations, and runs only the rest of the model, on the components of
 :class:`circuitfind.tensor_forward.TensorModel` (GPT-2 and Llama-style models); candidates are
-grouped by their starting point and stacked along the batch, and the logits are computed at the
-answer positions only. Over a sweep of every layer that is about half a forward pass per
-candidate.
+sorted by their starting point and stacked along the batch, each joining the pass at its own
+layer (one batched operation per layer and pass, whatever the mix of starting points), and the
+logits are computed at the answer positions only. Over a sweep of every layer that is about half
+a forward pass per candidate.
 
 ``TransformerBridge.forward(start_at_layer=k)`` swaps in the residual stream at block ``k`` but
 still runs the blocks below it (their output is discarded), so it saves no work; hence the
@@ -120,6 +121,27 @@ class SuffixForward:
         return s.metric(answer, repeat_ctx(s.ctx, n)).reshape(n, self.size)
 
     # -- node patching ----------------------------------------------------------------------
+    def _layer(self, layer: int, at: int, x: torch.Tensor | None, n: int, patch: Patch) -> torch.Tensor:
+        """The residual stream leaving ``layer`` for ``n`` stacked candidates whose patches in this
+        layer start at point ``at``: ``x`` enters the layer (``None`` where ``at`` is ``RESID_POST``:
+        the block is the base run's). Points before ``at`` keep the base run's values."""
+        fm = self.fm
+        if at == RESID_POST:
+            return patch(layer, "resid_post", self._copies(self.base(layer, "resid_post"), n))
+        assert x is not None
+        z = None
+        if at == RESID_PRE:
+            x = patch(layer, "resid_pre", x)
+            z = fm.z(layer, *fm.qkv(layer, x))
+        elif at == Z:
+            z = self._copies(self.base(layer, "z"), n)
+        attn = (
+            fm.attn_out(layer, patch(layer, "z", z)) if z is not None else self._copies(self.base(layer, "attn_out"), n)
+        )
+        x = x + patch(layer, "attn_out", attn)
+        mlp = self._copies(self.base(layer, "mlp_out"), n) if at == MLP_OUT else fm.mlp(layer, x)
+        return patch(layer, "resid_post", x + patch(layer, "mlp_out", mlp))
+
     def logits(self, start: tuple[int, int], n: int, patch: Patch) -> torch.Tensor:
         """Answer-position logits ``[n * batch, vocab]`` of ``n`` candidates whose first patched
         point is ``start`` (``(layer, point index)``; ``(n_layers, 0)``: nothing patched).
@@ -127,67 +149,84 @@ class SuffixForward:
         ``patch(layer, point, act)`` applies the candidates' patches to an activation of the
         stacked ``[n * batch, ...]`` run. Before ``start`` the base run's values are used as they are.
         """
-        fm, L = self.fm, self.n_layers
-        layer0, at0 = start
-        if layer0 >= L:
-            return self._answer_logits(self._copies(self.base(L - 1, "resid_post"), n), n)
-        first = layer0
-        if at0 == RESID_POST:  # the block itself is the base run's
-            x = patch(layer0, "resid_post", self._copies(self.base(layer0, "resid_post"), n))
-            first = layer0 + 1
-        else:
-            x = self._copies(self.base(layer0, "resid_pre"), n)
+        return self.merged_logits([start[0] * len(POINTS) + start[1]] * n, lambda c, lay, p, a: patch(lay, p, a))
+
+    def merged_logits(self, starts: Sequence[int], patch: Callable) -> torch.Tensor:
+        """Answer-position logits ``[n * batch, vocab]`` of candidates with sorted first patched
+        points ``starts`` (``layer * len(POINTS) + point``), in one stacked pass.
+
+        Candidates join the pass at their own starting layer, so one pass serves candidates of
+        many starting points with one batched operation per layer (per-op overhead is paid per
+        layer, not per starting point: the many small operations of one pass per starting point
+        are what slowed head patching on a busy multi-threaded CPU). ``patch(cands, layer, point,
+        act)`` applies the patches of the candidates ``cands`` (a slice of ``starts``) to ``act``.
+        """
+        L, P_ = self.n_layers, len(POINTS)
+        n = len(starts)
+        assert all(a <= b for a, b in zip(starts, starts[1:], strict=False)), "starts must be sorted"
+        live = sum(s < L * P_ for s in starts)  # candidates that patch anything
+        x: torch.Tensor | None = None  # residual stream of candidates [0, k) entering the next layer
+        k = 0
+        first = starts[0] // P_ if live else L
         for layer in range(first, L):
-            at = at0 if layer == layer0 else RESID_PRE  # points before `at` keep the base run's values
-            z = None
-            if at == RESID_PRE:
-                x = patch(layer, "resid_pre", x)
-                z = fm.z(layer, *fm.qkv(layer, x))
-            elif at == Z:
-                z = self._copies(self.base(layer, "z"), n)
-            if z is not None:
-                attn = fm.attn_out(layer, patch(layer, "z", z))
-            else:
-                attn = self._copies(self.base(layer, "attn_out"), n)
-            x = x + patch(layer, "attn_out", attn)
-            mlp = self._copies(self.base(layer, "mlp_out"), n) if at == MLP_OUT else fm.mlp(layer, x)
-            x = patch(layer, "resid_post", x + patch(layer, "mlp_out", mlp))
+            parts = [] if x is None else [self._layer(layer, RESID_PRE, x, k, lambda *a, c=slice(0, k): patch(c, *a))]
+            j = k
+            while j < live and starts[j] // P_ == layer:
+                at, e = starts[j] % P_, j
+                while e < live and starts[e] == starts[j]:
+                    e += 1
+                x_in = None if at == RESID_POST else self._copies(self.base(layer, "resid_pre"), e - j)
+                parts.append(self._layer(layer, at, x_in, e - j, lambda *a, c=slice(j, e): patch(c, *a)))
+                j = e
+            k = j
+            if parts:
+                x = parts[0] if len(parts) == 1 else torch.cat(parts)
+        final = self._copies(self.base(L - 1, "resid_post"), n - k)
+        x = final if x is None else (x if k == n else torch.cat([x, final]))
         return self._answer_logits(x, n)
 
     def run(
         self, masks: dict[str, torch.Tensor], sources: dict[str, torch.Tensor], chunk: int, progress=None
     ) -> torch.Tensor:
         """Per-prompt metric ``[candidates, batch]`` of candidate patches (the arguments of
-        :func:`circuitfind.patching.run_patched`), ``chunk`` candidates per stacked pass."""
+        :func:`circuitfind.patching.run_patched`), ``chunk`` candidates per stacked pass.
+
+        Candidates are sorted by their first patched point and cut into passes of ``chunk``
+        (see :meth:`merged_logits`)."""
         C = next(iter(masks.values())).shape[0]
         none = self.n_layers * len(POINTS)
         starts = torch.full((C,), none, dtype=torch.long)
+        touched = {}
         for name, mask in masks.items():
             layer, at = patch_point(name)
-            touched = (mask.reshape(C, -1) != 0).any(1).cpu()
-            starts = torch.where(touched, starts.clamp(max=layer * len(POINTS) + at), starts)
-        begins = starts.unique().tolist()
-        self.prefetch([hook_name(s // len(POINTS), POINTS[s % len(POINTS)]) for s in begins if s < none])
-        parts = []
-        for s in begins:
-            idx = (starts == s).nonzero().flatten()
-            for part in idx.split(chunk):
-                on_device = part.to(next(iter(masks.values())).device)
-                sub = {name: mask[on_device] for name, mask in masks.items()}
-                sub = {name: m for name, m in sub.items() if m.dtype != torch.bool or m.any()}
+            touched[name] = (mask.reshape(C, -1) != 0).any(1).cpu()
+            starts = torch.where(touched[name], starts.clamp(max=layer * len(POINTS) + at), starts)
+        self.prefetch(
+            [hook_name(s // len(POINTS), POINTS[s % len(POINTS)]) for s in starts.unique().tolist() if s < none]
+        )
+        order = torch.sort(starts, stable=True).indices
+        device = next(iter(masks.values())).device
+        out: torch.Tensor | None = None
+        for part in order.split(chunk):
+            on_device = part.to(device)
+            sub = {name: mask[on_device] for name, mask in masks.items() if touched[name][part].any()}
+            hit = {name: touched[name][part] for name in sub}
 
-                def patch(layer: int, point: str, act: torch.Tensor, sub=sub) -> torch.Tensor:
-                    name = hook_name(layer, point)
-                    return act if name not in sub else patch_hook(act, None, sources[name], sub[name])
+            def patch(cands: slice, layer: int, point: str, act: torch.Tensor, sub=sub, hit=hit) -> torch.Tensor:
+                name = hook_name(layer, point)
+                if name not in sub or not hit[name][cands].any():
+                    return act
+                return patch_hook(act, None, sources[name], sub[name][cands])
 
-                with torch.no_grad():
-                    answer = self.logits(divmod(s, len(POINTS)), len(part), patch)
-                parts.append((part, self.score(answer, len(part))))
-                if progress is not None:
-                    progress.update(len(part))
-        out = parts[0][1].new_empty(C, self.size)
-        for part, values in parts:
-            out[part.to(out.device)] = values
+            with torch.no_grad():
+                answer = self.merged_logits(starts[part].tolist(), patch)
+            values = self.score(answer, len(part))
+            if out is None:
+                out = values.new_empty(C, self.size)
+            out[on_device.to(out.device)] = values
+            if progress is not None:
+                progress.update(len(part))
+        assert out is not None
         return out
 
     # -- path patching ----------------------------------------------------------------------
