@@ -129,7 +129,7 @@ def test_ctrl_c_ends_with_one_line_and_no_output_file(tmp_path):
         ],
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "CIRCUITFIND_PROGRESS": "1"},  # bars on without a terminal
     )
     try:
         seen = proc.stderr.read(1)  # the first progress output: the command is inside its work

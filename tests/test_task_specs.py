@@ -114,8 +114,7 @@ def test_ioi_template_spec_gives_the_ioi_generators_prompts():
                 dict(y.key_chars),
                 y.template,
             )
-            # the template states the continuation verbatim (" Mary"); the ioi generator a bare name
-            assert (" " + x.answer, " " + x.counter_answer) == (y.answer, y.counter_answer)
+            assert (x.answer, x.counter_answer) == (y.answer, y.counter_answer)  # both with the space: " Mary"
 
 
 def test_ioi_template_spec_builds_the_same_batch_on_toy_ioi(ioi_model):

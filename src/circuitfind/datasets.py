@@ -600,6 +600,18 @@ class _PromptLike(Protocol):
 P = TypeVar("P", bound=_PromptLike)
 
 
+def _continuation_text(tokenizer: Any, prompt: str, token: int, where: str) -> str:
+    """The text that continues ``prompt`` as exactly the token ``token``: its decoded text, or that text
+    after a space (word-level tokenizers decode a word without the space that separates it)."""
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    decoded = tokenizer.decode([token])
+    for text in (decoded, " " + decoded):
+        full = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
+        if full[: len(head)] == head and full[len(head) :] == [token]:
+            return text
+    raise TaskError(f"{where} = {token} ({decoded!r}) is not one token when it continues the prompt {prompt!r}")
+
+
 def resolve_for_model(
     data: Mapping[str, Any], prompts: Sequence[P], encode: Callable[[str], list[int]], tokenizer: Any
 ) -> list[P]:
@@ -618,11 +630,12 @@ def resolve_for_model(
                     raise TaskError(
                         f"{where}:{_line(p)}: {k} = {i} is not a token id of this tokenizer ({vocab} tokens)"
                     )
+            texts = {k: _continuation_text(tokenizer, p.text, i, f"{where}:{_line(p)}: {k}") for k, i in ids.items()}
             fitted.append(
                 dataclasses.replace(
                     p,  # type: ignore[type-var]
-                    answer=tokenizer.decode([ids["correct_idx"]]),
-                    counter_answer=tokenizer.decode([ids["incorrect_idx"]]) if "incorrect_idx" in ids else "",
+                    answer=texts["correct_idx"],
+                    counter_answer=texts.get("incorrect_idx", ""),
                 )
             )
         out = fitted

@@ -707,6 +707,10 @@ def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
 
 def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> dict[str, str]:
     """Write ``study.html`` and ``study.md``: the settings' disagreements, with figures."""
+    for study_ in heads:  # a study.json from before the paired effects names the direction once, not per row
+        for h in study_["by_direction"] if study_.get("direction") == "both" else [study_]:
+            for row in h["settings"].values():
+                row.setdefault("direction", h["direction"])
     sections = [_first_screen(heads)] if heads else []
     for study_ in heads:
         if study_.get("direction") == "both":
