@@ -29,8 +29,17 @@ def _build_known_induction(folder: Path) -> None:
     build_induction_model(folder)
 
 
+def _build_known_suppress(folder: Path) -> None:
+    from circuitfind.zoo.known import build_suppression_model
+
+    build_suppression_model(folder)
+
+
 # Models whose weights are set by code (circuit known by construction), built into the cache on first use.
-BUILT: dict[str, Callable[[Path], None]] = {"known-induction": _build_known_induction}
+BUILT: dict[str, Callable[[Path], None]] = {
+    "known-induction": _build_known_induction,
+    "known-suppress": _build_known_suppress,
+}
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:
