@@ -272,3 +272,125 @@ def build_suppression_model(
         + "\n"
     )
     return folder
+
+
+BACKUP_MAIN_TRUTH = [
+    ("input", "a0.0<v>"),
+    ("a0.0", "a1.0<k>"),
+    ("input", "a1.0<q>"),
+    ("input", "a1.0<v>"),
+    ("a1.0", "logits"),
+]
+BACKUP_TRUTH = BACKUP_MAIN_TRUTH + [
+    ("a1.0", "a2.0<q>"),  # the main head's answer switches the backup off
+    ("input", "a2.0<q>"),
+    ("a0.0", "a2.0<k>"),
+    ("input", "a2.0<k>"),
+    ("input", "a2.0<v>"),
+    ("a2.0", "logits"),
+]
+BACKUP_STRUCTURAL = BACKUP_TRUTH + [("input", "a0.0<q>"), ("input", "a0.0<k>")]
+BACKUP_DISTRACTORS = ["a0.1", "a1.1", "a2.1"]
+BACKUP_HEAD = "a2.0"
+
+
+def build_backup_model(folder: str | Path, sharpness: float = 2.0, unembed_scale: float = 1.0) -> Path:
+    """Write a 3-layer hand-set induction model with a backup head (``known-backup``).
+
+    * ``a0.0`` previous-token head (as in :func:`build_induction_model`), ``a1.0`` the main
+      induction head, writing the answer into OUT (read by the unembedding).
+    * ``a2.0`` is a backup induction head (the backup name movers of Wang et al. 2023 in miniature):
+      its score for key j is ``match(current token, PREV_j) - match(OUT, TOK_j)`` plus a constant
+      bonus for the BOS position. While the main head has written the answer into OUT, the answer's
+      position is vetoed and the backup attends to BOS, whose value (the BOS token) no logit reads;
+      once the main head's output is patched, the veto is gone and the backup copies the answer
+      into BAK, which the unembedding reads like OUT.
+
+    In the clean and corrupted runs alike the backup is silent, so patching it alone does nothing
+    (node patching scores it 0), and patching the main head shows only part of its effect. ACDC,
+    which removes edges one at a time from the full model, prunes the backup path for the same
+    reason. :data:`BACKUP_MAIN_TRUTH` is the path active in the full model; :data:`BACKUP_TRUTH`
+    adds the backup path and the main head's veto edge. Distractors ``a0.1`` -> ``a1.1`` -> ``a2.1``
+    copy tokens along their own chain into JUNK blocks nobody reads.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = Path(folder)
+    tokenizer = build_tokenizer(task_words(load_task("induction")))
+    V, P, H = len(tokenizer), 24, 2
+    n_subspace_dims = 7 * V + P  # TOK, POS, PREV, OUT, BAK, JUNK_1..3
+    d_head = max(2 * V + 1, P + 1, -(-n_subspace_dims // H))
+    d_model = H * d_head
+    TOK, POS = 0, V
+    PREV = POS + P
+    OUT, BAK = PREV + V, PREV + 2 * V
+    JUNK = [PREV + (3 + i) * V for i in range(3)]
+    config = GPT2Config(
+        vocab_size=V,
+        n_positions=P,
+        n_embd=d_model,
+        n_layer=3,
+        n_head=H,
+        n_inner=4,
+        activation_function="gelu_new",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        t: Any = model.transformer
+        for tok in range(V):
+            t.wte.weight[tok, TOK + tok] = 1.0
+        for pos in range(P):
+            t.wpe.weight[pos, POS + pos] = 1.0
+        for ln in [t.ln_f] + [b.ln_1 for b in t.h] + [b.ln_2 for b in t.h]:
+            ln.weight.fill_(1.0)
+        # one-hot blocks into each layer's heads: 2, 4 (+PREV, JUNK_1), 6 (+OUT, JUNK_2)
+        scale = [(d_model / n) ** -0.5 for n in (2, 4, 6)]
+
+        def head(layer, h, q_from, k_from, v_from, out_to, sharp=sharpness, q_shift=0):
+            _set_head(t, layer, h, d_head, V, sharp, q_from, k_from, v_from, out_to, scale[layer], q_shift)
+
+        head(0, 0, (POS, P), (POS, P), TOK, PREV, q_shift=1)  # previous-token head
+        head(0, 1, (POS, P), (POS, P), TOK, JUNK[0])
+        head(1, 0, (TOK, V), (PREV, V), TOK, OUT)  # main induction head
+        head(1, 1, (POS, P), (POS, P), JUNK[0], JUNK[1])
+        # backup: induction match (3 x sharpness), veto where TOK_j is in OUT (-3 x), BOS bonus (1.5 x)
+        head(2, 0, (TOK, V), (PREV, V), TOK, BAK, sharp=3 * sharpness)
+        W = t.h[2].attn.c_attn.weight
+        q0, k0 = 0, d_model  # head 0
+        for i in range(V):
+            W[OUT + i, q0 + V + i] = -3 * sharpness
+            W[TOK + i, k0 + V + i] = 1.0
+        for i in range(P):  # every position holds one POS one-hot: a constant query
+            W[POS + i, q0 + 2 * V] = 1.5 * sharpness
+        W[POS + 0, k0 + 2 * V] = 1.0
+        head(2, 1, (POS, P), (POS, P), JUNK[1], JUNK[2])
+        for tok in range(1, V):  # never predict BOS
+            model.lm_head.weight[tok, OUT + tok] = unembed_scale
+            model.lm_head.weight[tok, BAK + tok] = unembed_scale
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / "known_circuit.json").write_text(
+        json.dumps(
+            {
+                "task": "induction",
+                "truth": BACKUP_TRUTH,
+                "active_in_full_model": BACKUP_MAIN_TRUTH,
+                "structural": BACKUP_STRUCTURAL,
+                "distractors": BACKUP_DISTRACTORS,
+                "backup_heads": [BACKUP_HEAD],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    return folder
