@@ -1,6 +1,7 @@
 """The known-answer model with a backup head: silent in the full model, it takes over when the main
 head is patched, which hides the main head from node patching and the backup from ACDC."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -17,6 +18,7 @@ from circuitfind.zoo.known import (
     BACKUP_HEAD,
     BACKUP_MAIN_TRUTH,
     BACKUP_TRUTH,
+    KNOWN_TRUTH,
     build_backup_model,
 )
 
@@ -89,3 +91,5 @@ def test_known_backup_loads_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("CIRCUITFIND_CACHE", str(tmp_path))
     model = load_model("known-backup", device="cpu")
     assert model.cfg.n_layers == 3 and (tmp_path / "models" / "known-backup" / "known_circuit.json").is_file()
+    written = json.loads((tmp_path / "models" / "known-backup" / "known_circuit.json").read_text())
+    assert [tuple(e) for e in written["truth"]] == KNOWN_TRUTH["known-backup"] == BACKUP_TRUTH

@@ -1,5 +1,6 @@
 """The known-answer model with a negative head and an MLP path: its documented circuit is what patching finds."""
 
+import json
 from collections import Counter
 
 import pytest
@@ -11,7 +12,13 @@ from circuitfind.catalogue import load_model
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.evaluation import evaluate
 from circuitfind.tasks import TaskBatch, generate_prompts
-from circuitfind.zoo.known import NEGATIVE_HEAD, SUPPRESSION_DISTRACTORS, SUPPRESSION_TRUTH, build_suppression_model
+from circuitfind.zoo.known import (
+    KNOWN_TRUTH,
+    NEGATIVE_HEAD,
+    SUPPRESSION_DISTRACTORS,
+    SUPPRESSION_TRUTH,
+    build_suppression_model,
+)
 
 
 @pytest.fixture(scope="module")
@@ -81,3 +88,5 @@ def test_known_suppress_loads_by_name(tmp_path, monkeypatch):
     monkeypatch.setenv("CIRCUITFIND_CACHE", str(tmp_path))
     model = load_model("known-suppress", device="cpu")
     assert model.cfg.n_layers == 2 and (tmp_path / "models" / "known-suppress" / "known_circuit.json").is_file()
+    written = json.loads((tmp_path / "models" / "known-suppress" / "known_circuit.json").read_text())
+    assert [tuple(e) for e in written["truth"]] == KNOWN_TRUTH["known-suppress"] == SUPPRESSION_TRUTH

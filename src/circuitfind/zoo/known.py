@@ -1,6 +1,17 @@
 """Known-answer models: transformers whose circuit is known by construction (hand-set weights).
 
-:func:`build_induction_model` writes a 2-layer GPT-2 (HF format, the induction task's tokenizer)
+Three models, each loadable by name through :mod:`circuitfind.catalogue` and each writing its edge
+sets to ``known_circuit.json`` beside the weights (:data:`KNOWN_TRUTH` has them by name):
+
+* ``known-induction`` (:func:`build_induction_model`): previous-token + induction head among
+  distractors; truth :data:`INDUCTION_TRUTH`.
+* ``known-suppress`` (:func:`build_suppression_model`): the answer reaches the logits through an
+  MLP, and a negative head suppresses it; truth :data:`SUPPRESSION_TRUTH`.
+* ``known-backup`` (:func:`build_backup_model`): a backup head that takes over only when the main
+  head is patched; truth :data:`BACKUP_TRUTH` (:data:`BACKUP_MAIN_TRUTH` is what is active in the
+  full model).
+
+All run the induction task at accuracy 1.0. :func:`build_induction_model` writes a 2-layer GPT-2 (HF format, the induction task's tokenizer)
 whose residual stream is split into one-hot subspaces:
 
     TOK (token)  POS (position)  PREV (previous token)  OUT (answer)  JUNK_1..JUNK_6 (distractors)
@@ -394,3 +405,11 @@ def build_backup_model(folder: str | Path, sharpness: float = 2.0, unembed_scale
         + "\n"
     )
     return folder
+
+
+# True edge sets by catalogue name (what a discovery method should recover on each model's task).
+KNOWN_TRUTH: dict[str, list[tuple[str, str]]] = {
+    "known-induction": INDUCTION_TRUTH,
+    "known-suppress": SUPPRESSION_TRUTH,
+    "known-backup": BACKUP_TRUTH,
+}
