@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
+from circuitfind import agreement
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model
@@ -93,3 +94,14 @@ def test_known_backup_loads_by_name(tmp_path, monkeypatch):
     assert model.cfg.n_layers == 3 and (tmp_path / "models" / "known-backup" / "known_circuit.json").is_file()
     written = json.loads((tmp_path / "models" / "known-backup" / "known_circuit.json").read_text())
     assert [tuple(e) for e in written["truth"]] == KNOWN_TRUTH["known-backup"] == BACKUP_TRUTH
+
+
+def test_eap_ig_ranks_the_active_path_first_and_not_the_backup(known):
+    """Gradients at the full model see what is active there: the main path ranks first, the silent
+    backup's edges do not (AUROC < 1 against the whole truth)."""
+    model, batch = known
+    patcher = EdgePatcher(P.prepare(model, batch, "resample", "logit_diff"))
+    scores = D.eap_ig(patcher, steps=10)
+    edges = patcher.graph.edges
+    assert agreement.roc_auc(scores, torch.tensor([e in BACKUP_MAIN_TRUTH for e in edges])).auc == 1.0
+    assert agreement.roc_auc(scores, torch.tensor([e in BACKUP_TRUTH for e in edges])).auc < 0.95

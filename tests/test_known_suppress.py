@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
+from circuitfind import agreement
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model
@@ -90,3 +91,12 @@ def test_known_suppress_loads_by_name(tmp_path, monkeypatch):
     assert model.cfg.n_layers == 2 and (tmp_path / "models" / "known-suppress" / "known_circuit.json").is_file()
     written = json.loads((tmp_path / "models" / "known-suppress" / "known_circuit.json").read_text())
     assert [tuple(e) for e in written["truth"]] == KNOWN_TRUTH["known-suppress"] == SUPPRESSION_TRUTH
+
+
+def test_eap_ig_ranks_the_circuit_first(known):
+    """Integrated gradients rank all 10 true edges, the negative head's included, above every other."""
+    model, batch = known
+    patcher = EdgePatcher(P.prepare(model, batch, "resample", "logit_diff"))
+    scores = D.eap_ig(patcher, steps=10)
+    truth = torch.tensor([e in SUPPRESSION_TRUTH for e in patcher.graph.edges])
+    assert agreement.roc_auc(scores, truth).auc == 1.0
