@@ -1,7 +1,7 @@
 """Models by name: the public entry point for loading any model circuitfind knows.
 
 :func:`load_model` takes a shipped toy model (``circuitfind/zoo/<name>/``), a model built by code
-on first use (``known-induction``: :mod:`circuitfind.zoo.known`), a fetched registry model
+on first use (``known-induction``, ``known-suppress``, ``known-backup``: :mod:`circuitfind.zoo.known`), a fetched registry model
 (:mod:`circuitfind.fetch`), a local HF-format folder or a Hugging Face hub name. It builds the
 models that are made by code (which needs the zoo, and through it the task specs) and hands
 everything else to :mod:`circuitfind.models`, which loads folders and hub names and imports none of
@@ -29,8 +29,24 @@ def _build_known_induction(folder: Path) -> None:
     build_induction_model(folder)
 
 
+def _build_known_suppress(folder: Path) -> None:
+    from circuitfind.zoo.known import build_suppression_model
+
+    build_suppression_model(folder)
+
+
+def _build_known_backup(folder: Path) -> None:
+    from circuitfind.zoo.known import build_backup_model
+
+    build_backup_model(folder)
+
+
 # Models whose weights are set by code (circuit known by construction), built into the cache on first use.
-BUILT: dict[str, Callable[[Path], None]] = {"known-induction": _build_known_induction}
+BUILT: dict[str, Callable[[Path], None]] = {
+    "known-induction": _build_known_induction,
+    "known-suppress": _build_known_suppress,
+    "known-backup": _build_known_backup,
+}
 
 
 def resolve_model_path(name_or_path: str | os.PathLike) -> str:

@@ -127,6 +127,12 @@ def cmd_models(args) -> None:
     print(
         f"{'known-induction':<16} built on first use: hand-set induction circuit with distractor heads (circuitfind.zoo.known)"
     )
+    print(
+        f"{'known-suppress':<16} built on first use: induction through an MLP, with a negative head (circuitfind.zoo.known)"
+    )
+    print(
+        f"{'known-backup':<16} built on first use: induction with a backup head that takes over (circuitfind.zoo.known)"
+    )
     for name, spec in fetch.FETCHABLE.items():
         state = (
             f"fetched ({fetch.model_dir(name)})"
