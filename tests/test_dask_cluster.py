@@ -269,7 +269,9 @@ def test_a_cluster_without_workers_is_refused(tmp_path, capsys):
 
     from circuitfind.cli import main
 
-    with LocalCluster(n_workers=0, processes=False, protocol="tcp", dashboard_address=None) as cluster:  # a real scheduler, no worker
+    with LocalCluster(
+        n_workers=0, processes=False, protocol="tcp", dashboard_address=None
+    ) as cluster:  # a real scheduler, no worker
         argv = ["sweep", *GRID, "--dask-address", cluster.scheduler_address, "--outputs", str(tmp_path), "--run", "x"]
         assert main(argv) == 2
     assert "has no workers" in capsys.readouterr().err
