@@ -84,28 +84,18 @@ def _set_head(
         O[h * d_head + i, out_to + i] = out_scale
 
 
-def build_induction_model(folder: str | Path, sharpness: float = 2.0, unembed_scale: float = 4.0) -> Path:
-    """Write the hand-set induction model to ``folder`` (an HF GPT-2 folder) and return it."""
+def _one_hot_gpt2(V: int, P: int, d_model: int, *, n_layer: int, n_head: int, n_inner: int, tok: int, pos: int):
+    """A GPT-2 with every weight zero but the one-hot token (at ``tok``) and position (at ``pos``)
+    embeddings and unit LayerNorm scales: the skeleton every known-answer model sets its heads in."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    folder = Path(folder)
-    tokenizer = build_tokenizer(task_words(load_task("induction")))
-    V, P, H, n_distract = len(tokenizer), 24, 4, 3
-    n_subspace_dims = 3 * V + P + 2 * n_distract * V  # TOK, PREV, OUT, POS, JUNK blocks
-    d_head = max(V, P + 1, -(-n_subspace_dims // H))
-    d_model = H * d_head
-    TOK, POS = 0, V
-    PREV, OUT = POS + P, POS + P + V
-    JUNK = [OUT + V + i * V for i in range(2 * n_distract)]
-    if JUNK[-1] + V > d_model:
-        raise ValueError("subspaces do not fit: increase d_head")
     config = GPT2Config(
         vocab_size=V,
         n_positions=P,
         n_embd=d_model,
-        n_layer=2,
-        n_head=H,
-        n_inner=4,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_inner=n_inner,
         activation_function="gelu_new",
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -119,13 +109,32 @@ def build_induction_model(folder: str | Path, sharpness: float = 2.0, unembed_sc
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
-        t: Any = model.transformer  # a GPT-2 transformer: typed as a Module by torch
-        for tok in range(V):
-            t.wte.weight[tok, TOK + tok] = 1.0
-        for pos in range(P):
-            t.wpe.weight[pos, POS + pos] = 1.0
+        t: Any = model.transformer
+        for i in range(V):
+            t.wte.weight[i, tok + i] = 1.0
+        for i in range(P):
+            t.wpe.weight[i, pos + i] = 1.0
         for ln in [t.ln_f] + [b.ln_1 for b in t.h] + [b.ln_2 for b in t.h]:
             ln.weight.fill_(1.0)
+    return model
+
+
+def build_induction_model(folder: str | Path, sharpness: float = 2.0, unembed_scale: float = 4.0) -> Path:
+    """Write the hand-set induction model to ``folder`` (an HF GPT-2 folder) and return it."""
+    folder = Path(folder)
+    tokenizer = build_tokenizer(task_words(load_task("induction")))
+    V, P, H, n_distract = len(tokenizer), 24, 4, 3
+    n_subspace_dims = 3 * V + P + 2 * n_distract * V  # TOK, PREV, OUT, POS, JUNK blocks
+    d_head = max(V, P + 1, -(-n_subspace_dims // H))
+    d_model = H * d_head
+    TOK, POS = 0, V
+    PREV, OUT = POS + P, POS + P + V
+    JUNK = [OUT + V + i * V for i in range(2 * n_distract)]
+    if JUNK[-1] + V > d_model:
+        raise ValueError("subspaces do not fit: increase d_head")
+    model = _one_hot_gpt2(V, P, d_model, n_layer=2, n_head=H, n_inner=4, tok=TOK, pos=POS)
+    with torch.no_grad():
+        t: Any = model.transformer  # a GPT-2 transformer: typed as a Module by torch
 
         # LayerNorm multiplies the residual by ~sqrt(d_model / number of one-hot blocks); head outputs
         # divide that back out so that every block holds a one-hot of norm ~1.
@@ -202,8 +211,6 @@ def build_suppression_model(
     The scales are small on purpose: the answer's probability is ~0.5, not 1, so KL to the full
     model still sees the negative head (a saturated softmax would hide it from ``kl``).
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     if not unembed_scale > negative_scale > 0:
         raise ValueError("need unembed_scale > negative_scale > 0 for the answer to win")
     folder = Path(folder)
@@ -216,33 +223,9 @@ def build_suppression_model(
     PREV = POS + P
     OUT, NEG, MLP_OUT = PREV + V, PREV + 2 * V, PREV + 3 * V
     JUNK = [PREV + (4 + i) * V for i in range(5)]
-    config = GPT2Config(
-        vocab_size=V,
-        n_positions=P,
-        n_embd=d_model,
-        n_layer=2,
-        n_head=H,
-        n_inner=V,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    model = GPT2LMHeadModel(config)
+    model = _one_hot_gpt2(V, P, d_model, n_layer=2, n_head=H, n_inner=V, tok=TOK, pos=POS)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        t: Any = model.transformer
-        for tok in range(V):
-            t.wte.weight[tok, TOK + tok] = 1.0
-        for pos in range(P):
-            t.wpe.weight[pos, POS + pos] = 1.0
-        for ln in [t.ln_f] + [b.ln_1 for b in t.h] + [b.ln_2 for b in t.h]:
-            ln.weight.fill_(1.0)
+        t: Any = model.transformer  # a GPT-2 transformer: typed as a Module by torch
         # LayerNorm scales by ~sqrt(d_model / number of one-hot blocks) (2 blocks into layer 0, 6 into
         # layer 1's heads, 10 into m1); writers divide it back out so each block keeps norm ~1.
         s0, s1, s_mlp = (d_model / 2) ** 0.5, (d_model / 6) ** 0.5, (d_model / 10) ** 0.5
@@ -324,8 +307,6 @@ def build_backup_model(folder: str | Path, sharpness: float = 2.0, unembed_scale
     adds the backup path and the main head's veto edge. Distractors ``a0.1`` -> ``a1.1`` -> ``a2.1``
     copy tokens along their own chain into JUNK blocks nobody reads.
     """
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     folder = Path(folder)
     tokenizer = build_tokenizer(task_words(load_task("induction")))
     V, P, H = len(tokenizer), 24, 2
@@ -336,33 +317,9 @@ def build_backup_model(folder: str | Path, sharpness: float = 2.0, unembed_scale
     PREV = POS + P
     OUT, BAK = PREV + V, PREV + 2 * V
     JUNK = [PREV + (3 + i) * V for i in range(3)]
-    config = GPT2Config(
-        vocab_size=V,
-        n_positions=P,
-        n_embd=d_model,
-        n_layer=3,
-        n_head=H,
-        n_inner=4,
-        activation_function="gelu_new",
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=False,
-        bos_token_id=0,
-        eos_token_id=0,
-        pad_token_id=0,
-    )
-    model = GPT2LMHeadModel(config)
+    model = _one_hot_gpt2(V, P, d_model, n_layer=3, n_head=H, n_inner=4, tok=TOK, pos=POS)
     with torch.no_grad():
-        for p in model.parameters():
-            p.zero_()
-        t: Any = model.transformer
-        for tok in range(V):
-            t.wte.weight[tok, TOK + tok] = 1.0
-        for pos in range(P):
-            t.wpe.weight[pos, POS + pos] = 1.0
-        for ln in [t.ln_f] + [b.ln_1 for b in t.h] + [b.ln_2 for b in t.h]:
-            ln.weight.fill_(1.0)
+        t: Any = model.transformer  # a GPT-2 transformer: typed as a Module by torch
         # one-hot blocks into each layer's heads: 2, 4 (+PREV, JUNK_1), 6 (+OUT, JUNK_2)
         scale = [(d_model / n) ** -0.5 for n in (2, 4, 6)]
 
