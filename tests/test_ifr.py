@@ -7,7 +7,7 @@ import torch
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.graph import ModelGraph
-from circuitfind.ifr import ifr_scores, proximity_importance
+from circuitfind.ifr import ifr_scores, local_importances, proximity_importance
 from circuitfind.tasks import TaskBatch
 
 
@@ -67,19 +67,42 @@ def test_ifr_matches_the_hand_written_reference(example):
     setup, cache = example
     graph = ModelGraph.from_model(setup.model)
     assert graph.n_layers == 2
-    scores = ifr_scores(setup, graph)
+    scores = local_importances(setup, graph)
     torch.testing.assert_close(scores, reference(setup, cache, graph).float(), atol=1e-5, rtol=1e-4)
     _, r_idx = graph.edge_index
     per_receiver = torch.zeros(len(graph.receivers)).index_add(0, r_idx, scores)
     torch.testing.assert_close(per_receiver, torch.ones(len(graph.receivers)))  # shares of each input
     # per position: weighted by the prompts that reach each position, they average to the position-free scores
-    per_pos = ifr_scores(setup, ModelGraph.from_model(setup.model, n_pos=setup.n_pos))
+    per_pos = local_importances(setup, ModelGraph.from_model(setup.model, n_pos=setup.n_pos))
     assert per_pos.shape == (graph.n_edges, setup.n_pos)
     reach = (torch.arange(setup.n_pos)[None] <= setup.plan.end_pos[:, None]).sum(0).float()  # prompts per position
     assert len(set(setup.plan.end_pos.tolist())) > 1  # prompts of different lengths: the weighting matters
     non_logit = r_idx != len(graph.receivers) - 1
     averaged = (per_pos[non_logit] * reach).sum(-1) / reach.sum()
     torch.testing.assert_close(averaged, scores[non_logit], atol=1e-5, rtol=1e-4)
+
+
+def test_ranking_scores_conserve_importance_from_the_logits(example):
+    """Scores into one receiver keep its local proportions; the edges into the logits sum to 1; each
+    component passes on through its inputs exactly the importance its outgoing edges carry."""
+    setup, _ = example
+    graph = ModelGraph.from_model(setup.model)
+    local, scores = local_importances(setup, graph), ifr_scores(setup, graph)
+    s_idx, r_idx = graph.edge_index
+    into_logits = r_idx == len(graph.receivers) - 1
+    torch.testing.assert_close(scores[into_logits], local[into_logits])
+    assert scores[into_logits].sum().item() == pytest.approx(1.0, abs=1e-5)
+    for node in graph.senders[1:]:
+        out = scores[s_idx == graph.senders.index(node)].sum()
+        inputs = [r for r, rec in enumerate(graph.receivers) if node in rec.feeds]
+        into = scores[torch.isin(r_idx, torch.tensor(inputs))].sum()
+        torch.testing.assert_close(into, out, atol=1e-5, rtol=1e-4)
+        for r in inputs:  # a third of a head's importance through each of q, k, v
+            edges = r_idx == r
+            torch.testing.assert_close(scores[edges].sum(), out / len(inputs), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(scores[edges], local[edges] * out / len(inputs), atol=1e-5, rtol=1e-4)
+    per_pos = ifr_scores(setup, ModelGraph.from_model(setup.model, n_pos=setup.n_pos))
+    assert per_pos.shape == (graph.n_edges, setup.n_pos) and (per_pos >= 0).all()
 
 
 def test_senders_add_up_to_the_residual_stream(example):

@@ -16,9 +16,17 @@ before its LayerNorm. Choices (details the paper leaves to its route graph):
   contributions add up to ``x`` exactly.
 * The heads' q, k and v receivers of one layer read the same residual stream, so they get the same
   importances.
-* A position-free edge's score is the importance averaged over prompts and over positions up to the
+* A position-free edge's local importance is averaged over prompts and over positions up to the
   answer position (later positions cannot reach the metric); into the logits, at the answer position
-  only. Per-position graphs get one score per position (averaged over prompts).
+  only. Per-position graphs get one per position (averaged over prompts).
+* Ranking. Local importances are normalised per receiver, so they do not rank edges across the
+  graph (an edge into a layer-0 input, the only one there, has importance 1). The paper extracts
+  routes top-down from the prediction, keeping edges above a threshold. For a ranking,
+  :func:`ifr_scores` propagates that idea: the logits have importance 1; a receiver gets its
+  component's importance split evenly over the component's inputs (q, k, v: a third each); an
+  edge's score is its local importance times its receiver's; a component's importance is the sum of
+  its outgoing edges' scores. Importance is conserved: what reaches a component leaves through its
+  inputs, and the edges into the logits sum to 1.
 """
 
 from __future__ import annotations
@@ -51,7 +59,39 @@ def sender_outputs(setup: PatchingSetup, graph: ModelGraph) -> torch.Tensor:
 
 
 def ifr_scores(setup: PatchingSetup, graph: ModelGraph | None = None) -> torch.Tensor:
-    """IFR edge importances ``[n_edges]`` (``[n_edges, pos]`` for per-position graphs), each in [0, 1],
+    """IFR edge scores ``[n_edges]`` (``[n_edges, pos]`` for per-position graphs): local importances
+    (:func:`local_importances`) weighted by the importance of their receiver for the prediction, so
+    that they rank edges across the graph (see the module docstring)."""
+    graph = graph or ModelGraph.from_model(setup.model)
+    local = local_importances(setup, graph)
+    weight = receiver_weights(graph, local if graph.n_pos is None else local.sum(-1))
+    r_idx = graph.edge_index[1]
+    return local * (weight[r_idx] if graph.n_pos is None else weight[r_idx][:, None])
+
+
+def receiver_weights(graph: ModelGraph, local: torch.Tensor) -> torch.Tensor:
+    """Each receiver's importance for the prediction ``[receivers]``, propagated from the logits
+    (importance 1) through position-free local importances ``[n_edges]``, latest receiver first."""
+    s_idx, r_idx = graph.edge_index
+    inputs: dict[str, int] = {}
+    for r in graph.receivers:
+        for node in r.feeds:
+            inputs[node] = inputs.get(node, 0) + 1
+    node_weight = dict.fromkeys(graph.senders, 0.0)
+    node_weight[graph.receivers[-1].node] = 1.0  # the logits
+    weight = torch.zeros(len(graph.receivers))
+    for r in reversed(range(len(graph.receivers))):
+        receiver = graph.receivers[r]
+        weight[r] = sum(node_weight[f] / inputs[f] for f in receiver.feeds)  # every sender below is final
+        edges = (r_idx == r).nonzero().flatten()
+        for s, value in zip(s_idx[edges].tolist(), (local[edges] * weight[r]).tolist(), strict=True):
+            node_weight[graph.senders[s]] += value
+    return weight
+
+
+def local_importances(setup: PatchingSetup, graph: ModelGraph | None = None) -> torch.Tensor:
+    """IFR's local edge importances ``[n_edges]`` (``[n_edges, pos]`` for per-position graphs), each
+    in [0, 1] and summing to 1 over a receiver's edges: the sender's share of the receiver's input,
     from the clean run's cached activations (see the module docstring)."""
     graph = graph or ModelGraph.from_model(setup.model)
     c = sender_outputs(setup, graph)  # [B, T, S, d]
