@@ -74,8 +74,8 @@ def receiver_weights(graph: ModelGraph, local: torch.Tensor) -> torch.Tensor:
     (importance 1) through position-free local importances ``[n_edges]``, latest receiver first."""
     s_idx, r_idx = graph.edge_index
     inputs: dict[str, int] = {}
-    for r in graph.receivers:
-        for node in r.feeds:
+    for rec in graph.receivers:
+        for node in rec.feeds:
             inputs[node] = inputs.get(node, 0) + 1
     node_weight = dict.fromkeys(graph.senders, 0.0)
     node_weight[graph.receivers[-1].node] = 1.0  # the logits
