@@ -7,6 +7,12 @@
   respect to every edge mask at once (clean and corrupted forwards + one forward/backward).
 * :func:`eap_ig`: EAP with integrated gradients (Hanna et al. 2024): gradients averaged over
   ``steps`` inputs interpolated between the corrupted and clean embeddings.
+* :func:`eap_ig_act`: EAP-IG on activations (MIB's variant, Mueller et al. 2025): gradients
+  averaged over ``steps`` points where every sender's activation is interpolated between the
+  corrupted and clean runs (the edge masks set to ``alpha``).
+* :func:`circuitfind.ifr.ifr_scores`: information flow routes (Ferrando & Voita 2024): each
+  sender's share of its receiver's input by L1 proximity, from the clean run alone (no gradient,
+  no corruption).
 * :func:`edge_pruning_circuit`: Edge Pruning (Bhaskar et al. 2024): hard-concrete edge masks
   optimised for faithfulness under a Lagrangian sparsity target (:mod:`circuitfind.pruning`).
 * :func:`iterative_path_patching`: IOI-style path patching (Wang et al. 2022) from the logits
@@ -39,6 +45,7 @@ from circuitfind.edge_patching import EdgePatcher
 from circuitfind.edge_patching.hooks import Hook
 from circuitfind.errors import CircuitfindError
 from circuitfind.graph import ModelGraph
+from circuitfind.ifr import ifr_scores
 from circuitfind.metrics import normalise
 from circuitfind.names import INPUT, LOGITS, head_name
 from circuitfind.progress import bar as progress_bar
@@ -140,6 +147,33 @@ def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> to
             masks[steps_part], fixed_diff=True, extra_hooks=hooks, per_prompt=per_prompt, prompts=prompts
         )
         (values.sum() * scale).backward()
+    return -masks.grad.mean(0).detach()
+
+
+def eap_ig_act(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> torch.Tensor:
+    """EAP-IG on activations scores ``[n_edges]`` (MIB's "EAP-IG-activations", Mueller et al. 2025,
+    "MIB: A Mechanistic Interpretability Benchmark"; IG of Sundararajan et al. 2017 taken at the
+    senders' activations instead of the input embeddings).
+
+    Every sender's activation, as its receivers read it, is interpolated between the source and base
+    runs: with fixed differences (``source - base``, :meth:`EdgePatcher.run`'s ``fixed_diff``) and
+    every edge mask at ``alpha``, receiver inputs are ``base + (1 - alpha) (source - base)`` per edge.
+    The score is ``-d metric / d mask`` averaged over the grid ``alpha = k / steps``, ``k = 1..steps``
+    (a right-endpoint Riemann sum in mask space, the same choice as :func:`eap_ig`). The grid is
+    chosen so that ``steps=1`` is the gradient at masks that keep every edge, which is EAP exactly, in
+    both directions (tested); it never evaluates the fully patched point ``alpha = 0``.
+
+    With ``per_prompt``, ``[n_edges, batch]`` scores (their mean over prompts is the default)."""
+    positive_int("steps", steps)
+    B = patcher.setup.size
+    ones = patcher.ones(steps, per_prompt=per_prompt)
+    alphas = torch.arange(1, steps + 1, dtype=ones.dtype, device=ones.device) / steps
+    masks = (ones * alphas.view(-1, *([1] * (ones.dim() - 1)))).requires_grad_(True)
+    scale = 1.0 if per_prompt else 1.0 / B
+    for steps_part, prompts in patcher.passes(steps, "grad"):  # a backward per pass (memory budget)
+        values = patcher.run(masks[steps_part], fixed_diff=True, per_prompt=per_prompt, prompts=prompts)
+        (values.sum() * scale).backward()
+    assert masks.grad is not None
     return -masks.grad.mean(0).detach()
 
 
@@ -475,11 +509,15 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
     return Circuit(graph, keep, scores, settings)
 
 
-ALGORITHMS = ("acdc", "eap", "eap_ig", "edge_pruning", "path_patching", "node")
+ALGORITHMS = ("acdc", "eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "path_patching", "node")
 NOISING_ONLY = ("acdc",)  # ACDC prunes from the full (clean) model: it runs in the noising direction only
+CORRUPTION_FREE = ("ifr",)  # find the circuit from the clean run alone (the corruption only measures faithfulness)
+PER_PROMPT = ("eap", "eap_ig", "eap_ig_act")  # algorithms that give per-prompt edge scores
 SCORED = (
     "eap",
     "eap_ig",
+    "eap_ig_act",
+    "ifr",
     "edge_pruning",
     "acdc",
 )  # algorithms whose edge scores rank every edge (a faithfulness curve applies)
@@ -514,11 +552,11 @@ def check_options(
         raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
     if algorithm == "acdc":
         finite_number("acdc_tau", acdc_tau, minimum=0.0)
-    if algorithm in ("eap", "eap_ig", "edge_pruning"):
+    if algorithm in ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning"):
         positive_int("top_k", top_k)
     if algorithm == "edge_pruning":
         positive_int("prune_steps", prune_steps)
-    if algorithm == "eap_ig":
+    if algorithm in ("eap_ig", "eap_ig_act"):
         positive_int("ig_steps", ig_steps)
     if algorithm == "path_patching":
         positive_int("path_depth", path_depth)
@@ -618,11 +656,17 @@ def _find(
     if algorithm == "edge_pruning":
         return edge_pruning_circuit(patcher, top_k, prune_steps), None
     k = check_top_k(top_k, patcher.graph)
-    steps = ig_steps if algorithm == "eap_ig" else None
-    if per_prompt:
-        per = eap(patcher, per_prompt=True) if steps is None else eap_ig(patcher, steps, per_prompt=True)
-        scores = per.mean(-1)
-    else:
-        per, scores = None, eap(patcher) if steps is None else eap_ig(patcher, steps)
+    if algorithm == "ifr":  # the clean run only: a setting field says so (records, report)
+        settings = _settings(patcher, algorithm, k=k, corruption_free=True)
+        return select_top_k(patcher.graph, ifr_scores(setup, patcher.graph), k, settings), None
+    steps = ig_steps if algorithm in ("eap_ig", "eap_ig_act") else None
+
+    def scores_of(per: bool) -> torch.Tensor:
+        if algorithm == "eap_ig_act":
+            return eap_ig_act(patcher, ig_steps, per_prompt=per)
+        return eap(patcher, per_prompt=per) if steps is None else eap_ig(patcher, ig_steps, per_prompt=per)
+
+    per_scores = scores_of(True) if per_prompt else None
+    scores = per_scores.mean(-1) if per_scores is not None else scores_of(False)
     circuit = select_top_k(patcher.graph, scores, k, _settings(patcher, algorithm, k=k, ig_steps=steps))
-    return circuit, per
+    return circuit, per_scores

@@ -103,8 +103,8 @@ class SweepConfig(BaseModel):
     prompts: int = Field(32, ge=1, le=MAX_PROMPTS, description="prompts per setting")
     seed: int = Field(0, description="prompt sampling seed")
     acdc_tau: float = Field(0.02, ge=0, allow_inf_nan=False, description="ACDC threshold")
-    top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG / edge pruning")
-    ig_steps: int = Field(5, ge=1, description="EAP-IG integration steps")
+    top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG / IFR / edge pruning")
+    ig_steps: int = Field(5, ge=1, description="EAP-IG integration steps (embeddings and activations)")
     prune_steps: int = Field(200, ge=1, description="edge pruning optimisation steps")
     path_depth: int = Field(2, ge=1, description="path patching depth")
     path_k: float = Field(1.0, gt=0, allow_inf_nan=False, description="path patching detection rule in SDs")
@@ -167,7 +167,7 @@ class SweepConfig(BaseModel):
         self.settings()  # two settings that would share a name are refused here, before any starts
         for name in self.models:
             located = locate_model(name)
-            if {"eap", "eap_ig"} & set(self.algorithms):
+            if (set(D.SCORED) - {"acdc"}) & set(self.algorithms):  # the algorithms that keep the top k
                 edges = model_edge_count(located)
                 if edges is not None and self.top_k > edges:
                     raise ValueError(
@@ -405,7 +405,7 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
         path_k=config.path_k,
         node_k=config.node_k,
         prune_steps=config.prune_steps,
-        per_prompt=setting.algorithm in ("eap", "eap_ig"),
+        per_prompt=setting.algorithm in D.PER_PROMPT,
     )
     circuit, per_prompt = found.circuit, found.per_prompt
     # strict JSON has no NaN: an undefined faithfulness is null, with the reason beside it
@@ -439,6 +439,7 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
         "faithfulness": faith,
         "faithfulness_status": faith_status,
         "curve": curve,
+        "corruption_free": setting.algorithm in D.CORRUPTION_FREE,  # IFR: the corruption only scores the circuit
         "seconds": round(time.time() - start, 2),
     }
     return record, circuit, per_prompt

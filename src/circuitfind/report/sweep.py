@@ -155,7 +155,11 @@ def _settings_rows(group: dict) -> list[list]:
                 r["corrupt"],
                 r.get("seconds", float("nan")),
                 flags,
-                ", ".join(checks["notes"]) or "-",
+                ", ".join(
+                    checks["notes"]
+                    + (["corruption-free: found from the clean run"] if r.get("corruption_free") else [])
+                )
+                or "-",
             ]
         )
     return rows
