@@ -124,9 +124,10 @@ def test_the_command_line_offers_every_algorithm():
     from circuitfind.cli import build_parser
 
     parser = build_parser()
-    discover = parser._subparsers._group_actions[0].choices["discover"]
-    algorithm = next(a for a in discover._actions if a.dest == "algorithm")
-    assert tuple(algorithm.choices) == D.ALGORITHMS
+    for command in ("discover", "checkpoints"):
+        sub = parser._subparsers._group_actions[0].choices[command]
+        algorithm = next(a for a in sub._actions if a.dest == "algorithm")
+        assert tuple(algorithm.choices) == D.ALGORITHMS, command
 
 
 @pytest.mark.slow

@@ -305,12 +305,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="ioi")
     p.add_argument("-n", "--prompts", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--algorithm", default="acdc", choices=("acdc", "eap", "eap_ig", "path_patching", "node"))
+    p.add_argument(
+        "--algorithm",
+        default="acdc",
+        choices=("acdc", "eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "path_patching", "node"),
+    )  # discovery.ALGORITHMS (tested), spelled out so that --help does not import torch
     p.add_argument("--corruption", default="str")
     p.add_argument("--metric", default="kl")
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
     p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
-    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG")
+    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / edge pruning")
     p.add_argument("--ig-steps", type=int, default=5)
     p.add_argument("--device", default=None)
     p.add_argument("--run", default=None)
