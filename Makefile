@@ -43,6 +43,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_edges.py
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_datasets.py
+	$(BIN)/python benchmarks/bench_methods.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
