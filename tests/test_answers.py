@@ -200,3 +200,17 @@ def test_a_metric_without_gradient_under_eap_names_the_metric(ioi_model, ioi_bat
     setup.metric = get_metric(hard_accuracy)  # baselines need distinct values; the EAP pass sees the hard metric
     with pytest.raises(MetricError, match="'hard_accuracy' has no gradient"):
         D.eap(EdgePatcher(setup))
+
+
+def test_a_batch_without_str_variants_refuses_str_but_takes_noise(ioi_model):
+    p = Prompt("When Mary and John went to the store, John gave a drink to", " Mary", " John", {}, {"IO": 5})
+    batch = TaskBatch.from_prompts(ioi_model, [p], key_tokens=["IO"])
+    assert batch.task.str_variants == []
+    with pytest.raises(TaskError, match=r"task 'custom' has no STR variants .*Gaussian-noise corruption \(gn\)"):
+        _ = batch.task.default_str
+    with pytest.raises(TaskError, match="no STR variants"):
+        batch.corrupted()
+    with pytest.raises(TaskError, match="no STR variants"):
+        P.prepare(ioi_model, batch, "str")
+    setup = P.prepare(ioi_model, batch, GaussianNoise(seed=0))  # noise on IO needs no corrupted prompts
+    assert setup.clean_value != setup.corrupt_value

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from circuitfind.metrics import get_metric
 from circuitfind.patching import answer_logits, prepare
 from circuitfind.tasks import TaskBatch
 
@@ -16,12 +17,22 @@ if TYPE_CHECKING:
 
 @dataclass
 class TaskReport:
-    """Top-1 accuracy and mean logit difference ``r - r'`` on clean prompts, per-corruption baselines."""
+    """Clean accuracy and set metrics, and per-corruption baselines.
+
+    With answer sets ``R`` (correct) and ``R'`` (wrong), by the rules of :mod:`circuitfind.metrics`:
+    ``accuracy`` is top-1 over the vocabulary in ``R``; ``pair_accuracy`` is the best-scoring token of
+    ``R u R'`` in ``R`` (its chance level, ``pair_chance``, is the mean of ``|R| / (|R| + |R'|)``, 0.5
+    for one answer each); ``logit_diff`` is mean logit of ``R`` minus that of ``R'`` and ``prob_diff``
+    the mass of ``R`` minus that of ``R'`` (both 0 at chance). A single answer is the set of one, which
+    gives the single-answer numbers."""
 
     task: str
     n_prompts: int
     accuracy: float
+    pair_accuracy: float
+    pair_chance: float
     logit_diff: float
+    prob_diff: float
     corrupted: dict[str, dict[str, float]]
 
     def as_dict(self) -> dict:
@@ -30,26 +41,50 @@ class TaskReport:
     def format(self) -> str:
         lines = [
             f"task {self.task}: {self.n_prompts} prompts",
-            f"  accuracy (top-1 = r)        {self.accuracy:.3f}",
-            f"  clean logit diff r - r'     {self.logit_diff:.3f}",
+            f"  accuracy (top-1 in R)       {self.accuracy:.3f}",
+            f"  R vs R' accuracy            {self.pair_accuracy:.3f}   (chance {self.pair_chance:.3f})",
+            f"  clean logit diff R - R'     {self.logit_diff:.3f}",
+            f"  clean prob diff R - R'      {self.prob_diff:.3f}",
         ]
         for name, row in self.corrupted.items():
             lines.append(
-                f"  corrupted ({name:>10}) logit diff {row['logit_diff']:.3f}   KL(clean||corrupt) {-row['kl']:.3f}"
+                f"  corrupted ({name:>10}) logit diff {row['logit_diff']:.3f}   prob diff {row['prob_diff']:.3f}"
+                f"   KL(clean||corrupt) {-row['kl']:.3f}"
             )
         return "\n".join(lines)
+
+
+def _pair_accuracy(logits: torch.Tensor, batch: TaskBatch) -> tuple[float, float]:
+    """Fraction of prompts whose best token of ``R u R'`` is in ``R``, and its chance level."""
+    ctx = batch.metric_context()
+    ids, mask = ctx.correct()
+    wids, wmask = ctx.wrong()
+    best_r = logits.gather(1, ids).masked_fill(~mask, -torch.inf).amax(-1)
+    best_w = logits.gather(1, wids).masked_fill(~wmask, -torch.inf).amax(-1)
+    n_r, n_w = mask.sum(-1).float(), wmask.sum(-1).float()
+    return (best_r > best_w).float().mean().item(), (n_r / (n_r + n_w)).mean().item()
 
 
 def evaluate(
     model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")
 ) -> TaskReport:
-    """Accuracy of ``model`` on ``batch`` and the logit difference / KL under each corruption."""
+    """Accuracy and set metrics of ``model`` on ``batch``, and the logit / probability difference and KL
+    under each corruption."""
     with torch.no_grad():
         logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()  # metrics in float32
-    accuracy = (logits.argmax(-1) == batch.answers).float().mean().item()
-    diff = (logits.gather(1, batch.answers[:, None]) - logits.gather(1, batch.counter_answers[:, None])).mean().item()
+    ctx = batch.metric_context()
+    ids, mask = ctx.correct()
+    top = logits.argmax(-1)
+    accuracy = ((ids == top[:, None]) & mask).any(-1).float().mean().item()
+    pair_accuracy, pair_chance = _pair_accuracy(logits, batch)
+    diff = get_metric("logit_diff")(logits, ctx).mean().item()
+    prob_diff = get_metric("prob_diff")(logits, ctx).mean().item()
     corrupted = {}
     for name in corruptions:
         setup = prepare(model, batch, name, "logit_diff")
-        corrupted[name] = {"logit_diff": setup.corrupt_value, "kl": setup.baselines("kl")[1]}
-    return TaskReport(batch.task.name, batch.size, accuracy, diff, corrupted)
+        corrupted[name] = {
+            "logit_diff": setup.corrupt_value,
+            "prob_diff": setup.baselines("prob_diff")[1],
+            "kl": setup.baselines("kl")[1],
+        }
+    return TaskReport(batch.task.name, batch.size, accuracy, pair_accuracy, pair_chance, diff, prob_diff, corrupted)

@@ -51,7 +51,20 @@ class TaskSpec:
 
     @property
     def default_str(self) -> str:
-        return self.data.get("corruptions", {}).get("str", self.str_variants[0])
+        """The STR variant used when none is named: the spec's ``corruptions.str``, else its first variant.
+
+        A task with no STR variants (e.g. Python prompts with no corrupted texts) has none; asking for one
+        is a :class:`TaskError` that says to use Gaussian noise instead, not a bare ``IndexError``."""
+        corruptions = self.data.get("corruptions", {})
+        if "str" in corruptions:
+            return corruptions["str"]
+        variants = self.str_variants
+        if not variants:
+            raise TaskError(
+                f"task {self.name!r} has no STR variants (no corrupted prompts), so it cannot be STR-corrupted; "
+                "give each prompt a corrupted text or use the Gaussian-noise corruption (gn)"
+            )
+        return variants[0]
 
     @property
     def key_tokens(self) -> list[str]:
