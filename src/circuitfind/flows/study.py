@@ -20,11 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from circuitfind import patching as P
-from circuitfind import study
+from circuitfind import progress, study
 from circuitfind.catalogue import load_model
 from circuitfind.checks import positive_int
 from circuitfind.corruptions import get_corruption
@@ -44,9 +44,11 @@ def heads_task(
     n_boot: int = 500,
     **grid,
 ) -> dict:
-    return study.head_detection(
-        load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot, **grid
-    )
+    log = get_run_logger()  # each head sweep (corruption, direction) in the Prefect log
+    with progress.stages(log.info):
+        return study.head_detection(
+            load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot, **grid
+        )
 
 
 @task(name="factual-mlp-localisation", task_run_name="mlps-{model_name}", persist_result=False)
@@ -76,7 +78,8 @@ def mlps_task(model_name: str, prompts: int, seed: int, cache_dir: str | None = 
                 return {**cached, "cached": True}
             except (OSError, ValueError):  # a damaged entry is recomputed and replaced
                 pass
-    out = study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed, **options)
+    with progress.stages(get_run_logger().info):
+        out = study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed, **options)
     if entry is not None:
         write_json(entry, out)
     return out

@@ -40,6 +40,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
 import circuitfind
+from circuitfind import progress
 from circuitfind.corruptions import CORRUPTIONS
 from circuitfind.discovery import ALGORITHMS
 from circuitfind.errors import USER_ERRORS, CircuitfindError
@@ -86,7 +87,9 @@ def discover_setting(setting: Setting, config: SweepConfig, run_dir: str, cache_
     """One setting's circuit; files are written by the task, only paths travel through Prefect."""
     apply_worker_threads()
     check_worker(setting, config, run_dir, cache_dir)
-    return {**run_setting(setting, config, run_dir, cache_dir), "worker": worker_info()}
+    log = get_run_logger()  # each stage (baselines, searching, faithfulness, curve) in the Prefect log
+    with progress.stages(lambda stage: log.info("%s: %s", setting.name, stage)):
+        return {**run_setting(setting, config, run_dir, cache_dir), "worker": worker_info()}
 
 
 def gpu_resources(config: SweepConfig):
