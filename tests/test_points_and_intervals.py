@@ -3,7 +3,8 @@
 Wherever the sweep report, ``circuitfind diff`` and node circuits show a point and an interval
 together, the point must lie inside its interval and be the same quantity (the record's own score,
 ``1 - Jaccard`` for the movement); wherever a "top" item is shown, it must be the largest by the stated
-measure. Checked from the rendered Markdown in both directions (noise, denoise) and under every metric.
+measure. Checked from the rendered Markdown in both directions (noise, denoise) and under every metric;
+the checkpoints report's numbers and edge spans are read back against the results they come from.
 """
 
 from __future__ import annotations
@@ -260,3 +261,57 @@ def test_node_circuit_heads_are_the_largest_effects_and_scores_are_the_effects(i
                 assert float(circuit.scores[i]) == pytest.approx(
                     float(effect[int(head[1:].split(".")[0]), int(head.split(".")[1])]), abs=1e-6
                 )
+
+
+def test_checkpoint_report_numbers_and_spans_are_what_they_name(tmp_path):
+    from circuitfind.checkpoints import write_report
+
+    gen = torch.Generator().manual_seed(3)
+    pool = [list(e) for e in GRAPH.edges[:12]]
+    steps = [0, 10, 20, 40, 80]
+    results = []
+    for step in steps:
+        keep = torch.rand(len(pool), generator=gen) < 0.5
+        edges = [e for e, k in zip(pool, keep.tolist(), strict=True) if k]
+        acc, ld, cld = torch.rand(3, generator=gen).tolist()
+        results.append(
+            {
+                "step": step,
+                "accuracy": acc,
+                "logit_diff": ld,
+                "corrupt_logit_diff": cld,
+                "n_edges": len(edges),
+                "edges": edges,
+            }
+        )
+    md = Path(write_report(results, {"model": "toy", "algorithm": "acdc"}, tmp_path)["markdown"]).read_text()
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")] for line in md.splitlines() if re.match(r"^\| \d+ \|", line)
+    ]
+    final = {tuple(e) for e in results[-1]["edges"]}
+    assert [int(r[0]) for r in rows] == steps
+    for row, res in zip(rows, results, strict=True):
+        edges = {tuple(e) for e in res["edges"]}
+        assert float(row[1]) == pytest.approx(res["accuracy"], abs=6e-4)
+        assert float(row[2]) == pytest.approx(res["logit_diff"], abs=6e-4)
+        assert float(row[3]) == pytest.approx(res["corrupt_logit_diff"], abs=6e-4)
+        assert int(row[4]) == len(edges)
+        assert float(row[5]) == pytest.approx(len(edges & final) / len(final), abs=6e-3)
+    # each edge's spans, read back, give exactly the checkpoints whose circuit holds it
+    span_rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in md.split("When each edge is in the circuit", 1)[1].splitlines()
+        if "->" in line and line.startswith("| ")
+    ]
+    assert len(span_rows) == len({tuple(e) for r in results for e in r["edges"]})
+    firsts = []
+    for edge, spans in span_rows:
+        sender, receiver = edge.replace("\\>", ">").split("->")
+        present = set()
+        for span in spans.split(", "):
+            a, b = span.split("-")
+            present |= {s for s in steps if int(a) <= s and (b == "end" or s < int(b))}
+        truth = {res["step"] for res in results if [sender, receiver] in res["edges"]}
+        assert present == truth, edge
+        firsts.append(min(truth))
+    assert firsts == sorted(firsts)  # ordered by first appearance

@@ -20,16 +20,17 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
 from circuitfind import patching as P
-from circuitfind import progress, study
+from circuitfind import study
 from circuitfind.catalogue import load_model
 from circuitfind.checks import positive_int
 from circuitfind.corruptions import get_corruption
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
+from circuitfind.flows.stages import logged_stages
 from circuitfind.io import write_json
 from circuitfind.metrics import get_metric
 from circuitfind.paths import run_folder
@@ -44,8 +45,7 @@ def heads_task(
     n_boot: int = 500,
     **grid,
 ) -> dict:
-    log = get_run_logger()  # each head sweep (corruption, direction) in the Prefect log
-    with progress.stages(log.info):
+    with logged_stages():  # each head sweep (corruption, direction) in the Prefect log
         return study.head_detection(
             load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot, **grid
         )
@@ -78,7 +78,7 @@ def mlps_task(model_name: str, prompts: int, seed: int, cache_dir: str | None = 
                 return {**cached, "cached": True}
             except (OSError, ValueError):  # a damaged entry is recomputed and replaced
                 pass
-    with progress.stages(get_run_logger().info):
+    with logged_stages():
         out = study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed, **options)
     if entry is not None:
         write_json(entry, out)

@@ -40,12 +40,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import ValidationError
 
 import circuitfind
-from circuitfind import progress
 from circuitfind.corruptions import CORRUPTIONS
 from circuitfind.discovery import ALGORITHMS
 from circuitfind.errors import USER_ERRORS, CircuitfindError
 from circuitfind.flows.diff import check_series, diff_with_previous, record_completed
 from circuitfind.flows.server import prefect_api, probe_dask_scheduler
+from circuitfind.flows.stages import logged_stages
 from circuitfind.health import check_run
 from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
@@ -87,8 +87,7 @@ def discover_setting(setting: Setting, config: SweepConfig, run_dir: str, cache_
     """One setting's circuit; files are written by the task, only paths travel through Prefect."""
     apply_worker_threads()
     check_worker(setting, config, run_dir, cache_dir)
-    log = get_run_logger()  # each stage (baselines, searching, faithfulness, curve) in the Prefect log
-    with progress.stages(lambda stage: log.info("%s: %s", setting.name, stage)):
+    with logged_stages(setting.name):  # each stage (baselines, searching, faithfulness, curve) in the Prefect log
         return {**run_setting(setting, config, run_dir, cache_dir), "worker": worker_info()}
 
 
