@@ -159,11 +159,12 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_patch(args) -> None:
-    from circuitfind import patching
+    from circuitfind import patching, progress
 
     patching.check_k(args.k)  # before the sweep runs
     model, batch = _load(args)
-    setup = patching.prepare(model, batch, args.corruption, args.metric, progress=True, max_memory=args.max_memory)
+    show = progress.enabled()  # bars on stderr when it is a terminal (CIRCUITFIND_PROGRESS=0/1 overrides)
+    setup = patching.prepare(model, batch, args.corruption, args.metric, progress=show, max_memory=args.max_memory)
     if args.what == "heads":
         result = patching.patch_heads(setup, args.direction)
     elif args.what == "heads_by_pos":

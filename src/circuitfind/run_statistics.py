@@ -156,7 +156,8 @@ class _Unusable(Exception):
 
 
 def _bootstrap(record: dict, n_boot: int) -> dict:
-    """Bootstrap intervals of a setting's edge scores over prompts, from its per-prompt file."""
+    """Bootstrap intervals of a setting's edge scores over prompts, from its per-prompt file: the mean
+    over prompts (the record's score, same quantity) of the 8 edges of largest ``|mean|``, with its interval."""
     path = Path(record["per_prompt"])
     if not path.is_file():
         raise _Unusable(f"{path.name} is missing")
@@ -170,14 +171,17 @@ def _bootstrap(record: dict, n_boot: int) -> dict:
         shape = list(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
         raise _Unusable(f"{path.name} holds {shape}, not scores [{graph.n_edges} edges, >= 2 prompts]")
     ci = agreement.bootstrap_ci(per, n_boot=n_boot)
-    top = ci.mean.abs().topk(min(8, ci.mean.numel())).indices.tolist()
+    # the point as the interval's ends are made: in float64, then rounded to float32 (rounding keeps order,
+    # so the point lies inside its interval; a float32 mean of a constant row can fall one ulp outside it)
+    mean = per.double().mean(-1).float()
+    top = mean.abs().topk(min(8, mean.numel())).indices.tolist()
     return {
         "level": ci.level,
         "excluding_zero": int(ci.excludes_zero().sum()),
         "top": [
             {
                 "edge": list(graph.edges[i]),
-                "mean": float(ci.mean[i]),
+                "mean": float(mean[i]),
                 "low": float(ci.low[i]),
                 "high": float(ci.high[i]),
             }

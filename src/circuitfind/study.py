@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from circuitfind import agreement, figures, health
+from circuitfind import agreement, figures, health, progress
 from circuitfind import patching as P
 from circuitfind.corruptions import Corruption, GaussianNoise, get_corruption
 from circuitfind.errors import ImpossibleSignError
@@ -63,10 +63,11 @@ class MetricRecorder(Metric):
 
 
 def prepare_recording(
-    model, batch: TaskBatch, corruption: str | Corruption, metrics: Sequence[str | Metric]
+    model, batch: TaskBatch, corruption: str | Corruption, metrics: Sequence[str | Metric], progress: bool = False
 ) -> P.PatchingSetup:
-    """A patching setup whose sweeps record every metric in ``metrics`` (:class:`MetricRecorder`)."""
-    return P.prepare(model, batch, corruption, MetricRecorder(metrics))
+    """A patching setup whose sweeps record every metric in ``metrics`` (:class:`MetricRecorder`);
+    ``progress``: its sweeps show bars on stderr."""
+    return P.prepare(model, batch, corruption, MetricRecorder(metrics), progress=progress)
 
 
 def patch_heads_metrics(setup: P.PatchingSetup, direction: P.Direction = "denoise") -> dict[str, P.PatchResult]:
@@ -249,8 +250,13 @@ def _head_detection(
         by_corruption.setdefault(corruption, []).append(metric)
     weights = bootstrap_weights(batch.size, n_boot, seed)
     rows, boot_masks = {}, {}
+    show = progress.enabled()  # the head sweeps take minutes on a real model: bars on stderr, stages to a listener
+    sweeps = progress.bar(show=show, desc=f"{model_name}: head sweeps ({direction})", total=len(by_corruption))
     for corruption, wanted in by_corruption.items():
-        setup = prepare_recording(model, batch, study_corruption(corruption, gn_scale, gn_samples, noise_seed), wanted)
+        sweeps.set_description(f"{model_name}: head sweep, {corruption} ({direction})")
+        setup = prepare_recording(
+            model, batch, study_corruption(corruption, gn_scale, gn_samples, noise_seed), wanted, progress=show
+        )
         copies = setup.plan.size // batch.size  # GN stacks its noise samples: rows = copies x prompts
         results = patch_heads_metrics(setup, direction)
         for metric, res in results.items():
@@ -294,6 +300,8 @@ def _head_detection(
                     if frequency[l, h] > 0
                 }
             rows[name] = row
+        sweeps.update()
+    sweeps.close()
     for row in rows.values():
         row["kl_negative_heads"] = kl_negative_heads(rows, row["corruption"]) if row["metric"] == "kl" else {}
     heads = {name: set(r["heads"]) for name, r in rows.items()}
@@ -413,7 +421,8 @@ def mlp_localisation(
     the effect against the base run, ``(patched - base) / (clean - corrupt)``."""
     P.check_direction(direction)
     batch = TaskBatch.build(model, "factual", prompts, seed=seed)
-    setup = P.prepare(model, batch, corruption, metric)
+    progress.stage(f"{model_name}: MLP windows ({direction})")
+    setup = P.prepare(model, batch, corruption, metric, progress=progress.enabled())
     gap = setup.clean_value - setup.corrupt_value
     sign = 1 if direction == "denoise" else -1  # a needed MLP's effect: restoring raises, noising lowers
     curves, peaks = {}, {}

@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import circuitfind
-from circuitfind import datasets
+from circuitfind import datasets, progress
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model, locate_model, resolve_model_path
@@ -393,6 +393,7 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
     start = time.time()
     task = load_task(setting.task)
     batch = TaskBatch.build(model, task, config.prompts, seed=config.seed)
+    progress.stage("baselines")  # to the flow's run logger (circuitfind.progress.stages); the search stages follow
     setup = P.prepare(model, batch, setting.corruption, setting.metric, max_batch=config.max_batch)
     found = D.discover(
         setup,

@@ -23,13 +23,15 @@ from prefect.artifacts import create_markdown_artifact
 from circuitfind import checkpoints as C
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
+from circuitfind.flows.stages import logged_stages
 from circuitfind.io import write_json
 from circuitfind.paths import run_folder
 
 
 @task(name="checkpoint-circuit", task_run_name="step-{step}", persist_result=False)
 def checkpoint_task(folder: str, step: int, setting: dict) -> dict:
-    result = C.analyse_or_flag(folder, step, **setting)
+    with logged_stages(f"step {step}"):  # the stages of the checkpoint's discovery in the Prefect log
+        result = C.analyse_or_flag(folder, step, **setting)
     if "error" in result:
         get_run_logger().warning("checkpoint step %s skipped: %s", step, result["error"])
     return result

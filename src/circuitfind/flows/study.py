@@ -30,6 +30,7 @@ from circuitfind.checks import positive_int
 from circuitfind.corruptions import get_corruption
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
+from circuitfind.flows.stages import logged_stages
 from circuitfind.io import write_json
 from circuitfind.metrics import get_metric
 from circuitfind.paths import run_folder
@@ -44,9 +45,10 @@ def heads_task(
     n_boot: int = 500,
     **grid,
 ) -> dict:
-    return study.head_detection(
-        load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot, **grid
-    )
+    with logged_stages():  # each head sweep (corruption, direction) in the Prefect log
+        return study.head_detection(
+            load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot, **grid
+        )
 
 
 @task(name="factual-mlp-localisation", task_run_name="mlps-{model_name}", persist_result=False)
@@ -76,7 +78,8 @@ def mlps_task(model_name: str, prompts: int, seed: int, cache_dir: str | None = 
                 return {**cached, "cached": True}
             except (OSError, ValueError):  # a damaged entry is recomputed and replaced
                 pass
-    out = study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed, **options)
+    with logged_stages():
+        out = study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed, **options)
     if entry is not None:
         write_json(entry, out)
     return out

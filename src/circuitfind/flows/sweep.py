@@ -45,6 +45,7 @@ from circuitfind.discovery import ALGORITHMS
 from circuitfind.errors import USER_ERRORS, CircuitfindError
 from circuitfind.flows.diff import check_series, diff_with_previous, record_completed
 from circuitfind.flows.server import prefect_api, probe_dask_scheduler
+from circuitfind.flows.stages import logged_stages
 from circuitfind.health import check_run
 from circuitfind.io import write_json
 from circuitfind.metrics import METRICS
@@ -86,7 +87,8 @@ def discover_setting(setting: Setting, config: SweepConfig, run_dir: str, cache_
     """One setting's circuit; files are written by the task, only paths travel through Prefect."""
     apply_worker_threads()
     check_worker(setting, config, run_dir, cache_dir)
-    return {**run_setting(setting, config, run_dir, cache_dir), "worker": worker_info()}
+    with logged_stages(setting.name):  # each stage (baselines, searching, faithfulness, curve) in the Prefect log
+        return {**run_setting(setting, config, run_dir, cache_dir), "worker": worker_info()}
 
 
 def gpu_resources(config: SweepConfig):

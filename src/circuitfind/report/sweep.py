@@ -400,7 +400,7 @@ def _group_sections(g: dict, several: bool) -> list[R.Section]:
         for name, b in g["bootstrap"].items():
             blocks.append(
                 R.text(
-                    f"{b['excluding_zero']} edges with a {b['level']:.0%} interval excluding 0. Top edges:",
+                    f"{b['excluding_zero']} edges with a {b['level']:.0%} interval excluding 0. Top edges by |mean score|:",
                     bold=label[name] + ":",
                 )
             )
