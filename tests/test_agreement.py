@@ -109,3 +109,15 @@ def test_torch_threads_sets_and_restores_the_thread_count():
     with pytest.raises(KeyError), torch_threads(1):
         raise KeyError("restored on errors too")
     assert torch.get_num_threads() == before
+
+
+def test_a_constant_row_s_point_lies_inside_its_bootstrap_interval():
+    """The point is made as the interval's ends are (float64, then rounded): a float32 mean of a
+    constant row can land one rounding step outside them (0.1 does, 24 times over)."""
+    from circuitfind.agreement import bootstrap_ci
+
+    for value in (0.1, 0.3, 1 / 3, 0.7, 1e-3, -0.2):
+        x = torch.full((3, 24), value)
+        ci = bootstrap_ci(x, n_boot=200)
+        assert ((ci.low <= ci.mean) & (ci.mean <= ci.high)).all(), value
+        assert torch.equal(ci.low, ci.high)

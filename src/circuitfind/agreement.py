@@ -187,7 +187,9 @@ def bootstrap_ci(
         means = weights @ flat[start : start + step].double().T  # [n_boot, components]
         low[start : start + step], high[start : start + step] = torch.quantile(means, q, dim=0)
     shape = x.shape[:-1]
-    return BootstrapCI(x.mean(-1), low.reshape(shape), high.reshape(shape), level)
+    # the point made as the ends are, in float64 then rounded to float32 (rounding keeps order): a float32
+    # mean of a constant row can fall one rounding step outside its own interval
+    return BootstrapCI(x.double().mean(-1).float(), low.reshape(shape), high.reshape(shape), level)
 
 
 def _np(x) -> np.ndarray:

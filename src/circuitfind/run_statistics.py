@@ -171,9 +171,7 @@ def _bootstrap(record: dict, n_boot: int) -> dict:
         shape = list(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
         raise _Unusable(f"{path.name} holds {shape}, not scores [{graph.n_edges} edges, >= 2 prompts]")
     ci = agreement.bootstrap_ci(per, n_boot=n_boot)
-    # the point as the interval's ends are made: in float64, then rounded to float32 (rounding keeps order,
-    # so the point lies inside its interval; a float32 mean of a constant row can fall one ulp outside it)
-    mean = per.double().mean(-1).float()
+    mean = ci.mean  # made as the interval's ends are, so it lies inside them
     top = mean.abs().topk(min(8, mean.numel())).indices.tolist()
     return {
         "level": ci.level,
