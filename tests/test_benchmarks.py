@@ -24,6 +24,7 @@ def _run(script: str, tmp_path, *args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_patching_quick(tmp_path):
     out = _run("bench_patching.py", tmp_path)
     for row in (
@@ -39,6 +40,7 @@ def test_bench_patching_quick(tmp_path):
     assert sorted(grid) == sorted((n, d) for n in ("4", "8") for d in ("denoise", "noise")), out
 
 
+@pytest.mark.slow
 def test_bench_edges_quick(tmp_path):
     out = _run("bench_edges.py", tmp_path)
     assert "ACDC functional, batches + incremental" in out and "EAP-IG, 5 steps" in out

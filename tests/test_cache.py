@@ -93,6 +93,7 @@ print(cache_key(setting, SweepConfig()))
 """
 
 
+@pytest.mark.slow
 def test_the_package_source_is_in_the_cache_key(tmp_path):
     copy = tmp_path / "src" / "circuitfind"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
@@ -250,6 +251,7 @@ print(json.dumps(run_setting(setting, config, run, cache)["from_cache"]))
 """
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_compute_a_setting_once(tmp_path):
     run, cache, go = tmp_path / "run", tmp_path / "cache", tmp_path / "go"
     procs = [

@@ -94,6 +94,7 @@ def test_edge_timeline_spans():
     assert t["final_recall"] == [0.0, 0.5, 1.0, 0.5, 1.0]
 
 
+@pytest.mark.slow
 def test_checkpoints_flow_writes_the_report(prefect_harness, short_run, tmp_path):
     from flows.checkpoints import circuits_over_training
 
@@ -262,6 +263,7 @@ def test_a_folder_outside_the_checkpoints_is_refused_even_when_it_is_a_model(sho
         C.find_checkpoints(folder)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_flagged_and_the_rest_reported(prefect_harness, short_run, tmp_path, capsys):
     from flows.checkpoints import circuits_over_training
 

@@ -20,6 +20,7 @@ def test_toy_induction_does_the_task(induction_model, induction_batch):
     assert report.accuracy >= 0.95 and report.logit_diff > 3.0
 
 
+@pytest.mark.slow
 def test_evaluate_command_prints_accuracy_and_logit_diffs():
     out = subprocess.run(
         [sys.executable, "-m", "circuitfind", "evaluate", "--model", "toy-ioi", "-n", "50", "--json"],

@@ -153,12 +153,14 @@ def test_cuda_settings_go_to_gpu_workers_and_fail_clearly_without_a_gpu(prefect_
     assert not list((tmp_path / "out" / "gpu" / "circuits").glob("*.json"))
 
 
+@pytest.mark.slow
 def test_cuda_settings_without_any_gpu_worker_are_refused(prefect_harness, tmp_path):
     with dask_cluster(tmp_path, [[]]) as (address, _):
         with pytest.raises(SweepError, match="none of the 1 workers of the cluster offers one"):
             _sweep("--device", "cuda", "--dask-address", address, "--outputs", str(tmp_path / "out"), "--run", "g")
 
 
+@pytest.mark.slow
 def test_a_worker_that_cannot_write_the_outputs_fails_clearly(prefect_harness, tmp_path):
     from circuitfind.flows.sweep import discover_setting
     from circuitfind.sweep import SweepConfig, WorkerError, mark_run_folder
@@ -254,6 +256,7 @@ def test_a_killed_worker_is_reported_and_a_rerun_finishes_only_what_is_missing(p
     assert not list(outputs.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_an_unreachable_scheduler_is_one_line_and_leaves_no_run_folder(tmp_path, capsys):
     from circuitfind.cli import main
 

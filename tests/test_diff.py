@@ -205,6 +205,7 @@ def test_runs_with_different_sets_of_models_are_refused(tmp_path, capsys):
     refused(["diff", str(a), str(b)], capsys, "different sets of models")
 
 
+@pytest.mark.slow
 def test_diff_flow_writes_report_and_artifact(prefect_harness, runs, tmp_path):
     from prefect import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
@@ -220,6 +221,7 @@ def test_diff_flow_writes_report_and_artifact(prefect_harness, runs, tmp_path):
     assert any("m1__ioi__eap__str__kl__noise | 3 | 3 | 1 | 1 | 0.500" in a.data for a in artifacts)
 
 
+@pytest.mark.slow
 def test_series_diffs_against_the_last_completed_run(prefect_harness, runs, tmp_path):
     from prefect import flow
 
@@ -243,6 +245,7 @@ def test_series_diffs_against_the_last_completed_run(prefect_harness, runs, tmp_
     assert last_completed(outputs, "nightly") is None
 
 
+@pytest.mark.slow
 def test_scheduled_sweep_diffs_each_run_against_the_previous_one(prefect_harness, tmp_path):
     from circuitfind.sweep import SweepConfig
     from flows.deploy import build_deployment

@@ -58,6 +58,7 @@ def test_sweep_writes_circuits_report_and_manifest(first_run):
     assert not list(run.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_rerun_resumes_from_the_cache(first_run):
     outputs, manifest = first_run
     again = sweep(SweepConfig(**SMALL), run="r2", outputs=str(outputs))
@@ -80,6 +81,7 @@ def test_compare_flow_with_reference(first_run):
     assert "| acdc/str/kl/noise | 1.000 | 1.000 | 1.000 |" in md
 
 
+@pytest.mark.slow
 def test_every_json_file_of_a_sweep_is_strict(prefect_harness, tmp_path):
     def reject(constant):
         raise ValueError(f"non-standard JSON constant {constant}")
@@ -116,6 +118,7 @@ def test_every_json_file_of_a_sweep_is_strict(prefect_harness, tmp_path):
     assert "empty circuit" in (tmp_path / "j" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_failed_settings_are_reported_not_fatal(prefect_harness, tmp_path):
     # the induction task has no 'str:abc' variant: those settings fail with a clear message
     config = SweepConfig(
@@ -169,6 +172,7 @@ def test_prefect_yaml_points_at_the_sweep_flow():
     assert flow.name == "circuitfind-sweep"
 
 
+@pytest.mark.slow
 def test_settings_study_flow(prefect_harness, tmp_path):
     from flows.study import settings_study
 

@@ -378,6 +378,7 @@ def test_compare_command_refuses_a_hostile_reference(tmp_path, capsys, saved):
     assert err.startswith("circuitfind: error: ") and str(path) in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_cli_subprocess_prints_no_traceback(tmp_path, saved):
     bad = tmp_path / "truncated.graphml"
     data = saved[".graphml"].read_bytes()

@@ -414,6 +414,7 @@ def test_a_finished_run_with_a_deleted_record_is_reported_with_a_warning(run, ca
     assert f"1 of 5 settings of this run have no record ({files[0].stem})" in (run / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_report_html_is_byte_for_byte_reproducible(run, tmp_path):
     """Two renders in processes with different hash seeds (set order) give the same bytes."""
     import os

@@ -32,6 +32,7 @@ def test_boots_through_the_bridge_with_grouped_query_attention(smol):
     assert cache["blocks.3.hook_k_input"].shape[2] == 3 and cache["blocks.3.hook_q_input"].shape[2] == 9
 
 
+@pytest.mark.slow
 def test_ioi_and_factual_recall_accuracy(smol):
     ioi = evaluate(smol, TaskBatch.build(smol, "ioi", 40, seed=0), corruptions=("str",))
     facts = evaluate(smol, TaskBatch.build(smol, "factual", 24, seed=0), corruptions=("str",))

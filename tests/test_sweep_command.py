@@ -183,6 +183,7 @@ def test_outputs_that_cannot_be_written_are_refused_before_prefect_starts(tmp_pa
         assert "--outputs: cannot write into" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_bad_grid_subprocess_exits_2_without_starting_prefect(tmp_path, sweep_env):
     home = tmp_path / "prefect-home"
     start = time.monotonic()
@@ -284,6 +285,7 @@ def test_a_configured_prefect_api_is_used_and_nothing_started():
 # Real sweeps in subprocesses: a fresh Prefect home, and killing a sweep
 
 
+@pytest.mark.slow
 @linux_only
 def test_first_sweep_on_a_fresh_prefect_home(first_sweep):
     proc = first_sweep.proc
@@ -299,6 +301,7 @@ def test_first_sweep_on_a_fresh_prefect_home(first_sweep):
 @pytest.mark.parametrize(
     "sig", [signal.SIGKILL, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)], ids=["SIGKILL", "SIGTERM"]
 )
+@pytest.mark.slow
 def test_killed_sweep_leaves_no_prefect_server(first_sweep, sweep_env, tmp_path, sig):
     home = first_sweep.home  # its database exists: the server starts in seconds
     log = (tmp_path / "sweep.log").open("w")

@@ -88,6 +88,7 @@ def test_tasks_dir_adds_to_the_shipped_tasks_and_wins_a_clash(tmp_path, monkeypa
     assert lines["mine"] == "" and lines["ioi"] == ""
 
 
+@pytest.mark.slow
 def test_sweep_refuses_a_bad_spec_before_prefect_starts(tmp_path):
     """The grid check loads every task, so a malformed spec fails in well under Prefect's start-up time."""
     path = _write(tmp_path, "nofacts", _factual(facts=None))
