@@ -26,8 +26,12 @@ SMALL = dict(
 @pytest.fixture(scope="module")
 def first_run(prefect_harness, tmp_path_factory):
     outputs = tmp_path_factory.mktemp("outputs")
-    manifest = sweep(SweepConfig(**SMALL), run="r1", outputs=str(outputs))
-    return outputs, manifest
+    state = sweep(SweepConfig(**SMALL), run="r1", outputs=str(outputs), return_state=True)
+    FIRST_RUN_ID.append(state.state_details.flow_run_id)  # later tests' sweeps share this Prefect server
+    return outputs, state.result()
+
+
+FIRST_RUN_ID: list = []
 
 
 def test_sweep_writes_circuits_report_and_manifest(first_run):
@@ -194,12 +198,15 @@ def test_settings_study_flow(prefect_harness, tmp_path):
 def test_sweep_attaches_link_and_table_artifacts(first_run):
     """Read back from the flow's Prefect server: the report's link, the axis ranking, each setting's summary."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
 
     outputs, manifest = first_run
     keys = ["circuit-diff-report-link", "axis-ranking", "circuit-summary"]
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=FIRST_RUN_ID)),
+        )
     latest = {}
     for a in sorted(found, key=lambda a: a.created):
         latest[a.key] = a

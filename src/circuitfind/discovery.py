@@ -280,7 +280,8 @@ def acdc(
     chunk, n_forward, n_evaluated = 1, 1, 1
     show = setup.progress if progress is None else progress
     complete = True
-    edges_bar = progress_bar(show=show, desc="ACDC edges", total=E, unit="edge")
+    # the counters are in the first line drawn, so even a search shorter than tqdm's refresh interval shows them
+    edges_bar = progress_bar(show=show, desc="ACDC edges", total=E, unit="edge", postfix=dict(evaluated=1, kept=E))
     for r in reversed(range(len(graph.receivers))):
         receiver = graph.receivers[r]
         incoming = (r_idx == r).nonzero().flatten().flip(0).tolist()  # latest sender first
