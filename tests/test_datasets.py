@@ -202,7 +202,27 @@ BAD = [
         b'{"prompts": [{"clean": "a b", "corrupt": "a c", "answers": [" x"], "wrong_answers": []}',
         r"bad.json:1: not valid JSON",
     ),
+    # Python's own JSON limits: a RecursionError and the int-digit ValueError, not tracebacks
+    ("bad.jsonl", b'{"clean": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n", r"bad.jsonl:1: not valid JSON: nested"),
+    (
+        "bad.jsonl",
+        b'{"clean": "a b", "corrupted": "a c", "answers": " x", "n": 1' + b"0" * 5000 + b"}\n",
+        r"bad.jsonl:1: not valid JSON: Exceeds the limit",
+    ),
+    (
+        "bad.json",
+        b'{"prompts": [{"clean": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}",
+        r"bad.json:1: .*nested too deeply",
+    ),
 ]
+
+
+def test_a_jsonl_file_may_start_with_a_bom(tmp_path):
+    """Editors on Windows write one; the CSV reader already skips it."""
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"clean": "a b", "corrupted": "a c", "answers": " x"}\r\n')
+    (prompt,) = generate_prompts(load_task(str(path)), 10)
+    assert prompt.text == "a b"
 
 
 @pytest.mark.parametrize(("name", "content", "message"), BAD)

@@ -63,3 +63,22 @@ def test_setup_baselines_of_another_metric_match_a_fresh_setup(ioi_model, ioi_ba
     setup = prepare(ioi_model, ioi_batch, "gn", "logit_diff")
     fresh = prepare(ioi_model, ioi_batch, "gn", "kl")
     assert setup.baselines("kl") == pytest.approx((fresh.clean_value, fresh.corrupt_value), abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("source", "raised"),
+    [("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"), ("def f(:\n", "SyntaxError")],
+)
+def test_a_metric_module_that_fails_to_import_is_one_error(tmp_path, monkeypatch, source, raised):
+    (tmp_path / "cf_broken_metric.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(MetricError, match=f"importing module 'cf_broken_metric' raised {raised}"):
+        get_metric("cf_broken_metric:f")
+
+
+def test_a_metric_that_raises_is_one_error():
+    def lookup(logits, ctx):
+        raise KeyError("column")
+
+    with pytest.raises(MetricError, match="metric 'lookup' raised KeyError: 'column'"):
+        CallableMetric(lookup)(LOGITS, _ctx())

@@ -150,6 +150,8 @@ def _read_spec(path: Path) -> dict[str, Any]:
         raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except json.JSONDecodeError as err:
         raise TaskError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+    except (ValueError, RecursionError) as err:
+        raise TaskError(f"{path}: not valid JSON: {_json_limit(err)}") from None
     if not isinstance(spec.get("file"), str):
         raise TaskError(f'{path}: a dataset spec needs "file": the path of a .jsonl, .csv or .json dataset')
     for option in ("sample", "drop_unequal"):
@@ -264,11 +266,18 @@ def read_rows(path: str | os.PathLike, n: int, sample: bool = False, seed: int =
     return rows
 
 
+def _json_limit(err: BaseException) -> str:
+    """Python's own limits on JSON text, as one line."""
+    if isinstance(err, RecursionError):
+        return "nested too deeply"
+    return str(err).split(";")[0]
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, "rb") as f:
         for line, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
+                text = raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a BOM, as the CSV reader allows
             except UnicodeDecodeError as err:
                 raise TaskError(
                     f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start} of the line)"
@@ -279,6 +288,8 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 record = json.loads(text)
             except json.JSONDecodeError as err:
                 raise TaskError(f"{path}:{line}: not valid JSON: {err.msg} (column {err.colno})") from None
+            except (ValueError, RecursionError) as err:  # a 5,000-digit number; arrays nested 100,000 deep
+                raise TaskError(f"{path}:{line}: not valid JSON: {_json_limit(err)}") from None
             if not isinstance(record, dict):
                 raise TaskError(f"{path}:{line}: a row must be a JSON object, got {type(record).__name__}")
             yield line, record
@@ -445,6 +456,8 @@ class _JsonStream:
                 if self._fill():  # maybe the value runs past the buffer
                     continue
                 raise self.error(err.msg) from None
+            except (ValueError, RecursionError) as err:
+                raise self.error(_json_limit(err)) from None
             if end == len(self.buf) and not self.eof and isinstance(value, int | float):
                 if self._fill():  # a number may continue in the next chunk
                     continue

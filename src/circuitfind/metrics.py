@@ -248,7 +248,12 @@ class CallableMetric(Metric):
         self.name = name or getattr(fn, "__name__", "custom")
 
     def score(self, logits, ctx):
-        out = self.fn(logits, ctx)
+        try:
+            out = self.fn(logits, ctx)
+        except MetricError:
+            raise
+        except Exception as exc:  # the user's function, named in one line rather than a traceback
+            raise MetricError(f"metric {self.name!r} raised {type(exc).__name__}: {exc}") from None
         return out if isinstance(out, torch.Tensor) else torch.as_tensor(out, device=logits.device)
 
 
@@ -266,6 +271,10 @@ def _import(spec: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise MetricError(f"metric {spec!r}: cannot import module {module_name!r} ({exc})") from None
+    except Exception as exc:  # the user's module failed while importing: a SyntaxError, a raise at top level
+        raise MetricError(
+            f"metric {spec!r}: importing module {module_name!r} raised {type(exc).__name__}: {exc}"
+        ) from None
     if not hasattr(module, attr):
         raise MetricError(f"metric {spec!r}: module {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
