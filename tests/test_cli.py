@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,15 +74,23 @@ def test_patch_command_writes_json(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_toy_model_retraining_is_deterministic(tmp_path):
+    """Two trainings on one machine give the same bytes. Across CPU types the kernels round differently,
+    so the full retraining is held to the shipped model's behaviour (same accuracy, logit diff to 1e-2),
+    not its bytes (CI's machine and the one that trained it differ by up to 0.1 in a weight)."""
     import hashlib
 
     from circuitfind.models import resolve_model_path
     from circuitfind.zoo.train import train
 
-    train("toy-induction", tmp_path / "toy-induction", log_every=0)
     digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
-    shipped = f"{resolve_model_path('toy-induction')}/model.safetensors"
-    assert digest(tmp_path / "toy-induction" / "model.safetensors") == digest(shipped)
+    twice = [train("toy-induction", tmp_path / f"short{i}", log_every=0, steps=40) for i in (0, 1)]
+    assert digest(tmp_path / "short0" / "model.safetensors") == digest(tmp_path / "short1" / "model.safetensors")
+    assert twice[0] == {**twice[1], "train_seconds": twice[0]["train_seconds"]}
+
+    summary = train("toy-induction", tmp_path / "toy-induction", log_every=0)
+    shipped = json.loads((Path(resolve_model_path("toy-induction")) / "training.json").read_text())
+    assert summary["accuracy"] == shipped["accuracy"] == 1.0
+    assert summary["logit_diff"] == pytest.approx(shipped["logit_diff"], abs=1e-2)
 
 
 def test_discover_compare_export_commands(tmp_path, capsys):

@@ -198,14 +198,19 @@ def test_settings_study_flow(prefect_harness, tmp_path):
 def test_sweep_attaches_link_and_table_artifacts(first_run):
     """Read back from the flow's Prefect server: the report's link, the axis ranking, each setting's summary."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     outputs, manifest = first_run
     keys = ["circuit-diff-report-link", "axis-ranking", "circuit-summary"]
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client:  # the report is made by the circuitfind-compare subflow
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=FIRST_RUN_ID)),
+            flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=FIRST_RUN_ID)),
         )
     latest = {}
     for a in sorted(found, key=lambda a: a.created):
