@@ -100,3 +100,13 @@ def test_eap_ig_ranks_the_circuit_first(known):
     scores = D.eap_ig(patcher, steps=10)
     truth = torch.tensor([e in SUPPRESSION_TRUTH for e in patcher.graph.edges])
     assert agreement.roc_auc(scores, truth).auc == 1.0
+
+
+def test_path_patching_counts_later_mlps_as_part_of_the_path(known):
+    """Wang et al.'s path patching recomputes MLPs: the path "a1.0 -> logits" carries the answer, all of it
+    through m1, while the edge a1.0 -> logits alone does nothing (test above)."""
+    model, batch = known
+    setup = P.prepare(model, batch, "resample", "logit_diff")
+    path = P.path_patch(setup, "logits", positions=None, direction="noise").effect
+    node = P.patch_heads(setup, "noise").effect
+    assert path[1, 0] < -2 and path[1, 0].item() == pytest.approx(node[1, 0].item(), abs=1e-4)

@@ -43,6 +43,11 @@ def path_patch(
     with the recorded values, and measure the metric. Receivers are q/k/v inputs of given heads, or
     ``"logits"``: the final residual stream.
 
+    MLPs recompute in step (1), as in the paper, where the MLPs count as part of a path between heads:
+    the path "sender -> logits" is the sender's effect through the residual stream and every later MLP.
+    On known-suppress, whose answer goes ``a1.0 -> m1 -> logits``, the path found is ``a1.0 -> logits``.
+    Edge-level methods (ACDC, EAP, edge pruning) name ``m1`` where a user needs the MLP as a node.
+
     Returns ``[layer, head]`` over senders (senders outside ``senders`` are NaN).
     """
     check_direction(direction)
