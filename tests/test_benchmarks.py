@@ -81,13 +81,13 @@ def test_bench_sweep_runners_quick(tmp_path):
 @pytest.mark.slow
 def test_bench_methods_quick(tmp_path):
     """Every algorithm is a row of the known-answer model's table and of toy-ioi's; the ground-truth
-    columns read as the tests of each method say (edge pruning and EAP-IG recover known-induction)."""
+    columns read as the tests of each method say (edge pruning, UGS and EAP-IG recover known-induction)."""
     out = _run("bench_methods.py", tmp_path)
     known, toy = out.split("\ntoy-ioi\n")
     rows = {line.split()[0]: line.split() for line in known.splitlines()[4:] if line.strip()}
     from circuitfind.discovery import ALGORITHMS
 
     assert set(rows) == set(ALGORITHMS)
-    for algorithm in ("edge_pruning", "eap_ig", "acdc"):
+    for algorithm in ("edge_pruning", "ugs", "eap_ig", "acdc"):
         assert rows[algorithm][1:4] == ["1.000", "1.00", "1.00"], rows[algorithm]  # AUROC, precision, recall
     assert {line.split()[0] for line in toy.splitlines()[1:] if line.strip()} == set(ALGORITHMS)

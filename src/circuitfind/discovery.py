@@ -15,6 +15,9 @@
   no corruption).
 * :func:`edge_pruning_circuit`: Edge Pruning (Bhaskar et al. 2024): hard-concrete edge masks
   optimised for faithfulness under a Lagrangian sparsity target (:mod:`circuitfind.pruning`).
+* :func:`ugs_circuit`: uniform gradient sampling (Li & Janson 2024, MIB's other mask method): each
+  edge's probability of being in the circuit, learned from Bernoulli/uniform mask draws
+  (:mod:`circuitfind.ugs`), under the same target.
 * :func:`iterative_path_patching`: IOI-style path patching (Wang et al. 2022) from the logits
   backwards through the q/k/v inputs of the heads found at each step.
 
@@ -50,6 +53,7 @@ from circuitfind.metrics import normalise
 from circuitfind.names import INPUT, LOGITS, head_name
 from circuitfind.progress import bar as progress_bar
 from circuitfind.pruning import edge_pruning
+from circuitfind.ugs import ugs_scores
 
 
 class EmptyCircuitError(CircuitfindError, ValueError):
@@ -218,6 +222,17 @@ def edge_pruning_circuit(patcher: EdgePatcher, k: int, steps: int = 200, seed: i
     scores, trace = edge_pruning(patcher, k, steps=steps, seed=seed)
     settings = _settings(
         patcher, "edge_pruning", k=k, steps=steps, seed=seed, final_faithfulness=trace.faithfulness[-1]
+    )
+    return select_top_k(patcher.graph, scores, k, settings)
+
+
+def ugs_circuit(patcher: EdgePatcher, k: int, steps: int = 200, seed: int = 0, samples: int = 4) -> Circuit:
+    """The ``k`` edges with the largest inclusion probability after :func:`circuitfind.ugs.ugs_scores`
+    (``steps`` optimisation steps of ``samples`` mask draws each, draws seeded by ``seed``)."""
+    check_top_k(k, patcher.graph)
+    scores, trace = ugs_scores(patcher, k, steps=steps, samples=samples, seed=seed)
+    settings = _settings(
+        patcher, "ugs", k=k, steps=steps, samples=samples, seed=seed, final_faithfulness=trace.faithfulness[-1]
     )
     return select_top_k(patcher.graph, scores, k, settings)
 
@@ -510,7 +525,7 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
     return Circuit(graph, keep, scores, settings)
 
 
-ALGORITHMS = ("acdc", "eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "path_patching", "node")
+ALGORITHMS = ("acdc", "eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs", "path_patching", "node")
 NOISING_ONLY = ("acdc",)  # ACDC prunes from the full (clean) model: it runs in the noising direction only
 CORRUPTION_FREE = ("ifr",)  # find the circuit from the clean run alone (the corruption only measures faithfulness)
 PER_PROMPT = ("eap", "eap_ig", "eap_ig_act")  # algorithms that give per-prompt edge scores
@@ -520,6 +535,7 @@ SCORED = (
     "eap_ig_act",
     "ifr",
     "edge_pruning",
+    "ugs",
     "acdc",
 )  # algorithms whose edge scores rank every edge (a faithfulness curve applies)
 
@@ -544,8 +560,8 @@ def check_options(
     """Refuse bad :func:`discover` options before any work: an unknown algorithm or direction, and
     the numeric options the algorithm uses (``acdc_tau`` finite >= 0, ``path_k``/``node_k`` finite
     > 0, ``top_k``/``ig_steps``/``path_depth`` whole numbers >= 1). ``top_k`` is checked against the
-    graph's size when the graph is known (:func:`check_top_k`); ``prune_steps`` (edge pruning) a whole
-    number >= 1."""
+    graph's size when the graph is known (:func:`check_top_k`); ``prune_steps`` (edge pruning, UGS) a
+    whole number >= 1."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
     P.check_direction(direction)
@@ -553,9 +569,9 @@ def check_options(
         raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
     if algorithm == "acdc":
         finite_number("acdc_tau", acdc_tau, minimum=0.0)
-    if algorithm in ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning"):
+    if algorithm in ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs"):
         positive_int("top_k", top_k)
-    if algorithm == "edge_pruning":
+    if algorithm in ("edge_pruning", "ugs"):
         positive_int("prune_steps", prune_steps)
     if algorithm in ("eap_ig", "eap_ig_act"):
         positive_int("ig_steps", ig_steps)
@@ -656,6 +672,8 @@ def _find(
     patcher = EdgePatcher(setup, direction=direction)
     if algorithm == "edge_pruning":
         return edge_pruning_circuit(patcher, top_k, prune_steps), None
+    if algorithm == "ugs":
+        return ugs_circuit(patcher, top_k, prune_steps), None
     k = check_top_k(top_k, patcher.graph)
     if algorithm == "ifr":  # the clean run only: a setting field says so (records, report)
         settings = _settings(patcher, algorithm, k=k, corruption_free=True)

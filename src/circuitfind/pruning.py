@@ -40,6 +40,7 @@ pass, a no-gradient pass first gives the sign of ``1 - f`` and each pass then ru
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -72,13 +73,102 @@ def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class PruningTrace:
-    """What the optimisation did, step by step: the loss, the faithfulness of the sampled masks and
-    the expected fraction of edges kept (against the target of that step)."""
+    """What the optimisation did, step by step: the loss, the faithfulness of the sampled masks (their
+    mean) and the expected fraction of edges kept (against the target of that step)."""
 
     loss: list[float]
     faithfulness: list[float]
     kept: list[float]
     target: list[float]
+
+
+def check_target(patcher: EdgePatcher, k: int, steps: int, lr: float) -> int:
+    """The number of edges after checking ``k`` (1 to that number), ``steps`` and ``lr``."""
+    n_total = patcher.ones().numel()
+    if positive_int("k", k) > n_total:
+        raise ValueError(f"k must be in 1..{n_total} (the number of edges), got {k}")
+    positive_int("steps", steps)
+    finite_number("lr", lr, positive=True)
+    return n_total
+
+
+def faithfulness_backward(patcher: EdgePatcher, z: torch.Tensor, passes: list[tuple[slice, slice]]) -> list[float]:
+    """Backpropagate the mean of ``|1 - faithfulness|`` over the sampled masks ``z``
+    ``[samples, *edge mask]`` (1 = in the circuit) and return each sample's faithfulness.
+
+    Denoising, the keep-masks are ``1 - z``. Within the memory budget (one pass) the loss is one
+    backward; otherwise a no-gradient pass first gives the sign of each ``1 - f`` and every pass runs
+    its own backward (``d|1 - f| = -sign * df``), so autograd holds one pass at a time."""
+    setup = patcher.setup
+    clean, corrupt, B = setup.clean_value, setup.corrupt_value, setup.size
+    gap, n = clean - corrupt, z.shape[0]
+    masks = z if patcher.direction == "noise" else 1.0 - z
+    if len(passes) > 1:
+        with torch.no_grad():
+            faith = [float(normalise(v, clean, corrupt)) for v in patcher.value(masks.detach()).tolist()]
+        sign = torch.tensor([math.copysign(1.0, 1.0 - f) for f in faith], device=z.device)
+        for candidates, prompts in passes:
+            part = patcher.run(masks[candidates], prompts=prompts).sum(-1) / B
+            ((-sign[candidates] * part / gap).sum() / n).backward(retain_graph=True)
+        return faith
+    faith_t = (patcher.value(masks) - corrupt) / gap
+    ((1.0 - faith_t).abs().sum() / n).backward(retain_graph=True)
+    return [float(f) for f in faith_t.detach()]
+
+
+def optimise_masks(
+    patcher: EdgePatcher,
+    k: int,
+    params: torch.Tensor,
+    sample: Callable[[torch.Generator], torch.Tensor],
+    kept: Callable[[], torch.Tensor],
+    *,
+    steps: int,
+    lr: float,
+    seed: int,
+    desc: str,
+    progress: bool | None,
+) -> PruningTrace:
+    """The optimisation shared by the mask methods (edge pruning, :mod:`circuitfind.ugs`): Adam on
+    ``params`` for ``steps`` steps against ``mean |1 - faithfulness|`` of the masks ``sample(noise)``
+    returns (``[samples, *edge mask]``, differentiable in ``params``; ``noise`` is a CPU generator
+    seeded by ``seed``), plus the Lagrangian ``lambda_1 (kept - t) + lambda_2 (kept - t)^2`` on the
+    expected kept fraction ``kept()``, the multipliers maximised, ``t`` moved from 1 to
+    ``k / n_edges`` over the first half of the steps. One progress bar step per step (loss,
+    faithfulness, edges kept). ``k``, ``steps`` and ``lr`` are the caller's, checked."""
+    n_total = patcher.ones().numel()
+    target = k / n_total
+    lambdas = torch.zeros(2, device=params.device, requires_grad=True)
+    opt = torch.optim.Adam([params], lr=lr)
+    opt_lambda = torch.optim.Adam([lambdas], lr=LAMBDA_LR, maximize=True)
+    noise = torch.Generator(device="cpu").manual_seed(seed)
+    warmup = max(1, steps // 2)
+    trace = PruningTrace([], [], [], [])
+    show = patcher.setup.progress if progress is None else progress
+    bar = progress_bar(range(steps), show=show, desc=desc, unit="step")
+    passes: list[tuple[slice, slice]] | None = None
+    for step in bar:
+        t = 1.0 - (1.0 - target) * min(1.0, (step + 1) / warmup)
+        z = sample(noise)
+        if passes is None:
+            passes = patcher.passes(z.shape[0], "grad")
+        opt.zero_grad()
+        opt_lambda.zero_grad()
+        faith = faithfulness_backward(patcher, z, passes)
+        fraction = kept()
+        excess = fraction - t
+        penalty = lambdas[0] * excess + lambdas[1] * excess**2
+        penalty.backward()
+        opt.step()
+        opt_lambda.step()
+        trace.loss.append(sum(abs(1.0 - f) for f in faith) / len(faith) + float(penalty.detach()))
+        trace.faithfulness.append(sum(faith) / len(faith))
+        trace.kept.append(float(fraction.detach()))
+        trace.target.append(t)
+        bar.set_postfix(
+            loss=f"{trace.loss[-1]:.3f}", faith=f"{trace.faithfulness[-1]:.3f}", kept=f"{trace.kept[-1] * n_total:.0f}"
+        )
+    return trace
 
 
 def edge_pruning(
@@ -93,58 +183,25 @@ def edge_pruning(
     """Optimise hard-concrete edge masks towards ``k`` kept edges (1 to the number of edges);
     returns each edge's keep probability (the scores, shaped like one edge mask) and the trace. See
     the module docstring; :func:`circuitfind.discovery.edge_pruning_circuit` makes the circuit."""
-    setup = patcher.setup
-    device = setup.plan.clean.tokens.device
+    check_target(patcher, k, steps, lr)
+    device = patcher.setup.plan.clean.tokens.device
     shape = patcher.ones().shape[1:]
-    n_total = patcher.ones().numel()
-    if positive_int("k", k) > n_total:
-        raise ValueError(f"k must be in 1..{n_total} (the number of edges), got {k}")
-    positive_int("steps", steps)
-    finite_number("lr", lr, positive=True)
-    target = k / n_total
     log_alpha = torch.full(shape, INIT_LOG_ALPHA, device=device, requires_grad=True)
-    lambdas = torch.zeros(2, device=device, requires_grad=True)
-    opt = torch.optim.Adam([log_alpha], lr=lr)
-    opt_lambda = torch.optim.Adam([lambdas], lr=LAMBDA_LR, maximize=True)
-    noise = torch.Generator(device="cpu").manual_seed(seed)
-    clean, corrupt, B = setup.clean_value, setup.corrupt_value, setup.size
-    gap = clean - corrupt
-    passes = patcher.passes(1, "grad")
-    warmup = max(1, steps // 2)
-    trace = PruningTrace([], [], [], [])
-    show = setup.progress if progress is None else progress
-    bar = progress_bar(range(steps), show=show, desc="edge pruning", unit="step")
-    for step in bar:
-        t = 1.0 - (1.0 - target) * min(1.0, (step + 1) / warmup)
+
+    def sample(noise: torch.Generator) -> torch.Tensor:
         u = torch.rand(shape, generator=noise).clamp(1e-6, 1 - 1e-6).to(device)
-        opt.zero_grad()
-        opt_lambda.zero_grad()
-        z = hard_concrete(log_alpha, u)
-        masks = (z if patcher.direction == "noise" else 1.0 - z)[None]
-        if len(passes) > 1:
-            with torch.no_grad():
-                value = patcher.value(masks.detach()).item()
-            sign = math.copysign(1.0, 1.0 - normalise(value, clean, corrupt))
-            for _, prompts in passes:  # d|1 - f| = -sign * df, a backward per pass
-                part = patcher.run(masks, prompts=prompts).sum() / B
-                (-sign * part / gap).backward(retain_graph=True)
-            faith = normalise(value, clean, corrupt)
-            faith_loss = abs(1.0 - faith)
-        else:
-            value_t = patcher.value(masks)[0]
-            faith_t = (value_t - corrupt) / gap
-            (1.0 - faith_t).abs().backward(retain_graph=True)
-            faith = float(faith_t.detach())
-            faith_loss = abs(1.0 - faith)
-        kept = keep_probability(log_alpha).mean()
-        excess = kept - t
-        penalty = lambdas[0] * excess + lambdas[1] * excess**2
-        penalty.backward()
-        opt.step()
-        opt_lambda.step()
-        trace.loss.append(faith_loss + float(penalty.detach()))
-        trace.faithfulness.append(faith)
-        trace.kept.append(float(kept.detach()))
-        trace.target.append(t)
-        bar.set_postfix(loss=f"{trace.loss[-1]:.3f}", faith=f"{faith:.3f}", kept=f"{trace.kept[-1] * n_total:.0f}")
+        return hard_concrete(log_alpha, u)[None]
+
+    trace = optimise_masks(
+        patcher,
+        k,
+        log_alpha,
+        sample,
+        lambda: keep_probability(log_alpha).mean(),
+        steps=steps,
+        lr=lr,
+        seed=seed,
+        desc="edge pruning",
+        progress=progress,
+    )
     return keep_probability(log_alpha.detach()).cpu(), trace

@@ -77,6 +77,7 @@ def circuits_over_training(
         "acdc": {"acdc_tau": tau},
         "eap": {"top_k": top_k},
         "eap_ig": {"top_k": top_k, "ig_steps": ig_steps},
+        "ugs": {"top_k": top_k},
     }
     options = by_algorithm.get(algorithm, {})
     setting = {
