@@ -108,6 +108,19 @@ def test_checkpoints_flow_writes_the_report(prefect_harness, short_run, tmp_path
     assert (tmp_path / "r" / "checkpoints.md").read_text().startswith("# Circuits over training")
 
 
+@pytest.mark.slow
+def test_every_top_k_algorithm_takes_top_k_in_the_checkpoints_flow(prefect_harness, short_run, tmp_path):
+    """IFR and edge pruning were left out of the flow's options, so --top-k was silently dropped."""
+    from flows.checkpoints import circuits_over_training
+
+    root, _, _ = short_run
+    for algorithm in ("ifr", "eap_ig_act"):
+        out = circuits_over_training(
+            str(root / "a"), steps=[6], prompts=8, algorithm=algorithm, top_k=7, run=algorithm, outputs=str(tmp_path)
+        )
+        assert [len(r["edges"]) for r in out["checkpoints"]] == [7], algorithm
+
+
 def test_checkpoints_command_refuses_bad_input(tmp_path, capsys):
     from circuitfind.cli import main
 

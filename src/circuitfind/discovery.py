@@ -526,6 +526,7 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
 
 
 ALGORITHMS = ("acdc", "eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs", "path_patching", "node")
+TOP_K = ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs")  # the circuit is the top_k edges
 NOISING_ONLY = ("acdc",)  # ACDC prunes from the full (clean) model: it runs in the noising direction only
 CORRUPTION_FREE = ("ifr",)  # find the circuit from the clean run alone (the corruption only measures faithfulness)
 PER_PROMPT = ("eap", "eap_ig", "eap_ig_act")  # algorithms that give per-prompt edge scores
@@ -569,7 +570,7 @@ def check_options(
         raise ValueError("ACDC prunes from the full (clean) model: use direction='noise'")
     if algorithm == "acdc":
         finite_number("acdc_tau", acdc_tau, minimum=0.0)
-    if algorithm in ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs"):
+    if algorithm in TOP_K:
         positive_int("top_k", top_k)
     if algorithm in ("edge_pruning", "ugs"):
         positive_int("prune_steps", prune_steps)

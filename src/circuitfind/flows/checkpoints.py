@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from circuitfind import checkpoints as C
+from circuitfind.discovery import TOP_K
 from circuitfind.errors import USER_ERRORS
 from circuitfind.flows.server import prefect_api
 from circuitfind.flows.stages import logged_stages
@@ -73,13 +74,11 @@ def circuits_over_training(
         run,
         outputs,
     )
-    by_algorithm: dict[str, dict[str, object]] = {
-        "acdc": {"acdc_tau": tau},
-        "eap": {"top_k": top_k},
-        "eap_ig": {"top_k": top_k, "ig_steps": ig_steps},
-        "ugs": {"top_k": top_k},
-    }
-    options = by_algorithm.get(algorithm, {})
+    options: dict[str, object] = {"acdc_tau": tau} if algorithm == "acdc" else {}
+    if algorithm in TOP_K:  # every top-k algorithm takes --top-k (edge pruning, IFR, ... were left out)
+        options["top_k"] = top_k
+    if algorithm in ("eap_ig", "eap_ig_act"):
+        options["ig_steps"] = ig_steps
     setting = {
         "task": task,
         "prompts": prompts,
