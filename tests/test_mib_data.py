@@ -244,3 +244,14 @@ def test_a_broken_parquet_file_is_one_line(tmp_path, capsys):
         load_task(str(path))
     assert main(["evaluate", "--task", str(path), "-n", "2"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_json_array_is_streamed_and_its_errors_name_the_line(tmp_path):
+    """Taking the first rows of a JSON array reads no further: a broken array after them is only seen
+    when more rows are asked for, as a FILE:LINE error."""
+    rows = _rows("ioi.jsonl")
+    path = tmp_path / "rows.json"
+    path.write_text("[\n" + ",\n".join(json.dumps(r) for r in rows) + "\n" + json.dumps(rows[0]) + "\n")
+    assert len(generate_prompts(load_task(str(path)), 3)) == 3
+    with pytest.raises(TaskError, match=r"rows.json:5: not valid JSON: expected ',' or '\]' in the array of rows"):
+        generate_prompts(load_task(str(path)), 4)

@@ -296,9 +296,9 @@ def read_rows(
     rows: list[Row] = []
     if not sample:
         for row in iter_rows(path, options):
-            if len(rows) == n:
-                break
             rows.append(row)
+            if len(rows) == n:  # before the next row is read
+                break
     else:
         rng = random.Random(seed)
         reservoir: list[tuple[int, Row]] = []
@@ -519,7 +519,7 @@ class _JsonStream:
             self.pos = end
             return value
 
-    def elements(self) -> Iterator[tuple[int, Any]]:
+    def elements(self, what: str = 'the "prompts" list') -> Iterator[tuple[int, Any]]:
         """The elements of the array that starts here, with the line each starts on."""
         self.expect("[")
         first = True
@@ -530,7 +530,7 @@ class _JsonStream:
                 return
             if not first:
                 if c != ",":
-                    raise self.error(f"expected ',' or ']' in the \"prompts\" list, found {c!r}")
+                    raise self.error(f"expected ',' or ']' in {what}, found {c!r}")
                 self.pos += 1
                 self.peek()
             first = False
@@ -540,7 +540,7 @@ class _JsonStream:
 
 def _array_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """The objects of a JSON array of rows, streamed, each with the line it starts on."""
-    for line, record in _JsonStream(path).elements():
+    for line, record in _JsonStream(path).elements("the array of rows"):
         if not isinstance(record, dict):
             raise TaskError(f"{path}:{line}: a row must be a JSON object, got {type(record).__name__}")
         yield line, record
