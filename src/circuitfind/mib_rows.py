@@ -32,7 +32,7 @@ here a missing counterfactual is an error naming the row, and unequal lengths ar
 
 Rows come as JSON Lines (``.jsonl``, or ``.json`` as ``datasets.Dataset.to_json`` writes it), a JSON
 array of rows (``.json``), or Parquet (``.parquet``, the Hub's own files; read with pyarrow when it
-is installed, not a dependency of circuitfind: the Parquet reader alone is tens of MB). In Parquet
+is installed: the extra ``circuitfind[parquet]``, not a dependency, since pyarrow alone is tens of MB). In Parquet
 files the ``LINE`` of an error is the row number.
 """
 
@@ -176,7 +176,7 @@ def parquet_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         import pyarrow.parquet as pq
     except ImportError:
         raise TaskError(
-            f"{path}: reading Parquet needs pyarrow, which is not installed (pip install pyarrow), "
+            f"{path}: reading Parquet needs pyarrow, which is not installed (pip install 'circuitfind[parquet]'), "
             "or export the rows as JSON Lines (datasets.Dataset.to_json)"
         ) from None
     import pyarrow as pa
