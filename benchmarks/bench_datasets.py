@@ -2,7 +2,8 @@
 
     python benchmarks/bench_datasets.py [--rows 100000] [--take 16] [--quick]
 
-Writes a JSONL and a CSV dataset of ``--rows`` IOI-shaped prompt pairs in a temporary folder and times
+Writes a JSONL and a CSV dataset of ``--rows`` IOI-shaped prompt pairs, and the same rows in MIB's layout
+(JSON Lines, and Parquet when pyarrow is installed), in a temporary folder and times
 ``generate_prompts(load_task(file), take)``: the file's sha256 (one streaming pass, for the cache key),
 the first row's check and the first ``take`` rows. Goal: under 1 s for 16 rows of 100,000. The seeded
 sample (reservoir sampling) reads every row, so it is shown for comparison, without a goal.
@@ -59,7 +60,26 @@ def write_datasets(folder: Path, n: int) -> dict[str, Path]:
                     row["id"],
                 ]
             )
-    return {"jsonl": jsonl, "csv": csv_path}
+    files = {"jsonl": jsonl, "csv": csv_path}
+    mib = [
+        {
+            "prompt": row["clean"],
+            "metadata": {"indirect_object": row["answers"][0][1:], "subject": row["counter_answers"][0][1:]},
+            "s2_io_flip_counterfactual": {"prompt": row["corrupted"]},
+            "idx": row["id"],
+        }
+        for row in _rows(n)
+    ]
+    files["mib"] = folder / "mib.jsonl"
+    files["mib"].write_text("".join(json.dumps(r) + "\n" for r in mib))
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return files
+    files["parquet"] = folder / "mib.parquet"
+    pq.write_table(pa.Table.from_pylist(mib), files["parquet"], row_group_size=10_000)
+    return files
 
 
 def _time(fn) -> float:

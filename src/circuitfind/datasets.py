@@ -1,4 +1,4 @@
-"""Dataset files of prompt pairs: circuitfind's own JSONL/CSV schema, auto-circuit JSON and EAP-IG / MIB CSV.
+"""Dataset files of prompt pairs: circuitfind's own JSONL/CSV schema, auto-circuit JSON, EAP-IG / MIB CSV and MIB's rows.
 
 A dataset file is a task: ``load_task("pairs.jsonl")`` gives a spec of kind ``"dataset"`` whose
 prompts are the file's rows. Rows are read streaming and only as far as needed, so taking 16 rows
@@ -31,8 +31,11 @@ row['incorrect_idx']]``). For IOI these are token ids of the tokenizer the file 
 are checked against the model's vocabulary and decoded to the answer text when the batch is
 built. For greater-than, ``correct_idx`` is a year label, not a token: such a file needs an
 ``answers`` column (it is then read as circuitfind's schema, ``correct_idx`` landing in ``extra``).
-The MIB datasets on the Hugging Face hub use other columns; their format was not found in the
-sources available here and is not read.
+
+**MIB's Hugging Face rows** (``.jsonl``, ``.json``, ``.parquet``: a ``prompt`` and ``*_counterfactual``
+columns, as ``mib-bench/ioi``, ``mib-bench/copycolors_mcqa``, ... publish them): read by
+:mod:`circuitfind.mib_rows`, each chosen counterfactual a ``corrupted.<variant>``, the answers from
+the row's fields; a dataset spec's ``"variants"`` (names or ``"all"``) and ``"answer_prefix"`` choose.
 
 **Options** (keys of a small spec file ``{"kind": "dataset", "file": "pairs.jsonl", ...}``, which is
 itself a task, or arguments of :func:`dataset_spec`): ``"sample": true`` takes a seeded uniform
@@ -59,9 +62,10 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from circuitfind import mib_rows
 from circuitfind.errors import TaskError
 
-DATASET_SUFFIXES = (".jsonl", ".csv")
+DATASET_SUFFIXES = (".jsonl", ".csv", ".parquet")
 # How much of a .json file is read at a time while streaming its "prompts" array.
 _CHUNK = 1 << 16
 
@@ -81,16 +85,44 @@ def file_sha256(path: Path) -> str:
 
 def json_kind(path: Path) -> str | None:
     """For a ``.json`` file: ``"auto-circuit"`` (has a top-level ``prompts``), ``"spec"`` (a dataset
-    spec, ``"kind": "dataset"``) or None (anything else, e.g. a behaviour spec). Reads only the
-    top-level keys before the deciding one."""
+    spec, ``"kind": "dataset"``), ``"mib"`` (MIB rows: JSON Lines or an array whose first row has a
+    ``prompt`` and ``*_counterfactual`` columns) or None (anything else, e.g. a behaviour spec). Reads
+    only the top-level keys before the deciding one, or the first row."""
     try:
+        if _first_char(path) == "[":
+            for _, record in _JsonStream(path).elements():
+                return "mib" if mib_rows.is_mib_record(record) else None
+            return None
+        seen: dict[str, Any] = {}
         for key, value in _top_level(path, stop_at={"prompts", "kind"}):
             if key == "prompts":
                 return "auto-circuit"
             if key == "kind":
                 return "spec" if value == "dataset" else None
+            seen[key] = value
+        return "mib" if mib_rows.is_mib_record(seen) else None
     except (TaskError, UnicodeDecodeError):
         return None
+
+
+def _first_char(path: Path) -> str:
+    """The first character of a text file that is not white space (or a BOM); ``""`` when there is none."""
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8-sig", errors="replace").lstrip()
+    return head[:1]
+
+
+def _first_jsonl_record(path: Path) -> Any:
+    """The first non-blank line of a JSON Lines file, decoded (None when it is not valid JSON: the
+    reader then names the problem)."""
+    with open(path, "rb") as f:
+        for line, raw in enumerate(f, start=1):
+            text = raw.decode("utf-8-sig" if line == 1 else "utf-8", errors="replace")
+            if text.strip():
+                try:
+                    return json.loads(text)
+                except (ValueError, RecursionError):
+                    return None
     return None
 
 
@@ -123,7 +155,7 @@ def dataset_spec(path: str | os.PathLike, sample: bool = False, drop_unequal: bo
     else:
         name = path.name
     fmt = _format(path)
-    first = next(iter_rows(path), None)
+    first = next(iter_rows(path, extra), None)
     if first is None:
         raise TaskError(f"{path}: empty file: no rows")
     variants = list(first.corrupted)
@@ -157,23 +189,30 @@ def _read_spec(path: Path) -> dict[str, Any]:
     for option in ("sample", "drop_unequal"):
         if option in spec and not isinstance(spec[option], bool):
             raise TaskError(f"{path}: {option!r} must be true or false, got {spec[option]!r}")
+    mib_rows.check_options(path, spec)
     return spec
 
 
 def _format(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return "circuitfind"
+        return "mib" if mib_rows.is_mib_record(_first_jsonl_record(path)) else "circuitfind"
+    if suffix == ".parquet":
+        return "mib"
     if suffix == ".json":
-        if json_kind(path) != "auto-circuit":
-            raise TaskError(f'{path}: not a dataset: an auto-circuit file has a top-level "prompts" list')
-        return "auto-circuit"
+        kind = json_kind(path)
+        if kind not in ("auto-circuit", "mib"):
+            raise TaskError(
+                f'{path}: not a dataset: an auto-circuit file has a top-level "prompts" list, MIB rows a '
+                f'"prompt" and "*_counterfactual" columns'
+            )
+        return kind
     if suffix == ".csv":
         header = _csv_header(path)
         if "answers" not in header and "correct_idx" in header:
             return "eap-ig"
         return "circuitfind"
-    raise TaskError(f"{path}: not a dataset file: the suffix must be .jsonl, .csv or .json")
+    raise TaskError(f"{path}: not a dataset file: the suffix must be .jsonl, .csv, .json or .parquet")
 
 
 # --------------------------------------------------------------------------------------------
@@ -208,19 +247,32 @@ class Row:
         }
 
 
-def iter_rows(path: str | os.PathLike) -> Iterator[Row]:
-    """Every row of a dataset file in order, validated one at a time (streaming)."""
+def iter_rows(path: str | os.PathLike, options: Mapping[str, Any] | None = None) -> Iterator[Row]:
+    """Every row of a dataset file in order, validated one at a time (streaming). ``options``: a
+    dataset spec's (MIB rows read its ``variants`` and ``answer_prefix``)."""
     path = Path(path)
     fmt = _format(path)
+    options = options or {}
     raw: Iterator[tuple[int, dict[str, Any]]]
     if fmt == "auto-circuit":
         raw = _auto_circuit_records(path)
     elif path.suffix.lower() == ".csv":
         raw = _csv_records(path, fmt)
+    elif path.suffix.lower() == ".parquet":
+        raw = mib_rows.parquet_records(path)
+    elif path.suffix.lower() == ".json" and _first_char(path) == "[":
+        raw = _array_records(path)
     else:
         raw = _jsonl_records(path)
     shape: tuple[list[str], list[str]] | None = None
     for line, record in raw:
+        if fmt == "mib":
+            if not mib_rows.is_mib_record(record):
+                raise TaskError(
+                    f'{path}:{line}: not a MIB row: it needs a "prompt" and "*_counterfactual" columns '
+                    f"like the first row (the row has {sorted(record)})"
+                )
+            record = mib_rows.to_pair_record(path, line, record, options)
         row = _row(path, line, record, fmt)
         this = (list(row.corrupted), sorted(row.key_chars) + sorted(row.key_spans))
         if shape is None:
@@ -233,21 +285,24 @@ def iter_rows(path: str | os.PathLike) -> Iterator[Row]:
         yield row
 
 
-def read_rows(path: str | os.PathLike, n: int, sample: bool = False, seed: int = 0) -> list[Row]:
+def read_rows(
+    path: str | os.PathLike, n: int, sample: bool = False, seed: int = 0, options: Mapping[str, Any] | None = None
+) -> list[Row]:
     """The first ``n`` rows (reading no further), or with ``sample`` a seeded uniform sample of
     ``n`` rows in file order (reservoir sampling, Algorithm R of Vitter 1985: one pass over the
-    file, ``n`` rows in memory). Refuses a file with no rows and duplicate rows among those taken."""
+    file, ``n`` rows in memory). Refuses a file with no rows and duplicate rows among those taken.
+    ``options``: the dataset spec's (:func:`iter_rows`)."""
     path = Path(path)
     rows: list[Row] = []
     if not sample:
-        for row in iter_rows(path):
-            if len(rows) == n:
-                break
+        for row in iter_rows(path, options):
             rows.append(row)
+            if len(rows) == n:  # before the next row is read
+                break
     else:
         rng = random.Random(seed)
         reservoir: list[tuple[int, Row]] = []
-        for i, row in enumerate(iter_rows(path)):
+        for i, row in enumerate(iter_rows(path, options)):
             if i < n:
                 reservoir.append((i, row))
             else:
@@ -464,7 +519,7 @@ class _JsonStream:
             self.pos = end
             return value
 
-    def elements(self) -> Iterator[tuple[int, Any]]:
+    def elements(self, what: str = 'the "prompts" list') -> Iterator[tuple[int, Any]]:
         """The elements of the array that starts here, with the line each starts on."""
         self.expect("[")
         first = True
@@ -475,12 +530,20 @@ class _JsonStream:
                 return
             if not first:
                 if c != ",":
-                    raise self.error(f"expected ',' or ']' in the \"prompts\" list, found {c!r}")
+                    raise self.error(f"expected ',' or ']' in {what}, found {c!r}")
                 self.pos += 1
                 self.peek()
             first = False
             line = self.here()
             yield line, self.value()
+
+
+def _array_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The objects of a JSON array of rows, streamed, each with the line it starts on."""
+    for line, record in _JsonStream(path).elements("the array of rows"):
+        if not isinstance(record, dict):
+            raise TaskError(f"{path}:{line}: a row must be a JSON object, got {type(record).__name__}")
+        yield line, record
 
 
 def _auto_circuit_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -190,6 +190,7 @@ def head_detection(
     gn_scale: float = 3.0,
     gn_samples: int = 3,
     noise_seed: int | None = None,
+    task: str = "ioi",
 ) -> dict:
     """Heads >= ``k`` SD from the mean patching effect under each setting, with bootstrap intervals.
 
@@ -202,6 +203,8 @@ def head_detection(
     ``jaccard_ci`` a paired interval for the Jaccard between two settings' detected heads.
     GN draws ``gn_samples`` noise samples of ``gn_scale`` embedding SDs from ``noise_seed``
     (default: ``seed``). ``direction="both"`` runs both directions (:func:`both_directions`).
+    ``task``: a task name, spec file or dataset file (``ioi`` by default); the STR corruptions and
+    ``variants`` name its STR variants. The result names it as :func:`task_identity` does.
     """
     if direction == "both":
         return both_directions(
@@ -217,11 +220,21 @@ def head_detection(
             gn_scale,
             gn_samples,
             noise_seed,
+            task,
         )
     return _head_detection(
         model, model_name, prompts, seed, k, direction, corruptions, metrics, variants, n_boot, gn_scale, gn_samples,
-        noise_seed,
+        noise_seed, task,
     )[0]  # fmt: skip
+
+
+def task_identity(task: str) -> dict[str, str]:
+    """How a study names its task: ``task`` (the name, or a dataset file's name and the start of its
+    content hash, as the sweep's records) and ``task_sha256`` (of the spec's content, or the file's bytes
+    and options: :func:`circuitfind.sweep.task_fingerprint`)."""
+    from circuitfind.sweep import task_fingerprint, task_label
+
+    return {"task": task_label(task), "task_sha256": task_fingerprint(task)}
 
 
 def study_corruption(spec: str, gn_scale: float, gn_samples: int, noise_seed: int) -> str | Corruption:
@@ -235,11 +248,11 @@ def study_corruption(spec: str, gn_scale: float, gn_samples: int, noise_seed: in
 
 def _head_detection(
     model, model_name, prompts, seed, k, direction, corruptions, metrics, variants, n_boot, gn_scale, gn_samples,
-    noise_seed,
+    noise_seed, task="ioi",
 ) -> tuple[dict, dict]:  # fmt: skip
     """:func:`head_detection` in one direction, and its resampled detection masks (per setting)."""
     noise_seed = seed if noise_seed is None else noise_seed
-    batch = TaskBatch.build(model, "ioi", prompts, seed=seed)
+    batch = TaskBatch.build(model, task, prompts, seed=seed)
     sign = P.effect_sign(direction)  # the sign of a needed head's effect; the other sign pushes the answer down
     other: Literal["positive", "negative"] = "positive" if sign == "negative" else "negative"
     signs = {"heads": sign, "negative_heads": other}
@@ -308,6 +321,7 @@ def _head_detection(
     names = list(rows)
     return {
         "model": model_name,
+        **task_identity(task),
         "prompts": batch.size,
         "direction": direction,
         "k": k,
@@ -328,13 +342,14 @@ def _head_detection(
 
 
 def both_directions(
-    model, model_name, prompts, seed, k, corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed
-) -> dict:
+    model, model_name, prompts, seed, k, corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed,
+    task="ioi",
+) -> dict:  # fmt: skip
     """Head detection denoising and noising on the same prompts and resamples, and per corruption and
     metric the Jaccard between the two directions' needed heads, with a 95% interval over the same
     prompt resamples (Zhang & Nanda 2023 sec. 5: noising and denoising can find different circuits)."""
     args = (prompts, seed, k)
-    rest = (corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed)
+    rest = (corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed, task)
     den, den_masks = _head_detection(model, model_name, *args, "denoise", *rest)
     noi, noi_masks = _head_detection(model, model_name, *args, "noise", *rest)
     between = {}
@@ -344,7 +359,13 @@ def both_directions(
             found = {a: set(den["settings"][name]["heads"]), b: set(noi["settings"][name]["heads"])}
             (pair,) = jaccard_intervals({a: den_masks[name], b: noi_masks[name]}, found).values()
             between[name] = {"jaccard": pair["jaccard"], "low": pair["low"], "high": pair["high"]}
-    return {"model": model_name, "direction": "both", "by_direction": [den, noi], "directions": between}
+    return {
+        "model": model_name,
+        **task_identity(task),
+        "direction": "both",
+        "by_direction": [den, noi],
+        "directions": between,
+    }
 
 
 def axis_ranking(h: dict) -> list[dict]:
@@ -415,12 +436,14 @@ def mlp_localisation(
     metric: str = "prob",
     position: str = "subject_last",
     direction: P.Direction = "denoise",
+    task: str = "factual",
 ) -> dict:
     """Per-layer effect of MLP windows at the subject's last token (Meng et al. 2022's restoration when
     denoising; the damage of noising them when noising), and the summation baseline. The curves are
-    the effect against the base run, ``(patched - base) / (clean - corrupt)``."""
+    the effect against the base run, ``(patched - base) / (clean - corrupt)``. ``task``: a task name,
+    spec file or dataset file (``factual`` by default) with the key token ``position``."""
     P.check_direction(direction)
-    batch = TaskBatch.build(model, "factual", prompts, seed=seed)
+    batch = TaskBatch.build(model, task, prompts, seed=seed)
     progress.stage(f"{model_name}: MLP windows ({direction})")
     setup = P.prepare(model, batch, corruption, metric, progress=progress.enabled())
     gap = setup.clean_value - setup.corrupt_value
@@ -450,6 +473,7 @@ def mlp_localisation(
             }
     return {
         "model": model_name,
+        **task_identity(task),
         "prompts": batch.size,
         "corruption": corruption,
         "metric": metric,
@@ -628,7 +652,8 @@ def _directions_section(h: dict) -> R.Section:
 def _head_sections(h: dict) -> list[R.Section]:
     """The sections of one direction's head detection."""
     sections: list[R.Section] = []
-    title = f"IOI head detection on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
+    what = "IOI head detection" if h.get("task", "ioi") == "ioi" else f"Head detection, task {h['task']},"
+    title = f"{what} on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
     rows = [[n, ", ".join(r["heads"]) or "(none)", top_head(r)] for n, r in h["settings"].items()]
     blocks = [
         R.text(quantity_note(h["direction"])),
@@ -670,7 +695,8 @@ def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
     """The sections of the MLP localisation."""
     sections: list[R.Section] = []
     for m in mlps:
-        title = f"Factual recall MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']}, {m.get('direction', 'denoise')})"
+        what = "Factual recall" if m.get("task", "factual") == "factual" else f"Task {m['task']},"
+        title = f"{what} MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']}, {m.get('direction', 'denoise')})"
         rows = [
             [w, a["peak_window"], a["peak_sum"], a["max_window"], a["max_sum"], a["spearman"]]
             for w, a in m["agreement"].items()

@@ -552,7 +552,9 @@ def hash_index(text: str, n: int) -> int:
 
 def _dataset_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
     """The first ``n`` rows of a dataset file, or a sample seeded from ``rng`` (:mod:`circuitfind.datasets`)."""
-    rows = datasets.read_rows(spec.data["file"], n, sample=spec.data["sample"], seed=rng.randrange(2**32))
+    rows = datasets.read_rows(
+        spec.data["file"], n, sample=spec.data["sample"], seed=rng.randrange(2**32), options=spec.data
+    )
     return [Prompt(**row.prompt_fields(spec.data["file"])) for row in rows]
 
 

@@ -4,6 +4,7 @@ run and report when each edge appears and disappears, with accuracy and logit di
     circuitfind train toy-ioi --out /tmp/zoo --checkpoints 26      # 26 checkpoints, every 100 steps (3 min idle CPU)
     python flows/checkpoints.py /tmp/zoo/toy-ioi                    # or: circuitfind checkpoints /tmp/zoo/toy-ioi
     python flows/checkpoints.py /tmp/zoo/toy-ioi --steps 0 200 300 2500 --algorithm eap_ig --metric logit_diff --direction denoise
+    python flows/checkpoints.py /tmp/zoo/toy-ioi --task pairs.jsonl -n 16       # a dataset file as the task
 
 (``python -m circuitfind.flows.checkpoints`` when installed.) Writes ``<outputs>/<run>/checkpoints.html``,
 ``checkpoints.md`` and ``checkpoints.json``. Default setting: ACDC (tau 0.02) with STR corruption and KL,
@@ -57,7 +58,12 @@ def circuits_over_training(
     outputs: str | None = None,
 ) -> dict:
     """The circuit of every checkpoint in ``checkpoints`` (or of ``steps`` only) under one setting, and
-    the report of when each edge appears and disappears."""
+    the report of when each edge appears and disappears. ``task`` is a name, a spec file or a dataset
+    file; the report and ``checkpoints.json`` name a file by its name and content hash."""
+    from circuitfind.sweep import task_fingerprint, task_label
+
+    if Path(task).is_file():  # the checkpoint tasks may run elsewhere: the file by its absolute path
+        task = str(Path(task).resolve())
     found = check_inputs(
         checkpoints,
         steps,
@@ -99,12 +105,18 @@ def circuits_over_training(
             f"no checkpoint in {checkpoints} could be analysed: "
             + "; ".join(f"step {r['step']}: {r['error']}" for r in skipped)
         )
-    shown = {"model": str(checkpoints), **{k: v for k, v in setting.items() if v is not None}}
+    shown = {"model": str(checkpoints), **{k: v for k, v in setting.items() if v is not None}, "task": task_label(task)}
     paths = C.write_report(results, shown, run_dir, skipped=skipped)
     timeline = C.edge_timeline(results)
     write_json(
         run_dir / "checkpoints.json",
-        {"setting": shown, "checkpoints": results, "skipped": skipped, "timeline": timeline, "report": paths},
+        {
+            "setting": {**shown, "task_sha256": task_fingerprint(task)},
+            "checkpoints": results,
+            "skipped": skipped,
+            "timeline": timeline,
+            "report": paths,
+        },
     )
     create_markdown_artifact(Path(paths["markdown"]).read_text(), key="circuits-over-training")
     for r in skipped:

@@ -4,6 +4,7 @@
     python flows/study.py --direction both                 # both directions, and the Jaccard between them
     python flows/study.py --ioi-models toy-ioi smollm2-135m --factual-models smollm2-135m   # needs the fetched model;
                                                            # 16-30 minutes per SmolLM2 model (16 prompts, 2 CPUs)
+    python flows/study.py --ioi-task pairs.jsonl --corruptions str gn --variants   # a dataset file as the head task
 
 (``python -m circuitfind.flows.study`` when installed.) Writes ``<outputs>/<run>/study.html``,
 ``study.md`` and ``study.json``; ``<outputs>`` defaults to the checkout's ``outputs/``, or
@@ -43,23 +44,34 @@ def heads_task(
     seed: int,
     direction: P.Direction | Literal["both"] = "denoise",
     n_boot: int = 500,
+    task: str = "ioi",
     **grid,
 ) -> dict:
     with logged_stages():  # each head sweep (corruption, direction) in the Prefect log
         return study.head_detection(
-            load_model(model_name), model_name, prompts=prompts, seed=seed, direction=direction, n_boot=n_boot, **grid
+            load_model(model_name),
+            model_name,
+            prompts=prompts,
+            seed=seed,
+            direction=direction,
+            n_boot=n_boot,
+            task=task,
+            **grid,
         )
 
 
 @task(name="factual-mlp-localisation", task_run_name="mlps-{model_name}", persist_result=False)
-def mlps_task(model_name: str, prompts: int, seed: int, cache_dir: str | None = None, **options) -> dict:
+def mlps_task(
+    model_name: str, prompts: int, seed: int, cache_dir: str | None = None, task: str = "factual", **options
+) -> dict:
     """The MLP localisation, read from ``cache_dir`` when the same model files, task, code and options
-    were studied before (it does not depend on the head study's choices)."""
+    were studied before (it does not depend on the head study's choices). The task counts by its
+    content (a dataset file by its bytes and options), not by its name or path."""
     from circuitfind.sweep import model_fingerprint, package_fingerprint, task_fingerprint
 
     blob: dict[str, Any] = {
         "model": model_fingerprint(model_name),
-        "task": task_fingerprint("factual"),
+        "task": task_fingerprint(task),
         "code": package_fingerprint(),
     }
     blob |= {
@@ -79,7 +91,9 @@ def mlps_task(model_name: str, prompts: int, seed: int, cache_dir: str | None = 
             except (OSError, ValueError):  # a damaged entry is recomputed and replaced
                 pass
     with logged_stages():
-        out = study.mlp_localisation(load_model(model_name), model_name, prompts=prompts, seed=seed, **options)
+        out = study.mlp_localisation(
+            load_model(model_name), model_name, prompts=prompts, seed=seed, task=task, **options
+        )
     if entry is not None:
         write_json(entry, out)
     return out
@@ -98,6 +112,8 @@ def settings_study(
     n_boot: int = 500,
     grid: dict | None = None,
     mlp: dict | None = None,
+    ioi_task: str = "ioi",
+    factual_task: str = "factual",
 ) -> dict:
     """IOI head detection and factual-recall MLP localisation under many settings, and where they disagree.
 
@@ -106,21 +122,44 @@ def settings_study(
     (``denoise``, ``noise`` or ``both``) and resamples prompts ``n_boot`` times for intervals and stability;
     ``grid`` holds :func:`circuitfind.study.head_detection`'s other choices (metrics, corruptions, variants,
     k, gn_scale, gn_samples, noise_seed), ``mlp`` :func:`circuitfind.study.mlp_localisation`'s (windows,
-    corruption, metric, position, direction), cached in ``<outputs>/.cache/study-mlp/``."""
+    corruption, metric, position, direction), cached in ``<outputs>/.cache/study-mlp/``. ``ioi_task`` and
+    ``factual_task`` are the two parts' tasks: a name, a spec file or a dataset file (by default the
+    shipped ``ioi`` and ``factual``)."""
     if direction != "both":
         P.check_direction(direction)
     positive_int("n_boot", n_boot)
     ioi_models = ["toy-ioi"] if ioi_models is None else ioi_models
     factual_models = factual_models or []
+    ioi_task, factual_task = task_path(ioi_task), task_path(factual_task)
     run_dir = run_folder(outputs, run, "study-")
-    heads = [heads_task(m, ioi_prompts, seed, direction, n_boot, **(grid or {})) for m in ioi_models]
+    heads = [heads_task(m, ioi_prompts, seed, direction, n_boot, ioi_task, **(grid or {})) for m in ioi_models]
     cache = str(run_dir.parent / ".cache" / "study-mlp")
-    mlps = [mlps_task(m, factual_prompts, seed, cache, **(mlp or {})) for m in factual_models]
+    mlps = [mlps_task(m, factual_prompts, seed, cache, factual_task, **(mlp or {})) for m in factual_models]
     paths = study.study_report(heads, mlps, run_dir)
     write_json(run_dir / "study.json", {"heads": heads, "mlps": mlps, "report": paths})
     create_markdown_artifact(Path(paths["markdown"]).read_text(), key="settings-study")
     print(f"study report: {paths['html']}")
     return {"heads": heads, "mlps": mlps, **paths}
+
+
+def task_path(task: str) -> str:
+    """A task file as an absolute path (the flow's tasks may run elsewhere); a name as it is."""
+    path = Path(task)
+    return str(path.resolve()) if path.is_file() else task
+
+
+def check_task(task: str, option: str, str_specs: list[str]) -> None:
+    """The task loads (a dataset's rows are checked) and has every STR variant named in ``str_specs``."""
+    from circuitfind.errors import TaskError
+    from circuitfind.tasks import load_task
+
+    spec = load_task(task)
+    for name in str_specs:
+        kind, _, variant = name.partition(":")
+        if kind == "str" and variant and variant not in spec.str_variants:
+            raise TaskError(
+                f"{option} {task}: no STR variant {variant!r} for {name!r}; the task has {spec.str_variants}"
+            )
 
 
 METRICS = ("prob", "logit_diff", "kl")
@@ -179,6 +218,10 @@ def check_arguments(a: argparse.Namespace) -> None:
         positive_int("--windows", w)
     get_corruption(a.mlp_corruption)
     get_metric(a.mlp_metric)
+    if a.ioi_models:
+        check_task(a.ioi_task, "--ioi-task", [*a.corruptions, *a.variants])
+    if a.factual_models:
+        check_task(a.factual_task, "--factual-task", [a.mlp_corruption])
     run_folder(a.outputs, a.run)
 
 
@@ -186,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ioi-models", nargs="*", default=["toy-ioi"])
     p.add_argument("--factual-models", nargs="*", default=[])
+    p.add_argument(
+        "--ioi-task", default="ioi",
+        help="the head study's task: a name, spec file or dataset file (default ioi); --corruptions and "
+        "--variants name its STR variants",
+    )  # fmt: skip
+    p.add_argument(
+        "--factual-task", default="factual",
+        help="the MLP study's task, with the --mlp-position key token (default factual)",
+    )  # fmt: skip
     p.add_argument("--ioi-prompts", type=int, default=40)
     p.add_argument("--factual-prompts", type=int, default=12)
     p.add_argument(
@@ -241,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
                 a.n_boot,
                 grid_of(a),
                 mlp_of(a),
+                a.ioi_task,
+                a.factual_task,
             )
     except USER_ERRORS as err:
         print(f"circuitfind: error: {err}", file=sys.stderr)
