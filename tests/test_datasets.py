@@ -368,3 +368,23 @@ def test_cli_drop_unequal_and_sample_options(tmp_path, capsys):
     assert main(["evaluate", "--task", str(path), "-n", "40", "--drop-unequal", "--sample", "--seed", "3"]) == 0
     assert main(["evaluate", "--task", "ioi", "--sample"]) == 2
     assert "--sample and --drop-unequal take a dataset file" in capsys.readouterr().err
+
+
+def test_gaussian_noise_on_a_dataset_without_key_tokens_is_refused(tmp_path, capsys, ioi_model):
+    """GN noises the key tokens only: with none marked it would noise nothing (and fail later with "the clean
+    and corrupted values are equal"). The sweep refuses the grid before it starts; the library at prepare."""
+    from circuitfind import patching as P
+    from circuitfind.errors import TaskError
+
+    rows = [{k: v for k, v in r.items() if k != "keys"} for r in _ioi_rows(8)]
+    path = _jsonl(tmp_path / "nokeys.jsonl", rows)
+    assert main(["sweep", "--tasks", str(path), "--corruptions", "gn", "--outputs", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("circuitfind: error: corruption 'gn': task 'nokeys.jsonl' has no key tokens") and (
+        err.count("\n") == 1
+    ), err
+    assert not (tmp_path / "out").exists()
+    batch = TaskBatch.build(ioi_model, str(path), 8)
+    with pytest.raises(TaskError, match="has no key tokens"):
+        P.prepare(ioi_model, batch, "gn", "logit_diff")
+    P.prepare(ioi_model, TaskBatch.build(ioi_model, str(_jsonl(tmp_path / "keys.jsonl", _ioi_rows(8))), 8), "gn", "kl")

@@ -119,6 +119,14 @@ def embedding_std(model: TransformerBridge, batch: TaskBatch) -> float:
     return model.W_E[batch.clean_tokens][batch.mask].std().item()
 
 
+def no_key_tokens(task: str) -> str:
+    """Why Gaussian noise cannot run on a task without key tokens (it would noise nothing)."""
+    return (
+        f"corruption 'gn': task {task!r} has no key tokens, so Gaussian noise would noise nothing; mark them "
+        "(a spec's key_tokens, a dataset's keys / key.NAME columns) or use another corruption"
+    )
+
+
 class GaussianNoise(Corruption):
     """Gaussian noise on the key tokens' embeddings (ROME-style corruption, "GN").
 
@@ -142,6 +150,8 @@ class GaussianNoise(Corruption):
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         shape = (self.samples * batch.size, batch.n_pos, model.cfg.d_model)
         noise = torch.randn(shape, generator=gen).to(batch.clean_tokens.device) * std
+        if not (self.key_tokens if self.key_tokens is not None else batch.task.key_tokens):
+            raise TaskError(no_key_tokens(batch.task.name))
         where = batch.key_position_mask(self.key_tokens).repeat(self.samples, 1)
         return noise * where[..., None]
 

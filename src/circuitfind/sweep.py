@@ -45,7 +45,7 @@ from circuitfind import datasets, progress
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model, locate_model, resolve_model_path
-from circuitfind.corruptions import get_corruption
+from circuitfind.corruptions import get_corruption, no_key_tokens
 from circuitfind.errors import CircuitfindError, TaskError
 from circuitfind.graph import edge_count
 from circuitfind.io import to_json, write_bytes, write_json
@@ -167,7 +167,7 @@ class SweepConfig(BaseModel):
         self.settings()  # two settings that would share a name are refused here, before any starts
         for name in self.models:
             located = locate_model(name)
-            if (set(D.SCORED) - {"acdc"}) & set(self.algorithms):  # the algorithms that keep the top k
+            if set(D.TOP_K) & set(self.algorithms):  # the algorithms that keep the top k
                 edges = model_edge_count(located)
                 if edges is not None and self.top_k > edges:
                     raise ValueError(
@@ -178,6 +178,8 @@ class SweepConfig(BaseModel):
                 generate_prompts(spec, self.prompts, self.seed)
             for c in self.corruptions:
                 kind, _, variant = c.partition(":")
+                if kind == "gn" and not spec.key_tokens:
+                    raise TaskError(no_key_tokens(spec.name))
                 if kind != "str":
                     continue
                 if not spec.str_variants:
