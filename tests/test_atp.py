@@ -199,5 +199,6 @@ def test_atp_and_atp_star_run_in_a_sweep_and_the_report_ranks_them(tmp_path):
         assert r["n_edges"] > 0 and r["faithfulness"] is not None
     paths = write_run_report(run, title="atp sweep")
     md = paths["markdown_text"]
+    assert "| algorithm | atp, atp_star, node | 6 |" in md  # the algorithm axis, ranked with the others
     for name in ("atp/str/logit_diff/noise", "atp_star/str/logit_diff/denoise"):
         assert f"| {name} |" in md

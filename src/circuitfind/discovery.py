@@ -15,6 +15,8 @@
   no corruption).
 * :func:`edge_pruning_circuit`: Edge Pruning (Bhaskar et al. 2024): hard-concrete edge masks
   optimised for faithfulness under a Lagrangian sparsity target (:mod:`circuitfind.pruning`).
+* :func:`atp_circuit`: attribution patching of heads, AtP and AtP* (Kramár et al. 2024,
+  :mod:`circuitfind.atp`): first-order estimates of node patching's head effects, as a node circuit.
 * :func:`iterative_path_patching`: IOI-style path patching (Wang et al. 2022) from the logits
   backwards through the q/k/v inputs of the heads found at each step.
 
