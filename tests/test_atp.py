@@ -202,3 +202,25 @@ def test_atp_and_atp_star_run_in_a_sweep_and_the_report_ranks_them(tmp_path):
     assert "| algorithm | atp, atp_star, node | 6 |" in md  # the algorithm axis, ranked with the others
     for name in ("atp/str/logit_diff/noise", "atp_star/str/logit_diff/denoise"):
         assert f"| {name} |" in md
+
+
+def test_atp_under_kl_when_noising_is_flagged_as_zero_scores(ioi):
+    """The KL's gradient vanishes at the clean run, so AtP has nothing to rank: the health check says so."""
+    from circuitfind import health
+
+    setup = P.prepare(ioi.model, ioi.batch, "str", "kl")
+    found = discover(setup, "atp", "noise", top_k=20)
+    assert found.circuit.scores.abs().max() < 1e-6
+    record = {
+        "algorithm": "atp",
+        "metric": "kl",
+        "direction": "noise",
+        "scores": found.circuit.scores.tolist(),
+        "clean": setup.clean_value,
+        "corrupt": setup.corrupt_value,
+        "n_edges": found.circuit.n_edges,
+        "faithfulness": found.faithfulness,
+    }
+    assert health.check_record(record) == ["zero_scores"]
+    healthy = discover(ioi, "atp", "noise", top_k=20).circuit
+    assert health.check_record({**record, "metric": "logit_diff", "scores": healthy.scores.tolist()}) == []

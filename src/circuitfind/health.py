@@ -13,9 +13,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-# Algorithms whose edge scores are their heads' scores (the circuit's edges only, no ranking of every
-# edge): left out of the score checks and score statistics.
-NODE_LEVEL = ("node", "atp", "atp_star")
 # Relative size below which scores count as zero: a fraction of the clean - corrupt gap of the metric.
 ZERO_SCORE_TOLERANCE = 1e-6
 # Clean and corrupt values closer than this (relative to their size) count as equal.
@@ -94,7 +91,7 @@ def check_record(record: dict) -> list[str]:
     ):
         flags.append("clean_equals_corrupt")
     scores = record.get("scores")
-    if scores is not None and record.get("algorithm") not in NODE_LEVEL:
+    if scores is not None and record.get("algorithm") != "node":
         values = [float("nan") if s is None else float(s) for s in _flat(scores)]
         finite = [v for v in values if math.isfinite(v)]
         if len(finite) < len(values):
