@@ -224,3 +224,31 @@ def test_atp_under_kl_when_noising_is_flagged_as_zero_scores(ioi):
     assert health.check_record(record) == ["zero_scores"]
     healthy = discover(ioi, "atp", "noise", top_k=20).circuit
     assert health.check_record({**record, "metric": "logit_diff", "scores": healthy.scores.tolist()}) == []
+
+
+@pytest.mark.parametrize("which", ["toy-ioi", "gqa"])
+def test_the_qk_fix_is_first_order_exact(which, ioi, gqa_model):
+    """With the patched-in activations a small step eps from the base run's, the exact patterns of
+    the QK fix and the linear term they replace agree to first order: AtP* (QK fix alone) and AtP
+    differ by O(eps^2). Pins the recomputed patterns (LayerNorm / RMSNorm, rotary, grouped keys)
+    against the bridge's gradients."""
+    if which == "gqa":
+        setup = P.prepare(gqa_model, TaskBatch.build(gqa_model, "ioi", 6, seed=2), "str", "logit_diff")
+    else:
+        setup = P.prepare(ioi.model, ioi.batch, "str", "logit_diff")
+    full = setup.sources
+
+    def gap(eps):
+        def near(direction, names):
+            names = list(names)
+            base = setup.base_activations(direction, names)
+            return {n: base[n] + eps * (s - base[n]) for n, s in full(direction, names).items()}
+
+        setup.sources = near
+        atp = atp_scores(setup, "noise", "atp")
+        qk = atp_scores(setup, "noise", "atp_star", grad_drop=False)
+        return (qk - atp).abs().max() / atp.abs().max()
+
+    # eps not too small: float32 rounding of the recomputed patterns takes over below ~1e-2
+    small, smaller = gap(0.1), gap(0.03)
+    assert small < 0.05 and smaller < 0.5 * small  # relative gap ~ eps: the absolute one ~ eps^2
