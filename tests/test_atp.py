@@ -252,3 +252,16 @@ def test_the_qk_fix_is_first_order_exact(which, ioi, gqa_model):
     # eps not too small: float32 rounding of the recomputed patterns takes over below ~1e-2
     small, smaller = gap(0.1), gap(0.03)
     assert small < 0.05 and smaller < 0.5 * small  # relative gap ~ eps: the absolute one ~ eps^2
+
+
+@pytest.mark.slow
+def test_atp_algorithms_in_the_prefect_sweep_flow(prefect_harness, tmp_path):
+    from flows.sweep import sweep
+
+    config = SweepConfig(
+        algorithms=["atp", "atp_star"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"], prompts=8
+    )
+    manifest = sweep(config, run="r", outputs=str(tmp_path))
+    assert len(manifest["settings"]) == 2 and not manifest["failures"]
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| algorithm | atp, atp_star | 1 |" in md
