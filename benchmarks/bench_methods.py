@@ -13,6 +13,10 @@ Each row runs in its own process (``--one MODEL ALGORITHM``), so that its peak m
 resample ablation for the known-answer models (their prompts share one length), STR otherwise; KL; noising;
 ``--prompts`` prompts (8). ACDC is left out for models with more than ``--acdc-max-edges`` edges (it visits
 edges one at a time). ``--quick``: the known-answer models and toy-ioi, fewer steps (a smoke test).
+
+After the tables (not with ``--quick``): AtP and AtP* against exact node patching per model, with their
+misses (:func:`circuitfind.atp.compare_with_exact`), under the logit difference (under KL when noising
+every gradient at the clean run is zero, so AtP has nothing to estimate), each with its wall time.
 """
 
 from __future__ import annotations
@@ -107,6 +111,30 @@ def one(name: str, algorithm: str, prompts: int, quick: bool) -> dict:
     return row
 
 
+def atp_lines(name: str, prompts: int) -> list[str]:
+    """AtP / AtP* against exact node patching on model ``name`` (noising, logit difference)."""
+    import torch
+
+    from circuitfind import atp
+    from circuitfind import patching as P
+    from circuitfind.catalogue import load_model
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
+    model = load_model(name)
+    corruption = "resample" if name.startswith("known-") else "str"
+    setup = P.prepare(model, _batch(model, name, prompts), corruption, "logit_diff")
+    start = time.perf_counter()
+    exact = P.patch_heads(setup, "noise").effect
+    lines = [f"exact node patching: {time.perf_counter() - start:.1f} s"]
+    for variant in atp.VARIANTS:
+        start = time.perf_counter()
+        estimate = atp.atp_scores(setup, "noise", variant)
+        wall = time.perf_counter() - start
+        found = atp.compare(estimate, exact, 0.1, variant)
+        lines += [f"{found.lines()[0]}; {wall:.1f} s"] + found.lines()[1:]
+    return lines
+
+
 def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -150,9 +178,13 @@ def main() -> None:
     p.add_argument("--acdc-max-edges", type=int, default=5000)
     p.add_argument("--quick", action="store_true", help="known-answer models and toy-ioi, fewer steps")
     p.add_argument("--one", nargs=2, metavar=("MODEL", "ALGORITHM"), help=argparse.SUPPRESS)
+    p.add_argument("--atp", metavar="MODEL", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         print(json.dumps(one(*args.one, args.prompts, args.quick)))
+        return
+    if args.atp:
+        print("\n".join(atp_lines(args.atp, args.prompts)))
         return
     if args.quick:
         args.models = [m for m in args.models if m.startswith("known-")][:1] + ["toy-ioi"]
@@ -177,6 +209,14 @@ def main() -> None:
             else:
                 rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print_table(name, rows)
+    if args.quick:
+        return
+    print("\nAtP and AtP* against exact node patching (noising, logit difference)")
+    for name in args.models:
+        cmd = [sys.executable, __file__, "--atp", name, "--prompts", str(args.prompts)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        failed = (done.stderr.strip().splitlines() or ["?"])[-1]
+        print(f"\n{name}\n" + (f"failed: {failed}" if done.returncode else done.stdout.strip()))
 
 
 def _n_edges(name: str) -> int:

@@ -308,13 +308,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--algorithm",
         default="acdc",
-        choices=("acdc", "eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs", "path_patching", "node"),
+        choices=(
+            "acdc",
+            "eap",
+            "eap_ig",
+            "eap_ig_act",
+            "ifr",
+            "edge_pruning",
+            "ugs",
+            "path_patching",
+            "node",
+            "atp",
+            "atp_star",
+        ),
     )  # discovery.ALGORITHMS (tested), spelled out so that --help does not import torch
     p.add_argument("--corruption", default="str")
     p.add_argument("--metric", default="kl")
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
     p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
-    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS")
+    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS / AtP")
     p.add_argument("--ig-steps", type=int, default=5)
     p.add_argument("--device", default=None)
     p.add_argument("--run", default=None)

@@ -406,19 +406,31 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "discover",
         help="discover one circuit (ACDC, EAP, EAP-IG on embeddings or activations, IFR, edge pruning, "
-        "UGS, path patching, node patching)",
+        "UGS, path patching, node patching, AtP / AtP*)",
     )
     _common(p)
     p.add_argument(
         "--algorithm",
         default="acdc",
-        choices=("acdc", "eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs", "path_patching", "node"),
+        choices=(
+            "acdc",
+            "eap",
+            "eap_ig",
+            "eap_ig_act",
+            "ifr",
+            "edge_pruning",
+            "ugs",
+            "path_patching",
+            "node",
+            "atp",
+            "atp_star",
+        ),
     )  # discovery.ALGORITHMS, spelled out so that --help does not import torch (tested)
     p.add_argument("--corruption", default="str")
     p.add_argument("--metric", default="kl", type=_metric, help=METRIC_HELP)
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
     p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
-    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS")
+    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS / AtP")
     p.add_argument("--ig-steps", type=int, default=5)
     p.add_argument("--prune-steps", type=int, default=200, help="edge pruning / UGS optimisation steps")
     p.add_argument("--depth", type=int, default=2, help="path patching depth")

@@ -18,6 +18,8 @@
 * :func:`ugs_circuit`: uniform gradient sampling (Li & Janson 2024, MIB's other mask method): each
   edge's probability of being in the circuit, learned from Bernoulli/uniform mask draws
   (:mod:`circuitfind.ugs`), under the same target.
+* :func:`atp_circuit`: attribution patching of heads, AtP and AtP* (Kramár et al. 2024,
+  :mod:`circuitfind.atp`): first-order estimates of node patching's head effects, as a node circuit.
 * :func:`iterative_path_patching`: IOI-style path patching (Wang et al. 2022) from the logits
   backwards through the q/k/v inputs of the heads found at each step.
 
@@ -42,6 +44,7 @@ from typing import Any
 import torch
 
 from circuitfind import patching as P
+from circuitfind.atp import atp_scores
 from circuitfind.checks import finite_number, positive_int
 from circuitfind.circuit import Circuit
 from circuitfind.edge_patching import EdgePatcher
@@ -492,6 +495,31 @@ def faithfulness_curve(patcher: EdgePatcher, scores: torch.Tensor, fractions=MIB
 # -- node-level circuits and one entry point ----------------------------------------------
 
 
+def _heads_circuit(setup: P.PatchingSetup, found: set[str], effect: torch.Tensor, settings: dict) -> Circuit:
+    """Every edge between the ``found`` heads, the input and the logits; each edge scored by the
+    receiving head's (or, into the logits, the sending head's) entry of ``effect`` ``[layer, head]``."""
+    graph = ModelGraph.from_model(setup.model)
+    nodes = found | {INPUT, LOGITS}
+    keep = torch.zeros(graph.n_edges, dtype=torch.bool)
+    scores = torch.zeros(graph.n_edges)
+    value = {head_name(l, h): float(effect[l, h]) for l in range(setup.n_layers) for h in range(setup.n_heads)}
+    for i in range(graph.n_edges):
+        s, feeds = graph.edge_nodes(i)
+        r = next((f for f in feeds if f in nodes), None)
+        if s in nodes and r is not None and found:
+            keep[i] = True
+            scores[i] = value.get(r, value.get(s, 0.0))
+    common = {
+        "corruption": setup.plan.name,
+        "metric": setup.metric.name,
+        "heads": sorted(found),
+        "n_prompts": setup.batch.size,
+        "task": setup.batch.task.name,
+        "d_model": setup.model.cfg.d_model,
+    }
+    return Circuit(graph, keep, scores, {**settings, **common})
+
+
 def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: float = 2.0) -> Circuit:
     """Heads found by node patching (each head's output, all positions; ``k``-SD rule) as a circuit:
     every edge between found heads, the input and the logits. Edge scores are the receiving head's
@@ -500,33 +528,53 @@ def node_circuit(setup: P.PatchingSetup, direction: P.Direction = "noise", k: fl
     heads = P.patch_heads(setup, direction)
     sign = P.effect_sign(direction)
     found = {head_name(l, h) for l, h in P.detect(heads.effect, k=k, sign=sign)}
+    return _heads_circuit(setup, found, heads.effect, {"algorithm": "node", "direction": direction, "k": k})
+
+
+def atp_circuit(
+    setup: P.PatchingSetup, direction: P.Direction = "noise", variant: str = "atp", top_k: int = 20
+) -> Circuit:
+    """Heads ranked by ``|AtP estimate|`` (:func:`circuitfind.atp.atp_scores`, ``variant`` ``atp`` or
+    ``atp_star``) as a node circuit like :func:`node_circuit`'s: the longest prefix of the ranking
+    whose circuit has at most ``top_k`` edges (at least the first head), so ``--top-k`` bounds the
+    circuit's size as it does for the edge methods. Edge scores are the heads' estimates."""
+    positive_int("top_k", top_k)
+    effect = atp_scores(setup, direction, variant)
     graph = ModelGraph.from_model(setup.model)
-    nodes = found | {INPUT, LOGITS}
-    keep = torch.zeros(graph.n_edges, dtype=torch.bool)
-    scores = torch.zeros(graph.n_edges)
-    effect = {head_name(l, h): float(heads.effect[l, h]) for l in range(setup.n_layers) for h in range(setup.n_heads)}
-    for i in range(graph.n_edges):
-        s, feeds = graph.edge_nodes(i)
-        r = next((f for f in feeds if f in nodes), None)
-        if s in nodes and r is not None and found:
-            keep[i] = True
-            scores[i] = effect.get(r, effect.get(s, 0.0))
-    settings = {
-        "algorithm": "node",
-        "corruption": setup.plan.name,
-        "metric": setup.metric.name,
-        "direction": direction,
-        "k": k,
-        "heads": sorted(found),
-        "n_prompts": setup.batch.size,
-        "task": setup.batch.task.name,
-        "d_model": setup.model.cfg.d_model,
-    }
-    return Circuit(graph, keep, scores, settings)
+    order = effect.abs().flatten().argsort(descending=True, stable=True).tolist()
+    heads = [head_name(i // setup.n_heads, i % setup.n_heads) for i in order]
+    found: set[str] = set()
+    for name in heads:
+        if found and _circuit_edges(graph, found | {name}) > top_k:
+            break
+        found.add(name)
+    return _heads_circuit(setup, found, effect, {"algorithm": variant, "direction": direction, "k": top_k})
 
 
-ALGORITHMS = ("acdc", "eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs", "path_patching", "node")
-TOP_K = ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs")  # the circuit is the top_k edges
+def _circuit_edges(graph: ModelGraph, heads: set[str]) -> int:
+    nodes = heads | {INPUT, LOGITS}
+    return sum(
+        1
+        for i in range(graph.n_edges)
+        if graph.edge_nodes(i)[0] in nodes and any(f in nodes for f in graph.edge_nodes(i)[1])
+    )
+
+
+ALGORITHMS = (
+    "acdc",
+    "eap",
+    "eap_ig",
+    "eap_ig_act",
+    "ifr",
+    "edge_pruning",
+    "ugs",
+    "path_patching",
+    "node",
+    "atp",
+    "atp_star",
+)
+# the circuit is the top_k edges (AtP / AtP*: the heads whose circuit fits in top_k edges)
+TOP_K = ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs", "atp", "atp_star")
 NOISING_ONLY = ("acdc",)  # ACDC prunes from the full (clean) model: it runs in the noising direction only
 CORRUPTION_FREE = ("ifr",)  # find the circuit from the clean run alone (the corruption only measures faithfulness)
 PER_PROMPT = ("eap", "eap_ig", "eap_ig_act")  # algorithms that give per-prompt edge scores
@@ -668,6 +716,8 @@ def _find(
         return iterative_path_patching(setup, path_depth, path_k, "end", direction), None
     if algorithm == "node":
         return node_circuit(setup, direction, node_k), None
+    if algorithm in ("atp", "atp_star"):
+        return atp_circuit(setup, direction, algorithm, top_k), None
     if algorithm == "acdc":
         return acdc(EdgePatcher(setup, direction=direction), acdc_tau), None
     patcher = EdgePatcher(setup, direction=direction)

@@ -24,6 +24,10 @@ from circuitfind.errors import GraphMismatchError
 from circuitfind.graph import ModelGraph, check_shape
 from circuitfind.names import INPUT, LOGITS
 
+# Algorithms whose edge scores are their heads' (on the circuit's edges only, no ranking of every edge):
+# left out of the rank correlations of scores.
+NODE_LEVEL = ("node", "atp", "atp_star")
+
 
 def record_edges(record: dict) -> set[tuple[str, str]]:
     """A record's circuit edges as (sender, receiver) tuples."""
@@ -80,7 +84,9 @@ def compare_records(
         edges = {r["setting"]: record_edges(r) for r in recs}
         nodes = {r["setting"]: record_components(r) for r in recs}
         scored = {
-            r["setting"]: _tensor(r["scores"]) for r in recs if r.get("scores") is not None and r["algorithm"] != "node"
+            r["setting"]: _tensor(r["scores"])
+            for r in recs
+            if r.get("scores") is not None and r["algorithm"] not in NODE_LEVEL
         }
         ranks = agreement.pairwise(scored, agreement.rank_correlation)  # Spearman and Kendall together, once per pair
         checks = health.check_records(recs)
@@ -220,7 +226,7 @@ def _edge_lookup(record: dict, cache: dict) -> dict[tuple[str, str], int]:
 
 
 def _scored(record: dict) -> bool:
-    return record.get("scores") is not None and record.get("algorithm") != "node"
+    return record.get("scores") is not None and record.get("algorithm") not in NODE_LEVEL
 
 
 def pair_statistics(a: dict, b: dict, lookups: dict | None = None) -> dict:

@@ -103,7 +103,7 @@ class SweepConfig(BaseModel):
     prompts: int = Field(32, ge=1, le=MAX_PROMPTS, description="prompts per setting")
     seed: int = Field(0, description="prompt sampling seed")
     acdc_tau: float = Field(0.02, ge=0, allow_inf_nan=False, description="ACDC threshold")
-    top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS")
+    top_k: int = Field(20, ge=1, description="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS / AtP")
     ig_steps: int = Field(5, ge=1, description="EAP-IG integration steps (embeddings and activations)")
     prune_steps: int = Field(200, ge=1, description="edge pruning / UGS optimisation steps")
     path_depth: int = Field(2, ge=1, description="path patching depth")

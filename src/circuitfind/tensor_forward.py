@@ -222,6 +222,21 @@ class TensorModel:
         """Per-head attention values (``hook_z``, ``[N, T, H, e]``) from :meth:`qkv`'s projections."""
         return self._attend(layer, q, k, v, None, self.n_heads // self.n_kv_heads).transpose(1, 2)
 
+    def pattern(self, layer: int, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Attention probabilities (``hook_pattern``, ``[N, H, T, T]``, float32) from :meth:`qkv`'s
+        queries and keys: rotary positions, grouped keys, the causal mask and the softmax of
+        :meth:`attention`, without the values (AtP*'s QK fix recomputes only this)."""
+        T = k.shape[1]
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [N, H, T, e], [N, KV, T, e]
+        if self.rotary is not None:
+            cos, sin = self._rope(T, k)
+            q, k = self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+        if self.n_heads > self.n_kv_heads:
+            k = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1)
+        scores = (q @ k.transpose(-2, -1)) * self.layers[layer].scale
+        keys = torch.arange(T, device=k.device)
+        return torch.softmax(scores.float().masked_fill(keys > keys[:, None], float("-inf")), dim=-1)
+
     def attn_out(self, layer: int, z: torch.Tensor) -> torch.Tensor:
         """The attention block's output (``hook_attn_out``, ``[N, T, d_model]``) from ``z``."""
         w = self.layers[layer]
