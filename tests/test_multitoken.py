@@ -27,6 +27,17 @@ def _log_prob(model, prompt: str, answer: str) -> float:
     return sum(logprobs[k - 1, full[k]].item() for k in range(len(head), len(full)))
 
 
+def _forced(model, prompt: str, clean_prompt: str, answer: str) -> float:
+    """log p(answer | prompt) with the answer's tokens as they continue ``clean_prompt`` (teacher forcing
+    the same tokens after a corrupted prompt), from one plain forward pass."""
+    tail = encode(model, clean_prompt + answer)[len(encode(model, clean_prompt)) :]
+    head = encode(model, prompt)
+    full = head + tail
+    with torch.no_grad():
+        logprobs = model(torch.tensor([full])).float().log_softmax(-1)[0]
+    return sum(logprobs[k - 1, full[k]].item() for k in range(len(head), len(full)))
+
+
 def _ioi_multi(model, n: int, seed: int = 0, template: int | None = None) -> tuple[list[Prompt], TaskBatch]:
     """IOI prompts whose answers are 3 tokens (" Mary and John") and 2 tokens (" John and"), alternating
     (``template``: only prompts of that template, which share a token length)."""
@@ -51,7 +62,7 @@ def test_teacher_forced_log_probability_equals_the_full_sequence(ioi_model, mult
     assert [len(s) for s in batch.answer_sequences] == [3, 2, 3, 2, 3, 2]
     clean = [_log_prob(ioi_model, p.text, p.answer) for p in prompts]
     counter = [_log_prob(ioi_model, p.text, p.counter_answer) for p in prompts]
-    corrupt = [_log_prob(ioi_model, p.corrupted["abc"], p.answer) for p in prompts]
+    corrupt = [_forced(ioi_model, p.corrupted["abc"], p.text, p.answer) for p in prompts]
     n = len(prompts)
     setup = P.prepare(ioi_model, batch, "str:abc", "logprob")
     assert isinstance(setup.batch, multitoken.AnswerRows) and setup.size == 2 * (3 + 2) * n // 2
@@ -260,3 +271,31 @@ def test_gpt2_tokenizer_two_token_answer(tmp_path):
     setup = P.prepare(model, batch, "str", "logprob_diff")
     want = _log_prob(model, prompt.text, "33 AD") - _log_prob(model, prompt.text, "01 BC")
     assert setup.clean_value == pytest.approx(want, abs=1e-4)
+
+
+def test_evaluate_scores_the_whole_answer(ioi_model, multi):
+    from circuitfind.evaluation import evaluate
+
+    prompts, batch = multi
+    report = evaluate(ioi_model, batch, corruptions=("str:abc", "gn"))
+    a = torch.tensor([_log_prob(ioi_model, p.text, p.answer) for p in prompts])
+    b = torch.tensor([_log_prob(ioi_model, p.text, p.counter_answer) for p in prompts])
+    greedy = []
+    for p in prompts:
+        full, n = encode(ioi_model, p.text + p.answer), len(encode(ioi_model, p.text))
+        with torch.no_grad():
+            top = ioi_model(torch.tensor([full]))[0, n - 1 : len(full) - 1].argmax(-1)
+        greedy.append(top.tolist() == full[n:])
+    assert report.accuracy == pytest.approx(sum(greedy) / len(greedy))
+    assert report.logit_diff == pytest.approx((a - b).mean().item(), abs=1e-4)
+    assert report.prob_diff == pytest.approx((a.exp() - b.exp()).mean().item(), abs=1e-5)
+    assert report.pair_accuracy == (a > b).float().mean().item() and report.pair_chance == 0.5
+    # the corrupted prompt with the same answer tokens appended (teacher forcing)
+    c = torch.tensor([_forced(ioi_model, p.corrupted["abc"], p.text, p.answer) for p in prompts])
+    d = torch.tensor([_forced(ioi_model, p.corrupted["abc"], p.text, p.counter_answer) for p in prompts])
+    assert report.corrupted["str:abc"]["logit_diff"] == pytest.approx((c - d).mean().item(), abs=1e-4)
+    assert report.corrupted["str:abc"]["prob_diff"] == pytest.approx((c.exp() - d.exp()).mean().item(), abs=1e-5)
+    # GN's noise samples averaged per prompt: the same value as the metric over every stacked row
+    gn = P.prepare(ioi_model, batch, "gn", "logprob_diff")
+    assert report.corrupted["gn"]["logit_diff"] == pytest.approx(gn.corrupt_value, abs=1e-4)
+    assert report.corrupted["str:abc"]["kl"] < 0 and set(report.corrupted) == {"str:abc", "gn"}

@@ -262,3 +262,35 @@ def prompt_values(values: torch.Tensor, batch: TaskBatch, ctx: MetricContext) ->
     if not isinstance(batch, AnswerRows) or ctx.prompt_index is None:
         return values
     return by_prompt(values, ctx.prompt_index, batch.n_prompts)
+
+
+@dataclass
+class AnswerScores:
+    """Per prompt (``[prompts]``): ``answer`` = ``log p(a|x)``, ``counter`` = ``log p(b|x)`` (``-inf`` where a
+    prompt has no counterfactual answer), ``greedy``: every answer token is the top token of its row (greedy
+    decoding from the prompt gives the answer). Stacked copies of the rows (noise samples) are averaged."""
+
+    answer: torch.Tensor
+    counter: torch.Tensor
+    greedy: torch.Tensor
+
+
+def answer_scores(logits: torch.Tensor, ctx: MetricContext, n_prompts: int) -> AnswerScores:
+    """:class:`AnswerScores` from the logits at each row's answer position (``[rows, vocab]``) and the rows'
+    metric context (a setup's ``ctx``, or :meth:`AnswerRows.metric_context`)."""
+    if ctx.prompt_index is None or SIGN not in ctx.extra:
+        raise ValueError("answer_scores needs the metric context of teacher-forced rows")
+    device = logits.device
+    index, sign, answers = ctx.prompt_index.to(device), ctx.extra[SIGN].to(device), ctx.answers.to(device)
+    copies = logits.shape[0] / round(float(ctx.extra[SCALE][0]) * n_prompts)  # stacked copies of the rows
+    logprobs = logits.float().log_softmax(-1).gather(-1, answers[:, None])[:, 0]
+    correct, wrong = sign > 0, sign < 0
+
+    def total(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(n_prompts, device=device).index_add_(0, index[rows], values[rows].float())
+
+    missed = total(correct, (logits.argmax(-1) != answers).float())
+    has_counter = torch.zeros(n_prompts, dtype=torch.bool, device=device)
+    has_counter[index[wrong]] = True
+    counter = (total(wrong, logprobs) / copies).masked_fill(~has_counter, -torch.inf)
+    return AnswerScores(total(correct, logprobs) / copies, counter, missed == 0)
