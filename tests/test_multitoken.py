@@ -14,7 +14,9 @@ from circuitfind.cli import main
 from circuitfind.corruptions import GaussianNoise
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.errors import TaskError
+from circuitfind.ifr import ifr_scores
 from circuitfind.names import hook_name
+from circuitfind.study import prepare_recording
 from circuitfind.tasks import Prompt, TaskBatch, encode, generate_prompts
 
 
@@ -207,8 +209,13 @@ def test_refusals(ioi_model, multi):
     for metric in ("prob", "prob_diff", lambda logits, ctx: logits[:, 0]):
         with pytest.raises(TaskError, match="multi-token answers .* cannot score them; use one of logprob"):
             P.prepare(ioi_model, batch, "str", metric)
+    setup = P.prepare(ioi_model, batch, "str", "logprob")
     with pytest.raises(TaskError, match="algorithm 'ifr' cannot use them"):
-        discovery.discover(P.prepare(ioi_model, batch, "str", "logprob"), "ifr", "noise", top_k=5)
+        discovery.discover(setup, "ifr", "noise", top_k=5)
+    with pytest.raises(TaskError, match="algorithm 'ifr' cannot use them"):
+        ifr_scores(setup)
+    with pytest.raises(TaskError, match="the settings-sensitivity study scores one next token"):
+        prepare_recording(ioi_model, batch, "str", ["logit_diff", "kl"])
     lone = [dataclasses.replace(p, counter_answer="") for p in prompts[:2]]
     one_sided = TaskBatch.from_prompts(ioi_model, lone, answer_tokens="multi")
     assert P.prepare(ioi_model, one_sided, "str", "logprob").size == 5
