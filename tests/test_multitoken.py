@@ -237,6 +237,26 @@ def test_the_sweep_grid_check_refuses_before_anything_runs(tmp_path):
         SweepConfig(tasks=[spec], metrics=["kl", "prob_diff"], prompts=6).check()
 
 
+def test_a_sweep_setting_of_a_multi_token_dataset(tmp_path):
+    """One sweep setting computed as the flow computes it: the record counts prompts (not rows), and the
+    per-prompt EAP scores (for the report's bootstrap) have one column per prompt."""
+    from circuitfind.sweep import SweepConfig, compute_setting
+
+    config = SweepConfig(
+        tasks=[str(_dataset(tmp_path))],
+        algorithms=["eap"],
+        corruptions=["str"],
+        metrics=["logprob_diff"],
+        directions=["noise"],
+        prompts=6,
+        top_k=8,
+    ).check()
+    (setting,) = config.settings()
+    record, circuit, per_prompt = compute_setting(setting, config)
+    assert record["n_prompts"] == 6 and per_prompt.shape == (circuit.graph.n_edges, 6)
+    assert record["clean"] > record["corrupt"] and circuit.n_edges == 8
+
+
 @pytest.mark.skipif(not fetch.is_fetched("smollm2-135m"), reason="SmolLM2 not in the cache")
 @pytest.mark.slow  # loads SmolLM2-135M
 def test_smollm2_four_digit_answer():

@@ -428,7 +428,7 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
             }
             for q in batch.prompts[:3]
         ],
-        "n_prompts": setup.batch.size,
+        "n_prompts": batch.size,  # prompts, not the teacher-forced rows of multi-token answers
         "clean": setup.clean_value,
         "corrupt": setup.corrupt_value,
         "n_layers": setup.n_layers,
