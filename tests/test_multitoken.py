@@ -326,3 +326,16 @@ def test_evaluate_scores_the_whole_answer(ioi_model, multi):
     gn = P.prepare(ioi_model, batch, "gn", "logprob_diff")
     assert report.corrupted["gn"]["logit_diff"] == pytest.approx(gn.corrupt_value, abs=1e-4)
     assert report.corrupted["str:abc"]["kl"] < 0 and set(report.corrupted) == {"str:abc", "gn"}
+
+
+def test_logprob_diff_of_one_token_answers():
+    """log mass of R minus log mass of R': the logit difference for one answer each (the normaliser cancels)."""
+    from circuitfind.metrics import MetricContext, get_metric
+
+    logits = torch.randn(3, 7)
+    one = MetricContext(torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]))
+    assert torch.allclose(get_metric("logprob_diff")(logits, one), get_metric("logit_diff")(logits, one), atol=1e-5)
+    sets = MetricContext.from_sets([[0, 1], [2], [3]], [[4], [5, 6], [0]])
+    p = logits.softmax(-1)
+    want = torch.stack([(p[0, 0] + p[0, 1]) / p[0, 4], p[1, 2] / (p[1, 5] + p[1, 6]), p[2, 3] / p[2, 0]]).log()
+    assert torch.allclose(get_metric("logprob_diff")(logits, sets), want, atol=1e-5)
