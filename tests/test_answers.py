@@ -157,12 +157,16 @@ def test_metric_by_import_path(tmp_path, monkeypatch, ioi_model, ioi_batch):
     assert setup.metric.name == "my_metrics:doubled" and setup.clean_value > setup.corrupt_value
 
 
-def test_multi_token_answers_are_refused_by_patching(ioi_model):
-    p = generate_prompts("ioi", 1, seed=0)[0]
-    batch = TaskBatch.from_prompts(ioi_model, [p], answer_tokens="multi")
-    assert batch.answer_sequences == [[batch.answers[0].item()]]
-    with pytest.raises(TaskError, match="multi-token answers"):
-        P.prepare(ioi_model, batch)
+def test_one_token_answers_declared_multi_score_as_single_tokens(ioi_model):
+    """A one-token answer under answer_tokens: multi is one teacher-forced row: the same logit difference
+    (tests/test_multitoken.py checks longer answers)."""
+    prompts = generate_prompts("ioi", 3, seed=0)
+    batch = TaskBatch.from_prompts(ioi_model, prompts, answer_tokens="multi")
+    assert batch.answer_sequences == [[a] for a in batch.answers.tolist()]
+    single = P.prepare(ioi_model, TaskBatch.from_prompts(ioi_model, prompts))
+    multi = P.prepare(ioi_model, batch)
+    assert multi.size == 6 and multi.clean_value == pytest.approx(single.clean_value, abs=1e-5)
+    assert multi.corrupt_value == pytest.approx(single.corrupt_value, abs=1e-5)
 
 
 @pytest.mark.slow  # a Prefect sweep: about 55 s on a shared 2-core machine

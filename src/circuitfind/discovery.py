@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from circuitfind import multitoken
 from circuitfind import patching as P
 from circuitfind.atp import atp_scores
 from circuitfind.checks import finite_number, positive_int
@@ -635,7 +636,8 @@ def check_options(
 class Discovery:
     """The result of :func:`discover`: the circuit and how well it reproduces the model.
 
-    ``per_prompt``: EAP/EAP-IG edge scores per prompt ``[n_edges, batch]`` (when asked for);
+    ``per_prompt``: EAP/EAP-IG edge scores per prompt ``[n_edges, batch]`` (when asked for; with
+    multi-token answers one column per prompt, its teacher-forced rows summed);
     ``faithfulness``: :func:`faithfulness` of the circuit in the direction it was found in (``None``
     for an empty circuit, with the reason in ``faithfulness_status``); ``curve``: the
     :func:`faithfulness_curve` of the scores for :data:`SCORED` algorithms (when asked for).
@@ -678,6 +680,8 @@ def discover(
         prune_steps=prune_steps,
     )
     check_options(algorithm, direction, **options)
+    if isinstance(setup.batch, multitoken.AnswerRows):
+        multitoken.check_algorithm(setup.batch.task.name, algorithm)
     with progress_bar(show=setup.progress, desc=f"{algorithm}: searching", total=2 + curve, unit="stage") as stages:
         circuit, per = _find(setup, algorithm, direction, **options, per_prompt=per_prompt)
         found = Discovery(circuit, direction, per)
@@ -736,7 +740,7 @@ def _find(
             return eap_ig_act(patcher, ig_steps, per_prompt=per)
         return eap(patcher, per_prompt=per) if steps is None else eap_ig(patcher, ig_steps, per_prompt=per)
 
-    per_scores = scores_of(True) if per_prompt else None
+    per_scores = multitoken.prompt_values(scores_of(True), setup.batch, setup.ctx) if per_prompt else None
     scores = per_scores.mean(-1) if per_scores is not None else scores_of(False)
     circuit = select_top_k(patcher.graph, scores, k, _settings(patcher, algorithm, k=k, ig_steps=steps))
     return circuit, per_scores

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from circuitfind import multitoken
 from circuitfind.metrics import get_metric
 from circuitfind.patching import answer_logits, prepare
 from circuitfind.tasks import TaskBatch
@@ -69,7 +70,9 @@ def evaluate(
     model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")
 ) -> TaskReport:
     """Accuracy and set metrics of ``model`` on ``batch``, and the logit / probability difference and KL
-    under each corruption."""
+    under each corruption (multi-token answers: :func:`evaluate_multitoken`)."""
+    if batch.answer_sequences is not None:
+        return evaluate_multitoken(model, batch, corruptions)
     with torch.no_grad():
         logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()  # metrics in float32
     ctx = batch.metric_context()
@@ -88,3 +91,42 @@ def evaluate(
             "kl": setup.baselines("kl")[1],
         }
     return TaskReport(batch.task.name, batch.size, accuracy, pair_accuracy, pair_chance, diff, prob_diff, corrupted)
+
+
+def evaluate_multitoken(
+    model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")
+) -> TaskReport:
+    """:func:`evaluate` for multi-token answers, scored by teacher forcing (:mod:`circuitfind.multitoken`):
+    ``accuracy`` is greedy decoding giving the whole answer (every answer token the top token after the
+    true prefix); ``pair_accuracy`` is ``log p(a|x) > log p(b|x)`` (chance 0.5); ``logit_diff`` is
+    ``log p(a|x) - log p(b|x)`` (the one-token logit difference for one-token answers) and ``prob_diff``
+    ``p(a|x) - p(b|x)``; a prompt with no counterfactual answer counts ``b`` as impossible in the pair
+    accuracy (chance 1) and as ``a`` in the difference (0), as the single-token rules do."""
+    rows = multitoken.expand(model, batch)
+    ctx, n = rows.metric_context(), batch.size
+    with torch.no_grad():
+        logits = answer_logits(model(rows.clean_tokens), rows.end_pos).float()
+
+    def diffs(scores: multitoken.AnswerScores) -> tuple[float, float]:
+        has = torch.isfinite(scores.counter)
+        counter = torch.where(has, scores.counter, scores.answer)
+        prob = scores.answer.exp() - torch.where(has, scores.counter.exp(), torch.zeros_like(counter))
+        return (scores.answer - counter).mean().item(), prob.mean().item()
+
+    clean = multitoken.answer_scores(logits, ctx, n)
+    has = torch.isfinite(clean.counter)
+    corrupted = {}
+    for name in corruptions:
+        setup = prepare(model, batch, name, "logprob")
+        assert setup.corrupt_logits is not None
+        diff, prob = diffs(multitoken.answer_scores(setup.corrupt_logits, setup.ctx, n))
+        corrupted[name] = {"logit_diff": diff, "prob_diff": prob, "kl": setup.baselines("kl")[1]}
+    return TaskReport(
+        batch.task.name,
+        n,
+        clean.greedy.float().mean().item(),
+        (clean.answer > clean.counter).float().mean().item(),
+        torch.where(has, 0.5, 1.0).mean().item(),
+        *diffs(clean),
+        corrupted,
+    )

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from circuitfind import multitoken
 from circuitfind.graph import ModelGraph
 from circuitfind.names import hook_name
 from circuitfind.patching.setup import PatchingSetup
@@ -62,6 +63,8 @@ def ifr_scores(setup: PatchingSetup, graph: ModelGraph | None = None) -> torch.T
     """IFR edge scores ``[n_edges]`` (``[n_edges, pos]`` for per-position graphs): local importances
     (:func:`local_importances`) weighted by the importance of their receiver for the prediction, so
     that they rank edges across the graph (see the module docstring)."""
+    if isinstance(setup.batch, multitoken.AnswerRows):
+        multitoken.check_algorithm(setup.batch.task.name, "ifr")
     graph = graph or ModelGraph.from_model(setup.model)
     local = local_importances(setup, graph)
     weight = receiver_weights(graph, local if graph.n_pos is None else local.sum(-1))

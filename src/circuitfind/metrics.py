@@ -7,6 +7,9 @@ Each prompt has a set of correct answers ``R`` and a set of wrong (counterfactua
 * ``logprob``: log of that mass, ``log sum_{r in R} p(r)``.
 * ``logit_diff``: mean logit of the correct set minus mean logit of the wrong set (Wang et al. 2022's
   logit difference for one answer each).
+* ``logprob_diff``: log mass of the correct set minus log mass of the wrong set; for one answer each it
+  equals ``logit_diff`` (the softmax normaliser cancels). With multi-token answers it is the
+  teacher-forced ``log p(a|x) - log p(b|x)`` (:mod:`circuitfind.multitoken`).
 * ``prob_diff``: mass of the correct set minus mass of the wrong set (Hanna et al. 2023's probability
   difference for greater-than: years > YY minus years <= YY).
 * ``kl``: score ``-KL(clean || patched)`` over the next-token distribution, so the effect of a patch
@@ -217,6 +220,25 @@ class LogitDiff(Metric):
         return _set_mean(logits, *ctx.correct(), "correct") - _set_mean(logits, *ctx.wrong(), "wrong")
 
 
+class LogProbDiff(Metric):
+    """Log mass of the correct set minus log mass of the wrong set (``logit_diff`` for one answer each)."""
+
+    name = "logprob_diff"
+
+    def score(self, logits, ctx):
+        logprobs = logits.log_softmax(-1)
+        correct, wrong = ctx.correct(), ctx.wrong()
+        for what, (_, mask) in (("correct", correct), ("wrong", wrong)):
+            if not mask.any(-1).all():
+                rows = (~mask.any(-1)).nonzero().flatten()[:5].tolist()
+                raise MetricError(f"prompts {rows} have no {what} answers; this metric needs at least one")
+        return _log_mass(logprobs, *correct) - _log_mass(logprobs, *wrong)
+
+
+def _log_mass(logprobs: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return _gather(logprobs, ids).masked_fill(~mask, -math.inf).logsumexp(-1)
+
+
 class ProbDiff(Metric):
     """Probability mass of the correct set minus mass of the wrong set (Hanna et al. 2023)."""
 
@@ -257,7 +279,7 @@ class CallableMetric(Metric):
         return out if isinstance(out, torch.Tensor) else torch.as_tensor(out, device=logits.device)
 
 
-METRICS: dict[str, type[Metric]] = {m.name: m for m in (Probability, LogProb, LogitDiff, ProbDiff, NegKL)}
+METRICS: dict[str, type[Metric]] = {m.name: m for m in (Probability, LogProb, LogitDiff, LogProbDiff, ProbDiff, NegKL)}
 
 
 def is_import_path(spec: str) -> bool:
@@ -281,7 +303,7 @@ def _import(spec: str) -> Any:
 
 
 def get_metric(spec: str | Metric | type[Metric] | Callable[[torch.Tensor, MetricContext], torch.Tensor]) -> Metric:
-    """A metric from its name (``prob``, ``logprob``, ``logit_diff``, ``prob_diff``, ``kl``), an import
+    """A metric from its name (``prob``, ``logprob``, ``logit_diff``, ``logprob_diff``, ``prob_diff``, ``kl``), an import
     path ``package.module:function`` (a function ``fn(logits, ctx) -> [batch]`` or a :class:`Metric`
     subclass), or a callable."""
     if isinstance(spec, Metric):

@@ -20,7 +20,7 @@ import torch
 from circuitfind import agreement, figures, health, progress
 from circuitfind import patching as P
 from circuitfind.corruptions import Corruption, GaussianNoise, get_corruption
-from circuitfind.errors import ImpossibleSignError
+from circuitfind.errors import ImpossibleSignError, TaskError
 from circuitfind.io import write_text
 from circuitfind.metrics import Metric, MetricContext, get_metric
 from circuitfind.names import head_name
@@ -67,6 +67,11 @@ def prepare_recording(
 ) -> P.PatchingSetup:
     """A patching setup whose sweeps record every metric in ``metrics`` (:class:`MetricRecorder`);
     ``progress``: its sweeps show bars on stderr."""
+    if batch.answer_sequences is not None:  # its probability metrics and per-row bootstrap need one token
+        raise TaskError(
+            f"task {batch.task.name!r} has multi-token answers (answer_tokens: multi): the settings-sensitivity "
+            "study scores one next token (its prob metric and per-row bootstrap); use discover or sweep"
+        )
     return P.prepare(model, batch, corruption, MetricRecorder(metrics), progress=progress)
 
 

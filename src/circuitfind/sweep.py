@@ -41,7 +41,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import circuitfind
-from circuitfind import datasets, progress
+from circuitfind import datasets, multitoken, progress
 from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.catalogue import load_model, locate_model, resolve_model_path
@@ -176,6 +176,8 @@ class SweepConfig(BaseModel):
         for spec in map(load_task, self.tasks):
             if spec.kind == "dataset":  # its rows are read and checked now, before anything starts
                 generate_prompts(spec, self.prompts, self.seed)
+            if spec.answer_tokens == "multi":
+                multitoken.check_grid(spec.name, self.algorithms, self.metrics)
             for c in self.corruptions:
                 kind, _, variant = c.partition(":")
                 if kind == "gn" and not spec.key_tokens:
@@ -428,7 +430,7 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
             }
             for q in batch.prompts[:3]
         ],
-        "n_prompts": setup.batch.size,
+        "n_prompts": batch.size,  # prompts, not the teacher-forced rows of multi-token answers
         "clean": setup.clean_value,
         "corrupt": setup.corrupt_value,
         "n_layers": setup.n_layers,

@@ -814,8 +814,10 @@ class TaskBatch:
         spans: multi-token key name (``subject``) -> ``[batch, pos]`` bool mask of its tokens.
         answer_sets / answer_mask: ``[batch, k]`` ids of every correct answer (0-padded) and the mask of
             real entries; ``counter_sets`` / ``counter_mask`` likewise for the wrong answers.
-        answer_sequences: with ``answer_tokens: multi``, each prompt's first answer as its token ids
+        answer_sequences: with ``answer_tokens: multi``, each prompt's answer as its token ids
             (``answers`` then holds their first tokens); ``None`` for single-token tasks.
+            ``counter_sequences`` likewise for the counterfactual answer (``[]`` where a prompt has none).
+            :func:`circuitfind.multitoken.expand` turns them into one row per answer token.
     """
 
     task: TaskSpec
@@ -833,6 +835,7 @@ class TaskBatch:
     counter_sets: torch.Tensor | None = None
     counter_mask: torch.Tensor | None = None
     answer_sequences: list[list[int]] | None = None
+    counter_sequences: list[list[int]] | None = None
 
     @property
     def size(self) -> int:
@@ -881,11 +884,22 @@ class TaskBatch:
                         f"{prompts[i].corrupted[v]!r}. Symmetric token replacement needs equal lengths."
                     )
         multi = task.answer_tokens == "multi"
-        sequences = None
+        sequences = counter_sequences = None
         if multi:
+            for i, p in enumerate(prompts):
+                if len(p.answer_set) > 1 or len(p.counter_answer_set) > 1:
+                    raise TaskError(
+                        f"task {task.name!r}, prompt {i} ({p.text!r}): multi-token answers take one correct and at "
+                        f"most one wrong answer (got {len(p.answer_set)} and {len(p.counter_answer_set)}); a "
+                        "sequence's log-probability does not add over a set"
+                    )
             sequences = [continuation_ids(model, p.text, p.answer_set[0]) for p in prompts]
+            counter_sequences = [
+                continuation_ids(model, p.text, p.counter_answer_set[0]) if p.counter_answer_set else []
+                for p in prompts
+            ]
             answer_sets = [[seq[0]] for seq in sequences]
-            counter_sets = [[continuation_ids(model, p.text, a)[0] for a in p.counter_answer_set] for p in prompts]
+            counter_sets = [[seq[0]] if seq else [] for seq in counter_sequences]
         else:
             answer_sets = [[single_token_id(model, a, p.text) for a in p.answer_set] for p in prompts]
             counter_sets = [[single_token_id(model, a, p.text) for a in p.counter_answer_set] for p in prompts]
@@ -923,6 +937,7 @@ class TaskBatch:
             counter_sets=pad_answer_sets(counter_sets, device)[0],
             counter_mask=pad_answer_sets(counter_sets, device)[1],
             answer_sequences=sequences,
+            counter_sequences=counter_sequences,
         )
 
     @classmethod

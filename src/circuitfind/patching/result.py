@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from circuitfind import multitoken
 from circuitfind.metrics import normalise
 from circuitfind.patching.setup import PatchingSetup
 
@@ -16,7 +17,8 @@ class PatchResult:
     """Metric values of a patching sweep, with the baselines needed to read them.
 
     ``values`` is the mean over prompts (shape ``axes``), ``per_prompt`` keeps the prompt axis last.
-    For GN the prompt axis counts every noise sample.
+    For GN the prompt axis counts every noise sample; for multi-token answers it holds prompts, each the
+    sum of its teacher-forced rows (noise samples averaged, :func:`circuitfind.multitoken.by_prompt`).
     """
 
     values: torch.Tensor
@@ -60,7 +62,7 @@ class PatchResult:
 def sweep_result(
     setup: PatchingSetup, direction: str, per_prompt: torch.Tensor, shape: Sequence[int], axes, kind
 ) -> PatchResult:
-    per_prompt = per_prompt.reshape(*shape, setup.size).cpu()
+    per_prompt = multitoken.prompt_values(per_prompt.reshape(*shape, setup.size), setup.batch, setup.ctx).cpu()
     return PatchResult(
         per_prompt.mean(-1),
         per_prompt,

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from circuitfind import multitoken
 from circuitfind.checks import positive_int
 from circuitfind.corruptions import Corruption, CorruptionPlan, Run, get_corruption
-from circuitfind.errors import TaskError
 from circuitfind.metrics import Metric, MetricContext, get_metric
 from circuitfind.patching.memory import parse_memory
 from circuitfind.tasks import TaskBatch
@@ -69,6 +69,8 @@ class PatchingSetup:
     def baselines(self, metric: str | Metric) -> tuple[float, float]:
         """Clean and corrupted values of another metric, from the baselines' logits (no new forward)."""
         metric = get_metric(metric)
+        if isinstance(self.batch, multitoken.AnswerRows):
+            metric = multitoken.wrap(metric, self.batch)
         return (metric(self.clean_logits, self.ctx).mean().item(), metric(self.corrupt_logits, self.ctx).mean().item())
 
     @property
@@ -175,6 +177,9 @@ def prepare(
 ) -> PatchingSetup:
     """Run the clean and corrupted baselines of ``batch`` under a corruption and a metric.
 
+    A batch with multi-token answers is first expanded into one teacher-forced row per answer token, and
+    the metric scores the whole answer (:mod:`circuitfind.multitoken`); ``setup.batch`` is then the rows.
+
     ``max_batch`` (>= 1) caps the prompts per forward pass of the sweeps built on this setup;
     ``engine``: how node and path patching run; ``max_memory``: the working-memory budget of an
     edge-patching pass (see :class:`PatchingSetup`).
@@ -183,14 +188,15 @@ def prepare(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     parse_memory(max_memory)  # a clear error now rather than in the first edge-patching pass
     positive_int("max_batch", max_batch)
-    if batch.answer_sequences is not None:
-        raise TaskError(
-            f"task {batch.task.name!r} has multi-token answers (answer_tokens: multi); patching and circuit "
-            "discovery score one next token, so they need single-token answers"
-        )
     corruption = get_corruption(corruption)
     metric = get_metric(metric)
-    plan = corruption.plan(model, batch)
+    if batch.answer_sequences is not None:  # one teacher-forced row per answer token (circuitfind.multitoken)
+        batch = multitoken.expand(model, batch)
+    if isinstance(batch, multitoken.AnswerRows):
+        metric = multitoken.wrap(metric, batch)
+        plan = multitoken.corruption_plan(corruption, model, batch)
+    else:
+        plan = corruption.plan(model, batch)
     with torch.no_grad():
         clean_logits = answer_logits(model.run_with_hooks(plan.clean.tokens, fwd_hooks=plan.clean.hooks), plan.end_pos)
         corrupt_logits = answer_logits(
