@@ -230,7 +230,8 @@ def test_the_sweep_grid_check_refuses_before_anything_runs(tmp_path):
     from circuitfind.sweep import SweepConfig
 
     spec = str(_dataset(tmp_path))
-    SweepConfig(tasks=[spec], prompts=6).check()  # the default grid: every algorithm, corruption and metric
+    # the default grid but Gaussian noise (the dataset marks no key tokens): every algorithm and metric
+    SweepConfig(tasks=[spec], corruptions=["str", "resample", "mean"], prompts=6).check()
     with pytest.raises(TaskError, match="task 'pairs-multi' .* algorithm 'ifr' cannot use them"):
         SweepConfig(tasks=[spec], algorithms=["eap", "ifr"], prompts=6).check()
     with pytest.raises(TaskError, match="metric 'prob_diff' cannot score them"):
