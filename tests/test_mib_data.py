@@ -255,3 +255,14 @@ def test_a_json_array_is_streamed_and_its_errors_name_the_line(tmp_path):
     assert len(generate_prompts(load_task(str(path)), 3)) == 3
     with pytest.raises(TaskError, match=r"rows.json:5: not valid JSON: expected ',' or '\]' in the array of rows"):
         generate_prompts(load_task(str(path)), 4)
+
+
+def test_evaluate_runs_on_mib_rows_without_key_tokens(capsys):
+    """MIB rows carry no key tokens: ``evaluate`` reports the corruptions the task can take and names
+    Gaussian noise as not run, instead of refusing the whole file (it takes no --corruption)."""
+    assert main(["evaluate", "--task", str(DATA / "ioi.jsonl"), "-n", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["corrupted"]) == {"str", "mean", "resample"}
+    assert report["skipped"] == {"gn": "the task has no key tokens"}
+    assert main(["evaluate", "--task", str(DATA / "ioi.jsonl"), "-n", "4"]) == 0
+    assert "corrupted (        gn) not run: the task has no key tokens" in capsys.readouterr().out
