@@ -222,6 +222,9 @@ BAD = [
     ),
     ([MCQA], {"variants": "symbol"}, r'spec.json: "variants" must be "all" or a non-empty list'),
     ([MCQA], {"answer_prefix": 1}, r'spec.json: "answer_prefix" must be a string'),
+    # Columns of circuitfind's own schema would replace the answers and counterfactuals read from MIB's.
+    ([_with(IOI, ["answers"], [" John"])], {}, r"rows.jsonl:1: .*cannot also have 'answers' columns"),
+    ([_with(ADD, ["corrupted"], "1 + 2 = ")], {}, r"rows.jsonl:1: .*cannot also have 'corrupted' columns"),
 ]
 
 

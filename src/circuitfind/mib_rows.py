@@ -166,7 +166,15 @@ def to_pair_record(path: Path, line: int, record: Mapping[str, Any], options: Ma
         )
     out["answers"] = [prefix + answer]
     out["counter_answers"] = [prefix + counters[variants[0]]]
-    out.update({k: v for k, v in record.items() if k != "prompt" and not k.endswith(SUFFIX)})
+    carried = {k: v for k, v in record.items() if k != "prompt" and not k.endswith(SUFFIX)}
+    clash = sorted(k for k in carried if k in ("answers", "counter_answers") or k.split(".")[0] == "corrupted")
+    if clash:
+        # Carried, they would replace the answers and counterfactuals taken from MIB's own fields.
+        raise TaskError(
+            f"{path}:{line}: a MIB row's answers and corrupted prompts come from its prompt, answer and "
+            f"*_counterfactual fields; it cannot also have {', '.join(map(repr, clash))} columns"
+        )
+    out.update(carried)
     return out
 
 
