@@ -186,6 +186,16 @@ BAD = [
         b'{"clean": "a b", "corrupted": "a c", "answers": " x"}\n{"clean": "a d", "corrupted.v": "a c", "answers": " x"}\n',
         r"bad.jsonl:2: this row has corrupted variants \['v'\]",
     ),
+    (  # a shared answer makes logit_diff NaN (the difference of two empty sets) or zero
+        "bad.jsonl",
+        b'{"clean": "a b", "corrupted": "a c", "answers": [" x", " y"], "counter_answers": " y"}\n',
+        r"bad.jsonl:1: ' y' is both an answer \('answers'\) and a counter-answer \('counter_answers'\)",
+    ),
+    (
+        "bad.json",
+        b'{"prompts": [{"clean": "a b", "corrupt": "a c", "answers": [" x"], "wrong_answers": [" x"]}]}',
+        r"bad.json:1: ' x' is both an answer \('answers'\) and a counter-answer \('wrong_answers'\)",
+    ),
     ("bad.csv", b"clean,corrupted\na b,a c\n", r"bad.csv:2: missing key 'answers'"),
     ("bad.csv", b"clean,corrupted,answers\na b,a c\n", r"bad.csv:2: 2 cells, the header has 3"),
     ("bad.csv", b"clean,corrupted,answers,key.IO\na b,a c, x,q\n", r"bad.csv:2: column 'key.IO' must be"),

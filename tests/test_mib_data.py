@@ -222,6 +222,11 @@ BAD = [
     ),
     ([MCQA], {"variants": "symbol"}, r'spec.json: "variants" must be "all" or a non-empty list'),
     ([MCQA], {"answer_prefix": 1}, r'spec.json: "answer_prefix" must be a string'),
+    (
+        [_with(IOI, ["metadata", "subject"], IOI["metadata"]["indirect_object"])],
+        {},
+        r"rows.jsonl:1: the metadata.indirect_object and metadata.subject are the same \(' Mary'\)",
+    ),
     # Columns of circuitfind's own schema would replace the answers and counterfactuals read from MIB's.
     ([_with(IOI, ["answers"], [" John"])], {}, r"rows.jsonl:1: .*cannot also have 'answers' columns"),
     ([_with(ADD, ["corrupted"], "1 + 2 = ")], {}, r"rows.jsonl:1: .*cannot also have 'corrupted' columns"),

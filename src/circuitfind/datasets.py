@@ -628,6 +628,12 @@ def _row(path: Path, line: int, record: dict[str, Any], fmt: str) -> Row:
     else:
         answers = _answer_list(path, line, names["answers"], record[names["answers"]], required=True)
         counters = _answer_list(path, line, names["counter_answers"], record.get(names["counter_answers"], []), False)
+        both = sorted(set(answers) & set(counters))
+        if both:  # the metrics compare R with R': a shared answer cancels, an empty difference is NaN
+            raise TaskError(
+                f"{path}:{line}: {both[0]!r} is both an answer ({names['answers']!r}) and a counter-answer "
+                f"({names['counter_answers']!r}): the metrics compare the two sets, so they must not share one"
+            )
     key_chars: dict[str, int] = {}
     key_spans: dict[str, tuple[int, int]] = {}
     keys = record.get("keys", {})

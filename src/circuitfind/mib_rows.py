@@ -164,6 +164,12 @@ def to_pair_record(path: Path, line: int, record: Mapping[str, Any], options: Ma
             f"{path}:{line}: the chosen counterfactuals have different counter-answers ({shown}); a prompt has "
             f'one counter-answer, so choose one with "variants" in a dataset spec'
         )
+    if counters[variants[0]] == answer:
+        where = "metadata.indirect_object and metadata.subject" if kind == "ioi" else "answer and counter-answer"
+        raise TaskError(
+            f"{path}:{line}: the {where} are the same ({prefix + answer!r}) under {variants[0]!r}; the metrics "
+            "compare the answer with the counter-answer, so they must differ"
+        )
     out["answers"] = [prefix + answer]
     out["counter_answers"] = [prefix + counters[variants[0]]]
     carried = {k: v for k, v in record.items() if k != "prompt" and not k.endswith(SUFFIX)}
