@@ -128,6 +128,9 @@ def test_checkpoints_command_refuses_bad_input(tmp_path, capsys):
     assert "no checkpoints folder" in capsys.readouterr().err
     assert main(["checkpoints", str(tmp_path), "--tau", "-1"]) == 2
     assert "acdc_tau" in capsys.readouterr().err
+    # edge pruning and UGS take --prune-steps here too (it was not an option: 200 steps per checkpoint)
+    assert main(["checkpoints", str(tmp_path), "--algorithm", "ugs", "--prune-steps", "0"]) == 2
+    assert "prune_steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -328,6 +328,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
     p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS / AtP")
     p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--prune-steps", type=int, default=200, help="edge pruning / UGS optimisation steps")
     p.add_argument("--device", default=None)
     p.add_argument("--run", default=None)
     p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")
