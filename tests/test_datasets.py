@@ -398,3 +398,22 @@ def test_gaussian_noise_on_a_dataset_without_key_tokens_is_refused(tmp_path, cap
     with pytest.raises(TaskError, match="has no key tokens"):
         P.prepare(ioi_model, batch, "gn", "logit_diff")
     P.prepare(ioi_model, TaskBatch.build(ioi_model, str(_jsonl(tmp_path / "keys.jsonl", _ioi_rows(8))), 8), "gn", "kl")
+
+
+@pytest.mark.parametrize("name", ["huge.jsonl", "huge.csv"])
+def test_a_line_over_the_limit_is_refused_before_it_is_read_whole(tmp_path, capsys, name):
+    """A 200 MB row was read, parsed and carried (1.4 GB resident); a line over MAX_LINE_BYTES is no row."""
+    from circuitfind.datasets import MAX_LINE_BYTES
+
+    path = tmp_path / name
+    pad = b"x" * (MAX_LINE_BYTES + 10)
+    if name.endswith(".csv"):
+        path.write_bytes(b"clean,corrupted,answers\na b,a c, x\na b," + pad + b", x\n")
+        line = 3
+    else:
+        path.write_bytes(b'{"clean": "a b", "corrupted": "a c", "answers": " x", "pad": "' + pad + b'"}\n')
+        line = 1
+    with pytest.raises(TaskError, match=rf"{name}:{line}: the line is over 16 MiB"):
+        generate_prompts(load_task(str(path)), 10)
+    assert main(["evaluate", "--task", str(path), "-n", "10"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -112,11 +112,26 @@ def _first_char(path: Path) -> str:
     return head[:1]
 
 
+# A row's line: prompts are sentences and MIB's rows a few KB, so a longer line is not a row; read
+# whole, a 2 GB line would take several times that in memory before any check.
+MAX_LINE_BYTES = 16 * 2**20
+
+
+def _lines(f: Any, path: Path) -> Iterator[tuple[int, bytes]]:
+    """The lines of a binary file, numbered from 1, each read at most :data:`MAX_LINE_BYTES` at a time."""
+    line = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        line += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise TaskError(f"{path}:{line}: the line is over {MAX_LINE_BYTES // 2**20} MiB; a row is a few KB")
+        yield line, raw
+
+
 def _first_jsonl_record(path: Path) -> Any:
     """The first non-blank line of a JSON Lines file, decoded (None when it is not valid JSON: the
     reader then names the problem)."""
     with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
+        for line, raw in _lines(f, path):
             text = raw.decode("utf-8-sig" if line == 1 else "utf-8", errors="replace")
             if text.strip():
                 try:
@@ -330,7 +345,7 @@ def _json_limit(err: BaseException) -> str:
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
+        for line, raw in _lines(f, path):
             try:
                 text = raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a BOM, as the CSV reader allows
             except UnicodeDecodeError as err:
@@ -353,7 +368,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _csv_lines(path: Path) -> Iterator[str]:
     """The file's lines decoded one at a time, so bytes that are not UTF-8 are named by their line."""
     with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
+        for line, raw in _lines(f, path):
             try:
                 yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError as err:
