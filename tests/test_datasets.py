@@ -417,3 +417,17 @@ def test_a_line_over_the_limit_is_refused_before_it_is_read_whole(tmp_path, caps
         generate_prompts(load_task(str(path)), 10)
     assert main(["evaluate", "--task", str(path), "-n", "10"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_json_array_row_over_the_limit_is_refused_as_the_rows_error(tmp_path, capsys):
+    """A JSON array's row was re-decoded once per 64 KB chunk (a 100 MB row: minutes); one over
+    MAX_LINE_BYTES is now refused, and as the array's error (not "a task spec must be an object")."""
+    from circuitfind.datasets import MAX_LINE_BYTES
+
+    row = json.loads((Path(__file__).parent / "data" / "mib" / "arc_easy.json").read_text())[0]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{**row, "pad": "x" * (MAX_LINE_BYTES + 10)}]))
+    with pytest.raises(TaskError, match=r"rows.json:1: a JSON value over 16 MiB"):
+        generate_prompts(load_task(str(path)), 1)
+    assert main(["evaluate", "--task", str(path), "-n", "1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -88,11 +88,11 @@ def json_kind(path: Path) -> str | None:
     spec, ``"kind": "dataset"``), ``"mib"`` (MIB rows: JSON Lines or an array whose first row has a
     ``prompt`` and ``*_counterfactual`` columns) or None (anything else, e.g. a behaviour spec). Reads
     only the top-level keys before the deciding one, or the first row."""
+    if _first_char(path) == "[":  # never a behaviour spec (an object), so its errors are the rows' own
+        for _, record in _JsonStream(path).elements("the array of rows"):
+            return "mib" if mib_rows.is_mib_record(record) else None
+        return None
     try:
-        if _first_char(path) == "[":
-            for _, record in _JsonStream(path).elements():
-                return "mib" if mib_rows.is_mib_record(record) else None
-            return None
         seen: dict[str, Any] = {}
         for key, value in _top_level(path, stop_at={"prompts", "kind"}):
             if key == "prompts":
@@ -473,10 +473,10 @@ class _JsonStream:
         self.decoder = json.JSONDecoder()
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
 
-    def _fill(self) -> bool:
+    def _fill(self, size: int = _CHUNK) -> bool:
         if self.eof:
             return False
-        chunk = self.file.read(_CHUNK)
+        chunk = self.file.read(size)
         if not chunk:
             self.eof = True
             self.file.close()
@@ -496,6 +496,11 @@ class _JsonStream:
 
     def here(self) -> int:
         return self.line + self.buf.count("\n", 0, self.pos)
+
+    def too_long(self) -> TaskError:
+        return TaskError(
+            f"{self.path}:{self.here()}: a JSON value over {MAX_LINE_BYTES // 2**20} MiB; a row is a few KB"
+        )
 
     def error(self, what: str) -> TaskError:
         return TaskError(f"{self.path}:{self.here()}: not valid JSON: {what}")
@@ -523,7 +528,12 @@ class _JsonStream:
             try:
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as err:
-                if self._fill():  # maybe the value runs past the buffer
+                held = len(self.buf) - self.pos
+                if held > MAX_LINE_BYTES and not self.eof:
+                    raise self.too_long() from None
+                # maybe the value runs past the buffer: read as much again, so a long value is decoded
+                # O(log n) times, not once per chunk (a 100 MB row took minutes)
+                if self._fill(max(_CHUNK, held)):
                     continue
                 raise self.error(err.msg) from None
             except (ValueError, RecursionError) as err:
@@ -531,6 +541,8 @@ class _JsonStream:
             if end == len(self.buf) and not self.eof and isinstance(value, int | float):
                 if self._fill():  # a number may continue in the next chunk
                     continue
+            if end - self.pos > MAX_LINE_BYTES:
+                raise self.too_long()
             self.pos = end
             return value
 
