@@ -128,6 +128,9 @@ def test_checkpoints_command_refuses_bad_input(tmp_path, capsys):
     assert "no checkpoints folder" in capsys.readouterr().err
     assert main(["checkpoints", str(tmp_path), "--tau", "-1"]) == 2
     assert "acdc_tau" in capsys.readouterr().err
+    # edge pruning and UGS take --prune-steps here too (it was not an option: 200 steps per checkpoint)
+    assert main(["checkpoints", str(tmp_path), "--algorithm", "ugs", "--prune-steps", "0"]) == 2
+    assert "prune_steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -294,3 +297,14 @@ def test_a_damaged_checkpoint_is_flagged_and_the_rest_reported(prefect_harness, 
     saved = json.loads((tmp_path / "o" / "r" / "checkpoints.json").read_text())
     assert [r["step"] for r in saved["skipped"]] == [2] and saved["timeline"]["steps"] == [0, 6]
     assert "SafetensorError" not in capsys.readouterr().err  # flagged, not a task's traceback
+
+
+def test_the_edge_spans_header_says_the_second_step_is_the_first_without_the_edge(tmp_path):
+    """``0-20`` for an edge in step 0's circuit and not in step 20's: "until step 20" read as inclusive."""
+    row = {"accuracy": 0.0, "logit_diff": 0.0, "corrupt_logit_diff": 0.0, "n_edges": 1}
+    results = [{**row, "step": 0, "edges": [["a0.0", "logits"]]}, {**row, "step": 20, "edges": [["a1.0", "logits"]]}]
+    md = Path(C.write_report(results, {"model": "m"}, tmp_path)["markdown"]).read_text()
+    assert (
+        "| edge | in the circuit from step - to the first step without it (end: still in the last checkpoint) |" in md
+    )
+    assert "| a0.0->logits | 0-20 |" in md and "| a1.0->logits | 20-end |" in md

@@ -206,3 +206,15 @@ def test_discover_shows_progress_on_stderr_and_leaves_stdout_alone(tmp_path, alg
     if algorithm == "acdc":
         assert "ACDC edges" in shown.stderr and "evaluated=" in shown.stderr
     assert "baselines" not in quiet.stderr and "it/s" not in quiet.stderr
+
+
+def test_discover_warns_when_the_health_checks_flag_its_circuit(capsys):
+    """EAP under KL when noising (discover's default metric) ranks float noise: the sweep flagged it,
+    ``discover`` printed the circuit without a word."""
+    from circuitfind.cli import main
+
+    assert main(["discover", "--algorithm", "eap", "-n", "4", "--metric", "kl"]) == 0
+    err = capsys.readouterr().err
+    assert "circuitfind: warning: every edge score is zero" in err and "gradient of the KL divergence" in err
+    assert main(["discover", "--algorithm", "eap", "-n", "4", "--metric", "logit_diff"]) == 0
+    assert "warning" not in capsys.readouterr().err

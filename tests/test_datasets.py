@@ -186,6 +186,16 @@ BAD = [
         b'{"clean": "a b", "corrupted": "a c", "answers": " x"}\n{"clean": "a d", "corrupted.v": "a c", "answers": " x"}\n',
         r"bad.jsonl:2: this row has corrupted variants \['v'\]",
     ),
+    (  # a shared answer makes logit_diff NaN (the difference of two empty sets) or zero
+        "bad.jsonl",
+        b'{"clean": "a b", "corrupted": "a c", "answers": [" x", " y"], "counter_answers": " y"}\n',
+        r"bad.jsonl:1: ' y' is both an answer \('answers'\) and a counter-answer \('counter_answers'\)",
+    ),
+    (
+        "bad.json",
+        b'{"prompts": [{"clean": "a b", "corrupt": "a c", "answers": [" x"], "wrong_answers": [" x"]}]}',
+        r"bad.json:1: ' x' is both an answer \('answers'\) and a counter-answer \('wrong_answers'\)",
+    ),
     ("bad.csv", b"clean,corrupted\na b,a c\n", r"bad.csv:2: missing key 'answers'"),
     ("bad.csv", b"clean,corrupted,answers\na b,a c\n", r"bad.csv:2: 2 cells, the header has 3"),
     ("bad.csv", b"clean,corrupted,answers,key.IO\na b,a c, x,q\n", r"bad.csv:2: column 'key.IO' must be"),
@@ -388,3 +398,36 @@ def test_gaussian_noise_on_a_dataset_without_key_tokens_is_refused(tmp_path, cap
     with pytest.raises(TaskError, match="has no key tokens"):
         P.prepare(ioi_model, batch, "gn", "logit_diff")
     P.prepare(ioi_model, TaskBatch.build(ioi_model, str(_jsonl(tmp_path / "keys.jsonl", _ioi_rows(8))), 8), "gn", "kl")
+
+
+@pytest.mark.parametrize("name", ["huge.jsonl", "huge.csv"])
+def test_a_line_over_the_limit_is_refused_before_it_is_read_whole(tmp_path, capsys, name):
+    """A 200 MB row was read, parsed and carried (1.4 GB resident); a line over MAX_LINE_BYTES is no row."""
+    from circuitfind.datasets import MAX_LINE_BYTES
+
+    path = tmp_path / name
+    pad = b"x" * (MAX_LINE_BYTES + 10)
+    if name.endswith(".csv"):
+        path.write_bytes(b"clean,corrupted,answers\na b,a c, x\na b," + pad + b", x\n")
+        line = 3
+    else:
+        path.write_bytes(b'{"clean": "a b", "corrupted": "a c", "answers": " x", "pad": "' + pad + b'"}\n')
+        line = 1
+    with pytest.raises(TaskError, match=rf"{name}:{line}: the line is over 16 MiB"):
+        generate_prompts(load_task(str(path)), 10)
+    assert main(["evaluate", "--task", str(path), "-n", "10"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_json_array_row_over_the_limit_is_refused_as_the_rows_error(tmp_path, capsys):
+    """A JSON array's row was re-decoded once per 64 KB chunk (a 100 MB row: minutes); one over
+    MAX_LINE_BYTES is now refused, and as the array's error (not "a task spec must be an object")."""
+    from circuitfind.datasets import MAX_LINE_BYTES
+
+    row = json.loads((Path(__file__).parent / "data" / "mib" / "arc_easy.json").read_text())[0]
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{**row, "pad": "x" * (MAX_LINE_BYTES + 10)}]))
+    with pytest.raises(TaskError, match=r"rows.json:1: a JSON value over 16 MiB"):
+        generate_prompts(load_task(str(path)), 1)
+    assert main(["evaluate", "--task", str(path), "-n", "1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1

@@ -44,6 +44,10 @@ def test_nan_metric_is_a_clear_error():
     bad = CallableMetric(lambda logits, ctx: torch.full((logits.shape[0],), math.nan), name="broken")
     with pytest.raises(MetricError, match="'broken' returned NaN"):
         bad(LOGITS, _ctx())
+    # it counts the rows and names the first, as rows (a batched pass holds several candidates' prompts)
+    one = CallableMetric(lambda logits, ctx: torch.tensor([0.0, math.nan] + [0.0] * (logits.shape[0] - 2)), name="one")
+    with pytest.raises(MetricError, match=rf"'one' returned NaN or inf in 1 of {LOGITS.shape[0]} rows \(first \[1\];"):
+        one(LOGITS, _ctx())
 
 
 def test_wrong_shape_metric_is_a_clear_error():

@@ -222,6 +222,14 @@ BAD = [
     ),
     ([MCQA], {"variants": "symbol"}, r'spec.json: "variants" must be "all" or a non-empty list'),
     ([MCQA], {"answer_prefix": 1}, r'spec.json: "answer_prefix" must be a string'),
+    (
+        [_with(IOI, ["metadata", "subject"], IOI["metadata"]["indirect_object"])],
+        {},
+        r"rows.jsonl:1: the metadata.indirect_object and metadata.subject are the same \(' Mary'\)",
+    ),
+    # Columns of circuitfind's own schema would replace the answers and counterfactuals read from MIB's.
+    ([_with(IOI, ["answers"], [" John"])], {}, r"rows.jsonl:1: .*cannot also have 'answers' columns"),
+    ([_with(ADD, ["corrupted"], "1 + 2 = ")], {}, r"rows.jsonl:1: .*cannot also have 'corrupted' columns"),
 ]
 
 
@@ -255,3 +263,14 @@ def test_a_json_array_is_streamed_and_its_errors_name_the_line(tmp_path):
     assert len(generate_prompts(load_task(str(path)), 3)) == 3
     with pytest.raises(TaskError, match=r"rows.json:5: not valid JSON: expected ',' or '\]' in the array of rows"):
         generate_prompts(load_task(str(path)), 4)
+
+
+def test_evaluate_runs_on_mib_rows_without_key_tokens(capsys):
+    """MIB rows carry no key tokens: ``evaluate`` reports the corruptions the task can take and names
+    Gaussian noise as not run, instead of refusing the whole file (it takes no --corruption)."""
+    assert main(["evaluate", "--task", str(DATA / "ioi.jsonl"), "-n", "4", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["corrupted"]) == {"str", "mean", "resample"}
+    assert report["skipped"] == {"gn": "the task has no key tokens"}
+    assert main(["evaluate", "--task", str(DATA / "ioi.jsonl"), "-n", "4"]) == 0
+    assert "corrupted (        gn) not run: the task has no key tokens" in capsys.readouterr().out

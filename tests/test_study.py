@@ -431,3 +431,12 @@ def test_the_mlp_part_is_cached_by_model_files_and_options(tmp_path):
     for entry in cache.iterdir():
         entry.write_text("{ damaged")  # a damaged entry is recomputed, not an error
     assert mlps_task.fn(str(folder), 6, 0, str(cache), windows=(1, 3))["curves"] == first["curves"]
+
+
+def test_the_variant_comparison_is_called_s2_vs_s1io_only_for_those_variants():
+    """A dataset task's own variants (``str:corrupted``) are not Zhang & Nanda's S2 / S1+IO."""
+    from circuitfind.study import variants_label
+
+    assert variants_label(["str:s2_io", "str:s1_io"]) == "Corrupting S2 vs S1+IO:"
+    assert variants_label(["str:corrupted"]) == "STR variants compared (logit difference):"
+    assert variants_label(["str:s2_io_flip", "str:abc"]) == "STR variants compared (logit difference):"

@@ -154,6 +154,7 @@ def test_ugs_recovers_the_negative_head_and_mlp_path_and_the_backup_models_activ
         (dict(top_k=0), "top_k must be >= 1"),
         (dict(prune_steps=0), "prune_steps must be >= 1"),
         (dict(prune_steps=2.5), "prune_steps must be a whole number"),
+        (dict(prune_steps=10**9), "prune_steps must be at most 100,000"),
     ],
 )
 def test_bad_ugs_options_are_refused_before_any_work(options, message):

@@ -242,6 +242,10 @@ def timeline_svg(results: list[dict], timeline: dict, cell_w: int = 34, row_h: i
     )
 
 
+# "0-200" read as present through step 200; the second step is the first checkpoint without the edge.
+EDGE_SPANS = "in the circuit from step - to the first step without it (end: still in the last checkpoint)"
+
+
 def _fmt_spans(spans: list[list]) -> str:
     return ", ".join(f"{a}-{'end' if b is None else b}" for a, b in spans)
 
@@ -280,7 +284,7 @@ def write_report(
             ),
             R.table(header, rows),
         ),
-        R.section("When each edge is in the circuit", R.table(["edge", "present (from step - until step)"], edge_rows)),
+        R.section("When each edge is in the circuit", R.table(["edge", EDGE_SPANS], edge_rows)),
     ]
     if skipped:
         sections.insert(
@@ -328,6 +332,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
     p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS / AtP")
     p.add_argument("--ig-steps", type=int, default=5)
+    p.add_argument("--prune-steps", type=int, default=200, help="edge pruning / UGS optimisation steps")
     p.add_argument("--device", default=None)
     p.add_argument("--run", default=None)
     p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")

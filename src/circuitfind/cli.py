@@ -248,8 +248,29 @@ def cmd_discover(args) -> None:
     print(circuit.summary())
     if found.faithfulness is not None:
         print(f"faithfulness {found.faithfulness:.3f}")
+    _warn_health(setup, args, circuit, found.faithfulness)
     if args.out:
         print(f"wrote {circuit.save(args.out)}")
+
+
+def _warn_health(setup, args, circuit, faithfulness) -> None:
+    """The sweep's health checks (:mod:`circuitfind.health`) on one discovered circuit, as warnings on
+    stderr: EAP or AtP under KL when noising ranks float noise, and said nothing."""
+    from circuitfind import health
+
+    record = {
+        "algorithm": args.algorithm,
+        "metric": setup.metric.name,
+        "direction": args.direction,
+        "clean": setup.clean_value,
+        "corrupt": setup.corrupt_value,
+        "scores": None if circuit.scores is None else circuit.scores.flatten().tolist(),
+        "n_edges": circuit.n_edges,
+        "faithfulness": faithfulness,
+    }
+    for flag in health.check_record(record):
+        if flag != "nan_faithfulness" or faithfulness is not None:  # path patching reports none
+            print(f"circuitfind: warning: {health.explain(record, flag)}", file=sys.stderr)
 
 
 def cmd_sweep(args) -> None:

@@ -88,11 +88,11 @@ def json_kind(path: Path) -> str | None:
     spec, ``"kind": "dataset"``), ``"mib"`` (MIB rows: JSON Lines or an array whose first row has a
     ``prompt`` and ``*_counterfactual`` columns) or None (anything else, e.g. a behaviour spec). Reads
     only the top-level keys before the deciding one, or the first row."""
+    if _first_char(path) == "[":  # never a behaviour spec (an object), so its errors are the rows' own
+        for _, record in _JsonStream(path).elements("the array of rows"):
+            return "mib" if mib_rows.is_mib_record(record) else None
+        return None
     try:
-        if _first_char(path) == "[":
-            for _, record in _JsonStream(path).elements():
-                return "mib" if mib_rows.is_mib_record(record) else None
-            return None
         seen: dict[str, Any] = {}
         for key, value in _top_level(path, stop_at={"prompts", "kind"}):
             if key == "prompts":
@@ -112,11 +112,26 @@ def _first_char(path: Path) -> str:
     return head[:1]
 
 
+# A row's line: prompts are sentences and MIB's rows a few KB, so a longer line is not a row; read
+# whole, a 2 GB line would take several times that in memory before any check.
+MAX_LINE_BYTES = 16 * 2**20
+
+
+def _lines(f: Any, path: Path) -> Iterator[tuple[int, bytes]]:
+    """The lines of a binary file, numbered from 1, each read at most :data:`MAX_LINE_BYTES` at a time."""
+    line = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        line += 1
+        if len(raw) > MAX_LINE_BYTES:
+            raise TaskError(f"{path}:{line}: the line is over {MAX_LINE_BYTES // 2**20} MiB; a row is a few KB")
+        yield line, raw
+
+
 def _first_jsonl_record(path: Path) -> Any:
     """The first non-blank line of a JSON Lines file, decoded (None when it is not valid JSON: the
     reader then names the problem)."""
     with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
+        for line, raw in _lines(f, path):
             text = raw.decode("utf-8-sig" if line == 1 else "utf-8", errors="replace")
             if text.strip():
                 try:
@@ -330,7 +345,7 @@ def _json_limit(err: BaseException) -> str:
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
+        for line, raw in _lines(f, path):
             try:
                 text = raw.decode("utf-8-sig" if line == 1 else "utf-8")  # a BOM, as the CSV reader allows
             except UnicodeDecodeError as err:
@@ -353,7 +368,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 def _csv_lines(path: Path) -> Iterator[str]:
     """The file's lines decoded one at a time, so bytes that are not UTF-8 are named by their line."""
     with open(path, "rb") as f:
-        for line, raw in enumerate(f, start=1):
+        for line, raw in _lines(f, path):
             try:
                 yield raw.decode("utf-8-sig" if line == 1 else "utf-8")
             except UnicodeDecodeError as err:
@@ -458,10 +473,10 @@ class _JsonStream:
         self.decoder = json.JSONDecoder()
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
 
-    def _fill(self) -> bool:
+    def _fill(self, size: int = _CHUNK) -> bool:
         if self.eof:
             return False
-        chunk = self.file.read(_CHUNK)
+        chunk = self.file.read(size)
         if not chunk:
             self.eof = True
             self.file.close()
@@ -481,6 +496,11 @@ class _JsonStream:
 
     def here(self) -> int:
         return self.line + self.buf.count("\n", 0, self.pos)
+
+    def too_long(self) -> TaskError:
+        return TaskError(
+            f"{self.path}:{self.here()}: a JSON value over {MAX_LINE_BYTES // 2**20} MiB; a row is a few KB"
+        )
 
     def error(self, what: str) -> TaskError:
         return TaskError(f"{self.path}:{self.here()}: not valid JSON: {what}")
@@ -508,7 +528,12 @@ class _JsonStream:
             try:
                 value, end = self.decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as err:
-                if self._fill():  # maybe the value runs past the buffer
+                held = len(self.buf) - self.pos
+                if held > MAX_LINE_BYTES and not self.eof:
+                    raise self.too_long() from None
+                # maybe the value runs past the buffer: read as much again, so a long value is decoded
+                # O(log n) times, not once per chunk (a 100 MB row took minutes)
+                if self._fill(max(_CHUNK, held)):
                     continue
                 raise self.error(err.msg) from None
             except (ValueError, RecursionError) as err:
@@ -516,6 +541,8 @@ class _JsonStream:
             if end == len(self.buf) and not self.eof and isinstance(value, int | float):
                 if self._fill():  # a number may continue in the next chunk
                     continue
+            if end - self.pos > MAX_LINE_BYTES:
+                raise self.too_long()
             self.pos = end
             return value
 
@@ -628,6 +655,12 @@ def _row(path: Path, line: int, record: dict[str, Any], fmt: str) -> Row:
     else:
         answers = _answer_list(path, line, names["answers"], record[names["answers"]], required=True)
         counters = _answer_list(path, line, names["counter_answers"], record.get(names["counter_answers"], []), False)
+        both = sorted(set(answers) & set(counters))
+        if both:  # the metrics compare R with R': a shared answer cancels, an empty difference is NaN
+            raise TaskError(
+                f"{path}:{line}: {both[0]!r} is both an answer ({names['answers']!r}) and a counter-answer "
+                f"({names['counter_answers']!r}): the metrics compare the two sets, so they must not share one"
+            )
     key_chars: dict[str, int] = {}
     key_spans: dict[str, tuple[int, int]] = {}
     keys = record.get("keys", {})

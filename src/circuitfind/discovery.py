@@ -575,6 +575,9 @@ ALGORITHMS = (
     "atp_star",
 )
 # the circuit is the top_k edges (AtP / AtP*: the heads whose circuit fits in top_k edges)
+# Edge pruning's and UGS's step bound: 500x the default, hours on a CPU; 10**9 steps would run for years.
+MAX_PRUNE_STEPS = 100_000
+
 TOP_K = ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs", "atp", "atp_star")
 NOISING_ONLY = ("acdc",)  # ACDC prunes from the full (clean) model: it runs in the noising direction only
 CORRUPTION_FREE = ("ifr",)  # find the circuit from the clean run alone (the corruption only measures faithfulness)
@@ -611,7 +614,7 @@ def check_options(
     the numeric options the algorithm uses (``acdc_tau`` finite >= 0, ``path_k``/``node_k`` finite
     > 0, ``top_k``/``ig_steps``/``path_depth`` whole numbers >= 1). ``top_k`` is checked against the
     graph's size when the graph is known (:func:`check_top_k`); ``prune_steps`` (edge pruning, UGS) a
-    whole number >= 1."""
+    whole number in 1..:data:`MAX_PRUNE_STEPS`."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown algorithm {algorithm!r}; choose from {ALGORITHMS}")
     P.check_direction(direction)
@@ -622,7 +625,10 @@ def check_options(
     if algorithm in TOP_K:
         positive_int("top_k", top_k)
     if algorithm in ("edge_pruning", "ugs"):
-        positive_int("prune_steps", prune_steps)
+        if positive_int("prune_steps", prune_steps) > MAX_PRUNE_STEPS:
+            raise ValueError(
+                f"prune_steps must be at most {MAX_PRUNE_STEPS:,} (500 x the default), got {prune_steps:,}"
+            )
     if algorithm in ("eap_ig", "eap_ig_act"):
         positive_int("ig_steps", ig_steps)
     if algorithm == "path_patching":

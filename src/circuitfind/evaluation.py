@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +35,7 @@ class TaskReport:
     logit_diff: float
     prob_diff: float
     corrupted: dict[str, dict[str, float]]
+    skipped: dict[str, str] = field(default_factory=dict)  # default corruptions the task cannot take, and why
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -52,6 +53,7 @@ class TaskReport:
                 f"  corrupted ({name:>10}) logit diff {row['logit_diff']:.3f}   prob diff {row['prob_diff']:.3f}"
                 f"   KL(clean||corrupt) {-row['kl']:.3f}"
             )
+        lines += [f"  corrupted ({name:>10}) not run: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)
 
 
@@ -66,13 +68,31 @@ def _pair_accuracy(logits: torch.Tensor, batch: TaskBatch) -> tuple[float, float
     return (best_r > best_w).float().mean().item(), (n_r / (n_r + n_w)).mean().item()
 
 
-def evaluate(
-    model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")
-) -> TaskReport:
+DEFAULT_CORRUPTIONS = ("str", "gn", "mean", "resample")
+
+
+def _unsupported(batch: TaskBatch) -> dict[str, str]:
+    """The default corruptions this task cannot take, and why: a dataset without key tokens (every MIB
+    file) has no Gaussian-noise positions, one without corrupted prompts no STR."""
+    out = {}
+    if not batch.task.str_variants:
+        out["str"] = "the task has no corrupted prompts"
+    if not batch.task.key_tokens:
+        out["gn"] = "the task has no key tokens"
+    return out
+
+
+def evaluate(model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] | None = None) -> TaskReport:
     """Accuracy and set metrics of ``model`` on ``batch``, and the logit / probability difference and KL
-    under each corruption (multi-token answers: :func:`evaluate_multitoken`)."""
+    under each corruption (by default those of :data:`DEFAULT_CORRUPTIONS` the task can take; the others
+    are listed in ``skipped``, so a keyless dataset is evaluated, not refused; multi-token answers:
+    :func:`evaluate_multitoken`)."""
+    skipped: dict[str, str] = {}
+    if corruptions is None:
+        skipped = _unsupported(batch)
+        corruptions = tuple(c for c in DEFAULT_CORRUPTIONS if c not in skipped)
     if batch.answer_sequences is not None:
-        return evaluate_multitoken(model, batch, corruptions)
+        return evaluate_multitoken(model, batch, corruptions, skipped)
     with torch.no_grad():
         logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()  # metrics in float32
     ctx = batch.metric_context()
@@ -90,11 +110,16 @@ def evaluate(
             "prob_diff": setup.baselines("prob_diff")[1],
             "kl": setup.baselines("kl")[1],
         }
-    return TaskReport(batch.task.name, batch.size, accuracy, pair_accuracy, pair_chance, diff, prob_diff, corrupted)
+    return TaskReport(
+        batch.task.name, batch.size, accuracy, pair_accuracy, pair_chance, diff, prob_diff, corrupted, skipped
+    )
 
 
 def evaluate_multitoken(
-    model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str, ...] = ("str", "gn", "mean", "resample")
+    model: TransformerBridge,
+    batch: TaskBatch,
+    corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS,
+    skipped: dict[str, str] | None = None,
 ) -> TaskReport:
     """:func:`evaluate` for multi-token answers, scored by teacher forcing (:mod:`circuitfind.multitoken`):
     ``accuracy`` is greedy decoding giving the whole answer (every answer token the top token after the
@@ -129,4 +154,5 @@ def evaluate_multitoken(
         torch.where(has, 0.5, 1.0).mean().item(),
         *diffs(clean),
         corrupted,
+        skipped or {},
     )

@@ -157,9 +157,12 @@ class Metric:
                 f"metric {self.name!r} must return one value per prompt {tuple(logits.shape[:1])}, got {shape}"
             )
         if not torch.isfinite(values).all():
-            bad = (~torch.isfinite(values)).nonzero().flatten()[:5].tolist()
+            where = (~torch.isfinite(values)).nonzero().flatten()
+            # A pass may batch candidates x prompts, so a row is not always a prompt index.
             raise MetricError(
-                f"metric {self.name!r} returned NaN or inf (prompts {bad}); check the model output and the metric"
+                f"metric {self.name!r} returned NaN or inf in {len(where)} of {len(values)} rows (first "
+                f"{where[:5].tolist()}; a row is a prompt, or one candidate's prompt in a batched pass); check the "
+                "model output and the metric"
             )
         if logits.requires_grad and torch.is_grad_enabled() and not values.requires_grad:
             raise MetricError(

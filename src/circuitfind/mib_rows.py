@@ -164,9 +164,23 @@ def to_pair_record(path: Path, line: int, record: Mapping[str, Any], options: Ma
             f"{path}:{line}: the chosen counterfactuals have different counter-answers ({shown}); a prompt has "
             f'one counter-answer, so choose one with "variants" in a dataset spec'
         )
+    if counters[variants[0]] == answer:
+        where = "metadata.indirect_object and metadata.subject" if kind == "ioi" else "answer and counter-answer"
+        raise TaskError(
+            f"{path}:{line}: the {where} are the same ({prefix + answer!r}) under {variants[0]!r}; the metrics "
+            "compare the answer with the counter-answer, so they must differ"
+        )
     out["answers"] = [prefix + answer]
     out["counter_answers"] = [prefix + counters[variants[0]]]
-    out.update({k: v for k, v in record.items() if k != "prompt" and not k.endswith(SUFFIX)})
+    carried = {k: v for k, v in record.items() if k != "prompt" and not k.endswith(SUFFIX)}
+    clash = sorted(k for k in carried if k in ("answers", "counter_answers") or k.split(".")[0] == "corrupted")
+    if clash:
+        # Carried, they would replace the answers and counterfactuals taken from MIB's own fields.
+        raise TaskError(
+            f"{path}:{line}: a MIB row's answers and corrupted prompts come from its prompt, answer and "
+            f"*_counterfactual fields; it cannot also have {', '.join(map(repr, clash))} columns"
+        )
+    out.update(carried)
     return out
 
 

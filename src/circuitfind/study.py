@@ -654,6 +654,14 @@ def _directions_section(h: dict) -> R.Section:
     )
 
 
+def variants_label(variants: list[str]) -> str:
+    """The heading of the STR-variant comparison: Zhang & Nanda's S2 vs S1+IO only when those are the
+    variants compared (a dataset task's variants are its own)."""
+    if set(variants) <= {"str:s2_io", "str:s1_io"}:
+        return "Corrupting S2 vs S1+IO:"
+    return "STR variants compared (logit difference):"
+
+
 def _head_sections(h: dict) -> list[R.Section]:
     """The sections of one direction's head detection."""
     sections: list[R.Section] = []
@@ -672,7 +680,7 @@ def _head_sections(h: dict) -> list[R.Section]:
         blocks.append(
             R.text(
                 "; ".join(f"{v}: {', '.join(x) or 'none'}" for v, x in h["s2_vs_s1io"].items()),
-                bold="Corrupting S2 vs S1+IO:",
+                bold=variants_label(list(h["s2_vs_s1io"])),
             )
         )
     blocks.append(

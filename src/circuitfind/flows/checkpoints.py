@@ -53,6 +53,7 @@ def circuits_over_training(
     tau: float = 0.02,
     top_k: int = 20,
     ig_steps: int = 5,
+    prune_steps: int = 200,
     device: str | None = None,
     run: str | None = None,
     outputs: str | None = None,
@@ -76,6 +77,7 @@ def circuits_over_training(
         tau,
         top_k,
         ig_steps,
+        prune_steps,
         device,
         run,
         outputs,
@@ -85,6 +87,8 @@ def circuits_over_training(
         options["top_k"] = top_k
     if algorithm in ("eap_ig", "eap_ig_act"):
         options["ig_steps"] = ig_steps
+    if algorithm in ("edge_pruning", "ugs"):  # without it every checkpoint took 200 steps
+        options["prune_steps"] = prune_steps
     setting = {
         "task": task,
         "prompts": prompts,
@@ -137,6 +141,7 @@ def check_inputs(
     tau: float,
     top_k: int,
     ig_steps: int,
+    prune_steps: int,
     device: str | None,
     run: str | None,
     outputs: str | None,
@@ -149,7 +154,7 @@ def check_inputs(
     from circuitfind.models import check_device
     from circuitfind.tasks import check_prompt_count, load_task
 
-    discovery.check_options(algorithm, direction, acdc_tau=tau, top_k=top_k, ig_steps=ig_steps)
+    discovery.check_options(algorithm, direction, acdc_tau=tau, top_k=top_k, ig_steps=ig_steps, prune_steps=prune_steps)
     check_prompt_count(prompts)
     load_task(task)
     get_corruption(corruption)
