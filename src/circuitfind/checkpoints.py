@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from circuitfind.io import write_text
+from circuitfind.names import ALGORITHMS
 from circuitfind.report import render as R
 
 STEP_FOLDER = re.compile(r"step-(\d+)$")
@@ -312,20 +313,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--algorithm",
         default="acdc",
-        choices=(
-            "acdc",
-            "eap",
-            "eap_ig",
-            "eap_ig_act",
-            "ifr",
-            "edge_pruning",
-            "ugs",
-            "path_patching",
-            "node",
-            "atp",
-            "atp_star",
-        ),
-    )  # discovery.ALGORITHMS (tested), spelled out so that --help does not import torch
+        choices=ALGORITHMS,
+    )
     p.add_argument("--corruption", default="str")
     p.add_argument("--metric", default="kl")
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")

@@ -26,6 +26,8 @@ import json
 import os
 import sys
 
+from circuitfind.names import ALGORITHMS
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
@@ -440,20 +442,8 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--algorithm",
         default="acdc",
-        choices=(
-            "acdc",
-            "eap",
-            "eap_ig",
-            "eap_ig_act",
-            "ifr",
-            "edge_pruning",
-            "ugs",
-            "path_patching",
-            "node",
-            "atp",
-            "atp_star",
-        ),
-    )  # discovery.ALGORITHMS, spelled out so that --help does not import torch (tested)
+        choices=ALGORITHMS,
+    )
     p.add_argument("--corruption", default="str")
     p.add_argument("--metric", default="kl", type=_metric, help=METRIC_HELP)
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")

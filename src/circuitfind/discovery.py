@@ -54,7 +54,7 @@ from circuitfind.errors import CircuitfindError
 from circuitfind.graph import ModelGraph
 from circuitfind.ifr import ifr_scores
 from circuitfind.metrics import normalise
-from circuitfind.names import INPUT, LOGITS, head_name
+from circuitfind.names import ALGORITHMS, INPUT, LOGITS, head_name
 from circuitfind.progress import bar as progress_bar
 from circuitfind.pruning import edge_pruning
 from circuitfind.ugs import ugs_scores
@@ -561,23 +561,10 @@ def _circuit_edges(graph: ModelGraph, heads: set[str]) -> int:
     )
 
 
-ALGORITHMS = (
-    "acdc",
-    "eap",
-    "eap_ig",
-    "eap_ig_act",
-    "ifr",
-    "edge_pruning",
-    "ugs",
-    "path_patching",
-    "node",
-    "atp",
-    "atp_star",
-)
-# the circuit is the top_k edges (AtP / AtP*: the heads whose circuit fits in top_k edges)
 # Edge pruning's and UGS's step bound: 500x the default, hours on a CPU; 10**9 steps would run for years.
 MAX_PRUNE_STEPS = 100_000
 
+# the circuit is the top_k edges (AtP / AtP*: the heads whose circuit fits in top_k edges)
 TOP_K = ("eap", "eap_ig", "eap_ig_act", "ifr", "edge_pruning", "ugs", "atp", "atp_star")
 NOISING_ONLY = ("acdc",)  # ACDC prunes from the full (clean) model: it runs in the noising direction only
 CORRUPTION_FREE = ("ifr",)  # find the circuit from the clean run alone (the corruption only measures faithfulness)
