@@ -119,24 +119,29 @@ def faithfulness_backward(patcher: EdgePatcher, z: torch.Tensor, passes: list[tu
 def optimise_masks(
     patcher: EdgePatcher,
     k: int,
-    params: torch.Tensor,
-    sample: Callable[[torch.Generator], torch.Tensor],
-    kept: Callable[[], torch.Tensor],
+    init: float,
+    mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    probability: Callable[[torch.Tensor], torch.Tensor],
     *,
+    samples: int,
     steps: int,
     lr: float,
     seed: int,
     desc: str,
     progress: bool | None,
-) -> PruningTrace:
-    """The optimisation shared by the mask methods (edge pruning, :mod:`circuitfind.ugs`): Adam on
-    ``params`` for ``steps`` steps against ``mean |1 - faithfulness|`` of the masks ``sample(noise)``
-    returns (``[samples, *edge mask]``, differentiable in ``params``; ``noise`` is a CPU generator
-    seeded by ``seed``), plus the Lagrangian ``lambda_1 (kept - t) + lambda_2 (kept - t)^2`` on the
-    expected kept fraction ``kept()``, the multipliers maximised, ``t`` moved from 1 to
-    ``k / n_edges`` over the first half of the steps. One progress bar step per step (loss,
-    faithfulness, edges kept). ``k``, ``steps`` and ``lr`` are the caller's, checked."""
-    n_total = patcher.ones().numel()
+) -> tuple[torch.Tensor, PruningTrace]:
+    """The optimisation shared by the mask methods (edge pruning, :mod:`circuitfind.ugs`): one parameter
+    per edge, starting at ``init``, learned by Adam for ``steps`` steps against ``mean |1 - faithfulness|``
+    of the masks ``mask(params, u)`` for ``samples`` uniform draws ``u`` per step (``[samples, *edge
+    mask]``, from a CPU generator seeded by ``seed``), plus the Lagrangian ``lambda_1 (kept - t) +
+    lambda_2 (kept - t)^2`` on the expected kept fraction (the mean of ``probability(params)``), the
+    multipliers maximised, ``t`` moved from 1 to ``k / n_edges`` over the first half of the steps. One
+    progress bar step per step (loss, faithfulness, edges kept). Checks ``k``, ``steps`` and ``lr``;
+    returns each edge's final ``probability`` (on the CPU, shaped like one edge mask) and the trace."""
+    n_total = check_target(patcher, k, steps, lr)
+    device = patcher.setup.plan.clean.tokens.device
+    shape = patcher.ones().shape[1:]
+    params = torch.full(shape, init, device=device, requires_grad=True)
     target = k / n_total
     lambdas = torch.zeros(2, device=params.device, requires_grad=True)
     opt = torch.optim.Adam([params], lr=lr)
@@ -149,13 +154,14 @@ def optimise_masks(
     passes: list[tuple[slice, slice]] | None = None
     for step in bar:
         t = 1.0 - (1.0 - target) * min(1.0, (step + 1) / warmup)
-        z = sample(noise)
+        u = torch.rand((samples, *shape), generator=noise).clamp(1e-6, 1 - 1e-6).to(device)
+        z = mask(params, u)
         if passes is None:
             passes = patcher.passes(z.shape[0], "grad")
         opt.zero_grad()
         opt_lambda.zero_grad()
         faith = faithfulness_backward(patcher, z, passes)
-        fraction = kept()
+        fraction = probability(params).mean()
         excess = fraction - t
         penalty = lambdas[0] * excess + lambdas[1] * excess**2
         penalty.backward()
@@ -168,7 +174,7 @@ def optimise_masks(
         bar.set_postfix(
             loss=f"{trace.loss[-1]:.3f}", faith=f"{trace.faithfulness[-1]:.3f}", kept=f"{trace.kept[-1] * n_total:.0f}"
         )
-    return trace
+    return probability(params.detach()).cpu(), trace
 
 
 def edge_pruning(
@@ -183,25 +189,16 @@ def edge_pruning(
     """Optimise hard-concrete edge masks towards ``k`` kept edges (1 to the number of edges);
     returns each edge's keep probability (the scores, shaped like one edge mask) and the trace. See
     the module docstring; :func:`circuitfind.discovery.edge_pruning_circuit` makes the circuit."""
-    check_target(patcher, k, steps, lr)
-    device = patcher.setup.plan.clean.tokens.device
-    shape = patcher.ones().shape[1:]
-    log_alpha = torch.full(shape, INIT_LOG_ALPHA, device=device, requires_grad=True)
-
-    def sample(noise: torch.Generator) -> torch.Tensor:
-        u = torch.rand(shape, generator=noise).clamp(1e-6, 1 - 1e-6).to(device)
-        return hard_concrete(log_alpha, u)[None]
-
-    trace = optimise_masks(
+    return optimise_masks(
         patcher,
         k,
-        log_alpha,
-        sample,
-        lambda: keep_probability(log_alpha).mean(),
+        INIT_LOG_ALPHA,
+        hard_concrete,
+        keep_probability,
+        samples=1,
         steps=steps,
         lr=lr,
         seed=seed,
         desc="edge pruning",
         progress=progress,
     )
-    return keep_probability(log_alpha.detach()).cpu(), trace

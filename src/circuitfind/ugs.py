@@ -46,7 +46,7 @@ import torch
 
 from circuitfind.checks import positive_int
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.pruning import PruningTrace, check_target, optimise_masks
+from circuitfind.pruning import PruningTrace, optimise_masks
 
 INIT_THETA = 3.0
 MIN_WINDOW = 1e-12  # keeps (p - u) / w finite where p(1 - p) underflows
@@ -80,26 +80,16 @@ def ugs_scores(
     """Learn each edge's inclusion probability by UGS towards ``k`` expected edges (1 to the number
     of edges), ``samples`` draws of the mask per step; returns the probabilities (the scores, shaped
     like one edge mask) and the trace. :func:`circuitfind.discovery.ugs_circuit` makes the circuit."""
-    check_target(patcher, k, steps, lr)
-    positive_int("samples", samples)
-    device = patcher.setup.plan.clean.tokens.device
-    shape = patcher.ones().shape[1:]
-    theta = torch.full(shape, INIT_THETA, device=device, requires_grad=True)
-
-    def sample(noise: torch.Generator) -> torch.Tensor:
-        u = torch.rand((samples, *shape), generator=noise).clamp(1e-6, 1 - 1e-6).to(device)
-        return ugs_mask(theta, u)
-
-    trace = optimise_masks(
+    return optimise_masks(
         patcher,
         k,
-        theta,
-        sample,
-        lambda: inclusion_probability(theta).mean(),
+        INIT_THETA,
+        ugs_mask,
+        inclusion_probability,
+        samples=positive_int("samples", samples),
         steps=steps,
         lr=lr,
         seed=seed,
         desc="ugs",
         progress=progress,
     )
-    return inclusion_probability(theta.detach()).cpu(), trace
