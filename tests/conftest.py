@@ -55,6 +55,23 @@ def prefect_harness():
 
 
 @pytest.fixture(scope="session")
+def random_gpt2(tmp_path_factory):
+    """A small random GPT-2 (3 layers, seed 0) loaded with the GPT-2 tokenizer rebuilt offline; the tests
+    that need it skip when that tokenizer is not built."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from circuitfind.bpe import tokenizer_dir
+    from circuitfind.models import load_model
+
+    if not (tokenizer_dir() / "tokenizer.json").is_file():
+        pytest.skip("GPT-2 tokenizer not built: run `circuitfind models fetch gpt2-tokenizer`")
+    folder = tmp_path_factory.mktemp("gpt2-random")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=128)).save_pretrained(folder)
+    return load_model(folder, device="cpu", tokenizer="gpt2")
+
+
+@pytest.fixture(scope="session")
 def gqa_model(tmp_path_factory):
     """A small random Llama (grouped-query attention: 4 query heads, 2 key/value heads, RMSNorm,
     rotary positions, gated MLP) with the IOI word-level vocabulary, built offline."""

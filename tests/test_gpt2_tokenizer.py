@@ -36,19 +36,6 @@ def test_known_gpt2_ids():
     assert tok.decode(tok(text)["input_ids"]) == text
 
 
-@pytest.fixture(scope="module")
-def random_gpt2(tmp_path_factory):
-    """A small random GPT-2 folder without tokenizer files, loaded with the rebuilt tokenizer."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from circuitfind.models import load_model
-
-    folder = tmp_path_factory.mktemp("gpt2-random")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64)).save_pretrained(folder)
-    return load_model(folder, device="cpu", tokenizer="gpt2")
-
-
 @built
 def test_factual_mlp_localisation_runs_on_a_gpt2_family_model(random_gpt2):
     from circuitfind.study import mlp_localisation

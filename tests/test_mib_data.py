@@ -163,22 +163,6 @@ def test_arithmetic_rows(random_gpt2):
         TaskBatch.build(random_gpt2, str(DATA / "arithmetic_addition.jsonl"), 3)
 
 
-@pytest.fixture(scope="module")
-def random_gpt2(tmp_path_factory):
-    """A small random GPT-2 with the GPT-2 tokenizer rebuilt offline (skipped when it is not built)."""
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from circuitfind.bpe import tokenizer_dir
-    from circuitfind.models import load_model
-
-    if not (tokenizer_dir() / "tokenizer.json").is_file():
-        pytest.skip("GPT-2 tokenizer not built: run `circuitfind models fetch gpt2-tokenizer`")
-    folder = tmp_path_factory.mktemp("gpt2-random")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=128)).save_pretrained(folder)
-    return load_model(folder, device="cpu", tokenizer="gpt2")
-
-
 IOI = json.loads((DATA / "ioi.jsonl").read_text().splitlines()[0])
 MCQA = json.loads((DATA / "copycolors_mcqa.jsonl").read_text().splitlines()[0])
 ADD = json.loads((DATA / "arithmetic_addition.jsonl").read_text().splitlines()[0])

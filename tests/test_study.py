@@ -378,21 +378,6 @@ def test_the_mlp_chart_fits_its_y_axis_and_ticks_whole_layers():
     assert "1.00" in re.findall(r'font-size="9">([^<]*)</text>', default)  # other charts keep 0-1
 
 
-@pytest.fixture(scope="module")
-def random_gpt2(tmp_path_factory):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from circuitfind.bpe import tokenizer_dir
-    from circuitfind.models import load_model
-
-    if not (tokenizer_dir() / "tokenizer.json").is_file():
-        pytest.skip("GPT-2 tokenizer not built: run `circuitfind models fetch gpt2-tokenizer`")
-    folder = tmp_path_factory.mktemp("gpt2-random")
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=3, n_head=2, n_positions=64)).save_pretrained(folder)
-    return load_model(folder, device="cpu", tokenizer="gpt2")
-
-
 def test_the_mlp_part_honours_its_direction(random_gpt2):
     out = {d: study.mlp_localisation(random_gpt2, "g", prompts=6, windows=(1, 3), direction=d) for d in P.DIRECTIONS}
     batch = TaskBatch.build(random_gpt2, "factual", 6, seed=0)
