@@ -162,7 +162,7 @@ def test_one_token_answers_declared_multi_score_as_single_tokens(ioi_model):
     (tests/test_multitoken.py checks longer answers)."""
     prompts = generate_prompts("ioi", 3, seed=0)
     batch = TaskBatch.from_prompts(ioi_model, prompts, answer_tokens="multi")
-    assert batch.answer_sequences == [[a] for a in batch.answers.tolist()]
+    assert batch.answer_sequences == [[[a]] for a in batch.answers.tolist()]
     single = P.prepare(ioi_model, TaskBatch.from_prompts(ioi_model, prompts))
     multi = P.prepare(ioi_model, batch)
     assert multi.size == 6 and multi.clean_value == pytest.approx(single.clean_value, abs=1e-5)

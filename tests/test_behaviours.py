@@ -1,4 +1,4 @@
-"""The shipped data-only behaviours (capital, pronouns, agreement, greater-than by digits) and
+"""The shipped data-only behaviours (capital, pronouns, agreement, greater-than by digits and by years) and
 ``evaluate``'s set numbers (issue 17)."""
 
 import pytest
@@ -61,13 +61,22 @@ def test_greater_than_by_digits_sets_are_the_decades_after_and_before():
         assert p.corrupted["01-year"] == p.text.replace(f"year 17{yy}", "year 1701")
 
 
-@pytest.mark.slow  # four evaluations of SmolLM2 on the CPU: about 40 s on a shared 2-core machine
+def test_greater_than_years_sets_are_the_years_after_and_up_to_yy():
+    for p in generate_prompts("greater_than_years", 40, seed=0):
+        yy = int(p.text.split("the year 17")[1][:2])
+        assert 2 <= yy <= 98
+        assert p.answers == tuple(f"{y:02d}" for y in range(yy + 1, 100))
+        assert p.counter_answers == tuple(f"{y:02d}" for y in range(yy + 1))  # Hanna et al.: years <= YY
+        assert p.corrupted["01-year"] == p.text.replace(f"year 17{yy:02d}", "year 1701")
+
+
+@pytest.mark.slow  # five evaluations of SmolLM2 on the CPU (one of 11 rows a prompt): about 90 s on a shared 2-core machine
 @pytest.mark.skipif(not fetch.is_fetched("smollm2-135m"), reason="SmolLM2 not in the cache")
 def test_shipped_behaviours_are_above_chance_on_smollm2():
     from circuitfind.models import load_model
 
     model = load_model("smollm2-135m", device="cpu")
-    for task in ("capital", "pronouns", "agreement", "greater_than_digits"):
+    for task in ("capital", "pronouns", "agreement", "greater_than_digits", "greater_than_years"):
         r = evaluate(model, TaskBatch.build(model, task, 16, seed=0), corruptions=("str",))
         print(f"\n{task}: {r.as_dict()}")
         assert r.pair_accuracy >= r.pair_chance + 0.3, task

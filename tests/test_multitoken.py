@@ -61,7 +61,7 @@ def multi(ioi_model):
 
 def test_teacher_forced_log_probability_equals_the_full_sequence(ioi_model, multi):
     prompts, batch = multi
-    assert [len(s) for s in batch.answer_sequences] == [3, 2, 3, 2, 3, 2]
+    assert [len(s) for (s,) in batch.answer_sequences] == [3, 2, 3, 2, 3, 2]
     clean = [_log_prob(ioi_model, p.text, p.answer) for p in prompts]
     counter = [_log_prob(ioi_model, p.text, p.counter_answer) for p in prompts]
     corrupt = [_forced(ioi_model, p.corrupted["abc"], p.text, p.answer) for p in prompts]
@@ -111,7 +111,7 @@ def test_rows_keep_the_key_tokens_and_the_answer_prefix(ioi_model, multi):
     assert torch.equal(rows.positions["end"], rows.end_pos)
     for r in range(rows.size):
         n, end, p = int(batch.end_pos[i[r]]) + 1, int(rows.end_pos[r]) + 1, int(i[r])
-        seq = (batch.answer_sequences if rows.sign[r] > 0 else batch.counter_sequences)[p]
+        (seq,) = (batch.answer_sequences if rows.sign[r] > 0 else batch.counter_sequences)[p]
         j = int(rows.token_index[r])
         assert rows.answers[r].item() == seq[j] and rows.clean_tokens[r, n:end].tolist() == seq[:j]
         assert rows.clean_tokens[r, :n].tolist() == batch.clean_tokens[p, :n].tolist()
@@ -187,8 +187,10 @@ def _dataset(tmp_path):
     return spec
 
 
-def test_a_multi_token_dataset_through_discover(tmp_path, capsys):
+def test_a_multi_token_dataset_through_discover(tmp_path, capsys, monkeypatch):
     spec = _dataset(tmp_path)
+    (tmp_path / "row_metrics.py").write_text("def first(logits, ctx):\n    return logits[:, 0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     out = tmp_path / "c.json"
     args = ["discover", "--model", "toy-ioi", "--task", str(spec), "-n", "6", "--top-k", "8"]
     assert main([*args, "--algorithm", "eap", "--metric", "logprob_diff", "--out", str(out)]) == 0
@@ -199,16 +201,17 @@ def test_a_multi_token_dataset_through_discover(tmp_path, capsys):
     assert main([*args, "--algorithm", "ifr"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'pairs-multi'" in err and "algorithm 'ifr'" in err
-    assert main([*args, "--algorithm", "eap", "--metric", "prob"]) == 2
+    assert main([*args, "--algorithm", "eap", "--metric", "prob_diff"]) == 0  # a set metric over whole answers
+    assert "faithfulness" in capsys.readouterr().out
+    assert main([*args, "--algorithm", "eap", "--metric", "row_metrics:first"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("circuitfind: error:") and "metric 'prob' cannot score them" in err
+    assert err.startswith("circuitfind: error:") and "metric 'row_metrics:first' cannot score them" in err
 
 
 def test_refusals(ioi_model, multi):
     prompts, batch = multi
-    for metric in ("prob", "prob_diff", lambda logits, ctx: logits[:, 0]):
-        with pytest.raises(TaskError, match="multi-token answers .* cannot score them; use one of logprob"):
-            P.prepare(ioi_model, batch, "str", metric)
+    with pytest.raises(TaskError, match="multi-token answers .* cannot score them; use one of logprob"):
+        P.prepare(ioi_model, batch, "str", lambda logits, ctx: logits[:, 0])
     setup = P.prepare(ioi_model, batch, "str", "logprob")
     with pytest.raises(TaskError, match="algorithm 'ifr' cannot use them"):
         discovery.discover(setup, "ifr", "noise", top_k=5)
@@ -221,9 +224,9 @@ def test_refusals(ioi_model, multi):
     assert P.prepare(ioi_model, one_sided, "str", "logprob").size == 5
     with pytest.raises(TaskError, match="prompt 0 .* has no counterfactual answer, which metric 'logit_diff' needs"):
         P.prepare(ioi_model, one_sided, "str", "logit_diff")
-    sets = [dataclasses.replace(prompts[0], answers=(prompts[0].answer, " Mary"))]
-    with pytest.raises(TaskError, match="multi-token answers take one correct and at most one wrong answer"):
-        TaskBatch.from_prompts(ioi_model, sets, answer_tokens="multi")
+    both = [dataclasses.replace(prompts[0], answers=(prompts[0].answer, " Mary"), counter_answers=(" Mary",))]
+    with pytest.raises(TaskError, match=r"prompt 0 .*: answer tokens \[\d+\] are in both the correct and the wrong"):
+        P.prepare(ioi_model, TaskBatch.from_prompts(ioi_model, both, answer_tokens="multi"), "str", "prob_diff")
 
 
 def test_the_sweep_grid_check_refuses_before_anything_runs(tmp_path):
@@ -234,8 +237,7 @@ def test_the_sweep_grid_check_refuses_before_anything_runs(tmp_path):
     SweepConfig(tasks=[spec], corruptions=["str", "resample", "mean"], prompts=6).check()
     with pytest.raises(TaskError, match="task 'pairs-multi' .* algorithm 'ifr' cannot use them"):
         SweepConfig(tasks=[spec], algorithms=["eap", "ifr"], prompts=6).check()
-    with pytest.raises(TaskError, match="metric 'prob_diff' cannot score them"):
-        SweepConfig(tasks=[spec], metrics=["kl", "prob_diff"], prompts=6).check()
+    SweepConfig(tasks=[spec], metrics=["kl", "prob_diff"], corruptions=["str"], prompts=6).check()
 
 
 def test_a_sweep_setting_of_a_multi_token_dataset(tmp_path):
@@ -272,7 +274,7 @@ def test_smollm2_four_digit_answer():
         {},
     )
     batch = TaskBatch.from_prompts(smol, [prompt, dataclasses.replace(prompt, answer=" 1760")], answer_tokens="multi")
-    assert [len(s) for s in batch.answer_sequences] == [5, 5]  # a space, then one token per digit
+    assert [len(s) for (s,) in batch.answer_sequences] == [5, 5]  # a space, then one token per digit
     setup = P.prepare(smol, batch, "str", "logprob_diff")
     want = [_log_prob(smol, prompt.text, a) - _log_prob(smol, prompt.text, " 1701") for a in (" 1745", " 1760")]
     assert setup.clean_value == pytest.approx(sum(want) / 2, abs=1e-3)
@@ -295,7 +297,7 @@ def test_gpt2_tokenizer_two_token_answer(tmp_path):
         {},
     )
     batch = TaskBatch.from_prompts(model, [prompt], answer_tokens="multi")
-    assert batch.answer_sequences[0][0] == 2091  # '33', not ' 33'
+    assert batch.answer_sequences[0][0][0] == 2091  # '33', not ' 33'
     setup = P.prepare(model, batch, "str", "logprob_diff")
     want = _log_prob(model, prompt.text, "33 AD") - _log_prob(model, prompt.text, "01 BC")
     assert setup.clean_value == pytest.approx(want, abs=1e-4)

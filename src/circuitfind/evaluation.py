@@ -25,7 +25,8 @@ class TaskReport:
     ``R u R'`` in ``R`` (its chance level, ``pair_chance``, is the mean of ``|R| / (|R| + |R'|)``, 0.5
     for one answer each); ``logit_diff`` is mean logit of ``R`` minus that of ``R'`` and ``prob_diff``
     the mass of ``R`` minus that of ``R'`` (both 0 at chance). A single answer is the set of one, which
-    gives the single-answer numbers."""
+    gives the single-answer numbers. With multi-token answers (``teacher_forced``) see
+    :func:`evaluate_multitoken`."""
 
     task: str
     n_prompts: int
@@ -36,14 +37,16 @@ class TaskReport:
     prob_diff: float
     corrupted: dict[str, dict[str, float]]
     skipped: dict[str, str] = field(default_factory=dict)  # default corruptions the task cannot take, and why
+    teacher_forced: bool = False  # multi-token answers: each answer's log p(r|x) plays its logit's part
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def format(self) -> str:
+        whole = " (answers scored whole, by teacher forcing: log p(r|x) in place of a logit)"
         lines = [
-            f"task {self.task}: {self.n_prompts} prompts",
-            f"  accuracy (top-1 in R)       {self.accuracy:.3f}",
+            f"task {self.task}: {self.n_prompts} prompts{whole if self.teacher_forced else ''}",
+            f"  {'accuracy (greedy in R)' if self.teacher_forced else 'accuracy (top-1 in R)':<28}{self.accuracy:.3f}",
             f"  R vs R' accuracy            {self.pair_accuracy:.3f}   (chance {self.pair_chance:.3f})",
             f"  clean logit diff R - R'     {self.logit_diff:.3f}",
             f"  clean prob diff R - R'      {self.prob_diff:.3f}",
@@ -121,38 +124,40 @@ def evaluate_multitoken(
     corruptions: tuple[str, ...] = DEFAULT_CORRUPTIONS,
     skipped: dict[str, str] | None = None,
 ) -> TaskReport:
-    """:func:`evaluate` for multi-token answers, scored by teacher forcing (:mod:`circuitfind.multitoken`):
-    ``accuracy`` is greedy decoding giving the whole answer (every answer token the top token after the
-    true prefix); ``pair_accuracy`` is ``log p(a|x) > log p(b|x)`` (chance 0.5); ``logit_diff`` is
-    ``log p(a|x) - log p(b|x)`` (the one-token logit difference for one-token answers) and ``prob_diff``
-    ``p(a|x) - p(b|x)``; a prompt with no counterfactual answer counts ``b`` as impossible in the pair
-    accuracy (chance 1) and as ``a`` in the difference (0), as the single-token rules do."""
+    """:func:`evaluate` for multi-token answers and answer sets, scored by teacher forcing
+    (:mod:`circuitfind.multitoken`), each number by the single-token rule with ``log p(r|x)`` of the whole
+    answer in place of a token's logit: ``accuracy`` is greedy decoding giving a correct answer (every
+    token of one answer of ``R`` the top token after its true prefix); ``pair_accuracy``: the most
+    probable answer of ``R u R'`` is in ``R`` (chance ``|R| / (|R| + |R'|)``); ``logit_diff`` is the mean
+    ``log p(r|x)`` over ``R`` minus that over ``R'`` (``log p(a|x) - log p(b|x)`` for one answer each) and
+    ``prob_diff`` ``sum_R p(r|x) - sum_{R'} p(r'|x)``; a prompt with no wrong answer counts ``R'`` as
+    impossible in the pair accuracy (chance 1) and as ``R`` in the log difference (0)."""
     rows = multitoken.expand(model, batch)
-    ctx, n = rows.metric_context(), batch.size
     with torch.no_grad():
         logits = answer_logits(model(rows.clean_tokens), rows.end_pos).float()
-
-    def diffs(scores: multitoken.AnswerScores) -> tuple[float, float]:
-        has = torch.isfinite(scores.counter)
-        counter = torch.where(has, scores.counter, scores.answer)
-        prob = scores.answer.exp() - torch.where(has, scores.counter.exp(), torch.zeros_like(counter))
-        return (scores.answer - counter).mean().item(), prob.mean().item()
-
-    clean = multitoken.answer_scores(logits, ctx, n)
-    has = torch.isfinite(clean.counter)
+    clean = multitoken.answer_scores(logits, rows.metric_context(), rows)
+    assert rows.sequences is not None
+    correct, wrong = rows.sequences.sides()
+    n_r, n_w = correct.sum(-1).float(), wrong.sum(-1).float()
     corrupted = {}
     for name in corruptions:
         setup = prepare(model, batch, name, "logprob")
-        assert setup.corrupt_logits is not None
-        diff, prob = diffs(multitoken.answer_scores(setup.corrupt_logits, setup.ctx, n))
-        corrupted[name] = {"logit_diff": diff, "prob_diff": prob, "kl": setup.baselines("kl")[1]}
+        assert setup.corrupt_logits is not None and isinstance(setup.batch, multitoken.AnswerRows)
+        scores = multitoken.answer_scores(setup.corrupt_logits, setup.ctx, setup.batch)
+        corrupted[name] = {
+            "logit_diff": scores.logit_diff.mean().item(),
+            "prob_diff": scores.prob_diff.mean().item(),
+            "kl": setup.baselines("kl")[1],
+        }
     return TaskReport(
         batch.task.name,
-        n,
-        clean.greedy.float().mean().item(),
-        (clean.answer > clean.counter).float().mean().item(),
-        torch.where(has, 0.5, 1.0).mean().item(),
-        *diffs(clean),
+        batch.size,
+        clean.greedy.mean().item(),
+        (clean.best_answer > clean.best_counter).float().mean().item(),
+        (n_r / (n_r + n_w)).mean().item(),
+        clean.logit_diff.mean().item(),
+        clean.prob_diff.mean().item(),
         corrupted,
         skipped or {},
+        teacher_forced=True,
     )

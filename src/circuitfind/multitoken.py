@@ -1,29 +1,45 @@
-"""Multi-token answers, scored by teacher forcing: one row per answer token.
+"""Multi-token answers and answer sets, scored by teacher forcing: one row per answer position.
 
 Every engine reads the logits at one position per row (``end_pos``), so a prompt ``x`` whose answer is
-``a = (a_1, ..., a_m)`` becomes ``m`` rows before the engines see it: row ``j`` is ``x + a_<j`` with its
-answer position at its last token and the single answer ``a_j`` (teacher forcing, Williams & Zipser
-1989: the model is fed the true prefix, not its own guesses). By the chain rule,
-``log p(a|x) = sum_j log p(a_j | x, a_<j)``, so a metric summed over a prompt's rows is the
-log-probability of its whole answer. The corrupted row is the corrupted prompt plus the *same* prefix
-(lengths stay equal). A counterfactual answer ``b`` adds its own rows ``x + b_<j -> b_j`` with sign -1.
+``a = (a_1, ..., a_m)`` becomes rows before the engines see it: the row of ``x + a_<j`` has its answer
+position at its last token and predicts ``a_j`` (teacher forcing, Williams & Zipser 1989: the model is
+fed the true prefix, not its own guesses). By the chain rule ``log p(a|x) = sum_j log p(a_j | x, a_<j)``.
+The corrupted row is the corrupted prompt plus the *same* prefix (lengths stay equal).
 
-Metrics (:class:`TeacherForced` wraps the built-in one):
+Two layouts (:func:`expand`):
 
-* ``logprob``: ``log p(a|x)``;
-* ``logprob_diff`` and ``logit_diff``: ``log p(a|x) - log p(b|x)`` (for one-token answers the two are
-  equal, the softmax normaliser cancelling, so ``logit_diff`` keeps its meaning);
-* ``kl``: ``-sum_j KL(clean || patched)`` at the clean answer's positions.
+* **chain** (every prompt has one correct answer ``a`` and at most one wrong answer ``b``): the rows
+  ``x + a_<j -> a_j``, then ``x + b_<j -> b_j`` with sign -1, as before answer sets existed;
+* **trie** (a prompt has a set ``R`` or ``R'`` of several answers): one row per distinct proper prefix
+  of the answers of ``R u R'``, so a shared prefix is run once. Greater-than on a tokenizer that splits
+  digits (Hanna et al. 2023 with SmolLM2 or Llama): ``R`` = the years above ``YY``, two tokens each, and
+  the 100 years need 11 rows per prompt (the prompt, and the prompt plus each tens digit).
 
-Engines average over rows, so each row's value is scaled by ``rows / prompts``: the mean over rows is the
-mean over prompts of the per-prompt value. :func:`by_prompt` sums rows back into prompts (per-prompt EAP
-scores, per-prompt patching values). ``prob``, ``prob_diff`` and metrics by import path are refused (a
-probability of a sequence is not a sum over its tokens, and a user's metric would see rows, not prompts),
-as is IFR (:data:`REFUSED_ALGORITHMS`).
+Metrics:
+
+* ``logprob``: ``log sum_{r in R} p(r|x)`` (for one answer, ``log p(a|x)``);
+* ``logprob_diff``: ``log sum_R p(r|x) - log sum_{R'} p(r'|x)``;
+* ``logit_diff``: the mean over ``R`` of ``log p(r|x)`` minus the mean over ``R'`` (the single-token rule,
+  mean logit of ``R`` minus mean logit of ``R'``, with the sequence's log-probability as its logit; for one
+  answer each it is ``log p(a|x) - log p(b|x)``, and for one-token answers the logit difference itself);
+* ``prob``: ``sum_R p(r|x)``; ``prob_diff``: ``sum_R p(r|x) - sum_{R'} p(r'|x)`` (Hanna et al.'s
+  probability difference, exact for years of any number of tokens);
+* ``kl``: ``-sum KL(clean || patched)`` over the prompt's rows (chain: the correct answer's positions;
+  trie: every prefix row).
+
+In the chain layout ``logprob``, ``logprob_diff``, ``logit_diff`` and ``kl`` add over rows
+(:class:`TeacherForced`); every set metric (:class:`SequenceSetMetric`) combines a prompt's rows, so it
+needs all of them in one pass: the engines never split a prompt's rows between passes
+(:attr:`AnswerRows.split_points`). Engines average over rows, so each row's value is scaled by ``rows /
+prompts`` (shared equally among a prompt's rows for a set metric): the mean over rows is the mean over
+prompts of the per-prompt value. :func:`by_prompt` sums rows back into prompts (per-prompt EAP scores,
+per-prompt patching values). Metrics by import path are refused (they would see rows, not prompts), as
+is IFR (:data:`REFUSED_ALGORITHMS`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -31,8 +47,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from circuitfind.corruptions import Corruption, CorruptionPlan, ResampleAblation, Run
-from circuitfind.errors import TaskError
-from circuitfind.metrics import LogitDiff, LogProb, LogProbDiff, Metric, MetricContext, NegKL
+from circuitfind.errors import MetricError, TaskError
+from circuitfind.metrics import LogitDiff, LogProb, LogProbDiff, Metric, MetricContext, NegKL, Probability, ProbDiff
 from circuitfind.tasks import TaskBatch
 
 if TYPE_CHECKING:
@@ -42,6 +58,7 @@ if TYPE_CHECKING:
 SIGN = "answer_rows.sign"  # +1: a token of the correct answer, -1: of the counterfactual one
 SCALE = "answer_rows.scale"  # rows / prompts, so the mean over rows is the mean over prompts
 TOKEN = "answer_rows.token"  # j: the row predicts the answer's token j (0-based)
+ROW = "answer_rows.row"  # the row's index in the AnswerRows batch (a stacked copy keeps its row's index)
 
 # metric name -> (the exact built-in class, whether it reads the counterfactual rows)
 SCORED: dict[str, tuple[type[Metric], bool]] = {
@@ -49,7 +66,16 @@ SCORED: dict[str, tuple[type[Metric], bool]] = {
     "logprob_diff": (LogProbDiff, True),
     "logit_diff": (LogitDiff, True),
     "kl": (NegKL, False),
+    "prob": (Probability, False),
+    "prob_diff": (ProbDiff, True),
 }
+# the metrics that add over rows in the chain layout (the others combine a prompt's rows)
+ROW_SUMS = ("logprob", "logprob_diff", "logit_diff", "kl")
+
+# a row: (prompt, answer position j, sign, prefix = the answer's first j tokens, target token)
+Row = tuple[int, int, int, list[int], int]
+# an answer: (prompt, correct = in R, the rows predicting its tokens, its tokens)
+Answer = tuple[int, bool, list[int], list[int]]
 
 REFUSED_ALGORITHMS = {
     "ifr": "IFR scores the routes of the clean run's predictions without a metric, so it cannot weigh the "
@@ -58,12 +84,126 @@ REFUSED_ALGORITHMS = {
 
 
 @dataclass
+class SequenceTable:
+    """Where each answer's tokens are predicted: answer ``s`` (``[S]`` of them) belongs to prompt
+    ``prompt[s]``, is correct (in ``R``) when ``correct[s]``, and its token ``j`` is predicted by row
+    ``rows[s, j]`` as ``tokens[s, j]`` (``mask`` marks real entries of the padded ``[S, L]`` tables).
+    ``row_prompt`` (``[rows]``) is each row's prompt; ``members`` / ``member_mask`` (``[prompts, k]``)
+    list each prompt's answers, correct ones first, and ``n_correct`` (``[prompts]``) counts them."""
+
+    rows: torch.Tensor
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    prompt: torch.Tensor
+    correct: torch.Tensor
+    row_prompt: torch.Tensor
+    members: torch.Tensor
+    member_mask: torch.Tensor
+    n_correct: torch.Tensor
+
+    @classmethod
+    def build(cls, answers: list[Answer], row_prompt: list[int], device) -> SequenceTable:
+        """From ``(prompt, correct, rows, tokens)`` per answer, in prompt order, correct answers first."""
+        width = max(len(t) for _, _, _, t in answers)
+        n_prompts = max(row_prompt) + 1
+        rows = torch.zeros(len(answers), width, dtype=torch.long)
+        tokens = torch.zeros(len(answers), width, dtype=torch.long)
+        mask = torch.zeros(len(answers), width, dtype=torch.bool)
+        per_prompt: list[list[int]] = [[] for _ in range(n_prompts)]
+        for s, (i, _, r, t) in enumerate(answers):
+            rows[s, : len(r)], tokens[s, : len(t)], mask[s, : len(t)] = torch.tensor(r), torch.tensor(t), True
+            per_prompt[i].append(s)
+        k = max(len(m) for m in per_prompt)
+        members = torch.zeros(n_prompts, k, dtype=torch.long)
+        member_mask = torch.zeros(n_prompts, k, dtype=torch.bool)
+        for i, m in enumerate(per_prompt):
+            members[i, : len(m)], member_mask[i, : len(m)] = torch.tensor(m, dtype=torch.long), True
+        correct = torch.tensor([c for _, c, _, _ in answers])
+        n_correct = torch.zeros(n_prompts, dtype=torch.long).index_add_(
+            0, torch.tensor([i for i, _, _, _ in answers]), correct.long()
+        )
+        return cls(
+            rows.to(device),
+            tokens.to(device),
+            mask.to(device),
+            torch.tensor([i for i, _, _, _ in answers], device=device),
+            correct.to(device),
+            torch.tensor(row_prompt, device=device),
+            members.to(device),
+            member_mask.to(device),
+            n_correct.to(device),
+        )
+
+    def to(self, device) -> SequenceTable:
+        return SequenceTable(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
+
+    def sides(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[prompts, k]`` masks of each prompt's correct and wrong answers among its :attr:`members`."""
+        rank = torch.arange(self.members.shape[1], device=self.members.device)[None, :]
+        correct = self.member_mask & (rank < self.n_correct[:, None])
+        return correct, self.member_mask & ~correct
+
+
+@dataclass
+class Passes:
+    """The teacher-forced rows of one metric call, matched to the prompts they belong to.
+
+    The stacked rows of a call (candidates x rows, noise samples x rows, a chunk of prompts) carry
+    their row's index (:data:`ROW`); the ``k``-th stacked copy of a row is copy ``k`` (``copy``,
+    ``[calls rows]``), and ``where[k, r]`` is the position of copy ``k`` of row ``r`` (-1: absent).
+    ``present[k, i]``: copy ``k`` holds every row of prompt ``i``."""
+
+    copy: torch.Tensor
+    row: torch.Tensor
+    where: torch.Tensor
+    present: torch.Tensor
+
+    @classmethod
+    def of(cls, ctx: MetricContext, table: SequenceTable, device) -> Passes:
+        row = ctx.extra[ROW].to(device)
+        n, n_rows = row.shape[0], table.row_prompt.shape[0]
+        order = torch.argsort(row, stable=True)
+        ranked = row[order]
+        copy = torch.empty_like(row)
+        copy[order] = torch.arange(n, device=device) - torch.searchsorted(ranked, ranked)
+        n_copies = int(copy.max()) + 1
+        where = torch.full((n_copies, n_rows), -1, dtype=torch.long, device=device)
+        where[copy, row] = torch.arange(n, device=device)
+        n_prompts = table.members.shape[0]
+        held = torch.zeros(n_copies, n_prompts, device=device).index_add_(1, table.row_prompt, (where >= 0).float())
+        needed = torch.zeros(n_prompts, device=device).index_add_(
+            0, table.row_prompt, torch.ones(n_rows, device=device)
+        )
+        split = (held > 0) & (held < needed)
+        if split.any():
+            i = int(split.nonzero()[0, 1])
+            raise MetricError(
+                f"prompt {i}'s teacher-forced rows were split between passes ({int(held[split][0])} of "
+                f"{int(needed[i])} in one): a set metric needs all of a prompt's rows at once"
+            )
+        return cls(copy, row, where, held == needed)
+
+    def answer_logprobs(self, logprobs: torch.Tensor, table: SequenceTable) -> torch.Tensor:
+        """``[copies, answers]``: each answer's teacher-forced ``log p(answer | prompt)`` in each copy
+        (meaningless where its prompt is not :attr:`present`)."""
+        at = self.where[:, table.rows].clamp(min=0)  # [copies, S, L]
+        token = logprobs[at, table.tokens.expand_as(at)]
+        return token.masked_fill(~table.mask, 0.0).sum(-1)
+
+    def answer_greedy(self, top: torch.Tensor, table: SequenceTable) -> torch.Tensor:
+        """``[copies, answers]``: every token of the answer is the top token after its true prefix."""
+        at = self.where[:, table.rows].clamp(min=0)
+        return ((top[at] == table.tokens) | ~table.mask).all(-1)
+
+
+@dataclass
 class AnswerRows(TaskBatch):
-    """A :class:`TaskBatch` of teacher-forced rows, one per answer token (see the module docstring).
+    """A :class:`TaskBatch` of teacher-forced rows (see the module docstring).
 
     ``source`` is the batch of prompts; ``prompt_index``, ``token_index`` and ``sign`` (``[rows]``) say
-    which prompt, which answer token and which answer (+1 correct, -1 counterfactual) each row is;
-    ``prefixes`` are the answer tokens each row appends to its prompt. ``prompts`` holds each row's
+    which prompt, which answer position and which answer (+1 correct, -1 counterfactual; +1 for every
+    row of the trie layout) each row is; ``prefixes`` are the answer tokens each row appends to its
+    prompt; ``sequences`` says which row predicts each answer token. ``prompts`` holds each row's
     :class:`~circuitfind.tasks.Prompt` (repeated), so ``extra`` columns stay aligned."""
 
     source: TaskBatch | None = None
@@ -72,11 +212,21 @@ class AnswerRows(TaskBatch):
     sign: torch.Tensor | None = None
     prefixes: list[list[int]] | None = None
     pad_id: int = 0
+    layout: str = "chain"
+    sequences: SequenceTable | None = None
 
     @property
     def n_prompts(self) -> int:
         assert self.source is not None
         return self.source.size
+
+    @property
+    def split_points(self) -> list[int]:
+        """The row indices where a pass over a slice of the rows may start: the first row of each
+        prompt, so no pass splits a prompt's rows (a set metric combines them)."""
+        assert self.prompt_index is not None
+        index = self.prompt_index.tolist()
+        return [r for r in range(len(index)) if r == 0 or index[r] != index[r - 1]]
 
     def rows_of(self, prompt_tokens: torch.Tensor) -> torch.Tensor:
         """``[rows, pos]``: each row's prompt taken from ``prompt_tokens`` (``[prompts, pos]``, the
@@ -92,30 +242,72 @@ class AnswerRows(TaskBatch):
 
     def metric_context(self) -> MetricContext:
         """The rows' context: each row's target token, its prompt's ``extra`` columns, its prompt index,
-        and the :data:`SIGN`, :data:`SCALE` and :data:`TOKEN` columns that :class:`TeacherForced` reads."""
+        and the :data:`SIGN`, :data:`SCALE`, :data:`TOKEN` and :data:`ROW` columns that the metrics read."""
         assert self.sign is not None and self.token_index is not None and self.prompt_index is not None
         ctx = super().metric_context()
-        clash = sorted({SIGN, SCALE, TOKEN} & set(ctx.extra))
+        clash = sorted({SIGN, SCALE, TOKEN, ROW} & set(ctx.extra))
         if clash:
             raise TaskError(f"task {self.task.name!r}: column {clash[0]!r} is reserved for multi-token answers")
         ctx.extra[SIGN] = self.sign.float()
         ctx.extra[SCALE] = torch.full_like(ctx.extra[SIGN], self.size / self.n_prompts)
         ctx.extra[TOKEN] = self.token_index
+        ctx.extra[ROW] = torch.arange(self.size, device=self.sign.device)
         ctx.prompt_index = self.prompt_index
         return ctx
 
 
+def _chain_rows(batch: TaskBatch) -> tuple[list[Row], list[Answer]]:
+    """The chain layout's rows ``(prompt, token index, sign, prefix, target)`` and answers."""
+    assert batch.answer_sequences is not None and batch.counter_sequences is not None
+    rows: list[Row] = []
+    answers: list[Answer] = []
+    for i, (correct, wrong) in enumerate(zip(batch.answer_sequences, batch.counter_sequences, strict=True)):
+        for sign, seqs in ((1, correct), (-1, wrong)):
+            for seq in seqs:
+                answers.append((i, sign > 0, list(range(len(rows), len(rows) + len(seq))), seq))
+                rows.extend((i, j, sign, seq[:j], t) for j, t in enumerate(seq))
+    return rows, answers
+
+
+def _trie_rows(batch: TaskBatch) -> tuple[list[Row], list[Answer]]:
+    """The trie layout's rows (one per distinct proper prefix of a prompt's answers) and answers."""
+    assert batch.answer_sequences is not None and batch.counter_sequences is not None
+    rows: list[Row] = []
+    answers: list[Answer] = []
+    for i, (correct, wrong) in enumerate(zip(batch.answer_sequences, batch.counter_sequences, strict=True)):
+        both = {tuple(s) for s in correct} & {tuple(s) for s in wrong}
+        if both:
+            raise TaskError(
+                f"task {batch.task.name!r}, prompt {i} ({batch.prompts[i].text!r}): answer tokens {list(min(both))} "
+                "are in both the correct and the wrong answer set"
+            )
+        prefix_row: dict[tuple[int, ...], int] = {}
+        for correct_side, seqs in ((True, correct), (False, wrong)):
+            for seq in dict.fromkeys(tuple(s) for s in seqs):  # a set: each answer once
+                at = []
+                for j, t in enumerate(seq):
+                    if seq[:j] not in prefix_row:
+                        prefix_row[seq[:j]] = len(rows)
+                        rows.append((i, j, 1, list(seq[:j]), t))
+                    at.append(prefix_row[seq[:j]])
+                answers.append((i, correct_side, at, list(seq)))
+    return rows, answers
+
+
 def expand(model: TransformerBridge, batch: TaskBatch) -> AnswerRows:
-    """The teacher-forced rows of a multi-token batch (``batch.answer_sequences`` set): for prompt ``i``,
-    first its answer's rows then its counterfactual's, in prompt order."""
+    """The teacher-forced rows of a multi-token batch (``batch.answer_sequences`` set), in prompt order:
+    the chain layout when every prompt has one correct and at most one wrong answer, else the trie
+    layout (module docstring)."""
     if batch.answer_sequences is None:
         raise ValueError("expand needs a batch with multi-token answers (answer_tokens: multi)")
-    counters = batch.counter_sequences or [[] for _ in batch.answer_sequences]
+    if batch.counter_sequences is None:
+        batch = dataclasses.replace(batch, counter_sequences=[[] for _ in batch.answer_sequences])
+    assert batch.counter_sequences is not None
+    chain = all(
+        len(a) == 1 and len(b) <= 1 for a, b in zip(batch.answer_sequences, batch.counter_sequences, strict=True)
+    )
+    rows, answers = (_chain_rows if chain else _trie_rows)(batch)
     device = batch.clean_tokens.device
-    rows: list[tuple[int, int, int, list[int], int]] = []  # prompt, token index, sign, prefix, target
-    for i, (answer, counter) in enumerate(zip(batch.answer_sequences, counters, strict=True)):
-        for sign, seq in ((1, answer), (-1, counter)):
-            rows.extend((i, j, sign, seq[:j], t) for j, t in enumerate(seq))
     index = torch.tensor([r[0] for r in rows], device=device)
     lengths = batch.end_pos[index] + 1 + torch.tensor([len(r[3]) for r in rows], device=device)
     n_pos = int(lengths.max())
@@ -150,6 +342,8 @@ def expand(model: TransformerBridge, batch: TaskBatch) -> AnswerRows:
         sign=torch.tensor([r[2] for r in rows], device=device),
         prefixes=[r[3] for r in rows],
         pad_id=pad,
+        layout="chain" if chain else "trie",
+        sequences=SequenceTable.build(answers, [r[0] for r in rows], device),
     )
     out.clean_tokens = out.rows_of(batch.clean_tokens)
     out.corrupted_tokens = {v: out.rows_of(t) for v, t in batch.corrupted_tokens.items()}
@@ -157,8 +351,8 @@ def expand(model: TransformerBridge, batch: TaskBatch) -> AnswerRows:
 
 
 class TeacherForced(Metric):
-    """A built-in metric (:data:`SCORED`) over teacher-forced rows: each row's token score times its
-    sign and :data:`SCALE`, so the mean over rows is the mean over prompts of the whole answer's score."""
+    """A metric that adds over rows (:data:`ROW_SUMS`): each row's token score times its sign and
+    :data:`SCALE`, so the mean over rows is the mean over prompts of the whole answer's score."""
 
     def __init__(self, inner: Metric):
         self.inner = inner
@@ -173,6 +367,49 @@ class TeacherForced(Metric):
             token = logits.log_softmax(-1).gather(-1, ctx.answers[:, None])[:, 0]
         weight = sign if self.counterfactual else (sign > 0).to(logits.dtype)
         return weight * scale * token
+
+
+class SequenceSetMetric(Metric):
+    """A built-in metric over whole answers (module docstring: ``prob``, ``prob_diff``, and any metric of
+    the trie layout but ``kl``): each prompt's value from its answers' teacher-forced log-probabilities,
+    shared equally among its rows and scaled by :data:`SCALE`."""
+
+    def __init__(self, inner: Metric, table: SequenceTable):
+        self.inner = inner
+        self.name = inner.name
+        self.table = table
+
+    def prompt_values(self, logits: torch.Tensor, ctx: MetricContext) -> tuple[torch.Tensor, Passes]:
+        """``[copies, prompts]`` values of the call's rows (meaningless where a prompt is absent)."""
+        table = self.table if self.table.rows.device == logits.device else self.table.to(logits.device)
+        passes = Passes.of(ctx, table, logits.device)
+        answer = passes.answer_logprobs(logits.log_softmax(-1), table)[:, table.members]  # [copies, prompts, k]
+        correct, wrong = table.sides()
+
+        def log_mass(side: torch.Tensor) -> torch.Tensor:
+            return answer.masked_fill(~side, -torch.inf).logsumexp(-1)
+
+        def mass(side: torch.Tensor) -> torch.Tensor:
+            return (answer.exp() * side).sum(-1)
+
+        def mean(side: torch.Tensor) -> torch.Tensor:
+            return (answer * side).sum(-1) / side.sum(-1).clamp(min=1)
+
+        values = {
+            "logprob": lambda: log_mass(correct),
+            "logprob_diff": lambda: log_mass(correct) - log_mass(wrong),
+            "logit_diff": lambda: mean(correct) - mean(wrong),
+            "prob": lambda: mass(correct),
+            "prob_diff": lambda: mass(correct) - mass(wrong),
+        }
+        return values[self.name](), passes
+
+    def score(self, logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
+        values, passes = self.prompt_values(logits, ctx)
+        prompt = self.table.row_prompt.to(logits.device)[passes.row]
+        n_rows = torch.bincount(self.table.row_prompt, minlength=values.shape[1]).to(logits.device)
+        scale = ctx.extra[SCALE].to(logits.device)
+        return values[passes.copy, prompt] * scale / n_rows[prompt]
 
 
 def check_metric(task: str, metric: str | Metric) -> None:
@@ -203,24 +440,24 @@ def check_grid(task: str, algorithms: Iterable[str], metrics: Iterable[str]) -> 
         check_metric(task, m)
 
 
-def wrap(metric: Metric, rows: AnswerRows) -> TeacherForced:
+def wrap(metric: Metric, rows: AnswerRows) -> Metric:
     """``metric`` scored over ``rows`` (refused when it cannot be, or when it needs a counterfactual answer
-    that a prompt lacks)."""
-    if isinstance(metric, TeacherForced):
+    that a prompt lacks): :class:`TeacherForced` where it adds over rows, else :class:`SequenceSetMetric`."""
+    if isinstance(metric, (TeacherForced, SequenceSetMetric)):
         return metric
     check_metric(rows.task.name, metric)
-    wrapped = TeacherForced(metric)
-    assert rows.source is not None and rows.sign is not None and rows.prompt_index is not None
-    if wrapped.counterfactual:
-        has = torch.zeros(rows.n_prompts, dtype=torch.bool, device=rows.sign.device)
-        has[rows.prompt_index[rows.sign < 0]] = True
-        if not has.all():
-            i = int((~has).nonzero()[0])
+    assert rows.source is not None and rows.sequences is not None
+    if SCORED[metric.name][1] and metric.name != "prob_diff":
+        missing = rows.sequences.n_correct == rows.sequences.member_mask.sum(-1)
+        if missing.any():
+            i = int(missing.nonzero()[0])
             raise TaskError(
                 f"task {rows.task.name!r}, prompt {i} ({rows.source.prompts[i].text!r}) has no counterfactual "
                 f"answer, which metric {metric.name!r} needs; give one or use logprob"
             )
-    return wrapped
+    if metric.name == "kl" or (rows.layout == "chain" and metric.name in ROW_SUMS):
+        return TeacherForced(metric)
+    return SequenceSetMetric(metric, rows.sequences)
 
 
 def corruption_plan(corruption: Corruption, model: TransformerBridge, rows: AnswerRows) -> CorruptionPlan:
@@ -266,31 +503,38 @@ def prompt_values(values: torch.Tensor, batch: TaskBatch, ctx: MetricContext) ->
 
 @dataclass
 class AnswerScores:
-    """Per prompt (``[prompts]``): ``answer`` = ``log p(a|x)``, ``counter`` = ``log p(b|x)`` (``-inf`` where a
-    prompt has no counterfactual answer), ``greedy``: every answer token is the top token of its row (greedy
-    decoding from the prompt gives the answer). Stacked copies of the rows (noise samples) are averaged."""
+    """Per prompt (``[prompts]``), by the rules of the module docstring: ``logit_diff`` (mean ``log p`` of
+    ``R`` minus that of ``R'``; 0 where a prompt has no wrong answer) and ``prob_diff``; ``best_answer`` /
+    ``best_counter``: the largest ``log p(r|x)`` on each side (``-inf``: no wrong answer); ``greedy``:
+    every token of some correct answer is the top token after its true prefix (greedy decoding gives
+    that answer). Stacked copies of the rows (noise samples) are averaged (``greedy``: the fraction)."""
 
-    answer: torch.Tensor
-    counter: torch.Tensor
+    logit_diff: torch.Tensor
+    prob_diff: torch.Tensor
+    best_answer: torch.Tensor
+    best_counter: torch.Tensor
     greedy: torch.Tensor
 
 
-def answer_scores(logits: torch.Tensor, ctx: MetricContext, n_prompts: int) -> AnswerScores:
+def answer_scores(logits: torch.Tensor, ctx: MetricContext, rows: AnswerRows) -> AnswerScores:
     """:class:`AnswerScores` from the logits at each row's answer position (``[rows, vocab]``) and the rows'
-    metric context (a setup's ``ctx``, or :meth:`AnswerRows.metric_context`)."""
-    if ctx.prompt_index is None or SIGN not in ctx.extra:
+    metric context (a setup's ``ctx``, or :meth:`AnswerRows.metric_context`); every prompt's rows must be
+    present."""
+    if rows.sequences is None or ROW not in ctx.extra:
         raise ValueError("answer_scores needs the metric context of teacher-forced rows")
-    device = logits.device
-    index, sign, answers = ctx.prompt_index.to(device), ctx.extra[SIGN].to(device), ctx.answers.to(device)
-    copies = logits.shape[0] / round(float(ctx.extra[SCALE][0]) * n_prompts)  # stacked copies of the rows
-    logprobs = logits.float().log_softmax(-1).gather(-1, answers[:, None])[:, 0]
-    correct, wrong = sign > 0, sign < 0
-
-    def total(rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(n_prompts, device=device).index_add_(0, index[rows], values[rows].float())
-
-    missed = total(correct, (logits.argmax(-1) != answers).float())
-    has_counter = torch.zeros(n_prompts, dtype=torch.bool, device=device)
-    has_counter[index[wrong]] = True
-    counter = (total(wrong, logprobs) / copies).masked_fill(~has_counter, -torch.inf)
-    return AnswerScores(total(correct, logprobs) / copies, counter, missed == 0)
+    table = rows.sequences.to(logits.device)
+    logits = logits.float()
+    diff, passes = SequenceSetMetric(LogitDiff(), table).prompt_values(logits, ctx)
+    if not passes.present.all():
+        raise ValueError("answer_scores needs every prompt's rows")
+    prob, _ = SequenceSetMetric(ProbDiff(), table).prompt_values(logits, ctx)
+    answer = passes.answer_logprobs(logits.log_softmax(-1), table)[:, table.members]
+    greedy = passes.answer_greedy(logits.argmax(-1), table)[:, table.members]
+    correct, wrong = table.sides()
+    return AnswerScores(
+        torch.where(wrong.any(-1), diff, 0.0).mean(0),
+        prob.mean(0),
+        answer.masked_fill(~correct, -torch.inf).amax(-1).mean(0),
+        answer.masked_fill(~wrong, -torch.inf).amax(-1).mean(0),
+        (greedy & correct).any(-1).float().mean(0),
+    )

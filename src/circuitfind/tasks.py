@@ -814,10 +814,11 @@ class TaskBatch:
         spans: multi-token key name (``subject``) -> ``[batch, pos]`` bool mask of its tokens.
         answer_sets / answer_mask: ``[batch, k]`` ids of every correct answer (0-padded) and the mask of
             real entries; ``counter_sets`` / ``counter_mask`` likewise for the wrong answers.
-        answer_sequences: with ``answer_tokens: multi``, each prompt's answer as its token ids
-            (``answers`` then holds their first tokens); ``None`` for single-token tasks.
-            ``counter_sequences`` likewise for the counterfactual answer (``[]`` where a prompt has none).
-            :func:`circuitfind.multitoken.expand` turns them into one row per answer token.
+        answer_sequences: with ``answer_tokens: multi``, each prompt's correct answers (its set ``R``)
+            as token id lists (``answers`` then holds the first token of the first one); ``None`` for
+            single-token tasks. ``counter_sequences`` likewise for the wrong answers ``R'`` (``[]``
+            where a prompt has none). :func:`circuitfind.multitoken.expand` turns them into
+            teacher-forced rows.
     """
 
     task: TaskSpec
@@ -834,8 +835,8 @@ class TaskBatch:
     answer_mask: torch.Tensor | None = None
     counter_sets: torch.Tensor | None = None
     counter_mask: torch.Tensor | None = None
-    answer_sequences: list[list[int]] | None = None
-    counter_sequences: list[list[int]] | None = None
+    answer_sequences: list[list[list[int]]] | None = None
+    counter_sequences: list[list[list[int]]] | None = None
 
     @property
     def size(self) -> int:
@@ -886,20 +887,10 @@ class TaskBatch:
         multi = task.answer_tokens == "multi"
         sequences = counter_sequences = None
         if multi:
-            for i, p in enumerate(prompts):
-                if len(p.answer_set) > 1 or len(p.counter_answer_set) > 1:
-                    raise TaskError(
-                        f"task {task.name!r}, prompt {i} ({p.text!r}): multi-token answers take one correct and at "
-                        f"most one wrong answer (got {len(p.answer_set)} and {len(p.counter_answer_set)}); a "
-                        "sequence's log-probability does not add over a set"
-                    )
-            sequences = [continuation_ids(model, p.text, p.answer_set[0]) for p in prompts]
-            counter_sequences = [
-                continuation_ids(model, p.text, p.counter_answer_set[0]) if p.counter_answer_set else []
-                for p in prompts
-            ]
-            answer_sets = [[seq[0]] for seq in sequences]
-            counter_sets = [[seq[0]] if seq else [] for seq in counter_sequences]
+            sequences = [[continuation_ids(model, p.text, a) for a in p.answer_set] for p in prompts]
+            counter_sequences = [[continuation_ids(model, p.text, a) for a in p.counter_answer_set] for p in prompts]
+            answer_sets = [[seqs[0][0]] for seqs in sequences]
+            counter_sets = [[seqs[0][0]] if seqs else [] for seqs in counter_sequences]
         else:
             answer_sets = [[single_token_id(model, a, p.text) for a in p.answer_set] for p in prompts]
             counter_sets = [[single_token_id(model, a, p.text) for a in p.counter_answer_set] for p in prompts]

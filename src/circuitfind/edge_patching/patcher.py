@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from circuitfind import tensor_forward
+from circuitfind import multitoken, tensor_forward
 from circuitfind.edge_patching.direct import DirectEngine
 from circuitfind.edge_patching.engine import Engine
 from circuitfind.edge_patching.hooks import Hook, HooksEngine
@@ -121,7 +121,10 @@ class EdgePatcher:
 
     def _passes(self, n_candidates: int, kind: str, split_prompts: bool, prompts: slice) -> list[tuple[slice, slice]]:
         rows = memory.rows_per_pass(self.budget(), self.row_bytes(kind), self.setup.max_batch)
-        plan = memory.schedule(n_candidates, prompts.stop - prompts.start, rows, split_prompts)
+        starts = None
+        if isinstance(self.setup.batch, multitoken.AnswerRows):  # a prompt's teacher-forced rows stay together
+            starts = [r - prompts.start for r in self.setup.batch.split_points]
+        plan = memory.schedule(n_candidates, prompts.stop - prompts.start, rows, split_prompts, starts)
         return [(c, slice(prompts.start + p.start, prompts.start + p.stop)) for c, p in plan]
 
     def passes(

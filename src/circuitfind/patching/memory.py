@@ -16,6 +16,7 @@ memory of one pass; the model's weights and the cached activations of the clean 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import torch
 
@@ -80,18 +81,27 @@ def rows_per_pass(budget_bytes: int, row_bytes: int, max_rows: int) -> int:
     return max(1, min(max_rows, budget_bytes // max(1, row_bytes)))
 
 
-def schedule(n_candidates: int, n_prompts: int, rows: int, split_prompts: bool = True) -> list[tuple[slice, slice]]:
+def schedule(
+    n_candidates: int, n_prompts: int, rows: int, split_prompts: bool = True, starts: Sequence[int] | None = None
+) -> list[tuple[slice, slice]]:
     """Passes ``(candidates, prompts)`` covering every candidate and prompt with at most ``rows``
     rows each: whole prompt batches when a candidate's prompts fit, else one candidate at a time
-    over chunks of prompts (unless ``split_prompts`` is off: then one candidate, every prompt)."""
+    over chunks of prompts (unless ``split_prompts`` is off: then one candidate, every prompt).
+    ``starts``: the only rows where a chunk may start (teacher-forced rows of one prompt stay in one
+    pass, :attr:`circuitfind.multitoken.AnswerRows.split_points`); a group larger than ``rows`` is one
+    pass of its own."""
     if rows >= n_prompts or not split_prompts:
         per = max(1, rows // n_prompts)
         return [(slice(c, min(c + per, n_candidates)), slice(0, n_prompts)) for c in range(0, n_candidates, per)]
-    return [
-        (slice(c, c + 1), slice(p, min(p + rows, n_prompts)))
-        for c in range(n_candidates)
-        for p in range(0, n_prompts, rows)
-    ]
+    bounds = sorted({0, *(s for s in (starts if starts is not None else range(n_prompts)) if 0 < s < n_prompts)})
+    bounds.append(n_prompts)
+    chunks, start = [], 0
+    for i, point in enumerate(bounds[1:], 1):
+        if point - start > rows and bounds[i - 1] > start:
+            chunks.append(slice(start, bounds[i - 1]))
+            start = bounds[i - 1]
+    chunks.append(slice(start, n_prompts))
+    return [(slice(c, c + 1), p) for c in range(n_candidates) for p in chunks]
 
 
 def element_size(dtype: torch.dtype) -> int:
