@@ -85,18 +85,17 @@ REFUSED_ALGORITHMS = {
 
 @dataclass
 class SequenceTable:
-    """Where each answer's tokens are predicted: answer ``s`` (``[S]`` of them) belongs to prompt
-    ``prompt[s]``, is correct (in ``R``) when ``correct[s]``, and its token ``j`` is predicted by row
-    ``rows[s, j]`` as ``tokens[s, j]`` (``mask`` marks real entries of the padded ``[S, L]`` tables).
-    ``row_prompt`` (``[rows]``) is each row's prompt; ``members`` / ``member_mask`` (``[prompts, k]``)
-    list each prompt's answers, correct ones first, and ``n_correct`` (``[prompts]``) counts them."""
+    """Where each answer's tokens are predicted: token ``j`` of answer ``s`` is predicted by row
+    ``rows[s, j]`` as ``tokens[s, j]`` (``mask`` marks real entries of the padded ``[answers, L]``
+    tables). ``row_prompt`` (``[rows]``) is each row's prompt and ``n_rows`` (``[prompts]``) counts each
+    prompt's rows; ``members`` / ``member_mask`` (``[prompts, k]``) list each prompt's answers, correct
+    ones first, and ``n_correct`` (``[prompts]``) counts the correct ones."""
 
     rows: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
-    prompt: torch.Tensor
-    correct: torch.Tensor
     row_prompt: torch.Tensor
+    n_rows: torch.Tensor
     members: torch.Tensor
     member_mask: torch.Tensor
     n_correct: torch.Tensor
@@ -110,31 +109,30 @@ class SequenceTable:
         tokens = torch.zeros(len(answers), width, dtype=torch.long)
         mask = torch.zeros(len(answers), width, dtype=torch.bool)
         per_prompt: list[list[int]] = [[] for _ in range(n_prompts)]
-        for s, (i, _, r, t) in enumerate(answers):
+        n_correct = [0] * n_prompts
+        for s, (i, correct, r, t) in enumerate(answers):
             rows[s, : len(r)], tokens[s, : len(t)], mask[s, : len(t)] = torch.tensor(r), torch.tensor(t), True
             per_prompt[i].append(s)
-        k = max(len(m) for m in per_prompt)
-        members = torch.zeros(n_prompts, k, dtype=torch.long)
-        member_mask = torch.zeros(n_prompts, k, dtype=torch.bool)
+            n_correct[i] += correct
+        members = torch.zeros(n_prompts, max(len(m) for m in per_prompt), dtype=torch.long)
+        member_mask = torch.zeros_like(members, dtype=torch.bool)
         for i, m in enumerate(per_prompt):
             members[i, : len(m)], member_mask[i, : len(m)] = torch.tensor(m, dtype=torch.long), True
-        correct = torch.tensor([c for _, c, _, _ in answers])
-        n_correct = torch.zeros(n_prompts, dtype=torch.long).index_add_(
-            0, torch.tensor([i for i, _, _, _ in answers]), correct.long()
-        )
+        row_of = torch.tensor(row_prompt)
         return cls(
             rows.to(device),
             tokens.to(device),
             mask.to(device),
-            torch.tensor([i for i, _, _, _ in answers], device=device),
-            correct.to(device),
-            torch.tensor(row_prompt, device=device),
+            row_of.to(device),
+            torch.bincount(row_of, minlength=n_prompts).to(device),
             members.to(device),
             member_mask.to(device),
-            n_correct.to(device),
+            torch.tensor(n_correct, device=device),
         )
 
     def to(self, device) -> SequenceTable:
+        if self.rows.device == torch.device(device):
+            return self
         return SequenceTable(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
     def sides(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -170,18 +168,16 @@ class Passes:
         where = torch.full((n_copies, n_rows), -1, dtype=torch.long, device=device)
         where[copy, row] = torch.arange(n, device=device)
         n_prompts = table.members.shape[0]
-        held = torch.zeros(n_copies, n_prompts, device=device).index_add_(1, table.row_prompt, (where >= 0).float())
-        needed = torch.zeros(n_prompts, device=device).index_add_(
-            0, table.row_prompt, torch.ones(n_rows, device=device)
-        )
-        split = (held > 0) & (held < needed)
+        held = torch.zeros(n_copies, n_prompts, dtype=torch.long, device=device)
+        held.index_add_(1, table.row_prompt, (where >= 0).long())
+        split = (held > 0) & (held < table.n_rows)
         if split.any():
             i = int(split.nonzero()[0, 1])
             raise MetricError(
                 f"prompt {i}'s teacher-forced rows were split between passes ({int(held[split][0])} of "
-                f"{int(needed[i])} in one): a set metric needs all of a prompt's rows at once"
+                f"{int(table.n_rows[i])} in one): a set metric needs all of a prompt's rows at once"
             )
-        return cls(copy, row, where, held == needed)
+        return cls(copy, row, where, held == table.n_rows)
 
     def answer_logprobs(self, logprobs: torch.Tensor, table: SequenceTable) -> torch.Tensor:
         """``[copies, answers]``: each answer's teacher-forced ``log p(answer | prompt)`` in each copy
@@ -381,7 +377,7 @@ class SequenceSetMetric(Metric):
 
     def prompt_values(self, logits: torch.Tensor, ctx: MetricContext) -> tuple[torch.Tensor, Passes]:
         """``[copies, prompts]`` values of the call's rows (meaningless where a prompt is absent)."""
-        table = self.table if self.table.rows.device == logits.device else self.table.to(logits.device)
+        table = self.table.to(logits.device)
         passes = Passes.of(ctx, table, logits.device)
         answer = passes.answer_logprobs(logits.log_softmax(-1), table)[:, table.members]  # [copies, prompts, k]
         correct, wrong = table.sides()
@@ -406,10 +402,9 @@ class SequenceSetMetric(Metric):
 
     def score(self, logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
         values, passes = self.prompt_values(logits, ctx)
-        prompt = self.table.row_prompt.to(logits.device)[passes.row]
-        n_rows = torch.bincount(self.table.row_prompt, minlength=values.shape[1]).to(logits.device)
-        scale = ctx.extra[SCALE].to(logits.device)
-        return values[passes.copy, prompt] * scale / n_rows[prompt]
+        table = self.table.to(logits.device)
+        prompt = table.row_prompt[passes.row]
+        return values[passes.copy, prompt] * ctx.extra[SCALE].to(logits.device) / table.n_rows[prompt]
 
 
 def check_metric(task: str, metric: str | Metric) -> None:
