@@ -428,3 +428,12 @@ def test_report_html_is_byte_for_byte_reproducible(run, tmp_path):
         subprocess.run([sys.executable, "-c", code, str(run)], env=env, check=True, timeout=120)
         pages.append(((run / "report.html").read_bytes(), (run / "report.md").read_bytes()))
     assert pages[0] == pages[1] == pages[2]
+
+
+def test_a_large_answer_set_is_shortened_in_the_example_table():
+    from circuitfind.report.sweep import _answer_list
+
+    assert _answer_list([" he", " him", " his"]) == "' he' | ' him' | ' his'"
+    years = [f"{y:02d}" for y in range(33, 100)]  # greater-than's R for YY = 32
+    cell = _answer_list(years)
+    assert cell == "'33' | '34' | '35' | ... (61 more) ... | '97' | '98' | '99' (67 answers)"

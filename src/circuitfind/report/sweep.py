@@ -251,6 +251,16 @@ def _largest_panel(members: list[dict], keys: tuple[str, ...]) -> int:
     return max(counts.values())
 
 
+def _answer_list(answers: list[str], shown: int = 6) -> str:
+    """An answer set for a table cell: every answer, or for a large set (greater-than's years) the
+    first and last few around a count, so the cell stays readable."""
+    if len(answers) <= shown:
+        return " | ".join(map(repr, answers))
+    head, tail = answers[: shown // 2], answers[-(shown // 2) :]
+    middle = f"... ({len(answers) - len(head) - len(tail)} more) ..."
+    return " | ".join([*map(repr, head), middle, *map(repr, tail)]) + f" ({len(answers)} answers)"
+
+
 def _examples_section(records: list[dict], g: dict, several: bool) -> list[R.Section]:
     """A few example rows of the group's task (records written before examples were recorded have none)."""
     rows = next(
@@ -266,8 +276,8 @@ def _examples_section(records: list[dict], g: dict, several: bool) -> list[R.Sec
             [
                 e["clean"],
                 e["corrupted"] or "",
-                " | ".join(map(repr, e["answers"])),
-                " | ".join(map(repr, e["counter_answers"])),
+                _answer_list(e["answers"]),
+                _answer_list(e["counter_answers"]),
             ]
             for e in rows
         ],
