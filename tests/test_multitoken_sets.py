@@ -3,6 +3,7 @@ against plain forward passes of every whole answer, the patching invariants, pas
 Gaussian-noise samples, and exact greater-than on SmolLM2 (Hanna et al. 2023 over two-token years)."""
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -12,7 +13,7 @@ from circuitfind import discovery, fetch, multitoken
 from circuitfind import patching as P
 from circuitfind.corruptions import GaussianNoise
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.errors import MetricError
+from circuitfind.errors import MetricError, TaskError
 from circuitfind.patching import memory
 from circuitfind.tasks import Prompt, TaskBatch, encode, generate_prompts
 
@@ -30,13 +31,15 @@ def _log_prob(model, prompt: str, answer: str, clean_prompt: str | None = None) 
 
 
 def _set_prompts(n: int, seed: int = 0, template: int | None = None) -> list[Prompt]:
-    """IOI prompts with R = {IO, IO and, IO and S} (three answers sharing prefixes) and R' = {S, S and}."""
+    """IOI prompts with R = {IO and S, IO gave, IO went} (three answers sharing prefixes, none beginning
+    another) and R' = {S and, S gave}."""
     pool = generate_prompts("ioi", n if template is None else 20 * n, seed=seed)
     pool = [p for p in pool if template is None or p.template == template][:n]
     out = []
     for p in pool:
         io, s = p.answer, p.counter_answer
-        out.append(dataclasses.replace(p, answers=(io, io + " and", io + " and" + s), counter_answers=(s, s + " and")))
+        answers = (io + " and" + s, io + " gave", io + " went")
+        out.append(dataclasses.replace(p, answers=answers, counter_answers=(s + " and", s + " gave")))
     return out
 
 
@@ -71,7 +74,7 @@ def test_every_set_metric_equals_its_rule_over_whole_answers(ioi_model, sets):
     clean, corrupt = _masses(ioi_model, prompts, False), _masses(ioi_model, prompts, True)
     for name, rule in rules.items():
         setup = P.prepare(ioi_model, batch, "str:abc", name)
-        # one row per distinct prefix: the prompt, + IO, + IO and, + S
+        # one row per distinct proper prefix: the prompt, + IO, + IO and, + S
         assert setup.batch.layout == "trie" and setup.size == 4 * n
         assert isinstance(setup.metric, multitoken.SequenceSetMetric)
         assert setup.clean_value == pytest.approx(rule(*clean).mean().item(), abs=1e-5), name
@@ -139,6 +142,32 @@ def test_a_split_prompt_is_refused(ioi_model, sets):
         setup.metric(setup.clean_logits[part], setup.ctx.take(part))
 
 
+def test_answers_that_repeat_or_begin_another_are_refused(ioi_model, tmp_path, capsys):
+    from circuitfind.cli import main
+
+    p = generate_prompts("ioi", 1, seed=0)[0]
+    io, s = p.answer, p.counter_answer
+    cases = [
+        (dict(answers=(io, io + " and"), counter_answers=(s,)), r"answer tokens \[\d+\] begin answer"),
+        (dict(answers=(io, s + " gave"), counter_answers=(s,)), r"begin answer"),  # across R and R'
+        (dict(answers=(io, io), counter_answers=(s,)), r"the correct answers list .* twice"),
+        (dict(answers=(io,), counter_answers=(io,)), r"is both a correct and a wrong answer"),
+    ]
+    for change, message in cases:
+        prompt = dataclasses.replace(p, **change)
+        with pytest.raises(TaskError, match=message):
+            P.prepare(ioi_model, TaskBatch.from_prompts(ioi_model, [prompt], answer_tokens="multi"), "str", "prob")
+    # single-token sets too: a repeated answer would count its mass twice
+    with pytest.raises(TaskError, match=r"prompt 0 .*: the correct answers list .* twice"):
+        TaskBatch.from_prompts(ioi_model, [dataclasses.replace(p, answers=(io, io))])
+    # and from a dataset file: one line naming the file and the line, exit 2
+    data = tmp_path / "dup.jsonl"
+    data.write_text(json.dumps({"clean": p.text, "corrupted": p.corrupted["abc"], "answers": [io, io]}) + "\n")
+    assert main(["evaluate", "--model", "toy-ioi", "--task", str(data), "-n", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"circuitfind: error: {data}:1: 'answers' lists {io!r} twice; a set holds each answer once"
+
+
 def test_the_schedule_starts_passes_only_where_allowed():
     assert memory.schedule(1, 10, 3) == [(slice(0, 1), slice(a, min(a + 3, 10))) for a in range(0, 10, 3)]
     starts = [0, 4, 8]  # three prompts of 4, 4 and 2 rows
@@ -160,9 +189,25 @@ def test_gaussian_noise_samples_are_scored_per_copy(ioi_model):
     assert gn.corrupt_value == pytest.approx(sum(single) / 3, abs=1e-6)
     patcher = EdgePatcher(gn)
     ones = patcher.ones()[0]
-    assert patcher.value(torch.stack([ones, torch.zeros_like(ones)])).tolist() == pytest.approx(
-        [gn.clean_value, gn.corrupt_value], abs=1e-5
-    )
+    keep = torch.stack([ones, torch.zeros_like(ones)])
+    assert patcher.value(keep).tolist() == pytest.approx([gn.clean_value, gn.corrupt_value], abs=1e-5)
+    # a budget of one row per pass: one pass per prompt in every noise copy, the same values
+    tight = EdgePatcher(P.prepare(ioi_model, batch, GaussianNoise(samples=3), "prob_diff", max_batch=1, max_memory=1))
+    assert len(tight.passes(1)) == 3 * 4
+    torch.testing.assert_close(tight.run(keep), patcher.run(keep), atol=1e-5, rtol=1e-5)
+
+
+def test_one_token_answers_declared_multi_equal_single_tokens_under_gaussian_noise(ioi_model):
+    """Every row of a prompt takes its prompt's noise draw, so the chain layout's rows of a and of b see
+    the same noised input, as the single-token batch's one row does."""
+    prompts = generate_prompts("ioi", 8, seed=2)
+    single = TaskBatch.from_prompts(ioi_model, prompts, key_tokens=["IO", "S1", "S2"])
+    multi = TaskBatch.from_prompts(ioi_model, prompts, answer_tokens="multi", key_tokens=["IO", "S1", "S2"])
+    for metric in ("logit_diff", "prob_diff", "logprob_diff"):
+        one = P.prepare(ioi_model, single, GaussianNoise(samples=2), metric)
+        whole = P.prepare(ioi_model, multi, GaussianNoise(samples=2), metric)
+        assert whole.corrupt_value == pytest.approx(one.corrupt_value, abs=1e-5), metric
+        assert whole.clean_value == pytest.approx(one.clean_value, abs=1e-5), metric
 
 
 def test_evaluate_with_answer_sets(ioi_model, sets):

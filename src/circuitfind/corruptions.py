@@ -155,8 +155,10 @@ class GaussianNoise(Corruption):
         where = batch.key_position_mask(self.key_tokens).repeat(self.samples, 1)
         return noise * where[..., None]
 
-    def plan(self, model: TransformerBridge, batch: TaskBatch) -> CorruptionPlan:
-        noise = self.noise(model, batch)
+    def plan(self, model: TransformerBridge, batch: TaskBatch, noise: torch.Tensor | None = None) -> CorruptionPlan:
+        """The plan of :meth:`noise` (or ``noise``, ``[samples * batch, pos, d_model]``, drawn elsewhere:
+        teacher-forced rows take their prompt's draw, :func:`circuitfind.multitoken.corruption_plan`)."""
+        noise = self.noise(model, batch) if noise is None else noise
         tokens = batch.clean_tokens.repeat(self.samples, 1)
         add = _per_copy(lambda act: act + noise.to(act.dtype), tokens.shape[0])
 

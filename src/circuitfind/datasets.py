@@ -599,6 +599,9 @@ def _answer_list(path: Path, line: int, key: str, value: Any, required: bool) ->
         raise TaskError(f"{path}:{line}: {key!r} holds an empty answer")
     if required and not value:
         raise TaskError(f"{path}:{line}: {key!r} is empty; a row needs at least one answer")
+    twice = next((a for i, a in enumerate(value) if a in value[:i]), None)
+    if twice is not None:
+        raise TaskError(f"{path}:{line}: {key!r} lists {twice!r} twice; a set holds each answer once")
     return tuple(value)
 
 

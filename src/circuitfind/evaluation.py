@@ -51,10 +51,11 @@ class TaskReport:
             f"  clean logit diff R - R'     {self.logit_diff:.3f}",
             f"  clean prob diff R - R'      {self.prob_diff:.3f}",
         ]
+        kl = "KL(clean||corrupt) summed over the answer rows" if self.teacher_forced else "KL(clean||corrupt)"
         for name, row in self.corrupted.items():
             lines.append(
                 f"  corrupted ({name:>10}) logit diff {row['logit_diff']:.3f}   prob diff {row['prob_diff']:.3f}"
-                f"   KL(clean||corrupt) {-row['kl']:.3f}"
+                f"   {kl} {-row['kl']:.3f}"
             )
         lines += [f"  corrupted ({name:>10}) not run: {why}" for name, why in self.skipped.items()]
         return "\n".join(lines)

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from circuitfind.corruptions import Corruption, CorruptionPlan, ResampleAblation, Run
+from circuitfind.corruptions import Corruption, CorruptionPlan, GaussianNoise, ResampleAblation, Run
 from circuitfind.errors import MetricError, TaskError
 from circuitfind.metrics import LogitDiff, LogProb, LogProbDiff, Metric, MetricContext, NegKL, Probability, ProbDiff
 from circuitfind.tasks import TaskBatch
@@ -271,15 +271,9 @@ def _trie_rows(batch: TaskBatch) -> tuple[list[Row], list[Answer]]:
     rows: list[Row] = []
     answers: list[Answer] = []
     for i, (correct, wrong) in enumerate(zip(batch.answer_sequences, batch.counter_sequences, strict=True)):
-        both = {tuple(s) for s in correct} & {tuple(s) for s in wrong}
-        if both:
-            raise TaskError(
-                f"task {batch.task.name!r}, prompt {i} ({batch.prompts[i].text!r}): answer tokens {list(min(both))} "
-                "are in both the correct and the wrong answer set"
-            )
         prefix_row: dict[tuple[int, ...], int] = {}
         for correct_side, seqs in ((True, correct), (False, wrong)):
-            for seq in dict.fromkeys(tuple(s) for s in seqs):  # a set: each answer once
+            for seq in map(tuple, seqs):
                 at = []
                 for j, t in enumerate(seq):
                     if seq[:j] not in prefix_row:
@@ -288,6 +282,30 @@ def _trie_rows(batch: TaskBatch) -> tuple[list[Row], list[Answer]]:
                     at.append(prefix_row[seq[:j]])
                 answers.append((i, correct_side, at, list(seq)))
     return rows, answers
+
+
+def _check_sequences(batch: TaskBatch, prefixes: bool) -> None:
+    """Refuse the same answer tokens twice in a prompt's ``R u R'`` (in both sets, the metrics' comparison
+    cancels), and with ``prefixes`` (answer sets) an answer that begins another: ``p(" Mary")`` already
+    holds the mass of ``" Mary and"``, so a set holding both would count it twice (a mass above 1)."""
+    assert batch.answer_sequences is not None and batch.counter_sequences is not None
+    for i, (correct, wrong) in enumerate(zip(batch.answer_sequences, batch.counter_sequences, strict=True)):
+        where = f"task {batch.task.name!r}, prompt {i} ({batch.prompts[i].text!r})"
+        seqs = [tuple(s) for s in correct + wrong]
+        if len(set(seqs)) < len(seqs):
+            twice = next(s for j, s in enumerate(seqs) if s in seqs[:j])
+            raise TaskError(
+                f"{where}: two answers are the same tokens {list(twice)}; each answer must be once in R u R'"
+            )
+        if prefixes:
+            known = set(seqs)
+            for s in seqs:
+                head = next((s[:j] for j in range(1, len(s)) if s[:j] in known), None)
+                if head is not None:
+                    raise TaskError(
+                        f"{where}: answer tokens {list(head)} begin answer {list(s)}: the shorter answer's "
+                        "probability already holds the longer one's, so a set cannot hold both"
+                    )
 
 
 def expand(model: TransformerBridge, batch: TaskBatch) -> AnswerRows:
@@ -302,6 +320,7 @@ def expand(model: TransformerBridge, batch: TaskBatch) -> AnswerRows:
     chain = all(
         len(a) == 1 and len(b) <= 1 for a, b in zip(batch.answer_sequences, batch.counter_sequences, strict=True)
     )
+    _check_sequences(batch, prefixes=not chain)
     rows, answers = (_chain_rows if chain else _trie_rows)(batch)
     device = batch.clean_tokens.device
     index = torch.tensor([r[0] for r in rows], device=device)
@@ -458,10 +477,20 @@ def wrap(metric: Metric, rows: AnswerRows) -> Metric:
 def corruption_plan(corruption: Corruption, model: TransformerBridge, rows: AnswerRows) -> CorruptionPlan:
     """The corruption's plan over the rows. Resample ablation pairs *prompts* (of equal token length), and
     each row's corrupted input is its partner's prompt plus the row's own answer prefix, so a row never
-    borrows another answer's tokens; the other corruptions work on the rows as they are."""
+    borrows another answer's tokens. Gaussian noise is drawn per prompt (as for a single-token batch
+    of the prompts) and every row of a prompt takes its prompt's draw, so a whole answer's probability
+    is that of one noised input. The other corruptions work on the rows as they are."""
+    assert rows.source is not None and rows.prompt_index is not None
+    if isinstance(corruption, GaussianNoise):
+        drawn = corruption.noise(model, rows.source)  # [samples * prompts, source pos, d_model]
+        n = rows.n_prompts
+        copy = torch.arange(corruption.samples, device=drawn.device)[:, None] * n
+        pick = (copy + rows.prompt_index.to(drawn.device)[None, :]).flatten()
+        noise = drawn.new_zeros(len(pick), rows.n_pos, drawn.shape[-1])
+        noise[:, : drawn.shape[1]] = drawn[pick]  # zero on the answer prefix: no key token there
+        return corruption.plan(model, rows, noise)
     if not isinstance(corruption, ResampleAblation):
         return corruption.plan(model, rows)
-    assert rows.source is not None
     partner = corruption.partner(rows.source)
     return CorruptionPlan(
         name=corruption.name,

@@ -781,6 +781,19 @@ def single_token_id(model: TransformerBridge, word: str, prompt: str = "") -> in
     return ids[0]
 
 
+def _check_answer_sets(task: str, i: int, prompt: Prompt) -> None:
+    """Refuse an answer listed twice in a set (a set's mass counts each answer once) or in both sets
+    (the metrics compare ``R`` with ``R'``: a shared answer cancels)."""
+    where = f"task {task!r}, prompt {i} ({prompt.text!r})"
+    for name, answers in (("correct", prompt.answer_set), ("wrong", prompt.counter_answer_set)):
+        twice = next((a for j, a in enumerate(answers) if a in answers[:j]), None)
+        if twice is not None:
+            raise TaskError(f"{where}: the {name} answers list {twice!r} twice; a set holds each answer once")
+    both = sorted(set(prompt.answer_set) & set(prompt.counter_answer_set))
+    if both:
+        raise TaskError(f"{where}: {both[0]!r} is both a correct and a wrong answer; the sets must not share one")
+
+
 def _key_positions(model, prompt: Prompt, n_bos: int) -> tuple[dict[str, int], dict[str, list[int]]]:
     """Token positions of the single-token keys, and of every token of each multi-token span."""
     text = prompt.text
@@ -884,6 +897,8 @@ class TaskBatch:
                         f"token lengths ({len(c)} vs {len(x)}): {prompts[i].text!r} vs "
                         f"{prompts[i].corrupted[v]!r}. Symmetric token replacement needs equal lengths."
                     )
+        for i, p in enumerate(prompts):
+            _check_answer_sets(task.name, i, p)
         multi = task.answer_tokens == "multi"
         sequences = counter_sequences = None
         if multi:

@@ -122,8 +122,10 @@ class EdgePatcher:
     def _passes(self, n_candidates: int, kind: str, split_prompts: bool, prompts: slice) -> list[tuple[slice, slice]]:
         rows = memory.rows_per_pass(self.budget(), self.row_bytes(kind), self.setup.max_batch)
         starts = None
-        if isinstance(self.setup.batch, multitoken.AnswerRows):  # a prompt's teacher-forced rows stay together
-            starts = [r - prompts.start for r in self.setup.batch.split_points]
+        batch = self.setup.batch
+        if isinstance(batch, multitoken.AnswerRows):  # a prompt's teacher-forced rows stay together, in every copy
+            copies = range(0, self.setup.size, batch.size)  # stacked copies of the rows (noise samples)
+            starts = [k + r - prompts.start for k in copies for r in batch.split_points]
         plan = memory.schedule(n_candidates, prompts.stop - prompts.start, rows, split_prompts, starts)
         return [(c, slice(prompts.start + p.start, prompts.start + p.stop)) for c, p in plan]
 
