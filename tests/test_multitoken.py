@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from _forcing import forced_log_prob
 
 from circuitfind import discovery, fetch, multitoken
 from circuitfind import patching as P
@@ -21,23 +22,11 @@ from circuitfind.tasks import Prompt, TaskBatch, encode, generate_prompts
 
 
 def _log_prob(model, prompt: str, answer: str) -> float:
-    """log p(answer | prompt) from one plain forward pass of prompt + answer (log-softmax, gather)."""
-    head, full = encode(model, prompt), encode(model, prompt + answer)
-    assert full[: len(head)] == head
-    with torch.no_grad():
-        logprobs = model(torch.tensor([full])).float().log_softmax(-1)[0]
-    return sum(logprobs[k - 1, full[k]].item() for k in range(len(head), len(full)))
+    return forced_log_prob(model, prompt, answer)
 
 
 def _forced(model, prompt: str, clean_prompt: str, answer: str) -> float:
-    """log p(answer | prompt) with the answer's tokens as they continue ``clean_prompt`` (teacher forcing
-    the same tokens after a corrupted prompt), from one plain forward pass."""
-    tail = encode(model, clean_prompt + answer)[len(encode(model, clean_prompt)) :]
-    head = encode(model, prompt)
-    full = head + tail
-    with torch.no_grad():
-        logprobs = model(torch.tensor([full])).float().log_softmax(-1)[0]
-    return sum(logprobs[k - 1, full[k]].item() for k in range(len(head), len(full)))
+    return forced_log_prob(model, prompt, answer, clean_prompt)
 
 
 def _ioi_multi(model, n: int, seed: int = 0, template: int | None = None) -> tuple[list[Prompt], TaskBatch]:

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from _forcing import forced_log_prob
 
 from circuitfind import discovery, fetch, multitoken
 from circuitfind import patching as P
@@ -19,15 +20,7 @@ from circuitfind.tasks import Prompt, TaskBatch, encode, generate_prompts
 
 
 def _log_prob(model, prompt: str, answer: str, clean_prompt: str | None = None) -> float:
-    """log p(answer | prompt) from one plain forward pass of prompt + answer, the answer's tokens taken as
-    they continue ``clean_prompt`` (default ``prompt``: teacher forcing the same tokens after a corruption)."""
-    clean_prompt = clean_prompt or prompt
-    tail = encode(model, clean_prompt + answer)[len(encode(model, clean_prompt)) :]
-    head = encode(model, prompt)
-    full = head + tail
-    with torch.no_grad():
-        logprobs = model(torch.tensor([full])).float().log_softmax(-1)[0]
-    return sum(logprobs[k - 1, full[k]].item() for k in range(len(head), len(full)))
+    return forced_log_prob(model, prompt, answer, clean_prompt)
 
 
 def _set_prompts(n: int, seed: int = 0, template: int | None = None) -> list[Prompt]:
