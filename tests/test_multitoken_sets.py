@@ -141,8 +141,8 @@ def test_answers_that_repeat_or_begin_another_are_refused(ioi_model, tmp_path, c
     p = generate_prompts("ioi", 1, seed=0)[0]
     io, s = p.answer, p.counter_answer
     cases = [
-        (dict(answers=(io, io + " and"), counter_answers=(s,)), r"answer tokens \[\d+\] begin answer"),
-        (dict(answers=(io, s + " gave"), counter_answers=(s,)), r"begin answer"),  # across R and R'
+        (dict(answers=(io, io + " and"), counter_answers=(s,)), r"correct answer tokens \[\d+\] begin correct answer"),
+        (dict(answers=(io,), counter_answers=(s, s + " gave")), r"wrong answer tokens \[\d+\] begin wrong answer"),
         (dict(answers=(io, io), counter_answers=(s,)), r"the correct answers list .* twice"),
         (dict(answers=(io,), counter_answers=(io,)), r"is both a correct and a wrong answer"),
     ]
@@ -150,6 +150,16 @@ def test_answers_that_repeat_or_begin_another_are_refused(ioi_model, tmp_path, c
         prompt = dataclasses.replace(p, **change)
         with pytest.raises(TaskError, match=message):
             P.prepare(ioi_model, TaskBatch.from_prompts(ioi_model, [prompt], answer_tokens="multi"), "str", "prob")
+    # a correct answer may begin a wrong one, in either layout (one rule per prompt, whatever its batch)
+    across = dataclasses.replace(p, answers=(io,), counter_answers=(io + " and",))
+    other = dataclasses.replace(p, answers=(io + " and", io + " gave"), counter_answers=(s,))
+    for prompts in ([across], [across, other]):
+        setup = P.prepare(
+            ioi_model, TaskBatch.from_prompts(ioi_model, prompts, answer_tokens="multi"), "str", "prob_diff"
+        )
+        a, b = (_log_prob(ioi_model, p.text, x) for x in (io, io + " and"))
+        values = multitoken.by_prompt(setup.metric(setup.clean_logits, setup.ctx), setup.ctx.prompt_index, len(prompts))
+        assert values[0].item() == pytest.approx(math.exp(a) - math.exp(b), abs=1e-5)
     # single-token sets too: a repeated answer would count its mass twice
     with pytest.raises(TaskError, match=r"prompt 0 .*: the correct answers list .* twice"):
         TaskBatch.from_prompts(ioi_model, [dataclasses.replace(p, answers=(io, io))])
@@ -159,6 +169,15 @@ def test_answers_that_repeat_or_begin_another_are_refused(ioi_model, tmp_path, c
     assert main(["evaluate", "--model", "toy-ioi", "--task", str(data), "-n", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == f"circuitfind: error: {data}:1: 'answers' lists {io!r} twice; a set holds each answer once"
+    # a set whose answers begin each other is seen once the rows are tokenised: still FILE:LINE, exit 2
+    data = tmp_path / "prefix.jsonl"
+    row = {"clean": p.text, "corrupted": p.corrupted["abc"], "answers": [io, io + " and"], "counter_answers": [s]}
+    data.write_text(json.dumps(row) + "\n")
+    spec = tmp_path / "prefix.json"
+    spec.write_text(json.dumps({"kind": "dataset", "file": "prefix.jsonl", "answer_tokens": "multi"}))
+    assert main(["discover", "--model", "toy-ioi", "--task", str(spec), "-n", "1", "--metric", "prob_diff"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("circuitfind: error: prefix.jsonl:1: correct answer tokens") and "\n" not in err
 
 
 def test_the_schedule_starts_passes_only_where_allowed():

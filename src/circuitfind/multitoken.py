@@ -49,7 +49,7 @@ import torch
 from circuitfind.corruptions import Corruption, CorruptionPlan, GaussianNoise, ResampleAblation, Run
 from circuitfind.errors import MetricError, TaskError
 from circuitfind.metrics import LogitDiff, LogProb, LogProbDiff, Metric, MetricContext, NegKL, Probability, ProbDiff
-from circuitfind.tasks import TaskBatch
+from circuitfind.tasks import TaskBatch, prompt_origin
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -284,27 +284,28 @@ def _trie_rows(batch: TaskBatch) -> tuple[list[Row], list[Answer]]:
     return rows, answers
 
 
-def _check_sequences(batch: TaskBatch, prefixes: bool) -> None:
+def _check_sequences(batch: TaskBatch) -> None:
     """Refuse the same answer tokens twice in a prompt's ``R u R'`` (in both sets, the metrics' comparison
-    cancels), and with ``prefixes`` (answer sets) an answer that begins another: ``p(" Mary")`` already
-    holds the mass of ``" Mary and"``, so a set holding both would count it twice (a mass above 1)."""
+    cancels), and an answer that begins another of its own set: ``p(" Mary")`` already holds the mass of
+    ``" Mary and"``, so a set holding both would count it twice (a mass above 1). A correct answer may
+    begin a wrong one (their difference is well defined)."""
     assert batch.answer_sequences is not None and batch.counter_sequences is not None
-    for i, (correct, wrong) in enumerate(zip(batch.answer_sequences, batch.counter_sequences, strict=True)):
-        where = f"task {batch.task.name!r}, prompt {i} ({batch.prompts[i].text!r})"
-        seqs = [tuple(s) for s in correct + wrong]
+    for i, sides in enumerate(zip(batch.answer_sequences, batch.counter_sequences, strict=True)):
+        where = prompt_origin(batch.task.name, i, batch.prompts[i])
+        seqs = [tuple(s) for side in sides for s in side]
         if len(set(seqs)) < len(seqs):
             twice = next(s for j, s in enumerate(seqs) if s in seqs[:j])
             raise TaskError(
                 f"{where}: two answers are the same tokens {list(twice)}; each answer must be once in R u R'"
             )
-        if prefixes:
-            known = set(seqs)
-            for s in seqs:
+        for name, side in zip(("correct", "wrong"), sides, strict=True):
+            known = {tuple(s) for s in side}
+            for s in map(tuple, side):
                 head = next((s[:j] for j in range(1, len(s)) if s[:j] in known), None)
                 if head is not None:
                     raise TaskError(
-                        f"{where}: answer tokens {list(head)} begin answer {list(s)}: the shorter answer's "
-                        "probability already holds the longer one's, so a set cannot hold both"
+                        f"{where}: {name} answer tokens {list(head)} begin {name} answer {list(s)}: the shorter "
+                        "answer's probability already holds the longer one's, so a set cannot hold both"
                     )
 
 
@@ -320,7 +321,7 @@ def expand(model: TransformerBridge, batch: TaskBatch) -> AnswerRows:
     chain = all(
         len(a) == 1 and len(b) <= 1 for a, b in zip(batch.answer_sequences, batch.counter_sequences, strict=True)
     )
-    _check_sequences(batch, prefixes=not chain)
+    _check_sequences(batch)
     rows, answers = (_chain_rows if chain else _trie_rows)(batch)
     device = batch.clean_tokens.device
     index = torch.tensor([r[0] for r in rows], device=device)

@@ -781,10 +781,16 @@ def single_token_id(model: TransformerBridge, word: str, prompt: str = "") -> in
     return ids[0]
 
 
+def prompt_origin(task: str, i: int, prompt: Prompt) -> str:
+    """Where a prompt comes from, for an error: ``FILE:LINE`` for a dataset row, else the task and index."""
+    source = prompt.extra.get("source")
+    return str(source) if source else f"task {task!r}, prompt {i} ({prompt.text!r})"
+
+
 def _check_answer_sets(task: str, i: int, prompt: Prompt) -> None:
     """Refuse an answer listed twice in a set (a set's mass counts each answer once) or in both sets
     (the metrics compare ``R`` with ``R'``: a shared answer cancels)."""
-    where = f"task {task!r}, prompt {i} ({prompt.text!r})"
+    where = prompt_origin(task, i, prompt)
     for name, answers in (("correct", prompt.answer_set), ("wrong", prompt.counter_answer_set)):
         twice = next((a for j, a in enumerate(answers) if a in answers[:j]), None)
         if twice is not None:
