@@ -98,7 +98,8 @@ def faithfulness_backward(patcher: EdgePatcher, z: torch.Tensor, passes: list[tu
 
     Denoising, the keep-masks are ``1 - z``. Within the memory budget (one pass) the loss is one
     backward; otherwise a no-gradient pass first gives the sign of each ``1 - f`` and every pass runs
-    its own backward (``d|1 - f| = -sign * df``), so autograd holds one pass at a time."""
+    its own backward (``d|1 - f| = -sign(1 - f) * df``, 0 at ``f = 1`` as autograd's ``abs``), so autograd
+    holds one pass at a time."""
     setup = patcher.setup
     clean, corrupt, B = setup.clean_value, setup.corrupt_value, setup.size
     gap, n = clean - corrupt, z.shape[0]
@@ -106,7 +107,9 @@ def faithfulness_backward(patcher: EdgePatcher, z: torch.Tensor, passes: list[tu
     if len(passes) > 1:
         with torch.no_grad():
             faith = [float(normalise(v, clean, corrupt)) for v in patcher.value(masks.detach()).tolist()]
-        sign = torch.tensor([math.copysign(1.0, 1.0 - f) for f in faith], device=z.device)
+        # torch.sign, not copysign: at f = 1 (|1 - f| at its kink; every sampled mask 1 under kl, whose clean
+        # value is exactly 0) the one-pass loss's gradient is 0, and the passes must give the same step
+        sign = torch.tensor([1.0 - f for f in faith], device=z.device).sign()
         for candidates, prompts in passes:
             part = patcher.run(masks[candidates], prompts=prompts).sum(-1) / B
             ((-sign[candidates] * part / gap).sum() / n).backward(retain_graph=True)
