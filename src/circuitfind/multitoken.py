@@ -385,6 +385,35 @@ class TeacherForced(Metric):
         return weight * scale * token
 
 
+def whole_answers(logits: torch.Tensor, ctx: MetricContext, table: SequenceTable) -> tuple[torch.Tensor, Passes]:
+    """``[copies, prompts, k]``: each prompt's answers' teacher-forced ``log p(r|x)`` (in the order of
+    :attr:`SequenceTable.members`) in each stacked copy of the call's rows, and the call's :class:`Passes`."""
+    passes = Passes.of(ctx, table, logits.device)
+    return passes.answer_logprobs(logits.log_softmax(-1), table)[:, table.members], passes
+
+
+def set_value(name: str, answer: torch.Tensor, correct: torch.Tensor, wrong: torch.Tensor) -> torch.Tensor:
+    """Metric ``name``'s rule (module docstring) over :func:`whole_answers` and the sides' masks."""
+
+    def log_mass(side: torch.Tensor) -> torch.Tensor:
+        return answer.masked_fill(~side, -torch.inf).logsumexp(-1)
+
+    def mass(side: torch.Tensor) -> torch.Tensor:
+        return (answer.exp() * side).sum(-1)
+
+    def mean(side: torch.Tensor) -> torch.Tensor:
+        return (answer * side).sum(-1) / side.sum(-1).clamp(min=1)
+
+    rules = {
+        "logprob": lambda: log_mass(correct),
+        "logprob_diff": lambda: log_mass(correct) - log_mass(wrong),
+        "logit_diff": lambda: mean(correct) - mean(wrong),
+        "prob": lambda: mass(correct),
+        "prob_diff": lambda: mass(correct) - mass(wrong),
+    }
+    return rules[name]()
+
+
 class SequenceSetMetric(Metric):
     """A built-in metric over whole answers (module docstring: ``prob``, ``prob_diff``, and any metric of
     the trie layout but ``kl``): each prompt's value from its answers' teacher-forced log-probabilities,
@@ -398,27 +427,8 @@ class SequenceSetMetric(Metric):
     def prompt_values(self, logits: torch.Tensor, ctx: MetricContext) -> tuple[torch.Tensor, Passes]:
         """``[copies, prompts]`` values of the call's rows (meaningless where a prompt is absent)."""
         table = self.table.to(logits.device)
-        passes = Passes.of(ctx, table, logits.device)
-        answer = passes.answer_logprobs(logits.log_softmax(-1), table)[:, table.members]  # [copies, prompts, k]
-        correct, wrong = table.sides()
-
-        def log_mass(side: torch.Tensor) -> torch.Tensor:
-            return answer.masked_fill(~side, -torch.inf).logsumexp(-1)
-
-        def mass(side: torch.Tensor) -> torch.Tensor:
-            return (answer.exp() * side).sum(-1)
-
-        def mean(side: torch.Tensor) -> torch.Tensor:
-            return (answer * side).sum(-1) / side.sum(-1).clamp(min=1)
-
-        values = {
-            "logprob": lambda: log_mass(correct),
-            "logprob_diff": lambda: log_mass(correct) - log_mass(wrong),
-            "logit_diff": lambda: mean(correct) - mean(wrong),
-            "prob": lambda: mass(correct),
-            "prob_diff": lambda: mass(correct) - mass(wrong),
-        }
-        return values[self.name](), passes
+        answer, passes = whole_answers(logits, ctx, table)
+        return set_value(self.name, answer, *table.sides()), passes
 
     def score(self, logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
         values, passes = self.prompt_values(logits, ctx)
@@ -549,16 +559,14 @@ def answer_scores(logits: torch.Tensor, ctx: MetricContext, rows: AnswerRows) ->
         raise ValueError("answer_scores needs the metric context of teacher-forced rows")
     table = rows.sequences.to(logits.device)
     logits = logits.float()
-    diff, passes = SequenceSetMetric(LogitDiff(), table).prompt_values(logits, ctx)
+    answer, passes = whole_answers(logits, ctx, table)
     if not passes.present.all():
         raise ValueError("answer_scores needs every prompt's rows")
-    prob, _ = SequenceSetMetric(ProbDiff(), table).prompt_values(logits, ctx)
-    answer = passes.answer_logprobs(logits.log_softmax(-1), table)[:, table.members]
     greedy = passes.answer_greedy(logits.argmax(-1), table)[:, table.members]
     correct, wrong = table.sides()
     return AnswerScores(
-        torch.where(wrong.any(-1), diff, 0.0).mean(0),
-        prob.mean(0),
+        torch.where(wrong.any(-1), set_value("logit_diff", answer, correct, wrong), 0.0).mean(0),
+        set_value("prob_diff", answer, correct, wrong).mean(0),
         answer.masked_fill(~correct, -torch.inf).amax(-1).mean(0),
         answer.masked_fill(~wrong, -torch.inf).amax(-1).mean(0),
         (greedy & correct).any(-1).float().mean(0),
