@@ -69,6 +69,8 @@ SCORED: dict[str, tuple[type[Metric], bool]] = {
     "prob": (Probability, False),
     "prob_diff": (ProbDiff, True),
 }
+# the metrics undefined for a prompt with no wrong answer (log of an empty mass, mean of an empty set)
+NEEDS_WRONG = ("logprob_diff", "logit_diff")
 # the metrics that add over rows in the chain layout (the others combine a prompt's rows)
 ROW_SUMS = ("logprob", "logprob_diff", "logit_diff", "kl")
 
@@ -472,7 +474,7 @@ def wrap(metric: Metric, rows: AnswerRows) -> Metric:
         return metric
     check_metric(rows.task.name, metric)
     assert rows.source is not None and rows.sequences is not None
-    if SCORED[metric.name][1] and metric.name != "prob_diff":
+    if metric.name in NEEDS_WRONG:
         missing = rows.sequences.n_correct == rows.sequences.member_mask.sum(-1)
         if missing.any():
             i = int(missing.nonzero()[0])
