@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from circuitfind.tasks import generate_prompts, load_task
+from circuitfind.tasks.batch import generate_prompts, load_task
 
 GOAL_S = 1.0
 

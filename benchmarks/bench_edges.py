@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from circuitfind import discovery as D  # noqa: E402
 from circuitfind import patching as P  # noqa: E402
 from circuitfind.edge_patching import EdgePatcher  # noqa: E402
-from circuitfind.models import load_model, model_device  # noqa: E402
-from circuitfind.tasks import TaskBatch  # noqa: E402
+from circuitfind.models.loading import load_model, model_device  # noqa: E402
+from circuitfind.tasks.batch import TaskBatch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import base_parser  # noqa: E402

@@ -3,8 +3,8 @@
     python benchmarks/bench_methods.py [--models known-induction ... smollm2-135m] [--quick]
 
 One table per model; one row per algorithm. Columns: edge AUROC and precision / recall at the true
-circuit's size against the known-answer models' documented edges (:data:`circuitfind.zoo.known.KNOWN_TRUTH`);
-CPR and CMD (MIB's areas, :func:`circuitfind.discovery.faithfulness_curve`); the fewest top-scored edges that
+circuit's size against the known-answer models' documented edges (:data:`circuitfind.models.zoo.known.KNOWN_TRUTH`);
+CPR and CMD (MIB's areas, :func:`circuitfind.methods.discover.faithfulness_curve`); the fewest top-scored edges that
 reach faithfulness 0.8 and 0.9 (searched on a grid of sizes, in one batched run); wall time; and peak memory
 (the max RSS of a fresh process per row on CPU, CUDA's peak allocation on a GPU). Algorithms that give no
 ranking of every edge (path patching, node circuits) show their own circuit's size and faithfulness.
@@ -15,7 +15,7 @@ resample ablation for the known-answer models (their prompts share one length), 
 edges one at a time). ``--quick``: the known-answer models and toy-ioi, fewer steps (a smoke test).
 
 After the tables (not with ``--quick``): AtP and AtP* against exact node patching per model, with their
-misses (:func:`circuitfind.atp.compare_with_exact`), under the logit difference (under KL when noising
+misses (:func:`circuitfind.methods.atp.compare_with_exact`), under the logit difference (under KL when noising
 every gradient at the clean run is zero, so AtP has nothing to estimate), each with its wall time.
 """
 
@@ -39,7 +39,7 @@ THRESHOLDS = (0.8, 0.9)
 
 
 def _batch(model, name: str, prompts: int):
-    from circuitfind.tasks import TaskBatch, generate_prompts
+    from circuitfind.tasks.batch import TaskBatch, generate_prompts
 
     if name.startswith("known-"):  # resample ablation needs prompts of one length
         pool = generate_prompts("induction", 600, seed=0)
@@ -53,8 +53,8 @@ def edges_to_reach(patcher, scores, thresholds=THRESHOLDS) -> dict[float, int | 
     sizes (1, 2, 3, 5, 8, ... up to every edge) evaluated in one batched run; ``None`` if none does."""
     import torch
 
-    from circuitfind import discovery as D
-    from circuitfind.metrics import normalise
+    from circuitfind.methods import discover as D
+    from circuitfind.tasks.metrics import normalise
 
     flat = scores.abs().flatten().cpu()
     total = flat.numel()
@@ -73,12 +73,12 @@ def one(name: str, algorithm: str, prompts: int, quick: bool) -> dict:
     import torch
     from _timing import peak_memory_mb
 
-    from circuitfind import agreement
-    from circuitfind import discovery as D
     from circuitfind import patching as P
-    from circuitfind.catalogue import load_model
+    from circuitfind.circuits import agreement
     from circuitfind.edge_patching import EdgePatcher
-    from circuitfind.zoo.known import KNOWN_TRUTH
+    from circuitfind.methods import discover as D
+    from circuitfind.models.catalogue import load_model
+    from circuitfind.models.zoo.known import KNOWN_TRUTH
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     model = load_model(name)
@@ -115,9 +115,9 @@ def atp_lines(name: str, prompts: int) -> list[str]:
     """AtP / AtP* against exact node patching on model ``name`` (noising, logit difference)."""
     import torch
 
-    from circuitfind import atp
     from circuitfind import patching as P
-    from circuitfind.catalogue import load_model
+    from circuitfind.methods import atp
+    from circuitfind.models.catalogue import load_model
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "1")))
     model = load_model(name)
@@ -169,7 +169,7 @@ def print_table(name: str, rows: list[dict]) -> None:
 def main() -> None:
     import argparse
 
-    from circuitfind import discovery as D
+    from circuitfind.methods import discover as D
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=MODELS)
@@ -220,8 +220,8 @@ def main() -> None:
 
 
 def _n_edges(name: str) -> int:
-    from circuitfind.catalogue import locate_model
-    from circuitfind.sweep import model_edge_count
+    from circuitfind.models.catalogue import locate_model
+    from circuitfind.runs.sweep import model_edge_count
 
     return model_edge_count(locate_model(name)) or 0
 

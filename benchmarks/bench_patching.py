@@ -37,8 +37,8 @@ import transformer_lens.patching as tl_patching  # noqa: E402
 
 from circuitfind import fetch  # noqa: E402
 from circuitfind import patching as P  # noqa: E402
-from circuitfind.models import load_model, model_device  # noqa: E402
-from circuitfind.tasks import TaskBatch, load_task  # noqa: E402
+from circuitfind.models.loading import load_model, model_device  # noqa: E402
+from circuitfind.tasks.batch import TaskBatch, load_task  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import best_of, peak_memory_mb  # noqa: E402

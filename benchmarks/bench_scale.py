@@ -47,7 +47,7 @@ def shape_name(shape: dict) -> str:
 
 
 def bench_dir() -> Path:
-    from circuitfind.fetch import cache_root
+    from circuitfind.models.fetch import cache_root
 
     return cache_root() / "bench"
 
@@ -70,9 +70,9 @@ def _build(shape: dict, folder: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from circuitfind.fetch import replace_dir
-    from circuitfind.tasks import load_task
-    from circuitfind.zoo.train import build_tokenizer, task_words
+    from circuitfind.models.fetch import replace_dir
+    from circuitfind.models.zoo.train import build_tokenizer, task_words
+    from circuitfind.tasks.batch import load_task
 
     hf_logging.disable_progress_bar()
     tokenizer = build_tokenizer(task_words(load_task("induction")))
@@ -102,7 +102,7 @@ def bench_batch(model, n: int, tokens: int):
     """``n`` induction prompts of exactly ``tokens`` tokens (BOS, 16+ words, their repeat up to the answer)."""
     import random
 
-    from circuitfind.tasks import TaskBatch, induction_prompt, load_task
+    from circuitfind.tasks.batch import TaskBatch, induction_prompt, load_task
 
     spec = load_task("induction")
     vocab = list(spec.data["vocab"])
@@ -153,10 +153,10 @@ def measured(out: dict, key: str, fn, repeats: int = 1):
 
 def child(args) -> dict:
     """One measurement in this process; returns what the parent prints."""
-    from circuitfind import discovery as D
     from circuitfind import patching as P
     from circuitfind.edge_patching import EdgePatcher
-    from circuitfind.models import load_model
+    from circuitfind.methods import discover as D
+    from circuitfind.models.loading import load_model
 
     t0 = time.perf_counter()
     if args.max_memory == "auto":

@@ -6,7 +6,7 @@ with 1) and with 2 worker processes.
 
 Each runner computes the same grid (the default demo grid of ``circuitfind sweep``: 56 settings on
 toy-ioi; ``--quick``: 8 settings, 8 prompts) from an empty cache, through the command's own code path
-(:func:`circuitfind.flows.sweep.run_from_args`), all against one local Prefect server. Wall time
+(:func:`circuitfind.flows.sweep_flow.run_from_args`), all against one local Prefect server. Wall time
 counts everything the user waits for: the Dask cluster's start (worker processes import torch and
 load the model), the settings, and the report. Ratios are to the thread runner. The machine's load
 (``os.getloadavg``) is printed before and after: on a shared machine the numbers move with it.
@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from circuitfind.flows.server import prefect_api
-from circuitfind.flows.sweep import parse_args, run_from_args
+from circuitfind.flows.sweep_flow import parse_args, run_from_args
 from circuitfind.threads import available_cores, threads_per_worker
 
 QUICK_GRID = [

@@ -1,9 +1,9 @@
 """Entry point of the settings-sensitivity study in a checkout: ``python flows/study.py --help``. The
-code is in :mod:`circuitfind.flows.study`."""
+code is in :mod:`circuitfind.flows.study_flow`."""
 
 import sys
 
-from circuitfind.flows.study import main, settings_study
+from circuitfind.flows.study_flow import main, settings_study
 
 __all__ = ["main", "settings_study"]
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from circuitfind.tasks import encode
+from circuitfind.tasks.batch import encode
 
 
 def forced_log_prob(model, prompt: str, answer: str, clean_prompt: str | None = None) -> float:

@@ -14,8 +14,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(TEST_THREADS))
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from circuitfind.models import load_model  # noqa: E402
-from circuitfind.tasks import TaskBatch  # noqa: E402
+from circuitfind.models.loading import load_model  # noqa: E402
+from circuitfind.tasks.batch import TaskBatch  # noqa: E402
 
 torch.set_num_threads(TEST_THREADS)
 
@@ -60,8 +60,8 @@ def random_gpt2(tmp_path_factory):
     that need it skip when that tokenizer is not built."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from circuitfind.bpe import tokenizer_dir
-    from circuitfind.models import load_model
+    from circuitfind.models.bpe import tokenizer_dir
+    from circuitfind.models.loading import load_model
 
     if not (tokenizer_dir() / "tokenizer.json").is_file():
         pytest.skip("GPT-2 tokenizer not built: run `circuitfind models fetch gpt2-tokenizer`")
@@ -77,8 +77,8 @@ def gqa_model(tmp_path_factory):
     rotary positions, gated MLP) with the IOI word-level vocabulary, built offline."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from circuitfind.tasks import load_task
-    from circuitfind.zoo.train import build_tokenizer, task_words
+    from circuitfind.models.zoo.train import build_tokenizer, task_words
+    from circuitfind.tasks.batch import load_task
 
     folder = tmp_path_factory.mktemp("tiny-llama-gqa")
     tokenizer = build_tokenizer(task_words(load_task("ioi")))

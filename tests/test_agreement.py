@@ -3,7 +3,7 @@ import pytest
 import torch
 from scipy import stats
 
-from circuitfind import agreement
+from circuitfind.circuits import agreement
 
 
 def test_set_statistics():
@@ -114,7 +114,7 @@ def test_torch_threads_sets_and_restores_the_thread_count():
 def test_a_constant_row_s_point_lies_inside_its_bootstrap_interval():
     """The point is made as the interval's ends are (float64, then rounded): a float32 mean of a
     constant row can land one rounding step outside them (0.1 does, 24 times over)."""
-    from circuitfind.agreement import bootstrap_ci
+    from circuitfind.circuits.agreement import bootstrap_ci
 
     for value in (0.1, 0.3, 1 / 3, 0.7, 1e-3, -0.2):
         x = torch.full((3, 24), value)

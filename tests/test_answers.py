@@ -7,15 +7,15 @@ import types
 import pytest
 import torch
 
-from circuitfind import fetch
 from circuitfind import patching as P
-from circuitfind.bpe import tokenizer_dir
-from circuitfind.corruptions import GaussianNoise
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.errors import MetricError, TaskError
-from circuitfind.metrics import MetricContext, get_metric, metric_fingerprint
+from circuitfind.models import fetch
+from circuitfind.models.bpe import tokenizer_dir
 from circuitfind.patching.setup import repeat_ctx, slice_ctx
-from circuitfind.tasks import Prompt, TaskBatch, generate_prompts, load_task, single_token_id
+from circuitfind.tasks.batch import Prompt, TaskBatch, generate_prompts, load_task, single_token_id
+from circuitfind.tasks.corruptions import GaussianNoise
+from circuitfind.tasks.metrics import MetricContext, get_metric, metric_fingerprint
 
 
 def _old_rule_id(model, word: str) -> int:
@@ -40,7 +40,7 @@ def test_shipped_toy_tasks_keep_their_answer_ids(ioi_model, induction_model):
 @pytest.mark.slow
 @pytest.mark.skipif(not fetch.is_fetched("smollm2-135m"), reason="SmolLM2 not in the cache")
 def test_shipped_tasks_keep_their_answer_ids_on_smollm2():
-    from circuitfind.models import load_model
+    from circuitfind.models.loading import load_model
 
     model = load_model("smollm2-135m", device="cpu")
     for task in ("ioi", "induction", "factual"):
@@ -55,7 +55,7 @@ def test_single_token_answer_of_several_tokens_names_the_prompt(ioi_model):
 
 @pytest.mark.skipif(not (tokenizer_dir() / "tokenizer.json").is_file(), reason="GPT-2 tokenizer not built")
 def test_gpt2_answer_is_the_continuation_token():
-    from circuitfind.bpe import gpt2_tokenizer
+    from circuitfind.models.bpe import gpt2_tokenizer
 
     model = types.SimpleNamespace(tokenizer=gpt2_tokenizer(fetch_if_missing=False))
     prompt = "The war lasted from the year 1732 to the year 17"
@@ -171,12 +171,12 @@ def test_one_token_answers_declared_multi_score_as_single_tokens(ioi_model):
 
 @pytest.mark.slow  # a Prefect sweep: about 55 s on a shared 2-core machine
 def test_sweep_with_a_metric_by_import_path(prefect_harness, tmp_path, monkeypatch):
-    from circuitfind.sweep import SweepConfig, cache_key
+    from circuitfind.runs.sweep import SweepConfig, cache_key
     from flows.sweep import sweep
 
     module = tmp_path / "sweep_metric_mod.py"
     module.write_text(
-        "from circuitfind.metrics import get_metric\n"
+        "from circuitfind.tasks.metrics import get_metric\n"
         "def scaled_ld(logits, ctx):\n    return 0.5 * get_metric('logit_diff')(logits, ctx)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -198,7 +198,7 @@ def hard_accuracy(logits, ctx):
 
 
 def test_a_metric_without_gradient_under_eap_names_the_metric(ioi_model, ioi_batch):
-    from circuitfind import discovery as D
+    from circuitfind.methods import discover as D
 
     setup = P.prepare(ioi_model, ioi_batch, "str", lambda lg, ctx: hard_accuracy(lg, ctx) + get_metric("kl")(lg, ctx))
     setup.metric = get_metric(hard_accuracy)  # baselines need distinct values; the EAP pass sees the hard metric

@@ -1,4 +1,4 @@
-"""AtP and AtP* (circuitfind.atp) against independent references: a plain-hook gradient, finite
+"""AtP and AtP* (circuitfind.methods.atp) against independent references: a plain-hook gradient, finite
 differences of blended patches, exact node patching where the model is linear in the heads, and a
 saturated induction head whose key patch flips its softmax, where AtP* must beat AtP."""
 
@@ -8,17 +8,17 @@ import pytest
 import torch
 
 from circuitfind import patching as P
-from circuitfind import tensor_forward
-from circuitfind.atp import atp_scores, compare, compare_with_exact
-from circuitfind.catalogue import load_model
-from circuitfind.discovery import ALGORITHMS, atp_circuit, discover
+from circuitfind.methods.atp import atp_scores, compare, compare_with_exact
+from circuitfind.methods.discover import ALGORITHMS, atp_circuit, discover
+from circuitfind.models import tensor_forward
+from circuitfind.models.catalogue import load_model
+from circuitfind.models.zoo.known import build_induction_model
 from circuitfind.names import hook_name
 from circuitfind.patching.node_patching import run_patched
 from circuitfind.patching.setup import answer_logits
-from circuitfind.report import write_run_report
-from circuitfind.sweep import SweepConfig, load_records, run_setting
-from circuitfind.tasks import TaskBatch
-from circuitfind.zoo.known import build_induction_model
+from circuitfind.reports import write_run_report
+from circuitfind.runs.sweep import SweepConfig, load_records, run_setting
+from circuitfind.tasks.batch import TaskBatch
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +206,7 @@ def test_atp_and_atp_star_run_in_a_sweep_and_the_report_ranks_them(tmp_path):
 
 def test_atp_under_kl_when_noising_is_flagged_as_zero_scores(ioi):
     """The KL's gradient vanishes at the clean run, so AtP has nothing to rank: the health check says so."""
-    from circuitfind import health
+    from circuitfind.runs import health
 
     setup = P.prepare(ioi.model, ioi.batch, "str", "kl")
     found = discover(setup, "atp", "noise", top_k=20)

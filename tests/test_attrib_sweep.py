@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from circuitfind.sweep import SweepConfig
+from circuitfind.runs.sweep import SweepConfig
 from flows.sweep import sweep
 
 

@@ -4,10 +4,10 @@
 import pytest
 import torch
 
-from circuitfind import fetch
-from circuitfind.evaluation import evaluate
+from circuitfind.models import fetch
 from circuitfind.patching import answer_logits
-from circuitfind.tasks import Prompt, TaskBatch, generate_prompts
+from circuitfind.tasks.batch import Prompt, TaskBatch, generate_prompts
+from circuitfind.tasks.evaluation import evaluate
 
 
 def test_evaluate_set_numbers_match_a_hand_computation(ioi_model):
@@ -73,7 +73,7 @@ def test_greater_than_years_sets_are_the_years_after_and_up_to_yy():
 @pytest.mark.slow  # five evaluations of SmolLM2 on the CPU (one of 11 rows a prompt): about 90 s on a shared 2-core machine
 @pytest.mark.skipif(not fetch.is_fetched("smollm2-135m"), reason="SmolLM2 not in the cache")
 def test_shipped_behaviours_are_above_chance_on_smollm2():
-    from circuitfind.models import load_model
+    from circuitfind.models.loading import load_model
 
     model = load_model("smollm2-135m", device="cpu")
     for task in ("capital", "pronouns", "agreement", "greater_than_digits", "greater_than_years"):

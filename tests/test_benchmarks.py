@@ -85,7 +85,7 @@ def test_bench_methods_quick(tmp_path):
     out = _run("bench_methods.py", tmp_path)
     known, toy = out.split("\ntoy-ioi\n")
     rows = {line.split()[0]: line.split() for line in known.splitlines()[4:] if line.strip()}
-    from circuitfind.discovery import ALGORITHMS
+    from circuitfind.methods.discover import ALGORITHMS
 
     assert set(rows) == set(ALGORITHMS)
     for algorithm in ("edge_pruning", "ugs", "eap_ig", "acdc"):

@@ -17,9 +17,9 @@ import subprocess
 
 import pytest
 
-from circuitfind import health
-from circuitfind.report import write_run_report
-from circuitfind.sweep import SweepConfig, load_records, run_setting
+from circuitfind.reports import write_run_report
+from circuitfind.runs import health
+from circuitfind.runs.sweep import SweepConfig, load_records, run_setting
 
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no chromium here (.ci/run installs it with apt-get)")

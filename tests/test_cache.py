@@ -15,15 +15,15 @@ import pytest
 import torch
 
 import circuitfind
-from circuitfind import discovery as D
 from circuitfind import patching as P
-from circuitfind.catalogue import load_model
-from circuitfind.circuit import Circuit
+from circuitfind.circuits.circuit import Circuit
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.io import write_json
-from circuitfind.report import write_run_report
-from circuitfind.sweep import Setting, SweepConfig, run_setting
-from circuitfind.tasks import TaskBatch
+from circuitfind.methods import discover as D
+from circuitfind.models.catalogue import load_model
+from circuitfind.reports import write_run_report
+from circuitfind.runs.sweep import Setting, SweepConfig, run_setting
+from circuitfind.tasks.batch import TaskBatch
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = Path(circuitfind.__file__).resolve().parent
@@ -66,7 +66,7 @@ def test_an_edited_task_file_is_recomputed(tmp_path, monkeypatch):
 
 def test_any_changed_file_of_a_model_folder_is_recomputed(tmp_path):
     folder = tmp_path / "model"
-    shutil.copytree(PACKAGE / "zoo" / "toy-ioi", folder)
+    shutil.copytree(PACKAGE / "models" / "zoo" / "toy-ioi", folder)
     setting = NODE.model_copy(update={"model": str(folder)})
 
     def run(name):
@@ -86,7 +86,7 @@ def test_any_changed_file_of_a_model_folder_is_recomputed(tmp_path):
 
 KEY_SCRIPT = """
 import circuitfind
-from circuitfind.sweep import Setting, SweepConfig, cache_key
+from circuitfind.runs.sweep import Setting, SweepConfig, cache_key
 setting = Setting(model="toy-ioi", task="ioi", algorithm="node", corruption="str", metric="logit_diff", direction="noise")
 print(circuitfind.__file__)
 print(cache_key(setting, SweepConfig()))
@@ -236,8 +236,8 @@ def test_an_empty_circuit_is_recorded_as_strict_json_and_reported(tmp_path):
 WORKER = """
 import json, sys, time
 from pathlib import Path
-from circuitfind import sweep
-from circuitfind.sweep import Setting, SweepConfig, run_setting
+from circuitfind.runs import sweep
+from circuitfind.runs.sweep import Setting, SweepConfig, run_setting
 
 run, cache, ready, go = sys.argv[1:5]
 config = SweepConfig(prompts=8)
@@ -321,7 +321,7 @@ def test_a_cache_entry_replaced_by_a_file_is_healed(tmp_path, caplog):
     entry = only_entry(tmp_path / "cache")
     shutil.rmtree(entry)
     entry.write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger="circuitfind.sweep"):
+    with caplog.at_level(logging.WARNING, logger="circuitfind.runs.sweep"):
         again = run_setting(NODE, CONFIG, tmp_path / "b", tmp_path / "cache")
     assert not again["from_cache"] and entry.is_dir()
     assert any("is not a folder" in m for m in caplog.messages), caplog.messages

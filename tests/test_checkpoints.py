@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from circuitfind import checkpoints as C
-from circuitfind.zoo.train import checkpoint_steps, train
+from circuitfind.models.zoo.train import checkpoint_steps, train
+from circuitfind.runs import checkpoints as C
 
 
 def digest(path: Path) -> str:
@@ -127,10 +127,10 @@ def test_checkpoints_command_refuses_bad_input(tmp_path, capsys):
     assert main(["checkpoints", str(tmp_path / "missing")]) == 2
     assert "no checkpoints folder" in capsys.readouterr().err
     assert main(["checkpoints", str(tmp_path), "--tau", "-1"]) == 2
-    assert "acdc_tau" in capsys.readouterr().err
+    assert "--acdc-tau" in capsys.readouterr().err
     # edge pruning and UGS take --prune-steps here too (it was not an option: 200 steps per checkpoint)
     assert main(["checkpoints", str(tmp_path), "--algorithm", "ugs", "--prune-steps", "0"]) == 2
-    assert "prune_steps must be >= 1, got 0" in capsys.readouterr().err
+    assert "--prune-steps must be >= 1 (got 0)" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -140,7 +140,7 @@ def test_ioi_circuit_edges_appear_over_training(prefect_harness, tmp_path):
     the IOI circuit appears between steps 200 and 300, when accuracy jumps from chance to 1."""
     import shutil
 
-    from circuitfind.models import resolve_model_path
+    from circuitfind.models.loading import resolve_model_path
     from flows.checkpoints import circuits_over_training
 
     folder = tmp_path / "toy-ioi"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from circuitfind.cli import main
-from circuitfind.evaluation import evaluate
+from circuitfind.tasks.evaluation import evaluate
 
 
 def test_toy_ioi_does_the_task(ioi_model, ioi_batch):
@@ -79,8 +79,8 @@ def test_toy_model_retraining_is_deterministic(tmp_path):
     not its bytes (CI's machine and the one that trained it differ by up to 0.1 in a weight)."""
     import hashlib
 
-    from circuitfind.models import resolve_model_path
-    from circuitfind.zoo.train import train
+    from circuitfind.models.loading import resolve_model_path
+    from circuitfind.models.zoo.train import train
 
     digest = lambda p: hashlib.sha256(open(p, "rb").read()).hexdigest()  # noqa: E731
     twice = [train("toy-induction", tmp_path / f"short{i}", log_every=0, steps=40) for i in (0, 1)]
@@ -94,7 +94,7 @@ def test_toy_model_retraining_is_deterministic(tmp_path):
 
 
 def test_discover_compare_export_commands(tmp_path, capsys):
-    from circuitfind.circuit import Circuit
+    from circuitfind.circuits.circuit import Circuit
 
     acdc, eap = tmp_path / "acdc.graphml", tmp_path / "eap.json"
     assert main(["discover", "-n", "12", "--algorithm", "acdc", "--tau", "0.05", "--out", str(acdc)]) == 0
@@ -176,8 +176,8 @@ def test_an_unknown_output_format_is_refused_before_the_work(tmp_path, capsys, m
 
 
 def test_discovered_circuits_record_the_model(tmp_path, capsys):
-    from circuitfind.circuit import Circuit
-    from circuitfind.models import resolve_model_path
+    from circuitfind.circuits.circuit import Circuit
+    from circuitfind.models.loading import resolve_model_path
 
     out = tmp_path / "eap.graphml"
     argv = ["discover", "-n", "8", "--algorithm", "eap", "--metric", "logit_diff", "--top-k", "5", "--out", str(out)]

@@ -5,11 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from circuitfind import agreement, errors
-from circuitfind.circuit import Circuit
+from circuitfind import errors
+from circuitfind.circuits import agreement
+from circuitfind.circuits.circuit import Circuit
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.cli import main
-from circuitfind.graph import ModelGraph
-from circuitfind.report import compare_records
+from circuitfind.reports import compare_records
 
 
 def _circuit(graph: ModelGraph, seed: int = 0, **settings) -> Circuit:

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from circuitfind.corruptions import (
+from circuitfind.errors import TaskError
+from circuitfind.tasks.batch import TaskBatch
+from circuitfind.tasks.corruptions import (
     GaussianNoise,
     MeanAblation,
     ResampleAblation,
@@ -9,8 +11,6 @@ from circuitfind.corruptions import (
     embedding_std,
     get_corruption,
 )
-from circuitfind.errors import TaskError
-from circuitfind.tasks import TaskBatch
 
 
 def test_gn_noise_has_the_specified_std_on_key_tokens_only(ioi_model):

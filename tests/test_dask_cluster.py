@@ -19,7 +19,7 @@ distributed = pytest.importorskip("distributed")
 
 from _processes import free_port, stop  # noqa: E402
 
-from circuitfind.flows.sweep import SweepError, parse_args, run_from_args  # noqa: E402
+from circuitfind.flows.sweep_flow import SweepError, parse_args, run_from_args  # noqa: E402
 
 BIN = Path(sys.executable).parent
 # 8 settings of about a second each (toy-ioi, 8 prompts)
@@ -162,8 +162,8 @@ def test_cuda_settings_without_any_gpu_worker_are_refused(prefect_harness, tmp_p
 
 @pytest.mark.slow
 def test_a_worker_that_cannot_write_the_outputs_fails_clearly(prefect_harness, tmp_path):
-    from circuitfind.flows.sweep import discover_setting
-    from circuitfind.sweep import SweepConfig, WorkerError, mark_run_folder
+    from circuitfind.flows.sweep_flow import discover_setting
+    from circuitfind.runs.sweep import SweepConfig, WorkerError, mark_run_folder
 
     config = SweepConfig(
         algorithms=["node"], corruptions=["str"], metrics=["logit_diff"], directions=["noise"], prompts=8

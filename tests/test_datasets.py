@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitfind import datasets
 from circuitfind import patching as P
 from circuitfind.cli import main
-from circuitfind.discovery import discover
 from circuitfind.errors import TaskError
-from circuitfind.tasks import TaskBatch, generate_prompts, load_task
+from circuitfind.methods.discover import discover
+from circuitfind.tasks import datasets
+from circuitfind.tasks.batch import TaskBatch, generate_prompts, load_task
 
 CLEAN = "When Mary and John went to the store, John gave a drink to"
 CORRUPT = "When Mary and John went to the store, Mary gave a drink to"
@@ -271,7 +271,7 @@ def test_a_non_dataset_file_is_still_a_clear_error(tmp_path):
 
 
 def test_sweep_names_a_dataset_by_file_name_and_hash_and_caches_by_content(tmp_path, capsys):
-    from circuitfind.sweep import SweepConfig, cache_key
+    from circuitfind.runs.sweep import SweepConfig, cache_key
 
     rows = _ioi_rows(8)
     (tmp_path / "a").mkdir()
@@ -301,8 +301,8 @@ def test_sweep_names_a_dataset_by_file_name_and_hash_and_caches_by_content(tmp_p
 
 @pytest.mark.slow
 def test_a_dataset_setting_records_its_label_and_examples_for_the_report(tmp_path):
-    from circuitfind.report.sweep import write_report
-    from circuitfind.sweep import SweepConfig, compute_setting
+    from circuitfind.reports.sweep_report import write_report
+    from circuitfind.runs.sweep import SweepConfig, compute_setting
 
     rows = _ioi_rows(8)
     path = _jsonl(tmp_path / "pairs.jsonl", rows)
@@ -403,7 +403,7 @@ def test_gaussian_noise_on_a_dataset_without_key_tokens_is_refused(tmp_path, cap
 @pytest.mark.parametrize("name", ["huge.jsonl", "huge.csv"])
 def test_a_line_over_the_limit_is_refused_before_it_is_read_whole(tmp_path, capsys, name):
     """A 200 MB row was read, parsed and carried (1.4 GB resident); a line over MAX_LINE_BYTES is no row."""
-    from circuitfind.datasets import MAX_LINE_BYTES
+    from circuitfind.tasks.datasets import MAX_LINE_BYTES
 
     path = tmp_path / name
     pad = b"x" * (MAX_LINE_BYTES + 10)
@@ -422,7 +422,7 @@ def test_a_line_over_the_limit_is_refused_before_it_is_read_whole(tmp_path, caps
 def test_a_json_array_row_over_the_limit_is_refused_as_the_rows_error(tmp_path, capsys):
     """A JSON array's row was re-decoded once per 64 KB chunk (a 100 MB row: minutes); one over
     MAX_LINE_BYTES is now refused, and as the array's error (not "a task spec must be an object")."""
-    from circuitfind.datasets import MAX_LINE_BYTES
+    from circuitfind.tasks.datasets import MAX_LINE_BYTES
 
     row = json.loads((Path(__file__).parent / "data" / "mib" / "arc_easy.json").read_text())[0]
     path = tmp_path / "rows.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from circuitfind.cli import main
-from circuitfind.diff import diff_runs, write_diff
+from circuitfind.runs.diff import diff_runs, write_diff
 
 # A 1-layer, 2-head graph: 13 edges (6 into the heads' q/k/v, 3 into m0, 4 into the logits).
 ASCENDING = [float(i) for i in range(1, 14)]
@@ -225,7 +225,7 @@ def test_diff_flow_writes_report_and_artifact(prefect_harness, runs, tmp_path):
 def test_series_diffs_against_the_last_completed_run(prefect_harness, runs, tmp_path):
     from prefect import flow
 
-    from circuitfind.flows.diff import diff_with_previous, last_completed, record_completed
+    from circuitfind.flows.diff_flow import diff_with_previous, last_completed, record_completed
 
     outputs = runs[0].parent
 
@@ -247,7 +247,7 @@ def test_series_diffs_against_the_last_completed_run(prefect_harness, runs, tmp_
 
 @pytest.mark.slow
 def test_scheduled_sweep_diffs_each_run_against_the_previous_one(prefect_harness, tmp_path):
-    from circuitfind.sweep import SweepConfig
+    from circuitfind.runs.sweep import SweepConfig
     from flows.deploy import build_deployment
     from flows.sweep import sweep
 

@@ -9,12 +9,12 @@ edges. The tests allow 0.01 and 0.03 (and the same top-20 edges).
 import pytest
 import torch
 
-from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.cli import main
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.models import load_model, resolve_dtype
-from circuitfind.tasks import TaskBatch
+from circuitfind.methods import discover as D
+from circuitfind.models.loading import load_model, resolve_dtype
+from circuitfind.tasks.batch import TaskBatch
 
 EFFECT_TOL, SCORE_TOL = 0.01, 0.03
 

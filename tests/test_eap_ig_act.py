@@ -4,12 +4,12 @@ and on the known-induction model it ranks the true circuit first."""
 import pytest
 import torch
 
-from circuitfind import agreement
-from circuitfind import discovery as D
 from circuitfind import patching as P
+from circuitfind.circuits import agreement
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.graph import ModelGraph
-from circuitfind.zoo.known import INDUCTION_TRUTH
+from circuitfind.methods import discover as D
+from circuitfind.models.zoo.known import INDUCTION_TRUTH
 
 
 @pytest.fixture(scope="module")
@@ -45,16 +45,16 @@ def test_discover_runs_it(setup):
     found = D.discover(setup, "eap_ig_act", top_k=10, ig_steps=2, per_prompt=True)
     assert found.circuit.settings["algorithm"] == "eap_ig_act" and found.circuit.settings["ig_steps"] == 2
     assert found.circuit.n_edges == 10 and found.per_prompt is not None and found.curve is not None
-    with pytest.raises(ValueError, match="ig_steps"):
+    with pytest.raises(ValueError, match="--ig-steps"):
         D.check_options("eap_ig_act", ig_steps=0)
 
 
 def test_ranks_the_known_circuit_first(tmp_path_factory):
     from collections import Counter
 
-    from circuitfind.catalogue import load_model
-    from circuitfind.tasks import TaskBatch, generate_prompts
-    from circuitfind.zoo.known import build_induction_model
+    from circuitfind.models.catalogue import load_model
+    from circuitfind.models.zoo.known import build_induction_model
+    from circuitfind.tasks.batch import TaskBatch, generate_prompts
 
     model = load_model(build_induction_model(tmp_path_factory.mktemp("known")), device="cpu")
     prompts = generate_prompts("induction", 600, seed=0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from circuitfind import patching as P
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.graph import ModelGraph
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +208,7 @@ def test_attribution_equals_the_mask_gradient(setups, corruption, direction):
 
 
 def test_attribution_on_grouped_query_attention_equals_the_mask_gradient(gqa_model):
-    from circuitfind.tasks import TaskBatch
+    from circuitfind.tasks.batch import TaskBatch
 
     patcher = EdgePatcher(P.prepare(gqa_model, TaskBatch.build(gqa_model, "ioi", 6, seed=2), "str", "logit_diff"))
     masks = patcher.ones().requires_grad_(True)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from circuitfind import study
-from circuitfind.sweep import task_fingerprint
-from circuitfind.tasks import generate_prompts, load_task
+from circuitfind.runs import study
+from circuitfind.runs.sweep import task_fingerprint
+from circuitfind.tasks.batch import generate_prompts, load_task
 
-TOY_IOI = Path(study.__file__).parent / "zoo" / "toy-ioi"
+TOY_IOI = Path(study.__file__).parents[1] / "models" / "zoo" / "toy-ioi"
 
 
 def _ioi_jsonl(path, n=8, seed=0, subject_last=False):
@@ -61,7 +61,7 @@ def test_head_detection_on_a_dataset_file_is_the_shipped_tasks(ioi_model, tmp_pa
 
 
 def test_study_checks_the_task_before_prefect_starts(tmp_path, capsys):
-    from circuitfind.flows.study import main
+    from circuitfind.flows.study_flow import main
 
     mib = Path(__file__).parent / "data" / "mib" / "ioi.jsonl"  # its STR variant is s2_io_flip, not s2_io
     bad = tmp_path / "bad.jsonl"
@@ -81,7 +81,7 @@ def test_study_checks_the_task_before_prefect_starts(tmp_path, capsys):
 def test_mlp_study_caches_a_dataset_by_its_content(tmp_path):
     """The MLP part's cache key holds the task's content: a copy of the file elsewhere is served from the
     cache, other content is computed anew."""
-    from circuitfind.flows.study import mlps_task
+    from circuitfind.flows.study_flow import mlps_task
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -99,7 +99,7 @@ def test_mlp_study_caches_a_dataset_by_its_content(tmp_path):
 
 
 def test_a_checkpoint_analysed_on_a_dataset_file_is_the_shipped_tasks(tmp_path):
-    from circuitfind.checkpoints import analyse_checkpoint
+    from circuitfind.runs.checkpoints import analyse_checkpoint
 
     path = _ioi_jsonl(tmp_path / "pairs.jsonl")
     setting = dict(prompts=8, algorithm="eap", metric="logit_diff", top_k=12)

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from circuitfind.circuit import Circuit
-from circuitfind.sweep import SweepConfig
+from circuitfind.circuits.circuit import Circuit
+from circuitfind.runs.sweep import SweepConfig
 from flows.sweep import compare_run, sweep
 
 SMALL = dict(

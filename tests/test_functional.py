@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from circuitfind import patching as P
-from circuitfind import tensor_forward
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.graph import ModelGraph
-from circuitfind.models import load_model
-from circuitfind.tasks import TaskBatch
+from circuitfind.models import tensor_forward
+from circuitfind.models.loading import load_model
+from circuitfind.tasks.batch import TaskBatch
 
 
 @pytest.fixture(scope="module")
@@ -149,8 +149,8 @@ def test_unsupported_architecture_falls_back_to_hooks(tmp_path):
     """A GPT-NeoX (Pythia-style) model: parallel attention and partial rotary are not implemented."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from circuitfind.tasks import load_task
-    from circuitfind.zoo.train import build_tokenizer, task_words
+    from circuitfind.models.zoo.train import build_tokenizer, task_words
+    from circuitfind.tasks.batch import load_task
 
     tokenizer = build_tokenizer(task_words(load_task("ioi")))
     config = GPTNeoXConfig(
@@ -179,7 +179,7 @@ def test_unsupported_architecture_falls_back_to_hooks(tmp_path):
 
 @pytest.mark.parametrize("name,tau", [("gqa-llama", 0.05), ("toy-induction", 0.05)])
 def test_acdc_finds_the_same_circuit_on_both_engines(models, name, tau):
-    from circuitfind import discovery as D
+    from circuitfind.methods import discover as D
 
     model = models[name]
     corruption = "gn" if "induction" in name else "str"

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from circuitfind.bpe import _split, bytes_to_unicode, merges_from_ranks, tokenizer_dir
 from circuitfind.errors import TaskError
-from circuitfind.tasks import TaskBatch, load_task, single_token_id
+from circuitfind.models.bpe import _split, bytes_to_unicode, merges_from_ranks, tokenizer_dir
+from circuitfind.tasks.batch import TaskBatch, load_task, single_token_id
 
 built = pytest.mark.skipif(
     not (tokenizer_dir() / "tokenizer.json").is_file(),
@@ -25,7 +25,7 @@ def test_merges_are_recovered_from_ranks():
 
 @built
 def test_known_gpt2_ids():
-    from circuitfind.bpe import gpt2_tokenizer
+    from circuitfind.models.bpe import gpt2_tokenizer
 
     tok = gpt2_tokenizer(fetch_if_missing=False)
     assert tok(" Mary", add_special_tokens=False)["input_ids"] == [5335]
@@ -38,7 +38,7 @@ def test_known_gpt2_ids():
 
 @built
 def test_factual_mlp_localisation_runs_on_a_gpt2_family_model(random_gpt2):
-    from circuitfind.study import mlp_localisation
+    from circuitfind.runs.study import mlp_localisation
 
     out = mlp_localisation(random_gpt2, "random-gpt2", prompts=6, windows=(1, 3))
     assert set(out["curves"]) == {"window 1", "window 3", "sum of 3 single layers"}

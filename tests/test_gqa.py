@@ -4,12 +4,12 @@ import pytest
 import torch
 from transformer_lens import patching as tl_patching
 
-from circuitfind import discovery as D
 from circuitfind import patching as P
-from circuitfind.circuit import Circuit
+from circuitfind.circuits.circuit import Circuit
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.graph import ModelGraph
-from circuitfind.tasks import TaskBatch
+from circuitfind.methods import discover as D
+from circuitfind.tasks.batch import TaskBatch
 
 
 @pytest.fixture(scope="module")

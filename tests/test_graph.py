@@ -2,9 +2,9 @@ import networkx as nx
 import pytest
 import torch
 
-from circuitfind.circuit import Circuit
-from circuitfind.graph import ModelGraph
-from circuitfind.graph_io import read_graph, write_graph
+from circuitfind.circuits.circuit import Circuit
+from circuitfind.circuits.graph import ModelGraph
+from circuitfind.circuits.graph_io import read_graph, write_graph
 
 
 def test_edge_counts_and_order():
@@ -94,7 +94,7 @@ def test_circuit_only_networkx_holds_just_the_circuit_edges():
 
 
 def test_compare_command_names_its_component_jaccard(tmp_path, capsys):
-    from circuitfind import agreement
+    from circuitfind.circuits import agreement
     from circuitfind.cli import main
 
     graph = ModelGraph(3, 4)

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from circuitfind import errors
-from circuitfind.circuit import Circuit
+from circuitfind.circuits.circuit import Circuit
+from circuitfind.circuits.graph import ModelGraph
+from circuitfind.circuits.graph_io import read_graph
 from circuitfind.cli import main
-from circuitfind.graph import ModelGraph
-from circuitfind.graph_io import read_graph
 
 SUFFIXES = (".graphml", ".gexf", ".json", ".dot")
 FORMAT_NAMES = {".graphml": "GraphML", ".gexf": "GEXF", ".json": "node-link JSON", ".dot": "DOT"}
@@ -349,7 +349,7 @@ def test_dot_with_non_numeric_attribute(tmp_path, capsys, saved):
 
 
 def test_file_larger_than_the_limit(tmp_path, capsys):
-    from circuitfind import graph_io as graph
+    from circuitfind.circuits import graph_io as graph
 
     path = tmp_path / "huge.graphml"
     with open(path, "wb") as fh:  # sparse: no disk or memory used

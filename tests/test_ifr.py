@@ -4,11 +4,11 @@ toy-induction model, and on numbers worked by hand."""
 import pytest
 import torch
 
-from circuitfind import discovery as D
 from circuitfind import patching as P
-from circuitfind.graph import ModelGraph
-from circuitfind.ifr import ifr_scores, local_importances, proximity_importance
-from circuitfind.tasks import TaskBatch
+from circuitfind.circuits.graph import ModelGraph
+from circuitfind.methods import discover as D
+from circuitfind.methods.ifr import ifr_scores, local_importances, proximity_importance
+from circuitfind.tasks.batch import TaskBatch
 
 
 def test_proximity_by_hand():

@@ -5,14 +5,14 @@ from collections import Counter
 import pytest
 import torch
 
-from circuitfind import agreement
-from circuitfind import discovery as D
 from circuitfind import patching as P
-from circuitfind.catalogue import load_model
+from circuitfind.circuits import agreement
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.evaluation import evaluate
-from circuitfind.tasks import TaskBatch, generate_prompts
-from circuitfind.zoo.known import DISTRACTOR_HEADS, INDUCTION_TRUTH, build_induction_model
+from circuitfind.methods import discover as D
+from circuitfind.models.catalogue import load_model
+from circuitfind.models.zoo.known import DISTRACTOR_HEADS, INDUCTION_TRUTH, build_induction_model
+from circuitfind.tasks.batch import TaskBatch, generate_prompts
+from circuitfind.tasks.evaluation import evaluate
 
 
 @pytest.fixture(scope="module")

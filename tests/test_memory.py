@@ -7,11 +7,11 @@ float32 rounding; the tests ask for 1e-5 (metric values and attribution scores, 
 import pytest
 import torch
 
-from circuitfind import discovery as D
 from circuitfind import patching as P
 from circuitfind.edge_patching import EdgePatcher
+from circuitfind.methods import discover as D
 from circuitfind.patching import memory
-from circuitfind.tasks import TaskBatch
+from circuitfind.tasks.batch import TaskBatch
 
 TINY = 1  # one byte: one row (one candidate on one prompt) per pass
 
@@ -116,7 +116,7 @@ def test_incremental_search_splits_candidates_and_adopts_from_any_pass(ioi_model
 def test_per_position_attributions_add_up_to_the_position_free_ones(ioi_model):
     """Per-position graphs take EAP from the masks' gradient (split into passes too); summed over
     positions it is the position-free attribution."""
-    from circuitfind.graph import ModelGraph
+    from circuitfind.circuits.graph import ModelGraph
 
     batch = TaskBatch.build(ioi_model, "ioi", 6, seed=0)
     for budget in (None, TINY):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from circuitfind.errors import MetricError
-from circuitfind.metrics import CallableMetric, MetricContext, get_metric, normalise
+from circuitfind.tasks.metrics import CallableMetric, MetricContext, get_metric, normalise
 
 
 def _ctx(logits=None):

@@ -12,11 +12,11 @@ import time
 import pytest
 import torch
 
-from circuitfind.circuit import Circuit
+from circuitfind.circuits.circuit import Circuit
+from circuitfind.circuits.graph import ModelGraph
+from circuitfind.circuits.mib import read_mib, to_mib, write_mib
 from circuitfind.cli import main
 from circuitfind.errors import GraphFileError
-from circuitfind.graph import ModelGraph
-from circuitfind.mib import read_mib, to_mib, write_mib
 
 TINY = """{
   "cfg": {"n_layers": 2, "n_heads": 2, "parallel_attn_mlp": false, "d_model": 8, "n_ctx": 16},
@@ -266,8 +266,9 @@ def test_cli_export_and_compare_take_the_format(tiny, tmp_path, capsys):
 
 def test_a_discovered_circuit_saves_as_mib_without_extra_arguments(ioi_model, ioi_batch, tmp_path):
     """The README's example: discovery records d_model, so circuit.save("x.mib.json") works as written."""
-    from circuitfind import discovery, patching
+    from circuitfind import patching
     from circuitfind.edge_patching import EdgePatcher
+    from circuitfind.methods import discover as discovery
 
     circuit = discovery.eap_circuit(EdgePatcher(patching.prepare(ioi_model, ioi_batch)), k=10)
     assert circuit.settings["d_model"] == ioi_model.cfg.d_model

@@ -22,9 +22,9 @@ import torch
 
 from circuitfind import patching as P
 from circuitfind.cli import main
-from circuitfind.discovery import discover
 from circuitfind.errors import TaskError
-from circuitfind.tasks import TaskBatch, generate_prompts, load_task
+from circuitfind.methods.discover import discover
+from circuitfind.tasks.batch import TaskBatch, generate_prompts, load_task
 
 DATA = Path(__file__).parent / "data" / "mib"
 

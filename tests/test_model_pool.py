@@ -5,7 +5,7 @@ import threading
 import pytest
 import torch
 
-from circuitfind.sweep import ModelPool
+from circuitfind.runs.sweep import ModelPool
 from circuitfind.threads import THREADS_ENV, apply_worker_threads, threads_per_worker
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from circuitfind.errors import ModelNotFoundError
-from circuitfind.models import load_model, resolve_model_path, shipped_models
+from circuitfind.models.loading import load_model, resolve_model_path, shipped_models
 
 
 def test_shipped_models_listed():
@@ -90,7 +90,7 @@ def test_truncated_weights_are_one_line(tmp_path, capsys):
 
 @pytest.mark.parametrize("n_layer", [100000, -1, 0, 2.5, True, "3"])
 def test_config_shape_out_of_bounds_is_refused_before_allocating(tmp_path, capsys, n_layer):
-    from circuitfind.models import SHAPE_LIMITS
+    from circuitfind.models.loading import SHAPE_LIMITS
 
     folder = _copy_model(tmp_path, n_layer=n_layer)
     start = time.time()

@@ -1,4 +1,4 @@
-"""Multi-token answers scored by teacher forcing (circuitfind.multitoken), checked against plain forward
+"""Multi-token answers scored by teacher forcing (circuitfind.tasks.multitoken), checked against plain forward
 passes of the whole sequence, the patching invariants, a dataset through `discover`, and the refusals."""
 
 import dataclasses
@@ -8,17 +8,19 @@ import pytest
 import torch
 from _forcing import forced_log_prob
 
-from circuitfind import discovery, fetch, multitoken
 from circuitfind import patching as P
-from circuitfind.bpe import tokenizer_dir
 from circuitfind.cli import main
-from circuitfind.corruptions import GaussianNoise
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.errors import TaskError
-from circuitfind.ifr import ifr_scores
+from circuitfind.methods import discover as discovery
+from circuitfind.methods.ifr import ifr_scores
+from circuitfind.models import fetch
+from circuitfind.models.bpe import tokenizer_dir
 from circuitfind.names import hook_name
-from circuitfind.study import prepare_recording
-from circuitfind.tasks import Prompt, TaskBatch, encode, generate_prompts
+from circuitfind.runs.study import prepare_recording
+from circuitfind.tasks import multitoken
+from circuitfind.tasks.batch import Prompt, TaskBatch, encode, generate_prompts
+from circuitfind.tasks.corruptions import GaussianNoise
 
 
 def _log_prob(model, prompt: str, answer: str) -> float:
@@ -219,7 +221,7 @@ def test_refusals(ioi_model, multi):
 
 
 def test_the_sweep_grid_check_refuses_before_anything_runs(tmp_path):
-    from circuitfind.sweep import SweepConfig
+    from circuitfind.runs.sweep import SweepConfig
 
     spec = str(_dataset(tmp_path))
     # the default grid but Gaussian noise (the dataset marks no key tokens): every algorithm and metric
@@ -232,7 +234,7 @@ def test_the_sweep_grid_check_refuses_before_anything_runs(tmp_path):
 def test_a_sweep_setting_of_a_multi_token_dataset(tmp_path):
     """One sweep setting computed as the flow computes it: the record counts prompts (not rows), and the
     per-prompt EAP scores (for the report's bootstrap) have one column per prompt."""
-    from circuitfind.sweep import SweepConfig, compute_setting
+    from circuitfind.runs.sweep import SweepConfig, compute_setting
 
     config = SweepConfig(
         tasks=[str(_dataset(tmp_path))],
@@ -252,7 +254,7 @@ def test_a_sweep_setting_of_a_multi_token_dataset(tmp_path):
 @pytest.mark.skipif(not fetch.is_fetched("smollm2-135m"), reason="SmolLM2 not in the cache")
 @pytest.mark.slow  # loads SmolLM2-135M
 def test_smollm2_four_digit_answer():
-    from circuitfind.models import load_model
+    from circuitfind.models.loading import load_model
 
     smol = load_model("smollm2-135m", device="cpu")
     prompt = Prompt(
@@ -273,7 +275,7 @@ def test_smollm2_four_digit_answer():
 def test_gpt2_tokenizer_two_token_answer(tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from circuitfind.models import load_model
+    from circuitfind.models.loading import load_model
 
     torch.manual_seed(0)
     GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, n_positions=64)).save_pretrained(tmp_path)
@@ -293,7 +295,7 @@ def test_gpt2_tokenizer_two_token_answer(tmp_path):
 
 
 def test_evaluate_scores_the_whole_answer(ioi_model, multi):
-    from circuitfind.evaluation import evaluate
+    from circuitfind.tasks.evaluation import evaluate
 
     prompts, batch = multi
     report = evaluate(ioi_model, batch, corruptions=("str:abc", "gn"))
@@ -322,7 +324,7 @@ def test_evaluate_scores_the_whole_answer(ioi_model, multi):
 
 def test_logprob_diff_of_one_token_answers():
     """log mass of R minus log mass of R': the logit difference for one answer each (the normaliser cancels)."""
-    from circuitfind.metrics import MetricContext, get_metric
+    from circuitfind.tasks.metrics import MetricContext, get_metric
 
     logits = torch.randn(3, 7)
     one = MetricContext(torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]))

@@ -1,4 +1,4 @@
-"""Answer sets of multi-token answers (circuitfind.multitoken's trie layout and set metrics), checked
+"""Answer sets of multi-token answers (circuitfind.tasks.multitoken's trie layout and set metrics), checked
 against plain forward passes of every whole answer, the patching invariants, passes split by memory,
 Gaussian-noise samples, and exact greater-than on SmolLM2 (Hanna et al. 2023 over two-token years)."""
 
@@ -10,13 +10,15 @@ import pytest
 import torch
 from _forcing import forced_log_prob
 
-from circuitfind import discovery, fetch, multitoken
 from circuitfind import patching as P
-from circuitfind.corruptions import GaussianNoise
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.errors import MetricError, TaskError
+from circuitfind.methods import discover as discovery
+from circuitfind.models import fetch
 from circuitfind.patching import memory
-from circuitfind.tasks import Prompt, TaskBatch, encode, generate_prompts
+from circuitfind.tasks import multitoken
+from circuitfind.tasks.batch import Prompt, TaskBatch, encode, generate_prompts
+from circuitfind.tasks.corruptions import GaussianNoise
 
 
 def _log_prob(model, prompt: str, answer: str, clean_prompt: str | None = None) -> float:
@@ -223,7 +225,7 @@ def test_one_token_answers_declared_multi_equal_single_tokens_under_gaussian_noi
 
 
 def test_evaluate_with_answer_sets(ioi_model, sets):
-    from circuitfind.evaluation import evaluate
+    from circuitfind.tasks.evaluation import evaluate
 
     prompts, batch = sets
     report = evaluate(ioi_model, batch, corruptions=("str:abc",))
@@ -254,7 +256,7 @@ def test_greater_than_years_is_hanna_et_al_probability_difference_on_smollm2():
     """SmolLM2 writes each digit as a token: prob_diff of greater_than_years is
     sum_{y > YY} p(y) - sum_{y <= YY} p(y) over the 100 two-digit years, p(y) = p(tens) p(ones | tens),
     here from 11 plain forward passes per prompt."""
-    from circuitfind.models import load_model
+    from circuitfind.models.loading import load_model
 
     smol = load_model("smollm2-135m", device="cpu")
     batch = TaskBatch.build(smol, "greater_than_years", 2, seed=4)

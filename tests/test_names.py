@@ -3,7 +3,7 @@
 import pytest
 
 from circuitfind import names
-from circuitfind.graph import ModelGraph
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.names import Node, parse_node
 
 

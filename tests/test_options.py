@@ -7,12 +7,12 @@ import time
 import pytest
 import torch
 
-from circuitfind import discovery as D
 from circuitfind import patching as P
-from circuitfind import tasks
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.cli import main
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.graph import ModelGraph
+from circuitfind.methods import discover as D
+from circuitfind.tasks import batch as tasks
 
 BAD_FLOATS = [float("nan"), float("inf"), float("-inf")]
 
@@ -72,7 +72,7 @@ def test_top_k_larger_than_the_graph_is_refused_by_every_entry_point(setup, patc
     with pytest.raises(ValueError, match=message):
         D.eap_circuit(patcher, k=n + 1)
     for bad in (0, -3):
-        with pytest.raises(ValueError, match="top_k|k must"):
+        with pytest.raises(ValueError, match="--top-k|k must"):
             D.discover(setup, "eap", top_k=bad)
     assert D.select_top_k(patcher.graph, scores, n).n_edges == n  # the whole graph, when asked for exactly
 
@@ -82,11 +82,11 @@ def test_top_k_larger_than_the_graph_is_refused_by_every_entry_point(setup, patc
     [
         (dict(algorithm="acdc", acdc_tau=float("nan")), "tau"),
         (dict(algorithm="acdc", acdc_tau=-1.0), "tau"),
-        (dict(algorithm="eap_ig", ig_steps=0), "ig_steps"),
-        (dict(algorithm="path_patching", path_depth=0), "path_depth"),
-        (dict(algorithm="path_patching", path_k=float("nan")), "path_k"),
-        (dict(algorithm="node", node_k=-1.0), "node_k"),
-        (dict(algorithm="eap", top_k=0), "top_k"),
+        (dict(algorithm="eap_ig", ig_steps=0), "--ig-steps"),
+        (dict(algorithm="path_patching", path_depth=0), "--path-depth"),
+        (dict(algorithm="path_patching", path_k=float("nan")), "--path-k"),
+        (dict(algorithm="node", node_k=-1.0), "--node-k"),
+        (dict(algorithm="eap", top_k=0), "--top-k"),
     ],
 )
 def test_discover_checks_every_option_up_front(setup, kwargs, name):
@@ -158,16 +158,16 @@ def _one_line_error(capsys, argv, *fragments, seconds=60.0) -> str:
         (["discover", "--tau", "-1"], ["tau"]),
         (["discover", "--tau", "nan"], ["tau"]),
         (["discover", "--tau", "inf"], ["tau"]),
-        (["discover", "--algorithm", "node", "-k", "nan"], ["node_k"]),
-        (["discover", "--algorithm", "path_patching", "-k", "0"], ["path_k"]),
-        (["discover", "--algorithm", "eap", "--top-k", "0"], ["top_k"]),
-        (["discover", "--algorithm", "eap_ig", "--ig-steps", "0"], ["ig_steps"]),
-        (["discover", "--algorithm", "path_patching", "--depth", "0"], ["path_depth"]),
+        (["discover", "--algorithm", "node", "--node-k", "nan"], ["--node-k"]),
+        (["discover", "--algorithm", "path_patching", "--path-k", "0"], ["--path-k"]),
+        (["discover", "--algorithm", "eap", "--top-k", "0"], ["--top-k"]),
+        (["discover", "--algorithm", "eap_ig", "--ig-steps", "0"], ["--ig-steps"]),
+        (["discover", "--algorithm", "path_patching", "--depth", "0"], ["--path-depth"]),
         (["discover", "--algorithm", "acdc", "--top-k", "100000"], ["--top-k", "262 edges"]),
         (["discover", "--ig-steps", "0"], ["--ig-steps"]),
-        (["discover", "--depth", "0"], ["--depth"]),
+        (["discover", "--depth", "0"], ["--path-depth"]),
         (["discover", "--top-k", "0"], ["--top-k"]),
-        (["discover", "-k", "0"], ["-k"]),
+        (["discover", "--node-k", "0"], ["--node-k"]),
         (["patch", "-k", "nan"], ["k"]),
         (["patch", "--what", "mlp_window", "--window", "0"], ["window"]),
         (["evaluate", "-n", "100000000"], ["at most"]),
@@ -188,7 +188,7 @@ def test_cli_top_k_larger_than_the_graph(capsys):
 
 
 def test_edge_count_formula_matches_the_graph():
-    from circuitfind.graph import edge_count
+    from circuitfind.circuits.graph import edge_count
 
     for shape in [(1, 1), (3, 4), (2, 3), (5, 6)]:
         for split in (True, False):

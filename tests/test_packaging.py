@@ -154,10 +154,10 @@ def test_wheel_carries_tasks_flows_and_models(installed_wheel):
     assert {"factual.json", "induction.json", "ioi.json", "greater_than.json", "ioi_template.json"} <= set(tasks)
     assert {f"circuitfind/task_specs/{task}" for task in tasks} <= names
     assert {
-        "circuitfind/flows/sweep.py",
-        "circuitfind/flows/study.py",
+        "circuitfind/flows/sweep_flow.py",
+        "circuitfind/flows/study_flow.py",
         "circuitfind/flows/deploy.py",
-        "circuitfind/zoo/toy-ioi/model.safetensors",
+        "circuitfind/models/zoo/toy-ioi/model.safetensors",
         "circuitfind/py.typed",
     } <= names
 
@@ -222,6 +222,6 @@ def test_flows_load_from_the_package_and_from_the_checkout_entry_points():
     from circuitfind.flows.deploy import build_deployment
 
     deployment = build_deployment()
-    assert deployment.entrypoint == "circuitfind.flows.sweep.sweep"  # runs wherever circuitfind is installed
+    assert deployment.entrypoint == "circuitfind.flows.sweep_flow.sweep"  # runs wherever circuitfind is installed
     assert load_flow_from_entrypoint(deployment.entrypoint).name == "circuitfind-sweep"
     assert load_flow_from_entrypoint(f"{ROOT / 'flows' / 'study.py'}:settings_study").name == "circuitfind-study"

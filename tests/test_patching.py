@@ -5,7 +5,7 @@ import torch
 from transformer_lens import patching as tl_patching
 
 from circuitfind import patching as P
-from circuitfind.tasks import TaskBatch
+from circuitfind.tasks.batch import TaskBatch
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from circuitfind import errors
 from circuitfind.cli import main
-from circuitfind.models import load_model
+from circuitfind.models.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,8 +54,8 @@ def tiny_llama(tmp_path_factory):
     """A real tiny Llama whose weights are a pickle (``pytorch_model.bin``, no safetensors), with a tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from circuitfind.tasks import load_task
-    from circuitfind.zoo.train import build_tokenizer, task_words
+    from circuitfind.models.zoo.train import build_tokenizer, task_words
+    from circuitfind.tasks.batch import load_task
 
     folder = tmp_path_factory.mktemp("pickled-llama")
     tokenizer = build_tokenizer(task_words(load_task("ioi")))

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitfind import discovery as D
 from circuitfind import patching as P
-from circuitfind.diff import write_diff
-from circuitfind.graph import ModelGraph
+from circuitfind.circuits.graph import ModelGraph
+from circuitfind.methods import discover as D
 from circuitfind.names import head_name
-from circuitfind.report import write_run_report
+from circuitfind.reports import write_run_report
+from circuitfind.runs.diff import write_diff
 
 GRAPH = ModelGraph(2, 2)
 METRICS = ("logit_diff", "prob", "kl")
@@ -143,8 +143,8 @@ def test_sweep_bootstrap_points_lie_in_their_intervals_and_top_edges_are_the_lar
 
 def test_sweep_bootstrap_points_are_exactly_inside_even_for_constant_rows(run):
     """The float32 mean of a constant row can round one ulp outside its float64-percentile interval."""
-    from circuitfind.run_statistics import compare_records
-    from circuitfind.sweep import load_records
+    from circuitfind.runs.statistics import compare_records
+    from circuitfind.runs.sweep import load_records
 
     folder, _ = run
     (group,) = compare_records(load_records(folder))
@@ -264,7 +264,7 @@ def test_node_circuit_heads_are_the_largest_effects_and_scores_are_the_effects(i
 
 
 def test_checkpoint_report_numbers_and_spans_are_what_they_name(tmp_path):
-    from circuitfind.checkpoints import write_report
+    from circuitfind.runs.checkpoints import write_report
 
     gen = torch.Generator().manual_seed(3)
     pool = [list(e) for e in GRAPH.edges[:12]]

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import TINY_SWEEP
 
-from circuitfind import progress, study
-from circuitfind.sweep import Setting, SweepConfig, _compute_setting
+from circuitfind import progress
+from circuitfind.runs import study
+from circuitfind.runs.sweep import Setting, SweepConfig, _compute_setting
 
 
 def test_bar_descriptions_and_stages_reach_the_listener_and_never_stdout(capsys, monkeypatch):

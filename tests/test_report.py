@@ -9,12 +9,12 @@ import xml.etree.ElementTree as ET
 import pytest
 import torch
 
-from circuitfind import health
-from circuitfind.figures import circuit_drawing
-from circuitfind.graph import ModelGraph
-from circuitfind.report import render as R
-from circuitfind.report import report_sections, write_run_report
-from circuitfind.run_statistics import axis_effects, compare_records, pair_statistics, robust_and_dependent
+from circuitfind.circuits.graph import ModelGraph
+from circuitfind.reports import render as R
+from circuitfind.reports import report_sections, write_run_report
+from circuitfind.reports.figures import circuit_drawing
+from circuitfind.runs import health
+from circuitfind.runs.statistics import axis_effects, compare_records, pair_statistics, robust_and_dependent
 
 GRAPH = ModelGraph(2, 2)
 R1, R2 = ("a0.0", "a1.0<q>"), ("a1.0", "logits")  # in every circuit
@@ -152,7 +152,7 @@ def test_robust_and_setting_dependent_exact():
 
 
 def test_a_degenerate_setting_is_flagged_and_left_out_of_the_significance_tables(run):
-    from circuitfind.sweep import load_records
+    from circuitfind.runs.sweep import load_records
 
     (group,) = compare_records(load_records(run))
     kl = "toy__ioi__eap__str__kl__noise"
@@ -221,9 +221,9 @@ def test_grouped_query_kv_edges_are_drawn_into_every_head_of_their_group(gqa_mod
 
 
 def test_the_report_draws_a_discovered_gqa_circuit_completely(gqa_model, tmp_path):
-    from circuitfind import discovery as D
     from circuitfind import patching as P
-    from circuitfind.tasks import TaskBatch
+    from circuitfind.methods import discover as D
+    from circuitfind.tasks.batch import TaskBatch
 
     setup = P.prepare(gqa_model, TaskBatch.build(gqa_model, "ioi", 6, seed=0), "str", "logit_diff")
     graph = ModelGraph.from_model(gqa_model)
@@ -286,7 +286,7 @@ def test_render_page_has_contents_and_escapes():
 
 
 def test_the_study_report_renders_with_the_shared_module_and_states_its_pitfalls(tmp_path):
-    from circuitfind.study import study_report
+    from circuitfind.runs.study import study_report
 
     normalised = [[0.1, 0.9], [0.0, -0.2]]
     setting = {
@@ -363,7 +363,7 @@ def test_the_model_axis_is_ranked_when_the_grid_has_several_models():
 
 
 def test_markdown_table_cells_escape_the_pipe():
-    from circuitfind.report import render as R
+    from circuitfind.reports import render as R
 
     assert R.table(["a|b", "n"], [["x|y", 2]]).markdown == "| a\\|b | n |\n|---|---|\n| x\\|y | 2 |"
 
@@ -423,7 +423,7 @@ def test_report_html_is_byte_for_byte_reproducible(run, tmp_path):
 
     pages = []
     for seed in ("1", "2", "3"):
-        code = "import sys; from circuitfind.report import write_run_report; write_run_report(sys.argv[1])"
+        code = "import sys; from circuitfind.reports import write_run_report; write_run_report(sys.argv[1])"
         env = {**os.environ, "PYTHONHASHSEED": seed}
         subprocess.run([sys.executable, "-c", code, str(run)], env=env, check=True, timeout=120)
         pages.append(((run / "report.html").read_bytes(), (run / "report.md").read_bytes()))
@@ -431,7 +431,7 @@ def test_report_html_is_byte_for_byte_reproducible(run, tmp_path):
 
 
 def test_a_large_answer_set_is_shortened_in_the_example_table():
-    from circuitfind.report.sweep import _answer_list
+    from circuitfind.reports.sweep_report import _answer_list
 
     assert _answer_list([" he", " him", " his"]) == "' he' | ' him' | ' his'"
     years = [f"{y:02d}" for y in range(33, 100)]  # greater-than's R for YY = 32

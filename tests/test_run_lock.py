@@ -10,12 +10,12 @@ import time
 import pytest
 
 from circuitfind.cli import main
-from circuitfind.sweep import RUN_LOCK, RunLockedError, SweepConfig, check_run_lock, run_lock
+from circuitfind.runs.sweep import RUN_LOCK, RunLockedError, SweepConfig, check_run_lock, run_lock
 
 EIGHT = SweepConfig(prompts=8)
 HOLD = """
 import sys
-from circuitfind.sweep import SweepConfig, run_lock
+from circuitfind.runs.sweep import SweepConfig, run_lock
 with run_lock(sys.argv[1], SweepConfig(prompts=8)):
     print("held", flush=True)
     sys.stdin.read()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from circuitfind.sweep import Setting, SweepConfig, name_part
+from circuitfind.runs.sweep import Setting, SweepConfig, name_part
 
 
 def setting(model: str, corruption: str = "str", task: str = "ioi") -> Setting:

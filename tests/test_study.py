@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitfind import agreement, study
 from circuitfind import patching as P
+from circuitfind.circuits import agreement
 from circuitfind.errors import ImpossibleSignError
-from circuitfind.tasks import TaskBatch
+from circuitfind.runs import study
+from circuitfind.tasks.batch import TaskBatch
 
 METRICS = ("logit_diff", "prob", "kl", "logprob")
 
@@ -169,7 +170,7 @@ def test_patch_command_says_when_a_sign_cannot_occur(capsys):
     ],
 )
 def test_study_options_are_checked_before_prefect_starts(tmp_path, capsys, argv, message):
-    from circuitfind.flows.study import main
+    from circuitfind.flows.study_flow import main
 
     assert main([*argv, "--outputs", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -235,7 +236,7 @@ def test_a_zero_effect_head_gets_a_zero_width_interval():
 @pytest.fixture(scope="module")
 def silent_head_model():
     """toy-ioi with head a1.2's output weights zeroed: patching it can change nothing, on any prompt."""
-    from circuitfind.catalogue import load_model
+    from circuitfind.models.catalogue import load_model
 
     model = load_model("toy-ioi", device="cpu")
     weight = dict(model.named_parameters())["transformer.h.1._original_component.attn.o._original_component.weight"]
@@ -303,7 +304,7 @@ def test_pitfalls_state_the_runs_own_evidence(tmp_path):
 
 
 def test_every_grid_option_has_help_and_its_default(capsys):
-    from circuitfind.flows.study import main
+    from circuitfind.flows.study_flow import main
 
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -326,7 +327,7 @@ def test_gn_options_reach_the_noise_and_the_noise_seed_follows_seed(ioi_model):
     ra, rb, rc = (x["settings"]["gn/logit_diff"] for x in (a, b, c))
     assert ra["effect"] != rb["effect"] and rc["noise_samples"] == 2 and c["gn_scale"] == 1.0
     batch = TaskBatch.build(ioi_model, "ioi", 6, seed=1)
-    from circuitfind.corruptions import GaussianNoise
+    from circuitfind.tasks.corruptions import GaussianNoise
 
     setup = P.prepare(ioi_model, batch, GaussianNoise(factor=1.0, samples=2, seed=1), "logit_diff")
     assert torch.allclose(torch.tensor(rc["normalised"]), P.patch_heads(setup, "denoise").normalised, atol=1e-6)
@@ -366,7 +367,7 @@ def test_ranking_summary_in_one_sentence():
 
 
 def test_the_mlp_chart_fits_its_y_axis_and_ticks_whole_layers():
-    from circuitfind import figures
+    from circuitfind.reports import figures
 
     curves = {"window 1": (list(range(30)), [0.001 * i for i in range(30)])}  # below 0.09, as on SmolLM2
     svg = figures.line_chart(curves, "layer", "effect", "t", fit_y=True, integer_x=True)
@@ -396,8 +397,8 @@ def test_the_mlp_part_is_cached_by_model_files_and_options(tmp_path):
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from circuitfind.bpe import tokenizer_dir
-    from circuitfind.flows.study import mlps_task
+    from circuitfind.flows.study_flow import mlps_task
+    from circuitfind.models.bpe import tokenizer_dir
 
     if not (tokenizer_dir() / "tokenizer.json").is_file():
         pytest.skip("GPT-2 tokenizer not built")
@@ -420,7 +421,7 @@ def test_the_mlp_part_is_cached_by_model_files_and_options(tmp_path):
 
 def test_the_variant_comparison_is_called_s2_vs_s1io_only_for_those_variants():
     """A dataset task's own variants (``str:corrupted``) are not Zhang & Nanda's S2 / S1+IO."""
-    from circuitfind.study import variants_label
+    from circuitfind.runs.study import variants_label
 
     assert variants_label(["str:s2_io", "str:s1_io"]) == "Corrupting S2 vs S1+IO:"
     assert variants_label(["str:corrupted"]) == "STR variants compared (logit difference):"

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from circuitfind import patching as P
-from circuitfind.corruptions import STR, CorruptionPlan
 from circuitfind.patching import suffix
-from circuitfind.tasks import TaskBatch
+from circuitfind.tasks.batch import TaskBatch
+from circuitfind.tasks.corruptions import STR, CorruptionPlan
 
 KINDS = {
     "heads": lambda s, d: P.patch_heads(s, d),

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-import circuitfind.flows.sweep  # noqa: F401  (imported here, so the timed calls below do not pay for it)
+import circuitfind.flows.sweep_flow  # noqa: F401  (imported here, so the timed calls below do not pay for it)
 from circuitfind.cli import build_parser, main
 from circuitfind.errors import ModelNotFoundError, TaskError
-from circuitfind.sweep import SweepConfig
+from circuitfind.runs.sweep import SweepConfig
 
 SERVER_APP = b"prefect.server.api.server:create_app"
 linux_only = pytest.mark.skipif(sys.platform != "linux", reason="finds server processes through /proc")
@@ -106,7 +106,7 @@ def test_sweep_help_lists_the_flow_options(argv, capsys):
 
 
 def test_flow_script_and_command_share_one_parser():
-    from circuitfind.flows import sweep as sweep_flow
+    from circuitfind.flows import sweep_flow as sweep_flow
 
     argv = ["--algorithms", "node", "--corruptions", "gn", "mean", "--node-k", "1.5", "--run", "r"]
     standalone = vars(sweep_flow.build_parser().parse_args(argv))
@@ -394,7 +394,7 @@ def test_a_run_folder_of_another_grid_is_refused(tmp_path, capsys):
 def test_a_finished_run_of_other_parameters_is_refused(tmp_path, capsys):
     """Reusing a finished run's name with other shared parameters would silently replace its results."""
     from circuitfind.cli import main
-    from circuitfind.sweep import SweepConfig
+    from circuitfind.runs.sweep import SweepConfig
 
     (tmp_path / "w2").mkdir()
     earlier = SweepConfig(prompts=8).model_dump()

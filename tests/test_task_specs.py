@@ -10,7 +10,7 @@ import torch
 
 from circuitfind.cli import main
 from circuitfind.errors import TaskError
-from circuitfind.tasks import TaskBatch, available_tasks, generate_prompts, load_task, task_problems
+from circuitfind.tasks.batch import TaskBatch, available_tasks, generate_prompts, load_task, task_problems
 
 SHIPPED = Path(__file__).resolve().parents[1] / "tasks"
 

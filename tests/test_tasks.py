@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from circuitfind.errors import TaskError
-from circuitfind.tasks import Prompt, TaskBatch, generate_prompts, load_task, single_token_id
+from circuitfind.tasks.batch import Prompt, TaskBatch, generate_prompts, load_task, single_token_id
 
 
 def test_prompts_are_deterministic_per_seed():

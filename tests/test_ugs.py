@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from circuitfind import agreement
-from circuitfind import discovery as D
 from circuitfind import patching as P
-from circuitfind.catalogue import load_model
+from circuitfind.circuits import agreement
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.tasks import TaskBatch, generate_prompts
-from circuitfind.ugs import inclusion_probability, ugs_mask, ugs_scores
-from circuitfind.zoo import known
+from circuitfind.methods import discover as D
+from circuitfind.methods.ugs import inclusion_probability, ugs_mask, ugs_scores
+from circuitfind.models.catalogue import load_model
+from circuitfind.models.zoo import known
+from circuitfind.tasks.batch import TaskBatch, generate_prompts
 
 
 @pytest.fixture(scope="module")
@@ -151,10 +151,10 @@ def test_ugs_recovers_the_negative_head_and_mlp_path_and_the_backup_models_activ
 @pytest.mark.parametrize(
     "options, message",
     [
-        (dict(top_k=0), "top_k must be >= 1"),
-        (dict(prune_steps=0), "prune_steps must be >= 1"),
-        (dict(prune_steps=2.5), "prune_steps must be a whole number"),
-        (dict(prune_steps=10**9), "prune_steps must be at most 100,000"),
+        (dict(top_k=0), "--top-k must be >= 1"),
+        (dict(prune_steps=0), "--prune-steps must be >= 1"),
+        (dict(prune_steps=2.5), "--prune-steps must be a whole number"),
+        (dict(prune_steps=10**9), "--prune-steps must be at most 100,000"),
     ],
 )
 def test_bad_ugs_options_are_refused_before_any_work(options, message):
@@ -175,7 +175,7 @@ def test_bad_ugs_arguments_are_refused(ioi_setup):
 
 @pytest.mark.slow
 def test_ugs_runs_in_a_sweep_and_the_report_ranks_it(prefect_harness, tmp_path):
-    from circuitfind.sweep import SweepConfig
+    from circuitfind.runs.sweep import SweepConfig
     from flows.sweep import sweep
 
     config = SweepConfig(

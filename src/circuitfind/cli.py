@@ -26,19 +26,23 @@ import json
 import os
 import sys
 
-from circuitfind.names import ALGORITHMS
-
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-GRAPH_FORMATS = ("graphml", "gexf", "json", "dot", "mib")  # circuitfind.graph_io.FORMAT_NAMES, without the import
+GRAPH_FORMATS = (
+    "graphml",
+    "gexf",
+    "json",
+    "dot",
+    "mib",
+)  # circuitfind.circuits.graph_io.FORMAT_NAMES, without the import
 PATCH_KINDS = ("heads", "heads_by_pos", "resid_pre", "attn_out", "mlp_out", "mlp_window", "path")
 METRIC_HELP = "logit_diff, prob, logprob, prob_diff, kl, or package.module:function (a metric of your own)"
 
 
 def _metric(value: str) -> str:
     """``--metric``: a built-in name or an importable ``package.module:function``, checked before any model loads."""
-    from circuitfind.metrics import get_metric
+    from circuitfind.tasks.metrics import get_metric
 
     try:
         get_metric(value)
@@ -53,7 +57,7 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--task",
         default="ioi",
         help="task name in tasks/, a spec JSON, or a dataset file of prompt pairs (.jsonl, .csv, auto-circuit .json; "
-        "see circuitfind.datasets) (default: ioi)",
+        "see circuitfind.tasks.datasets) (default: ioi)",
     )
     p.add_argument("-n", "--prompts", type=int, default=100, help="number of prompts (default: 100)")
     p.add_argument("--seed", type=int, default=0, help="prompt sampling seed")
@@ -89,15 +93,15 @@ def _memory(p: argparse.ArgumentParser) -> None:
 
 def _model_name(args) -> str:
     """The model a command loads: ``--model``, else the task's default model, else toy-ioi."""
-    from circuitfind.tasks import load_task
+    from circuitfind.tasks.batch import load_task
 
     return args.model or load_task(args.task).default_model or "toy-ioi"
 
 
 def _load(args):
-    from circuitfind.catalogue import load_model
     from circuitfind.errors import TaskError
-    from circuitfind.tasks import TaskBatch, TaskSpec, check_prompt_count, load_task
+    from circuitfind.models.catalogue import load_model
+    from circuitfind.tasks.batch import TaskBatch, TaskSpec, check_prompt_count, load_task
 
     check_prompt_count(args.prompts)  # before the model loads
     task = load_task(args.task)
@@ -116,12 +120,12 @@ def _load(args):
 
 
 def cmd_models(args) -> None:
-    from circuitfind import fetch
-    from circuitfind.models import shipped_models
+    from circuitfind.models import fetch
+    from circuitfind.models.loading import shipped_models
 
     if args.action == "fetch":
         if args.name == "gpt2-tokenizer":
-            from circuitfind.bpe import fetch_gpt2_tokenizer
+            from circuitfind.models.bpe import fetch_gpt2_tokenizer
 
             fetch_gpt2_tokenizer()
             return
@@ -134,13 +138,13 @@ def cmd_models(args) -> None:
     for name in shipped_models():
         print(f"{name:<16} shipped")
     print(
-        f"{'known-induction':<16} built on first use: hand-set induction circuit with distractor heads (circuitfind.zoo.known)"
+        f"{'known-induction':<16} built on first use: hand-set induction circuit with distractor heads (circuitfind.models.zoo.known)"
     )
     print(
-        f"{'known-suppress':<16} built on first use: induction through an MLP, with a negative head (circuitfind.zoo.known)"
+        f"{'known-suppress':<16} built on first use: induction through an MLP, with a negative head (circuitfind.models.zoo.known)"
     )
     print(
-        f"{'known-backup':<16} built on first use: induction with a backup head that takes over (circuitfind.zoo.known)"
+        f"{'known-backup':<16} built on first use: induction with a backup head that takes over (circuitfind.models.zoo.known)"
     )
     for name, spec in fetch.FETCHABLE.items():
         state = (
@@ -153,14 +157,14 @@ def cmd_models(args) -> None:
 
 def cmd_tasks(args) -> None:
     """One line per task spec (shipped and ``$CIRCUITFIND_TASKS_DIR``); an invalid one says why."""
-    from circuitfind.tasks import task_problems
+    from circuitfind.tasks.batch import task_problems
 
     for name, problem in task_problems().items():
         print(name if problem is None else f"{name}  INVALID: {' '.join(problem.split())}")
 
 
 def cmd_evaluate(args) -> None:
-    from circuitfind.evaluation import evaluate
+    from circuitfind.tasks.evaluation import evaluate
 
     model, batch = _load(args)
     report = evaluate(model, batch)
@@ -206,41 +210,37 @@ def torch_print(t) -> None:
     print(t)
 
 
-def _check_discover_options(args) -> None:
-    """Every numeric option of ``discover``, named as on the command line, whether or not the algorithm uses
-    it (a given option is never ignored silently), and ``--top-k`` against the model's graph, from its
-    ``config.json`` before the model loads."""
-    from circuitfind.catalogue import locate_model
-    from circuitfind.checks import finite_number, positive_int
-    from circuitfind.sweep import model_edge_count
-    from circuitfind.tasks import load_task
+def _method_options(args) -> dict:
+    """The methods' options as given on the command line (:func:`circuitfind.methods.registry.add_arguments`)."""
+    from circuitfind.methods import registry
 
-    finite_number("--tau", args.tau, minimum=0.0)
-    for option, value in (("--top-k", args.top_k), ("--ig-steps", args.ig_steps), ("--depth", args.depth)):
-        positive_int(option, value)
-    finite_number("-k", args.k, positive=True)
-    name = args.model or load_task(args.task).default_model or "toy-ioi"
+    return {name: getattr(args, name) for name in registry.option_fields()}
+
+
+def _check_discover_options(args, options: dict) -> None:
+    """Every method option, named as on the command line, whether or not the algorithm uses it (a given
+    option is never ignored silently), and ``--top-k`` against the model's graph, from its ``config.json``
+    before the model loads."""
+    from circuitfind.methods import registry
+    from circuitfind.models.catalogue import locate_model
+    from circuitfind.runs.sweep import model_edge_count
+
+    registry.check_values(options)
+    name = _model_name(args)
     edges = model_edge_count(locate_model(name))
     if edges is not None and args.top_k > edges:
         raise ValueError(f"--top-k: must be at most the {edges} edges of model {name!r}'s graph (got {args.top_k})")
 
 
 def cmd_discover(args) -> None:
-    from circuitfind import discovery, patching
+    from circuitfind import patching
+    from circuitfind.methods import discover as discovery
 
-    options = dict(
-        acdc_tau=args.tau,
-        top_k=args.top_k,
-        ig_steps=args.ig_steps,
-        path_depth=args.depth,
-        path_k=args.k,
-        node_k=args.k,
-        prune_steps=args.prune_steps,
-    )
-    discovery.check_options(args.algorithm, args.direction, **options)  # before the model loads
-    _check_discover_options(args)
+    options = _method_options(args)
+    discovery.check_options(args.algorithm, args.direction, options)  # before the model loads
+    _check_discover_options(args, options)
     if args.out:
-        from circuitfind.graph_io import graph_format
+        from circuitfind.circuits.graph_io import graph_format
 
         graph_format(args.out)  # an unknown suffix is refused before the work, not after
     from circuitfind import progress
@@ -250,7 +250,7 @@ def cmd_discover(args) -> None:
         model, batch = _load(args)
     with progress.bar(show=show, desc="baselines (clean and corrupted runs)", total=1):
         setup = patching.prepare(model, batch, args.corruption, args.metric, progress=show, max_memory=args.max_memory)
-    found = discovery.discover(setup, args.algorithm, args.direction, curve=False, **options)
+    found = discovery.discover(setup, args.algorithm, args.direction, options, curve=False)
     circuit = found.circuit
     # what the sweep's circuits record too: which model and prompts the circuit is of
     circuit.settings.update(model=_model_name(args), task=args.task, prompts=args.prompts, seed=args.seed)
@@ -263,9 +263,9 @@ def cmd_discover(args) -> None:
 
 
 def _warn_health(setup, args, circuit, faithfulness) -> None:
-    """The sweep's health checks (:mod:`circuitfind.health`) on one discovered circuit, as warnings on
+    """The sweep's health checks (:mod:`circuitfind.runs.health`) on one discovered circuit, as warnings on
     stderr: EAP or AtP under KL when noising ranks float noise, and said nothing."""
-    from circuitfind import health
+    from circuitfind.runs import health
 
     record = {
         "algorithm": args.algorithm,
@@ -283,15 +283,15 @@ def _warn_health(setup, args, circuit, faithfulness) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from circuitfind.flows.sweep import run_from_args
+    from circuitfind.flows.sweep_flow import run_from_args
 
     if run_from_args(args)["failures"]:
         raise SystemExit(1)  # the report covers the settings that finished; a rerun computes only the others
 
 
 def cmd_compare(args) -> None:
-    from circuitfind import agreement
-    from circuitfind.circuit import Circuit
+    from circuitfind.circuits import agreement
+    from circuitfind.circuits.circuit import Circuit
 
     if len(args.circuits) < 2 and not args.reference:
         raise ValueError("compare needs at least two circuits, or one and --reference")
@@ -334,7 +334,7 @@ def cmd_compare(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from circuitfind.circuit import Circuit
+    from circuitfind.circuits.circuit import Circuit
 
     circuit = Circuit.load(args.source)
     if args.d_model is not None:
@@ -343,10 +343,10 @@ def cmd_export(args) -> None:
 
 
 def cmd_draw(args) -> None:
-    """The circuit as a dependency-free SVG (:func:`circuitfind.figures.circuit_drawing`)."""
-    from circuitfind import figures
-    from circuitfind.circuit import Circuit
+    """The circuit as a dependency-free SVG (:func:`circuitfind.reports.figures.circuit_drawing`)."""
+    from circuitfind.circuits.circuit import Circuit
     from circuitfind.io import write_text
+    from circuitfind.reports import figures
 
     if not args.out.lower().endswith(".svg"):
         raise ValueError(f"--out {args.out!r}: the drawing is SVG, name the file *.svg")
@@ -361,8 +361,8 @@ def cmd_draw(args) -> None:
 def cmd_report(args) -> None:
     from pathlib import Path
 
-    from circuitfind.report import write_run_report
-    from circuitfind.sweep import MANIFEST
+    from circuitfind.reports import write_run_report
+    from circuitfind.runs.sweep import MANIFEST
 
     note = None
     if not (Path(args.run_dir) / MANIFEST).is_file():  # the sweep writes it last
@@ -375,7 +375,7 @@ def cmd_report(args) -> None:
 
 
 def cmd_diff(args) -> None:
-    from circuitfind.diff import write_diff
+    from circuitfind.runs.diff import write_diff
 
     paths = write_diff(args.run_a, args.run_b, args.out)
     if paths["warning"]:
@@ -384,7 +384,7 @@ def cmd_diff(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from circuitfind.zoo import train
+    from circuitfind.models.zoo import train
 
     train.main(
         [args.model]
@@ -396,13 +396,16 @@ def cmd_train(args) -> None:
 
 
 def cmd_checkpoints(args) -> None:
-    from circuitfind.flows.checkpoints import run_from_args
+    from circuitfind.flows.checkpoints_flow import run_from_args
 
     run_from_args(args)
 
 
-def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
-    """The command line; ``sweep_options=False`` leaves out the sweep's options (they import the flow and torch)."""
+def build_parser(sweep_options: bool = True, method_options: bool = True) -> argparse.ArgumentParser:
+    """The command line; ``sweep_options=False`` leaves out the sweep's options and ``method_options=False``
+    the methods' options of ``discover`` and ``checkpoints`` (they import the flow, the methods and torch)."""
+    from circuitfind.methods import registry
+
     parser = argparse.ArgumentParser(prog="circuitfind", description="Circuit discovery under many patching settings.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list models; `models fetch NAME` downloads and converts a registry model")
@@ -442,23 +445,19 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p.add_argument(
         "--algorithm",
         default="acdc",
-        choices=ALGORITHMS,
+        help=f"{', '.join(registry.names())}, or package.module:Class (a method of your own) (default: acdc)",
     )
     p.add_argument("--corruption", default="str")
     p.add_argument("--metric", default="kl", type=_metric, help=METRIC_HELP)
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
-    p.add_argument("--tau", type=float, default=0.02, help="ACDC threshold")
-    p.add_argument("--top-k", type=int, default=20, help="edges kept by EAP / EAP-IG / IFR / edge pruning / UGS / AtP")
-    p.add_argument("--ig-steps", type=int, default=5)
-    p.add_argument("--prune-steps", type=int, default=200, help="edge pruning / UGS optimisation steps")
-    p.add_argument("--depth", type=int, default=2, help="path patching depth")
-    p.add_argument("-k", type=float, default=2.0, help="detection rule SDs (path patching, node)")
+    if method_options:
+        registry.add_arguments(p.add_argument_group("method options (each method reads its own)"))
     p.add_argument("--out", default=None, help="write the circuit (.graphml, .gexf, .json, .dot)")
     _memory(p)
     p.set_defaults(fn=cmd_discover)
     p = sub.add_parser("sweep", help="run the Prefect sweep flow (options: circuitfind sweep --help)")
     if sweep_options:
-        from circuitfind.flows import sweep as sweep_flow
+        from circuitfind.flows import sweep_flow as sweep_flow
 
         p.description, p.formatter_class = sweep_flow.__doc__, argparse.RawDescriptionHelpFormatter
         sweep_flow.add_arguments(p)
@@ -526,9 +525,9 @@ def build_parser(sweep_options: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "checkpoints", help="the circuit at every checkpoint of a training run, and when each edge appears"
     )
-    from circuitfind.checkpoints import add_arguments as checkpoint_arguments
+    from circuitfind.runs.checkpoints import add_arguments as checkpoint_arguments
 
-    checkpoint_arguments(p)
+    checkpoint_arguments(p, method_options)
     p.set_defaults(fn=cmd_checkpoints)
     return parser
 
@@ -554,7 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:2] == ["sweep", "--"]:  # `circuitfind sweep -- --help`: the flow's options after `--`
         argv = ["sweep", *argv[2:]]
-    args = build_parser(sweep_options=argv[:1] == ["sweep"]).parse_args(argv)
+    parser = build_parser(
+        sweep_options=argv[:1] == ["sweep"], method_options=argv[:1] in (["discover"], ["checkpoints"])
+    )
+    args = parser.parse_args(argv)
     try:
         _set_threads(getattr(args, "threads", None), "threads" in vars(args))
         args.fn(args)

@@ -131,20 +131,3 @@ def parse_hook(name: str) -> tuple[int, str] | None:
         return None
     layer, what = int(match.group(1)), match.group(2)
     return (layer, what) if hook_name(layer, what) == name else None
-
-
-# The discovery algorithms (:func:`circuitfind.discovery.discover`), here so that a command's --help
-# lists them without importing torch.
-ALGORITHMS = (
-    "acdc",
-    "eap",
-    "eap_ig",
-    "eap_ig_act",
-    "ifr",
-    "edge_pruning",
-    "ugs",
-    "path_patching",
-    "node",
-    "atp",
-    "atp_star",
-)

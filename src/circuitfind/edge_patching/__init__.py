@@ -1,13 +1,13 @@
 """Edge patching: any set of patched edges evaluated in one forward pass.
 
 Start reading at :class:`EdgePatcher` (``patcher.py``): it takes a
-:class:`~circuitfind.patching.PatchingSetup` and a :class:`~circuitfind.graph.ModelGraph`, and
+:class:`~circuitfind.patching.PatchingSetup` and a :class:`~circuitfind.circuits.graph.ModelGraph`, and
 :meth:`EdgePatcher.run` turns keep-masks into per-prompt metric values. Then, by need:
 
 - ``engine.py``: the :class:`Engine` interface the patcher calls;
 - ``hooks.py``: the ``hooks`` engine (the bridge with forward hooks; gradients, attribution);
 - ``direct.py``: the ``functional`` engine (a hook-free masked pass on
-  :class:`circuitfind.tensor_forward.TensorModel`);
+  :class:`circuitfind.models.tensor_forward.TensorModel`);
 - ``incremental.py``: ACDC's searches that edit a few edges at a time;
 - ``prefix.py``: the forward pass below a starting point, shared by candidates.
 
@@ -44,6 +44,6 @@ only the components its edit reaches.
 from circuitfind.edge_patching.engine import Engine
 from circuitfind.edge_patching.incremental import IncrementalSearch
 from circuitfind.edge_patching.patcher import EdgePatcher
-from circuitfind.tensor_forward import UnsupportedModelError
+from circuitfind.models.tensor_forward import UnsupportedModelError
 
 __all__ = ["EdgePatcher", "Engine", "IncrementalSearch", "UnsupportedModelError"]

@@ -1,5 +1,5 @@
 """The hook-free edge-patching engine (``engine="functional"``): the masked pass on a
-:class:`circuitfind.tensor_forward.TensorModel`.
+:class:`circuitfind.models.tensor_forward.TensorModel`.
 
 :class:`DirectEngine` is what :class:`~circuitfind.edge_patching.EdgePatcher` calls; it keeps one
 :class:`MaskedForward` per prompt range. :class:`MaskedForward` runs the edge-masked forward pass
@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import torch
 
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.edge_patching.engine import Patcher
 from circuitfind.edge_patching.prefix import PrefixCache
-from circuitfind.graph import ModelGraph
+from circuitfind.models.tensor_forward import TensorModel
 from circuitfind.names import hook_name
-from circuitfind.tensor_forward import TensorModel
 
 
 class DirectEngine:

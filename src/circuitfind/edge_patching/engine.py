@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from circuitfind.graph import ModelGraph
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.patching.setup import Direction, PatchingSetup
 
 if TYPE_CHECKING:

@@ -6,16 +6,17 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from circuitfind import multitoken, tensor_forward
+from circuitfind.circuits.graph import ModelGraph
 from circuitfind.edge_patching.direct import DirectEngine
 from circuitfind.edge_patching.engine import Engine
 from circuitfind.edge_patching.hooks import Hook, HooksEngine
 from circuitfind.edge_patching.incremental import IncrementalSearch
-from circuitfind.graph import ModelGraph
+from circuitfind.models import tensor_forward
+from circuitfind.models.tensor_forward import UnsupportedModelError
 from circuitfind.names import EMBEDDING_STAGE, hook_name
 from circuitfind.patching import memory
 from circuitfind.patching.setup import Direction, PatchingSetup, check_direction, repeat_ctx, slice_ctx
-from circuitfind.tensor_forward import UnsupportedModelError
+from circuitfind.tasks import multitoken
 
 
 class EdgePatcher:

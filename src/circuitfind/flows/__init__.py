@@ -1,6 +1,6 @@
-"""The Prefect flows: :mod:`~circuitfind.flows.sweep` (the main job and the compare flow),
-:mod:`~circuitfind.flows.study` (the settings study), :mod:`~circuitfind.flows.diff` (run against run),
-:mod:`~circuitfind.flows.checkpoints` (circuits over training), :mod:`~circuitfind.flows.deploy` (the
+"""The Prefect flows: :mod:`~circuitfind.flows.sweep_flow` (the main job and the compare flow),
+:mod:`~circuitfind.flows.study_flow` (the settings study), :mod:`~circuitfind.flows.diff_flow` (run against run),
+:mod:`~circuitfind.flows.checkpoints_flow` (circuits over training), :mod:`~circuitfind.flows.deploy` (the
 scheduled deployment) and :mod:`~circuitfind.flows.server` (the local Prefect server a command-line run owns).
 
 The checkout's top-level ``flows/*.py`` are thin entry points importing from here, so an installed

@@ -12,7 +12,7 @@ work pool of type ``process`` and start a worker that runs its flow runs:
 
 Without ``--pool`` this process serves the deployment itself (no worker; it runs until stopped).
 ``python -m circuitfind.flows.deploy`` works the same when circuitfind is installed: the deployment's
-entrypoint is the module ``circuitfind.flows.sweep``, so the worker needs circuitfind installed, not
+entrypoint is the module ``circuitfind.flows.sweep_flow``, so the worker needs circuitfind installed, not
 this checkout. ``prefect deploy --all`` registers ``prefect.yaml``'s deployment instead.
 
 Each run is diffed against the deployment's last completed run (``<run>/diff-previous/diff.html``,
@@ -25,8 +25,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from circuitfind.flows.sweep import sweep
-from circuitfind.sweep import SweepConfig
+from circuitfind.flows.sweep_flow import sweep
+from circuitfind.runs.sweep import SweepConfig
 
 DEFAULT_CRON = "0 3 * * *"
 POOL_TYPE = "process"  # the worker runs each flow run in a subprocess on its own machine
@@ -36,11 +36,11 @@ def build_deployment(
     name: str = "nightly-toy-sweep", cron: str = DEFAULT_CRON, config: SweepConfig | None = None, timezone: str = "UTC"
 ):
     """The sweep as a deployment with a cron schedule (``flow.to_deployment``). Its entrypoint is the
-    module path ``circuitfind.flows.sweep.sweep``, so it runs wherever circuitfind is installed."""
+    module path ``circuitfind.flows.sweep_flow.sweep``, so it runs wherever circuitfind is installed."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
-    # series: each scheduled run is diffed against the deployment's last completed run (circuitfind.flows.diff)
+    # series: each scheduled run is diffed against the deployment's last completed run (circuitfind.flows.diff_flow)
     params = {"config": (config or SweepConfig()).model_dump(), "series": name}
     return sweep.to_deployment(
         name=name,

@@ -2,7 +2,7 @@
 
 Start reading at ``setup.py``: :func:`prepare` runs the clean and corrupted baselines of a batch
 under a corruption and a metric and returns the :class:`PatchingSetup` that every patching method
-(this package's sweeps, :mod:`circuitfind.edge_patching`, :mod:`circuitfind.discovery`) builds on.
+(this package's sweeps, :mod:`circuitfind.edge_patching`, :mod:`circuitfind.methods.discover`) builds on.
 Then, by need:
 
 - ``node_patching.py``: :func:`run_patched` and the sweeps over blocks, heads and MLP windows;

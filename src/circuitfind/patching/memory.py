@@ -88,7 +88,7 @@ def schedule(
     rows each: whole prompt batches when a candidate's prompts fit, else one candidate at a time
     over chunks of prompts (unless ``split_prompts`` is off: then one candidate, every prompt).
     ``starts``: the only rows where a chunk may start (teacher-forced rows of one prompt stay in one
-    pass, :attr:`circuitfind.multitoken.AnswerRows.split_points`); a group larger than ``rows`` is one
+    pass, :attr:`circuitfind.tasks.multitoken.AnswerRows.split_points`); a group larger than ``rows`` is one
     pass of its own."""
     if rows >= n_prompts or not split_prompts:
         per = max(1, rows // n_prompts)

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch
 
-from circuitfind import multitoken
-from circuitfind.metrics import normalise
 from circuitfind.patching.setup import PatchingSetup
+from circuitfind.tasks import multitoken
+from circuitfind.tasks.metrics import normalise
 
 
 @dataclass
@@ -18,7 +18,7 @@ class PatchResult:
 
     ``values`` is the mean over prompts (shape ``axes``), ``per_prompt`` keeps the prompt axis last.
     For GN the prompt axis counts every noise sample; for multi-token answers it holds prompts, each the
-    sum of its teacher-forced rows (noise samples averaged, :func:`circuitfind.multitoken.by_prompt`).
+    sum of its teacher-forced rows (noise samples averaged, :func:`circuitfind.tasks.multitoken.by_prompt`).
     """
 
     values: torch.Tensor

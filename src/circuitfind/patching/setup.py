@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from circuitfind import multitoken
 from circuitfind.checks import positive_int
-from circuitfind.corruptions import Corruption, CorruptionPlan, Run, get_corruption
-from circuitfind.metrics import Metric, MetricContext, get_metric
 from circuitfind.patching.memory import parse_memory
-from circuitfind.tasks import TaskBatch
+from circuitfind.tasks import multitoken
+from circuitfind.tasks.batch import TaskBatch
+from circuitfind.tasks.corruptions import Corruption, CorruptionPlan, Run, get_corruption
+from circuitfind.tasks.metrics import Metric, MetricContext, get_metric
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -178,7 +178,7 @@ def prepare(
     """Run the clean and corrupted baselines of ``batch`` under a corruption and a metric.
 
     A batch with multi-token answers is first expanded into one teacher-forced row per answer token, and
-    the metric scores the whole answer (:mod:`circuitfind.multitoken`); ``setup.batch`` is then the rows.
+    the metric scores the whole answer (:mod:`circuitfind.tasks.multitoken`); ``setup.batch`` is then the rows.
 
     ``max_batch`` (>= 1) caps the prompts per forward pass of the sweeps built on this setup;
     ``engine``: how node and path patching run; ``max_memory``: the working-memory budget of an
@@ -190,7 +190,7 @@ def prepare(
     positive_int("max_batch", max_batch)
     corruption = get_corruption(corruption)
     metric = get_metric(metric)
-    if batch.answer_sequences is not None:  # one teacher-forced row per answer token (circuitfind.multitoken)
+    if batch.answer_sequences is not None:  # one teacher-forced row per answer token (circuitfind.tasks.multitoken)
         batch = multitoken.expand(model, batch)
     if isinstance(batch, multitoken.AnswerRows):
         metric = multitoken.wrap(metric, batch)

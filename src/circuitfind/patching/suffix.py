@@ -4,7 +4,7 @@ A candidate that first patches layer ``l`` at one of the points ``resid_pre``, `
 ``mlp_out`` or ``resid_post`` (in forward order) leaves everything before that point as it was in
 the unpatched base run. :class:`SuffixForward` starts each candidate there, from the base run's
 cached activations, and runs only the rest of the model, on the components of
-:class:`circuitfind.tensor_forward.TensorModel` (GPT-2 and Llama-style models); candidates are
+:class:`circuitfind.models.tensor_forward.TensorModel` (GPT-2 and Llama-style models); candidates are
 sorted by their starting point and stacked along the batch, each joining the pass at its own
 layer (one batched operation per layer and pass, whatever the mix of starting points), and the
 logits are computed at the answer positions only. Over a sweep of every layer that is about half
@@ -26,10 +26,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from circuitfind import tensor_forward
+from circuitfind.models import tensor_forward
+from circuitfind.models.tensor_forward import UnsupportedModelError
 from circuitfind.names import EMBEDDING_STAGE, hook_name, parse_hook
 from circuitfind.patching.setup import Direction, PatchingSetup, patch_hook, repeat_ctx
-from circuitfind.tensor_forward import UnsupportedModelError
 
 POINTS = ("resid_pre", "z", "attn_out", "mlp_out", "resid_post")  # patch points of a layer, in forward order
 RESID_PRE, Z, ATTN_OUT, MLP_OUT, RESID_POST = range(len(POINTS))

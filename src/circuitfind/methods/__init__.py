@@ -1,0 +1,1 @@
+"""Stage 5, discovery methods: each finds a circuit (or scores every edge) from a patching setup."""
