@@ -168,3 +168,22 @@ def test_a_method_of_your_own_in_a_two_setting_sweep_is_ranked_by_the_report(pre
     ranked = md[md.index("Methods, ranked") :]
     assert HERE in ranked and "| eap |" in ranked
     assert "mean over prompts of the EAP score's magnitude" in ranked and "Syed" in ranked
+
+
+def test_an_installed_packages_method_is_found_by_its_entry_point(tmp_path, monkeypatch, setup):
+    """A package that declares ``[project.entry-points."circuitfind.methods"] abs_eap = "...:AbsEAP"``:
+    its method is listed and runs by its entry-point name (a dist-info folder on the path is what pip
+    installs)."""
+    dist = tmp_path / "my_methods-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-methods\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[circuitfind.methods]\nmy_abs_eap = {HERE}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    registry._installed.cache_clear()
+    try:
+        assert "my_abs_eap" in registry.names()
+        assert registry.get_method("my_abs_eap") is AbsEAP
+        found = D.discover(setup, "my_abs_eap", "noise", {"top_k": 4}, curve=False)
+        assert found.circuit.n_edges == 4 and found.circuit.settings["algorithm"] == "my_abs_eap"
+    finally:
+        registry._installed.cache_clear()
