@@ -187,3 +187,11 @@ def test_an_installed_packages_method_is_found_by_its_entry_point(tmp_path, monk
         assert found.circuit.n_edges == 4 and found.circuit.settings["algorithm"] == "my_abs_eap"
     finally:
         registry._installed.cache_clear()
+
+
+def test_the_methods_command_lists_each_method_with_its_paper(capsys):
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    for name, method in registry.builtin().items():
+        assert f"{name}: {method.summary}" in out and method.paper in out
+    assert "--acdc-tau (default 0.02)" in out and "noising only" in out

