@@ -91,3 +91,11 @@ def test_bench_methods_quick(tmp_path):
     for algorithm in ("edge_pruning", "ugs", "eap_ig", "acdc"):
         assert rows[algorithm][1:4] == ["1.000", "1.00", "1.00"], rows[algorithm]  # AUROC, precision, recall
     assert {line.split()[0] for line in toy.splitlines()[1:] if line.strip()} == set(ALGORITHMS)
+
+
+@pytest.mark.slow
+def test_bench_hostile_quick(tmp_path):
+    out = _run("bench_hostile.py", tmp_path)
+    for row in ("valid task (baseline)", "2 rows of 50,000 answers", "FIFO named .jsonl", "metric that sleeps"):
+        assert row in out, row
+    assert "every goal met" in out, out

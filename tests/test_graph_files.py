@@ -477,3 +477,35 @@ def test_node_link_json_with_nodes_beyond_its_declared_shape(tmp_path, capsys, s
     path = tmp_path / "big.json"
     path.write_text(json.dumps(obj))
     refused(path, capsys, "63 nodes: more than the 53 of the declared shape")
+
+
+def test_graphml_with_a_comment_is_still_counted_before_parsing(tmp_path, capsys, saved):
+    """A comment once turned the count off: 200,000 extra nodes then reached the parser (3.1 GB)."""
+    path = tmp_path / "big.graphml"
+    text = _padded_graphml(saved, 200_000)
+    path.write_text(text.replace("<graph ", '<!-- a comment with <node id="c"/> inside -->\n<graph ', 1))
+    refused(path, capsys, "more than 53 <node> elements", seconds=2.0)
+
+
+def test_graphml_with_the_graph_data_before_its_nodes_is_counted(tmp_path, capsys, saved):
+    """Valid GraphML may give the graph's <data> before its nodes; the declared shape is read there too."""
+    text = _padded_graphml(saved, 200_000)
+    graph_data = re.findall(r'<data key="d\d+">[^<]*</data>\s*(?=</graph>|<data)', text[text.rindex("</edge>") :])
+    assert graph_data, "the saved GraphML has graph attributes after its edges"
+    tail = text[text.rindex("</edge>") :]
+    for d in graph_data:
+        tail = tail.replace(d, "", 1)
+    head = text[: text.rindex("</edge>")]
+    at = head.index(">", head.index("<graph ")) + 1
+    moved = head[:at] + "\n" + "".join(graph_data) + head[at:] + tail
+    path = tmp_path / "early.graphml"
+    path.write_text(moved)
+    refused(path, capsys, "more than 53 <node> elements", seconds=2.0)
+    good = tmp_path / "good.graphml"
+    good_text = saved[".graphml"].read_text()
+    good_head, good_tail = good_text[: good_text.rindex("</edge>")], good_text[good_text.rindex("</edge>") :]
+    for d in graph_data:
+        good_tail = good_tail.replace(d, "", 1)
+    at = good_head.index(">", good_head.index("<graph ")) + 1
+    good.write_text(good_head[:at] + "".join(graph_data) + good_head[at:] + good_tail)
+    assert Circuit.load(good).graph.n_edges == Circuit.load(saved[".graphml"]).graph.n_edges

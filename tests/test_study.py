@@ -158,6 +158,7 @@ def test_patch_command_says_when_a_sign_cannot_occur(capsys):
     [
         (["--ioi-models"], "nothing to study"),
         (["--ioi-prompts", "0"], "need at least one prompt"),
+        (["--ioi-prompts", "1"], "--ioi-prompts must be at least 2 (got 1)"),
         (["--n-boot", "0"], "n_boot"),
         (["--ioi-models", "no-such-model"], "no-such-model"),
         (["--run", "../escape"], "is not a folder name"),

@@ -403,3 +403,32 @@ def test_a_finished_run_of_other_parameters_is_refused(tmp_path, capsys):
     assert main([*grid, "--prompts", "16", "--outputs", str(tmp_path), "--run", "w2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "was made with other parameters (prompts 8 -> 16)" in err
+
+
+@linux_only
+@pytest.mark.slow
+def test_ctrl_c_ends_a_running_eap_ig_sweep_and_its_server_within_10_s(first_sweep, sweep_env, tmp_path):
+    """SIGINT once left the sweep (its task runner waits for running settings) and its server alive after 35 s."""
+    home = first_sweep.home
+    log_path = tmp_path / "sweep.log"
+    argv = ["sweep", "--prompts", "8", "--algorithms", "eap_ig", "--run", "ctrl-c", "--outputs", str(tmp_path / "o")]
+    with log_path.open("w") as log:
+        sweep = subprocess.Popen(
+            [sys.executable, "-m", "circuitfind", *argv], env=sweep_env(home), cwd=tmp_path, stdout=log, stderr=log
+        )
+        try:
+            assert wait_for(lambda: "Beginning flow run" in log_path.read_text(), 180), log_path.read_text()[-3000:]
+            time.sleep(3)  # settings are running on the runner's threads
+            servers = prefect_servers(home)
+            assert servers, "no Prefect server found for the running sweep"
+            start = time.monotonic()
+            sweep.send_signal(signal.SIGINT)
+            assert sweep.wait(timeout=30) == 130
+            assert time.monotonic() - start < 10
+            assert wait_for(lambda: not set(servers) & set(prefect_servers(home)), 5)
+        finally:
+            if sweep.poll() is None:
+                sweep.kill()
+                sweep.wait()
+            for pid in prefect_servers(home):
+                os.kill(pid, signal.SIGKILL)

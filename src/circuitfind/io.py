@@ -14,8 +14,18 @@ from typing import Any
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write ``data`` to ``path`` atomically (temporary file in the same folder, then rename). An
+    ``OSError`` names ``path``, never the temporary file (``--out /proc/version.graphml`` named it)."""
     path = Path(path)
+    try:
+        return _write_bytes(path, data)
+    except OSError as err:
+        if err.errno is None:
+            raise
+        raise type(err)(err.errno, f"cannot write {path}: {err.strerror}") from None
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -191,34 +191,48 @@ _GRAPHML_ITEM = re.compile(rb"<(node|edge)[\s/>]")
 _DOT_GRAPH_ATTR = re.compile(r"\bgraph\s*\[\s*(\w+)\s*=\s*(?:\"([^\"]*)\"|([\w.+-]+))\s*\]")
 
 
+_XML_SKIPPED = re.compile(rb"<!--.*?-->|<!\[CDATA\[.*?\]\]>", re.DOTALL)
+
+
+def _xml_outside_skipped(data: bytes) -> bytes:
+    """The XML text with comments and CDATA sections blanked (same length), so tags inside them are not read."""
+    if b"<!--" not in data and b"<![CDATA[" not in data:
+        return data
+    return _XML_SKIPPED.sub(lambda m: b" " * len(m.group(0)), data)
+
+
 def _graphml_declared(data: bytes) -> dict[str, str]:
-    """The graph attributes of a GraphML file as networkx writes it (keys first, the graph's
-    ``<data>`` after its last node and edge), found without parsing the file."""
+    """The graph attributes of a GraphML file (keys declared ``for="graph"``), found without parsing
+    the file: the graph's ``<data>`` may stand before its nodes (valid GraphML) or after them (as
+    networkx writes it). A graph key given two different values declares no shape (None: the parse
+    decides)."""
     found_graph = _GRAPHML_GRAPH.search(data)
-    start = found_graph.start() if found_graph else -1
+    start = found_graph.start() if found_graph else 0
     keys = {}
-    for tag in _GRAPHML_KEY.findall(data, 0, start if start >= 0 else 0):
+    for tag in _GRAPHML_KEY.findall(data, 0, start):
         attrs = {m[0]: m[1] or m[2] for m in _XML_ATTR.findall(tag.decode("utf-8", "replace"))}
         if attrs.get("for") == "graph" and "id" in attrs and "attr.name" in attrs:
             keys[attrs["id"]] = attrs["attr.name"]
-    tail = max(data.rfind(b"</node>"), data.rfind(b"</edge>"), data.rfind(b"<node"), data.rfind(b"<edge"))
-    tail = data.find(b">", tail) if tail >= 0 else start
     found: dict[str, str] = {}
-    for attrs_text, value in _GRAPHML_DATA.findall(data, max(tail, 0)):
+    if not keys:
+        return found
+    for attrs_text, value in _GRAPHML_DATA.findall(data, start):
         attrs = {m[0]: m[1] or m[2] for m in _XML_ATTR.findall(attrs_text.decode("utf-8", "replace"))}
         if attrs.get("key") in keys:
-            found[keys[attrs["key"]]] = value.decode("utf-8", "replace").strip()
+            name, text = keys[attrs["key"]], value.decode("utf-8", "replace").strip()
+            if found.setdefault(name, text) != text:
+                return {}
     return found
 
 
 def _check_counts(path: Path, data: bytes, fmt: str) -> None:
     """Count the nodes and edges of a GraphML or DOT file while scanning it, and stop at the first
     one beyond its declared shape: a small declared graph cannot make the parser build millions of
-    nodes (or pydot spend minutes on them). Files without comments, CDATA or a readable declared
-    shape are left to the parser and to :meth:`Circuit.from_networkx`'s exact count."""
+    nodes (or pydot spend minutes on them). GraphML comments and CDATA are skipped, not counted.
+    Files without a readable declared shape are left to the parser and to
+    :meth:`Circuit.from_networkx`'s exact count."""
     if fmt == "graphml":
-        if b"<!--" in data or b"<![CDATA[" in data:  # tags in comments would be counted
-            return
+        data = _xml_outside_skipped(data)  # tags in comments and CDATA are not elements
         bound = _declared_size(_graphml_declared(data))
         if bound is None:
             return

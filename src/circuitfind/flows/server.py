@@ -257,13 +257,14 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
 
     configured = PREFECT_API_URL.value()
     if configured:
-        yield configured
+        with _exit_soon_on_sigint(lambda: None):
+            yield configured
         return
     server = LocalPrefectServer(timeout)
     on_sigterm = _stop_on_sigterm(server)
     try:
         url = server.start()
-        with _api_url(url):
+        with _api_url(url), _exit_soon_on_sigint(server.stop):
             try:
                 yield url
             finally:
@@ -271,6 +272,41 @@ def prefect_api(timeout: float | None = None) -> Iterator[str]:
     finally:
         server.stop()
         on_sigterm.restore()
+
+
+INTERRUPT_GRACE_S = 5.0  # after Ctrl-C, how long the flow may unwind before the process ends anyway
+
+
+@contextmanager
+def _exit_soon_on_sigint(cleanup: Callable[[], None], grace: float = INTERRUPT_GRACE_S) -> Iterator[None]:
+    """While installed (main thread only), SIGINT raises ``KeyboardInterrupt`` as usual and starts a
+    watchdog: if the process is still alive ``grace`` seconds later, ``cleanup`` runs (the server is
+    stopped) and the process exits 130. Without it a sweep outlived Ctrl-C for minutes: the flow's
+    task runner waits for its running settings (threads cannot be interrupted) before it returns. Outputs
+    are written atomically and the run lock is the kernel's, so nothing is left half-written or held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def watchdog() -> None:
+        time.sleep(grace)
+        try:
+            cleanup()
+        finally:
+            print("circuitfind: interrupted", file=sys.stderr, flush=True)
+            os._exit(130)
+
+    def handle(signum: int, frame: Any) -> None:
+        threading.Thread(target=watchdog, name="circuitfind interrupt", daemon=True).start()
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts again
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handle)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) == handle:
+            signal.signal(signal.SIGINT, previous)
 
 
 class _stop_on_sigterm:

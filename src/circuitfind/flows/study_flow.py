@@ -201,6 +201,10 @@ def check_arguments(a: argparse.Namespace) -> None:
     for name in [*a.ioi_models, *a.factual_models]:
         locate_model(name)
     check_prompt_count(a.ioi_prompts)
+    if a.ioi_models and a.ioi_prompts < 2:  # refused here, not after Prefect's start and two tracebacks
+        raise ValueError(
+            f"--ioi-prompts must be at least 2 (got {a.ioi_prompts}): the head study's intervals resample prompts"
+        )
     check_prompt_count(a.factual_prompts)
     positive_int("n_boot", a.n_boot)
     positive_int("--gn-samples", a.gn_samples)

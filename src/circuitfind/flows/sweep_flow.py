@@ -427,7 +427,11 @@ def run_from_args(args: argparse.Namespace) -> dict:
     check_run_options(args, config)
     if address:
         check_dask_cluster(address)
-    with prefect_api():
+    run = args.run if args.run is not None else time.strftime("%Y%m%d-%H%M%S")
+    outputs = Path(args.outputs) if args.outputs else default_outputs()
+    # Held before Prefect starts, so a concurrent sweep of another grid is refused in one line (inside the
+    # flow the refusal came after Prefect's traceback); the flow takes the same lock again, shared.
+    with run_lock(outputs / run, config), prefect_api():
         if address or args.dask:
             runner = dask_runner(args.workers, address, getattr(args, "torch_threads", None))
             threads: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
@@ -435,7 +439,7 @@ def run_from_args(args: argparse.Namespace) -> dict:
             runner = ThreadPoolTaskRunner(max_workers=args.workers)
             threads = torch_threads(getattr(args, "torch_threads", None) or threads_per_worker(args.workers))
         with threads:
-            manifest = sweep.with_options(task_runner=runner)(config, args.run, args.outputs, args.reference)
+            manifest = sweep.with_options(task_runner=runner)(config, run, str(outputs), args.reference)
     print(
         json.dumps(
             {

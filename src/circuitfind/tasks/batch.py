@@ -10,11 +10,13 @@ token. Prompts of different lengths are right-padded; metrics read the logits at
 from __future__ import annotations
 
 import json
+import math
 import numbers
 import os
 import random
 import re
-from collections.abc import Callable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -170,6 +172,7 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
     """Load a task spec by name (``ioi``) or by path to a JSON file, and check it against its kind's
     schema, so a bad spec is a :class:`TaskError` naming the file (and line) before anything runs."""
     path = Path(name_or_path)
+    datasets.check_regular_file(path)
     if datasets.is_dataset_file(path):  # a .jsonl/.csv/auto-circuit file of prompt pairs, or a spec pointing at one
         return TaskSpec(**datasets.dataset_spec(path))
     if not path.is_file():
@@ -179,14 +182,8 @@ def load_task(name_or_path: str | os.PathLike) -> TaskSpec:
             f"unknown task {str(name_or_path)!r}: no such file and not one of {available_tasks()} in "
             f"{', '.join(map(str, tasks_dirs()))}"
         )
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise TaskError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    text = datasets.read_small_text(path)
+    data = datasets.parse_json(path, text)
     check_spec(data, path, text)
     return TaskSpec(name=data.get("name", path.stem), kind=data["kind"], data=data)
 
@@ -238,6 +235,11 @@ class _Checker:
 
     def slots_known(self, key: str, templates: list[str], known: set[str]) -> None:
         for i, t in enumerate(templates):
+            rest = _SLOT.sub("", t)
+            if "[" in rest or "]" in rest:  # `[[A]]` filled as `[Mary]`; a typo like `[A` stayed in the prompt
+                raise self.fail(
+                    key, f"{key}[{i}] has a '[' or ']' outside a [VARIABLE] slot: {_short(t)} (slots are [NAME])"
+                )
             for slot in _SLOT.findall(t):
                 if slot not in known:
                     raise self.fail(
@@ -249,9 +251,9 @@ def _as_tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
     return types if isinstance(types, tuple) else (types,)
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, limit: int = 40) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_spec(data: Any, path: Path, text: str = "") -> None:
@@ -384,6 +386,12 @@ def _check_template(c: _Checker, d: dict) -> None:
                 source = c.get("from", str, "a vocabulary name", within=value)
                 if source not in vocab:
                     raise c.fail(key, f"{key!r} takes its set from {source!r}, which is not in 'vocab'")
+                for word in vocab[source]:
+                    if _number(word) is None:
+                        raise c.fail(
+                            key,
+                            f"{key!r} compares the words of {source!r} as numbers, but {_short(word)} is not a number",
+                        )
                 op = c.get("compare", str, f"one of {sorted(_COMPARE)}", within=value)
                 if op not in _COMPARE:
                     raise c.fail(key, f"{key!r}: compare {op!r} is not one of {sorted(_COMPARE)}")
@@ -584,14 +592,26 @@ def _answer_set(rule: Any, values: Mapping[str, str], vocab: Mapping[str, list[s
         return ()
     if isinstance(rule, list):
         return tuple(_render(r, values) for r in rule)
-    bound, test = float(_render(rule["to"], values)), _COMPARE[rule["compare"]]
-    try:
-        words = tuple(w for w in vocab[rule["from"]] if test(float(w), bound))
-    except ValueError as err:
-        raise TaskError(f"task {spec}: answer set from {rule['from']!r} compares numbers: {err}") from None
+    to = _render(rule["to"], values)
+    bound, test = _number(to), _COMPARE[rule["compare"]]
+    if bound is None:
+        raise TaskError(
+            f"task {spec}: the answer set compares {rule['from']!r} with 'to' = {rule['to']!r}, which is {to!r} here: "
+            "not a number"
+        )
+    words = tuple(w for w in vocab[rule["from"]] if test(float(w), bound))
     if not words:
         raise TaskError(f"task {spec}: no word of {rule['from']!r} is {rule['compare']} {bound:g}: an empty answer set")
     return words
+
+
+def _number(text: Any) -> float | None:
+    """``text`` as a finite number, or None (``float`` also reads ``nan`` and ``inf``)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _template_prompts(spec: TaskSpec, n: int, rng: random.Random) -> list[Prompt]:
@@ -730,60 +750,76 @@ def encode(model: TransformerBridge, text: str) -> list[int]:
     return _bos_ids(tok, model) + tok(text, add_special_tokens=False)["input_ids"]
 
 
-def continuation_ids(model: TransformerBridge, prompt: str, answer: str) -> list[int]:
+_REFETCH = (
+    "fetch it again: circuitfind models fetch NAME (the GPT-2 tokenizer: circuitfind models fetch gpt2-tokenizer)"
+)
+_MULTI_HINT = (
+    'or declare "answer_tokens": "multi": in a task spec, or for a data file in a dataset spec '
+    '{"kind": "dataset", "file": "FILE", "answer_tokens": "multi"}'
+)
+
+
+def continuation_ids(model: TransformerBridge, prompt: str, answer: str, where: str | None = None) -> list[int]:
     """The token ids of ``answer`` as the continuation of ``prompt``: ``prompt + answer`` tokenised, minus
-    the prompt's tokens (no space added or dropped; a shipped task's answers carry their own leading space)."""
+    the prompt's tokens (no space added or dropped; a shipped task's answers carry their own leading space).
+    ``where`` (``FILE:LINE`` of a dataset row) starts an error; by default the prompt is named."""
     tok = model.tokenizer
+    where = where or f"prompt {_short(prompt, 200)}"
     if not answer:
-        raise TaskError(f"prompt {prompt!r}: the answer is empty")
+        raise TaskError(f"{where}: the answer is empty")
     head = tok(prompt, add_special_tokens=False)["input_ids"]
     full = tok(prompt + answer, add_special_tokens=False)["input_ids"]
     if not full or (prompt and not head):
         raise TaskError(
-            f"the tokenizer gives no tokens for {prompt + answer!r}: its files are missing or broken "
-            "(fetch the model again: circuitfind fetch)"
+            f"the tokenizer gives no tokens for {_short(prompt + answer)}: its files are missing or broken ({_REFETCH})"
         )
     if full[: len(head)] != head or len(full) == len(head):
         raise TaskError(
-            f"prompt {prompt!r}: answer {answer!r} does not start at a token boundary (this tokenizer merges it "
+            f"{where}: answer {_short(answer, 60)} does not start at a token boundary (this tokenizer merges it "
             f"with the prompt's last token); move the boundary, e.g. end the prompt before a space"
         )
     return full[len(head) :]
 
 
-def single_token_id(model: TransformerBridge, word: str, prompt: str = "") -> int:
+def single_token_id(model: TransformerBridge, word: str, prompt: str = "", where: str | None = None) -> int:
     """The id of ``word`` as the one-token continuation of ``prompt``; error if it is not one token.
 
     With no prompt the word is tokenised on its own (give it its leading space, ``" Mary"``)."""
     tok = model.tokenizer
     if prompt:
-        ids = continuation_ids(model, prompt, word)
+        ids = continuation_ids(model, prompt, word, where)
     else:
         if not word:
-            raise TaskError("the answer is empty")
+            raise TaskError(f"{where + ': ' if where else ''}the answer is empty")
         ids = tok(word, add_special_tokens=False)["input_ids"]
         if not ids:
             raise TaskError(
-                f"the tokenizer gives no tokens for {word!r}: its files are missing or broken "
-                "(fetch the model again: circuitfind fetch)"
+                f"the tokenizer gives no tokens for {_short(word)}: its files are missing or broken ({_REFETCH})"
             )
-    where = f"prompt {prompt!r}: " if prompt else ""
+    at = f"{where}: " if where else (f"prompt {_short(prompt, 200)}: " if prompt else "")
     if len(ids) == 1 and ids[0] == tok.unk_token_id and word.strip() != tok.unk_token:
-        raise TaskError(f"{where}answer {word!r} is not in this model's vocabulary (it maps to the unknown token)")
-    if len(ids) != 1:
-        pieces = model.tokenizer.convert_ids_to_tokens(ids)
         raise TaskError(
-            f"{where}answer {word!r} is {len(ids)} tokens {pieces} for this tokenizer; answers must be a "
-            f'single token (or declare "answer_tokens": "multi" in the task). Choose single-token answers '
-            f"for this model."
+            f"{at}answer {_short(word, 60)} is not in this model's vocabulary (it maps to the unknown token)"
+        )
+    if len(ids) != 1:
+        pieces = model.tokenizer.convert_ids_to_tokens(ids[:8]) + (["..."] if len(ids) > 8 else [])
+        raise TaskError(
+            f"{at}answer {_short(word, 60)} is {len(ids)} tokens {pieces} for this tokenizer; answers must be a "
+            f"single token ({_MULTI_HINT}). Choose single-token answers for this model."
         )
     return ids[0]
+
+
+def _context_length(model: Any) -> int:
+    """The most tokens the model reads (``cfg.n_ctx``; no limit when the config has none)."""
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    return int(n_ctx) if isinstance(n_ctx, int) and n_ctx > 0 else sys.maxsize
 
 
 def prompt_origin(task: str, i: int, prompt: Prompt) -> str:
     """Where a prompt comes from, for an error: ``FILE:LINE`` for a dataset row, else the task and index."""
     source = prompt.extra.get("source")
-    return str(source) if source else f"task {task!r}, prompt {i} ({prompt.text!r})"
+    return str(source) if source else f"task {task!r}, prompt {i} ({_short(prompt.text)})"
 
 
 def _check_answer_sets(task: str, i: int, prompt: Prompt) -> None:
@@ -791,7 +827,12 @@ def _check_answer_sets(task: str, i: int, prompt: Prompt) -> None:
     (the metrics compare ``R`` with ``R'``: a shared answer cancels)."""
     where = prompt_origin(task, i, prompt)
     for name, answers in (("correct", prompt.answer_set), ("wrong", prompt.counter_answer_set)):
-        twice = next((a for j, a in enumerate(answers) if a in answers[:j]), None)
+        if len(answers) > datasets.MAX_ANSWERS:
+            raise TaskError(
+                f"{where}: {len(answers)} {name} answers; a set holds at most {datasets.MAX_ANSWERS} "
+                f"(circuitfind.tasks.datasets.MAX_ANSWERS)"
+            )
+        twice = datasets.first_repeat(answers)
         if twice is not None:
             raise TaskError(f"{where}: the {name} answers list {twice!r} twice; a set holds each answer once")
     both = sorted(set(prompt.answer_set) & set(prompt.counter_answer_set))
@@ -880,6 +921,8 @@ class TaskBatch:
         checking STR lengths and answers."""
         if isinstance(task, str):
             task = load_task(task)
+        if isinstance(prompts, numbers.Number | str | bytes) or not isinstance(prompts, Iterable):
+            check_prompt_count(prompts)  # type: ignore[arg-type]  # a float or a string: one line naming it
         if isinstance(prompts, numbers.Integral):
             # checked before any conversion: int(True) would quietly be one prompt
             prompts = generate_prompts(task, check_prompt_count(prompts), seed)  # type: ignore[arg-type]
@@ -892,6 +935,13 @@ class TaskBatch:
         tok = model.tokenizer
         n_bos = len(_bos_ids(tok, model))
         clean = [encode(model, p.text) for p in prompts]
+        n_ctx = _context_length(model)
+        for i, (p, c) in enumerate(zip(prompts, clean, strict=True)):
+            if len(c) > n_ctx:  # checked before any pass: a 100,000-token prompt asked for 40 GB
+                raise TaskError(
+                    f"{prompt_origin(task.name, i, p)}: the prompt is {len(c)} tokens; this model reads at most "
+                    f"{n_ctx} (its context length n_ctx)"
+                )
         variants = list(prompts[0].corrupted)
         corrupted = {v: [encode(model, p.corrupted[v]) for p in prompts] for v in variants}
         for v, rows in corrupted.items():
@@ -905,15 +955,37 @@ class TaskBatch:
         for i, p in enumerate(prompts):
             _check_answer_sets(task.name, i, p)
         multi = task.answer_tokens == "multi"
+        # a dataset row's answer refusal names FILE:LINE and the prompt; another prompt is named by its text
+        where = [
+            f"{p.extra['source']}: prompt {_short(p.text, 200)}" if p.extra.get("source") else None for p in prompts
+        ]
         sequences = counter_sequences = None
         if multi:
-            sequences = [[continuation_ids(model, p.text, a) for a in p.answer_set] for p in prompts]
-            counter_sequences = [[continuation_ids(model, p.text, a) for a in p.counter_answer_set] for p in prompts]
+            sequences = [
+                [continuation_ids(model, p.text, a, where[i]) for a in p.answer_set] for i, p in enumerate(prompts)
+            ]
+            counter_sequences = [
+                [continuation_ids(model, p.text, a, where[i]) for a in p.counter_answer_set]
+                for i, p in enumerate(prompts)
+            ]
+            for i, p in enumerate(prompts):
+                # teacher forcing reads the prompt and every answer token but the last
+                longest = max(len(seq) for seq in sequences[i] + counter_sequences[i])
+                if len(clean[i]) + longest - 1 > n_ctx:
+                    raise TaskError(
+                        f"{prompt_origin(task.name, i, p)}: the prompt ({len(clean[i])} tokens) and its longest "
+                        f"answer ({longest} tokens) are over this model's context length n_ctx = {n_ctx}"
+                    )
             answer_sets = [[seqs[0][0]] for seqs in sequences]
             counter_sets = [[seqs[0][0]] if seqs else [] for seqs in counter_sequences]
         else:
-            answer_sets = [[single_token_id(model, a, p.text) for a in p.answer_set] for p in prompts]
-            counter_sets = [[single_token_id(model, a, p.text) for a in p.counter_answer_set] for p in prompts]
+            answer_sets = [
+                [single_token_id(model, a, p.text, where[i]) for a in p.answer_set] for i, p in enumerate(prompts)
+            ]
+            counter_sets = [
+                [single_token_id(model, a, p.text, where[i]) for a in p.counter_answer_set]
+                for i, p in enumerate(prompts)
+            ]
         answers = [ids[0] for ids in answer_sets]
         counters = [ids[0] if ids else answers[i] for i, ids in enumerate(counter_sets)]
         positions, spans = zip(*[_key_positions(model, p, n_bos) for p in prompts], strict=True)

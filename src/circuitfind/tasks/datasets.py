@@ -56,8 +56,11 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
+import re
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -103,6 +106,98 @@ def json_kind(path: Path) -> str | None:
         return "mib" if mib_rows.is_mib_record(seen) else None
     except (TaskError, UnicodeDecodeError):
         return None
+
+
+# Answers in one set (R or R'): greater-than's years are under 100; every answer is tokenised with its
+# prompt and gathered in every pass, and 2 rows of 50,000 answers ran for minutes.
+MAX_ANSWERS = 1000
+
+# A task spec or a dataset spec is a small JSON file (the shipped ones are a few KB); read whole, a
+# 1 GB one took 50 s and 2.5 GB before its first error.
+MAX_SPEC_BYTES = 16 * 2**20
+
+
+def check_regular_file(path: Path) -> None:
+    """Refuse a path that exists but is not a regular file (a folder, a FIFO, a device such as a link to
+    ``/dev/zero``) before it is opened: reading a FIFO waits forever, a device never ends."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # not there: the caller's "no such file" (or a task name)
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+        raise TaskError(f"{path}: not a regular file ({kind}); a task is a JSON, JSON Lines, CSV or Parquet file")
+
+
+def read_small_text(path: Path, limit: int = MAX_SPEC_BYTES) -> str:
+    """A spec file's text, refused (naming the file) when over ``limit`` bytes or not UTF-8."""
+    check_regular_file(path)
+    with open(path, "rb") as f:
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise TaskError(
+            f"{path}: over {limit // 2**20} MiB; a spec file is a few KB (a dataset belongs in .jsonl or .csv)"
+        )
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:20]} is out of range for a number")
+    return value
+
+
+def loads_strict(text: str) -> Any:
+    """``json.loads`` that refuses what RFC 8259 leaves open or forbids and Python accepts: a key
+    given twice in one object (the last silently won), ``NaN`` / ``Infinity`` and numbers that
+    overflow to infinity (``1e400``). Raises ``ValueError`` (``JSONDecodeError`` for syntax)."""
+    return json.loads(
+        text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant, parse_float=_finite_float
+    )
+
+
+def parse_json(path: Path, text: str) -> Any:
+    """A spec file's JSON, strictly (:func:`loads_strict`), every problem one :class:`TaskError` with its line."""
+    try:
+        return loads_strict(text)
+    except json.JSONDecodeError as err:
+        raise TaskError(f"{path}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+    except _DuplicateKey as err:
+        raise TaskError(
+            f"{path}:{_line_of_key(text, err.key)}: the key {err.key!r} is given twice in one object"
+        ) from None
+    except (ValueError, RecursionError) as err:
+        raise TaskError(f"{path}: invalid JSON: {_json_limit(err)}") from None
+
+
+def _line_of_key(text: str, key: str) -> int:
+    """The line of the second ``"key":`` in ``text`` (the first when there is one)."""
+    hits = [m.start() for m in re.finditer(re.escape(json.dumps(key)) + r"\s*:", text)]
+    at = hits[1] if len(hits) > 1 else hits[0] if hits else 0
+    return text.count("\n", 0, at) + 1
 
 
 def _first_char(path: Path) -> str:
@@ -170,6 +265,8 @@ def dataset_spec(path: str | os.PathLike, sample: bool = False, drop_unequal: bo
     else:
         name = path.name
     fmt = _format(path)
+    if fmt == "auto-circuit":  # a JSON array of rows is read as a stream: its end is seen when read to it
+        _check_tail(path, "}")
     first = next(iter_rows(path, extra), None)
     if first is None:
         raise TaskError(f"{path}: empty file: no rows")
@@ -190,15 +287,26 @@ def dataset_spec(path: str | os.PathLike, sample: bool = False, drop_unequal: bo
     return {"name": name, "kind": "dataset", "data": data}
 
 
+def _check_tail(path: Path, closing: str) -> None:
+    """A JSON document's last character closes its top-level value: rows are read only as far as needed,
+    so without this, text after the closing brace was never seen (the whole file is checked when it is
+    read to its end)."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - 4096))
+        tail = f.read().rstrip(b" \t\r\n")
+    if not tail.endswith(closing.encode()):
+        with open(path, "rb") as f:
+            lines = sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+        shown = tail[-20:].decode("utf-8", "replace")
+        raise TaskError(
+            f"{path}:{lines + 1}: not valid JSON: the file ends with {shown!r}, not the {closing!r} that closes "
+            f"its top-level value (extra data after it, or a truncated file)"
+        )
+
+
 def _read_spec(path: Path) -> dict[str, Any]:
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as err:
-        raise TaskError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except json.JSONDecodeError as err:
-        raise TaskError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
-    except (ValueError, RecursionError) as err:
-        raise TaskError(f"{path}: not valid JSON: {_json_limit(err)}") from None
+    spec = parse_json(path, read_small_text(path))
     if not isinstance(spec.get("file"), str):
         raise TaskError(f'{path}: a dataset spec needs "file": the path of a .jsonl, .csv or .json dataset')
     for option in ("sample", "drop_unequal"):
@@ -355,9 +463,11 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             if not text.strip():
                 continue
             try:
-                record = json.loads(text)
+                record = loads_strict(text)
             except json.JSONDecodeError as err:
                 raise TaskError(f"{path}:{line}: not valid JSON: {err.msg} (column {err.colno})") from None
+            except _DuplicateKey as err:
+                raise TaskError(f"{path}:{line}: the key {err.key!r} is given twice in the row") from None
             except (ValueError, RecursionError) as err:  # a 5,000-digit number; arrays nested 100,000 deep
                 raise TaskError(f"{path}:{line}: not valid JSON: {_json_limit(err)}") from None
             if not isinstance(record, dict):
@@ -412,7 +522,7 @@ def _csv_record(path: Path, line: int, cells: dict[str, str], fmt: str) -> dict[
         for column in ("correct_idx", "incorrect_idx"):
             if column in cells:
                 try:
-                    out[column] = int(cells[column])
+                    out[column] = parse_whole(cells[column])
                 except ValueError:
                     raise TaskError(
                         f"{path}:{line}: column {column!r} must be a token id (a whole number), got {cells[column]!r}"
@@ -426,7 +536,7 @@ def _csv_record(path: Path, line: int, cells: dict[str, str], fmt: str) -> dict[
         elif column.startswith("key."):
             lo, sep, hi = value.partition(":")
             try:
-                keys[column[4:]] = [int(lo), int(hi)] if sep else int(lo)
+                keys[column[4:]] = [parse_whole(lo), parse_whole(hi)] if sep else parse_whole(lo)
             except ValueError:
                 raise TaskError(
                     f"{path}:{line}: column {column!r} must be a character offset (5) or a span (5:9), got {value!r}"
@@ -470,7 +580,9 @@ class _JsonStream:
     def __init__(self, path: Path) -> None:
         self.path, self.file = path, open(path, "rb")  # noqa: SIM115  # read to the end or dropped
         self.buf, self.pos, self.eof, self.line = "", 0, False, 1
-        self.decoder = json.JSONDecoder()
+        self.decoder = json.JSONDecoder(
+            object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constant, parse_float=_finite_float
+        )
         self.utf8 = codecs.getincrementaldecoder("utf-8")()
 
     def _fill(self, size: int = _CHUNK) -> bool:
@@ -536,6 +648,10 @@ class _JsonStream:
                 if self._fill(max(_CHUNK, held)):
                     continue
                 raise self.error(err.msg) from None
+            except _DuplicateKey as err:
+                raise TaskError(
+                    f"{self.path}:{self.here()}: the key {err.key!r} is given twice in one object"
+                ) from None
             except (ValueError, RecursionError) as err:
                 raise self.error(_json_limit(err)) from None
             if end == len(self.buf) and not self.eof and isinstance(value, int | float):
@@ -545,6 +661,18 @@ class _JsonStream:
                 raise self.too_long()
             self.pos = end
             return value
+
+    def expect_end(self) -> None:
+        """Only white space may follow the top-level value (``json.loads`` refuses extra data too)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                raise self.error(
+                    f"extra data after the top-level value, starting {self.buf[self.pos : self.pos + 20]!r}"
+                )
+            if not self._fill():
+                return
 
     def elements(self, what: str = 'the "prompts" list') -> Iterator[tuple[int, Any]]:
         """The elements of the array that starts here, with the line each starts on."""
@@ -567,22 +695,42 @@ class _JsonStream:
 
 def _array_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """The objects of a JSON array of rows, streamed, each with the line it starts on."""
-    for line, record in _JsonStream(path).elements("the array of rows"):
+    reader = _JsonStream(path)
+    for line, record in reader.elements("the array of rows"):
         if not isinstance(record, dict):
             raise TaskError(f"{path}:{line}: a row must be a JSON object, got {type(record).__name__}")
         yield line, record
+    reader.expect_end()
 
 
 def _auto_circuit_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    for key, stream in _top_level(path, stop_at={"prompts"}):
+    """The ``prompts`` of an auto-circuit file, streamed; read to its end, the rest of the file is checked
+    too: one ``prompts`` key (a second one was read as no rows) and nothing after the closing brace."""
+    reader = _JsonStream(path)
+    reader.expect("{")
+    seen: set[str] = set()
+    while reader.peek() != "}":
+        if seen:
+            reader.expect(",")
+        line = reader.here()
+        key = reader.value()
+        if not isinstance(key, str):
+            raise reader.error("expected a key")
+        if key in seen:
+            raise TaskError(f"{path}:{line}: the key {key!r} is given twice in the top-level object")
+        seen.add(key)
+        reader.expect(":")
         if key != "prompts":
+            reader.value()
             continue
-        for line, record in stream.elements():
+        for line, record in reader.elements():
             if not isinstance(record, dict):
                 raise TaskError(f'{path}:{line}: a "prompts" entry must be an object, got {type(record).__name__}')
             yield line, record
-        return
-    raise TaskError(f'{path}: no "prompts" list (an auto-circuit file is {{"prompts": [...]}})')
+    reader.advance(1)
+    reader.expect_end()
+    if "prompts" not in seen:
+        raise TaskError(f'{path}: no "prompts" list (an auto-circuit file is {{"prompts": [...]}})')
 
 
 def _answer_list(path: Path, line: int, key: str, value: Any, required: bool) -> tuple[str, ...]:
@@ -599,10 +747,25 @@ def _answer_list(path: Path, line: int, key: str, value: Any, required: bool) ->
         raise TaskError(f"{path}:{line}: {key!r} holds an empty answer")
     if required and not value:
         raise TaskError(f"{path}:{line}: {key!r} is empty; a row needs at least one answer")
-    twice = next((a for i, a in enumerate(value) if a in value[:i]), None)
+    if len(value) > MAX_ANSWERS:
+        raise TaskError(
+            f"{path}:{line}: {key!r} lists {len(value)} answers; a set holds at most {MAX_ANSWERS} "
+            f"(circuitfind.tasks.datasets.MAX_ANSWERS: each is tokenised and scored in every pass)"
+        )
+    twice = first_repeat(value)
     if twice is not None:
         raise TaskError(f"{path}:{line}: {key!r} lists {twice!r} twice; a set holds each answer once")
     return tuple(value)
+
+
+def first_repeat(items: Sequence[str]) -> str | None:
+    """The first item seen twice, in one pass (a list of 50,000 answers took minutes pairwise)."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def _text(path: Path, line: int, key: str, value: Any) -> str:
@@ -612,7 +775,22 @@ def _text(path: Path, line: int, key: str, value: Any) -> str:
         raise TaskError(f"{path}:{line}: {key!r} must be a string, got {type(value).__name__}")
     if not value:
         raise TaskError(f"{path}:{line}: {key!r} is empty")
+    if "\0" in value:  # a tokenizer reads it as text; it is a broken or binary file
+        raise TaskError(f"{path}:{line}: {key!r} holds a NUL character (at character {value.index(chr(0))})")
     return value
+
+
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+# extra columns become int64 tensors for metrics (MetricContext.extra)
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def parse_whole(text: str) -> int:
+    """A whole number written in ASCII digits: ``int()`` also takes ``1_9`` and other scripts' digits
+    (``١٩``), which a data file means as text, not as 19."""
+    if not _WHOLE.fullmatch(text.strip()):
+        raise ValueError(text)
+    return int(text)
 
 
 def _row(path: Path, line: int, record: dict[str, Any], fmt: str) -> Row:
@@ -651,6 +829,12 @@ def _row(path: Path, line: int, record: dict[str, Any], fmt: str) -> Row:
         *(k for k in record if k.startswith("corrupted")),
     }
     extra = {k: v for k, v in record.items() if k not in used}
+    for k, v in extra.items():
+        if isinstance(v, int) and not isinstance(v, bool) and not _INT64[0] <= v <= _INT64[1]:
+            raise TaskError(
+                f"{path}:{line}: {k!r} = {str(v)[:20]}... ({len(str(v))} digits) is outside the 64-bit integers "
+                f"a metric reads; write it as a string"
+            )
     if fmt == "eap-ig":
         # Token ids, decoded by resolve_for_model once the tokenizer is known.
         answers: tuple[str, ...] = ("",)

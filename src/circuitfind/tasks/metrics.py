@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -133,27 +135,64 @@ def extra_columns(rows: list[Mapping[str, Any]], device=None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in keys:
         values = [r.get(k) for r in rows]
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        if numeric and all(-(2**63) <= v < 2**63 for v in values if isinstance(v, int)):  # int64, else a list
             out[k] = torch.tensor(values, device=device)
         else:
             out[k] = values
     return out
 
 
+# How long a user's metric's first call may take (CIRCUITFIND_METRIC_TIMEOUT seconds): a metric that
+# sleeps or loops forever hung `discover` with no output.
+METRIC_TIMEOUT_S = 30.0
+
+
+def metric_timeout() -> float:
+    """The first call's limit in seconds: ``CIRCUITFIND_METRIC_TIMEOUT`` or :data:`METRIC_TIMEOUT_S`."""
+    raw = os.environ.get("CIRCUITFIND_METRIC_TIMEOUT")
+    if raw is None:
+        return METRIC_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise MetricError(f"CIRCUITFIND_METRIC_TIMEOUT must be a number of seconds > 0, got {raw!r}")
+    return value
+
+
 class Metric:
-    """A per-prompt score of the logits at the answer position (``[batch, vocab]`` -> ``[batch]``)."""
+    """A per-prompt score of the logits at the answer position (``[batch, vocab]`` -> ``[batch]``).
+
+    A user's metric (``user_code``: by import path or a callable) is guarded: its first call runs
+    under a time limit (:func:`metric_timeout`), and ``sys.exit()`` in it is an error, not an exit."""
 
     name = "metric"
+    user_code = False
+    _checked = False
 
     def score(self, logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
-        values = self.score(logits.float(), ctx)
+        try:
+            if self.user_code and not self._checked:
+                values = self._first_call(logits.float(), ctx)
+                self._checked = True
+            else:
+                values = self.score(logits.float(), ctx)
+        except SystemExit as exc:  # the user's code must not end the command (it exited 0, writing nothing)
+            raise MetricError(f"metric {self.name!r} called sys.exit({exc.code!r}); a metric returns scores") from None
         if not isinstance(values, torch.Tensor) or values.shape != logits.shape[:1]:
             shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
             raise MetricError(
                 f"metric {self.name!r} must return one value per prompt {tuple(logits.shape[:1])}, got {shape}"
+            )
+        if not values.is_floating_point():  # argmax gives int64: the mean over prompts and gradients need floats
+            raise MetricError(
+                f"metric {self.name!r} returned {str(values.dtype).removeprefix('torch.')} values; a metric returns "
+                f"floating-point scores (e.g. a log-probability, not an argmax or a count)"
             )
         if not torch.isfinite(values).all():
             where = (~torch.isfinite(values)).nonzero().flatten()
@@ -169,6 +208,33 @@ class Metric:
                 "(eap, eap_ig) need a differentiable metric (no argmax, .item() or detach)"
             )
         return values
+
+    def _first_call(self, logits: torch.Tensor, ctx: MetricContext) -> torch.Tensor:
+        """``score`` on a worker thread, waited for :func:`metric_timeout` seconds (grad and inference
+        modes are per thread, so the caller's are carried over). A metric that never returns is left on
+        its daemon thread: it cannot be stopped from outside, but it no longer holds the command."""
+        limit = metric_timeout()
+        box: dict[str, Any] = {}
+        grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+
+        def run() -> None:
+            try:
+                with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                    box["out"] = self.score(logits, ctx)
+            except BaseException as exc:  # handed to the caller's thread
+                box["err"] = exc
+
+        worker = threading.Thread(target=run, name=f"metric {self.name}", daemon=True)
+        worker.start()
+        worker.join(limit)
+        if worker.is_alive():
+            raise MetricError(
+                f"metric {self.name!r} did not return within {limit:g} s on its first call "
+                f"(CIRCUITFIND_METRIC_TIMEOUT sets the limit)"
+            )
+        if "err" in box:
+            raise box["err"]
+        return box["out"]
 
     def __repr__(self) -> str:
         return self.name
@@ -267,6 +333,8 @@ class NegKL(Metric):
 class CallableMetric(Metric):
     """Wrap ``fn(logits [batch, vocab], ctx) -> [batch]`` as a metric."""
 
+    user_code = True
+
     def __init__(self, fn: Callable[[torch.Tensor, MetricContext], torch.Tensor], name: str | None = None):
         self.fn = fn
         self.name = name or getattr(fn, "__name__", "custom")
@@ -276,7 +344,11 @@ class CallableMetric(Metric):
             out = self.fn(logits, ctx)
         except MetricError:
             raise
-        except Exception as exc:  # the user's function, named in one line rather than a traceback
+        except (Exception, SystemExit) as exc:  # the user's function, named in one line rather than a traceback
+            if isinstance(exc, SystemExit):
+                raise MetricError(
+                    f"metric {self.name!r} called sys.exit({exc.code!r}); a metric returns scores"
+                ) from None
             raise MetricError(f"metric {self.name!r} raised {type(exc).__name__}: {exc}") from None
         return out if isinstance(out, torch.Tensor) else torch.as_tensor(out, device=logits.device)
 
@@ -303,6 +375,7 @@ def get_metric(spec: str | Metric | type[Metric] | Callable[[torch.Tensor, Metri
         if isinstance(obj, type) and issubclass(obj, Metric):
             metric = obj()
             metric.name = spec
+            metric.user_code = True
             return metric
         if isinstance(obj, Metric):
             return obj
