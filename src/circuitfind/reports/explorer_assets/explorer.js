@@ -142,7 +142,21 @@
   state.b = S.length > 1 ? (state.a + 1) % S.length : state.a;
   state.k = Math.max(1, S[state.a].ranked ? Math.min(S[state.a].nEdges || 1, S[state.a].ranked) : 1);
 
-  var cy = cytoscape({
+  // Node sizes, label sizes and edge widths keep about one size on screen as the view zooms out (a
+  // 30-layer model fits the window at a zoom of about 0.2), bounded by the spacing of the layout.
+  var curSX = 90;
+  function inv() { return 1 / Math.max(cy ? cy.zoom() : 1, 0.02); }
+  function dims(kind) {
+    var small = kind === "q" || kind === "k" || kind === "v";
+    var wide = kind === "input" || kind === "logits" || kind === "layer";
+    var w = small ? 7 : (wide ? 56 : 36), h = small ? 7 : 16, f = small ? 7 : 12;
+    var capW = small ? 0.15 * curSX : (wide ? 0.9 * curSX : 0.8 * curSX), capH = small ? 0.15 * SY : 0.6 * SY;
+    var z = Math.min(Math.max(inv(), 1), capW / w, capH / h);
+    return { w: w * z, h: h * z, font: f * z };
+  }
+  function edgeFactor() { return Math.min(Math.max(inv(), 1), 0.06 * SY); }
+  var cy = null;
+  cy = cytoscape({
     container: cyBox,
     elements: [],
     layout: { name: "preset" },
@@ -150,25 +164,34 @@
     maxZoom: 4,
     style: [
       { selector: "node", style: {
-        "label": "data(label)", "font-size": 11, "text-valign": "center", "text-halign": "center",
-        "width": 34, "height": 22, "shape": "round-rectangle", "background-color": "#e8eef7",
-        "border-width": 1, "border-color": "#6b7a90", "color": "#111", "min-zoomed-font-size": 5 } },
+        "label": "data(label)", "text-valign": "center", "text-halign": "center",
+        "font-size": function (n) { return dims(n.data("kind")).font; },
+        "width": function (n) { return dims(n.data("kind")).w; },
+        "height": function (n) { return dims(n.data("kind")).h; },
+        "shape": "round-rectangle", "background-color": "#e8eef7",
+        "border-width": 1, "border-color": "#6b7a90", "color": "#111", "min-zoomed-font-size": 6 } },
       { selector: "node[kind = 'mlp']", style: { "background-color": "#f3e9d2", "border-color": "#a08050" } },
-      { selector: "node[kind = 'input'], node[kind = 'logits']", style: {
-        "width": 64, "background-color": "#e0e0e0", "font-weight": "bold" } },
-      { selector: "node[kind = 'layer']", style: { "width": 64, "background-color": "#dfe7f3" } },
+      { selector: "node[kind = 'input'], node[kind = 'logits']", style: { "background-color": "#e0e0e0", "font-weight": "bold" } },
+      { selector: "node[kind = 'layer']", style: { "background-color": "#dfe7f3" } },
       { selector: "node[kind = 'q'], node[kind = 'k'], node[kind = 'v']", style: {
-        "width": 11, "height": 11, "shape": "ellipse", "font-size": 8, "text-valign": "bottom",
-        "text-margin-y": 1, "background-color": "#ffffff", "color": "#555", "min-zoomed-font-size": 9 } },
+        "shape": "ellipse", "text-valign": "bottom", "background-color": "#ffffff", "color": "#555",
+        "min-zoomed-font-size": 9 } },
       { selector: "node.hit", style: { "border-width": 3, "border-color": "#ff00aa" } },
       { selector: "edge", style: {
-        "width": "data(width)", "line-color": "data(color)", "target-arrow-color": "data(color)",
+        "width": function (e) { return e.data("width") * edgeFactor(); },
+        "line-color": "data(color)", "target-arrow-color": "data(color)",
         "target-arrow-shape": "triangle", "arrow-scale": 0.6, "curve-style": "straight", "opacity": 0.75 } },
       { selector: "edge[cls = 'mixed']", style: { "line-style": "dashed" } },
       { selector: "edge.structural", style: {
-        "width": 1, "line-color": "#c8c8c8", "target-arrow-shape": "none", "opacity": 0.8, "line-style": "dotted" } },
+        "line-color": "#b0b0b0", "target-arrow-shape": "none", "opacity": 0.8, "line-style": "dotted" } },
       { selector: "edge.hit", style: { "opacity": 1, "underlay-color": "#ff00aa", "underlay-opacity": 0.35, "underlay-padding": 3 } }
     ]
+  });
+  var restyling = false;
+  cy.on("zoom", function () {
+    if (restyling) return;
+    restyling = true;
+    requestAnimationFrame(function () { restyling = false; cy.style().update(); });
   });
 
   // ---- what is shown -----------------------------------------------------------------------
@@ -288,11 +311,13 @@
       });
     }
     current = shown;
+    curSX = SX;
     cy.batch(function () {
       cy.elements().remove();
       cy.add(elements);
     });
-    cy.fit(undefined, 20);
+    cy.fit(undefined, 30);
+    cy.style().update();
     updateStatus(items, maxAbs);
     updateLegend(items, maxAbs);
     updateLists(items);
@@ -438,8 +463,9 @@
 
   // ---- details on hover and click -----------------------------------------------------------
   var pinned = null;
+  function flaggedMark(s) { return s.healthy ? "" : "  [flagged: " + s.flags.map(function (f) { return f.code; }).join(", ") + "]"; }
   function settingsWithEdge(e) {
-    return S.filter(function (s) { return s.circuit.has(e); }).map(function (s) { return s.label; });
+    return S.filter(function (s) { return s.circuit.has(e); }).map(function (s) { return s.label + flaggedMark(s); });
   }
   function edgeText(item) {
     var lines = [];
@@ -458,11 +484,14 @@
     if (item.cls) lines.push("class: " + CLASS_TEXT[item.cls]);
     if (item.fraction !== undefined) lines.push("in " + fmt(item.fraction) + " of the healthy settings");
     var which = state.mode === "compare" && item.cls === "onlyB" ? S[state.b] : A;
+    var sides = state.mode === "compare" && item.cls === "both" ? [A, S[state.b]] : [which];
+    sides.forEach(function (side) {
+      var k = side.at.get(e);
+      lines.push("score (" + side.label + "): " + fmt(scoreOf(side, e)));
+      if (k !== undefined && side.low) lines.push("95% interval: [" + fmt(side.low[k]) + ", " + fmt(side.high[k]) + "] (" + side.intervalNote + ")");
+      else lines.push("interval: none (" + side.intervalNote + ")");
+    });
     var j = which.at.get(e);
-    lines.push("score (" + which.label + "): " + fmt(scoreOf(which, e)));
-    if (state.mode === "compare" && item.cls === "both") lines.push("score (" + S[state.b].label + "): " + fmt(scoreOf(S[state.b], e)));
-    if (j !== undefined && which.low) lines.push("95% interval: [" + fmt(which.low[j]) + ", " + fmt(which.high[j]) + "] (" + which.intervalNote + ")");
-    else lines.push("interval: none (" + which.intervalNote + ")");
     var inS = settingsWithEdge(e);
     lines.push("in the circuits of " + inS.length + " of " + S.length + " settings:");
     inS.forEach(function (l) { lines.push("  " + l); });
@@ -485,7 +514,7 @@
     if (state.collapsed && /\.\*$/.test(id)) DATA.nodes.forEach(function (n) { if (collapsedId(n.id) === id) members.add(n.id); });
     var inS = S.filter(function (s) { return Array.from(members).some(function (m) { return s.nodes.has(m); }); });
     lines.push("in the circuits of " + inS.length + " of " + S.length + " settings:");
-    inS.forEach(function (s) { lines.push("  " + s.label); });
+    inS.forEach(function (s) { lines.push("  " + s.label + flaggedMark(s)); });
     return lines.join("\n");
   }
   function show(target) {
@@ -531,20 +560,21 @@
   }
   function exportSvg() {
     var bb = cy.elements().boundingBox();
-    var pad = 30, top = 50;
+    var k = Math.max(inv(), 1); // the title keeps its size against the drawing, as the nodes do
+    var pad = 30 * k, top = 50 * k;
     var w = Math.max(bb.w, 300) + 2 * pad, h = bb.h + 2 * pad + top;
     var svg = svgEl("svg", { xmlns: SVGNS, width: Math.round(w), height: Math.round(h),
       viewBox: [Math.round(bb.x1 - pad), Math.round(bb.y1 - pad - top), Math.round(w), Math.round(h)].join(" "),
       "font-family": "sans-serif" });
     svg.appendChild(svgEl("rect", { x: bb.x1 - pad, y: bb.y1 - pad - top, width: w, height: h, fill: "white" }));
-    svg.appendChild(svgEl("text", { x: bb.x1, y: bb.y1 - top + 4, "font-size": 14, "font-weight": "bold" }, DATA.title));
-    svg.appendChild(svgEl("text", { x: bb.x1, y: bb.y1 - top + 22, "font-size": 11 }, describeView()));
+    svg.appendChild(svgEl("text", { x: bb.x1, y: bb.y1 - top + 4 * k, "font-size": 14 * k, "font-weight": "bold" }, DATA.title));
+    svg.appendChild(svgEl("text", { x: bb.x1, y: bb.y1 - top + 22 * k, "font-size": 11 * k }, describeView()));
     var edges = svgEl("g", { id: "edges" }), nodes = svgEl("g", { id: "nodes" });
     cy.edges().forEach(function (e) {
       var s = e.source().position(), t = e.target().position();
       var structural = e.hasClass("structural");
       var line = svgEl("line", { x1: s.x.toFixed(1), y1: s.y.toFixed(1), x2: t.x.toFixed(1), y2: t.y.toFixed(1),
-        stroke: structural ? "#c8c8c8" : e.data("color"), "stroke-width": (+e.data("width")).toFixed(2),
+        stroke: structural ? "#b0b0b0" : e.data("color"), "stroke-width": (e.data("width") * edgeFactor()).toFixed(2),
         "stroke-opacity": 0.75, "class": structural ? "structural" : "edge" });
       if (structural) line.setAttribute("stroke-dasharray", "2 2");
       line.appendChild(svgEl("title", {}, e.source().id() + " \u2192 " + e.target().id()));
@@ -553,12 +583,14 @@
     cy.nodes().forEach(function (n) {
       var p = n.position(), kind = n.data("kind");
       var small = kind === "q" || kind === "k" || kind === "v";
-      var wide = kind === "input" || kind === "logits" || kind === "layer";
-      var nw = small ? 11 : (wide ? 64 : 34), nh = small ? 11 : 22;
-      nodes.appendChild(svgEl("rect", { x: (p.x - nw / 2).toFixed(1), y: (p.y - nh / 2).toFixed(1), width: nw, height: nh,
-        rx: small ? 5.5 : 4, fill: kind === "mlp" ? "#f3e9d2" : (small ? "#ffffff" : "#e8eef7"), stroke: "#6b7a90" }));
-      nodes.appendChild(svgEl("text", { x: p.x.toFixed(1), y: (p.y + (small ? 14 : 4)).toFixed(1), "text-anchor": "middle",
-        "font-size": small ? 7 : 10 }, n.data("label")));
+      var dm = dims(kind);
+      nodes.appendChild(svgEl("rect", { x: (p.x - dm.w / 2).toFixed(1), y: (p.y - dm.h / 2).toFixed(1), width: dm.w.toFixed(1),
+        height: dm.h.toFixed(1), rx: (small ? dm.w / 2 : dm.h / 4).toFixed(1),
+        fill: kind === "mlp" ? "#f3e9d2" : (small ? "#ffffff" : "#e8eef7"), stroke: "#6b7a90" }));
+      if (!small) {
+        nodes.appendChild(svgEl("text", { x: p.x.toFixed(1), y: (p.y + dm.font * 0.35).toFixed(1), "text-anchor": "middle",
+          "font-size": dm.font.toFixed(1) }, n.data("label")));
+      }
     });
     svg.appendChild(edges);
     svg.appendChild(nodes);
