@@ -325,6 +325,10 @@ def test_collapse_search_and_svg_export(page, records):
     root = ET.fromstring(svg)
     lines = [el for el in root.iter() if el.tag.endswith("line") and el.get("class") == "edge"]
     assert len(lines) == n_shown
+    png = js(page, "return window.circuitExplorer.cy.png({full: true, scale: 2, bg: '#ffffff'});")
+    assert png.startswith("data:image/png;base64,") and len(png) > 5000
+    page.find_element("id", "export-png").click()
+    page.find_element("id", "export-svg").click()
     label = js(page, "return window.circuitExplorer.data.settings[window.circuitExplorer.state.a].label;")
     head = sorted(n for n in records[label]["nodes"] if n.startswith("a"))[0]
     page.find_element("id", "search").send_keys(head + "\n")

@@ -119,7 +119,8 @@ def _from_record(record: dict, label: str, run: str) -> dict:
     scores = record.get("scores")
     if scores is not None:
         if not isinstance(scores, list) or len(scores) != graph.n_edges:
-            raise GraphMismatchError(f"{where}: {len(scores)} scores for a graph of {graph.n_edges} edges")
+            got = f"{len(scores)} scores" if isinstance(scores, list) else f"scores as {type(scores).__name__}"
+            raise GraphMismatchError(f"{where}: {got} for a graph of {graph.n_edges} edges")
         scores = torch.tensor([math.nan if s is None else float(s) for s in scores])
     flags = health.check_record(record)
     curve = record.get("curve")
