@@ -59,6 +59,8 @@ def test_sweep_writes_circuits_report_and_manifest(first_run):
     assert html.count("<svg") == 1 + 3 + 2 + 1 + 6 and "edge Jaccard" in html and "Bootstrap" in html
     md = (run / "report.md").read_text()
     assert "| acdc/str/kl/noise |" in md and "Components in every setting" in md
+    assert manifest["report"]["explorer"] == str((run / "explorer.html").resolve())  # after the report
+    assert '<script type="application/json" id="explorer-data">' in (run / "explorer.html").read_text()
     assert not list(run.rglob("*.tmp"))
 
 
@@ -206,7 +208,7 @@ def test_sweep_attaches_link_and_table_artifacts(first_run):
     )
 
     outputs, manifest = first_run
-    keys = ["circuit-diff-report-link", "axis-ranking", "circuit-summary"]
+    keys = ["circuit-diff-report-link", "circuit-explorer-link", "axis-ranking", "circuit-summary"]
     with get_client(sync_client=True) as client:  # the report is made by the circuitfind-compare subflow
         found = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)),
@@ -218,6 +220,7 @@ def test_sweep_attaches_link_and_table_artifacts(first_run):
     assert set(latest) == set(keys)
     # Prefect stores a link artifact as Markdown: [text](link)
     assert (outputs / "r1" / "report.html").resolve().as_uri() in latest["circuit-diff-report-link"].data
+    assert (outputs / "r1" / "explorer.html").resolve().as_uri() in latest["circuit-explorer-link"].data
 
     def table(key):
         data = latest[key].data

@@ -115,6 +115,7 @@ def test_compare_command_names_its_component_jaccard(tmp_path, capsys):
 
 
 def test_draw_command_writes_an_svg_naming_the_circuit_nodes(tmp_path, capsys):
+    """matplotlib's SVG (text kept as text): every circuit component labelled, one line per edge (``edge-<i>``)."""
     import xml.etree.ElementTree as ET
 
     from circuitfind.cli import main
@@ -130,7 +131,8 @@ def test_draw_command_writes_an_svg_naming_the_circuit_nodes(tmp_path, capsys):
     labels = {el.text for el in root.iter() if el.tag.endswith("text")}
     assert circuit.components and circuit.components <= labels  # every head and MLP of the circuit is named
     assert not (labels & ({f"a{l}.{h}" for l in range(3) for h in range(4)} - circuit.nodes))  # and no other head
-    lines = [el for el in root.iter() if el.tag.endswith("line")]
-    assert len(lines) >= circuit.n_edges
-    assert main(["draw", str(path), "--out", str(tmp_path / "c.png")]) == 2
-    assert "--out" in capsys.readouterr().err
+    edges = [el for el in root.iter() if el.get("id", "").startswith("edge-")]
+    assert len(edges) == circuit.n_edges
+    assert main(["draw", str(path), "--out", str(tmp_path / "c.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "*.pdf, *.svg or *.png" in err and len(err.strip().splitlines()) == 1

@@ -12,7 +12,8 @@ circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep f
 circuitfind compare a.graphml b.graphml [--reference truth.graphml]
 circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
 circuitfind export circuit.graphml circuit.mib.json      # EAP-IG / MIB circuit JSON (or --format mib)
-circuitfind draw circuit.graphml --out circuit.svg       # the circuit as SVG (heads and MLPs by layer)
+circuitfind draw circuit.graphml --out circuit.pdf       # the circuit as PDF, SVG or PNG (matplotlib, by layer)
+circuitfind view outputs/<run>                           # the interactive circuit explorer (one offline HTML page)
 circuitfind report outputs/<run>                         # rewrite a run's diff report
 circuitfind diff outputs/<run A> outputs/<run B>         # run against run: edges gained and lost per setting
 circuitfind train toy-ioi                # rebuild a shipped toy model
@@ -363,19 +364,20 @@ def cmd_export(args) -> None:
 
 
 def cmd_draw(args) -> None:
-    """The circuit as a dependency-free SVG (:func:`circuitfind.reports.figures.circuit_drawing`)."""
+    """The circuit as a PDF, SVG or PNG figure (:func:`circuitfind.reports.drawing.draw_circuit`)."""
     from circuitfind.circuits.circuit import Circuit
-    from circuitfind.io import write_text
-    from circuitfind.reports import figures
+    from circuitfind.reports.drawing import check_suffix, draw_circuit
 
-    if not args.out.lower().endswith(".svg"):
-        raise ValueError(f"--out {args.out!r}: the drawing is SVG, name the file *.svg")
+    check_suffix(args.out)  # before the circuit is read: a wrong name is refused at once
     circuit = Circuit.load(args.circuit, args.format)
-    g, edges = circuit.graph, circuit.edges
-    svg = figures.circuit_drawing(
-        g.n_layers, g.n_heads, edges, set(edges), title=args.title or circuit.summary(), n_kv_heads=g.n_kv_heads
-    )
-    print(f"wrote {write_text(args.out, svg)}")
+    print(f"wrote {draw_circuit(circuit, args.out, title=args.title)}")
+
+
+def cmd_view(args) -> None:
+    """The interactive circuit explorer (:mod:`circuitfind.reports.explorer`)."""
+    from circuitfind.reports.explorer import write_explorer
+
+    print(f"wrote {write_explorer(args.path, args.out, args.compare, args.title)}")
 
 
 def cmd_report(args) -> None:
@@ -512,14 +514,24 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
         help="the model's d_model, written into EAP-IG / MIB files (default: the circuit's settings)",
     )
     p.set_defaults(fn=cmd_export)
-    p = sub.add_parser("draw", help="draw a circuit file as SVG (no plotting library needed)")
+    p = sub.add_parser("draw", help="draw a circuit file as a PDF, SVG or PNG figure (by layer)")
     p.add_argument("circuit", help="circuit file (GraphML, GEXF, node-link JSON, DOT, .mib.json)")
-    p.add_argument("--out", required=True, help="the SVG file to write (*.svg)")
+    p.add_argument("--out", required=True, help="the figure to write: *.pdf, *.svg or *.png")
     p.add_argument(
         "--format", default=None, choices=GRAPH_FORMATS, help="format of the circuit file (default: by suffix)"
     )
     p.add_argument("--title", default=None, help="title above the drawing (default: the circuit's summary)")
     p.set_defaults(fn=cmd_draw)
+    p = sub.add_parser("view", help="write the interactive circuit explorer of a run folder or circuit file (HTML)")
+    p.add_argument(
+        "path", help="a sweep run folder (outputs/<run>) or a circuit file (GraphML, GEXF, JSON, DOT, .mib.json)"
+    )
+    p.add_argument(
+        "--out", default=None, help="the page to write (default: RUN/explorer.html, or <circuit>.explorer.html)"
+    )
+    p.add_argument("--compare", default=None, help="a second run folder or circuit file, its settings selectable as B")
+    p.add_argument("--title", default=None, help="the page's title (default: the run's name)")
+    p.set_defaults(fn=cmd_view)
     p = sub.add_parser("report", help="write the diff report of a sweep run folder")
     p.add_argument("run_dir")
     p.add_argument("--reference", default=None, help="setting name taken as the reference circuit")

@@ -53,6 +53,11 @@ def kv_group_name(layer: int, group: int) -> str:
     return f"a{layer}.g{group}"
 
 
+def attention_layer_name(layer: int) -> str:
+    """All heads of layer ``layer`` drawn as one node (``a1.*``): the collapsed view of a drawing, not a graph node."""
+    return f"a{layer}.*"
+
+
 def receiver_node(node: str, which: str) -> str:
     """Name of a head's (or group's) q/k/v input node, e.g. ``a1.2<q>``."""
     return f"{node}<{which}>"

@@ -172,11 +172,29 @@ def create_report_artifacts(run_dir: str, html: str) -> None:
     create_table_artifact(summary, key="circuit-summary")
 
 
+@task(name="circuit-explorer", persist_result=False)
+def explorer_task(run_dir: str) -> str | None:
+    """Write the run's interactive circuit explorer (``<run>/explorer.html``) and a link artifact to it. A run
+    whose circuits the page cannot show (unusable records) keeps its report: the problem is logged, not raised."""
+    from prefect.artifacts import create_link_artifact
+
+    from circuitfind.reports.explorer import write_explorer
+
+    try:
+        page = write_explorer(run_dir).resolve()
+    except (ValueError, OSError) as err:
+        get_run_logger().warning("no circuit explorer for %s: %s", run_dir, err)
+        return None
+    create_link_artifact(page.as_uri(), link_text=str(page), key="circuit-explorer-link")
+    return str(page)
+
+
 @flow(name="circuitfind-compare", log_prints=True)
 def compare_run(run_dir: str, reference: str | None = None, title: str | None = None) -> dict:
-    """Compare every circuit in a run folder and write the diff report."""
+    """Compare every circuit in a run folder and write the diff report, then the circuit explorer."""
     title = title or f"Circuit diff report: {Path(run_dir).name}"
-    return report_task(run_dir, reference, title)
+    paths = report_task(run_dir, reference, title)
+    return {**paths, "explorer": explorer_task(run_dir)}
 
 
 @flow(name="circuitfind-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))
@@ -255,6 +273,8 @@ def _sweep(
         write_json(run_dir / "manifest.json", manifest)
         record_completed(outputs, series, run_dir)
     print(f"report: {report['html']}")
+    if report.get("explorer"):
+        print(f"explorer: {report['explorer']}")
     return manifest
 
 
