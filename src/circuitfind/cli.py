@@ -37,7 +37,17 @@ GRAPH_FORMATS = (
     "mib",
 )  # circuitfind.circuits.graph_io.FORMAT_NAMES, without the import
 PATCH_KINDS = ("heads", "heads_by_pos", "resid_pre", "attn_out", "mlp_out", "mlp_window", "path")
-METRIC_HELP = "logit_diff, prob, logprob, prob_diff, kl, or package.module:function (a metric of your own)"
+
+
+def metric_help(default: str) -> str:
+    """``--metric``'s help: the built-in metrics (:data:`circuitfind.tasks.metrics.METRICS`), a metric of
+    one's own, and the default."""
+    from circuitfind.tasks.metrics import METRICS
+
+    return (
+        f"{', '.join(METRICS)}, or package.module:function (a metric of your own; see the README's "
+        f'"From Python") (default: {default})'
+    )
 
 
 def _metric(value: str) -> str:
@@ -248,23 +258,29 @@ def cmd_discover(args) -> None:
     show = progress.enabled()  # on stderr, when it is a terminal (CIRCUITFIND_PROGRESS=0/1 overrides)
     with progress.bar(show=show, desc="loading the model and prompts", total=1):
         model, batch = _load(args)
+    metric = args.metric
+    if metric is None:  # the method's default (methods.base.Method.default_metric), said on stderr
+        metric, note = discovery.default_metric(args.algorithm, batch.prompts, batch.task.name)
+        print(f"circuitfind: note: {note or f'--metric defaults to {metric} for {args.algorithm}'}", file=sys.stderr)
     with progress.bar(show=show, desc="baselines (clean and corrupted runs)", total=1):
-        setup = patching.prepare(model, batch, args.corruption, args.metric, progress=show, max_memory=args.max_memory)
+        setup = patching.prepare(model, batch, args.corruption, metric, progress=show, max_memory=args.max_memory)
     found = discovery.discover(setup, args.algorithm, args.direction, options, curve=False)
     circuit = found.circuit
     # what the sweep's circuits record too: which model and prompts the circuit is of
     circuit.settings.update(model=_model_name(args), task=args.task, prompts=args.prompts, seed=args.seed)
     print(circuit.summary())
+    flags = _warn_health(setup, args, circuit, found.faithfulness)
     if found.faithfulness is not None:
-        print(f"faithfulness {found.faithfulness:.3f}")
-    _warn_health(setup, args, circuit, found.faithfulness)
+        print(f"faithfulness {found.faithfulness:.3f}" + (" (FLAGGED, see below)" if flags else ""))
+    if flags:  # on stdout too, beside the numbers it qualifies: a script reading stdout sees it
+        print(f"FLAGGED: {', '.join(flags)}: this result cannot be interpreted (the reasons are on stderr)")
     if args.out:
         print(f"wrote {circuit.save(args.out)}")
 
 
-def _warn_health(setup, args, circuit, faithfulness) -> None:
+def _warn_health(setup, args, circuit, faithfulness) -> list[str]:
     """The sweep's health checks (:mod:`circuitfind.runs.health`) on one discovered circuit, as warnings on
-    stderr: EAP or AtP under KL when noising ranks float noise, and said nothing."""
+    stderr (EAP or AtP under KL when noising ranks float noise, and said nothing); returns the flags."""
     from circuitfind.runs import health
 
     record = {
@@ -277,9 +293,14 @@ def _warn_health(setup, args, circuit, faithfulness) -> None:
         "n_edges": circuit.n_edges,
         "faithfulness": faithfulness,
     }
-    for flag in health.check_record(record):
-        if flag != "nan_faithfulness" or faithfulness is not None:  # path patching reports none
-            print(f"circuitfind: warning: {health.explain(record, flag)}", file=sys.stderr)
+    flags = [
+        flag
+        for flag in health.check_record(record)
+        if flag != "nan_faithfulness" or faithfulness is not None  # path patching reports none
+    ]
+    for flag in flags:
+        print(f"circuitfind: warning: {health.explain(record, flag)}", file=sys.stderr)
+    return flags
 
 
 def cmd_sweep(args) -> None:
@@ -422,7 +443,7 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
     _common(p)
     p.add_argument("--what", choices=PATCH_KINDS, default="heads")
     p.add_argument("--corruption", default="str", help="str, str:<variant>, gn, mean, zero, resample")
-    p.add_argument("--metric", default="logit_diff", type=_metric, help=METRIC_HELP)
+    p.add_argument("--metric", default="logit_diff", type=_metric, help=metric_help("logit_diff"))
     p.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
     p.add_argument("--window", type=int, default=1, help="MLP window size (mlp_window)")
     p.add_argument("--positions", nargs="*", default=None, help="key token names to patch at (mlp_window, path)")
@@ -447,9 +468,13 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
         default="acdc",
         help=f"{', '.join(registry.names())}, or package.module:Class (a method of your own) (default: acdc)",
     )
-    p.add_argument("--corruption", default="str")
-    p.add_argument("--metric", default="kl", type=_metric, help=METRIC_HELP)
-    p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
+    p.add_argument(
+        "--corruption", default="str", help="str, str:<variant>, gn, mean, zero, resample (default: str)"
+    )
+    p.add_argument(
+        "--metric", default=None, type=_metric, help=metric_help("the algorithm's" + (f": {registry.default_metrics_help()}" if method_options else ""))
+    )
+    p.add_argument("--direction", choices=("denoise", "noise"), default="noise", help="(default: noise)")
     if method_options:
         registry.add_arguments(p.add_argument_group("method options (each method reads its own)"))
     p.add_argument("--out", default=None, help="write the circuit (.graphml, .gexf, .json, .dot)")
