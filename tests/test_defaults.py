@@ -115,3 +115,51 @@ def test_study_report_with_one_resample_shows_no_interval(ioi_model, tmp_path):
     text = Path(study.study_report([h], [], tmp_path)["markdown"]).read_text()
     row = next(line for line in text.splitlines() if line.startswith("| str:s2_io/logit_diff | "))
     assert row.endswith("(no interval: 1 resample(s), at least 100 needed for an interval) |") and "[" not in row
+
+
+def test_sweep_cache_key_changes_when_a_helper_module_of_the_metric_changes(tmp_path, monkeypatch):
+    """The key of a setting with an import-path metric covers the user's modules that metric imports."""
+    import sys
+
+    from circuitfind.runs.sweep import SweepConfig, cache_key
+
+    (tmp_path / "key_metric_helper.py").write_text("SCALE = 0.5\n")
+    (tmp_path / "key_metric_mod.py").write_text(
+        "from circuitfind.tasks.metrics import get_metric\nfrom key_metric_helper import SCALE\n"
+        "def scaled(logits, ctx):\n    return SCALE * get_metric('logit_diff')(logits, ctx)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name in ("key_metric_mod", "key_metric_helper"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    config = SweepConfig(
+        algorithms=["eap"], corruptions=["str"], metrics=["key_metric_mod:scaled"], directions=["noise"], prompts=8
+    )
+    (setting,) = config.settings()
+    key = cache_key(setting, config)
+    assert cache_key(setting, config) == key
+    (tmp_path / "key_metric_helper.py").write_text("SCALE = 0.25\n")
+    assert cache_key(setting, config) != key
+
+
+def test_models_says_what_smollm2_is_and_names_the_fetch_extra(capsys, monkeypatch):
+    import importlib.util
+
+    from circuitfind.models import fetch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(fetch, "is_fetched", lambda name: False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real_find_spec(n, *a))
+    assert main(["models"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "not fetched: pip install 'circuitfind[fetch]' (the gguf package), then circuitfind models fetch smollm2-135m" in out
+    assert "SmolLM2-135M-Instruct dequantised from 4-bit Q4_1 GGUF, not the float base model" in out
+    assert "no float reference can be had" in out
+
+
+def test_outputs_default_to_the_current_folder_not_the_checkout(tmp_path, monkeypatch):
+    """An editable install wrote runs into the checkout it was installed from, wherever the command ran."""
+    from circuitfind.paths import default_outputs, run_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert default_outputs() == tmp_path / "outputs"
+    assert run_folder(None, "nightly") == tmp_path / "outputs" / "nightly"

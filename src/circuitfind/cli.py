@@ -157,12 +157,10 @@ def cmd_models(args) -> None:
         f"{'known-backup':<16} built on first use: induction with a backup head that takes over (circuitfind.models.zoo.known)"
     )
     for name, spec in fetch.FETCHABLE.items():
-        state = (
-            f"fetched ({fetch.model_dir(name)})"
-            if fetch.is_fetched(name)
-            else f"not fetched: circuitfind models fetch {name}"
-        )
+        state = f"fetched ({fetch.model_dir(name)})" if fetch.is_fetched(name) else f"not fetched: {fetch.fetch_hint(name)}"
         print(f"{name:<16} {state}; {spec.description}")
+        if spec.note:
+            print(f"{'':<16} note: {spec.note}")
 
 
 def cmd_tasks(args) -> None:

@@ -331,4 +331,4 @@ def add_arguments(p: argparse.ArgumentParser, method_options: bool = True) -> No
         registry.add_arguments(p.add_argument_group("method options (each method reads its own)"))
     p.add_argument("--device", default=None)
     p.add_argument("--run", default=None)
-    p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")
+    p.add_argument("--outputs", default=None, help="default: ./outputs of the current folder")
