@@ -129,6 +129,15 @@ def _load(args):
     return model, TaskBatch.build(model, task, args.prompts, seed=args.seed)
 
 
+def _check_answers(model, batch) -> None:
+    """Warnings on stderr about answers the model does not make (:func:`circuitfind.tasks.evaluation.answer_checks`;
+    a task whose every answer has probability ~0 is refused)."""
+    from circuitfind.tasks.evaluation import answer_checks
+
+    for warning in answer_checks(model, batch):
+        print(f"circuitfind: warning: {warning}", file=sys.stderr)
+
+
 def cmd_models(args) -> None:
     from circuitfind.models import fetch
     from circuitfind.models.loading import shipped_models
@@ -176,6 +185,8 @@ def cmd_evaluate(args) -> None:
 
     model, batch = _load(args)
     report = evaluate(model, batch)
+    for warning in report.warnings:
+        print(f"circuitfind: warning: {warning}", file=sys.stderr)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
 
 
@@ -184,6 +195,7 @@ def cmd_patch(args) -> None:
 
     patching.check_k(args.k)  # before the sweep runs
     model, batch = _load(args)
+    _check_answers(model, batch)
     show = progress.enabled()  # bars on stderr when it is a terminal (CIRCUITFIND_PROGRESS=0/1 overrides)
     setup = patching.prepare(model, batch, args.corruption, args.metric, progress=show, max_memory=args.max_memory)
     if args.what == "heads":
@@ -256,6 +268,7 @@ def cmd_discover(args) -> None:
     show = progress.enabled()  # on stderr, when it is a terminal (CIRCUITFIND_PROGRESS=0/1 overrides)
     with progress.bar(show=show, desc="loading the model and prompts", total=1):
         model, batch = _load(args)
+    _check_answers(model, batch)
     metric = args.metric
     if metric is None:  # the method's default (methods.base.Method.default_metric), said on stderr
         metric, note = discovery.default_metric(args.algorithm, batch.prompts, batch.task.name)

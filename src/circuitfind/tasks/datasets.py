@@ -170,6 +170,8 @@ def dataset_spec(path: str | os.PathLike, sample: bool = False, drop_unequal: bo
     else:
         name = path.name
     fmt = _format(path)
+    if fmt != "eap-ig" and ("idx" in extra or "labels" in extra):
+        raise TaskError(f'{path}: "idx" and "labels" say what an EAP-IG CSV\'s correct_idx holds; this is a {fmt} file')
     first = next(iter_rows(path, extra), None)
     if first is None:
         raise TaskError(f"{path}: empty file: no rows")
@@ -204,8 +206,39 @@ def _read_spec(path: Path) -> dict[str, Any]:
     for option in ("sample", "drop_unequal"):
         if option in spec and not isinstance(spec[option], bool):
             raise TaskError(f"{path}: {option!r} must be true or false, got {spec[option]!r}")
+    _check_index_options(path, spec)
     mib_rows.check_options(path, spec)
     return spec
+
+
+# What the index columns of an EAP-IG / MIB CSV (``correct_idx``, ``incorrect_idx``) hold: token ids of
+# the file's tokenizer (IOI), or labels that a mapping turns into answers (greater-than's two-digit years).
+INDEX_MEANINGS = ("token", "label")
+# Ids all below this (on a vocabulary of 10,000 or more tokens) look like labels, not token ids: the
+# first hundred ids of a BPE vocabulary are single characters and special tokens, no task's answers.
+_LABEL_LIKE = 100
+
+
+def _check_index_options(path: Path, spec: Mapping[str, Any]) -> None:
+    """``"idx"``: ``"token"`` or ``"label"``; ``"labels"`` (with ``"idx": "label"`` only): an object of
+    label -> answer text, or a format string such as ``" {:02d}"`` applied to the label."""
+    idx, labels = spec.get("idx"), spec.get("labels")
+    if idx is not None and idx not in INDEX_MEANINGS:
+        raise TaskError(f'{path}: "idx" must be "token" or "label" (what correct_idx holds), got {idx!r}')
+    if idx == "label" and labels is None:
+        raise TaskError(f'{path}: "idx": "label" needs "labels": an object of label -> answer, or a format like " {{:02d}}"')
+    if labels is not None:
+        if idx != "label":
+            raise TaskError(f'{path}: "labels" is read with "idx": "label" only')
+        if isinstance(labels, str):
+            try:
+                labels.format(0)
+            except (ValueError, IndexError, KeyError) as err:
+                raise TaskError(f'{path}: "labels" {labels!r} is not a format of one number: {err}') from None
+            if labels.format(0) == labels:
+                raise TaskError(f'{path}: "labels" {labels!r} has no {{}} for the label')
+        elif not isinstance(labels, dict) or not all(isinstance(v, str) and v for v in labels.values()):
+            raise TaskError(f'{path}: "labels" must map each label to its answer text (a non-empty string)')
 
 
 def _format(path: Path) -> str:
@@ -734,13 +767,39 @@ def resolve_for_model(
     out = list(prompts)
     if data.get("format") == "eap-ig":
         vocab = len(tokenizer)
+        meaning = data.get("idx")
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        every = [p.extra[k] for p in out for k in ("correct_idx", "incorrect_idx") if k in p.extra]
+        if meaning is None and vocab >= 100 * _LABEL_LIKE and every and max(every) < _LABEL_LIKE:
+            raise TaskError(
+                f"{where}: every correct_idx / incorrect_idx is below {_LABEL_LIKE} (largest {max(every)}): "
+                f"labels (greater-than's years), not token ids of this tokenizer, where {every[0]} is "
+                f"{tokenizer.decode([every[0]])!r}. Say what they are in a dataset spec: "
+                f'{{"kind": "dataset", "file": "{Path(where).name}", "idx": "token"}}, or "idx": "label" with '
+                '"labels": {"51": " 51", ...} or a format such as " {:02d}"'
+            )
         fitted = []
         for p in out:
             ids = {k: p.extra[k] for k in ("correct_idx", "incorrect_idx") if k in p.extra}
+            if meaning == "label":
+                texts = {k: _label_text(data["labels"], i, f"{where}:{_line(p)}: {k}") for k, i in ids.items()}
+                fitted.append(
+                    dataclasses.replace(
+                        p,  # type: ignore[type-var]
+                        answer=texts["correct_idx"],
+                        counter_answer=texts.get("incorrect_idx", ""),
+                    )
+                )
+                continue
             for k, i in ids.items():
                 if not 0 <= i < vocab:
                     raise TaskError(
                         f"{where}:{_line(p)}: {k} = {i} is not a token id of this tokenizer ({vocab} tokens)"
+                    )
+                if i in special:
+                    raise TaskError(
+                        f"{where}:{_line(p)}: {k} = {i} is the special token {tokenizer.decode([i])!r}, not an "
+                        'answer; if the column holds labels, say so: "idx": "label" in a dataset spec'
                     )
             texts = {k: _continuation_text(tokenizer, p.text, i, f"{where}:{_line(p)}: {k}") for k, i in ids.items()}
             fitted.append(
@@ -770,6 +829,15 @@ def resolve_for_model(
     if not out:
         raise TaskError(f"{where}: every row has unequal clean/corrupted token lengths; nothing is left")
     return out
+
+
+def _label_text(labels: str | Mapping[str, str], label: int, where: str) -> str:
+    """The answer text of a label: ``labels[str(label)]``, or the format ``labels`` applied to it."""
+    if isinstance(labels, str):
+        return labels.format(label)
+    if str(label) not in labels:
+        raise TaskError(f'{where} = {label} has no answer in "labels" (it maps {len(labels)} labels)')
+    return labels[str(label)]
 
 
 def _line(p: _PromptLike) -> str:

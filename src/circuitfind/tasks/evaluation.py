@@ -9,7 +9,8 @@ import torch
 
 from circuitfind.patching import answer_logits, prepare
 from circuitfind.tasks import multitoken
-from circuitfind.tasks.batch import TaskBatch
+from circuitfind.errors import TaskError
+from circuitfind.tasks.batch import TaskBatch, continuation_ids, prompt_origin
 from circuitfind.tasks.metrics import get_metric
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class TaskReport:
     corrupted: dict[str, dict[str, float]]
     skipped: dict[str, str] = field(default_factory=dict)  # default corruptions the task cannot take, and why
     teacher_forced: bool = False  # multi-token answers: each answer's log p(r|x) plays its logit's part
+    warnings: list[str] = field(default_factory=list)  # answers the model does not make, corruptions that help
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +60,7 @@ class TaskReport:
                 f"   {kl} {-row['kl']:.3f}"
             )
         lines += [f"  corrupted ({name:>10}) not run: {why}" for name, why in self.skipped.items()]
+        lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -73,6 +76,68 @@ def _pair_accuracy(logits: torch.Tensor, batch: TaskBatch) -> tuple[float, float
 
 
 DEFAULT_CORRUPTIONS = ("str", "gn", "mean", "resample")
+
+# A first answer token the model gives less than this probability is one it almost never predicts there
+# (a missing leading space, a capital, a label read as a token id); every answer below IMPOSSIBLE is refused.
+RARE = 1e-4
+IMPOSSIBLE = 1e-6
+
+
+def _first_tokens(batch: TaskBatch) -> list[list[int]]:
+    """Per prompt, the first token of each correct answer (the token predicted at the prompt's end)."""
+    if batch.answer_sequences is not None:
+        return [[seq[0] for seq in seqs] for seqs in batch.answer_sequences]
+    assert batch.answer_sets is not None and batch.answer_mask is not None
+    return [ids[mask].tolist() for ids, mask in zip(batch.answer_sets, batch.answer_mask, strict=True)]
+
+
+def answer_checks(model: TransformerBridge, batch: TaskBatch, logits: torch.Tensor | None = None) -> list[str]:
+    """Warnings about answers the model does not make, from its clean next-token distribution (``logits``
+    ``[batch, vocab]`` at the answer position, else one clean pass): prompts where every correct answer's
+    first token has probability below :data:`RARE`, and answers written without a leading space whose
+    spaced form is one token while they are several. A task whose every answer, on every prompt, has
+    probability below :data:`IMPOSSIBLE` is refused (:class:`TaskError`): no metric can measure it."""
+    if logits is None:
+        with torch.no_grad():
+            logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()
+    probs = logits.float().softmax(-1)
+    firsts = _first_tokens(batch)
+    best = torch.stack([probs[i, ids].max() for i, ids in enumerate(firsts)])
+    name = batch.task.name
+    worst = int(best.argmin())
+    example = (
+        f"{prompt_origin(name, worst, batch.prompts[worst])}: {batch.prompts[worst].answer_set[0]!r} "
+        f"starts with {model.tokenizer.convert_ids_to_tokens(firsts[worst][:1])[0]!r}, p = {best[worst].item():.1e}"
+    )
+    if (best < IMPOSSIBLE).all():
+        raise TaskError(
+            f"task {name!r}: the model gives every correct answer of every prompt probability below {IMPOSSIBLE:g} "
+            f"(e.g. {example}): these are not continuations it makes, so no metric can measure the behaviour. "
+            "Check the answers' leading spaces, capitals and (EAP-IG CSVs) whether correct_idx is a token id"
+        )
+    out = []
+    rare = int((best < RARE).sum())
+    if rare:
+        out.append(
+            f"in {rare} of {batch.size} prompts the model almost never predicts the correct answers' first token "
+            f"(p < {RARE:g}; e.g. {example}): is a leading space missing, or a capital wrong?"
+        )
+    for i, prompt in enumerate(batch.prompts):
+        for answer in prompt.answer_set:
+            if answer[:1].isspace() or len(continuation_ids(model, prompt.text, answer)) == 1:
+                continue
+            try:
+                spaced = continuation_ids(model, prompt.text, " " + answer)
+            except TaskError:
+                continue
+            if len(spaced) == 1:
+                out.append(
+                    f"{prompt_origin(name, i, prompt)}: answer {answer!r} is "
+                    f"{len(continuation_ids(model, prompt.text, answer))} tokens but {' ' + answer!r} is one: "
+                    "is a leading space missing?"
+                )
+                return out  # one example is enough
+    return out
 
 
 def _unsupported(batch: TaskBatch) -> dict[str, str]:
@@ -96,9 +161,12 @@ def evaluate(model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str,
         skipped = _unsupported(batch)
         corruptions = tuple(c for c in DEFAULT_CORRUPTIONS if c not in skipped)
     if batch.answer_sequences is not None:
-        return evaluate_multitoken(model, batch, corruptions, skipped)
+        report = evaluate_multitoken(model, batch, corruptions, skipped)
+        report.warnings = answer_checks(model, batch) + _helping_corruptions(report)
+        return report
     with torch.no_grad():
         logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()  # metrics in float32
+    warnings = answer_checks(model, batch, logits)
     ctx = batch.metric_context()
     ids, mask = ctx.correct()
     top = logits.argmax(-1)
@@ -114,9 +182,23 @@ def evaluate(model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str,
             "prob_diff": setup.baselines("prob_diff")[1],
             "kl": setup.baselines("kl")[1],
         }
-    return TaskReport(
+    report = TaskReport(
         batch.task.name, batch.size, accuracy, pair_accuracy, pair_chance, diff, prob_diff, corrupted, skipped
     )
+    report.warnings = warnings + _helping_corruptions(report)
+    return report
+
+
+def _helping_corruptions(report: TaskReport) -> list[str]:
+    """A corruption under which the task scores higher than clean: the corruption does not remove the
+    behaviour, or the answers are not what the model does (a label read as a token id)."""
+    return [
+        f"the corrupted run ({name}) scores higher than the clean run (logit diff {row['logit_diff']:.3f} > "
+        f"{report.logit_diff:.3f}): the corruption does not remove the behaviour, or the answers are not what the "
+        "model predicts"
+        for name, row in report.corrupted.items()
+        if row["logit_diff"] > report.logit_diff
+    ]
 
 
 def evaluate_multitoken(

@@ -1,0 +1,93 @@
+"""Answers the model does not make, index columns that are labels, special tokens (issue 25)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from circuitfind.errors import TaskError
+from circuitfind.tasks.batch import Prompt, TaskBatch, generate_prompts
+from circuitfind.tasks.evaluation import answer_checks, evaluate
+
+
+def _with_answers(prompts, answer, counter=None):
+    return [
+        Prompt(p.text, answer or p.answer, counter or p.counter_answer, p.corrupted, p.key_chars) for p in prompts
+    ]
+
+
+def test_an_answer_the_model_never_predicts_is_warned_and_a_task_of_them_refused(ioi_model):
+    prompts = generate_prompts("ioi", 6, seed=0)
+    assert answer_checks(ioi_model, TaskBatch.from_prompts(ioi_model, prompts)) == []
+    odd = prompts[:5] + _with_answers(prompts[5:], " store")
+    (warning,) = answer_checks(ioi_model, TaskBatch.from_prompts(ioi_model, odd))
+    assert warning.startswith("in 1 of 6 prompts the model almost never predicts the correct answers' first token")
+    assert "' store'" in warning and "leading space missing" in warning
+    with pytest.raises(TaskError, match="every correct answer of every prompt probability below 1e-06"):
+        answer_checks(ioi_model, TaskBatch.from_prompts(ioi_model, _with_answers(prompts, " When")))
+
+
+def test_evaluate_warns_when_the_corrupted_run_scores_higher_than_the_clean_run(ioi_model):
+    prompts = generate_prompts("ioi", 6, seed=0)
+    swapped = [Prompt(p.text, p.counter_answer, p.answer, p.corrupted, p.key_chars) for p in prompts]
+    report = evaluate(ioi_model, TaskBatch.from_prompts(ioi_model, swapped), corruptions=("str",))
+    assert any("the corrupted run (str) scores higher than the clean run" in w for w in report.warnings)
+    assert "WARNING: the corrupted run (str)" in report.format()
+    assert not evaluate(ioi_model, TaskBatch.from_prompts(ioi_model, prompts), corruptions=("str",)).warnings
+
+
+def test_a_missing_leading_space_is_named(random_gpt2):
+    tok = random_gpt2.tokenizer
+    prompt = "The capital of Italy is"
+    words = (tok(" Rome", add_special_tokens=False)["input_ids"], tok("Rome", add_special_tokens=False)["input_ids"])
+    assert [len(w) for w in words] == [1, 2]  # the premise
+    p = Prompt(prompt, "Rome", " Paris", {"c": "The capital of France is"}, {})
+    with pytest.raises(TaskError, match=r"\(' Rome' is one token: is a leading space missing\?\)"):
+        TaskBatch.from_prompts(random_gpt2, [p])
+    batch = TaskBatch.from_prompts(random_gpt2, [p], answer_tokens="multi")
+    assert any("answer 'Rome' is 2 tokens but ' Rome' is one" in w for w in answer_checks(random_gpt2, batch))
+
+
+def _eap_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["clean", "corrupted", "correct_idx", "incorrect_idx"])
+        w.writerows(rows)
+
+
+GT = [
+    ["The war lasted from the year 1751 to the year 17", "The war lasted from the year 1701 to the year 17", 51, 1],
+    ["The deal lasted from the year 1634 to the year 16", "The deal lasted from the year 1601 to the year 16", 34, 1],
+]
+
+
+def test_greater_than_labels_are_not_read_as_token_ids(tmp_path, random_gpt2):
+    """Hanna et al.'s greater-than CSV holds year labels in correct_idx: read as token ids, 51 was 'C'."""
+    path = tmp_path / "greater_than_data.csv"
+    _eap_csv(path, GT)
+    with pytest.raises(TaskError, match=r"every correct_idx / incorrect_idx is below 100 .*\"idx\": \"label\""):
+        TaskBatch.build(random_gpt2, str(path), 2)
+    spec = tmp_path / "gt.json"
+    spec.write_text(json.dumps({"kind": "dataset", "file": path.name, "idx": "label", "labels": "{:02d}"}))
+    batch = TaskBatch.build(random_gpt2, str(spec), 2)
+    assert [(p.answer, p.counter_answer) for p in batch.prompts] == [("51", "01"), ("34", "01")]
+    spec.write_text(json.dumps({"kind": "dataset", "file": path.name, "idx": "label", "labels": {"51": "51"}}))
+    with pytest.raises(TaskError, match=r'greater_than_data.csv:2: incorrect_idx = 1 has no answer in "labels"'):
+        TaskBatch.build(random_gpt2, str(spec), 2)
+    spec.write_text(json.dumps({"kind": "dataset", "file": path.name, "idx": "tokens"}))
+    with pytest.raises(TaskError, match=r'"idx" must be "token" or "label"'):
+        TaskBatch.build(random_gpt2, str(spec), 2)
+
+
+def test_special_tokens_are_refused_as_answers(tmp_path, random_gpt2):
+    path = tmp_path / "eap.csv"
+    _eap_csv(path, [[GT[0][0], GT[0][1], 50256, 2091]])
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({"kind": "dataset", "file": path.name, "idx": "token"}))
+    with pytest.raises(TaskError, match=r"eap.csv:2: correct_idx = 50256 is the special token '<\|endoftext\|>'"):
+        TaskBatch.build(random_gpt2, str(spec), 1)
+    p = Prompt("The meeting is on a", "<|endoftext|>", " Monday", {"c": "The meeting is on the"}, {})
+    with pytest.raises(TaskError, match=r"answer has the special token '<\|endoftext\|>' \(id 50256\)"):
+        TaskBatch.from_prompts(random_gpt2, [p])
