@@ -91,3 +91,38 @@ def test_special_tokens_are_refused_as_answers(tmp_path, random_gpt2):
     p = Prompt("The meeting is on a", "<|endoftext|>", " Monday", {"c": "The meeting is on the"}, {})
     with pytest.raises(TaskError, match=r"answer has the special token '<\|endoftext\|>' \(id 50256\)"):
         TaskBatch.from_prompts(random_gpt2, [p])
+
+
+def test_extra_columns_have_one_type_in_csv_and_jsonl(tmp_path):
+    """Numbers in CSV columns reached the metric as lists of strings, in JSONL as tensors: the README's
+    ``ctx.extra["weight"].to(logits)`` crashed on a CSV."""
+    import torch
+
+    from circuitfind.tasks.batch import load_task
+    from circuitfind.tasks.metrics import extra_columns
+
+    rows = [
+        {"clean": "a b c", "corrupted": "a b d", "answers": " x", "weight": 2, "scale": 0.5, "id": "007"},
+        {"clean": "a b e", "corrupted": "a b f", "answers": " y", "weight": 3, "scale": -1e-3, "id": "012"},
+    ]
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(tmp_path / "pairs.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    columns = {}
+    for name in ("pairs.jsonl", "pairs.csv"):
+        prompts = generate_prompts(load_task(str(tmp_path / name)), 2)
+        columns[name] = extra_columns([{k: v for k, v in p.extra.items() if k != "source"} for p in prompts])
+    for key in ("weight", "scale"):
+        assert isinstance(columns["pairs.csv"][key], torch.Tensor)
+        assert torch.equal(columns["pairs.csv"][key], columns["pairs.jsonl"][key]), key
+    assert columns["pairs.csv"]["id"] == columns["pairs.jsonl"]["id"] == ["007", "012"]
+    spec = tmp_path / "s.json"
+    spec.write_text(json.dumps({"kind": "dataset", "file": "pairs.csv", "columns": {"id": "number"}}))
+    with pytest.raises(TaskError, match=r"pairs.csv:2: column 'id' is declared a number, got '007'"):
+        generate_prompts(load_task(str(spec)), 2)
+    spec.write_text(json.dumps({"kind": "dataset", "file": "pairs.csv", "columns": {"id": "int"}}))
+    with pytest.raises(TaskError, match=r'"columns" must map column names to "number" or "text"'):
+        load_task(str(spec))

@@ -16,7 +16,10 @@ of a 1 GB file reads 16 rows (plus one pass of sha256 over the bytes for the cac
 - ``keys`` (object, optional): key-token markers for position-restricted patching, a name ->
   character offset in ``clean`` where that token starts (``{"IO": 5}``), or ``[start, end]`` for a
   multi-token span. CSV: a column ``key.<name>`` holding ``5`` or ``5:9``. Every row has the same keys.
-- any other key or column is carried in ``Prompt.extra`` (for metrics that need per-prompt data).
+- any other key or column is carried in ``Prompt.extra`` (for metrics that need per-prompt data), with
+  one type in every format: a CSV cell that is a number as JSON writes it (``2``, ``0.5``, ``-1e3``; not
+  ``007``) is that number, as in JSON Lines; a dataset spec's ``"columns": {"weight": "number", "id":
+  "text"}`` declares a column's type, and a row that breaks it is an error naming its line.
 
 **auto-circuit** (``.json``): ``{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}, ...]}``,
 as documented in ``load_datasets_from_json`` of UFO-101/auto-circuit ``auto_circuit/data.py``
@@ -28,9 +31,12 @@ tokenizer. The single corruption is the variant ``corrupt``.
 ``incorrect_idx``), read by ``EAPDataset`` in hannamw/EAP-IG and in the MIB circuit-track code
 (yanivnik/MIB-shared-task ``gt_dataset.py``: ``row['clean'], row['corrupted'], [row['correct_idx'],
 row['incorrect_idx']]``). For IOI these are token ids of the tokenizer the file was made for; they
-are checked against the model's vocabulary and decoded to the answer text when the batch is
-built. For greater-than, ``correct_idx`` is a year label, not a token: such a file needs an
-``answers`` column (it is then read as circuitfind's schema, ``correct_idx`` landing in ``extra``).
+are checked against the model's vocabulary (special tokens refused) and decoded to the answer text
+when the batch is built. For greater-than (Hanna et al. 2023), ``correct_idx`` is a year label, not a
+token: a dataset spec says which, ``"idx": "token"`` or ``"idx": "label"`` with ``"labels"`` (an
+object of label -> answer text, or a format such as ``"{:02d}"``). Without one, indices all below 100
+on a real vocabulary are refused as label-like (token 51 is ``'C'``). An ``answers`` column makes
+the file circuitfind's schema (``correct_idx`` then lands in ``extra``).
 
 **MIB's Hugging Face rows** (``.jsonl``, ``.json``, ``.parquet``: a ``prompt`` and ``*_counterfactual``
 columns, as ``mib-bench/ioi``, ``mib-bench/copycolors_mcqa``, ... publish them): read by
@@ -56,8 +62,10 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -207,6 +215,7 @@ def _read_spec(path: Path) -> dict[str, Any]:
         if option in spec and not isinstance(spec[option], bool):
             raise TaskError(f"{path}: {option!r} must be true or false, got {spec[option]!r}")
     _check_index_options(path, spec)
+    check_columns(path, spec)
     mib_rows.check_options(path, spec)
     return spec
 
@@ -295,6 +304,45 @@ class Row:
         }
 
 
+COLUMN_TYPES = ("number", "text")
+# A CSV cell read as a number: what JSON writes for one (no leading zeros, so "007" stays text).
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
+def _typed_extra(
+    path: Path, line: int, extra: Mapping[str, Any], declared: Mapping[str, str], csv_cells: bool
+) -> dict[str, Any]:
+    """A row's extra columns with one type in every format: a CSV cell that is a number as JSON writes it
+    becomes that number (as JSON Lines gives it), so a metric reads ``ctx.extra["weight"]`` as a tensor
+    whatever the file; a column declared in the dataset spec's ``"columns"`` (``"number"`` or ``"text"``)
+    is that type in every row, and a cell that is not is an error naming the line."""
+    out = dict(extra)
+    for column, value in extra.items():
+        kind = declared.get(column)
+        if kind == "text":
+            if not isinstance(value, str):
+                raise TaskError(f"{path}:{line}: column {column!r} is declared text, got {value!r}")
+            continue
+        if isinstance(value, str) and csv_cells and _NUMBER.fullmatch(value.strip()):
+            number = float(value) if any(c in value for c in ".eE") else int(value)
+            if isinstance(number, int) or math.isfinite(number):
+                out[column] = value = number
+        if kind == "number" and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise TaskError(f"{path}:{line}: column {column!r} is declared a number, got {value!r}")
+    return out
+
+
+def check_columns(path: Path, spec: Mapping[str, Any]) -> None:
+    """A dataset spec's ``"columns"``: an object of extra column -> ``"number"`` or ``"text"``."""
+    columns = spec.get("columns")
+    if columns is None:
+        return
+    if not isinstance(columns, dict) or not all(v in COLUMN_TYPES for v in columns.values()):
+        raise TaskError(f'{path}: "columns" must map column names to "number" or "text", got {columns!r}')
+
+
 def iter_rows(path: str | os.PathLike, options: Mapping[str, Any] | None = None) -> Iterator[Row]:
     """Every row of a dataset file in order, validated one at a time (streaming). ``options``: a
     dataset spec's (MIB rows read its ``variants`` and ``answer_prefix``)."""
@@ -312,6 +360,7 @@ def iter_rows(path: str | os.PathLike, options: Mapping[str, Any] | None = None)
         raw = _array_records(path)
     else:
         raw = _jsonl_records(path)
+    csv_cells = path.suffix.lower() == ".csv"
     shape: tuple[list[str], list[str]] | None = None
     for line, record in raw:
         if fmt == "mib":
@@ -322,6 +371,8 @@ def iter_rows(path: str | os.PathLike, options: Mapping[str, Any] | None = None)
                 )
             record = mib_rows.to_pair_record(path, line, record, options)
         row = _row(path, line, record, fmt)
+        if row.extra:
+            row = dataclasses.replace(row, extra=_typed_extra(path, line, row.extra, options.get("columns") or {}, csv_cells))
         this = (list(row.corrupted), sorted(row.key_chars) + sorted(row.key_spans))
         if shape is None:
             shape = this
