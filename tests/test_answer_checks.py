@@ -126,3 +126,54 @@ def test_extra_columns_have_one_type_in_csv_and_jsonl(tmp_path):
     spec.write_text(json.dumps({"kind": "dataset", "file": "pairs.csv", "columns": {"id": "int"}}))
     with pytest.raises(TaskError, match=r'"columns" must map column names to "number" or "text"'):
         load_task(str(spec))
+
+
+def _greater_prob(a):
+    p = a.logprobs.exp()
+    return (p * a.correct).sum(-1) - (p * a.wrong).sum(-1)
+
+
+def test_a_metric_over_whole_answers_scores_multi_token_answers(tmp_path, monkeypatch, random_gpt2):
+    """A researcher's own metric was refused on multi-token answers; one over whole answers (per-prompt
+    answer log-probabilities) gives the built-in set metric's numbers."""
+    from circuitfind import patching as P
+    from circuitfind.tasks import multitoken
+    from circuitfind.tasks.metrics import answer_metric
+
+    prompts = [
+        Prompt("The capital of Italy is", " Rome", " Berlin", {"c": "The capital of Spain is"}, {}),
+        Prompt("The capital of Spain is", " Madrid", " Beethoven", {"c": "The capital of Italy is"}, {}),
+    ]
+    batch = TaskBatch.from_prompts(random_gpt2, prompts, answer_tokens="multi")
+    assert max(len(s) for p in batch.counter_sequences for s in p) == 3  # " Beethoven": answers of any length
+    mine = P.prepare(random_gpt2, batch, "str", answer_metric(_greater_prob))
+    builtin = P.prepare(random_gpt2, batch, "str", "prob_diff")
+    assert mine.clean_value == pytest.approx(builtin.clean_value, rel=1e-5, abs=1e-9)
+    assert mine.corrupt_value == pytest.approx(builtin.corrupt_value, rel=1e-5, abs=1e-9)
+    (tmp_path / "whole_metrics.py").write_text(
+        "from circuitfind.tasks.metrics import answer_metric\n"
+        "@answer_metric\ndef greater(a):\n    p = a.logprobs.exp()\n    return (p * a.correct).sum(-1) - (p * a.wrong).sum(-1)\n"
+        "def logits_only(logits, ctx):\n    return logits[:, 0]\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    multitoken.check_metric("t", "whole_metrics:greater")  # accepted by import path, before a model loads
+    with pytest.raises(TaskError, match="metric 'whole_metrics:logits_only' cannot score them"):
+        multitoken.check_metric("t", "whole_metrics:logits_only")
+
+
+def test_a_metric_over_whole_answers_on_one_token_answers_is_the_token_metric(ioi_model, ioi_batch):
+    from circuitfind import patching as P
+    from circuitfind.tasks.metrics import answer_metric
+
+    @answer_metric
+    def log_diff(a):
+        import torch
+
+        def log_mass(side):
+            return a.logprobs.masked_fill(~side, -torch.inf).logsumexp(-1)
+
+        return log_mass(a.correct) - log_mass(a.wrong)
+
+    mine = P.prepare(ioi_model, ioi_batch, "str", log_diff)
+    builtin = P.prepare(ioi_model, ioi_batch, "str", "logprob_diff")
+    assert (mine.clean_value, mine.corrupt_value) == pytest.approx((builtin.clean_value, builtin.corrupt_value))

@@ -163,3 +163,32 @@ def test_outputs_default_to_the_current_folder_not_the_checkout(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     assert default_outputs() == tmp_path / "outputs"
     assert run_folder(None, "nightly") == tmp_path / "outputs" / "nightly"
+
+
+def test_data_file_checks_run_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A bad row 3, a metric that needs a wrong answer, a metric that cannot score multi-token answers:
+    refused before the model loads (60-97 s for SmolLM2), not after."""
+    import json
+
+    from circuitfind.models import catalogue
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(catalogue, "load_model", no_model)
+    row = {"clean": "When Mary and John went to the store, John gave a drink to", "answers": " Mary"}
+    good = {**row, "corrupted": "When Mary and John went to the store, Mary gave a drink to"}
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "counter_answers": " John"}) + "\n" + json.dumps(row) + "\n")
+    argv = ["discover", "--task", str(data), "-n", "3", "--algorithm", "eap", "--metric", "prob"]
+    assert main(argv) == 2
+    assert "pairs.jsonl:3: missing key 'corrupted'" in capsys.readouterr().err
+    data.write_text(json.dumps(good) + "\n")
+    assert main([*argv[:-1], "logit_diff"]) == 2
+    assert "pairs.jsonl:1: no wrong answer, which metric 'logit_diff' needs" in capsys.readouterr().err
+    spec = tmp_path / "multi.json"
+    spec.write_text(json.dumps({"kind": "dataset", "file": "pairs.jsonl", "answer_tokens": "multi"}))
+    (tmp_path / "row_metric.py").write_text("def first(logits, ctx):\n    return logits[:, 0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["discover", "--task", str(spec), "-n", "1", "--algorithm", "eap", "--metric", "row_metric:first"]) == 2
+    assert "metric 'row_metric:first' cannot score them" in capsys.readouterr().err

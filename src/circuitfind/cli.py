@@ -108,10 +108,33 @@ def _model_name(args) -> str:
     return args.model or load_task(args.task).default_model or "toy-ioi"
 
 
+def _check_before_loading(args, task, prompts) -> None:
+    """What can be refused from the task's prompts alone, before the model loads (a minute or more on a
+    real model): a metric or algorithm that cannot score multi-token answers, and a metric that needs a
+    wrong answer where a prompt has none."""
+    from circuitfind.errors import TaskError
+    from circuitfind.tasks import multitoken
+    from circuitfind.tasks.batch import prompt_origin
+
+    metric, algorithm = getattr(args, "metric", None), getattr(args, "algorithm", None)
+    if task.answer_tokens == "multi":
+        if metric is not None:
+            multitoken.check_metric(task.name, metric)
+        if algorithm is not None:
+            multitoken.check_algorithm(task.name, algorithm)
+    if metric in multitoken.NEEDS_WRONG:
+        for i, prompt in enumerate(prompts):
+            if not prompt.counter_answer_set:
+                raise TaskError(
+                    f"{prompt_origin(task.name, i, prompt)}: no wrong answer, which metric {metric!r} needs; "
+                    "give counter_answers, or use logprob or prob"
+                )
+
+
 def _load(args):
     from circuitfind.errors import TaskError
     from circuitfind.models.catalogue import load_model
-    from circuitfind.tasks.batch import TaskBatch, TaskSpec, check_prompt_count, load_task
+    from circuitfind.tasks.batch import TaskBatch, TaskSpec, check_prompt_count, generate_prompts, load_task
 
     check_prompt_count(args.prompts)  # before the model loads
     task = load_task(args.task)
@@ -125,8 +148,10 @@ def _load(args):
             "drop_unequal": args.drop_unequal or task.data["drop_unequal"],
         }
         task = TaskSpec(task.name, task.kind, {**task.data, **options})
+    prompts = generate_prompts(task, args.prompts, args.seed)  # every row read and checked before the model loads
+    _check_before_loading(args, task, prompts)
     model = load_model(args.model or task.default_model or "toy-ioi", device=args.device, dtype=args.dtype)
-    return model, TaskBatch.build(model, task, args.prompts, seed=args.seed)
+    return model, TaskBatch.build(model, task, prompts)
 
 
 def _check_answers(model, batch) -> None:
