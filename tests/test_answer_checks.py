@@ -13,9 +13,7 @@ from circuitfind.tasks.evaluation import answer_checks, evaluate
 
 
 def _with_answers(prompts, answer, counter=None):
-    return [
-        Prompt(p.text, answer or p.answer, counter or p.counter_answer, p.corrupted, p.key_chars) for p in prompts
-    ]
+    return [Prompt(p.text, answer or p.answer, counter or p.counter_answer, p.corrupted, p.key_chars) for p in prompts]
 
 
 def test_an_answer_the_model_never_predicts_is_warned_and_a_task_of_them_refused(ioi_model):
@@ -47,7 +45,10 @@ def test_a_missing_leading_space_is_named(random_gpt2):
     with pytest.raises(TaskError, match=r"\(' Rome' is one token: is a leading space missing\?\)"):
         TaskBatch.from_prompts(random_gpt2, [p])
     batch = TaskBatch.from_prompts(random_gpt2, [p], answer_tokens="multi")
-    assert any("answer 'Rome' is 2 tokens but ' Rome' is one" in w for w in answer_checks(random_gpt2, batch))
+    assert any(
+        "answer 'Rome' is 2 tokens but ' Rome' is one: is the leading space missing?" in w
+        for w in answer_checks(random_gpt2, batch)
+    )
 
 
 def _eap_csv(path, rows):
@@ -177,3 +178,29 @@ def test_a_metric_over_whole_answers_on_one_token_answers_is_the_token_metric(io
     mine = P.prepare(ioi_model, ioi_batch, "str", log_diff)
     builtin = P.prepare(ioi_model, ioi_batch, "str", "logprob_diff")
     assert (mine.clean_value, mine.corrupt_value) == pytest.approx((builtin.clean_value, builtin.corrupt_value))
+
+
+def test_an_answer_whose_twin_is_far_more_probable_is_warned(random_gpt2):
+    """SmolLM2 gives "Rome" after "The capital of Italy is" p = 8e-4 and " Rome" 0.48; " 52" after "... to
+    the year 17" p = 5e-6 and "52" 0.39. The rule, on a distribution set to those numbers (GPT-2 splits "Rome",
+    so "Paris", one token with or without its space, stands in)."""
+    import torch
+
+    from circuitfind.tasks.evaluation import _spacing_warning
+
+    tok = random_gpt2.tokenizer
+    cases = [
+        ("The capital of France is", "Paris", " Paris", 8e-4, 0.48, "missing"),
+        ("The war lasted from the year 1751 to the year 17", " 52", "52", 5e-6, 0.39, "extra"),
+    ]
+    for prompt, answer, twin, p, q, what in cases:
+        batch = TaskBatch.from_prompts(random_gpt2, [Prompt(prompt, answer, "", {}, {})], answer_tokens="multi")
+        probs = torch.zeros(1, len(tok))
+        probs[0, batch.answer_sequences[0][0][0]] = p
+        probs[0, tok(prompt + twin, add_special_tokens=False)["input_ids"][len(tok(prompt)["input_ids"]) - 1]] = q
+        warning = _spacing_warning(random_gpt2, batch, probs)
+        assert (
+            warning is not None and f"where {twin!r} starts with p = {q:.2g}: is the leading space {what}?" in warning
+        )
+        probs[0, batch.answer_sequences[0][0][0]] = q  # as probable as its twin: no warning
+        assert _spacing_warning(random_gpt2, batch, probs) is None

@@ -88,7 +88,10 @@ def test_sweep_and_study_tables_print_no_interval_where_it_is_undefined():
     assert _interval(mean_interval([0.401, 0.401])) == "0.401 (no interval: 2 pairs, at least 3 needed for an interval)"
     row = {"effect": [[0.493, 0.1]], "ci_low": [[0.493, 0.1]], "ci_high": [[0.493, 0.1]]}
     assert top_head(row) == "a0.0: 0.493 [0.493, 0.493]"
-    assert top_head(row, "1 resample(s), at least 100 needed") == "a0.0: 0.493 (no interval: 1 resample(s), at least 100 needed)"
+    assert (
+        top_head(row, "1 resample(s), at least 100 needed")
+        == "a0.0: 0.493 (no interval: 1 resample(s), at least 100 needed)"
+    )
 
 
 def test_edge_bootstrap_refuses_fewer_than_100_resamples(tmp_path):
@@ -151,7 +154,10 @@ def test_models_says_what_smollm2_is_and_names_the_fetch_extra(capsys, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "gguf" else real_find_spec(n, *a))
     assert main(["models"]) == 0
     out = " ".join(capsys.readouterr().out.split())
-    assert "not fetched: pip install 'circuitfind[fetch]' (the gguf package), then circuitfind models fetch smollm2-135m" in out
+    assert (
+        "not fetched: pip install 'circuitfind[fetch]' (the gguf package), then circuitfind models fetch smollm2-135m"
+        in out
+    )
     assert "SmolLM2-135M-Instruct dequantised from 4-bit Q4_1 GGUF, not the float base model" in out
     assert "no float reference can be had" in out
 
@@ -179,7 +185,9 @@ def test_data_file_checks_run_before_the_model_loads(tmp_path, monkeypatch, caps
     row = {"clean": "When Mary and John went to the store, John gave a drink to", "answers": " Mary"}
     good = {**row, "corrupted": "When Mary and John went to the store, Mary gave a drink to"}
     data = tmp_path / "pairs.jsonl"
-    data.write_text(json.dumps(good) + "\n" + json.dumps({**good, "counter_answers": " John"}) + "\n" + json.dumps(row) + "\n")
+    data.write_text(
+        json.dumps(good) + "\n" + json.dumps({**good, "counter_answers": " John"}) + "\n" + json.dumps(row) + "\n"
+    )
     argv = ["discover", "--task", str(data), "-n", "3", "--algorithm", "eap", "--metric", "prob"]
     assert main(argv) == 2
     assert "pairs.jsonl:3: missing key 'corrupted'" in capsys.readouterr().err

@@ -191,7 +191,9 @@ def cmd_models(args) -> None:
         f"{'known-backup':<16} built on first use: induction with a backup head that takes over (circuitfind.models.zoo.known)"
     )
     for name, spec in fetch.FETCHABLE.items():
-        state = f"fetched ({fetch.model_dir(name)})" if fetch.is_fetched(name) else f"not fetched: {fetch.fetch_hint(name)}"
+        state = (
+            f"fetched ({fetch.model_dir(name)})" if fetch.is_fetched(name) else f"not fetched: {fetch.fetch_hint(name)}"
+        )
         print(f"{name:<16} {state}; {spec.description}")
         if spec.note:
             print(f"{'':<16} note: {spec.note}")
@@ -504,11 +506,12 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
         default="acdc",
         help=f"{', '.join(registry.names())}, or package.module:Class (a method of your own) (default: acdc)",
     )
+    p.add_argument("--corruption", default="str", help="str, str:<variant>, gn, mean, zero, resample (default: str)")
     p.add_argument(
-        "--corruption", default="str", help="str, str:<variant>, gn, mean, zero, resample (default: str)"
-    )
-    p.add_argument(
-        "--metric", default=None, type=_metric, help=metric_help("the algorithm's" + (f": {registry.default_metrics_help()}" if method_options else ""))
+        "--metric",
+        default=None,
+        type=_metric,
+        help=metric_help("the algorithm's" + (f": {registry.default_metrics_help()}" if method_options else "")),
     )
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise", help="(default: noise)")
     if method_options:

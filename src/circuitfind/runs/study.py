@@ -620,7 +620,9 @@ def _signs_and_stability(h: dict) -> list[R.Section]:
     ]
     rows = [[n, listed(r, "heads"), listed(r, "negative_heads")] for n, r in h["settings"].items()]
     reason = h.get("interval_reason")
-    pairs = [[p["a"], p["b"], p["jaccard"], interval_text(p["low"], p["high"], reason, 2)] for p in h["jaccard_ci"].values()]
+    pairs = [
+        [p["a"], p["b"], p["jaccard"], interval_text(p["low"], p["high"], reason, 2)] for p in h["jaccard_ci"].values()
+    ]
     note = (
         f"In brackets: the fraction of {h['n_boot']} resamples of the prompts in which the head is detected "
         "(noise samples averaged per prompt first)."
@@ -679,7 +681,9 @@ def _head_sections(h: dict) -> list[R.Section]:
     sections: list[R.Section] = []
     what = "IOI head detection" if h.get("task", "ioi") == "ioi" else f"Head detection, task {h['task']},"
     title = f"{what} on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
-    rows = [[n, ", ".join(r["heads"]) or "(none)", top_head(r, h.get("interval_reason"))] for n, r in h["settings"].items()]
+    rows = [
+        [n, ", ".join(r["heads"]) or "(none)", top_head(r, h.get("interval_reason"))] for n, r in h["settings"].items()
+    ]
     blocks = [
         R.text(quantity_note(h["direction"])),
         R.table(["corruption/metric", "heads found", "top head by |effect|: effect [95% interval]"], rows),

@@ -230,12 +230,14 @@ _LABEL_LIKE = 100
 
 def _check_index_options(path: Path, spec: Mapping[str, Any]) -> None:
     """``"idx"``: ``"token"`` or ``"label"``; ``"labels"`` (with ``"idx": "label"`` only): an object of
-    label -> answer text, or a format string such as ``" {:02d}"`` applied to the label."""
+    label -> answer text, or a format string such as ``"{:02d}"`` applied to the label."""
     idx, labels = spec.get("idx"), spec.get("labels")
     if idx is not None and idx not in INDEX_MEANINGS:
         raise TaskError(f'{path}: "idx" must be "token" or "label" (what correct_idx holds), got {idx!r}')
     if idx == "label" and labels is None:
-        raise TaskError(f'{path}: "idx": "label" needs "labels": an object of label -> answer, or a format like " {{:02d}}"')
+        raise TaskError(
+            f'{path}: "idx": "label" needs "labels": an object of label -> answer, or a format like " {{:02d}}"'
+        )
     if labels is not None:
         if idx != "label":
             raise TaskError(f'{path}: "labels" is read with "idx": "label" only')
@@ -372,7 +374,9 @@ def iter_rows(path: str | os.PathLike, options: Mapping[str, Any] | None = None)
             record = mib_rows.to_pair_record(path, line, record, options)
         row = _row(path, line, record, fmt)
         if row.extra:
-            row = dataclasses.replace(row, extra=_typed_extra(path, line, row.extra, options.get("columns") or {}, csv_cells))
+            row = dataclasses.replace(
+                row, extra=_typed_extra(path, line, row.extra, options.get("columns") or {}, csv_cells)
+            )
         this = (list(row.corrupted), sorted(row.key_chars) + sorted(row.key_spans))
         if shape is None:
             shape = this
@@ -827,7 +831,7 @@ def resolve_for_model(
                 f"labels (greater-than's years), not token ids of this tokenizer, where {every[0]} is "
                 f"{tokenizer.decode([every[0]])!r}. Say what they are in a dataset spec: "
                 f'{{"kind": "dataset", "file": "{Path(where).name}", "idx": "token"}}, or "idx": "label" with '
-                '"labels": {"51": " 51", ...} or a format such as " {:02d}"'
+                '"labels": {"51": "51", ...} or a format such as "{:02d}"'
             )
         fitted = []
         for p in out:

@@ -347,10 +347,10 @@ class _FunctionAnswerMetric(AnswerMetric):
 def answer_metric(fn: Callable[[Answers], torch.Tensor]) -> AnswerMetric:
     """``fn(answers: Answers) -> [n]`` as a metric over whole answers (a decorator)::
 
-        @answer_metric
-        def greater_prob(a):  # Hanna et al.'s probability difference, answers of any length
-            p = a.logprobs.exp()
-            return (p * a.correct).sum(-1) - (p * a.wrong).sum(-1)
+    @answer_metric
+    def greater_prob(a):  # Hanna et al.'s probability difference, answers of any length
+        p = a.logprobs.exp()
+        return (p * a.correct).sum(-1) - (p * a.wrong).sum(-1)
     """
     return _FunctionAnswerMetric(fn)
 

@@ -528,7 +528,9 @@ def wrap(metric: Metric, rows: AnswerRows) -> Metric:
     assert rows.source is not None and rows.sequences is not None
     if isinstance(metric, AnswerMetric):
         device = rows.sequences.rows.device
-        return AnswerSetMetric(metric, rows.sequences, extra_columns([dict(p.extra) for p in rows.source.prompts], device))
+        return AnswerSetMetric(
+            metric, rows.sequences, extra_columns([dict(p.extra) for p in rows.source.prompts], device)
+        )
     if metric.name in NEEDS_WRONG:
         missing = rows.sequences.n_correct == rows.sequences.member_mask.sum(-1)
         if missing.any():
