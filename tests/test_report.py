@@ -182,8 +182,13 @@ def test_report_layout_answers_first(run):
         )
     ]
     assert order == sorted(order)
-    assert "| corruption | gn, str | 2 | 0.375 | 0.625 [0.500, 0.750] |" in md
-    assert "| algorithm | acdc, eap | 2 | 0.367 | 0.633 [0.600, 0.667] |" in md
+    # two pairs per axis: no interval (issue 25: two identical pairs printed [0.401, 0.401])
+    assert (
+        "| corruption | gn, str | 2 | 0.375 | 0.625 (no interval: 2 pairs, at least 3 needed for an interval) |" in md
+    )
+    assert (
+        "| algorithm | acdc, eap | 2 | 0.367 | 0.633 (no interval: 2 pairs, at least 3 needed for an interval) |" in md
+    )
     assert "**Robust edges (2):** a0.0 -> a1.0<q>, a1.0 -> logits" in md
     assert "| corruption = gn | 2 | m0 -> logits |" in md and "| algorithm = eap | 2 | input -> a0.0<q> |" in md
     html = (run / "report.html").read_text()

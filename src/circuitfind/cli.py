@@ -39,7 +39,17 @@ GRAPH_FORMATS = (
     "mib",
 )  # circuitfind.circuits.graph_io.FORMAT_NAMES, without the import
 PATCH_KINDS = ("heads", "heads_by_pos", "resid_pre", "attn_out", "mlp_out", "mlp_window", "path")
-METRIC_HELP = "logit_diff, prob, logprob, prob_diff, kl, or package.module:function (a metric of your own)"
+
+
+def metric_help(default: str) -> str:
+    """``--metric``'s help: the built-in metrics (:data:`circuitfind.tasks.metrics.METRICS`), a metric of
+    one's own, and the default."""
+    from circuitfind.tasks.metrics import METRICS
+
+    return (
+        f"{', '.join(METRICS)}, or package.module:function (a metric of your own; see the README's "
+        f'"From Python") (default: {default})'
+    )
 
 
 def _metric(value: str) -> str:
@@ -100,10 +110,33 @@ def _model_name(args) -> str:
     return args.model or load_task(args.task).default_model or "toy-ioi"
 
 
+def _check_before_loading(args, task, prompts) -> None:
+    """What can be refused from the task's prompts alone, before the model loads (a minute or more on a
+    real model): a metric or algorithm that cannot score multi-token answers, and a metric that needs a
+    wrong answer where a prompt has none."""
+    from circuitfind.errors import TaskError
+    from circuitfind.tasks import multitoken
+    from circuitfind.tasks.batch import prompt_origin
+
+    metric, algorithm = getattr(args, "metric", None), getattr(args, "algorithm", None)
+    if task.answer_tokens == "multi":
+        if metric is not None:
+            multitoken.check_metric(task.name, metric)
+        if algorithm is not None:
+            multitoken.check_algorithm(task.name, algorithm)
+    if metric in multitoken.NEEDS_WRONG:
+        for i, prompt in enumerate(prompts):
+            if not prompt.counter_answer_set:
+                raise TaskError(
+                    f"{prompt_origin(task.name, i, prompt)}: no wrong answer, which metric {metric!r} needs; "
+                    "give counter_answers, or use logprob or prob"
+                )
+
+
 def _load(args):
     from circuitfind.errors import TaskError
     from circuitfind.models.catalogue import load_model
-    from circuitfind.tasks.batch import TaskBatch, TaskSpec, check_prompt_count, load_task
+    from circuitfind.tasks.batch import TaskBatch, TaskSpec, check_prompt_count, generate_prompts, load_task
 
     check_prompt_count(args.prompts)  # before the model loads
     task = load_task(args.task)
@@ -117,8 +150,19 @@ def _load(args):
             "drop_unequal": args.drop_unequal or task.data["drop_unequal"],
         }
         task = TaskSpec(task.name, task.kind, {**task.data, **options})
+    prompts = generate_prompts(task, args.prompts, args.seed)  # every row read and checked before the model loads
+    _check_before_loading(args, task, prompts)
     model = load_model(args.model or task.default_model or "toy-ioi", device=args.device, dtype=args.dtype)
-    return model, TaskBatch.build(model, task, args.prompts, seed=args.seed)
+    return model, TaskBatch.build(model, task, prompts)
+
+
+def _check_answers(model, batch) -> None:
+    """Warnings on stderr about answers the model does not make (:func:`circuitfind.tasks.evaluation.answer_checks`;
+    a task whose every answer has probability ~0 is refused)."""
+    from circuitfind.tasks.evaluation import answer_checks
+
+    for warning in answer_checks(model, batch):
+        print(f"circuitfind: warning: {warning}", file=sys.stderr)
 
 
 def cmd_models(args) -> None:
@@ -150,11 +194,11 @@ def cmd_models(args) -> None:
     )
     for name, spec in fetch.FETCHABLE.items():
         state = (
-            f"fetched ({fetch.model_dir(name)})"
-            if fetch.is_fetched(name)
-            else f"not fetched: circuitfind models fetch {name}"
+            f"fetched ({fetch.model_dir(name)})" if fetch.is_fetched(name) else f"not fetched: {fetch.fetch_hint(name)}"
         )
         print(f"{name:<16} {state}; {spec.description}")
+        if spec.note:
+            print(f"{'':<16} note: {spec.note}")
 
 
 def cmd_methods(args) -> None:
@@ -189,6 +233,8 @@ def cmd_evaluate(args) -> None:
 
     model, batch = _load(args)
     report = evaluate(model, batch)
+    for warning in report.warnings:
+        print(f"circuitfind: warning: {warning}", file=sys.stderr)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.format())
 
 
@@ -197,6 +243,7 @@ def cmd_patch(args) -> None:
 
     patching.check_k(args.k)  # before the sweep runs
     model, batch = _load(args)
+    _check_answers(model, batch)
     show = progress.enabled()  # bars on stderr when it is a terminal (CIRCUITFIND_PROGRESS=0/1 overrides)
     setup = patching.prepare(model, batch, args.corruption, args.metric, progress=show, max_memory=args.max_memory)
     if args.what == "heads":
@@ -269,23 +316,30 @@ def cmd_discover(args) -> None:
     show = progress.enabled()  # on stderr, when it is a terminal (CIRCUITFIND_PROGRESS=0/1 overrides)
     with progress.bar(show=show, desc="loading the model and prompts", total=1):
         model, batch = _load(args)
+    _check_answers(model, batch)
+    metric = args.metric
+    if metric is None:  # the method's default (methods.base.Method.default_metric), said on stderr
+        metric, note = discovery.default_metric(args.algorithm, batch.prompts, batch.task.name)
+        print(f"circuitfind: note: {note or f'--metric defaults to {metric} for {args.algorithm}'}", file=sys.stderr)
     with progress.bar(show=show, desc="baselines (clean and corrupted runs)", total=1):
-        setup = patching.prepare(model, batch, args.corruption, args.metric, progress=show, max_memory=args.max_memory)
+        setup = patching.prepare(model, batch, args.corruption, metric, progress=show, max_memory=args.max_memory)
     found = discovery.discover(setup, args.algorithm, args.direction, options, curve=False)
     circuit = found.circuit
     # what the sweep's circuits record too: which model and prompts the circuit is of
     circuit.settings.update(model=_model_name(args), task=args.task, prompts=args.prompts, seed=args.seed)
     print(circuit.summary())
+    flags = _warn_health(setup, args, circuit, found.faithfulness)
     if found.faithfulness is not None:
-        print(f"faithfulness {found.faithfulness:.3f}")
-    _warn_health(setup, args, circuit, found.faithfulness)
+        print(f"faithfulness {found.faithfulness:.3f}" + (" (FLAGGED, see below)" if flags else ""))
+    if flags:  # on stdout too, beside the numbers it qualifies: a script reading stdout sees it
+        print(f"FLAGGED: {', '.join(flags)}: this result cannot be interpreted (the reasons are on stderr)")
     if args.out:
         print(f"wrote {circuit.save(args.out)}")
 
 
-def _warn_health(setup, args, circuit, faithfulness) -> None:
+def _warn_health(setup, args, circuit, faithfulness) -> list[str]:
     """The sweep's health checks (:mod:`circuitfind.runs.health`) on one discovered circuit, as warnings on
-    stderr: EAP or AtP under KL when noising ranks float noise, and said nothing."""
+    stderr (EAP or AtP under KL when noising ranks float noise, and said nothing); returns the flags."""
     from circuitfind.runs import health
 
     record = {
@@ -298,9 +352,14 @@ def _warn_health(setup, args, circuit, faithfulness) -> None:
         "n_edges": circuit.n_edges,
         "faithfulness": faithfulness,
     }
-    for flag in health.check_record(record):
-        if flag != "nan_faithfulness" or faithfulness is not None:  # path patching reports none
-            print(f"circuitfind: warning: {health.explain(record, flag)}", file=sys.stderr)
+    flags = [
+        flag
+        for flag in health.check_record(record)
+        if flag != "nan_faithfulness" or faithfulness is not None  # path patching reports none
+    ]
+    for flag in flags:
+        print(f"circuitfind: warning: {health.explain(record, flag)}", file=sys.stderr)
+    return flags
 
 
 def cmd_sweep(args) -> None:
@@ -445,7 +504,7 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
     _common(p)
     p.add_argument("--what", choices=PATCH_KINDS, default="heads")
     p.add_argument("--corruption", default="str", help="str, str:<variant>, gn, mean, zero, resample")
-    p.add_argument("--metric", default="logit_diff", type=_metric, help=METRIC_HELP)
+    p.add_argument("--metric", default="logit_diff", type=_metric, help=metric_help("logit_diff"))
     p.add_argument("--direction", choices=("denoise", "noise"), default="denoise")
     p.add_argument("--window", type=int, default=1, help="MLP window size (mlp_window)")
     p.add_argument("--positions", nargs="*", default=None, help="key token names to patch at (mlp_window, path)")
@@ -470,9 +529,14 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
         default="acdc",
         help=f"{', '.join(registry.names())}, or package.module:Class (a method of your own) (default: acdc)",
     )
-    p.add_argument("--corruption", default="str")
-    p.add_argument("--metric", default="kl", type=_metric, help=METRIC_HELP)
-    p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
+    p.add_argument("--corruption", default="str", help="str, str:<variant>, gn, mean, zero, resample (default: str)")
+    p.add_argument(
+        "--metric",
+        default=None,
+        type=_metric,
+        help=metric_help("the algorithm's" + (f": {registry.default_metrics_help()}" if method_options else "")),
+    )
+    p.add_argument("--direction", choices=("denoise", "noise"), default="noise", help="(default: noise)")
     if method_options:
         registry.add_arguments(p.add_argument_group("method options (each method reads its own)"))
     p.add_argument("--out", default=None, help="write the circuit (.graphml, .gexf, .json, .dot)")

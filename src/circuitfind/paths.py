@@ -31,9 +31,10 @@ def default_tasks_dir() -> Path:
 
 
 def default_outputs() -> Path:
-    """Where runs are written by default: the checkout's ``outputs/``, else ``./outputs`` of the current directory."""
-    root = checkout_root()
-    return (root if root is not None else Path.cwd()) / "outputs"
+    """Where runs are written by default: ``./outputs`` of the current directory, whether circuitfind runs
+    from a checkout, an editable install or a wheel (an editable install once wrote into the checkout it
+    was installed from, wherever the command ran)."""
+    return Path.cwd() / "outputs"
 
 
 def check_run_name(run: str) -> str:

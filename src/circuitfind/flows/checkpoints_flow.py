@@ -49,7 +49,7 @@ def circuits_over_training(
     seed: int = 0,
     algorithm: str = "acdc",
     corruption: str = "str",
-    metric: str = "kl",
+    metric: str | None = None,
     direction: str = "noise",
     options: dict[str, Any] | None = None,
     device: str | None = None,
@@ -59,7 +59,8 @@ def circuits_over_training(
     """The circuit of every checkpoint in ``checkpoints`` (or of ``steps`` only) under one setting, and
     the report of when each edge appears and disappears. ``task`` is a name, a spec file or a dataset
     file; the report and ``checkpoints.json`` name a file by its name and content hash. ``options`` are the
-    method's options (:mod:`circuitfind.methods.registry`; others' are left out of the setting)."""
+    method's options (:mod:`circuitfind.methods.registry`; others' are left out of the setting); ``metric``
+    ``None`` is the method's default (:func:`resolve_metric`)."""
     from circuitfind.runs.sweep import task_fingerprint, task_label
 
     if Path(task).is_file():  # the checkpoint tasks may run elsewhere: the file by its absolute path
@@ -78,6 +79,7 @@ def circuits_over_training(
         run,
         outputs,
     )
+    metric = resolve_metric(metric, algorithm, task, prompts, seed)
     # the method's own options, every one of them (edge pruning once ran 200 steps whatever was asked)
     own = registry.get_method(algorithm).options(options).model_dump()
     setting = {
@@ -120,6 +122,20 @@ def circuits_over_training(
     return {"checkpoints": results, "skipped": skipped, "timeline": timeline, **paths}
 
 
+def resolve_metric(metric: str | None, algorithm: str, task: str, prompts: int, seed: int) -> str:
+    """``metric``, or when ``None`` the method's default for the task's prompts
+    (:func:`circuitfind.methods.discover.default_metric`), said in a note on stderr."""
+    if metric is not None:
+        return metric
+    from circuitfind.methods import discover as discovery
+    from circuitfind.tasks.batch import generate_prompts, load_task
+
+    spec = load_task(task)
+    chosen, note = discovery.default_metric(algorithm, generate_prompts(spec, prompts, seed), spec.name)
+    print(f"circuitfind: note: {note or f'--metric defaults to {chosen} for {algorithm}'}", file=sys.stderr)
+    return chosen
+
+
 def check_inputs(
     checkpoints: str,
     steps: list[int] | None,
@@ -127,7 +143,7 @@ def check_inputs(
     prompts: int,
     algorithm: str,
     corruption: str,
-    metric: str,
+    metric: str | None,
     direction: str,
     options: dict[str, Any] | None,
     device: str | None,
@@ -147,7 +163,8 @@ def check_inputs(
     check_prompt_count(prompts)
     load_task(task)
     get_corruption(corruption)
-    get_metric(metric)
+    if metric is not None:
+        get_metric(metric)
     if device is not None:
         check_device(device)
     run_folder(outputs, run)
@@ -160,6 +177,7 @@ def run_from_args(a: argparse.Namespace) -> dict:
     params = {name: getattr(a, name) for name in names if name != "options"}
     params["options"] = {name: getattr(a, name) for name in registry.option_fields()}
     check_inputs(**{k: v for k, v in params.items() if k != "seed"})
+    params["metric"] = resolve_metric(a.metric, a.algorithm, a.task, a.prompts, a.seed)
     with prefect_api():
         return circuits_over_training(**params)
 

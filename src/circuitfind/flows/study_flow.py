@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         help="the MLP part's direction, independent of --direction (default denoise: restoration, as Meng et al.)",
     )  # fmt: skip
     p.add_argument("--run", default=None, help="run folder name (default: a new study-<time>)")
-    p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")
+    p.add_argument("--outputs", default=None, help="default: ./outputs of the current folder")
     a = p.parse_args(argv)
     try:
         check_arguments(a)

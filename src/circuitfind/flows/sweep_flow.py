@@ -359,7 +359,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument(
         "--outputs",
         default=None,
-        help="folder of runs and of the cache (default: the checkout's outputs/, else ./outputs)",
+        help="folder of runs and of the cache (default: ./outputs of the current folder)",
     )
     run.add_argument("--reference", default=None, help="setting name whose circuit is the reference")
     run.add_argument(

@@ -142,6 +142,9 @@ class ACDC(Method):
     Options = ACDCOptions
     directions = ("noise",)  # it prunes from the full (clean) model
     returns = "both"
+    # Conmy et al. prune by the KL divergence to the clean run on most tasks; ACDC patches exactly (no
+    # gradient), so KL's vanishing gradient at the clean run does not touch it.
+    default_metric = "kl"
 
     def find(self, setup: PatchingSetup, direction: Direction, options: Any, per_prompt: bool = False) -> Found:
         return Found(acdc(EdgePatcher(setup, direction=direction), options.acdc_tau))

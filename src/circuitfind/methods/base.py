@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 Direction = Literal["noise", "denoise"]
 
+# The default metric of a task without wrong answers (logit_diff needs one): the log-probability of the
+# correct answers, whose gradient does not vanish at the clean run either.
+FALLBACK_METRIC = "logprob"
+
 
 class MethodOptions(BaseModel):
     """A method's options: one pydantic field per option (default, bounds, ``description`` as help)."""
@@ -110,7 +114,12 @@ class Method:
     * ``returns``: ``scores`` (every edge scored, the circuit is the top k), ``circuit`` (a search's
       circuit only) or ``both`` (a circuit and scores of the edges it evaluated);
     * ``per_prompt``: whether it can give per-prompt edge scores (bootstrap intervals);
-    * ``ranks_every_edge``: whether its scores rank every edge, so a faithfulness curve applies.
+    * ``ranks_every_edge``: whether its scores rank every edge, so a faithfulness curve applies;
+    * ``default_metric``: the metric the commands use when ``--metric`` is not given. ``logit_diff``
+      (Wang et al. 2022) unless the method's paper says otherwise: its gradient does not vanish at the
+      clean run, where KL's does (KL is 0 there, its minimum), so first-order methods that linearise
+      at the clean run (EAP, AtP, noising) score every edge 0 under ``kl``. A task whose prompts lack a
+      wrong answer falls back to :data:`FALLBACK_METRIC` (:func:`circuitfind.methods.discover.default_metric`).
     """
 
     name: ClassVar[str]
@@ -124,6 +133,7 @@ class Method:
     returns: ClassVar[Literal["scores", "circuit", "both"]] = "scores"
     per_prompt: ClassVar[bool] = False
     ranks_every_edge: ClassVar[bool] = True
+    default_metric: ClassVar[str] = "logit_diff"
 
     def find(self, setup: PatchingSetup, direction: Direction, options: Any, per_prompt: bool = False) -> Found:
         raise NotImplementedError

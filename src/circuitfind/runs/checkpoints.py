@@ -99,7 +99,7 @@ def analyse_checkpoint(
     seed: int = 0,
     algorithm: str = "acdc",
     corruption: str = "str",
-    metric: str = "kl",
+    metric: str | None = None,
     direction: Literal["noise", "denoise"] = "noise",
     device: str | None = None,
     **options,
@@ -116,6 +116,8 @@ def analyse_checkpoint(
     model = load_model(str(folder), device=device)
     batch = TaskBatch.build(model, task, prompts, seed=seed)
     report = evaluate(model, batch, corruptions=(corruption,))
+    if metric is None:  # the method's default (circuitfind.methods.base.Method.default_metric)
+        metric = discovery.default_metric(algorithm, batch.prompts, batch.task.name)[0]
     setup = P.prepare(model, batch, corruption, metric)
     circuit = discovery.discover(setup, algorithm, direction, curve=False, **options).circuit
     scores = circuit.scores
@@ -317,11 +319,16 @@ def add_arguments(p: argparse.ArgumentParser, method_options: bool = True) -> No
         default="acdc",
         help=f"{', '.join(registry.names())}, or package.module:Class (default: acdc)",
     )
-    p.add_argument("--corruption", default="str")
-    p.add_argument("--metric", default="kl")
+    p.add_argument("--corruption", default="str", help="(default: str)")
+    p.add_argument(
+        "--metric",
+        default=None,
+        help="a metric name or package.module:function (default: the algorithm's"
+        + (f": {registry.default_metrics_help()})" if method_options else ")"),
+    )
     p.add_argument("--direction", choices=("denoise", "noise"), default="noise")
     if method_options:
         registry.add_arguments(p.add_argument_group("method options (each method reads its own)"))
     p.add_argument("--device", default=None)
     p.add_argument("--run", default=None)
-    p.add_argument("--outputs", default=None, help="default: the checkout's outputs/, else ./outputs")
+    p.add_argument("--outputs", default=None, help="default: ./outputs of the current folder")

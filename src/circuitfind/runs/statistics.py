@@ -29,6 +29,21 @@ from circuitfind.runs import health
 # left out of the rank correlations of scores.
 NODE_LEVEL = ("node", "atp", "atp_star")
 
+# Below these a percentile interval is not a 95% interval: with 1 resample its ends are one value, and
+# resampling 2 pairs gives at most 3 distinct means (a duplicated metric gave [0.401, 0.401]).
+MIN_RESAMPLES = 100
+MIN_PAIRS = 3
+
+
+def interval_reason(n_boot: int, n: int | None = None, unit: str = "pairs") -> str | None:
+    """Why a bootstrap interval from ``n_boot`` resamples of ``n`` ``unit`` is undefined (fewer than
+    :data:`MIN_RESAMPLES` resamples, or fewer than :data:`MIN_PAIRS` units), or ``None`` when it is defined."""
+    if n is not None and n < MIN_PAIRS:
+        return f"{n} {unit}, at least {MIN_PAIRS} needed for an interval"
+    if n_boot < MIN_RESAMPLES:
+        return f"{n_boot} resample(s), at least {MIN_RESAMPLES} needed for an interval"
+    return None
+
 
 def record_edges(record: dict) -> set[tuple[str, str]]:
     """A record's circuit edges as (sender, receiver) tuples."""
@@ -177,6 +192,9 @@ def _bootstrap(record: dict, n_boot: int) -> dict:
     if not isinstance(per, torch.Tensor) or per.dim() != 2 or per.shape[0] != graph.n_edges or per.shape[1] < 2:
         shape = list(per.shape) if isinstance(per, torch.Tensor) else type(per).__name__
         raise _Unusable(f"{path.name} holds {shape}, not scores [{graph.n_edges} edges, >= 2 prompts]")
+    reason = interval_reason(n_boot)
+    if reason:
+        raise _Unusable(reason)
     ci = agreement.bootstrap_ci(per, n_boot=n_boot)
     mean = ci.mean  # made as the interval's ends are, so it lies inside them
     top = mean.abs().topk(min(8, mean.numel())).indices.tolist()
@@ -253,17 +271,21 @@ def pair_statistics(a: dict, b: dict, lookups: dict | None = None) -> dict:
 
 def mean_interval(values: list[float], n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """Mean of the finite ``values`` with a percentile bootstrap interval over them (resampling the
-    values, i.e. the pairs of settings); the interval is NaN with fewer than two values."""
+    values, i.e. the pairs of settings). ``reason`` says why the interval is undefined
+    (:func:`interval_reason`: fewer than 3 values or 100 resamples; ``None`` when it is defined): the
+    percentile ends of 2 values are still given, for what they are, but no report may call them an
+    interval. With fewer than two values the ends are NaN."""
     x = np.array([v for v in values if v == v], dtype=float)
+    reason = interval_reason(n_boot, int(x.size))
     if x.size == 0:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "reason": reason}
     if x.size == 1:
-        return {"mean": float(x[0]), "low": float("nan"), "high": float("nan"), "n": 1}
+        return {"mean": float(x[0]), "low": float("nan"), "high": float("nan"), "n": 1, "reason": reason}
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(axis=1)
     alpha = (1 - level) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
-    return {"mean": float(x.mean()), "low": float(low), "high": float(high), "n": int(x.size)}
+    return {"mean": float(x.mean()), "low": float(low), "high": float(high), "n": int(x.size), "reason": reason}
 
 
 def axis_effects(records: list[dict], n_boot: int = 2000) -> list[dict]:
@@ -301,6 +323,7 @@ def axis_effects(records: list[dict], n_boot: int = 2000) -> list[dict]:
                 "movement": 1 - ej["mean"] if ej["n"] else float("nan"),
                 "movement_low": 1 - ej["high"],
                 "movement_high": 1 - ej["low"],
+                "movement_reason": ej["reason"],  # why the movement's interval is undefined (None: defined)
             }
         )
     return sorted(out, key=lambda e: (-(e["movement"] if e["movement"] == e["movement"] else -1.0), e["axis"]))

@@ -26,6 +26,7 @@ from circuitfind.names import head_name
 from circuitfind.reports import figures
 from circuitfind.reports import render as R
 from circuitfind.runs import health
+from circuitfind.runs.statistics import interval_reason
 from circuitfind.tasks.batch import TaskBatch
 from circuitfind.tasks.corruptions import Corruption, GaussianNoise, get_corruption
 from circuitfind.tasks.metrics import Metric, MetricContext, get_metric
@@ -334,6 +335,7 @@ def _head_detection(
         "direction": direction,
         "k": k,
         "n_boot": n_boot,
+        "interval_reason": interval_reason(n_boot),  # None: the 95% intervals are defined
         "gn_scale": gn_scale,
         "gn_samples": gn_samples,
         "noise_seed": noise_seed,
@@ -371,6 +373,7 @@ def both_directions(
         "model": model_name,
         **task_identity(task),
         "direction": "both",
+        "interval_reason": interval_reason(n_boot),
         "by_direction": [den, noi],
         "directions": between,
     }
@@ -523,13 +526,17 @@ def setting_effect(row: dict) -> torch.Tensor:
     return normalised if row["direction"] == "denoise" else normalised - 1
 
 
-def top_head(row: dict) -> str:
-    """The head of the largest |effect|, with its effect and interval."""
+def interval_text(low: float, high: float, reason: str | None = None, digits: int = 3) -> str:
+    """``[low, high]``, or why there is no interval (:func:`circuitfind.runs.statistics.interval_reason`)."""
+    return f"(no interval: {reason})" if reason else f"[{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def top_head(row: dict, reason: str | None = None) -> str:
+    """The head of the largest |effect|, with its effect and interval (``reason``: why there is none)."""
     eff = setting_effect(row)
     layer, head = divmod(int(eff.flatten().abs().argmax()), eff.shape[1])
-    return (
-        f"a{layer}.{head}: {eff[layer, head]:.3f} [{row['ci_low'][layer][head]:.3f}, {row['ci_high'][layer][head]:.3f}]"
-    )
+    ci = interval_text(row["ci_low"][layer][head], row["ci_high"][layer][head], reason)
+    return f"a{layer}.{head}: {eff[layer, head]:.3f} {ci}"
 
 
 def head_warnings(h: dict) -> list[str]:
@@ -612,7 +619,10 @@ def _signs_and_stability(h: dict) -> list[R.Section]:
         f"negative heads ({signs['negative_heads']} effects)",
     ]
     rows = [[n, listed(r, "heads"), listed(r, "negative_heads")] for n, r in h["settings"].items()]
-    pairs = [[p["a"], p["b"], p["jaccard"], f"[{p['low']:.2f}, {p['high']:.2f}]"] for p in h["jaccard_ci"].values()]
+    reason = h.get("interval_reason")
+    pairs = [
+        [p["a"], p["b"], p["jaccard"], interval_text(p["low"], p["high"], reason, 2)] for p in h["jaccard_ci"].values()
+    ]
     note = (
         f"In brackets: the fraction of {h['n_boot']} resamples of the prompts in which the head is detected "
         "(noise samples averaged per prompt first)."
@@ -646,7 +656,8 @@ def _first_screen(heads: list[dict]) -> R.Section:
 
 def _directions_section(h: dict) -> R.Section:
     """Denoising vs noising: the Jaccard of their needed heads per corruption and metric, with intervals."""
-    rows = [[n, a["jaccard"], f"[{a['low']:.2f}, {a['high']:.2f}]"] for n, a in h["directions"].items()]
+    reason = h.get("interval_reason")
+    rows = [[n, a["jaccard"], interval_text(a["low"], a["high"], reason, 2)] for n, a in h["directions"].items()]
     return R.section(
         f"Denoising vs noising on {h['model']}",
         R.text(
@@ -670,7 +681,9 @@ def _head_sections(h: dict) -> list[R.Section]:
     sections: list[R.Section] = []
     what = "IOI head detection" if h.get("task", "ioi") == "ioi" else f"Head detection, task {h['task']},"
     title = f"{what} on {h['model']} ({h['prompts']} prompts, {h['direction']}, heads >= {h['k']} SD)"
-    rows = [[n, ", ".join(r["heads"]) or "(none)", top_head(r)] for n, r in h["settings"].items()]
+    rows = [
+        [n, ", ".join(r["heads"]) or "(none)", top_head(r, h.get("interval_reason"))] for n, r in h["settings"].items()
+    ]
     blocks = [
         R.text(quantity_note(h["direction"])),
         R.table(["corruption/metric", "heads found", "top head by |effect|: effect [95% interval]"], rows),

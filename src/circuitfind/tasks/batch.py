@@ -803,8 +803,15 @@ def single_token_id(model: TransformerBridge, word: str, prompt: str = "", where
         )
     if len(ids) != 1:
         pieces = model.tokenizer.convert_ids_to_tokens(ids[:8]) + (["..."] if len(ids) > 8 else [])
+        hint = ""
+        if prompt and not word[:1].isspace():
+            try:
+                if len(continuation_ids(model, prompt, " " + word)) == 1:
+                    hint = f" ({' ' + word!r} is one token: is a leading space missing?)"
+            except TaskError:
+                pass
         raise TaskError(
-            f"{at}answer {_short(word, 60)} is {len(ids)} tokens {pieces} for this tokenizer; answers must be a "
+            f"{at}answer {_short(word, 60)} is {len(ids)} tokens {pieces} for this tokenizer{hint}; answers must be a "
             f"single token ({_MULTI_HINT}). Choose single-token answers for this model."
         )
     return ids[0]
@@ -814,6 +821,25 @@ def _context_length(model: Any) -> int:
     """The most tokens the model reads (``cfg.n_ctx``; no limit when the config has none)."""
     n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
     return int(n_ctx) if isinstance(n_ctx, int) and n_ctx > 0 else sys.maxsize
+
+
+def _refuse_special_answers(model: TransformerBridge, task: str, prompts: list[Prompt], correct, wrong) -> None:
+    """Refuse an answer with a special token (``<|im_start|>``, ``<|endoftext|>``): no behaviour's answer
+    is one, and a token id read where a label was meant lands there (EAP-IG greater-than's ``1``).
+    ``correct`` / ``wrong``: per prompt, the answers' token ids (one id each, or one id list each)."""
+    special = set(getattr(model.tokenizer, "all_special_ids", None) or [])
+    if not special:
+        return
+    for i, prompt in enumerate(prompts):
+        for what, answers in (("answer", correct[i]), ("counter-answer", wrong[i])):
+            for answer in answers:
+                hit = [t for t in (answer if isinstance(answer, list) else [answer]) if t in special]
+                if hit:
+                    name = model.tokenizer.convert_ids_to_tokens(hit[:1])[0]
+                    raise TaskError(
+                        f"{prompt_origin(task, i, prompt)}: {what} has the special token {name!r} (id {hit[0]}), "
+                        "which is no answer of a behaviour"
+                    )
 
 
 def prompt_origin(task: str, i: int, prompt: Prompt) -> str:
@@ -986,6 +1012,7 @@ class TaskBatch:
                 [single_token_id(model, a, p.text, where[i]) for a in p.counter_answer_set]
                 for i, p in enumerate(prompts)
             ]
+        _refuse_special_answers(model, task.name, prompts, sequences or answer_sets, counter_sequences or counter_sets)
         answers = [ids[0] for ids in answer_sets]
         counters = [ids[0] if ids else answers[i] for i, ids in enumerate(counter_sets)]
         positions, spans = zip(*[_key_positions(model, p, n_bos) for p in prompts], strict=True)

@@ -16,7 +16,10 @@ of a 1 GB file reads 16 rows (plus one pass of sha256 over the bytes for the cac
 - ``keys`` (object, optional): key-token markers for position-restricted patching, a name ->
   character offset in ``clean`` where that token starts (``{"IO": 5}``), or ``[start, end]`` for a
   multi-token span. CSV: a column ``key.<name>`` holding ``5`` or ``5:9``. Every row has the same keys.
-- any other key or column is carried in ``Prompt.extra`` (for metrics that need per-prompt data).
+- any other key or column is carried in ``Prompt.extra`` (for metrics that need per-prompt data), with
+  one type in every format: a CSV cell that is a number as JSON writes it (``2``, ``0.5``, ``-1e3``; not
+  ``007``) is that number, as in JSON Lines; a dataset spec's ``"columns": {"weight": "number", "id":
+  "text"}`` declares a column's type, and a row that breaks it is an error naming its line.
 
 **auto-circuit** (``.json``): ``{"prompts": [{"clean", "corrupt", "answers", "wrong_answers"}, ...]}``,
 as documented in ``load_datasets_from_json`` of UFO-101/auto-circuit ``auto_circuit/data.py``
@@ -28,9 +31,12 @@ tokenizer. The single corruption is the variant ``corrupt``.
 ``incorrect_idx``), read by ``EAPDataset`` in hannamw/EAP-IG and in the MIB circuit-track code
 (yanivnik/MIB-shared-task ``gt_dataset.py``: ``row['clean'], row['corrupted'], [row['correct_idx'],
 row['incorrect_idx']]``). For IOI these are token ids of the tokenizer the file was made for; they
-are checked against the model's vocabulary and decoded to the answer text when the batch is
-built. For greater-than, ``correct_idx`` is a year label, not a token: such a file needs an
-``answers`` column (it is then read as circuitfind's schema, ``correct_idx`` landing in ``extra``).
+are checked against the model's vocabulary (special tokens refused) and decoded to the answer text
+when the batch is built. For greater-than (Hanna et al. 2023), ``correct_idx`` is a year label, not a
+token: a dataset spec says which, ``"idx": "token"`` or ``"idx": "label"`` with ``"labels"`` (an
+object of label -> answer text, or a format such as ``"{:02d}"``). Without one, indices all below 100
+on a real vocabulary are refused as label-like (token 51 is ``'C'``). An ``answers`` column makes
+the file circuitfind's schema (``correct_idx`` then lands in ``extra``).
 
 **MIB's Hugging Face rows** (``.jsonl``, ``.json``, ``.parquet``: a ``prompt`` and ``*_counterfactual``
 columns, as ``mib-bench/ioi``, ``mib-bench/copycolors_mcqa``, ... publish them): read by
@@ -267,6 +273,8 @@ def dataset_spec(path: str | os.PathLike, sample: bool = False, drop_unequal: bo
     fmt = _format(path)
     if fmt == "auto-circuit":  # a JSON array of rows is read as a stream: its end is seen when read to it
         _check_tail(path, "}")
+    if fmt != "eap-ig" and ("idx" in extra or "labels" in extra):
+        raise TaskError(f'{path}: "idx" and "labels" say what an EAP-IG CSV\'s correct_idx holds; this is a {fmt} file')
     first = next(iter_rows(path, extra), None)
     if first is None:
         raise TaskError(f"{path}: empty file: no rows")
@@ -312,8 +320,42 @@ def _read_spec(path: Path) -> dict[str, Any]:
     for option in ("sample", "drop_unequal"):
         if option in spec and not isinstance(spec[option], bool):
             raise TaskError(f"{path}: {option!r} must be true or false, got {spec[option]!r}")
+    _check_index_options(path, spec)
+    check_columns(path, spec)
     mib_rows.check_options(path, spec)
     return spec
+
+
+# What the index columns of an EAP-IG / MIB CSV (``correct_idx``, ``incorrect_idx``) hold: token ids of
+# the file's tokenizer (IOI), or labels that a mapping turns into answers (greater-than's two-digit years).
+INDEX_MEANINGS = ("token", "label")
+# Ids all below this (on a vocabulary of 10,000 or more tokens) look like labels, not token ids: the
+# first hundred ids of a BPE vocabulary are single characters and special tokens, no task's answers.
+_LABEL_LIKE = 100
+
+
+def _check_index_options(path: Path, spec: Mapping[str, Any]) -> None:
+    """``"idx"``: ``"token"`` or ``"label"``; ``"labels"`` (with ``"idx": "label"`` only): an object of
+    label -> answer text, or a format string such as ``"{:02d}"`` applied to the label."""
+    idx, labels = spec.get("idx"), spec.get("labels")
+    if idx is not None and idx not in INDEX_MEANINGS:
+        raise TaskError(f'{path}: "idx" must be "token" or "label" (what correct_idx holds), got {idx!r}')
+    if idx == "label" and labels is None:
+        raise TaskError(
+            f'{path}: "idx": "label" needs "labels": an object of label -> answer, or a format like " {{:02d}}"'
+        )
+    if labels is not None:
+        if idx != "label":
+            raise TaskError(f'{path}: "labels" is read with "idx": "label" only')
+        if isinstance(labels, str):
+            try:
+                labels.format(0)
+            except (ValueError, IndexError, KeyError) as err:
+                raise TaskError(f'{path}: "labels" {labels!r} is not a format of one number: {err}') from None
+            if labels.format(0) == labels:
+                raise TaskError(f'{path}: "labels" {labels!r} has no {{}} for the label')
+        elif not isinstance(labels, dict) or not all(isinstance(v, str) and v for v in labels.values()):
+            raise TaskError(f'{path}: "labels" must map each label to its answer text (a non-empty string)')
 
 
 def _format(path: Path) -> str:
@@ -370,6 +412,45 @@ class Row:
         }
 
 
+COLUMN_TYPES = ("number", "text")
+# A CSV cell read as a number: what JSON writes for one (no leading zeros, so "007" stays text).
+_NUMBER = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
+def _typed_extra(
+    path: Path, line: int, extra: Mapping[str, Any], declared: Mapping[str, str], csv_cells: bool
+) -> dict[str, Any]:
+    """A row's extra columns with one type in every format: a CSV cell that is a number as JSON writes it
+    becomes that number (as JSON Lines gives it), so a metric reads ``ctx.extra["weight"]`` as a tensor
+    whatever the file; a column declared in the dataset spec's ``"columns"`` (``"number"`` or ``"text"``)
+    is that type in every row, and a cell that is not is an error naming the line."""
+    out = dict(extra)
+    for column, value in extra.items():
+        kind = declared.get(column)
+        if kind == "text":
+            if not isinstance(value, str):
+                raise TaskError(f"{path}:{line}: column {column!r} is declared text, got {value!r}")
+            continue
+        if isinstance(value, str) and csv_cells and _NUMBER.fullmatch(value.strip()):
+            number = float(value) if any(c in value for c in ".eE") else int(value)
+            if isinstance(number, int) or math.isfinite(number):
+                out[column] = value = number
+        if kind == "number" and (
+            isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        ):
+            raise TaskError(f"{path}:{line}: column {column!r} is declared a number, got {value!r}")
+    return out
+
+
+def check_columns(path: Path, spec: Mapping[str, Any]) -> None:
+    """A dataset spec's ``"columns"``: an object of extra column -> ``"number"`` or ``"text"``."""
+    columns = spec.get("columns")
+    if columns is None:
+        return
+    if not isinstance(columns, dict) or not all(v in COLUMN_TYPES for v in columns.values()):
+        raise TaskError(f'{path}: "columns" must map column names to "number" or "text", got {columns!r}')
+
+
 def iter_rows(path: str | os.PathLike, options: Mapping[str, Any] | None = None) -> Iterator[Row]:
     """Every row of a dataset file in order, validated one at a time (streaming). ``options``: a
     dataset spec's (MIB rows read its ``variants`` and ``answer_prefix``)."""
@@ -387,6 +468,7 @@ def iter_rows(path: str | os.PathLike, options: Mapping[str, Any] | None = None)
         raw = _array_records(path)
     else:
         raw = _jsonl_records(path)
+    csv_cells = path.suffix.lower() == ".csv"
     shape: tuple[list[str], list[str]] | None = None
     for line, record in raw:
         if fmt == "mib":
@@ -397,6 +479,10 @@ def iter_rows(path: str | os.PathLike, options: Mapping[str, Any] | None = None)
                 )
             record = mib_rows.to_pair_record(path, line, record, options)
         row = _row(path, line, record, fmt)
+        if row.extra:
+            row = dataclasses.replace(
+                row, extra=_typed_extra(path, line, row.extra, options.get("columns") or {}, csv_cells)
+            )
         this = (list(row.corrupted), sorted(row.key_chars) + sorted(row.key_spans))
         if shape is None:
             shape = this
@@ -918,13 +1004,39 @@ def resolve_for_model(
     out = list(prompts)
     if data.get("format") == "eap-ig":
         vocab = len(tokenizer)
+        meaning = data.get("idx")
+        special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        every = [p.extra[k] for p in out for k in ("correct_idx", "incorrect_idx") if k in p.extra]
+        if meaning is None and vocab >= 100 * _LABEL_LIKE and every and max(every) < _LABEL_LIKE:
+            raise TaskError(
+                f"{where}: every correct_idx / incorrect_idx is below {_LABEL_LIKE} (largest {max(every)}): "
+                f"labels (greater-than's years), not token ids of this tokenizer, where {every[0]} is "
+                f"{tokenizer.decode([every[0]])!r}. Say what they are in a dataset spec: "
+                f'{{"kind": "dataset", "file": "{Path(where).name}", "idx": "token"}}, or "idx": "label" with '
+                '"labels": {"51": "51", ...} or a format such as "{:02d}"'
+            )
         fitted = []
         for p in out:
             ids = {k: p.extra[k] for k in ("correct_idx", "incorrect_idx") if k in p.extra}
+            if meaning == "label":
+                texts = {k: _label_text(data["labels"], i, f"{where}:{_line(p)}: {k}") for k, i in ids.items()}
+                fitted.append(
+                    dataclasses.replace(
+                        p,  # type: ignore[type-var]
+                        answer=texts["correct_idx"],
+                        counter_answer=texts.get("incorrect_idx", ""),
+                    )
+                )
+                continue
             for k, i in ids.items():
                 if not 0 <= i < vocab:
                     raise TaskError(
                         f"{where}:{_line(p)}: {k} = {i} is not a token id of this tokenizer ({vocab} tokens)"
+                    )
+                if i in special:
+                    raise TaskError(
+                        f"{where}:{_line(p)}: {k} = {i} is the special token {tokenizer.decode([i])!r}, not an "
+                        'answer; if the column holds labels, say so: "idx": "label" in a dataset spec'
                     )
             texts = {k: _continuation_text(tokenizer, p.text, i, f"{where}:{_line(p)}: {k}") for k, i in ids.items()}
             fitted.append(
@@ -954,6 +1066,15 @@ def resolve_for_model(
     if not out:
         raise TaskError(f"{where}: every row has unequal clean/corrupted token lengths; nothing is left")
     return out
+
+
+def _label_text(labels: str | Mapping[str, str], label: int, where: str) -> str:
+    """The answer text of a label: ``labels[str(label)]``, or the format ``labels`` applied to it."""
+    if isinstance(labels, str):
+        return labels.format(label)
+    if str(label) not in labels:
+        raise TaskError(f'{where} = {label} has no answer in "labels" (it maps {len(labels)} labels)')
+    return labels[str(label)]
 
 
 def _line(p: _PromptLike) -> str:

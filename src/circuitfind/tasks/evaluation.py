@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from circuitfind.errors import TaskError
 from circuitfind.patching import answer_logits, prepare
 from circuitfind.tasks import multitoken
-from circuitfind.tasks.batch import TaskBatch
+from circuitfind.tasks.batch import TaskBatch, continuation_ids, prompt_origin
 from circuitfind.tasks.metrics import get_metric
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ class TaskReport:
     corrupted: dict[str, dict[str, float]]
     skipped: dict[str, str] = field(default_factory=dict)  # default corruptions the task cannot take, and why
     teacher_forced: bool = False  # multi-token answers: each answer's log p(r|x) plays its logit's part
+    warnings: list[str] = field(default_factory=list)  # answers the model does not make, corruptions that help
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -58,6 +60,7 @@ class TaskReport:
                 f"   {kl} {-row['kl']:.3f}"
             )
         lines += [f"  corrupted ({name:>10}) not run: {why}" for name, why in self.skipped.items()]
+        lines += [f"  WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
@@ -73,6 +76,90 @@ def _pair_accuracy(logits: torch.Tensor, batch: TaskBatch) -> tuple[float, float
 
 
 DEFAULT_CORRUPTIONS = ("str", "gn", "mean", "resample")
+
+# A first answer token the model gives less than this probability is one it almost never predicts there
+# (a missing leading space, a capital, a label read as a token id); every answer below IMPOSSIBLE is refused.
+RARE = 1e-4
+IMPOSSIBLE = 1e-6
+# An answer whose twin with its leading space added or removed is this many times as probable is warned.
+TWIN_RATIO = 100.0
+
+
+def _first_tokens(batch: TaskBatch) -> list[list[int]]:
+    """Per prompt, the first token of each correct answer (the token predicted at the prompt's end)."""
+    if batch.answer_sequences is not None:
+        return [[seq[0] for seq in seqs] for seqs in batch.answer_sequences]
+    assert batch.answer_sets is not None and batch.answer_mask is not None
+    return [ids[mask].tolist() for ids, mask in zip(batch.answer_sets, batch.answer_mask, strict=True)]
+
+
+def answer_checks(model: TransformerBridge, batch: TaskBatch, logits: torch.Tensor | None = None) -> list[str]:
+    """Warnings about answers the model does not make, from its clean next-token distribution (``logits``
+    ``[batch, vocab]`` at the answer position, else one clean pass): prompts where every correct answer's
+    first token has probability below :data:`RARE`, and answers that look wrongly spaced
+    (:func:`_spacing_warning`). A task whose every answer, on every prompt, has
+    probability below :data:`IMPOSSIBLE` is refused (:class:`TaskError`): no metric can measure it."""
+    if logits is None:
+        with torch.no_grad():
+            logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()
+    probs = logits.float().softmax(-1)
+    firsts = _first_tokens(batch)
+    best = torch.stack([probs[i, ids].max() for i, ids in enumerate(firsts)])
+    name = batch.task.name
+    worst = int(best.argmin())
+    example = (
+        f"{prompt_origin(name, worst, batch.prompts[worst])}: {batch.prompts[worst].answer_set[0]!r} "
+        f"starts with {model.tokenizer.convert_ids_to_tokens(firsts[worst][:1])[0]!r}, p = {best[worst].item():.1e}"
+    )
+    if (best < IMPOSSIBLE).all():
+        raise TaskError(
+            f"task {name!r}: the model gives every correct answer of every prompt probability below {IMPOSSIBLE:g} "
+            f"(e.g. {example}): these are not continuations it makes, so no metric can measure the behaviour. "
+            "Check the answers' leading spaces, capitals and (EAP-IG CSVs) whether correct_idx is a token id"
+        )
+    out = []
+    rare = int((best < RARE).sum())
+    if rare:
+        out.append(
+            f"in {rare} of {batch.size} prompts the model almost never predicts the correct answers' first token "
+            f"(p < {RARE:g}; e.g. {example}): is a leading space missing or extra, or a capital wrong?"
+        )
+    spacing = _spacing_warning(model, batch, probs)
+    return out + ([spacing] if spacing else [])
+
+
+def _twin(answer: str) -> str:
+    """The answer with its leading space added, or removed: ``"Rome"`` <-> ``" Rome"``."""
+    return answer[1:] if answer[:1] == " " else " " + answer
+
+
+def _spacing_warning(model: TransformerBridge, batch: TaskBatch, probs: torch.Tensor) -> str | None:
+    """One warning naming how many correct answers look wrongly spaced, with the first as its example: the
+    model gives the answer with its leading space added or removed (its twin) a first token at least
+    :data:`TWIN_RATIO` times as probable (``"Rome"`` p = 8e-4 against ``" Rome"`` 0.48 on SmolLM2), or the
+    answer is several tokens while its space-prefixed twin is one."""
+    name, flagged, example = batch.task.name, 0, None
+    for i, prompt in enumerate(batch.prompts):
+        for answer in prompt.answer_set:
+            twin = _twin(answer)
+            try:
+                ids, twin_ids = continuation_ids(model, prompt.text, answer), continuation_ids(model, prompt.text, twin)
+            except TaskError:
+                continue
+            p, q = probs[i, ids[0]].item(), probs[i, twin_ids[0]].item()
+            what = "missing" if twin[:1] == " " else "extra"
+            if q >= TWIN_RATIO * max(p, 1e-30):
+                why = f"{answer!r} starts with p = {p:.1e} where {twin!r} starts with p = {q:.2g}"
+            elif what == "missing" and len(ids) > 1 and len(twin_ids) == 1:
+                why = f"answer {answer!r} is {len(ids)} tokens but {twin!r} is one"
+            else:
+                continue
+            flagged += 1
+            if example is None:
+                example = f"{prompt_origin(name, i, prompt)}: {why}: is the leading space {what}?"
+    if example is None:
+        return None
+    return f"{flagged} correct answer(s) look wrongly spaced; e.g. {example}"
 
 
 def _unsupported(batch: TaskBatch) -> dict[str, str]:
@@ -96,9 +183,12 @@ def evaluate(model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str,
         skipped = _unsupported(batch)
         corruptions = tuple(c for c in DEFAULT_CORRUPTIONS if c not in skipped)
     if batch.answer_sequences is not None:
-        return evaluate_multitoken(model, batch, corruptions, skipped)
+        report = evaluate_multitoken(model, batch, corruptions, skipped)
+        report.warnings = answer_checks(model, batch) + _helping_corruptions(report)
+        return report
     with torch.no_grad():
         logits = answer_logits(model(batch.clean_tokens), batch.end_pos).float()  # metrics in float32
+    warnings = answer_checks(model, batch, logits)
     ctx = batch.metric_context()
     ids, mask = ctx.correct()
     top = logits.argmax(-1)
@@ -114,9 +204,23 @@ def evaluate(model: TransformerBridge, batch: TaskBatch, corruptions: tuple[str,
             "prob_diff": setup.baselines("prob_diff")[1],
             "kl": setup.baselines("kl")[1],
         }
-    return TaskReport(
+    report = TaskReport(
         batch.task.name, batch.size, accuracy, pair_accuracy, pair_chance, diff, prob_diff, corrupted, skipped
     )
+    report.warnings = warnings + _helping_corruptions(report)
+    return report
+
+
+def _helping_corruptions(report: TaskReport) -> list[str]:
+    """A corruption under which the task scores higher than clean: the corruption does not remove the
+    behaviour, or the answers are not what the model does (a label read as a token id)."""
+    return [
+        f"the corrupted run ({name}) scores higher than the clean run (logit diff {row['logit_diff']:.3f} > "
+        f"{report.logit_diff:.3f}): the corruption does not remove the behaviour, or the answers are not what the "
+        "model predicts"
+        for name, row in report.corrupted.items()
+        if row["logit_diff"] > report.logit_diff
+    ]
 
 
 def evaluate_multitoken(

@@ -16,6 +16,9 @@ Each prompt has a set of correct answers ``R`` and a set of wrong (counterfactua
   ``score(patched) - score(corrupt)`` is ``KL(cl||corr) - KL(cl||patched)``.
 * any callable ``fn(logits_at_answer, context) -> [batch]`` wrapped in :class:`CallableMetric`, also
   given by import path ``package.module:function`` (a function or a :class:`Metric` subclass).
+* a metric over whole answers (:class:`AnswerMetric`, or a function under :func:`answer_metric`):
+  ``fn(answers) -> [prompts]`` from each prompt's answer log-probabilities (:class:`Answers`); the only
+  kind of metric of one's own that scores multi-token answers.
 
 Every metric is reduced by the mean over prompts, and normalised as
 ``(patched - corrupt) / (clean - corrupt)`` (1 = clean behaviour, 0 = corrupted behaviour).
@@ -356,6 +359,74 @@ class CallableMetric(Metric):
 METRICS: dict[str, type[Metric]] = {m.name: m for m in (Probability, LogProb, LogitDiff, LogProbDiff, ProbDiff, NegKL)}
 
 
+@dataclass
+class Answers:
+    """What a metric over whole answers (:class:`AnswerMetric`) reads, one row per prompt.
+
+    ``logprobs`` ``[n, k]``: ``log p(r|x)`` of each of the prompt's answers, the whole answer's
+    teacher-forced log-probability for multi-token answers (``sum_j log p(r_j | x, r_<j)``, as EAP-IG
+    users compute per-prompt answer log-probabilities) and the token's log-probability for one-token
+    answers; ``correct`` / ``wrong`` ``[n, k]``: which entries are answers of ``R`` / of ``R'`` (the
+    others are padding, with meaningless values); ``extra``: the prompts' dataset columns (numbers as
+    ``[n]`` tensors)."""
+
+    logprobs: torch.Tensor
+    correct: torch.Tensor
+    wrong: torch.Tensor
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class AnswerMetric(Metric):
+    """A metric over whole answers: :meth:`score_answers` maps :class:`Answers` to one value per prompt.
+    It scores one-token and multi-token answers alike (multi-token answers by teacher forcing,
+    :mod:`circuitfind.tasks.multitoken`), where a metric of the logits sees one answer position only.
+    Write one by subclassing, or with :func:`answer_metric` on a function; give it by import path."""
+
+    name = "answer_metric"
+
+    def score_answers(self, answers: Answers) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, logits, ctx):
+        """One-token answers: each answer's log-probability at the answer position."""
+        ids, mask = ctx.correct()
+        wids, wmask = ctx.wrong()
+        logprobs = logits.log_softmax(-1)
+        answers = Answers(
+            torch.cat([logprobs.gather(-1, ids), logprobs.gather(-1, wids)], -1),
+            torch.cat([mask, torch.zeros_like(wmask)], -1),
+            torch.cat([torch.zeros_like(mask), wmask], -1),
+            ctx.extra,
+        )
+        return self.score_answers(answers)
+
+
+class _FunctionAnswerMetric(AnswerMetric):
+    def __init__(self, fn: Callable[[Answers], torch.Tensor]):
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "answer_metric")
+
+    def score_answers(self, answers: Answers) -> torch.Tensor:
+        try:
+            out = self.fn(answers)
+        except MetricError:
+            raise
+        except Exception as exc:  # the user's function, named in one line rather than a traceback
+            raise MetricError(f"metric {self.name!r} raised {type(exc).__name__}: {exc}") from None
+        return out if isinstance(out, torch.Tensor) else torch.as_tensor(out, device=answers.logprobs.device)
+
+
+def answer_metric(fn: Callable[[Answers], torch.Tensor]) -> AnswerMetric:
+    """``fn(answers: Answers) -> [n]`` as a metric over whole answers (a decorator)::
+
+    @answer_metric
+    def greater_prob(a):  # Hanna et al.'s probability difference, answers of any length
+        p = a.logprobs.exp()
+        return (p * a.correct).sum(-1) - (p * a.wrong).sum(-1)
+    """
+    return _FunctionAnswerMetric(fn)
+
+
 def _import(spec: str) -> Any:
     return import_object(spec, "metric", MetricError)
 
@@ -378,6 +449,8 @@ def get_metric(spec: str | Metric | type[Metric] | Callable[[torch.Tensor, Metri
             metric.user_code = True
             return metric
         if isinstance(obj, Metric):
+            if isinstance(obj, _FunctionAnswerMetric):
+                obj.name = spec  # the setting names what ran, as for a function
             return obj
         if not callable(obj):
             raise MetricError(f"metric {spec!r} is a {type(obj).__name__}, not a function or a Metric subclass")
@@ -396,7 +469,7 @@ def metric_fingerprint(spec: str) -> str | None:
     if not is_import_path(spec):
         return None
     obj = _import(spec)
-    module = inspect.getmodule(obj)
+    module = inspect.getmodule(getattr(obj, "fn", obj))  # a function under answer_metric: the function's module
     return source_fingerprint(module.__name__ if module is not None else spec.split(":")[0])
 
 

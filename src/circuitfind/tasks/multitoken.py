@@ -33,8 +33,10 @@ needs all of them in one pass: the engines never split a prompt's rows between p
 (:attr:`AnswerRows.split_points`). Engines average over rows, so each row's value is scaled by ``rows /
 prompts`` (shared equally among a prompt's rows for a set metric): the mean over rows is the mean over
 prompts of the per-prompt value. :func:`by_prompt` sums rows back into prompts (per-prompt EAP scores,
-per-prompt patching values). Metrics by import path are refused (they would see rows, not prompts), as
-is IFR (:data:`REFUSED_ALGORITHMS`).
+per-prompt patching values). A metric of one's own scores multi-token answers when it is a metric over
+whole answers (:class:`~circuitfind.tasks.metrics.AnswerMetric`: it reads each prompt's answers'
+``log p(r|x)``, :class:`AnswerSetMetric`); a metric of the logits is refused (it would see rows, not
+prompts), as is IFR (:data:`REFUSED_ALGORITHMS`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from circuitfind.errors import MetricError, TaskError
 from circuitfind.tasks.batch import TaskBatch, prompt_origin
 from circuitfind.tasks.corruptions import Corruption, CorruptionPlan, GaussianNoise, ResampleAblation, Run
 from circuitfind.tasks.metrics import (
+    AnswerMetric,
+    Answers,
     LogitDiff,
     LogProb,
     LogProbDiff,
@@ -58,7 +62,10 @@ from circuitfind.tasks.metrics import (
     NegKL,
     Probability,
     ProbDiff,
+    extra_columns,
+    get_metric,
 )
+from circuitfind.user_code import is_import_path
 
 if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
@@ -449,14 +456,50 @@ class SequenceSetMetric(Metric):
 
 
 def check_metric(task: str, metric: str | Metric) -> None:
-    """Refuse a metric that cannot score a multi-token answer, naming the task and the metric."""
+    """Refuse a metric that cannot score a multi-token answer, naming the task and the metric: a metric
+    over whole answers (:class:`~circuitfind.tasks.metrics.AnswerMetric`, also by import path) can."""
+    if isinstance(metric, str) and is_import_path(metric):
+        metric = get_metric(metric)
+    if isinstance(metric, AnswerMetric):
+        return
     name = metric if isinstance(metric, str) else metric.name
     known = SCORED.get(name)
     if known is None or (isinstance(metric, Metric) and type(metric) is not known[0]):
         raise TaskError(
             f"task {task!r} has multi-token answers (answer_tokens: multi), scored by their teacher-forced "
-            f"log-probability: metric {name!r} cannot score them; use one of {', '.join(SCORED)}"
+            f"log-probability: metric {name!r} cannot score them; use one of {', '.join(SCORED)}, or a metric "
+            "over whole answers (circuitfind.tasks.metrics.answer_metric: per-prompt answer log-probabilities)"
         )
+
+
+class AnswerSetMetric(SequenceSetMetric):
+    """A metric of the user's over whole answers (:class:`~circuitfind.tasks.metrics.AnswerMetric`) on the
+    rows: each prompt's answers' teacher-forced ``log p(r|x)`` (:func:`whole_answers`) and the prompts'
+    dataset columns (``extra``, per prompt) go to its ``score_answers``; the value is shared among the
+    prompt's rows as a built-in set metric's is."""
+
+    def __init__(self, inner: AnswerMetric, table: SequenceTable, extra: dict):
+        super().__init__(inner, table)
+        self.answer_metric = inner
+        self.extra = extra
+
+    def prompt_values(self, logits: torch.Tensor, ctx: MetricContext) -> tuple[torch.Tensor, Passes]:
+        table = self.table.to(logits.device)
+        answer, passes = whole_answers(logits, ctx, table)
+        copies, prompts, k = answer.shape
+        correct, wrong = table.sides()
+        extra = {
+            c: v.to(logits.device).repeat(copies) if isinstance(v, torch.Tensor) else list(v) * copies
+            for c, v in self.extra.items()
+        }
+        found = Answers(answer.reshape(copies * prompts, k), correct.repeat(copies, 1), wrong.repeat(copies, 1), extra)
+        values = self.answer_metric.score_answers(found)
+        if not isinstance(values, torch.Tensor) or values.shape != (copies * prompts,):
+            shape = tuple(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise MetricError(
+                f"metric {self.name!r} must return one value per prompt ({copies * prompts},), got {shape}"
+            )
+        return values.reshape(copies, prompts), passes
 
 
 def check_algorithm(task: str, algorithm: str) -> None:
@@ -483,6 +526,11 @@ def wrap(metric: Metric, rows: AnswerRows) -> Metric:
         return metric
     check_metric(rows.task.name, metric)
     assert rows.source is not None and rows.sequences is not None
+    if isinstance(metric, AnswerMetric):
+        device = rows.sequences.rows.device
+        return AnswerSetMetric(
+            metric, rows.sequences, extra_columns([dict(p.extra) for p in rows.source.prompts], device)
+        )
     if metric.name in NEEDS_WRONG:
         missing = rows.sequences.n_correct == rows.sequences.member_mask.sum(-1)
         if missing.any():
