@@ -149,7 +149,7 @@ def to_neuronpedia(g: nx.DiGraph, settings: dict | None = None, n_pos: int | Non
             if kind == "logits":
                 clerp = "output: 'logits' (p=1.000)"
             elif kind.startswith("input_"):
-                clerp = f"{_label(name)}: {kind[-1]} input of its head"
+                clerp = f"{_label(name)}: {kind[-1]} input"  # of its head, or its key/value group's heads
             else:
                 clerp = _label(name)
             nodes[(name, ctx)] = {
