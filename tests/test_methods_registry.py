@@ -119,7 +119,7 @@ def test_every_method_option_of_the_commands_comes_from_an_options_class():
         for name, info in fields.items():
             action = options[name]
             assert action.option_strings[0] == "--" + name.replace("_", "-")
-            assert action.type is info.annotation and info.description in action.help
+            assert action.type is registry.value_type(info.annotation) and info.description in action.help
         # no option of the commands is a method option under another name
         method_like = {"tau", "k", "depth", "path_steps"}  # the old spellings, once defined per command
         assert not (method_like & set(options)), parser.prog

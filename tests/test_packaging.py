@@ -159,6 +159,8 @@ def test_wheel_carries_tasks_flows_and_models(installed_wheel):
         "circuitfind/flows/deploy.py",
         "circuitfind/models/zoo/toy-ioi/model.safetensors",
         "circuitfind/py.typed",
+        "circuitfind/circuits/schemas/neuronpedia-graph-schema.json",  # the Neuronpedia export validates against it
+        "circuitfind/circuits/schemas/README.md",
     } <= names
 
 

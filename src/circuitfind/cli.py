@@ -12,6 +12,8 @@ circuitfind sweep --algorithms eap_ig acdc --run nightly   # the Prefect sweep f
 circuitfind compare a.graphml b.graphml [--reference truth.graphml]
 circuitfind export circuit.graphml circuit.dot           # GraphML, GEXF, node-link JSON, DOT
 circuitfind export circuit.graphml circuit.mib.json      # EAP-IG / MIB circuit JSON (or --format mib)
+circuitfind export circuit.graphml out.json --format neuronpedia   # Neuronpedia's graph viewer
+circuitfind export circuit.graphml out.gv --format dot-layered     # a layered drawing: dot -Tsvg out.gv
 circuitfind draw circuit.graphml --out circuit.pdf       # the circuit as PDF, SVG or PNG (matplotlib, by layer)
 circuitfind view outputs/<run>                           # the interactive circuit explorer (one offline HTML page)
 circuitfind report outputs/<run>                         # rewrite a run's diff report
@@ -38,6 +40,7 @@ GRAPH_FORMATS = (
     "dot",
     "mib",
 )  # circuitfind.circuits.graph_io.FORMAT_NAMES, without the import
+EXPORT_FORMATS = (*GRAPH_FORMATS, "neuronpedia", "dot-layered")  # and graph_io.WRITE_ONLY: written, never read
 PATCH_KINDS = ("heads", "heads_by_pos", "resid_pre", "attn_out", "mlp_out", "mlp_window", "path")
 
 
@@ -560,15 +563,19 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
     )
     p.set_defaults(fn=cmd_compare)
     p = sub.add_parser(
-        "export", help="convert a circuit file between GraphML, GEXF, node-link JSON, DOT and EAP-IG / MIB JSON"
+        "export",
+        help="convert a circuit file between GraphML, GEXF, node-link JSON, DOT and EAP-IG / MIB JSON, or "
+        "export it for Neuronpedia's graph viewer or as a layered Graphviz drawing",
     )
     p.add_argument("source", help="circuit file (format by suffix; .mib.json is EAP-IG / MIB JSON)")
     p.add_argument("target")
     p.add_argument(
         "--format",
         default=None,
-        choices=GRAPH_FORMATS,
-        help="format of the target (default: by suffix: .graphml, .gexf, .json node-link, .dot, .mib.json)",
+        choices=EXPORT_FORMATS,
+        help="format of the target (default: by suffix: .graphml, .gexf, .json node-link, .dot, .mib.json, "
+        ".neuronpedia.json); neuronpedia: Neuronpedia's attribution-graph JSON; dot-layered: a Graphviz "
+        "drawing by layer (dot -Tsvg), edges coloured by sign, widths by |score|; these two are not read back",
     )
     p.add_argument(
         "--d-model",

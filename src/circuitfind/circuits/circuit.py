@@ -1,8 +1,21 @@
-"""A discovered circuit: a subset of a :class:`ModelGraph`'s edges, with scores and settings."""
+"""A discovered circuit: a subset of a :class:`ModelGraph`'s edges, with scores and settings.
+
+What a discovery measured travels with the circuit in its ``settings``: ``faithfulness`` (and
+``faithfulness_status``, why it is ``None``) and ``curve`` (the faithfulness curve: ``fractions``,
+``sizes``, ``faithfulness``, ``cpr``, ``cmd``). Graph files (GraphML, GEXF, node-link JSON, DOT) hold
+the settings as one JSON graph attribute, ``settings``, and the numbers a graph tool shows as typed
+graph attributes beside it: ``faithfulness``, ``faithfulness_status``, ``cpr`` and ``cmd``
+(:func:`graph_attributes`). :meth:`Circuit.load` restores the settings, and fills them in from those
+attributes where a file (edited by another tool) has only them.
+
+Settings are written as strict JSON (:func:`circuitfind.circuits.graph_io.jsonable`): whatever a
+method put in its settings, the file is written and reads back.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +24,9 @@ import networkx as nx
 import torch
 
 from circuitfind.circuits.graph import ModelGraph, declared_shape, describe_shape, networkx_size
-from circuitfind.circuits.graph_io import graph_format, read_graph, write_graph
+from circuitfind.circuits.graph_io import graph_format, jsonable, read_graph, write_graph
 from circuitfind.circuits.mib import parse_mib, read_mib, write_mib
+from circuitfind.circuits.neuronpedia import write_neuronpedia
 from circuitfind.errors import GraphFileError
 from circuitfind.names import INPUT, LOGITS, head_sort_key, is_head
 
@@ -79,8 +93,7 @@ class Circuit:
         (what the graph files hold), or with ``circuit_only`` just the circuit's edges and the nodes
         they touch. The structural q/k/v input -> head edges are left out then: they are ACDC's
         drawing convention, not edges a discovery chose (one is ``in_circuit`` when its input is)."""
-        attrs = {"settings": json.dumps(self.settings, default=str)}
-        g = self.graph.to_networkx(self.scores, self.in_circuit, **attrs)
+        g = self.graph.to_networkx(self.scores, self.in_circuit, **graph_attributes(self.settings))
         if not circuit_only:
             return g
         kept = [(u, v) for u, v, d in g.edges(data=True) if d["in_circuit"] and not d["structural"]]
@@ -88,10 +101,14 @@ class Circuit:
 
     def save(self, path: str | os.PathLike, fmt: str | None = None, d_model: int | None = None) -> Path:
         """Write the circuit as GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON (by suffix:
-        ``.mib.json`` for MIB), atomically. MIB files need the model's ``d_model``: the argument, else
+        ``.mib.json`` for MIB), atomically; or, not to be read back, as Neuronpedia's graph JSON
+        (``.neuronpedia.json`` or ``fmt="neuronpedia"``) or a layered DOT drawing (``fmt="dot-layered"``). MIB files need the model's ``d_model``: the argument, else
         ``settings["d_model"]`` (discovery records it; :mod:`circuitfind.circuits.mib`)."""
-        if graph_format(path, fmt) == "mib":
+        chosen = graph_format(path, fmt)
+        if chosen == "mib":
             return write_mib(self, path, d_model)
+        if chosen == "neuronpedia":
+            return write_neuronpedia(self.to_networkx(), path)
         return write_graph(self.to_networkx(), path, fmt)
 
     @classmethod
@@ -118,9 +135,7 @@ class Circuit:
         graph = ModelGraph(**shape)
         try:
             keep, scores = _edge_values(g, graph)
-            settings = json.loads(g.graph.get("settings", "{}"))
-            if not isinstance(settings, dict):
-                raise ValueError("graph attribute settings is not a JSON object")
+            settings = _read_settings(g.graph)
         except (KeyError, ValueError, TypeError, RecursionError) as err:
             raise GraphFileError(f"{source}: {err}") from None
         return cls(graph, keep, scores, settings)
@@ -144,6 +159,58 @@ class Circuit:
             f"{self.settings.get('algorithm', 'circuit')}: {self.n_edges} of {self.graph.n_edges} edges, "
             f"{len(self.nodes - {INPUT, LOGITS})} components; heads {', '.join(heads) or '(none)'}"
         )
+
+
+MEASURES = ("faithfulness", "cpr", "cmd")  # typed graph attributes: floats, written when finite
+
+
+def graph_attributes(settings: dict) -> dict:
+    """The graph attributes a circuit file carries: ``settings`` (JSON) and, where known and finite,
+    ``faithfulness``, ``cpr``, ``cmd`` (floats) and ``faithfulness_status`` (text)."""
+    clean = jsonable(settings)
+    attrs: dict = {"settings": json.dumps(clean, allow_nan=False)}
+    curve = clean.get("curve") if isinstance(clean.get("curve"), dict) else {}
+    for key, value in (
+        ("faithfulness", clean.get("faithfulness")),
+        ("cpr", curve.get("cpr")),
+        ("cmd", curve.get("cmd")),
+    ):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value)):
+            attrs[key] = float(value)
+    status = clean.get("faithfulness_status")
+    if (
+        isinstance(status, str) and status.isprintable() and len(status) <= 200
+    ):  # raw text in XML: no control characters
+        attrs["faithfulness_status"] = status
+    return attrs
+
+
+def _read_settings(attrs: dict) -> dict:
+    """The settings of a graph file's attributes (see :func:`graph_attributes`): the JSON, with
+    ``faithfulness``, ``faithfulness_status``, ``cpr`` and ``cmd`` filled in from the typed attributes
+    where the JSON lacks them; a typed attribute that disagrees with the JSON is an error."""
+    raw = attrs.get("settings", "{}")
+    if not isinstance(raw, str):
+        raise ValueError("graph attribute settings is not JSON text")
+    settings = json.loads(raw)
+    if not isinstance(settings, dict):
+        raise ValueError("graph attribute settings is not a JSON object")
+    curve = settings.get("curve")
+    for key in (*MEASURES, "faithfulness_status"):
+        if key not in attrs:
+            continue
+        holder = settings if key in ("faithfulness", "faithfulness_status") else None
+        if holder is None:
+            if curve is None:
+                curve = settings["curve"] = {}
+            if not isinstance(curve, dict):
+                raise ValueError(f"settings curve is a {type(curve).__name__}, not an object")
+            holder = curve
+        if holder.get(key) is None:
+            holder[key] = attrs[key]
+        elif holder[key] != attrs[key]:
+            raise ValueError(f"graph attribute {key} ({attrs[key]!r}) disagrees with the settings ({holder[key]!r})")
+    return settings
 
 
 def _edge_values(g: nx.DiGraph, graph: ModelGraph) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,12 +38,27 @@ FORMAT_NAMES = {
     "json": "node-link JSON",
     "dot": "DOT",
     "mib": "EAP-IG / MIB graph JSON",
+    "neuronpedia": "Neuronpedia graph JSON",
+    "dot-layered": "layered DOT drawing",
 }
+# Formats written for other tools to show, never read back: the circuit's edges only, drawn or laid
+# out for a viewer (the round-trip formats above keep every edge of the model graph).
+WRITE_ONLY = ("neuronpedia", "dot-layered")
 # EAP-IG / MIB circuit JSON: the suffix ``.mib.json`` (or fmt="mib"); a plain ``.json`` stays node-link JSON.
 MIB_SUFFIX = ".mib.json"
+NEURONPEDIA_SUFFIX = ".neuronpedia.json"
 NODE_TYPES = {"layer": int, "head": int, "kind": str, "score": float, "in_circuit": bool}
 EDGE_TYPES = {"score": float, "in_circuit": bool, "structural": bool, "score_pos": str, "in_circuit_pos": str}
-GRAPH_TYPES = {"n_layers": int, "n_heads": int, "split_qkv": bool, "n_pos": int, "n_kv_heads": int}
+SHAPE_TYPES = {"n_layers": int, "n_heads": int, "split_qkv": bool, "n_pos": int, "n_kv_heads": int}
+# the shape, then what a discovery measured (circuitfind.circuits.circuit.graph_attributes)
+GRAPH_TYPES = {
+    **SHAPE_TYPES,
+    "settings": str,
+    "faithfulness": float,
+    "faithfulness_status": str,
+    "cpr": float,
+    "cmd": float,
+}
 
 # Limits on files read (checked before parsing). The GraphML of a full SmolLM2-135M circuit is 13 MB.
 MAX_GRAPH_FILE_BYTES = 128 * 2**20
@@ -72,21 +87,61 @@ def graph_format(path: str | os.PathLike, fmt: str | None = None) -> str:
     path = Path(path)
     if fmt is None and path.name.lower().endswith(MIB_SUFFIX):
         fmt = "mib"
+    if fmt is None and path.name.lower().endswith(NEURONPEDIA_SUFFIX):
+        fmt = "neuronpedia"
     fmt = fmt or FORMATS.get(path.suffix.lower())
     if fmt not in FORMAT_NAMES:
         raise ValueError(
             f"unknown graph format for {path.name!r}: use one of {sorted(FORMAT_NAMES)} "
-            f"(suffixes {sorted(FORMATS) + [MIB_SUFFIX]})"
+            f"(suffixes {sorted(FORMATS) + [MIB_SUFFIX, NEURONPEDIA_SUFFIX]})"
         )
     return fmt
+
+
+MAX_SETTINGS_DEPTH = 32  # deeper settings are written as a string (a reader's recursion stays bounded)
+MAX_INT_DIGITS = 4000  # about; Python's JSON reader refuses integers of more than 4,300 digits
+
+
+def jsonable(value, depth: int = 0):
+    """``value`` as strict JSON data, so that any settings can be written and read back: NaN and
+    infinite numbers become ``null``; integers too long for a JSON reader (:data:`MAX_INT_DIGITS`),
+    objects JSON has no type for and nesting deeper than :data:`MAX_SETTINGS_DEPTH` become strings."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):  # bit_length: str() of a huge integer raises before it could be measured
+        return value if value.bit_length() <= MAX_INT_DIGITS * 3 else _short(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "tolist") and not isinstance(value, (dict, list, tuple)):  # tensors, numpy scalars
+        return jsonable(value.tolist(), depth)
+    if depth >= MAX_SETTINGS_DEPTH and isinstance(value, (dict, list, tuple, set, frozenset)):
+        return _short(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [jsonable(v, depth + 1) for v in value]
+    return _short(value)
+
+
+def _short(value, limit: int = 200) -> str:
+    """A value JSON cannot hold, as a bounded string (``repr`` of huge objects is cut)."""
+    try:
+        text = (
+            repr(value)
+            if not isinstance(value, int)
+            else f"<integer of about {value.bit_length() * 0.30103:.0f} digits>"
+        )
+    except (ValueError, RecursionError):  # a self-referencing or huge object
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def write_graph(graph: nx.DiGraph, path: str | os.PathLike, fmt: str | None = None) -> Path:
     """Write a circuit graph atomically as GraphML, GEXF, node-link JSON, DOT or EAP-IG / MIB JSON (by suffix)."""
     path = Path(path)
     fmt = graph_format(path, fmt)
-    if fmt == "mib":
-        raise ValueError(f"{path.name}: EAP-IG / MIB files hold circuits: write them with Circuit.save")
+    if fmt in ("mib", "neuronpedia"):
+        raise ValueError(f"{path.name}: {FORMAT_NAMES[fmt]} files hold circuits: write them with Circuit.save")
     if fmt == "graphml":
         return write_bytes(path, "\n".join(nx.generate_graphml(graph)).encode())
     if fmt == "gexf":  # GEXF keeps only a graph name: carry the graph attributes in it as JSON
@@ -95,7 +150,125 @@ def write_graph(graph: nx.DiGraph, path: str | os.PathLike, fmt: str | None = No
         return write_bytes(path, "\n".join(nx.generate_gexf(copy)).encode())
     if fmt == "json":
         return write_text(path, json.dumps(nx.node_link_data(graph, edges="edges"), indent=1))
+    if fmt == "dot-layered":
+        return write_text(path, layered_dot(graph))
     return write_text(path, _to_dot(graph))
+
+
+def circuit_subgraph(graph: nx.DiGraph) -> nx.DiGraph:
+    """The circuit's edges of a full circuit graph (``in_circuit``), with the structural q/k/v -> head
+    edges of the receivers they use, and the nodes they touch; ``input`` and ``logits`` always."""
+    kept = [(u, v) for u, v, d in graph.edges(data=True) if d.get("in_circuit")]
+    sub = graph.edge_subgraph(kept).copy()
+    for name in ("input", "logits"):
+        if name in graph and name not in sub:
+            sub.add_node(name, **graph.nodes[name])
+    sub.graph.update(graph.graph)
+    return sub
+
+
+def settings_of(graph: nx.DiGraph) -> dict:
+    """The settings a circuit graph carries (its ``settings`` attribute), or ``{}``."""
+    try:
+        settings = json.loads(graph.graph.get("settings", "{}"))
+    except (TypeError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+# Layered drawing: colours by sign (blue: positive score, red: negative), as ACDC's and EAP-IG's drawings.
+POSITIVE, NEGATIVE, STRUCTURAL = "#1f5fbf", "#c62828", "#9e9e9e"
+MIN_PEN, MAX_PEN = 0.5, 6.0
+
+
+def layered_dot(graph: nx.DiGraph) -> str:
+    """The circuit of a full circuit graph as a layered Graphviz drawing, in the style of ACDC's and
+    EAP-IG's (Conmy et al. 2023; Hanna et al. 2024): ``rankdir=BT`` with one rank per layer, the
+    input at the bottom and the logits at the top, each head's q/k/v inputs in the head's rank beside
+    it (a cluster), each MLP in a rank above its layer's heads; an edge's colour gives its score's sign and its
+    pen width ``|score|`` (scaled to the largest). For ``dot -Tsvg``; not read back (use ``.dot``)."""
+    g = circuit_subgraph(graph)
+    biggest = max((abs(d.get("score", 0.0)) for _, _, d in g.edges(data=True) if not d.get("structural")), default=0.0)
+    node_ids = {n: f"n{i}" for i, n in enumerate(sorted(g.nodes, key=str))}  # ids never come from names
+
+    def label(name) -> str:
+        return _dot_value(_printable(str(name)))
+
+    def layer_of(n) -> int:
+        layer = g.nodes[n].get("layer")
+        return layer if isinstance(layer, int) and not isinstance(layer, bool) else -1
+
+    title = _printable(_layered_title(graph))
+    lines = [
+        "digraph circuit {",
+        "  graph [rankdir=BT, newrank=true, nodesep=0.25, ranksep=0.6, fontname=Helvetica, "
+        f"label={_dot_value(title)}, labelloc=t];",
+        '  node [shape=box, style="rounded,filled", fillcolor=white, fontname=Helvetica, fontsize=11];',
+        "  edge [arrowsize=0.6];",
+    ]
+    kinds = {
+        "input": ("#e0e0e0", "box"),
+        "logits": ("#e0e0e0", "box"),
+        "head": ("#fff3c4", "box"),
+        "mlp": ("#d7ecd9", "box"),
+        "input_q": ("#ffffff", "ellipse"),
+        "input_k": ("#ffffff", "ellipse"),
+        "input_v": ("#ffffff", "ellipse"),
+    }
+    by_rank: dict[int, list] = {}
+    heads_inputs: dict = {}
+    for n in g.nodes:
+        kind = g.nodes[n].get("kind", "")
+        if kind.startswith("input_"):
+            for _, head in g.out_edges(n):
+                heads_inputs.setdefault(head, []).append(n)
+        # ranks: the input, then per layer its heads (with their q/k/v inputs) and its MLP, the logits last
+        rank = 10**9 if kind == "logits" else -1 if kind == "input" else 2 * layer_of(n) + (kind == "mlp")
+        by_rank.setdefault(rank, []).append(n)
+    # a column of rank labels, chained by invisible edges: ranks stay in layer order even where no
+    # circuit edge orders them (an MLP that only writes, a layer the circuit skips)
+    ranks = sorted(by_rank)
+    for i, rank in enumerate(ranks):
+        text = "logits" if rank == 10**9 else "input" if rank == -1 else f"L{rank // 2} {'mlp' if rank % 2 else 'attn'}"
+        lines.append(f'  r{i} [label={_dot_value(text)}, shape=plaintext, style=solid, fontcolor="#757575"];')
+        members = "; ".join(node_ids[n] for n in sorted(by_rank[rank], key=str))
+        lines.append(f"  {{ rank=same; r{i}; {members}; }}")
+    lines += [f"  r{i} -> r{i + 1} [style=invis, weight=100];" for i in range(len(ranks) - 1)]
+    for head, inputs in sorted(heads_inputs.items(), key=lambda x: str(x[0])):
+        members = "; ".join(node_ids[n] for n in sorted([head, *inputs], key=str))
+        lines.append(f"  subgraph cluster_{node_ids[head]} {{ style=invis; {members}; }}")
+    for n in sorted(g.nodes, key=str):
+        fill, shape = kinds.get(g.nodes[n].get("kind", ""), ("#ffffff", "box"))
+        lines.append(f"  {node_ids[n]} [label={label(n)}, shape={shape}, fillcolor={_dot_value(fill)}];")
+    for u, v, d in sorted(g.edges(data=True), key=lambda e: (str(e[0]), str(e[1]))):
+        if d.get("structural"):
+            lines.append(
+                f"  {node_ids[u]} -> {node_ids[v]} [color={_dot_value(STRUCTURAL)}, style=dashed, penwidth=0.8];"
+            )
+            continue
+        score = float(d.get("score", 0.0))
+        width = MIN_PEN + (MAX_PEN - MIN_PEN) * (abs(score) / biggest if biggest > 0 else 0.0)
+        color = NEGATIVE if score < 0 else POSITIVE
+        lines.append(
+            f"  {node_ids[u]} -> {node_ids[v]} [color={_dot_value(color)}, penwidth={width:.2f}, "
+            f"tooltip={_dot_value(f'{score:+.4g}')}];"
+        )
+    return "\n".join(lines + ["}"]) + "\n"
+
+
+def _printable(text: str, limit: int = 200) -> str:
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _layered_title(graph: nx.DiGraph) -> str:
+    s = settings_of(graph)
+    parts = [str(s.get(k)) for k in ("algorithm", "corruption", "metric", "direction") if s.get(k) is not None]
+    n = sum(1 for _, _, d in graph.edges(data=True) if d.get("in_circuit") and not d.get("structural"))
+    title = f"{'/'.join(parts) or 'circuit'}: {n} edges"
+    if isinstance(graph.graph.get("faithfulness"), float):
+        title += f", faithfulness {graph.graph['faithfulness']:.3f}"
+    return title
 
 
 def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
@@ -109,6 +282,11 @@ def read_graph(path: str | os.PathLike, fmt: str | None = None) -> nx.DiGraph:
     fmt = graph_format(path, fmt)
     if fmt == "mib":
         raise ValueError(f"{path.name}: EAP-IG / MIB files hold circuits: read them with Circuit.load")
+    if fmt in WRITE_ONLY:
+        raise GraphFileError(
+            f"{path}: {FORMAT_NAMES[fmt]} files are written for other tools and not read back; "
+            f"read the circuit from its GraphML, GEXF, node-link JSON, DOT or MIB file"
+        )
     data = read_limited(path, fmt)
     name = FORMAT_NAMES[fmt]
     try:
@@ -177,7 +355,7 @@ def _declared_size(raw: dict) -> tuple[int, int] | None:
     """Nodes and edges of the shape the graph attributes ``raw`` declare, or ``None`` when they do not
     declare a valid one (then the full parse and :meth:`Circuit.from_networkx` report the problem)."""
     try:
-        attrs = {k: _parse(raw[k], typ, k) for k, typ in GRAPH_TYPES.items() if k in raw}
+        attrs = {k: _parse(raw[k], typ, k) for k, typ in SHAPE_TYPES.items() if k in raw}
         return networkx_size(**declared_shape(attrs))
     except (ValueError, TypeError):
         return None

@@ -13,6 +13,14 @@ server, not the server), and it is stopped when the block ends, at exit and on S
 for the server's health endpoint for minutes (``CIRCUITFIND_PREFECT_STARTUP_TIMEOUT`` seconds,
 default 600) and sets ``PREFECT_API_URL`` for the block, so worker processes started meanwhile
 (Dask) use this server instead of each starting one.
+
+The server runs with the UI off (it starts faster and lives only as long as the command), so a
+"View at" link to it would answer 404 and then nothing. The runs are kept in ``PREFECT_HOME``'s
+database, which ``prefect server start`` serves with the UI: the block sets ``PREFECT_UI_URL`` to
+where that server will be (:func:`later_ui_url`: ``http://PREFECT_SERVER_API_HOST:PREFECT_SERVER_API_PORT``,
+by default ``http://127.0.0.1:4200``, unless ``PREFECT_UI_URL`` is set), so the logged "View at ..."
+link opens the run once ``prefect server start`` runs on the same ``PREFECT_HOME`` (README, "Opening a
+run in the Prefect UI").
 """
 
 from __future__ import annotations
@@ -163,7 +171,9 @@ class LocalPrefectServer:
                 self.api_url = url
                 print(
                     f"circuitfind: local Prefect server at {url} (ready after {time.monotonic() - began:.1f} s; "
-                    "stopped when this command ends)",
+                    "stopped when this command ends). The runs stay in PREFECT_HOME's database: their "
+                    f"'View at {later_ui_url()}/...' links open once 'prefect server start' runs on the "
+                    "same PREFECT_HOME",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -223,25 +233,41 @@ def _drain_prefect_workers() -> None:
             pass
 
 
+def later_ui_url() -> str:
+    """Where ``prefect server start`` on this ``PREFECT_HOME`` serves the UI: ``$PREFECT_UI_URL`` when
+    set, else ``http://{PREFECT_SERVER_API_HOST}:{PREFECT_SERVER_API_PORT}`` (``http://127.0.0.1:4200``)."""
+    from prefect.settings import Settings
+
+    given = os.environ.get("PREFECT_UI_URL", "").strip()
+    if given:
+        return given.rstrip("/")
+    api = Settings().server.api  # read now: the environment may have changed since Prefect's settings were loaded
+    host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+    return f"http://{host}:{api.port}"
+
+
 @contextmanager
 def _api_url(url: str) -> Iterator[None]:
-    """``PREFECT_API_URL`` for this block: in the environment (child processes) and in Prefect's settings."""
+    """``PREFECT_API_URL`` for this block, and ``PREFECT_UI_URL`` (:func:`later_ui_url`): in the
+    environment (child processes) and in Prefect's settings."""
     import prefect.context
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, temporary_settings
 
-    previous = os.environ.get("PREFECT_API_URL")
-    os.environ["PREFECT_API_URL"] = url
+    values = {"PREFECT_API_URL": url, "PREFECT_UI_URL": later_ui_url()}
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     refresh = getattr(prefect.context, "refresh_global_settings_context", None)  # threads that copy no context
     try:
         if refresh:
             refresh()
-        with temporary_settings(updates={PREFECT_API_URL: url}):
+        with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: values["PREFECT_UI_URL"]}):
             yield
     finally:
-        if previous is None:
-            os.environ.pop("PREFECT_API_URL", None)
-        else:
-            os.environ["PREFECT_API_URL"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if refresh:
             refresh()
 

@@ -1,9 +1,12 @@
-"""Attribution patching of attention heads: AtP and AtP* (Kramár, Lieberum, Shah & Nanda 2024,
+"""Attribution patching of attention heads and MLPs: AtP and AtP* (Kramár, Lieberum, Shah & Nanda 2024,
 "AtP*: An efficient and scalable method for localizing LLM behaviour to components", arXiv 2403.00745).
 
-The nodes are those of exact node patching (:func:`circuitfind.patching.patch_heads`): each head's
-output ``hook_z`` at every position. The estimates are in its units: ``patched - base`` of the metric,
-the mean over prompts, ``[layer, head]``.
+The nodes are those of exact node patching: each head's output ``hook_z`` at every position
+(:func:`circuitfind.patching.patch_heads`) and each MLP's output ``hook_mlp_out`` at every position
+(:func:`circuitfind.patching.patch_mlp_windows`, ``window=1``). The estimates are in its units:
+``patched - base`` of the metric, the mean over prompts, ``[layer, head]`` and ``[layer]``
+(:func:`atp_estimates`). An MLP's estimate is made as a head's: the first-order term below, and for
+``atp_star`` the QK fix at the later heads it writes into and GradDrop.
 
 * ``atp`` (attribution patching, Nanda 2022; the paper's eq. 4): the first-order estimate
   ``(z_source - z_base) . dM/dz`` at the base run, for every head from one forward and backward pass.
@@ -48,7 +51,7 @@ from circuitfind.circuits.graph import ModelGraph
 from circuitfind.methods.base import Found, Method, TopK
 from circuitfind.methods.node import circuit_edges, heads_circuit
 from circuitfind.models import tensor_forward
-from circuitfind.names import head_name, hook_name
+from circuitfind.names import head_name, hook_name, mlp_name
 from circuitfind.patching import memory
 from circuitfind.patching.node_patching import patch_heads
 from circuitfind.patching.setup import Direction, PatchingSetup, answer_logits, check_direction, repeat_ctx
@@ -69,35 +72,72 @@ def atp_scores(
 
     ``variant``: ``atp`` (first order) or ``atp_star`` (QK fix, and GradDrop unless ``grad_drop`` is
     off); see the module docstring."""
+    return atp_estimates(setup, direction, variant, grad_drop)[0]
+
+
+def atp_estimates(
+    setup: PatchingSetup, direction: Direction = "noise", variant: str = "atp", grad_drop: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimated effects of patching each head's output ``[layer, head]`` and each MLP's output
+    ``[layer]`` (``hook_mlp_out`` at every position, the node of :func:`circuitfind.patching.patch_mlp_windows`
+    with ``window=1``), from the same passes. An MLP node is estimated as a head is (the paper's nodes
+    include MLP neurons; here the MLP's whole output is one node): ``(out_source - out_base) . dM/d out``
+    for ``atp``; for ``atp_star`` with the QK fix at the later heads it writes into, and GradDrop."""
     check_direction(direction)
     check_variant(variant)
     star = variant == "atp_star"
     fm = tensor_forward.TensorModel(setup.model) if star else None  # a clear error for other architectures
     L = setup.n_layers
     z_names = [hook_name(l, "z") for l in range(L)]
-    base = setup.base_activations(direction, z_names)
-    source = setup.sources(direction, z_names)
+    mlp_names = [hook_name(l, "mlp_out") for l in range(L)]
+    base = setup.base_activations(direction, z_names + mlp_names)
+    source = setup.sources(direction, z_names + mlp_names)
     diff = [(source[n] - base[n]).float() for n in z_names]  # [B, T, H, e]
+    mlp_diff = [(source[n] - base[n]).float() for n in mlp_names]  # [B, T, d]
     versions = L + 1 if star and grad_drop and L > 1 else 1  # 0: every gradient; 1 + l: layer l's dropped
     grads = _gradients(setup, direction, versions, star)
     atp = torch.stack([torch.einsum("bthe,vbthe->vhb", diff[l], grads["z"][l]) for l in range(L)], 1)  # [V, L, H, B]
+    mlp = torch.stack(
+        [torch.einsum("btd,vbtd->vb", mlp_diff[l], grads["mlp_out"][l]) for l in range(L)], 1
+    )  # [V, L, B]
     if star:
         assert fm is not None
-        atp = atp + _qk_fix(setup, direction, fm, diff, grads)
-    est = atp.mean(-1)  # [V, L, H]
-    if versions == 1:
+        head_fix, mlp_fix = _qk_fix(setup, direction, fm, diff, mlp_diff, grads)
+        atp, mlp = atp + head_fix, mlp + mlp_fix
+    return _combine(atp.mean(-1), L), _combine(mlp.mean(-1), L)
+
+
+def _combine(est: torch.Tensor, L: int) -> torch.Tensor:
+    """The estimate from its versions ``[V, ...]``: version 0 alone, or GradDrop's
+    ``1/(L-1) sum_l |c_l|`` with the sign of version 0."""
+    if est.shape[0] == 1:
         return est[0].cpu()
     magnitude = est[1:].abs().sum(0) / (L - 1)
     return (torch.where(est[0] < 0, -1.0, 1.0) * magnitude).cpu()
 
 
+def atp_mlp_by_position(setup: PatchingSetup, direction: Direction = "noise") -> torch.Tensor:
+    """AtP's first-order estimate of patching each MLP's output at one position, ``[layer, pos]``: the
+    units and cells of :func:`circuitfind.patching.patch_block` ``(setup, "mlp_out")``; summed over
+    positions it is :func:`atp_estimates`' MLP estimate (first order is linear in the patch)."""
+    check_direction(direction)
+    L = setup.n_layers
+    names = [hook_name(l, "mlp_out") for l in range(L)]
+    base = setup.base_activations(direction, names)
+    source = setup.sources(direction, names)
+    grads = _gradients(setup, direction, 1, False)["mlp_out"]
+    return torch.stack(
+        [torch.einsum("btd,btd->bt", (source[n] - base[n]).float(), grads[l][0]).mean(0) for l, n in enumerate(names)]
+    ).cpu()
+
+
 def _gradients(setup: PatchingSetup, direction: Direction, versions: int, star: bool) -> dict[str, list[torch.Tensor]]:
     """Gradients of the metric at the base run, per prompt (their sum is taken; rows do not interact):
-    ``z`` for every layer and, for the QK fix, ``pattern``, ``q_input`` and ``k_input``; each as
+    ``z`` and ``mlp_out`` for every layer and, for the QK fix, ``pattern``, ``q_input`` and ``k_input``; each as
     ``[versions, B, ...]``. Version ``1 + l`` zeroes the gradient through layer ``l``'s ``attn_out``
     and ``mlp_out`` (GradDrop). Versions are stacked along the batch, as many per pass as
     ``max_batch`` allows."""
-    kinds = ("z", "pattern", "q_input", "k_input") if star else ("z",)
+    kinds = ("z", "mlp_out", "pattern", "q_input", "k_input") if star else ("z", "mlp_out")
     per_pass = max(1, setup.max_batch // setup.size)
     parts = [
         _gradient_pass(setup, direction, kinds, range(start, min(start + per_pass, versions)), versions > 1)
@@ -153,40 +193,46 @@ def _qk_fix(
     direction: Direction,
     fm: tensor_forward.TensorModel,
     diff: list[torch.Tensor],
+    mlp_diff: list[torch.Tensor],
     grads: dict[str, list[torch.Tensor]],
-) -> torch.Tensor:
-    """The QK fix's correction ``[V, L, H, B]``: for each head and each later head it writes into,
-    the exactly recomputed pattern's first-order effect minus the linear term of that path."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The QK fix's corrections, heads ``[V, L, H, B]`` and MLPs ``[V, L, B]``: for each head (MLP) and
+    each later head it writes into, the exactly recomputed pattern's first-order effect minus the
+    linear term of that path."""
     L, H = setup.n_layers, setup.n_heads
     V, B = grads["z"][0].shape[:2]
     writes = [torch.einsum("bthe,hed->hbtd", diff[l], fm.layers[l].W_O.float()) for l in range(L)]  # [H, B, T, d]
+    mlp_writes = [m[None] for m in mlp_diff]  # [1, B, T, d]: an MLP writes its output difference
     resid = setup.base_activations(direction, [hook_name(l, "resid_pre") for l in range(L)])
     fix = torch.zeros(V, L, H, B, device=writes[0].device)
+    mlp_fix = torch.zeros(V, L, B, device=writes[0].device)
     # linear term: a write at layer l meets the q/k inputs of every head of every later layer
     qk = [grads["q_input"][l].sum(3) + grads["k_input"][l].sum(3) for l in range(L)]  # [V, B, T, d]
     later = torch.zeros_like(qk[0])
     for l in reversed(range(L)):
         fix[:, l] -= torch.einsum("hbtd,vbtd->vhb", writes[l], later)
+        mlp_fix[:, l] -= torch.einsum("btd,vbtd->vb", mlp_diff[l], later)
         later = later + qk[l]
     d_model, T = writes[0].shape[-1], writes[0].shape[2]
     rows = memory.rows_per_pass(memory.budget(setup.max_memory, writes[0].device), 16 * T * d_model * 4, 1 << 30)
-    for lb in range(1, L):  # exact patterns of the heads of layer lb, for every earlier head's write
+    for lb in range(1, L):  # exact patterns of the heads of layer lb, for every earlier head's and MLP's write
         x = resid[hook_name(lb, "resid_pre")]
         dtype = x.dtype
         with torch.no_grad():
             q, k, _ = fm.qkv(lb, x)
             before = fm.pattern(lb, q, k)  # [B, H, T, T]
             g = grads["pattern"][lb]  # [V, B, H, T, T]
-            senders = torch.cat(writes[:lb])  # [lb * H, B, T, d]
-            per = max(1, rows // B)
-            for s in range(0, senders.shape[0], per):
-                part = senders[s : s + per]
-                q, k, _ = fm.qkv(lb, (x[None] + part.to(dtype)).flatten(0, 1))
-                after = fm.pattern(lb, q, k).reshape(part.shape[0], B, H, T, T)
-                contrib = torch.einsum("nbhts,vbhts->vnb", after - before, g)  # [V, n, B]
-                flat = fix.view(V, L * H, B)  # senders are heads (l, h) with l < lb, in order
-                flat[:, s : s + part.shape[0]] += contrib
-    return fix
+            for senders, target in (
+                (torch.cat(writes[:lb]), fix.view(V, L * H, B)),  # heads (l, h) with l < lb, in order
+                (torch.cat(mlp_writes[:lb]), mlp_fix),  # MLPs of the layers below lb
+            ):
+                per = max(1, rows // B)
+                for s in range(0, senders.shape[0], per):
+                    part = senders[s : s + per]
+                    q, k, _ = fm.qkv(lb, (x[None] + part.to(dtype)).flatten(0, 1))
+                    after = fm.pattern(lb, q, k).reshape(part.shape[0], B, H, T, T)
+                    target[:, s : s + part.shape[0]] += torch.einsum("nbhts,vbhts->vnb", after - before, g)  # [V, n, B]
+    return fix, mlp_fix
 
 
 # -- against exact node patching ----------------------------------------------------------
@@ -290,27 +336,32 @@ def compare_with_exact(
 
 
 def atp_circuit(setup: PatchingSetup, direction: Direction = "noise", variant: str = "atp", top_k: int = 20) -> Circuit:
-    """Heads ranked by ``|AtP estimate|`` (:func:`circuitfind.methods.atp.atp_scores`, ``variant`` ``atp`` or
+    """Heads and MLPs ranked by ``|AtP estimate|`` (:func:`atp_estimates`, ``variant`` ``atp`` or
     ``atp_star``) as a node circuit like :func:`node_circuit`'s: the longest prefix of the ranking
-    whose circuit has at most ``top_k`` edges (at least the first head), so ``--top-k`` bounds the
-    circuit's size as it does for the edge methods. Edge scores are the heads' estimates."""
+    whose circuit has at most ``top_k`` edges (at least the first component), so ``--top-k`` bounds
+    the circuit's size as it does for the edge methods. Edge scores are the components' estimates
+    (heads and MLPs are in the same units, the metric's change when the component is patched)."""
     positive_int("top_k", top_k)
-    effect = atp_scores(setup, direction, variant)
+    effect, mlp_effect = atp_estimates(setup, direction, variant)
     graph = ModelGraph.from_model(setup.model)
-    order = effect.abs().flatten().argsort(descending=True, stable=True).tolist()
-    heads = [head_name(i // setup.n_heads, i % setup.n_heads) for i in order]
+    H = setup.n_heads
+    ranked = torch.cat([effect.flatten(), mlp_effect])
+    order = ranked.abs().argsort(descending=True, stable=True).tolist()
+    names = [head_name(i // H, i % H) if i < effect.numel() else mlp_name(i - effect.numel()) for i in order]
     found: set[str] = set()
-    for name in heads:
+    for name in names:
         if found and circuit_edges(graph, found | {name}) > top_k:
             break
         found.add(name)
-    return heads_circuit(setup, found, effect, {"algorithm": variant, "direction": direction, "k": top_k})
+    return heads_circuit(
+        setup, found, effect, {"algorithm": variant, "direction": direction, "k": top_k}, mlp_effect=mlp_effect
+    )
 
 
 class AtP(Method):
     name = "atp"
     paper = "Kramár et al. 2024, AtP*: An efficient and scalable method for localizing LLM behaviour to components"
-    summary = "attribution patching of heads: first-order estimates of node patching, as a node circuit"
+    summary = "attribution patching of heads and MLPs: first-order estimates of node patching, as a node circuit"
     Options = TopK
     gradients = True
     score = "estimated"
@@ -323,4 +374,4 @@ class AtP(Method):
 
 class AtPStar(AtP):
     name = "atp_star"
-    summary = "AtP* (the QK fix at later heads' queries and keys, GradDrop), as a node circuit"
+    summary = "AtP* of heads and MLPs (the QK fix at later heads' queries and keys, GradDrop), as a node circuit"

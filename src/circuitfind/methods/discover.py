@@ -209,4 +209,10 @@ def discover(
             stages.set_description(f"{name}: faithfulness curve")
             found.curve = faithfulness_curve(patcher, circuit.scores)
         stages.update(stages.total - stages.n)
+    # what was measured travels with the circuit into its files (circuitfind.circuits.circuit)
+    circuit.settings.update(
+        faithfulness=found.faithfulness,
+        faithfulness_status=found.faithfulness_status,
+        curve=found.curve.as_dict() if found.curve else None,
+    )
     return found

@@ -1,6 +1,8 @@
 """Iterative path patching (Wang et al. 2022, "Interpretability in the Wild: a Circuit for Indirect
 Object Identification in GPT-2 small"): from the logits backwards through the q/k/v inputs of the
-heads found at each step, each level kept by the ``k``-SD detection rule."""
+heads found at each step, each level kept by the ``k``-SD detection rule, or (where that rule cannot
+fire: few heads, one per layer) by a count or an absolute size per receiver
+(``--path-top-k``, ``--path-threshold``; :func:`circuitfind.patching.select`)."""
 
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ def iterative_path_patching(
     positions: str | None = "end",
     direction: P.Direction = "noise",
     kv_positions: str | None = None,
+    top_k: int | None = None,
+    threshold: float | None = None,
 ) -> Circuit:
     """Path patching from the logits backwards (Wang et al. 2022), as an edge circuit.
 
@@ -32,7 +36,8 @@ def iterative_path_patching(
     for each head found, the paths from every earlier head into its q, k and v inputs separately,
     and keeps the senders passing the rule, up to ``depth`` levels. Query inputs (and the logits) are
     patched at ``positions`` (the answer position by default); key and value inputs, which are read
-    at source positions, at ``kv_positions`` (every position by default).
+    at source positions, at ``kv_positions`` (every position by default). With ``top_k`` or
+    ``threshold`` each receiver keeps its senders by that rule instead (:func:`circuitfind.patching.select`).
     """
     positive_int("depth", depth)
     P.check_k(k)
@@ -43,11 +48,14 @@ def iterative_path_patching(
     group = setup.n_heads // graph.n_kv_heads
     lookup = graph.edge_lookup
 
+    # the k-SD rule needs two scores to compare; a count or a size judges a single sender too
+    fewest = 2 if top_k is None and threshold is None else 1
+
     def mark(result: P.PatchResult, receiver: str) -> list[tuple[int, ...]]:
         finite = torch.isfinite(result.values)
-        if finite.sum() < 2:
+        if finite.sum() < fewest:
             return []
-        hits = P.detect(result.effect, k=k, sign=sign)
+        hits = P.select(result.effect, k=k, sign=sign, top_k=top_k, threshold=threshold)
         for l, h in hits:
             e = lookup[(head_name(l, h), receiver)]
             keep[e] = True
@@ -60,7 +68,7 @@ def iterative_path_patching(
         nxt = []
         for layer, head in frontier:
             senders = [(l, h) for l in range(layer) for h in range(setup.n_heads)]
-            if len(senders) < 2:
+            if len(senders) < fewest:
                 continue
             for kind in ("q", "k", "v"):
                 index = head if kind == "q" else head // group  # k/v inputs are per key/value head
@@ -76,6 +84,8 @@ def iterative_path_patching(
         "direction": direction,
         "depth": depth,
         "k": k,
+        "top_k": top_k,
+        "threshold": threshold,
         "positions": positions,
         "kv_positions": kv_positions,
         "n_prompts": setup.batch.size,
@@ -90,6 +100,20 @@ class PathPatchingOptions(MethodOptions):
         2, ge=1, le=100, strict=True, description="path patching levels", json_schema_extra={"aliases": ["--depth"]}
     )
     path_k: float = Field(1.0, gt=0, allow_inf_nan=False, description="path patching detection rule in SDs")
+    path_top_k: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="path patching: keep this many senders of the largest effects per receiver, "
+        "instead of the k-SD rule",
+    )
+    path_threshold: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="path patching: keep the senders whose effect is at least this (metric units), "
+        "instead of the k-SD rule",
+    )
 
 
 class PathPatching(Method):
@@ -103,4 +127,14 @@ class PathPatching(Method):
     ranks_every_edge = False
 
     def find(self, setup: P.PatchingSetup, direction: Direction, options: Any, per_prompt: bool = False) -> Found:
-        return Found(iterative_path_patching(setup, options.path_depth, options.path_k, "end", direction))
+        return Found(
+            iterative_path_patching(
+                setup,
+                options.path_depth,
+                options.path_k,
+                "end",
+                direction,
+                top_k=options.path_top_k,
+                threshold=options.path_threshold,
+            )
+        )

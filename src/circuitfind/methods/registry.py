@@ -16,7 +16,7 @@ import importlib
 import re
 from functools import cache
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
@@ -162,6 +162,12 @@ def check_values(values: dict[str, Any]) -> None:
         raise OptionError(one_line(err)) from None
 
 
+def value_type(annotation: Any) -> Any:
+    """The value type of an option's annotation: ``int`` of ``int | None`` (``None``: the default only)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
+
+
 def add_arguments(parser: argparse.ArgumentParser | Any, defaults: Any = None) -> None:
     """The methods' options on a command line (``discover``, ``sweep``, ``checkpoints``): one ``--flag``
     per option field, its aliases, type, default (``defaults``' value where given) and help, which
@@ -175,7 +181,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any, defaults: Any = None) -
             flag(name),
             *aliases,
             dest=name,
-            type=info.annotation,  # type: ignore[arg-type]  # int or float
+            type=value_type(info.annotation),  # int or float (of an optional option too)
             default=default,
             help=f"{info.description} ({', '.join(users[name])}; default: {default})",
         )

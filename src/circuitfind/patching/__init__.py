@@ -7,7 +7,8 @@ Then, by need:
 
 - ``node_patching.py``: :func:`run_patched` and the sweeps over blocks, heads and MLP windows;
 - ``path_patching.py``: :func:`path_patch` from sender heads to :class:`PathReceiver` inputs or the logits;
-- ``detection.py``: :func:`detect`, the ``k``-standard-deviation rule that picks components;
+- ``detection.py``: :func:`detect`, the ``k``-standard-deviation rule that picks components, and
+  :func:`select`, the same with a top-k or an absolute threshold;
 - ``result.py``: :class:`PatchResult`, the values of a sweep with its baselines;
 - ``suffix.py``: passes that start from cached activations and run only what a patch can change;
 - ``memory.py``: working-memory budgets of a pass (used by edge patching).
@@ -18,7 +19,7 @@ activations (is it *necessary*?).
 """
 
 from circuitfind.names import BLOCK_HOOKS, EMBEDDING_STAGE, hook_name
-from circuitfind.patching.detection import check_k, detect, effect_sign, impossible_sign
+from circuitfind.patching.detection import check_k, detect, effect_sign, impossible_sign, select
 from circuitfind.patching.node_patching import (
     patch_block,
     patch_heads,
@@ -53,6 +54,7 @@ __all__ = [
     "check_direction",
     "check_k",
     "detect",
+    "select",
     "effect_sign",
     "impossible_sign",
     "hook_name",

@@ -1,4 +1,5 @@
-"""The detection rule: components whose score stands out from the rest by ``k`` standard deviations."""
+"""The detection rules: components whose score stands out from the rest by ``k`` standard deviations
+(:func:`detect`), or, where that rule cannot fire, the largest effects by count or size (:func:`select`)."""
 
 from __future__ import annotations
 
@@ -70,4 +71,45 @@ def detect(
     else:
         raise ValueError(f"sign must be 'positive', 'negative' or 'both', got {sign!r}")
     idx = [i for i in order.argsort().tolist() if hit[i]]
+    return [tuple(int(j) for j in torch.unravel_index(torch.tensor(i), scores.shape)) for i in idx]
+
+
+def select(
+    scores: torch.Tensor,
+    k: float = 2.0,
+    sign: Literal["positive", "negative", "both"] = "positive",
+    top_k: int | None = None,
+    threshold: float | None = None,
+) -> list[tuple[int, ...]]:
+    """Components by a size rule: the ``k``-SD rule (:func:`detect`) when neither ``top_k`` nor
+    ``threshold`` is given; else the components whose effect in ``sign``'s direction (``-score`` for
+    ``negative``, ``|score|`` for ``both``) is above 0 and at least ``threshold``, the ``top_k``
+    largest of them. Sorted by that effect, largest first; NaNs are ignored.
+
+    Why: with few components (one head per layer, a handful of heads) no score is ``k`` SDs from the
+    mean of the others (with ``n`` scores, at most ``(n - 1) / sqrt(n)`` SDs), so the ``k``-SD rule
+    finds nothing however large the effects are; a count or an absolute size does not depend on it.
+    """
+    if top_k is None and threshold is None:
+        return detect(scores, k=k, sign=sign)
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a whole number >= 1, got {top_k!r}")
+    if threshold is not None:
+        threshold = finite_number("threshold", threshold, positive=True)
+    flat = scores.flatten().float()
+    if sign == "positive":
+        strength = flat
+    elif sign == "negative":
+        strength = -flat
+    elif sign == "both":
+        strength = flat.abs()
+    else:
+        raise ValueError(f"sign must be 'positive', 'negative' or 'both', got {sign!r}")
+    strength = torch.where(torch.isfinite(strength), strength, torch.full_like(strength, -torch.inf))
+    keep = strength > 0
+    if threshold is not None:
+        keep &= strength >= threshold
+    idx = [i for i in strength.argsort(descending=True, stable=True).tolist() if keep[i]]
+    if top_k is not None:
+        idx = idx[:top_k]
     return [tuple(int(j) for j in torch.unravel_index(torch.tensor(i), scores.shape)) for i in idx]
