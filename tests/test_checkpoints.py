@@ -116,7 +116,13 @@ def test_every_top_k_algorithm_takes_top_k_in_the_checkpoints_flow(prefect_harne
     root, _, _ = short_run
     for algorithm in ("ifr", "eap_ig_act"):
         out = circuits_over_training(
-            str(root / "a"), steps=[6], prompts=8, algorithm=algorithm, top_k=7, run=algorithm, outputs=str(tmp_path)
+            str(root / "a"),
+            steps=[6],
+            prompts=8,
+            algorithm=algorithm,
+            options={"top_k": 7},
+            run=algorithm,
+            outputs=str(tmp_path),
         )
         assert [len(r["edges"]) for r in out["checkpoints"]] == [7], algorithm
 
