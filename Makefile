@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
+# Material for MkDocs prints a notice about MkDocs 2.0 on every build; the site does not depend on it.
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: venv demo test test-slow lint bench fetch-models clean
+.PHONY: venv demo test test-slow lint docs bench fetch-models clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,11 +34,17 @@ test: venv fetch-models
 test-slow: venv fetch-models
 	$(BIN)/python -m pytest -m slow
 
-# Lint and type-check (configured in pyproject.toml); `make test` does not run them, .ci/run does.
+# Lint, type-check (configured in pyproject.toml) and build the site strictly (every link, anchor and
+# generated page); `make test` does not run them, .ci/run does.
 lint: venv
-	$(BIN)/ruff check src tests benchmarks flows
-	$(BIN)/ruff format --check src tests benchmarks flows
+	$(BIN)/ruff check src tests benchmarks flows tools
+	$(BIN)/ruff format --check src tests benchmarks flows tools
 	$(BIN)/mypy
+	$(BIN)/mkdocs build --strict --quiet --site-dir $$(mktemp -d)
+
+# The documentation site (mkdocs.yml; offline: no web fonts, no plugin that needs the network) into site/.
+docs: venv
+	$(BIN)/mkdocs build --strict
 
 bench: venv
 	$(BIN)/python benchmarks/bench_patching.py
