@@ -176,12 +176,25 @@ def page(run, driver):
     if not path.exists():
         write_explorer(run)
     driver.get(path.as_uri())
+    assert wait_ready(driver)
     driver.get_log("browser")  # (read once: later reads see only new lines)
     return driver
 
 
 def js(d, code, *args):
     return d.execute_script(code, *args)
+
+
+def wait_ready(d, seconds: float = 30.0) -> bool:
+    """Whether the page's script has built the explorer within ``seconds`` (a loaded machine is slow)."""
+    import time
+
+    end = time.monotonic() + seconds
+    while not js(d, "return !!window.circuitExplorer"):
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 def text(d, id_):
@@ -210,7 +223,7 @@ def setting_index(d, label):
 @browser
 def test_page_opens_without_console_messages(run, driver):
     driver.get((run / "explorer.html").as_uri() if (run / "explorer.html").exists() else write_explorer(run).as_uri())
-    assert js(driver, "return !!window.circuitExplorer") and driver.get_log("browser") == []
+    assert wait_ready(driver) and driver.get_log("browser") == []
     assert int(text(driver, "edge-count")) > 0
 
 
@@ -360,7 +373,7 @@ def test_hostile_names_and_prompts_render_as_text_and_run_nothing(run, driver, t
     html = page.read_text()
     assert html.count("</script>") == 3  # the data's, the library's and the explorer's: no other
     driver.get(page.as_uri())
-    assert driver.get_log("browser") == []
+    assert wait_ready(driver) and driver.get_log("browser") == []
     assert js(driver, "return typeof window.__pwned;") == "undefined"
     assert len(driver.find_elements("css selector", "img")) == 0
     options = [o.text for o in driver.find_elements("css selector", "#setting-a option")]
