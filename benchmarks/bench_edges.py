@@ -20,9 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from circuitfind.methods import discover as D  # noqa: E402
 from circuitfind import patching as P  # noqa: E402
 from circuitfind.edge_patching import EdgePatcher  # noqa: E402
+from circuitfind.methods import discover as D  # noqa: E402
 from circuitfind.models.loading import load_model, model_device  # noqa: E402
 from circuitfind.tasks.batch import TaskBatch  # noqa: E402
 

@@ -35,8 +35,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import transformer_lens.patching as tl_patching  # noqa: E402
 
-from circuitfind.models import fetch  # noqa: E402
 from circuitfind import patching as P  # noqa: E402
+from circuitfind.models import fetch  # noqa: E402
 from circuitfind.models.loading import load_model, model_device  # noqa: E402
 from circuitfind.tasks.batch import TaskBatch, load_task  # noqa: E402
 

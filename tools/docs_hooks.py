@@ -46,12 +46,14 @@ SIGNS: dict[str, str] = {
     "needed; no sign.",
     "ugs": "each edge's learned inclusion probability `sigmoid(theta)` in [0, 1]: larger is more needed; no sign.",
     "path_patching": "a circuit: an edge's score is its sender head's path-patching effect at its level "
-    "(noising negative, denoising positive for a needed head); heads are kept by the k-SD rule.",
+    "(noising negative, denoising positive for a needed head); heads are kept by the k-SD rule, or by "
+    "`--path-top-k` / `--path-threshold`.",
     "node": "a circuit: an edge's score is the node-patching effect of the head it feeds (into the logits: of "
-    "the head it leaves); noising negative, denoising positive for a needed head; heads kept by the k-SD rule.",
-    "atp": "a circuit of heads: an edge's score is the AtP estimate of node patching (`patched - base`) of the "
-    "head it feeds (into the logits: of the head it leaves); noising negative, denoising positive for a "
-    "needed head; heads ranked by |estimate|.",
+    "the head it leaves); noising negative, denoising positive for a needed head; heads kept by the k-SD rule, "
+    "or by `--node-top-k` / `--node-threshold`.",
+    "atp": "a circuit of heads and MLPs: an edge's score is the AtP estimate of node patching (`patched - base`) "
+    "of the component it feeds (into the logits: of the component it leaves); noising negative, denoising "
+    "positive for a needed component; heads and MLPs ranked together by |estimate| (the same units).",
     "atp_star": "as AtP, with the QK fix and GradDrop; GradDrop's mean of magnitudes carries the "
     "QK-fixed estimate's sign.",
 }
@@ -131,6 +133,7 @@ def methods_reference() -> str:
             f"needs a corruption: {'yes' if method.needs_corruption else 'no (faithfulness only)'}",
             f"gradients: {'yes' if method.gradients else 'no'}",
             f"scores: {method.score}",
+            f"default metric: `{method.default_metric}`",
             f"returns: {method.returns}",
             f"per-prompt scores: {'yes' if method.per_prompt else 'no'}",
             f"faithfulness curve: {'yes' if method.ranks_every_edge else 'no'}",
