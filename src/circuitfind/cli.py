@@ -50,8 +50,8 @@ def metric_help(default: str) -> str:
     from circuitfind.tasks.metrics import METRICS
 
     return (
-        f"{', '.join(METRICS)}, or package.module:function (a metric of your own; see the README's "
-        f'"From Python") (default: {default})'
+        f"{', '.join(METRICS)}, or package.module:function (a metric of your own; see the docs' tutorial "
+        f"'Your own behaviour', section 4) (default: {default})"
     )
 
 
