@@ -1,4 +1,4 @@
-"""The scheduled deployment run by a Prefect worker, end to end, started as the README says:
+"""The scheduled deployment run by a Prefect worker, end to end, started as the docs say (how-to: Prefect):
 `prefect server start`, `python flows/deploy.py --pool P`, `prefect worker start --pool P`, then
 `prefect deployment run`. Every process is started and stopped by the test."""
 

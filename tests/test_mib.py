@@ -265,7 +265,7 @@ def test_cli_export_and_compare_take_the_format(tiny, tmp_path, capsys):
 
 
 def test_a_discovered_circuit_saves_as_mib_without_extra_arguments(ioi_model, ioi_batch, tmp_path):
-    """The README's example: discovery records d_model, so circuit.save("x.mib.json") works as written."""
+    """The docs' example (how-to: MIB and EAP-IG files): discovery records d_model, so circuit.save("x.mib.json") works as written."""
     from circuitfind import patching
     from circuitfind.edge_patching import EdgePatcher
     from circuitfind.methods import discover as discovery
