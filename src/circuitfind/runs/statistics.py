@@ -381,7 +381,7 @@ def axis_effects(records: list[dict], n_boot: int = 2000) -> list[dict]:
         out.append(
             {
                 "axis": axis,
-                "values": sorted({_axis_value(r, axis) for r in healthy}),
+                "values": sorted({_axis_value(r, axis) for r in members}),
                 "pairs": pairs,
                 "skipped_pairs": skipped,
                 "left_out": sorted(r["setting"] for r in healthy if r not in members),
