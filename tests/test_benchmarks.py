@@ -91,3 +91,13 @@ def test_bench_methods_quick(tmp_path):
     for algorithm in ("edge_pruning", "ugs", "eap_ig", "acdc"):
         assert rows[algorithm][1:4] == ["1.000", "1.00", "1.00"], rows[algorithm]  # AUROC, precision, recall
     assert {line.split()[0] for line in toy.splitlines()[1:] if line.strip()} == set(ALGORITHMS)
+
+
+@pytest.mark.slow
+def test_bench_report_quick(tmp_path):
+    out = _run("bench_report.py", tmp_path, "--outputs", str(tmp_path / "outputs"), "--repeats", "1")
+    row = re.search(r"^bench-report-toy\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+([\d.]+)$", out, re.M)
+    assert row, out
+    assert int(row.group(1)) == 4 and int(row.group(5)) <= 25  # 4 settings; no inline list over 25
+    assert "longest inline list <= 25: met" in out
+    assert (tmp_path / "outputs" / "bench-report-toy" / "report.html").is_file()

@@ -2,7 +2,6 @@
 GN's prompt x noise-sample rows), stability of the detected heads, and signs a setting cannot show."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest

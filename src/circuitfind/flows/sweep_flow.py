@@ -175,7 +175,11 @@ def create_report_artifacts(run_dir: str, html: str) -> None:
 @flow(name="circuitfind-compare", log_prints=True)
 def compare_run(run_dir: str, reference: str | None = None, title: str | None = None) -> dict:
     """Compare every circuit in a run folder and write the diff report."""
-    title = title or f"Circuit diff report: {Path(run_dir).name}"
+    if not title:  # the run's name and what it studies (a run named by the clock still says what it is)
+        from circuitfind.reports.sweep_report import default_title
+        from circuitfind.runs.records import load_records
+
+        title = default_title(run_dir, load_records(run_dir))
     return report_task(run_dir, reference, title)
 
 

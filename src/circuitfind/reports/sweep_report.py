@@ -1,13 +1,19 @@
 """The sweep's circuit diff report, built around the researcher's questions.
 
-Sections, in order: which choice of setting moves the circuit (axes ranked by ``1 - mean edge
-Jaccard`` over pairs of settings that differ on that axis only, with bootstrap intervals over the
-pairs; the robust and the setting-dependent edges and components); the settings with their health
-flags and the pitfalls of their choices (:mod:`circuitfind.runs.health`); then per (model, task): overlaps
-between settings, faithfulness curves as small multiples, circuit drawings, component stability,
-agreement with a reference, and bootstrap intervals of edge scores over prompts (flagged settings
-left out). Statistics come from :mod:`circuitfind.runs.statistics`; rendering from
-:mod:`circuitfind.reports.render` (HTML with inline SVG, and the same as Markdown).
+Sections, in order: what was run (the grid and its parameters, from the run's manifest); which choice
+of setting moves the circuit (axes ranked by ``1 - mean edge Jaccard`` over pairs of settings that
+differ on that axis only, with bootstrap intervals over the pairs; algorithms compared at equal
+circuit size; the robust and the setting-dependent edges and components); the methods; the settings
+with their health flags and the pitfalls of their choices (:mod:`circuitfind.runs.health`); then per
+(model, task): overlaps between settings, the layer x layer edge-score mass, faithfulness curves as
+small multiples, circuit drawings, component stability, agreement with a reference, and bootstrap
+intervals of edge scores over prompts. Flagged settings are left out of every statistic and figure.
+
+At any size the page stays readable: no list runs past :data:`INLINE` items; longer ones are tables of
+the strongest, grouped by the component they feed, with every item in a CSV file written beside the
+report (``robust-edges.csv``, ``robust-components.csv``, ``component-stability.csv``). Statistics come
+from :mod:`circuitfind.runs.statistics`; rendering from :mod:`circuitfind.reports.render` (HTML with
+inline SVG figures, :mod:`circuitfind.reports.figures`, and the same as Markdown).
 """
 
 from __future__ import annotations
@@ -268,7 +274,7 @@ def _robust_section(g: dict, several: bool, files: dict[str, str]) -> R.Section:
     robust_comps = by_strength(rob["components"]["robust"], comp_strength)
     comp_csv += [["every healthy setting", c, comp_strength.get(c, float("nan"))] for c in robust_comps]
     blocks.append(
-        R.text(_capped(robust_comps, comps_file), bold=f"Robust components ({len(robust_comps)}), strongest first:")
+        R.text(_capped(robust_comps, comps_file), bold=f"Robust components ({len(robust_comps)}; strongest first):")
     )
     comp_dep = rob["components"]["dependent"]
     for d in comp_dep:
@@ -741,28 +747,30 @@ def _methods_section(groups: list[dict]) -> list[R.Section]:
         values = [v for v in values if v is not None and math.isfinite(v)]
         return sum(values) / len(values) if values else float("nan")
 
-    rows = []
+    from circuitfind.runs.statistics import NODE_LEVEL
+
+    ranked = []
     for name in counts:
-        what, paper = _method_facts(name)
         members = healthy[name]
         cpr = mean([(r.get("curve") or {}).get("cpr") for r in members])
         faith = mean([r["faithfulness"] for r in members])
-        rows.append([name, f"{counts[name]} ({len(members)})", faith, cpr, what, paper])
-
-    def rank(row: list) -> tuple[float, float]:  # higher CPR first, then higher faithfulness; undefined last
-        cpr, faith = float(row[3]), float(row[2])
-        return (-cpr if math.isfinite(cpr) else math.inf, -faith if math.isfinite(faith) else math.inf)
-
-    rows.sort(key=rank)
-    from circuitfind.runs.statistics import NODE_LEVEL
-
-    for row in rows:  # an undefined mean says why
-        if not math.isfinite(row[2]):
-            row[2] = "n/a: no healthy setting"
-        if not math.isfinite(row[3]):
-            row[3] = (
-                "n/a: no curve for node circuits" if row[0] in NODE_LEVEL else "n/a: no healthy setting with a curve"
-            )
+        # higher CPR first, then higher faithfulness; undefined last
+        key = (-cpr if math.isfinite(cpr) else math.inf, -faith if math.isfinite(faith) else math.inf)
+        ranked.append((key, name, members, faith, cpr))
+    rows: list[list] = []
+    for _, name, members, faith, cpr in sorted(ranked, key=lambda x: x[0]):
+        what, paper = _method_facts(name)
+        no_curve = "n/a: no curve for node circuits" if name in NODE_LEVEL else "n/a: no healthy setting with a curve"
+        rows.append(
+            [
+                name,
+                f"{counts[name]} ({len(members)})",
+                faith if math.isfinite(faith) else "n/a: no healthy setting",  # an undefined mean says why
+                cpr if math.isfinite(cpr) else no_curve,
+                what,
+                paper,
+            ]
+        )
     note = R.text(
         "Ranked by the mean CPR (area under the faithfulness curve) of each method's healthy settings, then "
         "by mean faithfulness; methods without a curve (node circuits, path patching, AtP) rank by faithfulness."
@@ -785,7 +793,7 @@ def report_sections(
     with progress.bar(total=3, show=show, desc="report: statistics") as bar, torch_threads(1):
         groups = compare_records(records, reference, consensus_fraction)  # small tensors: one thread is enough
         bar.update()
-        effects = axis_effects(records)
+        effects = axis_effects(records, flags={n: c["flags"] for g in groups for n, c in g["health"].items()})
         bar.set_description("report: figures")
         bar.update()
         sections = (
