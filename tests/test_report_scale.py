@@ -242,10 +242,27 @@ def test_a_flagged_setting_is_in_no_statistic_and_no_figure(run):
 def test_the_algorithm_axis_compares_circuits_of_equal_size(run):
     records = load_records(run)
     (algorithm,) = [e for e in axis_effects(records) if e["axis"] == "algorithm"]
-    assert algorithm["equal_size"] and algorithm["left_out"] == [NODE]  # no edge scores: cannot be cut
+    eap_str = "big__ioi__eap__str__logit_diff__noise"
+    assert algorithm["equal_size"] and algorithm["left_out"] == []
     sizes = {r["setting"]: r["n_edges"] for r in records}
-    assert {(p["a"], p["b"]) for p in algorithm["pairs"]} == {(ACDC, "big__ioi__eap__str__logit_diff__noise")}
-    assert all(p["size"] == min(sizes[p["a"]], sizes[p["b"]]) == 60 for p in algorithm["pairs"])
+    # the node circuit (5 edges, no scores) is the smaller of its pairs: the others are cut to 5
+    assert {(p["a"], p["b"], p["size"]) for p in algorithm["pairs"]} == {
+        (ACDC, eap_str, 60),
+        (ACDC, NODE, 5),
+        (eap_str, NODE, 5),
+    }
+    assert all(p["size"] == min(sizes[p["a"]], sizes[p["b"]]) for p in algorithm["pairs"])
+    # a larger circuit without scores cannot be cut: an AtP circuit of 7 edges against the node circuit's 5
+    node = next(r for r in records if r["setting"] == NODE)
+    atp = {**node, "setting": NODE.replace("node", "atp"), "algorithm": "atp", "n_edges": 7}
+    atp["edges"] = [*node["edges"], ["a0.0", "a1.0<q>"], ["a1.0", "logits"]]
+    (with_atp,) = [e for e in axis_effects([*records, atp]) if e["axis"] == "algorithm"]
+    pairs = {(p["a"], p["b"]): p["size"] for p in with_atp["pairs"]}
+    assert (atp["setting"], NODE) not in pairs and (NODE, atp["setting"]) not in pairs
+    assert pairs[(ACDC, atp["setting"])] == pairs[(atp["setting"], eap_str)] == 7  # cut to the AtP circuit's size
+    # without the scored circuits, the AtP circuit is in no pair: left out, by name
+    (alone,) = [e for e in axis_effects([node, atp]) if e["axis"] == "algorithm"]
+    assert alone["left_out"] == [atp["setting"]] and not alone["pairs"] and alone["values"] == []
     # cut_to_size keeps the circuit's k edges of largest |score|
     eap = next(r for r in records if r["setting"] == "big__ioi__eap__str__logit_diff__noise")
     cut = cut_to_size(eap, 60)
@@ -256,9 +273,8 @@ def test_the_algorithm_axis_compares_circuits_of_equal_size(run):
     assert len(kept) == 60 and min(scores[list(kept)]) >= max(scores[list(dropped)])
     assert set(cut["nodes"]) <= set(eap["nodes"])
     md = (run / "report.md").read_text()
-    assert "| algorithm (equal size) | acdc, eap | 1 |" in md
-    assert "each pair of algorithms is compared at equal size" in md and "scores; k = 60)" in md
-    assert f"left out of this axis: {NODE}" in md
+    assert "| algorithm (equal size) | acdc, eap, node | 3 |" in md
+    assert "each pair of algorithms is compared at equal size" in md and "scores; k = 5, 60)" in md
 
 
 def test_no_nan_and_no_negative_zero_in_the_report(run):

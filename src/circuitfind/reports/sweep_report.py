@@ -143,7 +143,8 @@ def _axes_sections(effects: list[dict], groups: list[dict], files: dict[str, str
                 "at the smaller circuit's size k, each circuit cut to its k edges of largest |score| (from the stored "
                 f"scores; k = {', '.join(map(str, sizes)) or 'n/a'})."
                 + (
-                    f" Settings without edge scores cannot be cut and are left out of this axis: {_capped(left, 'the settings table')}."
+                    " A circuit without edge scores cannot be cut: it is compared only with circuits at least its size, "
+                    f"and these settings are left out of this axis: {_capped(left, 'the settings table')}."
                     if left
                     else ""
                 ),
@@ -158,7 +159,7 @@ def _axes_sections(effects: list[dict], groups: list[dict], files: dict[str, str
                 f"{len(e['pairs'])} ({e['skipped_pairs']} across graph shapes skipped)"
                 if e["skipped_pairs"]
                 else len(e["pairs"]),
-                e["movement"] if e["pairs"] else "n/a: no pair with edge scores",
+                e["movement"] if e["pairs"] else "n/a: no pair to compare (at equal size)",
                 _interval(e["edge_jaccard"]),
                 _interval(e["node_jaccard"]),
                 _interval(e["spearman"], "no pair with three scored edges"),
@@ -493,7 +494,9 @@ def _group_sections(g: dict, several: bool, files: dict[str, str], run_dir: Path
     common = sorted(g["consensus_nodes"], key=strongest.__getitem__)
     n_healthy = len(g["healthy"])
     summary = [
-        R.text(_capped(unanimous, stability_file), bold=f"Components in every healthy setting ({len(unanimous)}):"),
+        R.text(
+            _capped(unanimous, stability_file), bold=f"Components in every setting (healthy ones; {len(unanimous)}):"
+        ),
         R.text(
             _capped(common, stability_file), bold=f"Components in >= {consensus} of healthy settings ({len(common)}):"
         ),
@@ -836,7 +839,9 @@ def _header_section(records: list[dict], groups: list[dict], run_dir: str | Path
         f"{k.replace('_', ' ')} {config[k]}" for k in ("dtype", "device", "max_batch") if config.get(k) is not None
     ]
     n_healthy = sum(len(g["healthy"]) for g in groups)
-    run = Path(run_dir).resolve().name if run_dir is not None else "n/a: records given directly"
+    # the name the sweep gave the run (its manifest's), not the folder's: a copied or moved run reports the same
+    manifest = (read_manifest(run_dir) if run_dir is not None else None) or {}
+    run = str(manifest.get("run") or "n/a: no manifest")
     lines = [
         R.text(
             f"{axis('models', 'model')} on {axis('tasks', 'task')}; {prompts} prompts per setting, seed {seed}.",
@@ -890,8 +895,11 @@ def write_report(
 
 def default_title(run_dir: str | Path, records: list[dict]) -> str:
     """The run's name and what it studies: ``bench-report: smollm2-135m on ioi``."""
+    from circuitfind.runs.records import read_manifest
+
     models, tasks = _values(r["model"] for r in records), _values(r["task"] for r in records)
-    return f"{Path(run_dir).resolve().name}: {models} on {tasks}"
+    name = (read_manifest(run_dir) or {}).get("run") or Path(run_dir).resolve().name
+    return f"{name}: {models} on {tasks}"
 
 
 def write_run_report(

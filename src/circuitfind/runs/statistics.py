@@ -398,18 +398,17 @@ def axis_effects(records: list[dict], n_boot: int = 2000, flags: dict[str, list[
     sizes (a node circuit of 5 edges, ACDC's 17-96, a top-k of 1,000), and the Jaccard of a small and a
     large circuit measures their sizes as much as their choices. Each pair of algorithms is compared
     at the smaller circuit's size ``k``, each circuit cut to its ``k`` edges of largest ``|score|``
-    (:func:`cut_to_size`); settings without edge scores (node-level methods) cannot be cut and are left
-    out of that axis (``left_out``)."""
+    (:func:`cut_to_size`); a larger circuit without edge scores (node-level methods) cannot be cut, so
+    its pairs are left out (``left_out``: settings in no compared pair for that reason)."""
     healthy = [r for r in records if not (flags[r["setting"]] if flags is not None else health.check_record(r))]
     lookups: dict = {}
     out = []
     for axis in _grid_axes(healthy):
         others = [a for a in AXES if a != axis]
-        members = [r for r in healthy if _scored(r)] if axis == "algorithm" else healthy
         by_rest: dict[tuple, list[dict]] = defaultdict(list)
-        for r in members:
+        for r in healthy:
             by_rest[tuple(_axis_value(r, a) for a in others)].append(r)
-        pairs, skipped = [], 0
+        pairs, skipped, uncut = [], 0, set()
         for group in by_rest.values():
             for a, b in combinations(sorted(group, key=lambda r: r["setting"]), 2):
                 if _record_shape(a) != _record_shape(b):
@@ -417,9 +416,15 @@ def axis_effects(records: list[dict], n_boot: int = 2000, flags: dict[str, list[
                     continue
                 if axis == "algorithm":
                     k = min(len(a["edges"]), len(b["edges"]))
+                    cannot = [r["setting"] for r in (a, b) if len(r["edges"]) > k and not _scored(r)]
+                    if cannot:  # a larger circuit without edge scores cannot be cut to the other's size
+                        uncut.update(cannot)
+                        continue
                     pairs.append({**pair_statistics(cut_to_size(a, k), cut_to_size(b, k), lookups), "size": k})
                 else:
                     pairs.append(pair_statistics(a, b, lookups))
+        compared = {n for p in pairs for n in (p["a"], p["b"])}
+        members = [r for r in healthy if r["setting"] in compared] if axis == "algorithm" else healthy
         stats = {k: mean_interval([p[k] for p in pairs], n_boot) for k in ("edge_jaccard", "node_jaccard", "spearman")}
         ej = stats["edge_jaccard"]
         out.append(
@@ -428,7 +433,7 @@ def axis_effects(records: list[dict], n_boot: int = 2000, flags: dict[str, list[
                 "values": sorted({_axis_value(r, axis) for r in members}),
                 "pairs": pairs,
                 "skipped_pairs": skipped,
-                "left_out": sorted(r["setting"] for r in healthy if r not in members),
+                "left_out": sorted(uncut - compared) if axis == "algorithm" else [],
                 "equal_size": axis == "algorithm",
                 **stats,
                 "movement": 1 - ej["mean"] if ej["n"] else float("nan"),
