@@ -199,7 +199,16 @@ def test_atp_and_atp_star_run_in_a_sweep_and_the_report_ranks_them(tmp_path):
         assert r["n_edges"] > 0 and r["faithfulness"] is not None
     paths = write_run_report(run, title="atp sweep")
     md = paths["markdown_text"]
-    assert "| algorithm | atp, atp_star, node | 6 |" in md  # the algorithm axis, ranked with the others
+    # the algorithm axis compares circuits of equal size; node circuits have no edge scores to cut a larger
+    # one down with, so only their pairs of equal size are compared (the others are left out, and said so)
+    from circuitfind.runs.statistics import axis_effects
+
+    (algorithm,) = [e for e in axis_effects(list(load_records(run))) if e["axis"] == "algorithm"]
+    by_name = {r["setting"]: r for r in records.values()}
+    assert all(by_name[p["a"]]["n_edges"] == by_name[p["b"]]["n_edges"] == p["size"] for p in algorithm["pairs"])
+    assert "| algorithm (equal size) |" in md
+    for name in algorithm["left_out"]:
+        assert name in md.split("**Algorithm axis at equal size.**", 1)[1].split("\n", 1)[0]
     for name in ("atp/str/logit_diff/noise", "atp_star/str/logit_diff/denoise"):
         assert f"| {name} |" in md
 

@@ -99,3 +99,12 @@ def test_bench_hostile_quick(tmp_path):
     for row in ("valid task (baseline)", "2 rows of 50,000 answers", "FIFO named .jsonl", "metric that sleeps"):
         assert row in out, row
     assert "every goal met" in out, out
+
+
+def test_bench_report_quick(tmp_path):
+    out = _run("bench_report.py", tmp_path, "--outputs", str(tmp_path / "outputs"), "--repeats", "1")
+    row = re.search(r"^bench-report-toy\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+([\d.]+)$", out, re.M)
+    assert row, out
+    assert int(row.group(1)) == 4 and int(row.group(5)) <= 25  # 4 settings; no inline list over 25
+    assert "longest inline list <= 25: met" in out
+    assert (tmp_path / "outputs" / "bench-report-toy" / "report.html").is_file()

@@ -71,9 +71,10 @@ def test_the_report_renders_in_chromium_without_console_errors(report, tmp_path)
     assert console_lines(result.stderr) == []
     dom = result.stdout
     assert "<h1>Circuit diff report: small sweep</h1>" in dom and '<nav class="contents">' in dom
-    # the axis figure, 3 overlap heatmaps, the consensus circuit, 8 setting drawings, and one faithfulness
-    # panel per algorithm (the flagged EAP + KL settings have none): 1 + 3 + 1 + 8 + 2
-    assert len(re.findall(r"<svg[\s>]", dom)) == 15
+    # the axis figure, 3 overlap heatmaps, the layer x layer score mass, the consensus circuit, 8 setting
+    # drawings, and one faithfulness panel per algorithm (the flagged EAP + KL settings have none):
+    # 1 + 3 + 1 + 1 + 8 + 2
+    assert len(re.findall(r"<svg[\s>]", dom)) == 16
     assert len(re.findall(r"<img[\s>]", dom)) == 0
     assert (
         dom.index("Which choice matters") < dom.index("Settings and health checks") < dom.index("Faithfulness curves")

@@ -54,9 +54,9 @@ def test_sweep_writes_circuits_report_and_manifest(first_run):
     algorithms = sorted(json.loads(Path(e["json"]).read_text())["algorithm"] for e in manifest["settings"])
     assert algorithms == ["acdc", "acdc", "eap_ig", "eap_ig", "node", "node"]  # the eap_ig checks above ran twice
     html = (run / "report.html").read_text()
-    # the axis figure, 2 Jaccard heatmaps + Spearman, the curves of acdc and eap_ig (a panel each),
-    # the consensus drawing and the 6 settings' drawings
-    assert html.count("<svg") == 1 + 3 + 2 + 1 + 6 and "edge Jaccard" in html and "Bootstrap" in html
+    # the axis figure, 2 Jaccard heatmaps + Spearman, the layer x layer score mass, the curves of acdc and
+    # eap_ig (a panel each), the consensus drawing and the 6 settings' drawings
+    assert html.count("<svg") == 1 + 3 + 1 + 2 + 1 + 6 and "edge Jaccard" in html and "Bootstrap" in html
     md = (run / "report.md").read_text()
     assert "| acdc/str/kl/noise |" in md and "Components in every setting" in md
     assert manifest["report"]["explorer"] == str((run / "explorer.html").resolve())  # after the report

@@ -92,9 +92,7 @@ def _bootstrap_tables(md: str) -> dict[str, list[tuple[str, float, float, float]
     tables: dict[str, list] = {}
     label = None
     for line in md.splitlines():
-        if m := re.match(
-            r"\*\*(\S+):\*\* \d+ edges with a 95% interval excluding 0\. Top edges by \|mean score\|:", line
-        ):
+        if m := re.match(r"\*\*(\S+):\*\* \d+ edges with a 95% interval excluding 0 \(of \d+\)\.", line):
             label = m.group(1)
             tables[label] = []
         elif label and line.startswith("| ") and not line.startswith("| edge |"):
@@ -105,11 +103,22 @@ def _bootstrap_tables(md: str) -> dict[str, list[tuple[str, float, float, float]
     return tables
 
 
-def check_bootstrap_tables(md: str, records: dict[str, dict]) -> None:
+def check_bootstrap_tables(md: str, records: dict[str, dict], folder: Path) -> None:
+    """Each table lists what its header says: edges whose interval excludes 0 (as many as
+    ``agreement.bootstrap_ci``, the reference, finds), the largest by |mean| among those, each point
+    inside its interval and the record's own score."""
+    from circuitfind.circuits.agreement import bootstrap_ci
+
     tables = _bootstrap_tables(md)
     assert set(tables) == set(records)
     for label, rows in tables.items():
         scores = records[label]["scores"]
+        ci = bootstrap_ci(torch.load(folder / records[label]["per_prompt"], weights_only=True))
+        excluding = ci.excludes_zero()
+        count = int(re.search(rf"\*\*{re.escape(label)}:\*\* (\d+) edges", md).group(1))
+        assert count == int(excluding.sum()), (
+            f"{label}: {count} edges excluding 0, the reference finds {int(excluding.sum())}"
+        )
         lookup = GRAPH.edge_lookup
         listed = set()
         for edge, mean, low, high in rows:
@@ -117,28 +126,40 @@ def check_bootstrap_tables(md: str, records: dict[str, dict]) -> None:
             index = lookup[(sender, receiver)]
             listed.add(index)
             assert low <= mean <= high, f"{label} {edge}: {mean} outside [{low}, {high}]"
+            assert low > 0 or high < 0, f"{label} {edge}: [{low}, {high}] includes 0 under an 'excluding 0' header"
+            assert (low, high) == pytest.approx((float(ci.low[index]), float(ci.high[index])), abs=5e-4)
             assert mean == pytest.approx(scores[index], abs=6e-4), f"{label} {edge}: not the record's score"
         sizes = [abs(r[1]) for r in rows]
         assert sizes == sorted(sizes, reverse=True), f"{label}: not ordered by |mean|"
-        unlisted = [abs(s) for i, s in enumerate(scores) if i not in listed]
-        assert min(sizes) >= round(max(unlisted), 3) - 5e-4, f"{label}: an unlisted edge has a larger |mean|"
+        unlisted = [abs(s) for i, s in enumerate(scores) if i not in listed and excluding[i]]
+        assert not unlisted or min(sizes) >= round(max(unlisted), 3) - 5e-4, (
+            f"{label}: an unlisted edge excluding 0 has a larger |mean|"
+        )
 
 
 def test_sweep_bootstrap_points_lie_in_their_intervals_and_top_edges_are_the_largest(run):
     folder, records = run
     md = write_run_report(folder)["markdown_text"]
-    check_bootstrap_tables(md, records)
+    check_bootstrap_tables(md, records, folder)
     tables = _bootstrap_tables(md)
-    # a zero-effect edge (the same zero on every prompt) has a zero-width interval at 0
-    zero_rows = [r for r in tables["eap/str/prob/noise"] if r[1] == 0.0]
-    assert zero_rows and all(r[2] == r[3] == 0.0 for r in zero_rows)
-    # the checker fails on a point moved out of its interval, and on an edge listed out of order
+    # a zero-effect edge (the same zero on every prompt) has a zero-width interval at 0: it does not exclude
+    # 0, so it is not listed (the sparse prob settings have few edges that do)
+    assert all(r[1] != 0.0 for rows in tables.values() for r in rows)
+    assert 0 < len(tables["eap/str/prob/noise"]) < 8
+    # the checker fails on a point moved out of its interval, and on an interval that includes 0
     first = tables["eap/str/kl/noise"][0]
     moved = md.replace(
         f"| {first[1]:.3f} | {first[2]:.3f} | {first[3]:.3f} |", f"| 9.000 | {first[2]:.3f} | {first[3]:.3f} |"
     )
     with pytest.raises(AssertionError, match="outside"):
-        check_bootstrap_tables(moved, records)
+        check_bootstrap_tables(moved, records, folder)
+    low = -0.001 if first[1] > 0 else first[2]
+    high = first[3] if first[1] > 0 else 0.001
+    widened = md.replace(
+        f"| {first[1]:.3f} | {first[2]:.3f} | {first[3]:.3f} |", f"| {first[1]:.3f} | {low:.3f} | {high:.3f} |"
+    )
+    with pytest.raises(AssertionError, match="includes 0"):
+        check_bootstrap_tables(widened, records, folder)
 
 
 def test_sweep_bootstrap_points_are_exactly_inside_even_for_constant_rows(run):

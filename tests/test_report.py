@@ -113,20 +113,24 @@ def test_axis_ranking_exact():
     # the KL setting is flagged, so the metric axis has a single healthy value and is not ranked
     assert [e["axis"] for e in effects] == ["corruption", "algorithm"]
     corruption, algorithm = effects
-    # corruption pairs: eap str/gn 3/4, acdc str/gn 2/4; algorithm pairs: str 2/3, gn 3/5
+    # corruption pairs: eap str/gn 3/4, acdc str/gn 2/4
     assert corruption["edge_jaccard"]["mean"] == pytest.approx(0.625)
     assert corruption["movement"] == pytest.approx(0.375)
-    assert algorithm["edge_jaccard"]["mean"] == pytest.approx(19 / 30)
-    assert algorithm["movement"] == pytest.approx(11 / 30)
+    # algorithm pairs at equal size: str at k = 2, EAP's {R1, R2, X} cut to its two largest |scores| {R1, R2}
+    # = ACDC's {R1, R2}: 1; gn at k = 4 (both have four edges): 3/5. (Without the cut: 2/3 and 3/5.)
+    assert [p["size"] for p in algorithm["pairs"]] == [2, 4] and not corruption["pairs"][0].get("size")
+    assert algorithm["edge_jaccard"]["mean"] == pytest.approx(0.8)
+    assert algorithm["movement"] == pytest.approx(0.2)
     # component Jaccard: corruption 2/3 and 2/4; algorithm 1 and 3/4
     assert corruption["node_jaccard"]["mean"] == pytest.approx(7 / 12)
     assert algorithm["node_jaccard"]["mean"] == pytest.approx(0.875)
-    # Spearman of |score| over the edges in either circuit: corruption 1 and 0.8; algorithm -1 and 0.7
+    # Spearman of |score| over the edges in either circuit: corruption 1 and 0.8; algorithm: str has two
+    # edges only (no correlation), gn 0.7
     assert corruption["spearman"]["mean"] == pytest.approx(0.9)
-    assert algorithm["spearman"]["mean"] == pytest.approx(-0.15)
+    assert algorithm["spearman"]["mean"] == pytest.approx(0.7) and algorithm["spearman"]["n"] == 1
     # two pairs: the bootstrap over pairs spans the two values
     assert (corruption["edge_jaccard"]["low"], corruption["edge_jaccard"]["high"]) == pytest.approx((0.5, 0.75))
-    assert (algorithm["movement_low"], algorithm["movement_high"]) == pytest.approx((1 / 3, 0.4))
+    assert (algorithm["movement_low"], algorithm["movement_high"]) == pytest.approx((0.0, 0.4))
     assert len(corruption["pairs"]) == len(algorithm["pairs"]) == 2
 
 
@@ -186,14 +190,26 @@ def test_report_layout_answers_first(run):
     assert (
         "| corruption | gn, str | 2 | 0.375 | 0.625 (no interval: 2 pairs, at least 3 needed for an interval) |" in md
     )
+    # the algorithm axis at equal size (test_axis_ranking_exact)
     assert (
-        "| algorithm | acdc, eap | 2 | 0.367 | 0.633 (no interval: 2 pairs, at least 3 needed for an interval) |" in md
+        "| algorithm (equal size) | acdc, eap | 2 | 0.200 | 0.800 (no interval: 2 pairs, at least 3 needed for an interval) |"
+        in md
     )
-    assert "**Robust edges (2):** a0.0 -> a1.0<q>, a1.0 -> logits" in md
-    assert "| corruption = gn | 2 | m0 -> logits |" in md and "| algorithm = eap | 2 | input -> a0.0<q> |" in md
+    # robust edges: a table, strongest first (mean |score| over each setting's largest: R1 5/5, 3/3, 1/3, 5/5)
+    assert "**Robust edges (2).**" in md
+    assert "| a0.0 -> a1.0<q> | heads of layer 1 | 0.833 |\n| a1.0 -> logits | logits | 0.733 |" in md
+    assert "| corruption = gn | 2 | 1 | m0 -> logits |" in md and "| algorithm = eap | 2 | 1 | input -> a0.0<q> |" in md
+    assert "[All robust and setting-dependent edges (4): robust-edges.csv](robust-edges.csv)" in md
+    assert (run / "robust-edges.csv").read_text().splitlines()[1:] == [
+        "every healthy setting,a0.0,a1.0<q>,heads of layer 1,0.833",
+        "every healthy setting,a1.0,logits,logits,0.733",
+        "only when algorithm = eap,input,a0.0<q>,heads of layer 0,0.483",  # (1/3 + 3/5 + 3/3 + 0) / 4
+        "only when corruption = gn,m0,logits,logits,0.258",  # (0.5/3 + 2/5 + 0.2/3 + 2/5) / 4
+    ]
     html = (run / "report.html").read_text()
-    # one axis figure, 2 overlap heatmaps + Spearman, the consensus drawing and 5 setting drawings; no curves
-    assert html.count("<svg") == 1 + 3 + 1 + 5
+    # one axis figure, 2 overlap heatmaps + Spearman, the layer x layer score mass, the consensus drawing and
+    # 5 setting drawings; no curves
+    assert html.count("<svg") == 1 + 3 + 1 + 1 + 5
     assert "<nav class='contents'>" in html and "href='#which-choice-matters'" in html
 
 
@@ -279,14 +295,14 @@ def test_render_page_has_contents_and_escapes():
     )
     assert (
         "<td>&lt;b&gt;</td><td class='n'>1.235</td>" in html
-        and "<td>n/a</td><td class='n'>nan</td>" in html
+        and "<td>n/a</td><td class='n'>n/a</td>" in html  # an undefined number never prints as "nan"
         and "a &amp; b" in html
     )
     marked = R.table(["flag"], [[R.Markup("<span class='flag'>x</span>", "x")]])
     assert "<td><span class='flag'>x</span></td>" in marked.html and marked.markdown.endswith("| x |")
     md = R.markdown_page("T", sections)
     assert (
-        "| <b> | 1.235 |\n| n/a | nan |" in md and "### Sub" in md and "**Contents:** First <one> · First <one>" in md
+        "| <b> | 1.235 |\n| n/a | n/a |" in md and "### Sub" in md and "**Contents:** First <one> · First <one>" in md
     )
 
 

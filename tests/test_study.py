@@ -2,7 +2,6 @@
 GN's prompt x noise-sample rows), stability of the detected heads, and signs a setting cannot show."""
 
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -371,13 +370,22 @@ def test_the_mlp_chart_fits_its_y_axis_and_ticks_whole_layers():
     from circuitfind.reports import figures
 
     curves = {"window 1": (list(range(30)), [0.001 * i for i in range(30)])}  # below 0.09, as on SmolLM2
-    svg = figures.line_chart(curves, "layer", "effect", "t", fit_y=True, integer_x=True)
-    yticks = re.findall(r'text-anchor="end" font-size="9">([^<]*)</text>', svg)
-    xticks = re.findall(r'text-anchor="middle" font-size="9">([^<]*)</text>', svg)
-    assert "1.00" not in yticks and "0.03" in yticks  # the axis ends near the data's 0.029, not at 1
-    assert xticks == [str(i) for i in range(0, 30, 3)]  # whole layers (not 0.00 / 14.50 / 29.00)
-    default = figures.line_chart(curves, "layer", "effect", "t")
-    assert "1.00" in re.findall(r'font-size="9">([^<]*)</text>', default)  # other charts keep 0-1
+
+    def ticks(fig, axis):  # the labels of the ticks inside the axis's range, as drawn
+        figures.to_svg(fig)
+        ax = fig.axes[0]
+        low, high = sorted(ax.get_ylim() if axis == "y" else ax.get_xlim())
+        labels = ax.get_yticklabels() if axis == "y" else ax.get_xticklabels()
+        return [t.get_text() for t in labels if low <= (t.get_position()[1 if axis == "y" else 0]) <= high]
+
+    fitted = figures.line_chart_figure(curves, "layer", "effect", "t", fit_y=True, integer_x=True)
+    assert max(fitted.axes[0].get_ylim()) < 0.035  # the axis ends near the data's 0.029, not at 1
+    assert "0.030" in ticks(fitted, "y") and "1.0" not in ticks(fitted, "y")
+    xticks = ticks(fitted, "x")
+    assert all(t.isdigit() for t in xticks) and len(xticks) <= 11  # whole layers (not 0.00 / 14.50 / 29.00)
+    assert "<svg" in figures.line_chart(curves, "layer", "effect", "t", fit_y=True, integer_x=True)
+    default = figures.line_chart_figure(curves, "layer", "effect", "t")
+    assert max(default.axes[0].get_ylim()) >= 1.0 and "1.0" in ticks(default, "y")  # other charts keep 0-1
 
 
 def test_the_mlp_part_honours_its_direction(random_gpt2):

@@ -446,7 +446,7 @@ def cmd_report(args) -> None:
     from pathlib import Path
 
     from circuitfind.reports import write_run_report
-    from circuitfind.runs.sweep import MANIFEST
+    from circuitfind.runs.records import MANIFEST
 
     note = None
     if not (Path(args.run_dir) / MANIFEST).is_file():  # the sweep writes it last

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
-from scipy import stats
 
 from circuitfind.errors import GraphMismatchError
 
@@ -85,6 +84,8 @@ def rank_correlation(
         raise ValueError(f"score vectors differ in shape: {x.shape} vs {y.shape}")
     if np.ptp(x) == 0 or np.ptp(y) == 0:
         return {"spearman": float("nan"), "kendall": float("nan")}
+    from scipy import stats  # here, not at import: scipy.stats takes most of a second to import
+
     return {"spearman": float(stats.spearmanr(x, y).statistic), "kendall": float(stats.kendalltau(x, y).statistic)}
 
 

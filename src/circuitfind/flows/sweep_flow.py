@@ -191,10 +191,15 @@ def explorer_task(run_dir: str) -> str | None:
 
 @flow(name="circuitfind-compare", log_prints=True)
 def compare_run(run_dir: str, reference: str | None = None, title: str | None = None) -> dict:
-    """Compare every circuit in a run folder and write the diff report, then the circuit explorer."""
-    title = title or f"Circuit diff report: {Path(run_dir).name}"
-    paths = report_task(run_dir, reference, title)
-    return {**paths, "explorer": explorer_task(run_dir)}
+    """Write the run's circuit explorer, then compare every circuit in the run folder in the diff report
+    (which links to the explorer when it was written)."""
+    if not title:  # the run's name and what it studies (a run named by the clock still says what it is)
+        from circuitfind.reports.sweep_report import default_title
+        from circuitfind.runs.records import load_records
+
+        title = default_title(run_dir, load_records(run_dir))
+    explorer = explorer_task(run_dir)
+    return {**report_task(run_dir, reference, title), "explorer": explorer}
 
 
 @flow(name="circuitfind-sweep", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=2))

@@ -12,7 +12,7 @@ and a Markdown form. Build blocks with :func:`table`, :func:`text`, :func:`figur
     html = R.html_page("My report", sections)  # a contents list at the top, the CSS inline
     markdown = R.markdown_page("My report", sections)
 
-Cells are formatted by :func:`fmt` (floats with three decimals, ``None`` as ``n/a``) and escaped
+Cells are formatted by :func:`fmt` (floats with three decimals, never ``-0.000``; NaN and ``None`` as ``n/a``) and escaped
 in HTML; a :class:`Markup` cell carries its own HTML. Figures are SVG strings (see :mod:`circuitfind.reports.figures`); Markdown shows their caption.
 """
 
@@ -26,19 +26,24 @@ from html import escape
 
 CSS = """body{font-family:sans-serif;margin:24px;max-width:1400px;color:#222}
 table{border-collapse:collapse;margin:8px 0 16px}td,th{border:1px solid #ccc;padding:3px 8px;font-size:12px;text-align:left}
-th{background:#f3f3f3}td.n{text-align:right}h2{border-bottom:2px solid #333;margin-top:32px}
+th{background:#f3f3f3}td.n{text-align:right}h2{border-bottom:2px solid #333;margin-top:32px;overflow:hidden}
 .grid{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start}.card{border:1px solid #ddd;padding:4px;display:inline-block;vertical-align:top}
-.caption{font-size:12px;color:#555;margin:2px 0 10px}nav.contents{background:#f7f7f7;border:1px solid #ddd;padding:6px 16px;display:inline-block}
+.caption{font-size:12px;color:#555;margin:2px 0 10px}nav.contents{background:#f7f7f7;border:1px solid #ddd;padding:6px 16px;float:right;margin:0 0 12px 20px;max-width:360px;font-size:13px}
 nav.contents ul{margin:4px 0;padding-left:18px}.flag{color:#b30000;font-weight:bold}.note{color:#8a5a00}
 details{margin:8px 0}summary{cursor:pointer;font-weight:bold}"""
 
 
 def fmt(value: object) -> str:
-    """A table cell as text: floats with three decimals (``nan`` when undefined), ``None`` as ``n/a``."""
+    """A table cell as text: floats with three decimals, never ``-0.000`` (a negative that rounds to 0
+    is 0); an undefined float (NaN) or ``None`` as ``n/a`` (a cell that can say why passes its reason
+    as text: ``"n/a: no curve for node circuits"``)."""
     if value is None:
         return "n/a"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.3f}"
+        if math.isnan(value):
+            return "n/a"
+        text = f"{value:.3f}"
+        return text[1:] if text.startswith("-") and float(text) == 0 else text
     return str(value)
 
 

@@ -306,7 +306,7 @@ SUMMARY_HEADER = [
     "faithfulness B",
     "faithfulness change",
 ]
-LIST_LIMIT = 30  # edges listed per setting in HTML and Markdown; diff.json has them all
+LIST_LIMIT = 25  # items listed inline per line of HTML and Markdown (as in the sweep report); diff.json has them all
 
 
 def _summary_rows(diff: dict) -> list[list]:
@@ -399,7 +399,7 @@ def _sections(diff: dict) -> list[R.Section]:
         "Summary",
         *(R.text(line) for line in _intro(diff)),
         R.table(SUMMARY_HEADER, _summary_rows(diff)),
-        *(R.text(", ".join(items) or "none", bold=f"{label}:") for label, items in _one_run_only(diff)),
+        *(R.text(_names(items), bold=f"{label}:") for label, items in _one_run_only(diff)),
     )
     settings = [R.section(s["key"], _details_block(s), level=3) for s in diff["settings"]]
     return [summary, R.section("Per setting", R.text("Edges gained and lost, from run A to run B.")), *settings]

@@ -122,7 +122,7 @@ def check_records(records: list[dict]) -> dict[str, dict[str, list[str]]]:
 
 def check_run(run_dir: str | Path) -> dict[str, dict[str, list[str]]]:
     """:func:`check_records` of every record in a sweep's run folder (for its manifest)."""
-    from circuitfind.runs.sweep import load_records
+    from circuitfind.runs.records import load_records
 
     return check_records(load_records(run_dir))
 
