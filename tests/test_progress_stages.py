@@ -103,9 +103,11 @@ def test_off_a_terminal_progress_is_one_plain_line_per_interval_and_nothing_for_
     monkeypatch.setenv(progress.INTERVAL_ENV, "0.05")
     assert progress.mode() == "lines"  # capsys's stderr is not a terminal
     with progress.bar(range(8), show=True, desc="edge pruning", unit="step") as b:
-        for _ in b:
+        for i in b:
             time.sleep(0.03)
             b.set_postfix(faith="0.830")
+            if i == 4:
+                b.set_description("edge pruning")  # tqdm's own form would add ": " to it
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert "\r" not in err and len(lines) >= 2, err

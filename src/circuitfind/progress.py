@@ -102,7 +102,10 @@ class _Bar(tqdm):
             stage(desc)
         if self._lines_after is not None and time.monotonic() < self._lines_after:
             refresh = False  # a line for a new description only once the work has run past the delay
-        super().set_description(desc, refresh)
+        super().set_description(desc, refresh=False)
+        self.desc = self.desc.removesuffix(": ")  # tqdm appends ": " here but not at creation: one form for the lines
+        if refresh:
+            self.refresh()
 
     def set_postfix(self, ordered_dict: Any = None, refresh: bool | None = True, **kwargs: Any) -> None:
         # in line mode the postfix is written with the next interval's line, not as a line of its own
