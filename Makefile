@@ -44,6 +44,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_scale.py
 	$(BIN)/python benchmarks/bench_datasets.py
 	$(BIN)/python benchmarks/bench_methods.py
+	$(BIN)/python benchmarks/bench_workflows.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -103,7 +103,9 @@ class _Bar(tqdm):
         if self._lines_after is not None and time.monotonic() < self._lines_after:
             refresh = False  # a line for a new description only once the work has run past the delay
         super().set_description(desc, refresh=False)
-        self.desc = self.desc.removesuffix(": ")  # tqdm appends ": " here but not at creation: one form for the lines
+        self.desc = str(getattr(self, "desc", "")).removesuffix(
+            ": "
+        )  # tqdm appends ": " here but not at creation: one form for the lines
         if refresh:
             self.refresh()
 

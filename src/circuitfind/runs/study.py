@@ -359,8 +359,31 @@ def both_directions(
     prompt resamples (Zhang & Nanda 2023 sec. 5: noising and denoising can find different circuits)."""
     args = (prompts, seed, k)
     rest = (corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed, task)
-    den, den_masks = _head_detection(model, model_name, *args, "denoise", *rest)
-    noi, noi_masks = _head_detection(model, model_name, *args, "noise", *rest)
+    den = _head_detection(model, model_name, *args, "denoise", *rest)
+    noi = _head_detection(model, model_name, *args, "noise", *rest)
+    return combine_directions(model_name, task, den, noi)
+
+
+def one_direction(model, model_name: str, direction: P.Direction, **options) -> tuple[dict, dict]:
+    """:func:`head_detection` in one ``direction`` with the same options (``direction="both"`` excepted),
+    and its resampled detection masks, for :func:`combine_directions`: a flow runs the two directions
+    at once this way."""
+    full = {**HEAD_DEFAULTS, **options}
+    return _head_detection(model, model_name, direction=direction, **{n: full[n] for n in HEAD_ARGS})
+
+
+HEAD_ARGS = ("prompts", "seed", "k", "corruptions", "metrics", "variants", "n_boot", "gn_scale", "gn_samples",
+             "noise_seed", "task")  # fmt: skip
+HEAD_DEFAULTS: dict[str, Any] = {
+    "prompts": 40, "seed": 0, "k": 2.0, "corruptions": ("str:s2_io", "gn"), "metrics": ("prob", "logit_diff", "kl"),
+    "variants": ("str:s2_io", "str:s1_io"), "n_boot": 500, "gn_scale": 3.0, "gn_samples": 3, "noise_seed": None,
+    "task": "ioi",
+}  # fmt: skip
+
+
+def combine_directions(model_name: str, task: str, denoised: tuple[dict, dict], noised: tuple[dict, dict]) -> dict:
+    """The study of both directions from each direction's result and masks (:func:`one_direction`)."""
+    (den, den_masks), (noi, noi_masks) = denoised, noised
     between = {}
     for name in den["settings"]:
         if name in den_masks and name in noi_masks:
