@@ -91,3 +91,11 @@ def test_bench_methods_quick(tmp_path):
     for algorithm in ("edge_pruning", "ugs", "eap_ig", "acdc"):
         assert rows[algorithm][1:4] == ["1.000", "1.00", "1.00"], rows[algorithm]  # AUROC, precision, recall
     assert {line.split()[0] for line in toy.splitlines()[1:] if line.strip()} == set(ALGORITHMS)
+
+
+@pytest.mark.slow
+def test_bench_workflows_quick(tmp_path):
+    out = _run("bench_workflows.py", tmp_path)
+    for workflow in ("study_str", "study_gn", "study_mlp", "edge_pruning", "ugs", "heads_by_pos"):
+        assert re.search(rf"^\s+toy-ioi\s+{workflow}\s+[\d.]+\s+\d+\s+[\d.]+\s+\S", out, re.M), workflow
+    assert "greater_than_eap" not in out  # SmolLM2 only
