@@ -53,6 +53,7 @@ bench: venv
 	$(BIN)/python benchmarks/bench_datasets.py
 	$(BIN)/python benchmarks/bench_methods.py
 	$(BIN)/python benchmarks/bench_report.py
+	$(BIN)/python benchmarks/bench_workflows.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

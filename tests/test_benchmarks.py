@@ -108,3 +108,10 @@ def test_bench_report_quick(tmp_path):
     assert int(row.group(1)) == 4 and int(row.group(5)) <= 25  # 4 settings; no inline list over 25
     assert "longest inline list <= 25: met" in out
     assert (tmp_path / "outputs" / "bench-report-toy" / "report.html").is_file()
+
+
+def test_bench_workflows_quick(tmp_path):
+    out = _run("bench_workflows.py", tmp_path)
+    for workflow in ("study_str", "study_gn", "study_mlp", "edge_pruning", "ugs", "heads_by_pos"):
+        assert re.search(rf"^\s+toy-ioi\s+{workflow}\s+[\d.]+\s+\d+\s+[\d.]+\s+\S", out, re.M), workflow
+    assert "greater_than_eap" not in out  # SmolLM2 only

@@ -235,3 +235,21 @@ def test_sweep_attaches_link_and_table_artifacts(first_run):
         record = json.loads(Path(records[name]["json"]).read_text())
         assert row["edges"] == record["n_edges"] and row["faithfulness"] == record["faithfulness"]
         assert "flags" in row
+
+
+def test_study_flow_runs_directions_at_once_with_the_library_numbers(prefect_harness, tmp_path, ioi_model):
+    """--workers 2: each direction is a task of its own, run in two threads; the study is the library's."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from circuitfind.flows.study_flow import settings_study
+    from circuitfind.runs import study
+
+    grid = {"metrics": ("logit_diff", "prob"), "corruptions": ("str:s2_io", "gn"), "variants": ()}
+    flow = settings_study.with_options(task_runner=ThreadPoolTaskRunner(max_workers=2))
+    out = flow(ioi_prompts=8, n_boot=20, run="both", outputs=str(tmp_path), direction="both", grid=grid)
+    (heads,) = out["heads"]
+    want = study.head_detection(ioi_model, "toy-ioi", prompts=8, n_boot=20, direction="both", **grid)
+    assert heads["directions"] == want["directions"]
+    for got, ref in zip(heads["by_direction"], want["by_direction"], strict=True):
+        assert got["direction"] == ref["direction"] and got["settings"] == ref["settings"]
+        assert got["jaccard_ci"] == ref["jaccard_ci"]

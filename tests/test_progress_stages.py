@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ def test_bar_descriptions_and_stages_reach_the_listener_and_never_stdout(capsys,
         progress.stage("baselines")
     progress.stage("outside")  # no listener: nothing
     assert seen == ["eap: searching", "eap: faithfulness", "baselines"]
+    monkeypatch.setenv(progress.ENV, "1")  # tqdm's bars without a terminal (off one, the default is a line per ~10 s)
     with progress.bar(show=True, desc="shown", total=2) as b:
         b.update(2)
     out = capsys.readouterr()
@@ -92,3 +94,58 @@ def test_the_sweep_flow_logs_each_setting_stage(first_sweep, sweep_env, tmp_path
     for stage in ("baselines", "eap: searching", "eap: faithfulness", "eap: faithfulness curve"):
         assert any("toy-ioi__ioi__eap__str" in line and line.rstrip().endswith(stage) for line in lines), stage
     assert "baselines" not in proc.stdout and "searching" not in proc.stdout
+
+
+def test_off_a_terminal_progress_is_one_plain_line_per_interval_and_nothing_for_short_work(monkeypatch, capsys):
+    import time
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.setenv(progress.INTERVAL_ENV, "0.05")
+    assert progress.mode() == "lines"  # capsys's stderr is not a terminal
+    with progress.bar(range(8), show=True, desc="edge pruning", unit="step") as b:
+        for i in b:
+            time.sleep(0.03)
+            b.set_postfix(faith="0.830")
+            if i == 4:
+                b.set_description("edge pruning")  # tqdm's own form would add ": " to it
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert "\r" not in err and len(lines) >= 2, err
+    for line in lines:
+        assert re.fullmatch(r"edge pruning: step \d/8, \d+ s, faith=0\.830", line), line
+    monkeypatch.setenv(progress.INTERVAL_ENV, "30")
+    with progress.bar(range(3), show=True, desc="quick", unit="step") as b:
+        for _ in b:
+            pass
+    assert capsys.readouterr().err == ""  # work shorter than the interval writes no line
+    monkeypatch.setenv(progress.INTERVAL_ENV, "soon")
+    with pytest.raises(ValueError, match="CIRCUITFIND_PROGRESS_INTERVAL='soon' is not a number"):
+        progress.interval()
+
+
+def test_edge_pruning_logs_its_steps_when_stderr_is_a_pipe(tmp_path):
+    code = (
+        "from circuitfind import patching as P\n"
+        "from circuitfind.edge_patching import EdgePatcher\n"
+        "from circuitfind.methods.pruning import edge_pruning\n"
+        "from circuitfind.models.catalogue import load_model\n"
+        "from circuitfind.tasks.batch import TaskBatch\n"
+        "m = load_model('toy-ioi')\n"
+        "setup = P.prepare(m, TaskBatch.build(m, 'ioi', 4, seed=1), 'str', 'logit_diff')\n"
+        "edge_pruning(EdgePatcher(setup), 20, steps=30)\n"
+        "print('done')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != progress.ENV}
+    env |= {
+        progress.INTERVAL_ENV: "0.01",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(progress.__file__).parents[1]),
+    }
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout == "done\n"  # progress never reaches stdout
+    steps = re.findall(
+        r"^edge pruning: step (\d+)/30, \d+ s, faith=-?[\d.]+, kept=\d+, loss=-?[\d.]+$", proc.stderr, re.M
+    )
+    assert len(steps) >= 2 and [int(s) for s in steps] == sorted(int(s) for s in steps), proc.stderr[-2000:]
+    assert len(steps) == len(set(steps)), proc.stderr[-2000:]  # one line per redraw, not one per postfix change too

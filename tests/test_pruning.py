@@ -80,6 +80,27 @@ def test_edge_pruning_reaches_its_target_edge_count(ioi_model):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("k", [5, 10, 20])
+def test_edge_pruning_reaches_a_small_target_within_the_default_steps(ioi_setup, k):
+    """With the relative constraint; the plain one ended 200 steps at 18.0 and 18.6 expected edges for
+    k = 5 and 10 (its scores are still shifted to exactly k)."""
+    patcher = EdgePatcher(ioi_setup)
+    scores, trace = edge_pruning(patcher, k, relative=True)
+    assert float(scores.sum()) == pytest.approx(k, abs=max(1.0, 0.1 * k))  # the expected kept count
+    assert trace.kept[-1] * patcher.n_edges == pytest.approx(k, rel=0.3)  # the optimisation itself, before the shift
+
+
+def test_projection_to_the_target_keeps_the_ranking():
+    from circuitfind.methods.pruning import project_to_target
+
+    log_alpha = torch.randn(500, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    for want in (5, 40, 480):
+        shifted = project_to_target(log_alpha, keep_probability, want / 500)
+        assert float(keep_probability(shifted).double().sum()) == pytest.approx(want, abs=1e-4)
+        assert torch.equal(shifted.argsort(), log_alpha.argsort())
+
+
+@pytest.mark.slow
 def test_edge_pruning_circuit_has_its_size_and_beats_eap_at_that_size_on_toy_ioi(ioi_setup):
     found = D.discover(ioi_setup, "edge_pruning", top_k=30, prune_steps=120)
     eap = D.discover(ioi_setup, "eap", top_k=30)

@@ -290,7 +290,8 @@ def test_warnings_for_kl_noising_negative_heads_and_tiny_found_heads():
 
 
 def test_pitfalls_state_the_runs_own_evidence(tmp_path):
-    small_p = _row("str", "prob", "noise", [[0.0, -0.05], [0.0, 0.0], [0.0, 0.0]], ["a0.1"], base_prob=0.05)
+    # denoising: the floor -p / gap hides answer-suppressing heads (noising: the ceiling, the next test)
+    small_p = _row("str", "prob", "denoise", [[0.0, -0.05], [0.0, 0.0], [0.0, 0.0]], ["a0.1"], base_prob=0.05)
     gn = _row("gn", "logit_diff", "noise", [[0.0, -0.5], [0.0, 0.0], [0.0, -0.4]], ["a0.1", "a2.1"])
     h = {"settings": {"str/prob": small_p, "gn/logit_diff": gn}}
     text = str(study._head_pitfalls(h, ["probability_metric", "gaussian_noise"]))
@@ -301,6 +302,43 @@ def test_pitfalls_state_the_runs_own_evidence(tmp_path):
     text = str(study._head_pitfalls(h, ["probability_metric", "gaussian_noise"]))
     assert "p = 0.350" in text and "does not bind" in text
     assert "no early head (layers 0-0) was found under Gaussian noise" in text
+
+
+def test_noising_pitfalls_quote_the_ceiling_and_explain_gaussian_noise_for_noising():
+    """Noising, a head that pushes the answer down has a positive effect, capped by (1 - p) / gap: with
+    p = 1.000 the cap is 0 and it binds; the Gaussian-noise pitfall says why early heads look needed."""
+    saturated = _row("str", "prob", "noise", [[0.0, -0.05], [0.0, 0.0], [0.0, 0.0]], ["a0.1"], base_prob=1.0)
+    gn = _row("gn", "logit_diff", "noise", [[0.0, -0.5], [0.0, 0.0], [0.0, -0.4]], ["a0.1"])
+    h = {"direction": "noise", "settings": {"str/prob": saturated, "gn/logit_diff": gn}}
+    text = str(study._head_pitfalls(h, ["probability_metric", "gaussian_noise"]))
+    assert "str/prob: p = 1.000 on the base run, so no effect can go above 0.000 (1 - p < 0.1: the bound binds" in text
+    assert "does not bind" not in text and "below" not in text
+    assert "noised activation into the clean run" in text and "restoring early layers" not in text
+    assert "early heads (layers 0-0) found under Gaussian noise: gn/logit_diff: a0.1" in text
+    saturated["base_prob"] = 0.5
+    text = str(study._head_pitfalls(h, ["probability_metric"]))
+    assert "can go above 0.500 (1 - p >= 0.1: the bound does not bind here)" in text
+
+
+def test_the_mlp_part_gives_the_peak_value_and_the_paired_window_minus_sum_test(random_gpt2, tmp_path):
+    m = study.mlp_localisation(random_gpt2, "g", prompts=6, windows=(1, 3), n_boot=200)
+    peak = m["peak_single"]
+    assert peak["layer"] == m["peaks"]["window 1"]
+    # the curve's own point (the paired mean uses each row's base run, the curve the baseline: float32 apart)
+    assert peak["effect"] == pytest.approx(m["curves"]["window 1"][peak["layer"]], abs=1e-3)
+    assert peak["low"] <= peak["effect"] <= peak["high"]
+    a = m["agreement"][3]
+    at = a["peak_window"]
+    window, summed = m["curves"]["window 3"], m["curves"]["sum of 3 single layers"]
+    assert a["max_window"] == pytest.approx(window[at]) and a["sum_at_peak"] == pytest.approx(summed[at])
+    assert a["max_sum"] == pytest.approx(summed[a["peak_sum"]])  # the sum curve's own peak, named as such
+    # the mean of the per-prompt differences is the difference of the curves at that layer
+    assert a["excess"] == pytest.approx(window[at] - summed[at], abs=1e-3)
+    assert a["excess_low"] <= a["excess"] <= a["excess_high"] and a["excess_low"] < a["excess_high"]
+    md = Path(study.study_report([], [m], tmp_path)["markdown"]).read_text()
+    assert f"layer {peak['layer']}, effect {peak['effect']:.3f} [95% interval" in md
+    assert "window - sum per prompt [95% interval]" in md and "Window inflation test" in md
+    assert f"{a['excess']:.3f} [{a['excess_low']:.3f}, {a['excess_high']:.3f}]" in md
 
 
 def test_every_grid_option_has_help_and_its_default(capsys):

@@ -4,8 +4,8 @@ budget, dispatches them to an engine and scores the answer logits (see :mod:`cir
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
+from circuitfind import progress
 from circuitfind.circuits.graph import ModelGraph
 from circuitfind.edge_patching.direct import DirectEngine
 from circuitfind.edge_patching.engine import Engine
@@ -195,9 +195,8 @@ class EdgePatcher:
         kind = "functional" if functional_engine else "grad" if keep.requires_grad else "hooks"
         passes = self._passes(keep.shape[0], kind, split, prompts)
         pieces: dict[int, list[torch.Tensor]] = {}
-        for cands, rows in tqdm(
-            passes, desc=desc or "edge patching", disable=not self.setup.progress or len(passes) < 2, leave=False
-        ):
+        show = self.setup.progress and len(passes) > 1
+        for cands, rows in progress.bar(passes, desc=desc or "edge patching", show=show, announce=False):
             part = keep[cands]
             part = part.to(torch.float32) if part.dtype == torch.bool else part
             if functional_engine:

@@ -5,6 +5,7 @@
     python flows/study.py --ioi-models toy-ioi smollm2-135m --factual-models smollm2-135m   # needs the fetched model;
                                                            # 16-30 minutes per SmolLM2 model (16 prompts, 2 CPUs)
     python flows/study.py --ioi-task pairs.jsonl --corruptions str gn --variants   # a dataset file as the head task
+    python flows/study.py ... --workers 2 --threads 1    # two parts at once (directions, models, MLP part), 1 thread each
 
 (``python -m circuitfind.flows.study_flow`` when installed.) Writes ``<outputs>/<run>/study.html``,
 ``study.md`` and ``study.json``; ``<outputs>`` defaults to the checkout's ``outputs/``, or
@@ -23,6 +24,7 @@ from typing import Any, Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from circuitfind import patching as P
 from circuitfind.checks import positive_int
@@ -35,6 +37,7 @@ from circuitfind.paths import run_folder
 from circuitfind.runs import study
 from circuitfind.tasks.corruptions import get_corruption
 from circuitfind.tasks.metrics import get_metric
+from circuitfind.threads import threads_per_worker, torch_threads
 
 
 @task(name="ioi-head-detection", task_run_name="heads-{model_name}", persist_result=False)
@@ -57,6 +60,18 @@ def heads_task(
             n_boot=n_boot,
             task=task,
             **grid,
+        )
+
+
+@task(name="head-detection-direction", task_run_name="heads-{model_name}-{direction}", persist_result=False)
+def head_direction_task(
+    model_name: str, direction: P.Direction, prompts: int, seed: int, n_boot: int = 500, task: str = "ioi", **grid
+) -> tuple[dict, dict]:
+    """Head detection in one direction, with its resampled masks (:func:`circuitfind.runs.study.one_direction`);
+    its own model, so that directions and models run at once in the flow's worker threads."""
+    with logged_stages():
+        return study.one_direction(
+            load_model(model_name), model_name, direction, prompts=prompts, seed=seed, n_boot=n_boot, task=task, **grid
         )
 
 
@@ -99,7 +114,10 @@ def mlps_task(
     return out
 
 
-@flow(name="circuitfind-study", log_prints=True)
+ONE_AT_A_TIME: Any = ThreadPoolTaskRunner(max_workers=1)  # the flow's parts in turn unless main gives --workers
+
+
+@flow(name="circuitfind-study", log_prints=True, task_runner=ONE_AT_A_TIME)
 def settings_study(
     ioi_models: list[str] | None = None,
     factual_models: list[str] | None = None,
@@ -132,9 +150,21 @@ def settings_study(
     factual_models = factual_models or []
     ioi_task, factual_task = task_path(ioi_task), task_path(factual_task)
     run_dir = run_folder(outputs, run, "study-")
-    heads = [heads_task(m, ioi_prompts, seed, direction, n_boot, ioi_task, **(grid or {})) for m in ioi_models]
+    # every model x direction and every MLP part is a task of its own, run at once by the flow's task runner
+    # (--workers threads; torch's ops release the GIL), each with its own copy of the model
+    directions: list[P.Direction] = ["denoise", "noise"] if direction == "both" else [direction]
+    parts = {
+        (m, d): head_direction_task.submit(m, d, ioi_prompts, seed, n_boot, ioi_task, **(grid or {}))
+        for m in ioi_models
+        for d in directions
+    }
     cache = str(run_dir.parent / ".cache" / "study-mlp")
-    mlps = [mlps_task(m, factual_prompts, seed, cache, factual_task, **(mlp or {})) for m in factual_models]
+    mlp_parts = [mlps_task.submit(m, factual_prompts, seed, cache, factual_task, **(mlp or {})) for m in factual_models]
+    heads = []
+    for m in ioi_models:
+        done = [parts[(m, d)].result() for d in directions]
+        heads.append(study.combine_directions(m, ioi_task, *done) if direction == "both" else done[0][0])
+    mlps = [f.result() for f in mlp_parts]
     paths = study.study_report(heads, mlps, run_dir)
     write_json(run_dir / "study.json", {"heads": heads, "mlps": mlps, "report": paths})
     create_markdown_artifact(Path(paths["markdown"]).read_text(), key="settings-study")
@@ -208,6 +238,9 @@ def check_arguments(a: argparse.Namespace) -> None:
     check_prompt_count(a.factual_prompts)
     positive_int("n_boot", a.n_boot)
     positive_int("--gn-samples", a.gn_samples)
+    positive_int("--workers", a.workers)
+    if a.threads is not None:
+        positive_int("--threads", a.threads)
     for name in a.metrics:
         get_metric(name)
     for spec in [*a.corruptions, *a.variants]:
@@ -279,13 +312,22 @@ def main(argv: list[str] | None = None) -> int:
         "--mlp-direction", choices=("denoise", "noise"), default="denoise",
         help="the MLP part's direction, independent of --direction (default denoise: restoration, as Meng et al.)",
     )  # fmt: skip
+    p.add_argument(
+        "--workers", type=int, default=2,
+        help="parts run at once (each model's head study per direction, each MLP part; default 2)",
+    )  # fmt: skip
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads of each part run at once (default: cores // --workers)",
+    )  # fmt: skip
     p.add_argument("--run", default=None, help="run folder name (default: a new study-<time>)")
     p.add_argument("--outputs", default=None, help="default: ./outputs of the current folder")
     a = p.parse_args(argv)
     try:
         check_arguments(a)
-        with prefect_api():
-            settings_study(
+        runner: Any = ThreadPoolTaskRunner(max_workers=a.workers)
+        with prefect_api(), torch_threads(a.threads or threads_per_worker(a.workers)):
+            settings_study.with_options(task_runner=runner)(
                 a.ioi_models,
                 a.factual_models,
                 a.ioi_prompts,

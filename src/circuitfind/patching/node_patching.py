@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
+from circuitfind import progress
 from circuitfind.names import BLOCK_HOOKS, hook_name
 from circuitfind.patching.result import PatchResult, sweep_result
 from circuitfind.patching.setup import (
@@ -55,12 +55,13 @@ def run_patched(
     sources = sources if sources is not None else setup.sources(direction, masks)
     chunk = max(1, setup.max_batch // setup.size)
     if use_suffix(setup, direction, names=list(masks)):
-        with tqdm(total=n_cand, desc=desc or "patching", disable=not setup.progress, leave=False) as bar:
+        with progress.bar(total=n_cand, desc=desc or "patching", show=setup.progress, announce=False) as bar:
             return SuffixForward(setup, direction).run(masks, sources, chunk, progress=bar)
     base = setup.base_run(direction)
     out = []
     starts = range(0, n_cand, chunk)
-    for start in tqdm(starts, desc=desc or "patching", disable=not setup.progress or len(starts) < 2, leave=False):
+    show = setup.progress and len(starts) > 1
+    for start in progress.bar(starts, desc=desc or "patching", show=show, announce=False):
         stop = min(start + chunk, n_cand)
         n = stop - start
         hooks = list(base.hooks)

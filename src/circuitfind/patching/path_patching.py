@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
+from circuitfind import progress
 from circuitfind.names import LOGITS, hook_name
 from circuitfind.patching.result import PatchResult
 from circuitfind.patching.setup import Direction, PatchingSetup, answer_logits, bind_hook, check_direction, repeat_ctx
@@ -82,7 +82,7 @@ def path_patch(
     pos = setup.position_mask(positions)  # [batch, pos]
     chunk = max(1, setup.max_batch // B)
     if use_suffix(setup, direction, receivers=list(recv_hooks)):
-        with tqdm(total=len(senders), desc="path patching", disable=not setup.progress, leave=False) as bar:
+        with progress.bar(total=len(senders), desc="path patching", show=setup.progress, announce=False) as bar:
             per_sender = SuffixForward(setup, direction).path_values(senders, recv_hooks, pos, chunk, bar).cpu()
     else:
         per_sender = _pathpatch_hooks(setup, direction, senders, recv_hooks, pos, chunk)
@@ -118,7 +118,8 @@ def _pathpatch_hooks(
     src_z = setup.sources(direction, z_names)
     base = setup.base_run(direction)
     values = []
-    for start in tqdm(range(0, len(senders), chunk), desc="path patching", disable=not setup.progress, leave=False):
+    starts = range(0, len(senders), chunk)
+    for start in progress.bar(starts, desc="path patching", show=setup.progress, announce=False):
         group = senders[start : start + chunk]
         n = len(group)
         sender_mask = torch.zeros(L, n, 1, 1, H, 1, dtype=torch.bool, device=pos.device)

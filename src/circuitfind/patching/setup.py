@@ -20,6 +20,7 @@ import torch
 
 from circuitfind.checks import positive_int
 from circuitfind.patching.memory import parse_memory
+from circuitfind.progress import enabled as progress_enabled
 from circuitfind.tasks import multitoken
 from circuitfind.tasks.batch import TaskBatch
 from circuitfind.tasks.corruptions import Corruption, CorruptionPlan, Run, get_corruption
@@ -171,7 +172,7 @@ def prepare(
     corruption: str | Corruption = "str",
     metric: str | Metric = "logit_diff",
     max_batch: int = 256,
-    progress: bool = False,
+    progress: bool | None = None,
     engine: str = "auto",
     max_memory: int | str | None = None,
 ) -> PatchingSetup:
@@ -182,7 +183,8 @@ def prepare(
 
     ``max_batch`` (>= 1) caps the prompts per forward pass of the sweeps built on this setup;
     ``engine``: how node and path patching run; ``max_memory``: the working-memory budget of an
-    edge-patching pass (see :class:`PatchingSetup`).
+    edge-patching pass (see :class:`PatchingSetup`); ``progress``: its sweeps show progress on stderr
+    (default: :func:`circuitfind.progress.enabled`, so a long sweep logs a line every ~10 s off a terminal).
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -213,7 +215,7 @@ def prepare(
         clean_value,
         corrupt_value,
         max_batch=max_batch,
-        progress=progress,
+        progress=progress_enabled() if progress is None else progress,
         engine=engine,
         max_memory=max_memory,
         clean_logits=clean_logits,

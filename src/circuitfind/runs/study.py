@@ -23,6 +23,7 @@ from circuitfind.circuits import agreement
 from circuitfind.errors import ImpossibleSignError, TaskError
 from circuitfind.io import write_text
 from circuitfind.names import head_name
+from circuitfind.patching.node_patching import window_layers
 from circuitfind.reports import figures
 from circuitfind.reports import render as R
 from circuitfind.runs import health
@@ -360,8 +361,31 @@ def both_directions(
     prompt resamples (Zhang & Nanda 2023 sec. 5: noising and denoising can find different circuits)."""
     args = (prompts, seed, k)
     rest = (corruptions, metrics, variants, n_boot, gn_scale, gn_samples, noise_seed, task)
-    den, den_masks = _head_detection(model, model_name, *args, "denoise", *rest)
-    noi, noi_masks = _head_detection(model, model_name, *args, "noise", *rest)
+    den = _head_detection(model, model_name, *args, "denoise", *rest)
+    noi = _head_detection(model, model_name, *args, "noise", *rest)
+    return combine_directions(model_name, task, den, noi)
+
+
+def one_direction(model, model_name: str, direction: P.Direction, **options) -> tuple[dict, dict]:
+    """:func:`head_detection` in one ``direction`` with the same options (``direction="both"`` excepted),
+    and its resampled detection masks, for :func:`combine_directions`: a flow runs the two directions
+    at once this way."""
+    full = {**HEAD_DEFAULTS, **options}
+    return _head_detection(model, model_name, direction=direction, **{n: full[n] for n in HEAD_ARGS})
+
+
+HEAD_ARGS = ("prompts", "seed", "k", "corruptions", "metrics", "variants", "n_boot", "gn_scale", "gn_samples",
+             "noise_seed", "task")  # fmt: skip
+HEAD_DEFAULTS: dict[str, Any] = {
+    "prompts": 40, "seed": 0, "k": 2.0, "corruptions": ("str:s2_io", "gn"), "metrics": ("prob", "logit_diff", "kl"),
+    "variants": ("str:s2_io", "str:s1_io"), "n_boot": 500, "gn_scale": 3.0, "gn_samples": 3, "noise_seed": None,
+    "task": "ioi",
+}  # fmt: skip
+
+
+def combine_directions(model_name: str, task: str, denoised: tuple[dict, dict], noised: tuple[dict, dict]) -> dict:
+    """The study of both directions from each direction's result and masks (:func:`one_direction`)."""
+    (den, den_masks), (noi, noi_masks) = denoised, noised
     between = {}
     for name in den["settings"]:
         if name in den_masks and name in noi_masks:
@@ -448,39 +472,62 @@ def mlp_localisation(
     position: str = "subject_last",
     direction: P.Direction = "denoise",
     task: str = "factual",
+    n_boot: int = 500,
 ) -> dict:
     """Per-layer effect of MLP windows at the subject's last token (Meng et al. 2022's restoration when
     denoising; the damage of noising them when noising), and the summation baseline. The curves are
     the effect against the base run, ``(patched - base) / (clean - corrupt)``. ``task``: a task name,
-    spec file or dataset file (``factual`` by default) with the key token ``position``."""
+    spec file or dataset file (``factual`` by default) with the key token ``position``.
+
+    With intervals (``n_boot`` prompt resamples, noise samples averaged per prompt): the single-layer
+    peak's effect (``peak_single``), and per window the inflation test, the per-prompt window effect
+    minus the sum of its single layers at the window's peak layer (``excess``, ``excess_low/high``;
+    ``sum_at_peak`` is the sum curve at that layer, ``max_sum`` the sum curve's own peak elsewhere)."""
     P.check_direction(direction)
     batch = TaskBatch.build(model, task, prompts, seed=seed)
     progress.stage(f"{model_name}: MLP windows ({direction})")
     setup = P.prepare(model, batch, corruption, metric, progress=progress.enabled())
     gap = setup.clean_value - setup.corrupt_value
     sign = 1 if direction == "denoise" else -1  # a needed MLP's effect: restoring raises, noising lowers
-    curves, peaks = {}, {}
+    copies = setup.plan.size // batch.size  # GN stacks its noise samples
+    base = base_rows(setup, metric, direction)
+    curves, peaks, paired = {}, {}, {}
     single = None
     for w in sorted(set(windows) | {1}):
         res = P.patch_mlp_windows(setup, w, direction, [position])
         if w == 1:
             single = res
         curves[f"window {w}"] = (res.effect / gap).tolist()
+        paired[w] = paired_effects(res.per_prompt, base, copies, gap)  # [layer, prompts]
+    sums = {}
     for w in windows:
         if w > 1:
-            curves[f"sum of {w} single layers"] = (P.window_sum_baseline(single, w).effect / gap).tolist()
+            summed = P.window_sum_baseline(single, w)
+            curves[f"sum of {w} single layers"] = (summed.effect / gap).tolist()
+            # each prompt's own single-layer effects summed (the summed curve subtracts the mean base run)
+            layers = [list(window_layers(c, w, setup.n_layers)) for c in range(setup.n_layers)]
+            sums[w] = torch.stack([paired[1][ls].sum(0) for ls in layers])
     for name, curve in curves.items():
         peaks[name] = int((sign * torch.tensor(curve)).argmax())
+    peak = peaks["window 1"]
+    single_ci = agreement.bootstrap_ci(paired[1], n_boot=n_boot, seed=seed)
     window_agreement = {}
     for w in windows:
         if w > 1:
             a, b = torch.tensor(curves[f"window {w}"]), torch.tensor(curves[f"sum of {w} single layers"])
+            at = peaks[f"window {w}"]
+            # the inflation test: per prompt, the window's effect minus the sum of its single layers, at the window's peak
+            excess = agreement.bootstrap_ci((paired[w][at] - sums[w][at])[None], n_boot=n_boot, seed=seed)
             window_agreement[w] = {
                 "spearman": agreement.rank_correlation(a, b, absolute=False)["spearman"],
-                "peak_window": peaks[f"window {w}"],
+                "peak_window": at,
                 "peak_sum": peaks[f"sum of {w} single layers"],
-                "max_window": float(a[(sign * a).argmax()]),
+                "max_window": float(a[at]),
                 "max_sum": float(b[(sign * b).argmax()]),
+                "sum_at_peak": float(b[at]),
+                "excess": float(excess.mean[0]),
+                "excess_low": float(excess.low[0]),
+                "excess_high": float(excess.high[0]),
             }
     return {
         "model": model_name,
@@ -494,6 +541,13 @@ def mlp_localisation(
         "corrupt": setup.corrupt_value,
         "curves": curves,
         "peaks": peaks,
+        "peak_single": {
+            "layer": peak,
+            "effect": float(single_ci.mean[peak]),
+            "low": float(single_ci.low[peak]),
+            "high": float(single_ci.high[peak]),
+        },
+        "n_boot": n_boot,
         "agreement": window_agreement,
     }
 
@@ -569,30 +623,57 @@ def _head_pitfalls(h: dict, codes: Sequence[str]) -> R.Block:
     for code in codes:
         text = f"{health.PITFALLS[code][0]}. Why: {health.PITFALLS[code][1]}."
         if code == "probability_metric":
-            evidence = []
-            for name, row in h["settings"].items():
-                if row["metric"] == "prob" and "base_prob" in row:
-                    p = row["base_prob"]
-                    gap = row["clean"] - row["corrupt"]
-                    floor = -p / gap if gap else float("nan")
-                    evidence.append(
-                        f"{name}: p = {p:.3f} on the base run, so no effect can go below {floor:.3f} "
-                        f"({'p < 0.1: the bound binds' if p < 0.1 else 'p >= 0.1: the bound does not bind'} here)"
-                    )
+            evidence = [
+                probability_bound(name, row)
+                for name, row in h["settings"].items()
+                if row["metric"] == "prob" and "base_prob" in row
+            ]
+            if h.get("direction") == "noise":
+                text = (
+                    f"{health.PITFALLS[code][0]}. Why, when noising: removing a component that suppresses the "
+                    "answer raises its probability from the clean run's p by at most 1 - p, so when p is near 1 "
+                    "such components show next to no effect."
+                )
             text += " In this run: " + ("; ".join(evidence) or "no base-run p recorded") + "."
-        elif code == "gaussian_noise":
-            gn = {n: r for n, r in h["settings"].items() if str(r["corruption"]).split(":")[0] == "gn"}
-            n_layers = len(next(iter(h["settings"].values()))["ci_low"])
-            early = early_layers(n_layers)
-            flagged = {n: [x for x in r["heads"] if int(x[1:].split(".")[0]) < early] for n, r in gn.items()}
-            found = "; ".join(f"{n}: {', '.join(x)}" for n, x in flagged.items() if x)
-            text += (
-                f" In this run: early heads (layers 0-{early - 1}) found under Gaussian noise: {found}."
-                if found
-                else f" In this run: no early head (layers 0-{early - 1}) was found under Gaussian noise."
+        elif code == "gaussian_noise" and h.get("direction") == "noise":
+            text = (
+                f"{health.PITFALLS[code][0]}. Why, when noising: patching an early component's noised activation "
+                "into the clean run carries the noise's out-of-distribution damage, not only the task's "
+                "information, so early components look needed."
             )
+            text += gaussian_noise_evidence(h)
+        elif code == "gaussian_noise":
+            text += gaussian_noise_evidence(h)
         items.append(text)
     return R.bullets(items)
+
+
+def probability_bound(name: str, row: dict) -> str:
+    """The bound of the probability metric that hides answer-suppressing heads in this setting. Their
+    effect has the other sign from a needed head's: below 0 when denoising, where ``p - p_base >= -p``
+    floors it at ``-p / gap``; above 0 when noising, where ``p <= 1`` caps it at ``(1 - p) / gap``.
+    A bound binds (such heads show next to no effect) when it is within 0.1 of 0."""
+    p, gap = row["base_prob"], row["clean"] - row["corrupt"]
+    if row.get("direction") == "noise":
+        room, bound, which = 1 - p, (1 - p) / gap if gap else float("nan"), "above"
+        test = "1 - p"
+    else:
+        room, bound, which = p, -p / gap if gap else float("nan"), "below"
+        test = "p"
+    binds = f"{test} < 0.1: the bound binds" if room < 0.1 else f"{test} >= 0.1: the bound does not bind"
+    return f"{name}: p = {p:.3f} on the base run, so no effect can go {which} {bound:.3f} ({binds} here)"
+
+
+def gaussian_noise_evidence(h: dict) -> str:
+    """The early heads found under Gaussian noise in this run (a sentence)."""
+    gn = {n: r for n, r in h["settings"].items() if str(r["corruption"]).split(":")[0] == "gn"}
+    n_layers = len(next(iter(h["settings"].values()))["ci_low"])
+    early = early_layers(n_layers)
+    flagged = {n: [x for x in r["heads"] if int(x[1:].split(".")[0]) < early] for n, r in gn.items()}
+    found = "; ".join(f"{n}: {', '.join(x)}" for n, x in flagged.items() if x)
+    if found:
+        return f" In this run: early heads (layers 0-{early - 1}) found under Gaussian noise: {found}."
+    return f" In this run: no early head (layers 0-{early - 1}) was found under Gaussian noise."
 
 
 def _pitfalls(codes) -> R.Block:
@@ -726,10 +807,7 @@ def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
     for m in mlps:
         what = "Factual recall" if m.get("task", "factual") == "factual" else f"Task {m['task']},"
         title = f"{what} MLP localisation on {m['model']} ({m['prompts']} prompts, {m['corruption']}, {m['metric']}, at {m['position']}, {m.get('direction', 'denoise')})"
-        rows = [
-            [w, a["peak_window"], a["peak_sum"], a["max_window"], a["max_sum"], a["spearman"]]
-            for w, a in m["agreement"].items()
-        ]
+        rows = [mlp_row(w, a) for w, a in m["agreement"].items()]
         layers = list(range(len(next(iter(m["curves"].values())))))
         chart = figures.line_chart(
             {k: (layers, v) for k, v in m["curves"].items()},
@@ -750,23 +828,73 @@ def _mlp_sections(mlps: list[dict]) -> list[R.Section]:
         sections += [
             R.section(
                 title,
-                R.text(str(m["peaks"].get("window 1")), bold="Peak layer of single-layer patching:"),
-                R.table(
-                    [
-                        "window",
-                        "peak layer (window)",
-                        "peak layer (sum)",
-                        "largest effect (window)",
-                        "largest effect (sum)",
-                        "Spearman",
-                    ],
-                    rows,
-                ),
+                R.text(single_peak_text(m), bold="Peak of single-layer patching:"),
+                R.table(MLP_HEADER, rows),
+                *([R.text(inflation_text(m))] if inflation_text(m) else []),
                 R.figure(chart, "MLP windows vs summation of single layers"),
             ),
             R.section("Pitfalls of this setting", _pitfalls(health.setting_notes(setting)), level=3),
         ]
     return sections
+
+
+MLP_HEADER = [
+    "window",
+    "peak layer (window)",
+    "effect at that layer (window)",
+    "sum of single layers at that layer",
+    "window - sum per prompt [95% interval]",
+    "peak layer of the sum curve (its value)",
+    "Spearman (window vs sum curves)",
+]
+
+
+def mlp_row(window, a: dict) -> list:
+    """One window's row of the MLP table: both curves at the window's peak layer, the paired inflation
+    test, and the sum curve's own peak named as such (a study.json from before these lacks the test)."""
+    if "excess" not in a:
+        test = "(not recorded)"
+        at_peak = "-"
+    else:
+        test = f"{a['excess']:.3f} [{a['excess_low']:.3f}, {a['excess_high']:.3f}]"
+        at_peak = f"{a['sum_at_peak']:.3f}"
+    return [
+        window,
+        a["peak_window"],
+        f"{a['max_window']:.3f}",
+        at_peak,
+        test,
+        f"layer {a['peak_sum']} ({a['max_sum']:.3f})",
+        f"{a['spearman']:.3f}",
+    ]
+
+
+def single_peak_text(m: dict) -> str:
+    """The single-layer peak: its layer, its effect and interval."""
+    p = m.get("peak_single")
+    if p is None:
+        return f"layer {m['peaks'].get('window 1')}"
+    return f"layer {p['layer']}, effect {p['effect']:.3f} [95% interval {p['low']:.3f}, {p['high']:.3f}]"
+
+
+def inflation_text(m: dict) -> str:
+    """What this run shows about window inflation: per window, whether the per-prompt window - sum
+    interval at the window's peak excludes 0."""
+    parts = []
+    for w, a in m["agreement"].items():
+        if "excess" not in a:
+            continue
+        if a["excess_low"] > 0 or a["excess_high"] < 0:
+            verdict = "more than" if a["excess_low"] > 0 else "less than"
+            parts.append(f"window {w}: {verdict} the sum of its single layers (the interval excludes 0)")
+        else:
+            parts.append(f"window {w}: not distinguishable from the sum of its single layers (the interval includes 0)")
+    if not parts:
+        return ""
+    return (
+        "Window inflation test (window effect minus the sum of its single layers, per prompt, at the window's "
+        "peak layer; 95% bootstrap interval over prompts): " + "; ".join(parts) + "."
+    )
 
 
 def study_report(heads: list[dict], mlps: list[dict], out_dir: str | Path) -> dict[str, str]:
