@@ -397,7 +397,7 @@ def combine_directions(model_name: str, task: str, denoised: tuple[dict, dict], 
         "model": model_name,
         **task_identity(task),
         "direction": "both",
-        "interval_reason": interval_reason(n_boot),
+        "interval_reason": den.get("interval_reason"),  # each direction resamples as often
         "by_direction": [den, noi],
         "directions": between,
     }
