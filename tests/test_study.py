@@ -396,12 +396,41 @@ def test_both_directions_with_their_jaccard_and_the_ranked_first_screen(ioi_mode
 
 
 def test_ranking_summary_in_one_sentence():
-    ranking = [{"axis": "metric", "pairs": 3, "change": 0.75}, {"axis": "direction", "pairs": 2, "change": 0.0}]
-    assert study.ranking_summary(ranking) == (
+    metric = {"axis": "metric", "pairs": 3, "change": 0.75, "low": 0.6, "high": 0.9, "reason": None}
+    direction = {"axis": "direction", "pairs": 3, "change": 0.0, "low": 0.0, "high": 0.1, "reason": None}
+    assert study.ranking_summary([metric, direction]) == (
         "The metric moves the detected heads most: settings that differ only in it share 25% of their heads "
-        "on average (Jaccard), over 3 pair(s)."
+        "on average (Jaccard), over 3 pair(s) (1 - Jaccard 0.750, 95% CI [0.600, 0.900])."
     )
-    assert "no choice moves" in study.ranking_summary([{"axis": "metric", "pairs": 1, "change": 0.0}])
+    zero = {"axis": "metric", "pairs": 1, "change": 0.0, "low": float("nan"), "high": float("nan"), "reason": "x"}
+    assert "no choice moves" in study.ranking_summary([zero])
+
+
+def test_a_near_tie_in_the_ranking_is_said_to_be_one():
+    """Issue 25: corruption 0.556 and direction 0.541 were ranked with no interval."""
+    corruption = {"axis": "corruption", "pairs": 6, "change": 0.556, "low": 0.40, "high": 0.70, "reason": None}
+    direction = {"axis": "direction", "pairs": 6, "change": 0.541, "low": 0.45, "high": 0.62, "reason": None}
+    text = study.ranking_summary([corruption, direction])
+    assert "95% CI [0.400, 0.700]" in text and "not told apart" in text
+    few = {**direction, "pairs": 2, "reason": "2 pairs, at least 3 needed for an interval"}
+    assert "not known: an interval is missing" in study.ranking_summary([corruption, few])
+
+
+def test_the_ranking_carries_intervals_over_pairs():
+    h = {
+        "direction": "denoise",
+        "settings": {
+            f"{c}/{m}": {"corruption": c, "metric": m, "heads": heads}
+            for (c, m), heads in {
+                ("str", "a"): ["a0.0"], ("str", "b"): ["a0.0", "a0.1"], ("str", "c"): ["a0.1"],
+                ("gn", "a"): ["a0.1"], ("gn", "b"): ["a0.0", "a0.1"], ("gn", "c"): ["a1.0"],
+            }.items()
+        },
+    }  # fmt: skip
+    by_axis = {r["axis"]: r for r in study.axis_ranking(h)}
+    corruption = by_axis["corruption"]  # 3 pairs: (a) 1 - 0 = 1, (b) 1 - 1 = 0, (c) 1 - 0 = 1
+    assert corruption["pairs"] == 3 and corruption["change"] == pytest.approx(2 / 3)
+    assert corruption["reason"] is None and 0 <= corruption["low"] <= 2 / 3 <= corruption["high"] <= 1
 
 
 def test_the_mlp_chart_fits_its_y_axis_and_ticks_whole_layers():

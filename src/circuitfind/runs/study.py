@@ -27,7 +27,7 @@ from circuitfind.patching.node_patching import window_layers
 from circuitfind.reports import figures
 from circuitfind.reports import render as R
 from circuitfind.runs import health
-from circuitfind.runs.statistics import interval_reason
+from circuitfind.runs.statistics import interval_reason, mean_interval
 from circuitfind.tasks.batch import TaskBatch
 from circuitfind.tasks.corruptions import Corruption, GaussianNoise, get_corruption
 from circuitfind.tasks.metrics import Metric, MetricContext, get_metric
@@ -405,7 +405,9 @@ def combine_directions(model_name: str, task: str, denoised: tuple[dict, dict], 
 
 def axis_ranking(h: dict) -> list[dict]:
     """Which choice moves the detected heads most: for each axis (corruption, STR variant, metric,
-    direction), the mean 1 - Jaccard over pairs of settings that differ in that choice only; largest first."""
+    direction), the mean 1 - Jaccard over pairs of settings that differ in that choice only, with a 95%
+    percentile bootstrap interval over those pairs (:func:`circuitfind.runs.statistics.mean_interval`;
+    undefined, with its ``reason``, from fewer than 3 pairs); largest first."""
     studies = h["by_direction"] if h.get("direction") == "both" else [h]
     found = {
         (d["direction"], r["corruption"], r["metric"]): set(r["heads"]) for d in studies for r in d["settings"].values()
@@ -421,8 +423,19 @@ def axis_ranking(h: dict) -> list[dict]:
             if axis == "corruption" and a[1].startswith("str") and b[1].startswith("str"):
                 axis = "STR variant"
             moves[axis].append(1 - agreement.jaccard(found[a], found[b]))
-    ranked = [{"axis": x, "pairs": len(v), "change": sum(v) / len(v)} for x, v in moves.items() if v]
+    ranked = []
+    for x, v in moves.items():
+        if v:
+            ci = mean_interval(v)
+            ranked.append(
+                {"axis": x, "pairs": len(v), "change": sum(v) / len(v), "low": ci["low"], "high": ci["high"],
+                 "reason": ci["reason"]}
+            )  # fmt: skip
     return sorted(ranked, key=lambda r: -r["change"])
+
+
+def _change_interval(r: dict) -> str:
+    return f"no interval: {r['reason']}" if r.get("reason") else f"95% CI [{r['low']:.3f}, {r['high']:.3f}]"
 
 
 def ranking_summary(ranking: list[dict]) -> str:
@@ -432,10 +445,23 @@ def ranking_summary(ranking: list[dict]) -> str:
     top = ranking[0]
     if top["change"] == 0:
         return "Every choice finds the same heads: no choice moves the detected heads."
-    return (
+    text = (
         f"The {top['axis']} moves the detected heads most: settings that differ only in it share "
-        f"{1 - top['change']:.0%} of their heads on average (Jaccard), over {top['pairs']} pair(s)."
+        f"{1 - top['change']:.0%} of their heads on average (Jaccard), over {top['pairs']} pair(s) "
+        f"(1 - Jaccard {top['change']:.3f}, {_change_interval(top)})."
     )
+    if len(ranking) > 1:
+        second = ranking[1]
+        defined = not top.get("reason") and not second.get("reason")
+        if not defined:
+            text += f" Whether it moves them more than the {second['axis']} ({second['change']:.3f}) is not known: "
+            text += "an interval is missing."
+        elif top["low"] <= second["high"]:
+            text += (
+                f" The {second['axis']} ({second['change']:.3f}, {_change_interval(second)}) is within that "
+                "interval's reach: the two are not told apart."
+            )
+    return text
 
 
 def jaccard_intervals(masks: dict[str, torch.Tensor], found: dict[str, set], level: float = 0.95) -> dict[str, dict]:
@@ -728,8 +754,13 @@ def _first_screen(heads: list[dict]) -> R.Section:
         blocks += [
             R.text(ranking_summary(ranking), bold=f"{h['model']}:"),
             R.table(
-                ["choice", "pairs of settings differing only in it", "mean 1 - Jaccard of the heads found"],
-                [[r["axis"], r["pairs"], r["change"]] for r in ranking],
+                [
+                    "choice",
+                    "pairs of settings differing only in it",
+                    "mean 1 - Jaccard of the heads found",
+                    "95% CI over pairs",
+                ],
+                [[r["axis"], r["pairs"], r["change"], _change_interval(r).removeprefix("95% CI ")] for r in ranking],
             ),
         ]
     return R.section("Which choice moves the detected heads most", *blocks)
