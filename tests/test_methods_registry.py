@@ -4,6 +4,7 @@ runs through ``discover``, the command line and a sweep, and the report ranks it
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -168,6 +169,8 @@ def test_a_method_of_your_own_in_a_two_setting_sweep_is_ranked_by_the_report(pre
     ranked = md[md.index("Methods, ranked") :]
     assert HERE in ranked and "| eap |" in ranked
     assert "mean over prompts of the EAP score's magnitude" in ranked and "Syed" in ranked
+    records = [json.loads(p.read_text()) for p in (tmp_path / "r" / "circuits").glob("*.json")]
+    assert {r["method"]["name"] for r in records} == {"eap", "abs_eap"}  # what the report reads
 
 
 def test_an_installed_packages_method_is_found_by_its_entry_point(tmp_path, monkeypatch, setup):

@@ -340,3 +340,33 @@ def test_the_circuit_picture_draws_every_edge_of_a_record():
         "input -&gt; a0.0&lt;q&gt;",
         "m1 -&gt; logits",
     ]
+
+
+def test_the_report_reads_each_methods_facts_from_its_records_without_importing_the_engines(run, tmp_path):
+    """The sweep writes the method's paper and summary into each record (``record["method"]``), so the report
+    names them without importing a method: that loads the engines and transformers, seconds for no model."""
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    facts = {
+        "eap": ("Syed et al. (from the record)", "EAP (from the record)"),
+        "acdc": ("Conmy", "ACDC"),
+        "node": ("Z", "N"),
+    }
+    for path in (copy / "circuits").glob("*.json"):
+        record = json.loads(path.read_text())
+        paper, summary = facts[record["algorithm"]]
+        record["method"] = {"name": record["algorithm"], "paper": paper, "summary": summary}
+        path.write_text(json.dumps(record))
+    code = (
+        "import sys; from circuitfind.reports import write_run_report; "
+        f"write_run_report({str(copy)!r}); print(sorted(m for m in ('transformers', 'transformer_lens') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    md = (copy / "report.md").read_text()
+    ranked = md[md.index("Methods, ranked") :]
+    assert "Syed et al. (from the record)" in ranked and "EAP (from the record)" in ranked

@@ -697,34 +697,15 @@ def _off_diagonal_mean(m: list[list[float]]) -> float:
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def _method_facts(name: str) -> tuple[str, str]:
-    """A method's one-line summary and paper, from the registry. A built-in method's are read from its
-    module's source (class attributes, inherited within the module), not by importing it: importing a
-    method loads the engines and transformers, seconds for a report that runs no model."""
-    import ast
-    import importlib.util
-
+def _method_facts(name: str, records: list[dict]) -> tuple[str, str]:
+    """A method's one-line summary and paper: as its settings' records carry them (the sweep writes what the
+    method registry says of the method that ran), else from the registry, for runs older than that field
+    (importing a method loads the engines and transformers: seconds, for a report that runs no model)."""
+    facts = next((r["method"] for r in records if isinstance(r.get("method"), dict)), None)
+    if facts and isinstance(facts.get("summary"), str) and isinstance(facts.get("paper"), str):
+        return facts["summary"], facts["paper"]
     from circuitfind.methods import registry
 
-    if name in registry.BUILTIN:
-        module, _, cls = registry.BUILTIN[name].partition(":")
-        spec = importlib.util.find_spec(module)
-        if spec is not None and spec.origin:
-            classes = {n.name: n for n in ast.parse(Path(spec.origin).read_text()).body if isinstance(n, ast.ClassDef)}
-
-            def attr(cls_name: str, key: str) -> str | None:
-                node = classes.get(cls_name)
-                if node is None:
-                    return None
-                for stmt in node.body:
-                    if isinstance(stmt, ast.Assign) and any(getattr(t, "id", None) == key for t in stmt.targets):
-                        value = ast.literal_eval(stmt.value)
-                        return value if isinstance(value, str) else None
-                return next((v for b in node.bases if (v := attr(getattr(b, "id", ""), key))), None)
-
-            summary, paper = attr(cls, "summary"), attr(cls, "paper")
-            if summary and paper:
-                return summary, paper
     try:
         method = registry.get_method(name)
         return method.summary, method.paper
@@ -762,7 +743,7 @@ def _methods_section(groups: list[dict]) -> list[R.Section]:
         ranked.append((key, name, members, faith, cpr))
     rows: list[list] = []
     for _, name, members, faith, cpr in sorted(ranked, key=lambda x: x[0]):
-        what, paper = _method_facts(name)
+        what, paper = _method_facts(name, [r for g in groups for r in g["records"] if r["algorithm"] == name])
         no_curve = "n/a: no curve for node circuits" if name in NODE_LEVEL else "n/a: no healthy setting with a curve"
         rows.append(
             [

@@ -444,6 +444,7 @@ def _compute_setting(model, setting: Setting, config: SweepConfig) -> tuple[dict
         "faithfulness_status": faith_status,
         "curve": curve,
         "corruption_free": not method.needs_corruption,  # IFR: the corruption only scores the circuit
+        "method": {"name": method.name, "paper": method.paper, "summary": method.summary},  # for the report
         "seconds": round(time.time() - start, 2),
     }
     return record, circuit, per_prompt
