@@ -131,6 +131,17 @@ def test_view_command_writes_beside_a_circuit_file_and_refuses_bad_input(run, re
     assert len(err) == 1 and "only circuits of one model" in err[0] and not out.exists()
 
 
+def test_a_circuit_files_stored_faithfulness_and_curve_are_shown(records, tmp_path):
+    """Found by a newcomer's review: the page said "not stored" of a file whose graph attributes hold it."""
+    record = next(iter(records.values()))
+    circuit = Circuit.load(record["graphml"])
+    circuit.settings.update(faithfulness=0.39977, faithfulness_status="ok", curve=record["curve"])
+    page = write_explorer(circuit.save(tmp_path / "c.graphml"))
+    (s,) = page_json(page.read_text())["settings"]
+    assert s["faithfulness"] == pytest.approx(0.39977, abs=1e-4) and s["faithfulnessStatus"] == "ok"
+    assert s["curve"]["sizes"] == record["curve"]["sizes"]
+
+
 # -- draw -------------------------------------------------------------------------------------
 def test_draw_writes_pdf_svg_and_png_and_says_when_every_score_is_zero(tmp_path, capsys):
     graph = ModelGraph(2, 4)

@@ -59,7 +59,10 @@ def test_sweep_writes_circuits_report_and_manifest(first_run):
     assert html.count("<svg") == 1 + 3 + 1 + 2 + 1 + 6 and "edge Jaccard" in html and "Bootstrap" in html
     md = (run / "report.md").read_text()
     assert "| acdc/str/kl/noise |" in md and "Components in every setting" in md
-    assert manifest["report"]["explorer"] == str((run / "explorer.html").resolve())  # after the report
+    # the manifest is written before the report, so the flow's report states the run's parameters as a rerun does
+    assert "no manifest" not in md and "seed 0" in md
+    assert manifest["report"]["explorer"] == str((run / "explorer.html").resolve())  # written before the report
+    assert "explorer.html" in md  # ... so the report links it
     assert '<script type="application/json" id="explorer-data">' in (run / "explorer.html").read_text()
     assert not list(run.rglob("*.tmp"))
 

@@ -198,3 +198,52 @@ def test_the_methods_command_lists_each_method_with_its_paper(capsys):
     for name, method in registry.builtin().items():
         assert f"{name}: {method.summary}" in out and method.paper in out
     assert "--acdc-tau (default 0.02)" in out and "noising only" in out
+
+
+class ExitsInFind(AbsEAP):
+    name = "exits"
+
+    def find(self, setup, direction, options, per_prompt=False):
+        raise SystemExit(0)
+
+
+class ReturnsNone(AbsEAP):
+    name = "returns_none"
+
+    def find(self, setup, direction, options, per_prompt=False):
+        return None
+
+
+class RaisesInFind(AbsEAP):
+    name = "raises"
+
+    def find(self, setup, direction, options, per_prompt=False):
+        raise KeyError("inside find")
+
+
+class BadOptions(AbsEAP):
+    name = "bad_options"
+    Options = 5  # type: ignore[assignment]
+
+
+class TakesABuiltinName(AbsEAP):
+    name = "eap"
+
+
+@pytest.mark.parametrize(
+    "cls, message",
+    [
+        ("ExitsInFind", "raised SystemExit"),
+        ("ReturnsNone", "find() returned NoneType, not a circuitfind.methods.base.Found"),
+        ("RaisesInFind", "raised KeyError: 'inside find'"),
+        ("BadOptions", "its Options must be a subclass"),
+        ("TakesABuiltinName", "its name 'eap' is taken by a built-in method"),
+    ],
+)
+def test_a_plug_in_that_misbehaves_is_one_line_naming_it(cls, message, capsys):
+    """Found by a newcomer's review: sys.exit in find exited 0 with no output; a wrong return value or Options
+    was a traceback; a plug-in could pass as a built-in method."""
+    spec = f"{__name__}:{cls}"
+    assert main(["discover", "-n", "4", "--algorithm", spec, "--metric", "logit_diff"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and spec in err and len(err.splitlines()) == 1, err

@@ -6,4 +6,4 @@ In code: :func:`circuitfind.models.catalogue.load_model`, :func:`circuitfind.pat
 :class:`circuitfind.edge_patching.EdgePatcher` and :func:`circuitfind.methods.discover.discover`.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -491,6 +491,9 @@ def build_parser(sweep_options: bool = True, method_options: bool = True) -> arg
     from circuitfind.methods import registry
 
     parser = argparse.ArgumentParser(prog="circuitfind", description="Circuit discovery under many patching settings.")
+    from circuitfind import __version__
+
+    parser.add_argument("--version", action="version", version=f"circuitfind {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("models", help="list models; `models fetch NAME` downloads and converts a registry model")
     p.add_argument("action", nargs="?", choices=("list", "fetch"), default="list")

@@ -262,16 +262,17 @@ def _sweep(
             log.info("[%d/%d] %s: %s", done, len(settings), setting.name, describe(outcome))
     if not results:
         raise SweepError(f"every setting failed; first error: {failures[0]['error'] if failures else 'none'}")
-    report = compare_run(str(run_dir), reference)
     manifest = {
         "run": run,
         "version": circuitfind.__version__,
         "config": config.model_dump(),
         "settings": sorted(results, key=lambda r: r["setting"]),
         "failures": failures,
-        "report": report,
-        "health": check_run(run_dir),
-    }  # per setting: its flags and pitfalls
+        "health": check_run(run_dir),  # per setting: its flags and pitfalls
+    }
+    write_json(run_dir / "manifest.json", manifest)  # first without the report: the report reads the run's parameters
+    report = compare_run(str(run_dir), reference)
+    manifest["report"] = report
     write_json(run_dir / "manifest.json", manifest)
     if series is not None:  # after the manifest: the diff reads it, and only a completed run becomes the baseline
         manifest["previous_run_diff"] = diff_with_previous(outputs, series, run_dir)

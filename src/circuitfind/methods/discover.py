@@ -30,10 +30,11 @@ import torch
 from circuitfind import patching as P
 from circuitfind.circuits.circuit import Circuit
 from circuitfind.edge_patching import EdgePatcher
+from circuitfind.errors import CircuitfindError
 from circuitfind.methods import registry
 from circuitfind.methods.acdc import acdc
 from circuitfind.methods.atp import atp_circuit
-from circuitfind.methods.base import FALLBACK_METRIC, MethodOptions, OptionError, flag
+from circuitfind.methods.base import FALLBACK_METRIC, Found, Method, MethodOptions, OptionError, flag
 from circuitfind.methods.eap import eap
 from circuitfind.methods.eap_ig import eap_circuit, eap_ig
 from circuitfind.methods.eap_ig_act import eap_ig_act
@@ -118,7 +119,9 @@ def check_options(
     P.check_direction(direction)
     if direction not in method.directions:
         if method.directions == ("noise",):
-            raise ValueError(f"{method.name} prunes from the full (clean) model: use direction='noise'")
+            raise ValueError(
+                f"{method.name} prunes from the full (clean) model: use direction='noise' (--direction noise)"
+            )
         raise ValueError(f"{method.name} runs in the {' and '.join(method.directions)} direction only")
     return method.options(given)
 
@@ -167,6 +170,32 @@ class Discovery:
     curve: FaithfulnessCurve | None = None
 
 
+def _run_method(
+    method: type[Method],
+    spec: str,
+    setup: P.PatchingSetup,
+    direction: P.Direction,
+    options: MethodOptions,
+    per_prompt: bool,
+) -> Found:
+    """``method.find``; a method of the user's (not built in) that exits, raises or returns something other
+    than a :class:`~circuitfind.methods.base.Found` is a one-line :class:`~circuitfind.methods.registry.MethodError`
+    naming it (its own refusals, circuitfind errors, pass through)."""
+    if spec in registry.BUILTIN:
+        return method().find(setup, direction, options, per_prompt=per_prompt)
+    try:
+        result = method().find(setup, direction, options, per_prompt=per_prompt)
+    except CircuitfindError:
+        raise
+    except (Exception, SystemExit) as exc:
+        raise registry.MethodError(f"method {spec!r} raised {type(exc).__name__}: {exc}") from None
+    if not isinstance(result, Found) or not isinstance(result.circuit, Circuit):
+        raise registry.MethodError(
+            f"method {spec!r}: find() returned {type(result).__name__}, not a circuitfind.methods.base.Found of a Circuit"
+        )
+    return result
+
+
 def discover(
     setup: P.PatchingSetup,
     algorithm: str,
@@ -192,7 +221,7 @@ def discover(
     name = method.name
     check_measurable(setup)
     with progress_bar(show=setup.progress, desc=f"{name}: searching", total=2 + curve, unit="stage") as stages:
-        result = method().find(setup, direction, chosen, per_prompt=per_prompt and method.per_prompt)
+        result = _run_method(method, algorithm, setup, direction, chosen, per_prompt and method.per_prompt)
         circuit = result.circuit
         if algorithm not in registry.BUILTIN:  # a method of the user's: the setting names what ran
             circuit.settings.update(algorithm=algorithm, method=method.name)

@@ -21,7 +21,7 @@ from typing import Any, get_args
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic.fields import FieldInfo
 
-from circuitfind.methods.base import Method, OptionError, flag, one_line
+from circuitfind.methods.base import Method, MethodOptions, OptionError, flag, one_line
 from circuitfind.user_code import import_object, is_import_path, source_fingerprint
 
 BUILTIN: dict[str, str] = {
@@ -81,16 +81,20 @@ def default_metrics_help() -> str:
 
 
 def check_class(obj: Any, where: str) -> type[Method]:
-    """``obj`` must be a :class:`Method` subclass with a plain ``name``, a ``paper`` and a ``find``."""
+    """``obj`` must be a :class:`Method` subclass with a plain ``name`` that no built-in method has, a
+    ``paper``, a ``summary``, an ``Options`` class of :class:`MethodOptions` and a ``find``."""
     if not (isinstance(obj, type) and issubclass(obj, Method)):
-        raise MethodError(
-            f"method {where!r} is a {type(obj).__name__}, not a subclass of circuitfind.methods.base.Method"
-        )
+        what = "a class" if isinstance(obj, type) else f"an object of type {type(obj).__name__}"
+        raise MethodError(f"method {where!r} is {what}, not a subclass of circuitfind.methods.base.Method")
     for attr in ("name", "paper", "summary"):
         if not isinstance(getattr(obj, attr, None), str):
             raise MethodError(f"method {where!r} must set the class attribute {attr!r} (a string)")
     if not _NAME.fullmatch(obj.name):
         raise MethodError(f"method {where!r}: its name {obj.name!r} must be lower-case letters, digits and '_'")
+    if obj.name in BUILTIN:  # its circuits would be labelled as the built-in method's in files and reports
+        raise MethodError(f"method {where!r}: its name {obj.name!r} is taken by a built-in method")
+    if not (isinstance(obj.Options, type) and issubclass(obj.Options, MethodOptions)):
+        raise MethodError(f"method {where!r}: its Options must be a subclass of circuitfind.methods.base.MethodOptions")
     if obj.find is Method.find:
         raise MethodError(f"method {where!r} does not implement find()")
     return obj

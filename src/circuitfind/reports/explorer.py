@@ -143,7 +143,8 @@ def _from_record(record: dict, label: str, run: str) -> dict:
 
 
 def _from_circuit(path: Path, prefix: str) -> dict:
-    """A circuit file (GraphML, GEXF, node-link JSON, DOT, MIB JSON) as one setting, without curve or prompts."""
+    """A circuit file (GraphML, GEXF, node-link JSON, DOT, MIB JSON) as one setting: its faithfulness and curve
+    where the file stores them (discover and the sweep write them as graph attributes), no prompts."""
     from circuitfind.circuits.circuit import Circuit
 
     c = Circuit.load(path)
@@ -171,9 +172,10 @@ def _from_circuit(path: Path, prefix: str) -> dict:
         "scores": scores,
         "per_prompt": None,
         "info": settings,
-        "faithfulness": None,
-        "faithfulness_status": "not stored in a circuit file",
-        "curve": None,
+        # circuit files written by discover and the sweep store the faithfulness (and its status) as settings
+        "faithfulness": stored if isinstance(stored := c.settings.get("faithfulness"), (int, float)) else None,
+        "faithfulness_status": str(c.settings.get("faithfulness_status") or "not stored in this circuit file"),
+        "curve": c.settings.get("curve") if isinstance(c.settings.get("curve"), dict) else None,
         "flags": [{"code": f, "text": health.FLAGS[f]} for f in flags],
         "notes": [],
         "examples": [],
