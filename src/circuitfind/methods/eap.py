@@ -10,9 +10,7 @@ from typing import Any
 import torch
 
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.methods.base import Direction, Found, Method, TopK
-from circuitfind.methods.selection import check_top_k, top_k_found
-from circuitfind.patching.setup import PatchingSetup
+from circuitfind.methods.selection import EdgeAttribution
 
 
 def eap(patcher: EdgePatcher, per_prompt: bool = False) -> torch.Tensor:
@@ -37,16 +35,13 @@ def eap(patcher: EdgePatcher, per_prompt: bool = False) -> torch.Tensor:
     return -masks.grad[0].detach()
 
 
-class EAP(Method):
+class EAP(EdgeAttribution):
     name = "eap"
     paper = "Syed, Rager & Conmy 2023, Attribution Patching Outperforms Automated Circuit Discovery"
     summary = "edge attribution patching: first-order estimate of every edge's effect"
-    Options = TopK
-    gradients = True
-    score = "estimated"
-    per_prompt = True
 
-    def find(self, setup: PatchingSetup, direction: Direction, options: Any, per_prompt: bool = False) -> Found:
-        patcher = EdgePatcher(setup, direction=direction)
-        k = check_top_k(options.top_k, patcher.graph)
-        return top_k_found(patcher, self.name, lambda per: eap(patcher, per_prompt=per), k, per_prompt, ig_steps=None)
+    def scores(self, patcher: EdgePatcher, options: Any, per_prompt: bool) -> torch.Tensor:
+        return eap(patcher, per_prompt=per_prompt)
+
+    def recorded(self, options: Any) -> dict:
+        return {"ig_steps": None}

@@ -12,10 +12,9 @@ from circuitfind.checks import positive_int
 from circuitfind.circuits.circuit import Circuit
 from circuitfind.edge_patching import EdgePatcher
 from circuitfind.edge_patching.hooks import Hook
-from circuitfind.methods.base import Direction, Found, IGSteps, Method, TopK
+from circuitfind.methods.base import IGSteps, TopK
 from circuitfind.methods.eap import eap
-from circuitfind.methods.selection import check_top_k, select_top_k, settings_of, top_k_found
-from circuitfind.patching.setup import PatchingSetup
+from circuitfind.methods.selection import EdgeAttribution, check_top_k, select_top_k, settings_of
 
 
 def eap_ig(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> torch.Tensor:
@@ -83,19 +82,14 @@ class EAPIGOptions(TopK, IGSteps):
     pass
 
 
-class EAPIG(Method):
+class EAPIG(EdgeAttribution):
     name = "eap_ig"
     paper = "Hanna, Pezzelle & Belinkov 2024, Have Faith in Faithfulness"
     summary = "EAP with integrated gradients over interpolated input embeddings"
     Options = EAPIGOptions
-    gradients = True
-    score = "estimated"
-    per_prompt = True
 
-    def find(self, setup: PatchingSetup, direction: Direction, options: Any, per_prompt: bool = False) -> Found:
-        patcher = EdgePatcher(setup, direction=direction)
-        k = check_top_k(options.top_k, patcher.graph)
-        steps = options.ig_steps
-        return top_k_found(
-            patcher, self.name, lambda per: eap_ig(patcher, steps, per_prompt=per), k, per_prompt, ig_steps=steps
-        )
+    def scores(self, patcher: EdgePatcher, options: Any, per_prompt: bool) -> torch.Tensor:
+        return eap_ig(patcher, options.ig_steps, per_prompt=per_prompt)
+
+    def recorded(self, options: Any) -> dict:
+        return {"ig_steps": options.ig_steps}

@@ -10,10 +10,8 @@ import torch
 
 from circuitfind.checks import positive_int
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.methods.base import Direction, Found, Method
 from circuitfind.methods.eap_ig import EAPIGOptions
-from circuitfind.methods.selection import check_top_k, top_k_found
-from circuitfind.patching.setup import PatchingSetup
+from circuitfind.methods.selection import EdgeAttribution
 
 
 def eap_ig_act(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -> torch.Tensor:
@@ -43,19 +41,14 @@ def eap_ig_act(patcher: EdgePatcher, steps: int = 5, per_prompt: bool = False) -
     return -masks.grad.mean(0).detach()
 
 
-class EAPIGAct(Method):
+class EAPIGAct(EdgeAttribution):
     name = "eap_ig_act"
     paper = "Mueller et al. 2025, MIB: A Mechanistic Interpretability Benchmark"
     summary = "EAP-IG with the senders' activations interpolated (MIB's EAP-IG-activations)"
     Options = EAPIGOptions
-    gradients = True
-    score = "estimated"
-    per_prompt = True
 
-    def find(self, setup: PatchingSetup, direction: Direction, options: Any, per_prompt: bool = False) -> Found:
-        patcher = EdgePatcher(setup, direction=direction)
-        k = check_top_k(options.top_k, patcher.graph)
-        steps = options.ig_steps
-        return top_k_found(
-            patcher, self.name, lambda per: eap_ig_act(patcher, steps, per_prompt=per), k, per_prompt, ig_steps=steps
-        )
+    def scores(self, patcher: EdgePatcher, options: Any, per_prompt: bool) -> torch.Tensor:
+        return eap_ig_act(patcher, options.ig_steps, per_prompt=per_prompt)
+
+    def recorded(self, options: Any) -> dict:
+        return {"ig_steps": options.ig_steps}

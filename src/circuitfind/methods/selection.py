@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -12,7 +13,7 @@ from circuitfind.checks import finite_number
 from circuitfind.circuits.circuit import Circuit
 from circuitfind.circuits.graph import ModelGraph
 from circuitfind.edge_patching import EdgePatcher
-from circuitfind.methods.base import Found
+from circuitfind.methods.base import Direction, Found, Method, TopK
 from circuitfind.tasks import multitoken
 
 
@@ -69,3 +70,26 @@ def top_k_found(
     scores = per_scores.mean(-1) if per_scores is not None else scores_of(False)
     circuit = select_top_k(patcher.graph, scores, k, settings_of(patcher, name, k=k, **extra))
     return Found(circuit, per_scores)
+
+
+class EdgeAttribution(Method):
+    """A method that scores every edge by a gradient attribution, its circuit the top ``k`` by ``|score|``
+    (EAP, EAP-IG on embeddings or on activations). Subclasses give :meth:`scores` and what a circuit
+    records of their options (:meth:`recorded`)."""
+
+    Options = TopK
+    gradients = True
+    score = "estimated"
+    per_prompt = True
+
+    def scores(self, patcher: EdgePatcher, options: Any, per_prompt: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    def recorded(self, options: Any) -> dict:
+        return {}
+
+    def find(self, setup: Any, direction: Direction, options: Any, per_prompt: bool = False) -> Found:
+        patcher = EdgePatcher(setup, direction=direction)
+        k = check_top_k(options.top_k, patcher.graph)
+        scores_of = lambda per: self.scores(patcher, options, per)  # noqa: E731
+        return top_k_found(patcher, self.name, scores_of, k, per_prompt, **self.recorded(options))
