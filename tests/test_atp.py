@@ -273,4 +273,8 @@ def test_atp_algorithms_in_the_prefect_sweep_flow(prefect_harness, tmp_path):
     manifest = sweep(config, run="r", outputs=str(tmp_path))
     assert len(manifest["settings"]) == 2 and not manifest["failures"]
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "| algorithm | atp, atp_star | 1 |" in md
+    # node circuits of different sizes cannot be cut to one size (issue 24: the algorithm axis compares equal
+    # sizes), so the report says which setting it leaves out of that axis; both methods are ranked
+    assert "| algorithm (equal size) |" in md and "these settings are left out of this axis: toy-ioi__ioi__atp" in md
+    ranked = md[md.index("Methods, ranked") :]
+    assert "| atp |" in ranked and "| atp_star |" in ranked
