@@ -126,7 +126,7 @@ def test_checkpoints_flow_takes_a_dataset_file(prefect_harness, tmp_path, monkey
     folder = _checkpoints_folder(tmp_path)
     path = _ioi_jsonl(tmp_path / "pairs.jsonl")
     monkeypatch.chdir(tmp_path)
-    common = dict(prompts=8, algorithm="eap", metric="logit_diff", top_k=12, outputs=str(tmp_path / "out"))
+    common = dict(prompts=8, algorithm="eap", metric="logit_diff", options={"top_k": 12}, outputs=str(tmp_path / "out"))
     out = circuits_over_training(str(folder), task="pairs.jsonl", run="ds", **common)
     ref = circuits_over_training(str(folder), task="ioi", run="ref", **common)
     assert out["checkpoints"][0]["edges"] == ref["checkpoints"][0]["edges"] and not out["skipped"]
