@@ -101,6 +101,7 @@ def test_bench_hostile_quick(tmp_path):
     assert "every goal met" in out, out
 
 
+@pytest.mark.slow  # 25 s: like every benchmark's smoke test, outside `make test`'s 5 minutes
 def test_bench_report_quick(tmp_path):
     out = _run("bench_report.py", tmp_path, "--outputs", str(tmp_path / "outputs"), "--repeats", "1")
     row = re.search(r"^bench-report-toy\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+(\d+)\s+([\d.]+)$", out, re.M)
@@ -110,6 +111,7 @@ def test_bench_report_quick(tmp_path):
     assert (tmp_path / "outputs" / "bench-report-toy" / "report.html").is_file()
 
 
+@pytest.mark.slow  # 21 s
 def test_bench_workflows_quick(tmp_path):
     out = _run("bench_workflows.py", tmp_path)
     for workflow in ("study_str", "study_gn", "study_mlp", "edge_pruning", "ugs", "heads_by_pos"):
