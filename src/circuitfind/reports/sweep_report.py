@@ -842,6 +842,8 @@ def _header_section(records: list[dict], groups: list[dict], run_dir: str | Path
         ),
         R.text(f"{run}" + (f"; {', '.join(extra)}" if extra else "") + ".", bold="Run:"),
     ]
+    if run_dir is not None and (Path(run_dir) / "explorer.html").is_file():  # first thing a reader may want
+        lines.append(_link("explorer.html", "Explore the circuits interactively: explorer.html (in this run folder)"))
     return [R.section("What was run", *lines)]
 
 
