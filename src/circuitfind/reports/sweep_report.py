@@ -814,7 +814,7 @@ def _header_section(records: list[dict], groups: list[dict], run_dir: str | Path
     options = [
         f"--{k.replace('_', '-')} {v}"
         for k, v in config.items()
-        if k not in _SHARED and not isinstance(v, (dict, list))
+        if k not in _SHARED and not isinstance(v, (dict, list)) and v is not None  # None: an option left off
     ]
     extra = [
         f"{k.replace('_', ' ')} {config[k]}" for k in ("dtype", "device", "max_batch") if config.get(k) is not None
