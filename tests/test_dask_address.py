@@ -65,6 +65,7 @@ def test_an_unsupported_transport_is_refused_without_connecting(capsys):
     assert err.count("\n") == 1 and time.monotonic() - start < 5
 
 
+@pytest.mark.slow  # 5.5 s waiting on the port; make test stays under 5 minutes
 def test_a_closed_port_is_one_line():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

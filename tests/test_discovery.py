@@ -42,7 +42,7 @@ def acdc_reference(patcher, tau):
     return keep
 
 
-@pytest.mark.parametrize("tau", [0.02, 0.3])
+@pytest.mark.parametrize("tau", [0.02, pytest.param(0.3, marks=pytest.mark.slow)])  # 0.3: 7 s, in make test-slow
 def test_acdc_matches_the_one_edge_at_a_time_reference(kl_patcher, tau):
     assert kl_patcher.engine == "functional"
     circuit = D.acdc(kl_patcher, tau)

@@ -123,6 +123,7 @@ def test_off_a_terminal_progress_is_one_plain_line_per_interval_and_nothing_for_
         progress.interval()
 
 
+@pytest.mark.slow  # 7 s: real edge pruning in a subprocess; make test stays under 5 minutes
 def test_edge_pruning_logs_its_steps_when_stderr_is_a_pipe(tmp_path):
     code = (
         "from circuitfind import patching as P\n"

@@ -342,6 +342,7 @@ def test_the_circuit_picture_draws_every_edge_of_a_record():
     ]
 
 
+@pytest.mark.slow  # 4 s: a fresh interpreter
 def test_the_report_reads_each_methods_facts_from_its_records_without_importing_the_engines(run, tmp_path):
     """The sweep writes the method's paper and summary into each record (``record["method"]``), so the report
     names them without importing a method: that loads the engines and transformers, seconds for no model."""

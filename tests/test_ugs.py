@@ -130,6 +130,7 @@ def test_ugs_runs_denoising(ioi_setup):
     assert found.circuit.settings["direction"] == "denoise" and found.circuit.settings["steps"] == 40
 
 
+@pytest.mark.slow  # 5 s; make test stays under 5 minutes
 def test_ugs_recovers_the_known_induction_circuit(tmp_path_factory):
     patcher, truth = _known_patcher(tmp_path_factory, "induction", "kl", 8)
     scores, _ = ugs_scores(patcher, len(truth), steps=60)
