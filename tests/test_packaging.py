@@ -58,7 +58,7 @@ def _declared(requirements: list[str]) -> set[str]:
 def test_every_import_is_declared():
     core = _declared(PYPROJECT["project"]["dependencies"])
     extras = _declared([r for reqs in PYPROJECT["project"]["optional-dependencies"].values() for r in reqs])
-    own = {"circuitfind", "flows", "tools", "__future__"}
+    own = {"circuitfind", "flows", "tools", "benchmarks", "__future__"}
     stdlib = set(sys.stdlib_module_names)
     problems = []
     for folder, module_level_allowed in (

@@ -10,13 +10,13 @@ from __future__ import annotations
 import csv
 import json
 import re
-from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from benchmarks.bench_report import InlineLists, inline_items
 from circuitfind.circuits.agreement import bootstrap_ci
 from circuitfind.circuits.graph import ModelGraph
 from circuitfind.reports import figures, write_run_report
@@ -128,50 +128,9 @@ def run(tmp_path_factory) -> Path:
     return run
 
 
-class _Lists(HTMLParser):
-    """Every list as the HTML shows it: rows of each table body, items of each list, comma-separated
-    items of each paragraph and cell; SVG text is left out (figures are checked elsewhere)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lists: list[tuple[str, int]] = []
-        self.stack: list[list] = []  # [tag, count or text]
-        self.in_svg = 0
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "svg":
-            self.in_svg += 1
-        if self.in_svg:
-            return
-        if tag in ("tbody", "ul"):
-            self.stack.append([tag, 0])
-        elif tag in ("tr", "li") and self.stack and self.stack[-1][0] in ("tbody", "ul"):
-            self.stack[-1][1] += 1
-        if tag in ("p", "td"):
-            self.stack.append([tag, ""])
-
-    def handle_endtag(self, tag):
-        if tag == "svg":
-            self.in_svg -= 1
-            return
-        if self.in_svg or not self.stack or self.stack[-1][0] != tag:
-            return
-        kind, value = self.stack.pop()
-        self.lists.append((kind, value if isinstance(value, int) else _items(value)))
-
-    def handle_data(self, data):
-        if not self.in_svg and self.stack and self.stack[-1][0] in ("p", "td"):
-            self.stack[-1][1] += data
-
-
-def _items(text: str) -> int:
-    """Comma-separated items of a text, not counting a closing '... (N more in FILE)'."""
-    return len([x for x in text.split(", ") if x.strip() and not x.strip().startswith("...")])
-
-
 def test_no_inline_list_is_longer_than_25_items(run):
     html = (run / "report.html").read_text()
-    parser = _Lists()
+    parser = InlineLists()
     parser.feed(html)
     assert parser.lists and max(n for _, n in parser.lists) <= 25, sorted(parser.lists, key=lambda x: -x[1])[:3]
     md = (run / "report.md").read_text()
@@ -182,7 +141,7 @@ def test_no_inline_list_is_longer_than_25_items(run):
             assert len(lines) - 2 <= 25, lines[:3]
         else:
             for line in lines:
-                assert _items(line) <= 25 or line.startswith("**Contents:**"), line[:200]
+                assert inline_items(line) <= 25 or line.startswith("**Contents:**"), line[:200]
     # the lists are long, so the full ones are written beside the report and linked
     with open(run / "robust-edges.csv") as fh:
         rows = list(csv.DictReader(fh))
