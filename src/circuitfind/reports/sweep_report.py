@@ -22,7 +22,7 @@ import csv
 import io
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -78,6 +78,20 @@ def _interval(stat: dict, why: str = "no pair to compare") -> str:
     if stat.get("reason") or math.isnan(stat["low"]):  # undefined: runs.statistics.interval_reason
         return f"{R.fmt(stat['mean'])} (no interval: {stat.get('reason') or 'one pair'})"
     return f"{R.fmt(stat['mean'])} [{R.fmt(stat['low'])}, {R.fmt(stat['high'])}]"
+
+
+def _dependent_table(dependent: list[dict], what: str, ranked: Callable[[list], list[str]]) -> R.Block:
+    """The setting-dependent ``what`` (edges or components) as a table, one row per axis value (at most
+    :data:`INLINE`), with their count and the strongest five (``ranked``: the items as text, strongest first)."""
+    if not dependent:
+        return R.text("none", bold=f"Setting-dependent {what}:")
+    return R.table(
+        ["only when", "settings with that value", f"setting-dependent {what}", "strongest five"],
+        [
+            [f"{d['axis']} = {d['value']}", d["n_settings"], len(d["items"]), ", ".join(ranked(d["items"])[:5])]
+            for d in dependent[:INLINE]
+        ],
+    )
 
 
 def _capped(items: list[str], where: str, limit: int = INLINE) -> str:
@@ -255,23 +269,9 @@ def _robust_section(g: dict, several: bool, files: dict[str, str]) -> R.Section:
     for d in dependent:
         d_items = by_strength(d["items"], strength)
         edge_csv += edge_rows(f"only when {d['axis']} = {d['value']}", d_items)
-    if dependent:
-        blocks.append(
-            R.table(
-                ["only when", "settings with that value", "setting-dependent edges", "strongest five"],
-                [
-                    [
-                        f"{d['axis']} = {d['value']}",
-                        d["n_settings"],
-                        len(d["items"]),
-                        ", ".join(_edge_text(e) for e in by_strength(d["items"], strength)[:5]),
-                    ]
-                    for d in dependent[:INLINE]
-                ],
-            )
-        )
-    else:
-        blocks.append(R.text("none", bold="Setting-dependent edges:"))
+    blocks.append(
+        _dependent_table(dependent, "edges", lambda items: [_edge_text(e) for e in by_strength(items, strength)])
+    )
     robust_comps = by_strength(rob["components"]["robust"], comp_strength)
     comp_csv += [["every healthy setting", c, comp_strength.get(c, float("nan"))] for c in robust_comps]
     blocks.append(
@@ -283,23 +283,7 @@ def _robust_section(g: dict, several: bool, files: dict[str, str]) -> R.Section:
             [f"only when {d['axis']} = {d['value']}", c, comp_strength.get(c, float("nan"))]
             for c in by_strength(d["items"], comp_strength)
         ]
-    if comp_dep:
-        blocks.append(
-            R.table(
-                ["only when", "settings with that value", "setting-dependent components", "strongest five"],
-                [
-                    [
-                        f"{d['axis']} = {d['value']}",
-                        d["n_settings"],
-                        len(d["items"]),
-                        ", ".join(by_strength(d["items"], comp_strength)[:5]),
-                    ]
-                    for d in comp_dep[:INLINE]
-                ],
-            )
-        )
-    else:
-        blocks.append(R.text("none", bold="Setting-dependent components:"))
+    blocks.append(_dependent_table(comp_dep, "components", lambda items: by_strength(items, comp_strength)))
     files[edges_file] = _csv(["found", "sender", "receiver", "into", "mean relative |score|"], edge_csv)
     files[comps_file] = _csv(["found", "component", "share of |score| it sends or receives"], comp_csv)
     blocks.append(_link(edges_file, f"All robust and setting-dependent edges ({len(edge_csv)}): {edges_file}"))
